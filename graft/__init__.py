@@ -1,0 +1,3 @@
+"""graft: transfer learning with transformers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,153 @@
+"""The ``graft`` command line. Every user error ends in one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from graft.errors import GraftError
+
+app = typer.Typer(
+    name="graft",
+    help="Transfer learning with transformers: load, adapt, train, measure, ship.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ModelArg = Annotated[str, typer.Argument(help="A Hugging Face-format folder or a Hub id.")]
+
+
+def count(n: int) -> str:
+    return f"{n:,}"
+
+
+@app.command()
+def info(
+    model: ModelArg, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
+) -> None:
+    """Print a model's family, shape and exact parameter count."""
+    from graft.models.auto import load_model
+
+    m = load_model(model, task="base")
+    cfg = m.config
+    facts = {
+        "family": cfg.family,
+        "model_type": cfg.hf_config.get("model_type", cfg.family),
+        "layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "heads": cfg.num_heads,
+        "kv_heads": cfg.num_kv_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "vocab_size": cfg.vocab_size,
+        "max_positions": cfg.max_positions,
+        "parameters": sum(p.numel() for p in m.parameters()),
+    }
+    if as_json:
+        typer.echo(json.dumps(facts))
+        return
+    for key, value in facts.items():
+        shown = count(value) if key in ("vocab_size", "parameters") else value
+        typer.echo(f"{key.replace('_', ' '):<18} {shown}")
+
+
+class EmbedFormat(str, Enum):
+    json = "json"
+    npy = "npy"
+
+
+def read_lines(path: Path) -> list[str]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise GraftError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise GraftError(f"{path}: is a folder, not a text file") from None
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    texts = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            texts.append(line.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as e:
+            raise GraftError(f"{path}: line {number}: not UTF-8 text (byte {e.start + 1})") from None
+    if not texts:
+        raise GraftError(f"{path}: file is empty")
+    return texts
+
+
+@app.command()
+def embed(
+    model: ModelArg,
+    text: Annotated[
+        list[str] | None, typer.Option("--text", "-t", help="A text to embed (repeatable).")
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="A UTF-8 file, one text per line.")
+    ] = None,
+    normalize: Annotated[bool, typer.Option(help="L2-normalize each embedding.")] = False,
+    fmt: Annotated[
+        EmbedFormat, typer.Option("--format", help="json: one list per line; npy: a NumPy array.")
+    ] = (EmbedFormat.json),
+    out: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    max_length: Annotated[int | None, typer.Option(min=1, help="Truncate texts to this many tokens.")] = None,
+) -> None:
+    """Sentence embeddings: the mean of the last hidden states over real tokens."""
+    if (text is None) == (file is None):
+        raise GraftError("embed: give either --text (one or more) or --file, not both and not neither")
+    texts = text if text is not None else read_lines(file)
+
+    import numpy as np
+
+    from graft.io.atomic import atomic_path
+    from graft.io.hf import resolve
+    from graft.models.auto import load_model
+    from graft.tasks.embedding import embed as embed_texts
+    from graft.tokenizer import Tokenizer
+
+    folder = resolve(model)
+    m = load_model(folder, task="base")
+    tokenizer = Tokenizer.from_folder(folder)
+    vectors = embed_texts(
+        m, tokenizer, texts, batch_size=batch_size, max_length=max_length, normalize=normalize
+    )
+    array = vectors.numpy()
+    if fmt is EmbedFormat.json:
+        payload = "".join(json.dumps(row.tolist()) + "\n" for row in array).encode()
+    else:
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        payload = buffer.getvalue()
+    if out is None:
+        sys.stdout.buffer.write(payload)
+        sys.stdout.flush()
+    else:
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(payload)
+
+
+# Command groups of other chapters register themselves on ``app`` when imported here.
+COMMAND_MODULES: list[str] = []
+
+
+def main() -> None:
+    import importlib
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module)
+
+    try:
+        app()
+    except GraftError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

@@ -1,0 +1,84 @@
+"""DistilBERT: a 6-layer BERT distilled from BERT-base; no segment embeddings, no pooler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from graft.models.registry import ACTIVATIONS_TO_HF, Family, activation_from_hf, register, require
+from graft.models.weights import WeightMap, pair, per_layer
+from graft.nn.config import TransformerConfig
+
+LAYER = {
+    **pair("transformer.layer.{}.attention.q_lin", "layers.{}.attn.q"),
+    **pair("transformer.layer.{}.attention.k_lin", "layers.{}.attn.k"),
+    **pair("transformer.layer.{}.attention.v_lin", "layers.{}.attn.v"),
+    **pair("transformer.layer.{}.attention.out_lin", "layers.{}.attn.o"),
+    **pair("transformer.layer.{}.sa_layer_norm", "layers.{}.attn_norm"),
+    **pair("transformer.layer.{}.ffn.lin1", "layers.{}.ffn.up"),
+    **pair("transformer.layer.{}.ffn.lin2", "layers.{}.ffn.down"),
+    **pair("transformer.layer.{}.output_layer_norm", "layers.{}.ffn_norm"),
+}
+
+
+def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
+    # With sinusoidal_pos_embds the table is still stored as a weight, so it loads as "learned".
+    return TransformerConfig(
+        family="distilbert",
+        vocab_size=require(hf, "vocab_size"),
+        hidden_size=require(hf, "dim"),
+        num_layers=require(hf, "n_layers"),
+        num_heads=require(hf, "n_heads"),
+        intermediate_size=require(hf, "hidden_dim"),
+        max_positions=hf.get("max_position_embeddings", 512),
+        embedding_norm=True,
+        norm_eps=1e-12,
+        activation=activation_from_hf(hf.get("activation", "gelu")),
+        dropout=hf.get("dropout", 0.1),
+        attention_dropout=hf.get("attention_dropout", 0.1),
+        pad_token_id=hf.get("pad_token_id", 0),
+        hf_config=hf,
+    )
+
+
+def config_to_hf(cfg: TransformerConfig) -> dict[str, Any]:
+    return {
+        "model_type": "distilbert",
+        "vocab_size": cfg.vocab_size,
+        "dim": cfg.hidden_size,
+        "n_layers": cfg.num_layers,
+        "n_heads": cfg.num_heads,
+        "hidden_dim": cfg.intermediate_size,
+        "max_position_embeddings": cfg.max_positions,
+        "activation": ACTIVATIONS_TO_HF[cfg.activation],
+        "dropout": cfg.dropout,
+        "attention_dropout": cfg.attention_dropout,
+        "pad_token_id": cfg.pad_token_id,
+    }
+
+
+def weight_map(cfg: TransformerConfig) -> WeightMap:
+    names = {
+        **pair("embeddings.word_embeddings", "embed.tokens", bias=False),
+        **pair("embeddings.position_embeddings", "embed.positions", bias=False),
+        **pair("embeddings.LayerNorm", "embed.norm"),
+        **per_layer(LAYER, cfg.num_layers),
+    }
+    return WeightMap(names, ignored=("position_ids",), prefix="distilbert.")
+
+
+DISTILBERT = register(
+    Family(
+        name="distilbert",
+        model_types=("distilbert",),
+        config_from_hf=config_from_hf,
+        config_to_hf=config_to_hf,
+        weight_map=weight_map,
+        architectures={
+            "base": "DistilBertModel",
+            "classification": "DistilBertForSequenceClassification",
+            "token-classification": "DistilBertForTokenClassification",
+            "question-answering": "DistilBertForQuestionAnswering",
+            "masked-lm": "DistilBertForMaskedLM",
+        },
+    )
+)

@@ -1,0 +1,113 @@
+"""The one configuration every family maps its Hugging Face config.json onto."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from graft.errors import GraftError
+
+POSITIONS = ("learned", "sinusoidal", "rotary", "relative", "none")
+NORMS = ("layer", "rms")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu")
+
+
+@dataclass
+class TransformerConfig:
+    """Architecture of one transformer body; families differ only in these values.
+
+    Defaults describe a BERT-style post-LN encoder. Every field is a plain value so the
+    config round-trips through JSON/YAML.
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    num_kv_heads: int | None = None  # grouped-query attention; None = num_heads
+    head_dim: int | None = None  # None = hidden_size // num_heads
+    max_positions: int = 512
+
+    # Embeddings (chapter 2: token + position (+ segment) embeddings).
+    embedding_size: int | None = None  # ALBERT: factorized embeddings projected up to hidden_size
+    type_vocab_size: int = 0  # BERT segment embeddings; 0 = none
+    position: str = "learned"  # learned | sinusoidal | rotary | relative | none
+    positions_from_padding: bool = False  # RoBERTa: position ids count non-pad tokens, from pad_token_id + 1
+    embedding_norm: bool = False  # LayerNorm right after the embedding sum (BERT)
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+
+    # Blocks.
+    norm: str = "layer"  # layer | rms
+    norm_eps: float = 1e-12
+    prenorm: bool = False  # False: post-LN (BERT); True: pre-LN (GPT-2, Llama)
+    final_norm: bool = False  # a norm after the last block (pre-LN models)
+    activation: str = "gelu"
+    gated: bool = False  # gated feed-forward (SwiGLU when activation is silu)
+    qkv_bias: bool = True
+    out_bias: bool = True
+    mlp_bias: bool = True
+    causal: bool = False
+    attention_scale: float | None = None  # None = 1/sqrt(head_dim)
+    scale_by_inverse_layer: bool = False  # GPT-2 option: scores also divided by (layer index + 1)
+    sliding_window: int | None = None
+    layer_order: list[int] | None = None  # cross-layer sharing (ALBERT): unique block applied at each depth
+
+    # Around the stack.
+    pooler: bool = False  # dense + tanh on the first token (BERT, ALBERT)
+    tie_word_embeddings: bool = True
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    # The checkpoint's own config.json, kept so that saving preserves keys graft does not use.
+    hf_config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (
+            ("position", self.position, POSITIONS),
+            ("norm", self.norm, NORMS),
+            ("activation", self.activation, ACTIVATIONS),
+        ):
+            if value not in allowed:
+                raise GraftError(f"config: {name}={value!r} is not one of {', '.join(allowed)}")
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise GraftError(
+                    f"config: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+                )
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise GraftError(
+                f"config: num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of distinct blocks holding weights (fewer than num_layers when layers are shared)."""
+        return max(self.layer_order) + 1 if self.layer_order else self.num_layers
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("hf_config")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> TransformerConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            import difflib
+
+            hint = difflib.get_close_matches(unknown[0], names, n=1)
+            suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise GraftError(f"{source}: unknown key {unknown[0]!r}{suffix}")
+        return cls(**d)

@@ -1,0 +1,132 @@
+"""Embeddings and the stack of blocks: the body every family shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from graft.nn.attention import KVCache, build_mask
+from graft.nn.block import Block
+from graft.nn.config import TransformerConfig
+from graft.nn.norm import make_norm
+from graft.nn.positions import Rotary, SinusoidalPositions
+
+
+class Embeddings(nn.Module):
+    """Token (+ absolute position) (+ segment) embeddings, then norm, dropout, projection."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        dim = cfg.embedding_size or cfg.hidden_size
+        self.tokens = nn.Embedding(cfg.vocab_size, dim, padding_idx=None)
+        self.positions: nn.Module | None = None
+        if cfg.position == "learned":
+            self.positions = nn.Embedding(cfg.max_positions, dim)
+        elif cfg.position == "sinusoidal":
+            self.positions = SinusoidalPositions(cfg.max_positions, dim)
+        self.token_types = nn.Embedding(cfg.type_vocab_size, dim) if cfg.type_vocab_size else None
+        self.norm = make_norm(cfg, dim) if cfg.embedding_norm else None
+        self.drop = nn.Dropout(cfg.dropout)
+        # ALBERT: small embeddings, projected up to the hidden size.
+        self.project = nn.Linear(dim, cfg.hidden_size) if dim != cfg.hidden_size else None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,  # (B, T)
+        position_ids: torch.Tensor,  # (B, T)
+        token_type_ids: torch.Tensor | None = None,  # (B, T)
+        inputs_embeds: torch.Tensor | None = None,  # (B, T, E), replaces the token lookup
+    ) -> torch.Tensor:
+        x = self.tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, E)
+        if self.positions is not None:
+            x = x + self.positions(position_ids)
+        if self.token_types is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(position_ids)
+            x = x + self.token_types(token_type_ids)
+        if self.norm is not None:
+            x = self.norm(x)
+        x = self.drop(x)
+        return self.project(x) if self.project is not None else x  # (B, T, H)
+
+
+@dataclass
+class TransformerOutput:
+    last_hidden_state: torch.Tensor  # (B, T, H)
+    pooled: torch.Tensor | None = None  # (B, H) from the pooler, when the model has one
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings + each layer's output
+    cache: KVCache | None = None
+
+
+class Transformer(nn.Module):
+    """An encoder (bidirectional) or decoder (causal) stack, configured by TransformerConfig."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = Embeddings(cfg)
+        self.rotary = Rotary(cfg) if cfg.position == "rotary" else None
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_blocks))
+        self.layer_order = cfg.layer_order or list(range(cfg.num_layers))
+        self.norm = make_norm(cfg) if cfg.final_norm else None
+        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size) if cfg.pooler else None
+        self.gradient_checkpointing = False
+
+    def position_ids(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, past: int, shape
+    ) -> torch.Tensor:
+        cfg = self.config
+        if cfg.positions_from_padding and input_ids is not None:
+            # RoBERTa: real tokens are numbered pad+1, pad+2, ...; padding keeps pad's id.
+            real = input_ids.ne(cfg.pad_token_id).long()
+            return (torch.cumsum(real, dim=1) + past) * real + cfg.pad_token_id
+        start = cfg.pad_token_id + 1 if cfg.positions_from_padding else 0
+        device = input_ids.device if input_ids is not None else None
+        return torch.arange(start + past, start + past + shape[1], device=device).expand(shape[0], -1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, past + T), 1 = real token
+        token_type_ids: torch.Tensor | None = None,  # (B, T)
+        position_ids: torch.Tensor | None = None,  # (B, T)
+        inputs_embeds: torch.Tensor | None = None,  # (B, T, E)
+        cache: KVCache | None = None,
+        output_hidden_states: bool = False,
+    ) -> TransformerOutput:
+        cfg = self.config
+        shape = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = self.position_ids(input_ids, attention_mask, past, shape)
+        x = self.embed(input_ids, position_ids, token_type_ids, inputs_embeds)  # (B, T, H)
+
+        T = shape[1]
+        no_padding = attention_mask is None or bool(attention_mask.all())
+        if cfg.causal and no_padding and cfg.sliding_window is None and (past == 0 or T == 1):
+            # SDPA's own causal path needs no mask tensor; one new token may see everything.
+            mask, is_causal = None, T > 1
+        else:
+            padding = None if no_padding else attention_mask
+            mask, is_causal = build_mask(padding, T, past + T, cfg.causal, cfg.sliding_window), False
+        rotary = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+
+        hidden = [x] if output_hidden_states else None
+        for i in self.layer_order:
+            block = self.layers[i]
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(
+                    block, x, mask, is_causal, rotary, cache, use_reentrant=False
+                )
+            else:
+                x = block(x, mask, is_causal, rotary, cache)
+            if hidden is not None:
+                hidden.append(x)
+        if self.norm is not None:
+            x = self.norm(x)
+            if hidden is not None:
+                hidden[-1] = x
+        pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
+        return TransformerOutput(x, pooled, tuple(hidden) if hidden is not None else None, cache)

