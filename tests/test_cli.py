@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,8 +166,8 @@ def test_cli_has_no_traceback_on_pytorch_bin_garbage(tiny_folder):
 
 
 def test_module_entry_point_matches_console_script(minilm):
-    exe = shutil.which("graft")
-    assert exe is not None
+    exe = shutil.which("graft", path=str(Path(sys.executable).parent)) or shutil.which("graft")
+    assert exe is not None, "the graft console script is not installed"
     assert (
         subprocess.run([exe, "info", minilm, "--json"], capture_output=True, text=True).stdout
         == graft("info", minilm, "--json").stdout
