@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, fields
 from datetime import datetime
 from functools import lru_cache
@@ -25,6 +24,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE, WordPiece
 
 from graft.errors import GraftError
+from graft.io.atomic import write_text
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 UNLIMITED = int(1e30)  # transformers' model_max_length when a checkpoint states none
@@ -376,9 +376,9 @@ class Tokenizer:
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         self.backend.no_padding()  # the last encode() call's settings are not part of the tokenizer
         self.backend.no_truncation()
-        _write_atomic(folder / "tokenizer.json", self.backend.to_str(pretty=True))
-        _write_atomic(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
-        _write_atomic(folder / "special_tokens_map.json", json.dumps(named, indent=2, ensure_ascii=False))
+        write_text(folder / "tokenizer.json", self.backend.to_str(pretty=True))
+        write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+        write_text(folder / "special_tokens_map.json", json.dumps(named, indent=2, ensure_ascii=False))
 
 
 # ---- building a backend from vocabulary files (same pipelines as transformers' tokenizer classes) ----
@@ -518,18 +518,6 @@ def _read_json(file: Path, missing_ok: bool = False) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise GraftError(f"{file}: expected a JSON object, got {type(data).__name__}")
     return data
-
-
-def _write_atomic(file: Path, text: str) -> None:
-    """Write to a temp file next to ``file`` and rename it, so a crash never leaves half a file."""
-    handle, temp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(temp, file)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 @lru_cache(maxsize=16)

@@ -5,7 +5,6 @@ Single-label inputs are 1-D sequences of class labels (ints or strings); multi-l
 """
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from graft.errors import GraftError
+from graft.io.atomic import atomic_path
 from graft.metrics._common import check_average, check_pair, prf, report
 
 
@@ -174,13 +174,6 @@ def confusion_matrix_png(
     for (i, j), value in np.ndenumerate(cm):
         text = f"{value:d}" if np.issubdtype(cm.dtype, np.integer) else f"{value:.2f}"
         ax.text(j, i, text, ha="center", va="center", color="white" if value > threshold else "black")
-    # write next to the target, then rename, so a reader never sees a half-written file
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:  # a reader never sees a half-written file
+        fig.savefig(tmp, format="png", dpi=120)
     return path

@@ -64,25 +64,24 @@ def build_mask(
     causal: bool,
     sliding_window: int | None = None,
 ) -> torch.Tensor | None:
-    """Boolean (B or 1, 1, Tq, Tk) mask, True where a query may attend a key; None for "all".
+    """Boolean mask, True where a query may attend a key; None when every query sees every key.
 
-    key_padding is (B, Tk) with 1 for real tokens. The last Tq keys are the queries
-    themselves (earlier ones come from the cache). Every query may always attend to itself,
-    so a padding query never has an empty row (an all-masked row would give NaN, and NaN
-    at a padding position would leak into real ones through 0 * NaN).
+    key_padding is (B, Tk) with 1 for real tokens. Encoders get a (B, 1, 1, Tk) key mask
+    (every row keeps its real tokens). Decoders get (B|1, 1, Tq, Tk); the last Tq keys are
+    the queries themselves (earlier ones come from the cache), and every query may always
+    attend to itself, so a left-padding query never has an empty row: an all-masked row
+    gives NaN, which would leak into real positions through 0 * NaN.
     """
-    if key_padding is None and not causal:
-        return None
-    if key_padding is not None and not causal and bool(key_padding.all()):
-        return None
+    if not causal:
+        if key_padding is None or bool(key_padding.all()):
+            return None
+        return key_padding[:, None, None, :].bool()
     device = key_padding.device if key_padding is not None else None
     q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]  # (Tq, 1)
     k_pos = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
-    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
-    if causal:
-        allowed = k_pos <= q_pos
-        if sliding_window is not None:
-            allowed = allowed & (k_pos > q_pos - sliding_window)
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed = allowed & (k_pos > q_pos - sliding_window)
     mask = allowed[None, None]  # (1, 1, Tq, Tk)
     if key_padding is not None:
         mask = mask & key_padding[:, None, None, :].bool()  # (B, 1, Tq, Tk)
@@ -106,6 +105,22 @@ class Attention(nn.Module):
         if cfg.scale_by_inverse_layer:
             self.scale /= layer + 1
 
+    def project(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """Queries from x; keys and values from x (self-attention) or the context (cross-attention).
+
+        For self-attention with plain linear layers the three projections run as one matrix
+        multiply over the concatenated weights (one pass over x instead of three); wrapped
+        layers (LoRA, adapters) take the separate path and still see every call.
+        """
+        plain = type(self.q) is nn.Linear and type(self.k) is nn.Linear and type(self.v) is nn.Linear
+        # not when decoding one position: there, copying the weights costs more than reading x thrice
+        if context is None and plain and x.shape[1] > 1:
+            weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
+            bias = torch.cat([self.q.bias, self.k.bias, self.v.bias]) if self.q.bias is not None else None
+            return F.linear(x, weight, bias).split([self.q.out_features, self.k.out_features, self.v.out_features], -1)
+        src = x if context is None else context
+        return self.q(x), self.k(src), self.v(src)
+
     def forward(
         self,
         x: torch.Tensor,  # (B, T, H)
@@ -116,16 +131,29 @@ class Attention(nn.Module):
         context: torch.Tensor | None = None,  # (B, S, H) for cross-attention
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         src = x if context is None else context
         S = src.shape[1]
-        k = self.k(src).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
-        v = self.v(src).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
+        q, k, v = self.project(x, context)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
+        v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
         if rotary is not None:
             cos, sin = rotary
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, past + S, hd)
+        if T == 1 and self.num_kv_heads != self.num_heads and (mask is None or mask.shape[1] == 1):
+            # One query per head (decoding): the heads sharing a kv head are attention queries of
+            # that head, a plain (B, nkv, group, hd) attention, many times faster on CPU than GQA.
+            y = F.scaled_dot_product_attention(
+                q.view(B, self.num_kv_heads, -1, self.head_dim),
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                scale=self.scale,
+            )  # (B, nkv, group, hd)
+            return self.o(y.reshape(B, T, self.num_heads * self.head_dim))
         y = F.scaled_dot_product_attention(
             q,
             k,
