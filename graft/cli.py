@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -57,7 +57,7 @@ def info(
         typer.echo(f"{key.replace('_', ' '):<18} {shown}")
 
 
-class EmbedFormat(str, Enum):
+class EmbedFormat(StrEnum):
     json = "json"
     npy = "npy"
 
@@ -135,11 +135,24 @@ def embed(
 
 
 # Command groups of other chapters register themselves on ``app`` when imported here.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "graft.generate_cli",
+    "graft.train.cli",
+    "graft.tasks.cli",
+    "graft.strategies.cli",
+]
 
 
 def main() -> None:
     import importlib
+    import logging
+
+    # graft's own notes (trainable parameters, skipped tensors...) go to stderr, one line each
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("graft")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
     for module in COMMAND_MODULES:
         importlib.import_module(module)

@@ -60,6 +60,46 @@ def tiny_hf_config(family: str):
             bos_token_id=1,
             eos_token_id=2,
         ),
+        # Llama: grouped-query attention (2 kv heads), untied LM head, its own rope theta
+        "llama": lambda: tr.LlamaConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            rope_theta=500.0,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            **common,
+        ),
+        # Qwen2: biased Q/K/V, one kv head, tied LM head
+        "qwen2": lambda: tr.Qwen2Config(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            **common,
+        ),
+        # Mistral: a sliding window shorter than the test sequences
+        "mistral": lambda: tr.MistralConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            sliding_window=5,
+            bos_token_id=1,
+            eos_token_id=2,
+            **common,
+        ),
     }
     return configs[family]()
 

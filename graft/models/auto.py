@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,10 @@ from graft.errors import GraftError
 from graft.io.atomic import write_json
 from graft.io.hf import read_config, read_weights, resolve, write_weights
 from graft.models.registry import FAMILIES, Family, family_for
+from graft.models.weights import WeightMap
 from graft.nn import Transformer, TransformerConfig
 from graft.tasks import HEADS, TaskModel
+from graft.tasks.hf_layout import body_prefix
 
 log = logging.getLogger("graft")
 
@@ -36,12 +39,22 @@ def load_config(folder: Path) -> tuple[Family, TransformerConfig]:
 
 
 def task_from_architectures(hf: dict[str, Any], family: Family) -> str:
-    """The graft task that the checkpoint's HF class corresponds to."""
+    """The graft task that the checkpoint's HF class corresponds to (or that graft wrote down)."""
+    # a head without a transformers class (embedding) is saved as the base model, with graft_task
+    if hf.get("graft_task") in HEADS:
+        return hf["graft_task"]
     by_class = {cls: task for task, cls in family.architectures.items()}
     for cls in hf.get("architectures") or []:
         if cls in by_class and by_class[cls] in HEADS or by_class.get(cls) == "base":
             return by_class[cls]
     return "causal-lm" if family.decoder else "base"
+
+
+def weight_map(family: Family, cfg: TransformerConfig, task: str) -> WeightMap:
+    """The family's weight map, with the body prefix that ``task``'s HF class uses when it differs."""
+    wmap = family.weight_map(cfg)
+    prefix = body_prefix(cfg, task)
+    return dataclasses.replace(wmap, prefix=prefix) if prefix else wmap
 
 
 def legacy_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -57,33 +70,62 @@ def load_model(
     task: str | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    **options: Any,
 ) -> Model:
-    """A graft model from a HF folder or Hub id: the bare body (task "base") or body + head."""
+    """A graft model from a HF folder or Hub id: the bare body (task "base") or body + head.
+
+    The head is built as ``HEADS[task](body, **options)``, its options (labels, problem type...) read
+    from config.json and overridden by ``options``. A checkpoint without the head's tensors (a base
+    model to fine-tune) gets a freshly initialized head.
+    """
     folder = resolve(model)
     family, cfg = load_config(folder)
     state, source = read_weights(folder)
     state = legacy_names(state)
-    if cfg.pooler and not any(k.startswith("pooler") for k in family.weight_map(cfg).split_prefix(state)[0]):
+    saved_task = task_from_architectures(cfg.hf_config, family)
+    if cfg.pooler and not any(
+        k.startswith("pooler") for k in weight_map(family, cfg, saved_task).split_prefix(state)[0]
+    ):
         cfg.pooler = False  # saved from a task model built without the pooler
 
     body = Transformer(cfg)
     expected = {name: p.shape for name, p in body.state_dict().items()}
-    body_state, rest = family.weight_map(cfg).to_graft(state, expected, str(source))
+    body_state, rest = weight_map(family, cfg, saved_task).to_graft(state, expected, str(source))
     body.load_state_dict(body_state, strict=True)
 
-    task = task or task_from_architectures(cfg.hf_config, family)
+    task = task or saved_task
     if task == "base":
         result: Model = body
     else:
         if task not in HEADS:
             raise GraftError(f"unknown task {task!r} (known: base, {', '.join(HEADS)})")
-        head = HEADS[task](body)
-        head_state = {}
-        for hf_name, name in head.hf_names().items():
-            if hf_name not in rest:
-                raise GraftError(f"{source}: missing tensor {hf_name!r} for the {task} head")
-            head_state[name] = rest.pop(hf_name)
-        head.load_state_dict(head_state, strict=False)
+        head_class = HEADS[task]
+        try:
+            head = head_class(body, **{**head_class.options_from_hf(cfg.hf_config), **options})
+        except TypeError as e:  # an option the head does not take
+            raise GraftError(f"{task} head: {e}") from None
+        names = head.hf_names()
+        found = [hf_name for hf_name in names if hf_name in rest]
+        if found:
+            missing = [hf_name for hf_name in names if hf_name not in rest]
+            if missing:
+                raise GraftError(f"{source}: missing tensor {missing[0]!r} for the {task} head")
+            head_state = {names[hf_name]: rest.pop(hf_name) for hf_name in names}
+            expected = head.state_dict()
+            for name, tensor in head_state.items():
+                if tensor.shape != expected[name].shape:
+                    hf_name = next(k for k, v in names.items() if v == name)
+                    raise GraftError(
+                        f"{source}: tensor {hf_name!r} has shape {tuple(tensor.shape)} but the {task} head "
+                        f"expects {tuple(expected[name].shape)} (check num_labels / id2label)"
+                    )
+            head.load_state_dict(head_state, strict=False)
+        elif names:
+            log.warning(
+                "%s: no %s head in this checkpoint; a new one is initialized (train it before use)",
+                source,
+                task,
+            )
         result = TaskModel(body, head)
     if rest:
         log.warning(
@@ -102,23 +144,32 @@ def load_model(
 
 def save_model(model: Model, folder: str | Path, tokenizer: Any = None) -> Path:
     """config.json + model.safetensors (+ tokenizer files): transformers' Auto classes load it."""
+    from graft.strategies import exportable
+
+    model = exportable(model)  # LoRA merged into a copy; adapters/prompts: a clear error
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     body = model.body if isinstance(model, TaskModel) else model
     cfg = body.config
     family = FAMILIES[cfg.family]
     task = model.task if isinstance(model, TaskModel) else "base"
-    wmap = family.weight_map(cfg)
-    state = wmap.to_hf(body.state_dict(), prefix=task != "base")
+    # a head without a transformers class (embedding) is saved as the base model plus graft_* keys
+    arch = family.architectures.get(task, family.architectures["base"])
+    wmap = weight_map(family, cfg, task)
+    state = wmap.to_hf(body.state_dict(), prefix=arch != family.architectures["base"])
     if isinstance(model, TaskModel):
         head_state = model.head.state_dict()
         state.update({hf_name: head_state[name] for hf_name, name in model.head.hf_names().items()})
         extra = model.head.hf_config()
+        if task not in family.architectures:
+            extra = {**extra, "graft_task": task}
     else:
         extra = {}
     dtype = next(body.parameters()).dtype
-    hf = {**cfg.hf_config, **family.config_to_hf(cfg), **extra}
-    hf["architectures"] = [family.architectures[task]]
+    # graft_* keys describe this model's head only, not one the checkpoint was read with
+    kept = {k: v for k, v in cfg.hf_config.items() if not k.startswith("graft_")}
+    hf = {**kept, **family.config_to_hf(cfg), **extra}
+    hf["architectures"] = [arch]
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     write_weights(state, folder)
     write_json(folder / "config.json", hf)

@@ -101,6 +101,7 @@ GPT2 = register(
             "causal-lm": "GPT2LMHeadModel",
             "classification": "GPT2ForSequenceClassification",
             "token-classification": "GPT2ForTokenClassification",
+            "question-answering": "GPT2ForQuestionAnswering",
         },
         decoder=True,
     )

@@ -110,8 +110,9 @@ class WeightMap:
         out = {}
         for hf_name, target in self.names.items():
             names = target if isinstance(target, tuple) else (target,)
-            if any(n not in state for n in names):
-                continue
+            missing = [n for n in names if n not in state]
+            if missing:  # e.g. a layer wrapped by a strategy: never write a partial checkpoint
+                raise GraftError(f"cannot save: parameter {missing[0]!r} is missing (for {hf_name!r})")
             tensor = (
                 torch.cat([state[n] for n in names], dim=0) if isinstance(target, tuple) else state[target]
             )

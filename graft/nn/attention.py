@@ -16,13 +16,15 @@ class KVCache:
     """Keys and values of past positions, one preallocated buffer per layer.
 
     Buffers grow by doubling, so decoding one token writes in place instead of
-    concatenating the whole history at every step.
+    concatenating the whole history at every step. ``capacity``: positions to allocate at
+    once when the final length is known (prompt + new tokens), so they never grow.
     """
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, capacity: int = 64) -> None:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = [0] * num_layers
+        self.capacity = capacity
 
     @property
     def length(self) -> int:
@@ -34,7 +36,7 @@ class KVCache:
         start, end = self.lengths[layer], self.lengths[layer] + k.shape[2]
         buf_k, buf_v = self.keys[layer], self.values[layer]
         if buf_k is None or end > buf_k.shape[2]:
-            capacity = max(end, 2 * (buf_k.shape[2] if buf_k is not None else 0), 64)
+            capacity = max(end, 2 * (buf_k.shape[2] if buf_k is not None else 0), self.capacity)
             new_k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
             new_v = v.new_empty(v.shape[0], v.shape[1], capacity, v.shape[3])
             if buf_k is not None:
@@ -117,7 +119,9 @@ class Attention(nn.Module):
         if context is None and plain and x.shape[1] > 1:
             weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
             bias = torch.cat([self.q.bias, self.k.bias, self.v.bias]) if self.q.bias is not None else None
-            return F.linear(x, weight, bias).split([self.q.out_features, self.k.out_features, self.v.out_features], -1)
+            return F.linear(x, weight, bias).split(
+                [self.q.out_features, self.k.out_features, self.v.out_features], -1
+            )
         src = x if context is None else context
         return self.q(x), self.k(src), self.v(src)
 

@@ -1,6 +1,7 @@
 """Normalization layers: LayerNorm (BERT, GPT-2) and RMSNorm (Llama, T5)."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from graft.nn.config import TransformerConfig
@@ -15,10 +16,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # F.rms_norm is the same float32 arithmetic in one call (bit for bit); half precision
+        # rounds the normalized x before the weight multiplies it, as the references do
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def make_norm(cfg: TransformerConfig, dim: int | None = None) -> nn.Module:

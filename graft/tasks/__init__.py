@@ -1,9 +1,31 @@
-"""Task heads (chapter 5): each written once and shared by every family."""
+"""Task heads (chapter 5): each written once and shared by every family.
+
+``HEADS[task](body, **options)`` builds a head; ``TaskModel(body, head)`` is the model. Each task
+module also holds the task's collation (records -> batch) and post-processing (logits ->
+predictions), as methods of its head.
+"""
 
 from graft.tasks.base import Head, TaskModel, TaskOutput
 from graft.tasks.causal_lm import LMHead
+from graft.tasks.classification import ClassificationHead
+from graft.tasks.embedding import EmbeddingHead
+from graft.tasks.question_answering import QuestionAnsweringHead
+from graft.tasks.token_classification import TokenClassificationHead
 
 # task name -> head class; a head is built from the body it sits on.
-HEADS: dict[str, type[Head]] = {LMHead.task: LMHead}
+HEADS: dict[str, type[Head]] = {
+    head.task: head
+    for head in (LMHead, ClassificationHead, TokenClassificationHead, QuestionAnsweringHead, EmbeddingHead)
+}
 
-__all__ = ["HEADS", "Head", "LMHead", "TaskModel", "TaskOutput"]
+__all__ = [
+    "HEADS",
+    "ClassificationHead",
+    "EmbeddingHead",
+    "Head",
+    "LMHead",
+    "QuestionAnsweringHead",
+    "TaskModel",
+    "TaskOutput",
+    "TokenClassificationHead",
+]

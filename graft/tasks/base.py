@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from graft.nn import Transformer, TransformerConfig, TransformerOutput
+from graft.tasks.pooling import set_pooler
 
 
 @dataclass
@@ -22,10 +23,14 @@ class Head(nn.Module):
     """A task head: turns the body's output into logits, and logits + labels into a loss.
 
     Subclasses set ``task`` (the registry key) and implement forward and (for training) loss;
-    ``from_hf``/``to_hf`` map their weights to Hugging Face names for task checkpoints.
+    ``hf_names``/``hf_config``/``options_from_hf`` map their weights and options to a Hugging Face
+    task checkpoint. Around the model, a head also turns records into batches (``collate``),
+    logits into predictions (``postprocess``) and predictions into metrics (``evaluate``), so
+    that training, ``graft predict`` and ``graft eval`` share one implementation per task.
     """
 
     task: str = ""
+    reads_pooler: bool = False  # whether forward uses the body's pooled output
 
     def forward(self, out: TransformerOutput, batch: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
@@ -45,15 +50,44 @@ class Head(nn.Module):
         """Keys this head adds to config.json (labels, problem type...)."""
         return {}
 
+    @classmethod
+    def options_from_hf(cls, hf: dict[str, Any]) -> dict[str, Any]:
+        """Constructor options read back from config.json (the inverse of hf_config)."""
+        return {}
+
+    def collate(
+        self, records: list[dict[str, Any]], tokenizer: Any, max_length: int | None = None
+    ) -> dict[str, Any]:
+        """Records -> a batch: the model's input tensors, ``labels`` when every record has them,
+        and what ``postprocess`` needs (offsets, words...)."""
+        raise NotImplementedError(f"{type(self).__name__} has no collate")
+
+    def postprocess(
+        self, logits: torch.Tensor, batch: dict[str, Any], **options: Any
+    ) -> list[dict[str, Any]]:
+        """Logits of a collated batch -> one JSON-ready prediction per record."""
+        raise NotImplementedError(f"{type(self).__name__} has no postprocess")
+
+    def evaluate(self, predictions: list[dict[str, Any]], records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Predictions (from postprocess) against the records' labels -> metrics."""
+        raise NotImplementedError(f"{type(self).__name__} has no evaluate")
+
 
 BODY_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "cache")
 
 
 class TaskModel(nn.Module):
-    """body + head; ``model(**batch)`` gives logits, and a loss when the batch has labels."""
+    """body + head; ``model(**batch)`` gives logits, and a loss when the batch has labels.
+
+    The body's pooler is dropped when the head does not read it, as transformers' task classes
+    have none then (BertForTokenClassification): no weights without gradients, and a saved task
+    checkpoint holds exactly the tensors of its HF class.
+    """
 
     def __init__(self, body: Transformer, head: Head) -> None:
         super().__init__()
+        if body.pooler is not None and not head.reads_pooler:
+            set_pooler(body, False)
         self.body = body
         self.head = head
 

@@ -1,19 +1,121 @@
-"""Sentence embeddings: mean of the last hidden states over real tokens (chapter 9, semantic search)."""
+"""Sentence embeddings (chapter 9, semantic search): pooled hidden states, trained contrastively.
+
+``embed`` turns texts into vectors with any body (mean pooling by default). ``EmbeddingHead`` is
+the task head that trains them: a batch holds B (text, text_pair) pairs, and each text's pair is
+its positive while the other B - 1 pairs are its negatives (in-batch negatives, the
+MultipleNegativesRankingLoss of sentence-transformers).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from graft.nn import Transformer
+from graft.errors import GraftError
+from graft.nn import Transformer, TransformerOutput
+from graft.tasks.base import Head
+from graft.tasks.collate import field, has_all, model_inputs, window
+from graft.tasks.pooling import POOLINGS, mean_pool, pool
+
+__all__ = ["EmbeddingHead", "embed", "mean_pool", "pad"]
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, H), (B, T) -> (B, H): average over positions where mask is 1."""
-    mask = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+class EmbeddingHead(Head):
+    """No weights: pool the body's output into one (optionally unit-length) vector per text."""
+
+    task = "embedding"
+
+    def __init__(
+        self, body: Transformer, pooling: str = "mean", normalize: bool = True, scale: float = 20.0
+    ) -> None:
+        super().__init__()
+        if pooling not in POOLINGS or (pooling == "pooler" and body.pooler is None):
+            raise GraftError(
+                f"embedding: pooling {pooling!r} is not one of {', '.join(POOLINGS)} (for this model)"
+            )
+        self.config = body.config
+        self.reads_pooler = pooling == "pooler"
+        self.pooling, self.normalize, self.scale = pooling, normalize, scale
+
+    def forward(self, out: TransformerOutput, batch: dict[str, Any]) -> torch.Tensor:
+        x = pool(self.pooling, out, batch, self.config)  # (N, H)
+        return F.normalize(x, dim=-1) if self.normalize else x
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """Rows 0..B-1 are the texts, rows B.. their pairs; labels[i] is the pair row of text i, minus B.
+
+        Cross-entropy over the scaled cosine similarities of each text to every pair in the batch.
+        """
+        B = labels.shape[0]
+        vectors = F.normalize(logits.float(), dim=-1)
+        similarity = vectors[:B] @ vectors[B:].T * self.scale  # (B, N - B)
+        return F.cross_entropy(similarity, labels)
+
+    def hf_config(self) -> dict[str, Any]:
+        # saved as the bare model (transformers' AutoModel reads it) with graft_task = "embedding"
+        return {"graft_pooling": self.pooling, "graft_normalize": self.normalize}
+
+    @classmethod
+    def options_from_hf(cls, hf: dict[str, Any]) -> dict[str, Any]:
+        options = {"pooling": hf.get("graft_pooling"), "normalize": hf.get("graft_normalize")}
+        return {k: v for k, v in options.items() if v is not None}
+
+    def collate(
+        self, records: list[dict[str, Any]], tokenizer: Any, max_length: int | None = None
+    ) -> dict[str, Any]:
+        """Texts; with ``text_pair`` in every record, the pairs follow the texts and ``labels`` pair them up."""
+        texts = field(records, "text", self.task)
+        paired = has_all(records, "text_pair")
+        if paired:
+            texts = texts + field(records, "text_pair", self.task)
+        enc = tokenizer.encode(texts, max_length=window(self.config, tokenizer, max_length))
+        batch: dict[str, Any] = model_inputs(enc, self.config)
+        if paired:
+            batch["labels"] = torch.arange(len(records))
+        batch["num_records"] = len(records)
+        return batch
+
+    def postprocess(
+        self, logits: torch.Tensor, batch: dict[str, Any], **options: Any
+    ) -> list[dict[str, Any]]:
+        """{'embedding': [...]} per record (of its text; its pair, when given, under 'pair_embedding')."""
+        n = batch["num_records"]
+        vectors = logits.detach().float().cpu()
+        rows = [{"embedding": v.tolist()} for v in vectors[:n]]
+        for row, pair in zip(rows, vectors[n:], strict=False):
+            row["pair_embedding"] = pair.tolist()
+        return rows
+
+    def evaluate(self, predictions: list[dict[str, Any]], records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Semantic search over the set: each text retrieves its pair among all pairs (accuracy@1, MRR);
+        with numeric labels (STS-style scores), the Spearman correlation of cosine and label."""
+        from graft.metrics import spearman
+
+        a = F.normalize(torch.tensor([p["embedding"] for p in predictions]), dim=-1)
+        metrics: dict[str, Any] = {}
+        if all("pair_embedding" in p for p in predictions):
+            b = F.normalize(torch.tensor([p["pair_embedding"] for p in predictions]), dim=-1)
+            similarity = a @ b.T  # (N, N)
+            right = similarity.diagonal()[:, None]
+            rank = (similarity > right).sum(1) + 1  # (N,) 1 = the pair is the nearest
+            metrics.update(
+                accuracy_at_1=float((rank == 1).float().mean()), mrr=float((1 / rank.float()).mean())
+            )
+            labels = [r.get("label") for r in records]
+            if all(_is_number(x) for x in labels):
+                metrics["spearman"] = spearman(right.squeeze(1).tolist(), [float(x) for x in labels])
+        return metrics
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def pad(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,6 +129,23 @@ def pad(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.
     return ids, mask
 
 
+def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:
+    """Indices grouped longest first, each group at most batch_size rows and max_tokens padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        current = batches[-1] if batches else None
+        # the first row of a group is its longest, so it sets the padded width
+        full = current is None or len(current) == batch_size
+        if not full and max_tokens is not None:
+            full = (len(current) + 1) * lengths[current[0]] > max_tokens
+        if full:
+            batches.append([i])
+        else:
+            current.append(i)
+    return batches
+
+
 @torch.inference_mode()
 def embed(
     model: Transformer,
@@ -35,21 +154,22 @@ def embed(
     batch_size: int = 32,
     max_length: int | None = None,
     normalize: bool = False,
+    max_tokens: int | None = None,
 ) -> torch.Tensor:
     """(N, H) sentence embeddings, in the order of ``texts``.
 
     Texts are encoded once without padding, then batched by length (longest first), so a
-    batch carries almost no padding; results are put back in the input order.
+    batch carries almost no padding; results are put back in the input order. With
+    ``max_tokens``, a batch holds as many texts as fit in that many padded tokens (up to
+    ``batch_size``): many short texts per matrix multiply, few long ones.
     """
     if not texts:
         return torch.zeros(0, model.config.hidden_size)
     limit = min(max_length or model.config.max_positions, model.config.max_positions)
     enc = tokenizer.encode(list(texts), max_length=limit, padding=False, return_tensors=None)
-    order = sorted(range(len(texts)), key=lambda i: -len(enc.input_ids[i]))
     pad_id = tokenizer.pad_token_id or 0
     out = torch.empty(len(texts), model.config.hidden_size)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
+    for rows in length_batches([len(ids) for ids in enc.input_ids], batch_size, max_tokens):
         ids, mask = pad([enc.input_ids[i] for i in rows], pad_id)
         types, _ = pad([enc.token_type_ids[i] for i in rows], 0)
         hidden = model(ids, mask, token_type_ids=types).last_hidden_state  # (B, T, H)

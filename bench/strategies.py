@@ -1,0 +1,246 @@
+"""Transfer strategies side by side on BBC News with all-MiniLM-L6-v2: graft vs transformers' Trainer + PEFT.
+
+graft trains full, features, bitfit, lora and adapter; the reference trains full and lora with
+transformers' Trainer (+ PEFT), with the same split, tokenizer, head, hyperparameters and
+warm-up. Every run is a fresh process, so its peak memory is its own. Prints test accuracy,
+trainable parameters, training examples/s and peak memory (RSS on CPU, allocated on CUDA),
+then the graft/reference ratios and the issue's goals; ends with one JSON line.
+
+    python bench/strategies.py [--train N] [--epochs E] [--max-length T] [--only lora,full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import math
+import multiprocessing
+import random
+import resource
+import tempfile
+from typing import Any
+
+import torch
+
+from bench.common import bbc_folder, emit, fail, minilm_folder
+
+# strategy -> (graft spec, learning rate); the reference uses the same lr for the same strategy
+RUNS = {
+    "full": ("full", 1e-4),
+    "features": ("features", 3e-3),
+    "bitfit": ("bitfit", 1e-3),
+    "lora": ("lora:r=16,alpha=32,targets=q+v", 3e-3),
+    "adapter": ("adapter:pfeiffer,size=32", 1e-3),
+}
+REFERENCE = ("full", "lora")
+
+
+def splits(args) -> tuple[list[dict], list[dict], list[str]]:
+    """graft's stratified, seeded split of BBC News: the same records for both systems."""
+    from graft.data import DataSpec, load_splits
+
+    parts = load_splits(
+        DataSpec(train=str(bbc_folder()), val_fraction=0.0, test_fraction=0.2, seed=0, replace_bad_utf8=True)
+    )
+    train, test = list(parts["train"]), list(parts["test"])
+    random.Random(0).shuffle(train)  # the splits come in folder (label) order; a prefix must mix labels
+    random.Random(1).shuffle(test)
+    labels = list(parts["train"].label_map.id2label)
+    return train[: args.train or None], test[: args.test or None], labels
+
+
+def peak_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def warmup_steps(args, n_train: int) -> int:
+    return math.ceil(0.1 * args.epochs * math.ceil(n_train / args.batch_size))
+
+
+def run_graft(args, name: str) -> dict[str, Any]:
+    from graft.models.auto import load_model
+    from graft.strategies import apply_strategy, count_parameters
+    from graft.tokenizer import Tokenizer
+    from graft.train.config import load_recipe
+    from graft.train.loop import Trainer
+
+    torch.manual_seed(0)
+    spec, lr = RUNS[name]
+    train, test, labels = splits(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(minilm_folder(), task="classification", id2label=labels)
+    model = apply_strategy(model, spec)
+    count = count_parameters(model)
+    tokenizer = Tokenizer.from_folder(minilm_folder())
+    out = tempfile.mkdtemp(prefix="graft-bench-")
+    recipe = load_recipe(
+        base={
+            "optim": {"lr": lr, "weight_decay": 0.01},
+            "schedule": {"name": "linear", "warmup_steps": warmup_steps(args, len(train))},
+            "train": {
+                "output": out,
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "seed": 0,
+                "device": device,
+                "plots": False,
+                "log_every": 1000,
+            },  # fmt: skip
+            "checkpoint": {"save_model": False, "keep": 1},
+        }
+    )
+    head = model.head
+
+    def collate(records):
+        return head.collate(records, tokenizer, args.max_length)
+
+    trainer = Trainer(model, recipe, train, collate, None, quiet=True)
+    loaded = peak_mb(device)
+    trainer.fit()
+    # the trainer's own figure: examples over the time of the steps alone (not the final checkpoint)
+    logged = [json.loads(line) for line in open(f"{out}/metrics.jsonl") if '"examples_per_s"' in line]
+    speed = logged[-1]["examples_per_s"]
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(test), 64):
+            batch = collate(test[i : i + 64])
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            correct += int((model(**batch).logits.argmax(-1) == batch["labels"]).sum())
+    return {
+        "system": "graft", "strategy": name, "accuracy": correct / len(test), "trainable": count.trainable,
+        "total": count.total, "examples_per_s": speed, "peak_mb": peak_mb(device), "loaded_mb": loaded,
+    }  # fmt: skip
+
+
+def run_reference(args, name: str) -> dict[str, Any]:
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    _, lr = RUNS[name]
+    train, test, labels = splits(args)
+    label2id = {label: i for i, label in enumerate(labels)}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_folder())
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        minilm_folder(), num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id
+    )
+    if name == "lora":
+        lora = RUNS["lora"][0]
+        assert lora == "lora:r=16,alpha=32,targets=q+v"
+        model = get_peft_model(
+            model, LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=32, target_modules=["query", "value"])
+        )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    def encode(records):
+        enc = tokenizer([r["text"] for r in records], truncation=True, max_length=args.max_length)
+        return [
+            {**{k: enc[k][i] for k in enc}, "labels": label2id[str(r["label"])]}
+            for i, r in enumerate(records)
+        ]
+
+    targs = transformers.TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="hf-bench-"), per_device_train_batch_size=args.batch_size,
+        num_train_epochs=args.epochs, learning_rate=lr, weight_decay=0.01, lr_scheduler_type="linear",
+        warmup_steps=warmup_steps(args, len(train)), max_grad_norm=1.0, seed=0, report_to=[], save_strategy="no",
+        eval_strategy="no", logging_strategy="no", use_cpu=device == "cpu", dataloader_num_workers=0, disable_tqdm=True,
+    )  # fmt: skip
+    collator = transformers.DataCollatorWithPadding(tokenizer)
+    trainer = transformers.Trainer(
+        model=model, args=targs, train_dataset=encode(train), data_collator=collator
+    )
+    loaded = peak_mb(device)
+    speed = trainer.train().metrics["train_samples_per_second"]
+    model.eval()
+    correct = 0
+    test_rows = encode(test)
+    with torch.no_grad():
+        for i in range(0, len(test_rows), 64):
+            batch = {k: v.to(device) for k, v in collator(test_rows[i : i + 64]).items()}
+            correct += int(
+                (
+                    model(**{k: v for k, v in batch.items() if k != "labels"}).logits.argmax(-1)
+                    == batch["labels"]
+                ).sum()
+            )
+    return {
+        "system": "reference", "strategy": name, "accuracy": correct / len(test), "trainable": trainable,
+        "total": total, "examples_per_s": float(speed), "peak_mb": peak_mb(device), "loaded_mb": loaded,
+    }  # fmt: skip
+
+
+def in_fresh_process(fn, *args) -> dict[str, Any]:
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", type=int, default=0, help="training articles (0 = all 1,780)")
+    parser.add_argument("--test", type=int, default=0, help="test articles (0 = all 445)")
+    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--only", default="", help="comma-separated strategies (default: all)")
+    parser.add_argument("--no-reference", action="store_true", help="skip transformers + PEFT")
+    args = parser.parse_args()
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        fail(f"the reference needs transformers and peft ({e})")
+    chosen = [s for s in (args.only.split(",") if args.only else RUNS) if s]
+    rows = []
+    for name in chosen:
+        rows.append(in_fresh_process(run_graft, args, name))
+        print(f"graft      {name:<9} {rows[-1]}", flush=True)
+        if name in REFERENCE and not args.no_reference:
+            rows.append(in_fresh_process(run_reference, args, name))
+            print(f"reference  {name:<9} {rows[-1]}", flush=True)
+
+    print(
+        f"\n{'system':<10} {'strategy':<9} {'test acc':>8} {'trainable':>11} {'% params':>8} {'ex/s':>7} {'peak MB':>8}"
+    )
+    for r in rows:
+        print(f"{r['system']:<10} {r['strategy']:<9} {r['accuracy']:>8.4f} {r['trainable']:>11,} "
+              f"{100 * r['trainable'] / r['total']:>8.3f} {r['examples_per_s']:>7.1f} {r['peak_mb']:>8.0f}")  # fmt: skip
+    by = {(r["system"], r["strategy"]): r for r in rows}
+    figures: dict[str, Any] = {"rows": rows}
+    for name in REFERENCE:
+        g, ref = by.get(("graft", name)), by.get(("reference", name))
+        if g and ref:
+            ratios = {
+                "accuracy_points": 100 * (g["accuracy"] - ref["accuracy"]),
+                "examples_per_s": g["examples_per_s"] / ref["examples_per_s"],
+                "peak_mb": g["peak_mb"] / ref["peak_mb"],
+            }
+            figures[f"{name}_graft_vs_reference"] = ratios
+            print(f"graft/reference {name}: accuracy {ratios['accuracy_points']:+.2f} points, "
+                  f"speed x{ratios['examples_per_s']:.2f}, peak memory x{ratios['peak_mb']:.2f}")  # fmt: skip
+    full, lora = by.get(("graft", "full")), by.get(("graft", "lora"))
+    if full and lora:
+        goals = {
+            "lora_trainable_pct": 100 * lora["trainable"] / lora["total"],
+            "lora_minus_full_points": 100 * (lora["accuracy"] - full["accuracy"]),
+            "lora_peak_over_full": lora["peak_mb"] / full["peak_mb"],
+            # what training added on top of the loaded model, data and libraries
+            "lora_training_memory_over_full": (lora["peak_mb"] - lora["loaded_mb"])
+            / (full["peak_mb"] - full["loaded_mb"]),
+        }
+        figures["goals"] = goals
+        print(f"goals: LoRA trains {goals['lora_trainable_pct']:.2f}% (< 1%), is {goals['lora_minus_full_points']:+.2f} "
+              f"points from full (within 1), peak memory x{goals['lora_peak_over_full']:.2f} of full (<= 0.7; "
+              f"x{goals['lora_training_memory_over_full']:.2f} counting only what training adds)")  # fmt: skip
+    emit(figures)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""``graft generate``, ``graft chat`` and ``graft convert``: text generation at the command line (chapter 9)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import tempfile
+from collections.abc import Iterator
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from graft.cli import app
+from graft.errors import GraftError
+
+ModelArg = Annotated[str, typer.Argument(help="A Hugging Face-format folder, a Hub id, or a .gguf file.")]
+
+
+class DType(StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+class Truncation(StrEnum):
+    left = "left"
+    error = "error"
+
+
+@contextlib.contextmanager
+def model_folder(model: str) -> Iterator[Path]:
+    """The model as a HF folder; a GGUF file is converted into a temporary one first."""
+    if model.endswith(".gguf"):
+        from graft.io.gguf import convert_gguf
+
+        with tempfile.TemporaryDirectory(prefix="graft-gguf-") as tmp:
+            yield convert_gguf(model, Path(tmp) / "model")
+        return
+    from graft.io.hf import resolve
+
+    yield resolve(model)
+
+
+def load(model: str, dtype: DType):
+    """(causal LM, tokenizer, the folder's generation_config.json)."""
+    import torch
+
+    from graft.models.auto import load_model
+    from graft.tasks import TaskModel
+    from graft.tokenizer import Tokenizer
+
+    with model_folder(model) as folder:
+        lm = load_model(folder, task="causal-lm", dtype=getattr(torch, dtype.value))
+        tokenizer = Tokenizer.from_folder(folder)
+        defaults: dict[str, Any] = {}
+        if (folder / "generation_config.json").exists():
+            from graft.io.hf import read_json
+
+            defaults = read_json(folder / "generation_config.json")
+    if not isinstance(lm, TaskModel) or not lm.config.causal:
+        raise GraftError(f"{model}: a {lm.config.family} model cannot generate text (it is not a decoder)")
+    return lm, tokenizer, defaults
+
+
+def generation_config(lm, tokenizer, defaults: dict[str, Any], **options: Any):
+    """The checkpoint's generation settings, then the command line's (None = not given)."""
+    from graft.generation import GenerationConfig
+
+    config = GenerationConfig.for_model(lm, defaults)
+    if config.eos_token_id is None and tokenizer.eos_token_id is not None:
+        config = config.replace(eos_token_id=tokenizer.eos_token_id)
+    if tokenizer.pad_token_id is not None:
+        config = config.replace(pad_token_id=tokenizer.pad_token_id)
+    temperature = options.pop("temperature")
+    if temperature is not None:  # --temperature 0 means greedy
+        options["do_sample"] = temperature > 0
+        if temperature > 0:
+            options["temperature"] = temperature
+    elif any(options.get(k) is not None for k in ("top_k", "top_p", "min_p")):
+        options["do_sample"] = True
+    return config.replace(**{k: v for k, v in options.items() if v is not None})
+
+
+def write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def reply(lm, tokenizer, ids, mask, config) -> str:
+    """Stream one completion to stdout and return it."""
+    from graft.generation import stream, stream_text
+
+    tokens = (int(t[0]) for t in stream(lm, ids, mask, config, tokenizer))
+    pieces = []
+    for piece in stream_text(tokenizer, tokens, stop_at=config.eos_ids):
+        write(piece)
+        pieces.append(piece)
+    write("\n")
+    return "".join(pieces)
+
+
+MaxNew = Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="How many tokens to add at most.")]
+Temperature = Annotated[float | None, typer.Option(min=0.0, help="Sample at this temperature; 0 = greedy.")]
+TopK = Annotated[int | None, typer.Option(min=0, help="Sample among the k most likely tokens.")]
+TopP = Annotated[
+    float | None, typer.Option(min=0.0, max=1.0, help="Nucleus sampling: smallest set with mass p.")
+]
+MinP = Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Drop tokens below min-p x the best one.")]
+Penalty = Annotated[float | None, typer.Option(min=0.0, help="> 1 discourages repeating tokens.")]
+Seed = Annotated[int | None, typer.Option(help="Seed for sampling (reproducible output).")]
+Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop after this text (repeatable).")]
+DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Weights in float32 or bfloat16.")]
+TruncOpt = Annotated[
+    Truncation, typer.Option(help="A prompt too long for the context: cut it from the left (warn) or stop.")
+]
+System = Annotated[str | None, typer.Option(help="A system message (with --chat).")]
+
+
+@app.command()
+def generate(
+    model: ModelArg,
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="The prompt (repeatable: a batch).")],
+    chat: Annotated[
+        bool, typer.Option(help="Format the prompt with the checkpoint's chat template.")
+    ] = False,
+    system: System = None,
+    max_new_tokens: MaxNew = 64,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    repetition_penalty: Penalty = None,
+    num_beams: Annotated[int, typer.Option(min=1, help="Beam search with this many beams.")] = 1,
+    length_penalty: Annotated[float, typer.Option(help="Beam scores are divided by length ** this.")] = 1.0,
+    seed: Seed = None,
+    stop: Stop = None,
+    truncation: TruncOpt = Truncation.left,
+    dtype: DTypeOpt = DType.float32,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line per prompt instead.")] = False,
+) -> None:
+    """Continue a prompt (or answer it, with --chat), streaming the new text to stdout."""
+    from graft.generation import encode_prompts
+    from graft.generation import generate as run
+
+    lm, tokenizer, defaults = load(model, dtype)
+    config = generation_config(
+        lm, tokenizer, defaults, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        min_p=min_p, repetition_penalty=repetition_penalty, num_beams=num_beams, length_penalty=length_penalty,
+        seed=seed, stop_strings=stop, truncation=truncation.value,
+    )  # fmt: skip
+    if chat:
+        head = [{"role": "system", "content": system}] if system else []
+        prompts: list[Any] = [[*head, {"role": "user", "content": p}] for p in prompt]
+    else:
+        prompts = list(prompt)
+    ids, mask = encode_prompts(tokenizer, prompts, chat=chat)
+    if len(prompt) == 1 and num_beams == 1 and not as_json:
+        reply(lm, tokenizer, ids, mask, config)
+        return
+    out = run(lm, ids, mask, config, tokenizer)
+    for text, row in zip(prompt, out[:, ids.shape[1] :].tolist(), strict=True):
+        ends = [i for i, t in enumerate(row) if t in config.eos_ids]
+        completion = tokenizer.decode(row[: ends[0]] if ends else row)
+        write(json.dumps({"prompt": text, "completion": completion}) + "\n" if as_json else completion + "\n")
+
+
+@app.command()
+def chat(
+    model: ModelArg,
+    system: System = None,
+    max_new_tokens: MaxNew = 256,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    repetition_penalty: Penalty = None,
+    seed: Seed = None,
+    dtype: DTypeOpt = DType.float32,
+) -> None:
+    """Talk with a chat model: one message per line; /reset forgets the conversation, /exit (or Ctrl-D) quits."""
+    from graft.generation import encode_prompts
+
+    lm, tokenizer, defaults = load(model, dtype)
+    if not tokenizer.chat_template:
+        raise GraftError(f"{model}: the tokenizer has no chat template, so it cannot chat")
+    config = generation_config(
+        lm, tokenizer, defaults, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, truncation="left",
+    )  # fmt: skip
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            write("> ")
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            messages = list(start)
+            continue
+        messages.append({"role": "user", "content": text})
+        ids, mask = encode_prompts(tokenizer, [messages], chat=True)
+        messages.append({"role": "assistant", "content": reply(lm, tokenizer, ids, mask, config)})
+
+
+@app.command()
+def convert(
+    file: Annotated[Path, typer.Argument(help="A GGUF file (llama architecture).")],
+    out: Annotated[Path, typer.Argument(help="The Hugging Face-format folder to write.")],
+    dtype: DTypeOpt = DType.float32,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT when it is not empty.")] = False,
+) -> None:
+    """Write a GGUF file as a Hugging Face folder (config, safetensors, tokenizer) that transformers loads."""
+    import torch
+
+    from graft.io.gguf import convert_gguf
+
+    folder = convert_gguf(file, out, dtype=getattr(torch, dtype.value), overwrite=overwrite)
+    typer.echo(f"wrote {folder}")

@@ -1,0 +1,214 @@
+"""The strategy registry (chapters 4, 5): how much of a pretrained model trains, written once for all families.
+
+A strategy is a dataclass of options with ``apply(model)``: it freezes parameters and/or wraps
+modules in place and returns the module to train. Strategies are named by strings:
+
+    parse_strategy("freeze:4")              # Freeze(layers=4)
+    parse_strategy("lora:r=8,alpha=16")     # LoRA(r=8, alpha=16)
+    parse_strategy("lora", {"r": 8})        # the same, from a recipe's strategy.options
+
+Every strategy also takes ``lr_decay`` (layer-wise learning-rate decay) and ``unfreeze``
+(gradual unfreezing, one more layer every N epochs), so both combine with any of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import re
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from graft.errors import GraftError
+from graft.nn import Transformer
+
+log = logging.getLogger("graft")
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def body_of(model: nn.Module) -> Transformer:
+    """The transformer body of a bare body, a TaskModel or a MultitaskModel."""
+    return model if isinstance(model, Transformer) else model.body
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters outside the body (task heads), except those tied to body weights."""
+    in_body = {id(p) for p in body_of(model).parameters()}
+    return [p for p in model.parameters() if id(p) not in in_body]
+
+
+@dataclass
+class ParameterCount:
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        share = 100 * self.trainable / max(self.total, 1)
+        return f"{self.trainable:,} of {self.total:,} parameters trainable ({share:.2f}%)"
+
+
+def count_parameters(model: nn.Module) -> ParameterCount:
+    params = list(model.parameters())  # tied parameters are listed once
+    return ParameterCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+
+
+@dataclass
+class Strategy:
+    """Base of every strategy: the options all of them share.
+
+    Subclasses set ``name`` (the registry key), optionally ``positional`` (the option that
+    "name:VALUE" sets), and implement ``prepare(model)``: mark trainable parameters of the
+    body and add modules. The head always trains.
+    """
+
+    name: ClassVar[str] = ""
+    positional: ClassVar[str | None] = None
+
+    lr_decay: float = 1.0  # layer-wise learning-rate decay: layer l gets lr * lr_decay ** (depth above it)
+    unfreeze: int = 0  # gradual unfreezing: head first, then one more layer from the top every N epochs
+
+    def check(self) -> None:
+        """Validate option values (GraftError naming the option)."""
+        if self.lr_decay <= 0 or self.lr_decay > 1:
+            raise GraftError(
+                f"strategy {self.name!r}: option 'lr_decay' must be in (0, 1], got {self.lr_decay}"
+            )
+        if self.unfreeze < 0:
+            raise GraftError(f"strategy {self.name!r}: option 'unfreeze' must be >= 0, got {self.unfreeze}")
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Freeze/wrap ``model`` in place; return the module to train (and log what trains)."""
+        for p in model.parameters():
+            p.requires_grad_(False)
+        trained = self.prepare(model)
+        for p in head_parameters(model):
+            p.requires_grad_(True)
+        trained.strategy = self  # the trainer asks it for param_groups
+        if self.unfreeze:
+            from graft.strategies.lr import GradualUnfreezing
+
+            trained.unfreezing = GradualUnfreezing(trained, self.unfreeze)  # a trainer callback
+        log.info("strategy %s: %s", self.spec(), count_parameters(trained))
+        return trained
+
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: layer-wise decayed learning rates, no decay on biases and norms."""
+        from graft.strategies.lr import layerwise_param_groups
+
+        return layerwise_param_groups(model, lr, self.lr_decay, weight_decay)
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def spec(self) -> str:
+        """The string that parses back to this strategy (options that differ from the defaults)."""
+        default = type(self)()
+        changed = [f"{k}={format_value(v)}" for k, v in self.options().items() if getattr(default, k) != v]
+        return self.name + (":" + ",".join(changed) if changed else "")
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, list):
+        return "+".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """A string from "name:key=value" (or a YAML value) as the option's type."""
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    if origin in (typing.Union, types.UnionType):
+        if isinstance(value, str) and value.lower() in ("none", "null", ""):
+            return None
+        return coerce(value, args[0], where)
+    if origin is list:
+        items = value.split("+") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise GraftError(f"{where}: expected a list (a+b+c), got {value!r}")
+        return [coerce(v, args[0], where) for v in items]
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "yes", "1")
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if hint is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise GraftError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}") from None
+
+
+def parse_strategy(spec: str | Strategy, options: dict[str, Any] | None = None) -> Strategy:
+    """A strategy from "name", "name:VALUE" or "name:key=value,key=value" (+ a dict of options)."""
+    if isinstance(spec, Strategy):
+        return spec
+    name, _, rest = spec.strip().partition(":")
+    if name not in STRATEGIES:
+        raise GraftError(
+            f"strategy {name!r}: unknown{suggest(name, STRATEGIES)} (known: {', '.join(STRATEGIES)})"
+        )
+    cls = STRATEGIES[name]
+    given: dict[str, Any] = {}
+    # split on commas that start a new key=value, so regex values may contain commas
+    for i, part in enumerate(p for p in re.split(r",(?=\s*\w+\s*=)", rest) if p.strip()) if rest else []:
+        key, eq, value = part.partition("=")
+        if not eq:
+            if i or cls.positional is None:
+                raise GraftError(f"strategy {spec!r}: expected key=value, got {part!r}")
+            key, value = cls.positional, part
+        given[key.strip()] = value.strip()
+    given.update(options or {})
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in given.items():
+        if key not in fields:
+            raise GraftError(
+                f"strategy {name!r}: unknown option {key!r}{suggest(key, fields)} (options: {', '.join(fields)})"
+            )
+        values[key] = coerce(value, hints[key], f"strategy {name!r}: option {key!r}")
+    strategy = cls(**values)
+    strategy.check()
+    return strategy
+
+
+def check_positive(strategy: Strategy, *names: str) -> None:
+    for n in names:
+        if getattr(strategy, n) <= 0:
+            raise GraftError(
+                f"strategy {strategy.name!r}: option {n!r} must be positive, got {getattr(strategy, n)}"
+            )
+
+
+def apply_strategy(
+    model: nn.Module, spec: str | Strategy, options: dict[str, Any] | None = None
+) -> nn.Module:
+    """Parse ``spec`` and apply it: the module to train."""
+    return parse_strategy(spec, options).apply(model)

@@ -1,0 +1,184 @@
+"""``graft predict`` and ``graft eval``: any saved task model, its task read from config.json.
+
+    graft predict MODEL --input texts.jsonl [--output predictions.jsonl]
+    graft eval MODEL --data test.csv [--out results/]
+
+Predictions are JSON lines (label and score, entity spans, answers, generated text...); eval
+prints the task's metrics as JSON and, with --out, writes metrics.json, predictions.jsonl and,
+for single-label classification, confusion_matrix.png.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from graft.cli import ModelArg, app
+from graft.errors import GraftError
+
+FormatOpt = Annotated[
+    str | None, typer.Option("--format", help="csv, tsv, jsonl, conll, squad... (default: from the name).")
+]
+ColumnOpt = Annotated[
+    list[str] | None, typer.Option("--column", help="YOUR_COLUMN=KEY, e.g. review=text (repeatable).")
+]
+BatchOpt = Annotated[int, typer.Option(min=1, help="Records per batch.")]
+MaxLengthOpt = Annotated[
+    int | None, typer.Option(min=8, help="Tokens per row (default: the model's window).")
+]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: cuda when available).")]
+
+
+def parse_columns(pairs: list[str] | None) -> dict[str, str]:
+    columns = {}
+    for pair in pairs or []:
+        source, sep, key = pair.partition("=")
+        if not sep or not source or not key:
+            raise GraftError(f"--column {pair!r}: expected YOUR_COLUMN=KEY, e.g. review=text")
+        columns[source] = key
+    return columns
+
+
+def load_task_model(model: str, device: str | None):
+    """The task model and tokenizer of a model folder (or Hub id)."""
+    import torch
+
+    from graft.io.hf import resolve
+    from graft.models.auto import load_model
+    from graft.tasks import TaskModel
+    from graft.tokenizer import Tokenizer
+
+    folder = resolve(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    m = load_model(folder, device=device)
+    if not isinstance(m, TaskModel):
+        raise GraftError(
+            f"{folder}: a bare {m.config.family} model has no task head; predict/eval need a task model"
+        )
+    return m, Tokenizer.from_folder(folder)
+
+
+def read_records(path: Path, fmt: str | None, columns: list[str] | None, head: Any):
+    from graft.data import load_records
+
+    label_kind = {"multi_label": "multi", "regression": "float"}.get(
+        getattr(head, "problem_type", ""), "class"
+    )
+    return load_records(path, fmt, parse_columns(columns), label_kind=label_kind)
+
+
+def jsonl_line(record: dict[str, Any], prediction: dict[str, Any]) -> str:
+    row = {"id": record["id"]} if record.get("id") is not None else {}
+    return json.dumps({**row, **prediction}, ensure_ascii=False) + "\n"
+
+
+def options(**given: Any) -> dict[str, Any]:
+    return {k: v for k, v in given.items() if v is not None}
+
+
+@app.command()
+def predict(
+    model: ModelArg,
+    input: Annotated[
+        Path, typer.Option("--input", "-i", help="Records to predict: CSV, JSON lines, CoNLL, SQuAD...")
+    ],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="JSON lines here instead of stdout.")
+    ] = None,
+    fmt: FormatOpt = None,
+    column: ColumnOpt = None,
+    batch_size: BatchOpt = 32,
+    max_length: MaxLengthOpt = None,
+    device: DeviceOpt = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Multi-label: sigmoid above which a label is on.")
+    ] = None,
+    n_best: Annotated[int | None, typer.Option(min=1, help="QA: answers kept per question.")] = None,
+    max_answer_length: Annotated[
+        int | None, typer.Option(min=1, help="QA: longest answer, in tokens.")
+    ] = None,
+    null_threshold: Annotated[
+        float | None,
+        typer.Option(help="QA with unanswerable questions: how much the no-answer score must win by."),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Causal LM: tokens to generate.")] = 64,
+) -> None:
+    """Predict with a task model: one JSON line per input record."""
+    from graft.io.atomic import atomic_path
+    from graft.tasks.predict import generate
+    from graft.tasks.predict import predict as run
+
+    m, tokenizer = load_task_model(model, device)
+    records = read_records(input, fmt, column, m.head)
+    if m.task == "causal-lm":
+        pairs = generate(m, tokenizer, records, min(batch_size, 8), max_length, max_new_tokens)
+    else:
+        extra = options(
+            threshold=threshold,
+            n_best=n_best,
+            max_answer_length=max_answer_length,
+            null_threshold=null_threshold,
+        )
+        pairs = run(m, tokenizer, records, batch_size, max_length, **extra)
+    if output is None:
+        for record, prediction in pairs:
+            sys.stdout.write(jsonl_line(record, prediction))
+        sys.stdout.flush()
+        return
+    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for record, prediction in pairs:
+            f.write(jsonl_line(record, prediction))
+
+
+@app.command("eval")
+def evaluate(
+    model: ModelArg,
+    data: Annotated[
+        Path, typer.Option("--data", "-d", help="Labelled records: CSV, JSON lines, CoNLL, SQuAD...")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for metrics.json, predictions.jsonl (and confusion_matrix.png)."),
+    ] = None,
+    fmt: FormatOpt = None,
+    column: ColumnOpt = None,
+    batch_size: BatchOpt = 32,
+    max_length: MaxLengthOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Evaluate a task model on labelled data: prints the task's metrics as JSON."""
+    from graft.io.atomic import atomic_path, write_json
+    from graft.tasks.predict import predict as run
+
+    m, tokenizer = load_task_model(model, device)
+    records, predictions = [], []
+    for record, prediction in run(
+        m, tokenizer, read_records(data, fmt, column, m.head), batch_size, max_length
+    ):
+        records.append(record)
+        predictions.append(prediction)
+    if not records:
+        raise GraftError(f"{data}: no records")
+    metrics = m.head.evaluate(predictions, records)
+    metrics["examples"] = len(records)
+    typer.echo(json.dumps(metrics, ensure_ascii=False))
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", metrics)
+    with atomic_path(out / "predictions.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(jsonl_line(r, p) for r, p in zip(records, predictions, strict=True))
+    if "confusion_matrix" in metrics:
+        from graft.metrics import confusion_matrix_png
+
+        cm = metrics["confusion_matrix"]
+        confusion_matrix_png(
+            cm["matrix"],
+            cm["labels"],
+            out / "confusion_matrix.png",
+            title=f"{Path(model).name} on {data.name}",
+        )

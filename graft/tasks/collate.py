@@ -1,0 +1,48 @@
+"""What every task's collation shares: the model's window, its input tensors, record fields."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from graft.errors import GraftError
+from graft.nn import TransformerConfig
+
+
+def window(cfg: TransformerConfig, tokenizer: Any, max_length: int | None = None) -> int:
+    """How many tokens a row may hold: the smallest of max_length, the tokenizer's and the model's limits."""
+    positions = cfg.max_positions
+    if cfg.positions_from_padding:  # RoBERTa numbers positions from pad_token_id + 1
+        positions -= cfg.pad_token_id + 1
+    limits = [positions, max_length, getattr(tokenizer, "model_max_length", None)]
+    return min(n for n in limits if n)
+
+
+def model_inputs(enc: Any, cfg: TransformerConfig) -> dict[str, torch.Tensor]:
+    """The tensors of an encoded batch that the body reads."""
+    inputs = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
+    if cfg.type_vocab_size:  # families without segment embeddings get none (GPT-2 would misread them)
+        inputs["token_type_ids"] = enc.token_type_ids
+    return inputs
+
+
+def where(record: dict[str, Any], index: int) -> str:
+    """How an error names a record: its id when it has one, else its position."""
+    return f"record {record['id']!r}" if record.get("id") is not None else f"record {index + 1}"
+
+
+def field(records: list[dict[str, Any]], key: str, task: str) -> list[Any]:
+    """``record[key]`` of every record, or a GraftError naming the first record without it."""
+    values = []
+    for i, record in enumerate(records):
+        if record.get(key) is None:
+            raise GraftError(
+                f"{where(record, i)}: no {key!r}, which the {task} task needs (keys: {', '.join(record)})"
+            )
+        values.append(record[key])
+    return values
+
+
+def has_all(records: list[dict[str, Any]], key: str) -> bool:
+    return all(record.get(key) is not None for record in records)

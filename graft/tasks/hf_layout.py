@@ -1,0 +1,116 @@
+"""How each family's Hugging Face task classes lay out their heads: the one table every head reads.
+
+A graft head is written once per task; what differs between BertForSequenceClassification,
+RobertaForSequenceClassification, DistilBertForSequenceClassification... is only which body output
+the head reads, whether a hidden layer sits before the output layer, the tensor names and which
+config.json key holds the dropout rate. That is this table, so that task checkpoints load into
+graft heads and save back with identical logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from graft.nn import TransformerConfig
+
+
+@dataclass(frozen=True)
+class HFHead:
+    """One HF task class's head."""
+
+    out: str  # the output Linear: "classifier", "score", "qa_outputs", ...
+    # what the head reads: "pooler" (the body's dense + tanh on the first token), "cls" (the first
+    # token), "last" (the last real token, for decoders), "mean", or "tokens" (every position)
+    pooling: str = "tokens"
+    dense: str | None = None  # a hidden Linear + activation before the output layer
+    activation: str = "tanh"
+    dropout_first: bool = False  # dropout also before the hidden layer (RoBERTa), not only after it
+    dropout: tuple[str, ...] = ()  # config.json keys of the dropout rate; the first one set wins
+    default_dropout: float = 0.1  # when none of those keys is set
+    bias: bool = True  # the output layer has a bias
+    body_prefix: str | None = None  # when the class names its body unlike the family's other classes
+
+    def dropout_rate(self, hf: dict[str, Any]) -> float:
+        if not self.dropout:
+            return 0.0
+        return next((float(hf[k]) for k in self.dropout if hf.get(k) is not None), self.default_dropout)
+
+
+BERT_DROPOUT = ("classifier_dropout", "hidden_dropout_prob")
+DECODER_DROPOUT = ("classifier_dropout", "hidden_dropout")
+
+# family -> graft task -> the HF class's head
+HF_HEADS: dict[str, dict[str, HFHead]] = {
+    "bert": {
+        "classification": HFHead("classifier", pooling="pooler", dropout=BERT_DROPOUT),
+        "token-classification": HFHead("classifier", dropout=BERT_DROPOUT),
+        "question-answering": HFHead("qa_outputs"),
+    },
+    "roberta": {
+        "classification": HFHead(
+            "classifier.out_proj",
+            pooling="cls",
+            dense="classifier.dense",
+            dropout_first=True,
+            dropout=BERT_DROPOUT,
+        ),
+        "token-classification": HFHead("classifier", dropout=BERT_DROPOUT),
+        "question-answering": HFHead("qa_outputs"),
+    },
+    "distilbert": {
+        "classification": HFHead(
+            "classifier",
+            pooling="cls",
+            dense="pre_classifier",
+            activation="relu",
+            dropout=("seq_classif_dropout",),
+            default_dropout=0.2,
+        ),
+        "token-classification": HFHead("classifier", dropout=("dropout",)),
+        "question-answering": HFHead("qa_outputs", dropout=("qa_dropout",)),
+    },
+    "albert": {
+        "classification": HFHead("classifier", pooling="pooler", dropout=("classifier_dropout_prob",)),
+        "token-classification": HFHead(
+            "classifier", dropout=("classifier_dropout_prob", "hidden_dropout_prob")
+        ),
+        "question-answering": HFHead("qa_outputs"),
+    },
+    "gpt2": {
+        "classification": HFHead("score", pooling="last", bias=False),
+        "token-classification": HFHead("classifier", dropout=DECODER_DROPOUT),
+        "question-answering": HFHead("qa_outputs"),
+    },
+}
+
+# Families not listed above: transformers' generic task classes (Llama, Qwen2, Mistral...) for
+# decoders, BERT-like names on the first token for encoders.
+GENERIC_DECODER = {
+    "classification": HFHead("score", pooling="last", bias=False),
+    "token-classification": HFHead("score", dropout=DECODER_DROPOUT),
+    "question-answering": HFHead("qa_outputs"),
+}
+GENERIC_ENCODER = {
+    "classification": HFHead("classifier", pooling="cls", dropout=BERT_DROPOUT),
+    "token-classification": HFHead("classifier", dropout=BERT_DROPOUT),
+    "question-answering": HFHead("qa_outputs"),
+}
+
+# Llama's and Qwen2's question-answering classes keep the old body name "transformer." (not "model.")
+HF_HEADS["llama"] = HF_HEADS["qwen2"] = {
+    **GENERIC_DECODER,
+    "question-answering": HFHead("qa_outputs", body_prefix="transformer."),
+}
+
+
+def hf_head(cfg: TransformerConfig, task: str) -> HFHead:
+    """The HF layout of ``task``'s head on a body of this config."""
+    table = HF_HEADS.get(cfg.family) or (GENERIC_DECODER if cfg.causal else GENERIC_ENCODER)
+    return table[task]
+
+
+def body_prefix(cfg: TransformerConfig, task: str) -> str | None:
+    """The prefix of body tensors in ``task``'s HF checkpoint when it is not the family's usual one."""
+    table = HF_HEADS.get(cfg.family) or (GENERIC_DECODER if cfg.causal else GENERIC_ENCODER)
+    return table[task].body_prefix if task in table else None

@@ -1,0 +1,73 @@
+"""Run a task model over records: collate, forward, post-process, batch after batch.
+
+The same loop serves ``graft predict``, ``graft eval`` and library users; what differs between
+tasks lives in the head's collate / postprocess / evaluate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from typing import Any
+
+import torch
+
+from graft.errors import GraftError
+from graft.tasks.base import TaskModel
+
+
+def batches(records: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    it = iter(records)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.inference_mode()
+def predict(
+    model: TaskModel,
+    tokenizer: Any,
+    records: Iterable[dict[str, Any]],
+    batch_size: int = 32,
+    max_length: int | None = None,
+    **options: Any,
+) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(record, prediction) pairs, in the order of ``records``; ``options`` go to the head's postprocess."""
+    if not isinstance(model, TaskModel):
+        raise GraftError("predict: the model has no task head (it is a bare transformer); load a task model")
+    device = next(model.parameters()).device
+    model.eval()
+    for chunk in batches(records, batch_size):
+        batch = model.head.collate(chunk, tokenizer, max_length)
+        logits = model(**to_device(batch, device)).logits
+        yield from zip(chunk, model.head.postprocess(logits, batch, **options), strict=True)
+
+
+@torch.inference_mode()
+def generate(
+    model: TaskModel,
+    tokenizer: Any,
+    records: Iterable[dict[str, Any]],
+    batch_size: int = 8,
+    max_length: int | None = None,
+    max_new_tokens: int = 64,
+) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(record, {'generated': text}) pairs: greedy continuations of each record's ``text`` (causal LM)."""
+    from graft.generation import greedy
+
+    device = next(model.parameters()).device
+    model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation appends on the right
+    try:
+        for chunk in batches(records, batch_size):
+            texts = [r.get("text") or "" for r in chunk]
+            enc = tokenizer.encode(texts, max_length=max_length)
+            ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+            out = greedy(model, ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            new = tokenizer.batch_decode(out[:, ids.shape[1] :].tolist())
+            yield from zip(chunk, ({"generated": text} for text in new), strict=True)
+    finally:
+        tokenizer.padding_side = side

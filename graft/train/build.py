@@ -1,0 +1,145 @@
+"""From a recipe to a ready Trainer: data, tokenizer, model + head, strategy, loss, metrics."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from graft.errors import GraftError
+from graft.train.config import Recipe
+from graft.train.loop import Trainer
+
+PROBLEM_TYPES = {"class": "single_label", "multi": "multi_label", "float": "regression"}
+
+
+def head_options(recipe: Recipe, label_map: Any) -> dict[str, Any]:
+    """What the task head needs to know about the data: its labels and kind of label."""
+    task = recipe.task.name
+    if task == "classification":
+        options = {"problem_type": PROBLEM_TYPES.get(recipe.data.label_kind, "single_label")}
+        if label_map is not None:
+            options["id2label"] = list(label_map.id2label)
+        return options
+    if task == "token-classification" and label_map is not None:
+        return {"id2label": list(label_map.id2label)}
+    return {}
+
+
+def numeric(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers of a (nested) metrics dict, flattened: {"rouge": {"rouge1": .5}} -> {"rouge/rouge1": .5}."""
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(numeric(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
+def example_text(record: dict[str, Any]) -> str:
+    text = record.get("text")
+    if text is None and record.get("tokens") is not None:
+        text = " ".join(record["tokens"])
+    if text is None and record.get("question") is not None:
+        text = f"{record['question']} {record.get('context', '')}"
+    pair = record.get("text_pair")
+    return f"{text or ''} {pair}" if pair else (text or "")
+
+
+def token_lengths(records: list[dict[str, Any]], tokenizer: Any, max_length: int) -> list[int]:
+    """Tokens per record (capped at max_length): what length grouping and the curriculum sort by."""
+    lengths = []
+    for start in range(0, len(records), 1024):
+        texts = [example_text(r) for r in records[start : start + 1024]]
+        enc = tokenizer.encode(texts, max_length=max_length, padding=False, return_tensors=None)
+        lengths.extend(len(ids) for ids in enc.input_ids)
+    return lengths
+
+
+def build_trainer(recipe: Recipe, quiet: bool = False, callbacks=()) -> Trainer:
+    from graft.data import load_splits
+    from graft.io.hf import resolve
+    from graft.models.auto import load_model
+    from graft.tasks import HEADS
+    from graft.tokenizer import Tokenizer
+    from graft.train.losses import make_loss
+
+    if not recipe.model.path:
+        raise GraftError("model.path: no model given (a Hugging Face folder or Hub id)")
+    if recipe.task.name not in HEADS:
+        from graft.train.config import suggest
+
+        raise GraftError(
+            f"task.name: unknown task {recipe.task.name!r}{suggest(recipe.task.name, HEADS)} (known: {', '.join(HEADS)})"
+        )
+    splits = load_splits(recipe.data)
+    train_set = splits["train"]
+    label_map = train_set.label_map
+    folder = resolve(recipe.model.path)
+    tokenizer = Tokenizer.from_folder(folder)
+
+    torch.manual_seed(recipe.train.seed)  # a new head starts from the same weights in every run
+    dtype = getattr(torch, recipe.model.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise GraftError(f"model.dtype: {recipe.model.dtype!r} is not a torch dtype (float32, bfloat16...)")
+    model = load_model(folder, task=recipe.task.name, dtype=dtype, **head_options(recipe, label_map))
+    if recipe.strategy.name != "full" or recipe.strategy.options:
+        from graft.strategies import apply_strategy
+
+        model = apply_strategy(model, recipe.strategy.name, recipe.strategy.options)
+    head = model.head
+
+    train = list(train_set)  # records in memory: a step never waits on the disk
+    validation = list(splits["validation"]) if "validation" in splits else None
+    max_length = recipe.data.max_length
+    t = recipe.train
+    lengths = (
+        token_lengths(train, tokenizer, max_length) if t.group_by_length or t.curriculum_epochs else None
+    )
+
+    loss = None
+    if recipe.task.label_smoothing or recipe.task.class_weights or recipe.task.focal_gamma:
+        train_labels = None
+        if (
+            label_map is not None
+            and recipe.data.label_kind == "class"
+            and recipe.task.name == "classification"
+        ):
+            train_labels = [label_map.label2id[str(r["label"])] for r in train]
+        loss = make_loss(recipe.task, recipe.task.name, len(label_map) if label_map else None, train_labels)
+
+    def collate(records: list[dict[str, Any]]) -> dict[str, Any]:
+        return head.collate(records, tokenizer, max_length)
+
+    def eval_step(logits: torch.Tensor, batch: dict[str, Any], records: list[dict[str, Any]]) -> Any:
+        return head.postprocess(logits, batch), records
+
+    def compute_metrics(collected: list[Any]) -> dict[str, float]:
+        predictions = [p for preds, _ in collected for p in preds]
+        records = [r for _, recs in collected for r in recs]
+        return numeric(head.evaluate(predictions, records))
+
+    trainer = Trainer(
+        model, recipe, train, collate, validation,
+        lengths=lengths, eval_step=eval_step, compute_metrics=compute_metrics, loss=loss,
+        tokenizer=tokenizer, callbacks=callbacks, quiet=quiet,
+    )  # fmt: skip
+    trainer.test_data = list(splits["test"]) if "test" in splits else None
+    if getattr(model, "unfreezing", None) is not None:  # gradual unfreezing follows the trainer's epoch
+        model.unfreezing.attach(trainer)
+    return trainer
+
+
+def run_recipe(recipe: Recipe, resume: bool = False, quiet: bool = False, callbacks=()) -> dict[str, Any]:
+    """Train as the recipe says; evaluate the final model on the test split when there is one."""
+    from graft.io.atomic import write_json
+
+    trainer = build_trainer(recipe, quiet=quiet, callbacks=callbacks)
+    result = trainer.fit(resume=resume)
+    if trainer.test_data:
+        result.update({f"test/{k}": v for k, v in trainer.evaluate(trainer.test_data).items()})
+        if trainer.rank == 0:
+            write_json(trainer.out / "result.json", result)
+    return result

@@ -1,0 +1,166 @@
+"""Checkpoints that a crash cannot corrupt, and that resume a run exactly.
+
+A checkpoint is a folder ``checkpoints/step-00000120/`` holding the model, the optimizer, the
+scheduler, the grad scaler, the trainer's position (epoch, step, best metric...) and every
+process's RNG states. It is written under a temporary name, each file fsynced, then renamed:
+a folder named ``step-*`` is always complete. Model and optimizer states are full (unsharded)
+and keyed by parameter name, so a checkpoint of a DDP or FSDP run resumes on one process and
+the other way round.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from graft.io.atomic import fsync_dir
+
+PATTERN = re.compile(r"^step-(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_file(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``folder``, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := PATTERN.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def latest(folder: Path) -> Path | None:
+    found = list_checkpoints(folder)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(
+    folder: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep: int = 2,
+    protect: tuple[int, ...] = (),
+) -> Path:
+    """Write checkpoint ``step`` atomically (every process must call this), then prune old ones.
+
+    ``keep`` newest checkpoints survive pruning, and so do the steps in ``protect`` (the best).
+    """
+    rank, world = rank_world()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)  # collective under FSDP
+    final = folder / f"step-{step:08d}"
+    tmp = folder / f".step-{step:08d}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    save_file(rng_state(), tmp / f"rng-{rank}.pt")
+    if rank == 0:
+        save_file(model_state, tmp / "model.pt")
+        save_file(optim_state, tmp / "optimizer.pt")
+        save_file({**trainer_state, "world_size": world}, tmp / "trainer.pt")
+    barrier()
+    if rank == 0:
+        fsync_dir(tmp)
+        if final.exists():  # the same step again (e.g. a final save right after a periodic one)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(folder)
+        prune(folder, keep, protect + (step,))
+    barrier()
+    return final
+
+
+def prune(folder: Path, keep: int, protect: tuple[int, ...]) -> None:
+    found = list_checkpoints(folder)
+    newest = {s for s, _ in found[-keep:]} if keep > 0 else set()
+    for step, path in found:
+        if step not in newest and step not in protect:
+            doomed = path.with_name(f".{path.name}.delete")
+            os.replace(path, doomed)  # never leave a half-deleted folder under a step-* name
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+) -> dict[str, Any]:
+    """Load model (and optimizer) states; restore this process's RNG states; return the trainer state."""
+    rank, world = rank_world()
+    model_state = torch.load(path / "model.pt", map_location="cpu", weights_only=False)
+    optim_state = (
+        torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False) if optimizer else None
+    )
+    options = StateDictOptions(full_state_dict=True, strict=True)
+    if optimizer is None:
+        set_model_state_dict(model, model_state, options=options)
+    else:
+        # How the update runs (fused, foreach) belongs to this process's tensors, not to the checkpoint:
+        # a fused CPU optimizer saved by one process resumes as a foreach one on FSDP shards.
+        kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+        set_state_dict(
+            model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options
+        )
+        for group, kernel in zip(optimizer.param_groups, kernels, strict=True):
+            group.update(kernel)
+    state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    rng = path / f"rng-{rank}.pt"
+    if rng.exists():
+        set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+    else:  # resumed on more processes than saved it: a fresh, still deterministic stream per process
+        seed = int(state.get("seed", 0)) + 1000 * rank + int(state.get("global_step", 0))
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+    return state
+
+
+def load_model_weights(path: Path, model: torch.nn.Module) -> None:
+    """Only the model weights of a checkpoint (the best model at the end of training)."""
+    model_state = torch.load(path / "model.pt", map_location="cpu", weights_only=False)
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True, strict=True))

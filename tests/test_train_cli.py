@@ -1,0 +1,119 @@
+"""`graft train` / `graft tune` end to end on a tiny BERT, the recipes in recipes/, one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from graft.models.auto import load_model
+from graft.tasks import HEADS
+from graft.train import load_recipe
+from graft.train.checkpoint import list_checkpoints
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "classification.yaml"
+
+
+def graft(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "graft", *map(str, args)], capture_output=True, text=True, cwd=ROOT
+    )
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, minilm) -> dict[str, Path]:
+    """A tiny random BERT with MiniLM's tokenizer, and 60 labelled texts of two easy classes."""
+    import torch
+    import transformers
+
+    folder = tmp_path_factory.mktemp("assets")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    transformers.BertModel(config).save_pretrained(folder / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm / name, folder / "model" / name)
+    rng = random.Random(0)
+    words = {"sport": "goal match team win league", "tech": "chip software phone data cloud"}
+    with open(folder / "train.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for _ in range(60):
+            label = rng.choice(sorted(words))
+            writer.writerow(
+                [" ".join(rng.choice(words[label].split()) for _ in range(rng.randint(3, 20))), label]
+            )
+    return {"model": folder / "model", "data": folder / "train.csv"}
+
+
+def base_args(assets, out) -> list[str]:
+    return [
+        f"model.path={assets['model']}", f"data.train={assets['data']}", f"train.output={out}",
+        "train.batch_size=8", "train.plots=false", "optim.lr=1e-3",
+    ]  # fmt: skip
+
+
+def test_train_writes_a_run_folder_and_resume_finishes_it(tmp_path, assets):
+    out = tmp_path / "run"
+    done = graft("train", RECIPE, *base_args(assets, out), "train.epochs=2", "checkpoint.every=2", "--quiet")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 12 and "eval/accuracy" in result and "test/accuracy" in result
+    for name in ("config.yaml", "run.json", "metrics.jsonl", "result.json", "model/config.json"):
+        assert (out / name).exists(), name
+    model = load_model(out / "model")
+    assert model.task == "classification" and model.head.id2label == ["sport", "tech"]
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")][-1] == 12
+    again = graft(
+        "train", RECIPE, *base_args(assets, out), "train.epochs=2", "checkpoint.every=2", "--resume", "-q"
+    )
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["steps"] == 12
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.lrr=1", "error: override 'optim.lrr=1': unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
+        ("optim.name=adamx", "optim.name: unknown value 'adamx' (did you mean 'adamw'?)"),
+        ("data.train=/nonexistent/train.csv", "error: /nonexistent/train.csv: no such file or folder"),
+        (
+            "task.name=clasification",
+            "task.name: unknown task 'clasification' (did you mean 'classification'?)",
+        ),
+    ],
+)
+def test_user_errors_are_one_line(tmp_path, assets, override, message):
+    done = graft("train", RECIPE, *base_args(assets, tmp_path / "run"), override)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and message in done.stderr
+
+
+def test_tune_prints_and_saves_results(tmp_path, assets):
+    out = tmp_path / "search"
+    space = "tune.space={optim.lr: {type: float, low: 1e-4, high: 1e-2, log: true}}"
+    done = graft(
+        "tune", RECIPE, *base_args(assets, out), "train.epochs=1", "checkpoint.keep=0", space, "--trials", "2"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "hyperparameter search" in done.stdout and "best: trial" in done.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["trials"]) == 2 and results["metric"] == "accuracy"
+    best = load_recipe(out / "best.yaml")
+    assert best.optim.lr == pytest.approx(results["best_params"]["optim.lr"])
+    assert (out / "results.csv").read_text().startswith("trial,state,accuracy,optim.lr")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_example_recipes_are_valid(path):
+    recipe = load_recipe(path)
+    assert recipe.task.name in HEADS and recipe.task.name == path.stem

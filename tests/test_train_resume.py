@@ -1,0 +1,47 @@
+"""Checkpoints: a run killed with SIGKILL and resumed ends exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from graft.train.checkpoint import list_checkpoints
+from graft.train.loggers import read_metrics
+
+SCRIPT = Path(__file__).with_name("test_train_helpers.py")
+
+
+def run(out: Path, kill_at: int = 0, resume: bool = False) -> subprocess.CompletedProcess:
+    args = [sys.executable, str(SCRIPT), str(out), str(kill_at)] + (["--resume"] if resume else [])
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=SCRIPT.parent)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    assert run(full).returncode == 0
+    killed = run(broken, kill_at=7)  # 5 steps per epoch: step 7 is in the middle of epoch 2
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert max(step for step, _ in list_checkpoints(broken / "checkpoints")) == 6
+    assert read_metrics(broken)[-1]["step"] == 7  # logged after the checkpoint, lost with the kill
+    resumed = run(broken, resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+
+    def final(run_dir: Path) -> dict[str, torch.Tensor]:
+        return torch.load(run_dir / "checkpoints" / "step-00000010" / "model.pt")
+
+    a, b = final(full), final(broken)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [r["loss"] for r in read_metrics(full)] == [r["loss"] for r in read_metrics(broken)]
+    assert [r["step"] for r in read_metrics(broken)] == list(range(1, 11))
+    assert read_metrics(full, "eval") == read_metrics(broken, "eval")
+    result_a, result_b = (json.loads((d / "result.json").read_text()) for d in (full, broken))
+    assert {k: v for k, v in result_a.items() if k != "train_seconds"} == {
+        k: v for k, v in result_b.items() if k != "train_seconds"
+    }
