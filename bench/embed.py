@@ -70,9 +70,8 @@ def main() -> None:
             "sentence_transformers": lambda t=texts: st_model.encode(
                 t, batch_size=BATCH, convert_to_tensor=True
             ),
-            "graft": lambda t=texts: embed(
-                graft_model, graft_tok, t, batch_size=BATCH, max_length=MAX_LENGTH
-            ),
+            # graft batches by its own default: length-sorted, up to 1024 padded tokens a batch
+            "graft": lambda t=texts: embed(graft_model, graft_tok, t, max_length=MAX_LENGTH),
         }
         results = {}
         for system, fn in systems.items():

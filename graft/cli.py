@@ -97,7 +97,8 @@ def embed(
         EmbedFormat, typer.Option("--format", help="json: one list per line; npy: a NumPy array.")
     ] = (EmbedFormat.json),
     out: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Most texts per batch.")] = 256,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most padded tokens per batch.")] = 1024,
     max_length: Annotated[int | None, typer.Option(min=1, help="Truncate texts to this many tokens.")] = None,
 ) -> None:
     """Sentence embeddings: the mean of the last hidden states over real tokens."""
@@ -117,7 +118,13 @@ def embed(
     m = load_model(folder, task="base")
     tokenizer = Tokenizer.from_folder(folder)
     vectors = embed_texts(
-        m, tokenizer, texts, batch_size=batch_size, max_length=max_length, normalize=normalize
+        m,
+        tokenizer,
+        texts,
+        batch_size=batch_size,
+        max_length=max_length,
+        normalize=normalize,
+        max_tokens=max_tokens,
     )
     array = vectors.numpy()
     if fmt is EmbedFormat.json:

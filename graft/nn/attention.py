@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graft.nn.config import TransformerConfig
+from graft.nn.linear import call, linear, plain
 from graft.nn.positions import apply_rotary
 
 
@@ -114,16 +115,15 @@ class Attention(nn.Module):
         multiply over the concatenated weights (one pass over x instead of three); wrapped
         layers (LoRA, adapters) take the separate path and still see every call.
         """
-        plain = type(self.q) is nn.Linear and type(self.k) is nn.Linear and type(self.v) is nn.Linear
         # not when decoding one position: there, copying the weights costs more than reading x thrice
-        if context is None and plain and x.shape[1] > 1:
+        if context is None and plain(self.q) and plain(self.k) and plain(self.v) and x.shape[1] > 1:
             weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
             bias = torch.cat([self.q.bias, self.k.bias, self.v.bias]) if self.q.bias is not None else None
-            return F.linear(x, weight, bias).split(
+            return linear(x, weight, bias).split(
                 [self.q.out_features, self.k.out_features, self.v.out_features], -1
             )
         src = x if context is None else context
-        return self.q(x), self.k(src), self.v(src)
+        return call(self.q, x), call(self.k, src), call(self.v, src)
 
     def forward(
         self,
@@ -157,7 +157,7 @@ class Attention(nn.Module):
                 dropout_p=self.dropout if self.training else 0.0,
                 scale=self.scale,
             )  # (B, nkv, group, hd)
-            return self.o(y.reshape(B, T, self.num_heads * self.head_dim))
+            return call(self.o, y.reshape(B, T, self.num_heads * self.head_dim))
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -168,4 +168,4 @@ class Attention(nn.Module):
             scale=self.scale,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (B, nh, T, hd)
-        return self.o(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        return call(self.o, y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
