@@ -237,7 +237,7 @@ def demo(
     import torch
 
     from graft.models.auto import save_model
-    from graft.strategies import count_parameters, exportable, save_adapter
+    from graft.strategies import exportable, save_adapter
     from graft.train.build import build_trainer
     from graft.train.config import load_recipe
 
@@ -275,7 +275,6 @@ def demo(
     typer.echo(f"model {recipe.model.path}")
     typer.echo(f"data  {recipe.data.train}: {len(trainer.train_data)} train, {len(trainer.eval_data or [])} validation, "
                f"{len(trainer.test_data or [])} test articles; labels {', '.join(net.head.id2label)}")  # fmt: skip
-    typer.echo(f"strategy {net.strategy.spec()}: {count_parameters(net)}")
     typer.echo(f"training {steps} steps of {batch_size} articles ({max_length} tokens each)...")
     result = trainer.fit()
     test = trainer.evaluate(trainer.test_data) if trainer.test_data else {}
