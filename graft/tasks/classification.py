@@ -105,14 +105,7 @@ class ClassificationHead(Head):
 
     # ---- Hugging Face task checkpoints ----
     def hf_names(self) -> dict[str, str]:
-        names = {f"{self.spec.out}.weight": "out.weight"}
-        if self.spec.bias:
-            names[f"{self.spec.out}.bias"] = "out.bias"
-        if self.spec.dense:
-            names.update(
-                {f"{self.spec.dense}.weight": "dense.weight", f"{self.spec.dense}.bias": "dense.bias"}
-            )
-        return names
+        return self.spec.names()
 
     def hf_config(self) -> dict[str, Any]:
         hf: dict[str, Any] = {

@@ -31,6 +31,15 @@ class HFHead:
     bias: bool = True  # the output layer has a bias
     body_prefix: str | None = None  # when the class names its body unlike the family's other classes
 
+    def names(self) -> dict[str, str]:
+        """HF tensor name -> graft head parameter name (``out`` and, if any, ``dense``)."""
+        names = {f"{self.out}.weight": "out.weight"}
+        if self.bias:
+            names[f"{self.out}.bias"] = "out.bias"
+        if self.dense:
+            names.update({f"{self.dense}.weight": "dense.weight", f"{self.dense}.bias": "dense.bias"})
+        return names
+
     def dropout_rate(self, hf: dict[str, Any]) -> float:
         if not self.dropout:
             return 0.0

@@ -74,10 +74,7 @@ class QuestionAnsweringHead(Head):
         return (start + end) / 2
 
     def hf_names(self) -> dict[str, str]:
-        names = {f"{self.spec.out}.weight": "out.weight"}
-        if self.spec.bias:
-            names[f"{self.spec.out}.bias"] = "out.bias"
-        return names
+        return self.spec.names()
 
     def hf_config(self) -> dict[str, Any]:
         return {"graft_unanswerable": True} if self.unanswerable else {}

@@ -118,10 +118,7 @@ class TokenClassificationHead(Head):
         return int((labels != IGNORE).sum())
 
     def hf_names(self) -> dict[str, str]:
-        names = {f"{self.spec.out}.weight": "out.weight"}
-        if self.spec.bias:
-            names[f"{self.spec.out}.bias"] = "out.bias"
-        return names
+        return self.spec.names()
 
     def hf_config(self) -> dict[str, Any]:
         return {
