@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -48,11 +49,11 @@ def example_text(record: dict[str, Any]) -> str:
     return f"{text or ''} {pair}" if pair else (text or "")
 
 
-def token_lengths(records: list[dict[str, Any]], tokenizer: Any, max_length: int) -> list[int]:
+def token_lengths(records: Sequence[dict[str, Any]], tokenizer: Any, max_length: int) -> list[int]:
     """Tokens per record (capped at max_length): what length grouping and the curriculum sort by."""
     lengths = []
     for start in range(0, len(records), 1024):
-        texts = [example_text(r) for r in records[start : start + 1024]]
+        texts = [example_text(records[i]) for i in range(start, min(start + 1024, len(records)))]
         enc = tokenizer.encode(texts, max_length=max_length, padding=False, return_tensors=None)
         lengths.extend(len(ids) for ids in enc.input_ids)
     return lengths
@@ -91,8 +92,10 @@ def build_trainer(recipe: Recipe, quiet: bool = False, callbacks=()) -> Trainer:
         model = apply_strategy(model, recipe.strategy.name, recipe.strategy.options)
     head = model.head
 
-    train = list(train_set)  # records in memory: a step never waits on the disk
-    validation = list(splits["validation"]) if "validation" in splits else None
+    # map-style datasets that read each record from disk when indexed (one int64 offset per row in
+    # memory), so a data file larger than memory still trains; the OS page cache keeps it fast
+    train = train_set
+    validation = splits.get("validation")
     max_length = recipe.data.max_length
     t = recipe.train
     lengths = (
@@ -126,7 +129,7 @@ def build_trainer(recipe: Recipe, quiet: bool = False, callbacks=()) -> Trainer:
         lengths=lengths, eval_step=eval_step, compute_metrics=compute_metrics, loss=loss,
         tokenizer=tokenizer, callbacks=callbacks, quiet=quiet,
     )  # fmt: skip
-    trainer.test_data = list(splits["test"]) if "test" in splits else None
+    trainer.test_data = splits.get("test")
     if getattr(model, "unfreezing", None) is not None:  # gradual unfreezing follows the trainer's epoch
         model.unfreezing.attach(trainer)
     return trainer
