@@ -117,11 +117,10 @@ class Attention(nn.Module):
         """
         # not when decoding one position: there, copying the weights costs more than reading x thrice
         if context is None and plain(self.q) and plain(self.k) and plain(self.v) and x.shape[1] > 1:
-            weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
-            bias = torch.cat([self.q.bias, self.k.bias, self.v.bias]) if self.q.bias is not None else None
-            return linear(x, weight, bias).split(
-                [self.q.out_features, self.k.out_features, self.v.out_features], -1
-            )
+            layers = (self.q, self.k, self.v)
+            bias = torch.cat([m.bias for m in layers]) if self.q.bias is not None else None
+            weight = lambda: torch.cat([m.weight for m in layers])  # noqa: E731 (made only when needed)
+            return linear(x, weight, bias, key=(self, "qkv")).split([m.out_features for m in layers], -1)
         src = x if context is None else context
         return call(self.q, x), call(self.k, src), call(self.v, src)
 
