@@ -11,13 +11,13 @@ in. For LoRA, ``save_adapter`` writes PEFT's format instead.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import nn
 
 from graft.errors import GraftError
 from graft.io.atomic import atomic_path, write_json
+from graft.io.hf import read_json
 from graft.tasks.base import TaskModel
 
 WEIGHTS, META = "trained.safetensors", "strategy.json"
@@ -53,7 +53,7 @@ def load_trained(base: str | Path, folder: str | Path) -> nn.Module:
     for name in (META, WEIGHTS):
         if not (folder / name).exists():
             raise GraftError(f"{folder / name}: not found (save_trained writes {META} and {WEIGHTS})")
-    meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    meta = read_json(folder / META)
     model: nn.Module = load_model(base, task="base")
     if "task" in meta:
         if meta["task"] not in HEADS:

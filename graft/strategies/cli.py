@@ -238,6 +238,7 @@ def demo(
 
     from graft.models.auto import save_model
     from graft.strategies import exportable, save_adapter
+    from graft.tasks.collate import to_device
     from graft.train.build import build_trainer
     from graft.train.config import load_recipe
 
@@ -290,9 +291,7 @@ def demo(
     if samples:
         batch = net.head.collate(samples, trainer.tokenizer, max_length)
         with torch.no_grad():
-            logits = net(
-                **{k: v.to(trainer.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            ).logits
+            logits = net(**to_device(batch, trainer.device)).logits
         typer.echo("predictions:")
         for record, pred in zip(samples, net.head.postprocess(logits, batch), strict=True):
             text = " ".join(str(record["text"]).split())[:70]

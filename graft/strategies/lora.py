@@ -18,7 +18,6 @@ share a copy of A and split B by rows, also exact.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from torch import nn
 
 from graft.errors import GraftError
 from graft.io.atomic import write_json
+from graft.io.hf import read_json
 from graft.models.registry import FAMILIES
 from graft.models.weights import WeightMap
 from graft.strategies.base import Strategy, body_of, check_positive, register
@@ -323,10 +323,7 @@ def read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
             raise GraftError(
                 f"{path}: not found (an adapter folder has adapter_config.json and adapter_model.safetensors)"
             )
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise GraftError(f"{config_path}: not valid JSON (line {e.lineno})") from None
+    config = read_json(config_path)
     if config.get("peft_type") != "LORA":
         raise GraftError(f"{config_path}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
     for key, ok in (("use_dora", False), ("lora_bias", False), ("bias", "none")):
@@ -441,7 +438,7 @@ def load_adapter_model(base: str | Path, adapter: str | Path) -> nn.Module:
     model = load_model(base, task="base")
     head_file = adapter / HEAD_FILE
     if head_file.exists():
-        saved = json.loads(head_file.read_text(encoding="utf-8"))
+        saved = read_json(head_file)
         if saved["task"] not in HEADS:
             raise GraftError(f"{head_file}: unknown task {saved['task']!r} (known: {', '.join(HEADS)})")
         cls = HEADS[saved["task"]]

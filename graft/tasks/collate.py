@@ -10,6 +10,13 @@ from graft.errors import GraftError
 from graft.nn import TransformerConfig
 
 
+def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """The batch with its tensors on ``device`` (other values as they are)."""
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
+
+
 def window(cfg: TransformerConfig, tokenizer: Any, max_length: int | None = None) -> int:
     """How many tokens a row may hold: the smallest of max_length, the tokenizer's and the model's limits."""
     positions = cfg.max_positions

@@ -14,16 +14,13 @@ import torch
 
 from graft.errors import GraftError
 from graft.tasks.base import TaskModel
+from graft.tasks.collate import to_device
 
 
 def batches(records: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
     it = iter(records)
     while chunk := list(islice(it, size)):
         yield chunk
-
-
-def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 @torch.inference_mode()

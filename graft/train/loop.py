@@ -30,6 +30,7 @@ from torch import nn
 
 from graft.errors import GraftError
 from graft.io.atomic import write_json, write_text
+from graft.tasks.collate import to_device
 from graft.train import checkpoint as ckpt
 from graft.train.config import Recipe, dump_recipe
 from graft.train.loggers import MetricsLog, Progress, plot_metrics
@@ -93,12 +94,6 @@ def find_bodies(model: nn.Module) -> list[nn.Module]:
     from graft.nn import Transformer
 
     return [m for m in model.modules() if isinstance(m, Transformer)]
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-    }
 
 
 class Trainer:
