@@ -42,12 +42,23 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 8) -> float:
 
 
 def model_flops(model, lengths: list[int]) -> float:
-    """Training FLOPs of the real tokens: 6 x (matmul parameters) per token, plus attention scores."""
+    """Training FLOPs (forward + backward = 3 x forward, 2 per multiply-add) a classifier needs.
+
+    Every block but the last runs on every token. The classifier reads one position, so the
+    last block needs keys and values of every token but queries, output projection and
+    feed-forward only for that position (graft computes just that; see Transformer.forward).
+    Embedding lookups are not multiplies and are not counted.
+    """
     cfg = model.config
-    embeddings = {id(p) for name, p in model.named_parameters() if ".embed." in f".{name}"}
-    matmul = sum(p.numel() for p in model.parameters() if p.ndim == 2 and id(p) not in embeddings)
-    # Q K^T and (attention) V: 2 x 2 x T x H per token and layer forward, x 3 with backward.
-    return sum(6 * matmul * t + 12 * cfg.num_layers * cfg.hidden_size * t * t for t in lengths)
+    h, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    block = 4 * h * h + 2 * h * i  # multiply-adds per token of one block's projections
+    head = sum(p.numel() for p in model.head.parameters() if p.ndim == 2) + h * h * cfg.pooler
+    total = 0.0
+    for t in lengths:
+        projections = (L - 1) * block * t + 2 * h * h * t + (block - 2 * h * h) + head
+        attention = 2 * h * t * t * (L - 1) + 2 * h * t  # Q K^T and (probs) V
+        total += 3 * 2 * (projections + attention)
+    return total
 
 
 def load_data():

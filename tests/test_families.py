@@ -154,3 +154,28 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path):
         steps = [model(input_ids=ids[:, :5], cache=cache).logits]
         steps += [model(input_ids=ids[:, t : t + 1], cache=cache).logits for t in range(5, 12)]
     assert (torch.cat(steps, dim=1) - full).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_rows_give_the_same_outputs_and_gradients_as_the_full_stack(family, padding_side, tmp_path):
+    """Asking for a few positions (what a classifier reads) changes the work, not the numbers."""
+    hf_model(family).save_pretrained(tmp_path)
+    model = load_model(tmp_path, task="base")
+    ids, mask = padded_batch(padding_side)
+    rows = torch.tensor([[0, 8], [5, 1], [7, 8]])  # (B, K), any positions, repeats allowed
+    full = model(ids, mask)
+    wanted = full.last_hidden_state.gather(
+        1, rows[..., None].expand(-1, -1, full.last_hidden_state.shape[-1])
+    )
+    part = model(ids, mask, rows=rows)
+    assert part.last_hidden_state.shape == (3, 2, model.config.hidden_size)
+    assert torch.equal(part.rows, rows)
+    assert (part.last_hidden_state - wanted).abs().max() <= 1e-6
+    grads = []
+    for out in (wanted, part.last_hidden_state):
+        model.zero_grad()
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert (g - grads[1][name]).abs().max() <= 1e-6 * max(1.0, g.abs().max().item()), name

@@ -96,3 +96,82 @@ def test_config_round_trips_and_suggests_misspelled_keys():
     assert TransformerConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(GraftError, match="unknown key 'hiden_size' \\(did you mean 'hidden_size'\\?\\)"):
         TransformerConfig.from_dict({**cfg.to_dict(), "hiden_size": 3})
+
+
+def test_dropout_drops_at_the_rate_and_keeps_the_mean():
+    from graft.nn.dropout import Dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(0.1)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = drop(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.002  # 1e6 draws: the standard error is 3e-4
+    assert abs(y.mean().item() - 1.0) < 0.003
+    assert torch.allclose(y[y != 0], torch.tensor(65536 / (65536 - 6554)))  # 0.1 rounds to 6554 / 65536
+    y.sum().backward()  # the gradient flows exactly where the value was kept
+    assert torch.equal(x.grad == 0, y == 0)
+    assert torch.equal(x.grad[y != 0], y[y != 0])
+    drop.eval()
+    assert drop(x) is x
+
+
+def test_dropout_masks_follow_torch_seed_and_rng_state():
+    from graft.nn.dropout import dropout
+
+    x = torch.ones(64, 64)
+    torch.manual_seed(3)
+    a = dropout(x, 0.5)
+    state = torch.get_rng_state()
+    b = dropout(x, 0.5)
+    torch.set_rng_state(state)
+    assert torch.equal(dropout(x, 0.5), b)
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x, 0.5), a)
+    assert not torch.equal(a, b)
+    assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_math_path_with_dropout_equals_sdpa_without(masked):
+    """With every element kept, graft's CPU dropout path computes torch's attention."""
+    from graft.nn.attention import attend
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    mask = torch.rand(2, 1, 5, 7) > 0.3 if masked else None
+    if mask is not None:
+        mask[..., 0] = True
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True
+    )
+    got = attend(q, k, v, mask, False, 1e-9, 0.3)  # rounds to a rate of 0: nothing dropped
+    assert (got - expected).abs().max() <= 1e-6
+    causal = attend(q, k[:, :, :5], v[:, :, :5], None, True, 1e-9, 0.3)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k[:, :, :5], v[:, :, :5], is_causal=True, scale=0.3, enable_gqa=True
+    )
+    assert (causal - expected).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("needs", ["all", "frozen weight", "frozen input"])
+def test_training_linear_equals_torch_linear(needs):
+    """graft's fp32 CPU training linear (oneDNN forward) gives torch's values and gradients."""
+    from graft.nn.linear import linear
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 16, requires_grad=needs != "frozen input")
+    w = torch.randn(24, 16, requires_grad=needs != "frozen weight")
+    b = torch.randn(24, requires_grad=True)
+    g = torch.randn(3, 7, 24)
+    grads = []
+    for fn in (torch.nn.functional.linear, linear):
+        y = fn(x, w, b)
+        y.backward(g)
+        grads.append((y.detach(), *(t.grad.clone() if t.grad is not None else None for t in (x, w, b))))
+        for t in (x, w, b):
+            t.grad = None
+    for ref, got in zip(*grads, strict=True):
+        assert (ref is None) == (got is None)
+        if ref is not None:
+            assert (ref - got).abs().max() <= 1e-5

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graft.nn.config import TransformerConfig
+from graft.nn.dropout import dropout
 from graft.nn.linear import call, linear, plain
 from graft.nn.positions import apply_rotary
 
@@ -66,6 +67,7 @@ def build_mask(
     k_len: int,
     causal: bool,
     sliding_window: int | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor | None:
     """Boolean mask, True where a query may attend a key; None when every query sees every key.
 
@@ -79,7 +81,7 @@ def build_mask(
         if key_padding is None or bool(key_padding.all()):
             return None
         return key_padding[:, None, None, :].bool()
-    device = key_padding.device if key_padding is not None else None
+    device = key_padding.device if key_padding is not None else device
     q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]  # (Tq, 1)
     k_pos = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
     allowed = k_pos <= q_pos
@@ -108,21 +110,33 @@ class Attention(nn.Module):
         if cfg.scale_by_inverse_layer:
             self.scale /= layer + 1
 
-    def project(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """Queries from x; keys and values from x (self-attention) or the context (cross-attention).
+    def project(
+        self, x: torch.Tensor, context: torch.Tensor | None, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """Queries from x (at ``rows`` only, when given); keys and values from x (self-attention)
+        or the context (cross-attention).
 
-        For self-attention with plain linear layers the three projections run as one matrix
-        multiply over the concatenated weights (one pass over x instead of three); wrapped
+        Projections of the same input by plain linear layers run as one matrix multiply over
+        the concatenated weights (one pass over the input instead of two or three); wrapped
         layers (LoRA, adapters) take the separate path and still see every call.
         """
-        # not when decoding one position: there, copying the weights costs more than reading x thrice
-        if context is None and plain(self.q) and plain(self.k) and plain(self.v) and x.shape[1] > 1:
-            layers = (self.q, self.k, self.v)
-            bias = torch.cat([m.bias for m in layers]) if self.q.bias is not None else None
-            weight = lambda: torch.cat([m.weight for m in layers])  # noqa: E731 (made only when needed)
-            return linear(x, weight, bias, key=(self, "qkv")).split([m.out_features for m in layers], -1)
         src = x if context is None else context
-        return call(self.q, x), call(self.k, src), call(self.v, src)
+        # not when decoding one position: there, copying the weights costs more than reading x thrice
+        fuse = src.shape[1] > 1 and plain(self.k) and plain(self.v)
+        if context is None and rows is None and fuse and plain(self.q):
+            return self.fused(x, (self.q, self.k, self.v), "qkv")
+        q = call(self.q, x if rows is None else take_rows(x, rows))
+        return (
+            (q, *self.fused(src, (self.k, self.v), "kv"))
+            if fuse
+            else (q, call(self.k, src), call(self.v, src))
+        )
+
+    def fused(self, x: torch.Tensor, layers: tuple[nn.Linear, ...], key: str) -> tuple[torch.Tensor, ...]:
+        """x through several plain linear layers as one matrix multiply; one output per layer."""
+        bias = torch.cat([m.bias for m in layers]) if layers[0].bias is not None else None
+        weight = lambda: torch.cat([m.weight for m in layers])  # noqa: E731 (made only when needed)
+        return linear(x, weight, bias, key=(self, key)).split([m.out_features for m in layers], -1)
 
     def forward(
         self,
@@ -132,39 +146,71 @@ class Attention(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
         context: torch.Tensor | None = None,  # (B, S, H) for cross-attention
-    ) -> torch.Tensor:
-        B, T, _ = x.shape
-        src = x if context is None else context
-        S = src.shape[1]
-        q, k, v = self.project(x, context)
+        rows: torch.Tensor | None = None,  # (B, K): only these queries' outputs are wanted
+    ) -> torch.Tensor:  # (B, T, H), or (B, K, H) with rows
+        B, S = x.shape[0], (x if context is None else context).shape[1]
+        q, k, v = self.project(x, context, rows)  # keys and values at every position, queries at rows
+        T = q.shape[1]  # (T, or K with rows)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
         v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
         if rotary is not None:
-            cos, sin = rotary
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            cos, sin = rotary  # (B|1, 1, S, hd)
+            k = apply_rotary(k, cos, sin)
+            if rows is not None:
+                cos, sin = (take_rows(t.expand(B, -1, -1, -1), rows, dim=2) for t in rotary)  # (B, 1, K, hd)
+            q = apply_rotary(q, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, past + S, hd)
+        if rows is not None and mask is not None and mask.shape[2] > 1:
+            mask = take_rows(mask.expand(B, -1, -1, -1), rows, dim=2)  # (B, 1|nh, K, S)
+        p = self.dropout if self.training else 0.0
         if T == 1 and self.num_kv_heads != self.num_heads and (mask is None or mask.shape[1] == 1):
             # One query per head (decoding): the heads sharing a kv head are attention queries of
             # that head, a plain (B, nkv, group, hd) attention, many times faster on CPU than GQA.
-            y = F.scaled_dot_product_attention(
-                q.view(B, self.num_kv_heads, -1, self.head_dim),
-                k,
-                v,
-                attn_mask=mask,
-                dropout_p=self.dropout if self.training else 0.0,
-                scale=self.scale,
-            )  # (B, nkv, group, hd)
-            return call(self.o, y.reshape(B, T, self.num_heads * self.head_dim))
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-            scale=self.scale,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # (B, nh, T, hd)
+            q = q.reshape(B, self.num_kv_heads, -1, self.head_dim)  # (B, nkv, group, hd)
+            y = attend(q, k, v, mask, False, p, self.scale).reshape(B, -1, T, self.head_dim)  # (B, nh, 1, hd)
+        else:
+            y = attend(q, k, v, mask, is_causal, p, self.scale)  # (B, nh, T, hd)
         return call(self.o, y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+def take_rows(x: torch.Tensor, rows: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """x's positions ``rows`` (B, K) along ``dim`` (batch first): (B, ..., T, ...) -> (B, ..., K, ...)."""
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = rows.shape
+    index = rows.view(shape).expand(*x.shape[:dim], rows.shape[1], *x.shape[dim + 1 :])
+    return x.gather(dim, index)
+
+
+def attend(
+    q: torch.Tensor,  # (B, nh, T, hd)
+    k: torch.Tensor,  # (B, nkv, S, hd)
+    v: torch.Tensor,  # (B, nkv, S, hd)
+    mask: torch.Tensor | None,  # bool, True = may attend, or a float bias; broadcast to (B, nh, T, S)
+    is_causal: bool,
+    p: float,  # attention dropout
+    scale: float,
+) -> torch.Tensor:  # (B, nh, T, hd)
+    """softmax(q k^T * scale + mask) v, with attention dropout p.
+
+    torch's scaled_dot_product_attention, except when dropping out on CPU: there torch falls
+    back to its math path with its slow dropout masks, so graft runs the same math path with
+    its own masks (graft.nn.dropout).
+    """
+    gqa = k.shape[1] != q.shape[1]
+    if p == 0.0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal, scale=scale, enable_gqa=gqa
+        )
+    if gqa:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # (B, nh, S, hd)
+    scores = (q * scale) @ k.transpose(-2, -1)  # (B, nh, T, S)
+    if is_causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:
+        scores = scores + mask
+    return dropout(scores.softmax(-1), p) @ v

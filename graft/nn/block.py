@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from graft.nn.attention import Attention, KVCache
+from graft.nn.attention import Attention, KVCache, take_rows
 from graft.nn.config import TransformerConfig
+from graft.nn.dropout import Dropout
 from graft.nn.feedforward import FeedForward
 from graft.nn.norm import make_norm
 
@@ -27,7 +28,7 @@ class Block(nn.Module):
         self.cross_norm = make_norm(cfg) if cross else None
         self.ffn = FeedForward(cfg)
         self.ffn_norm = make_norm(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def sublayer(self, x: torch.Tensor, norm: nn.Module, f) -> torch.Tensor:
         if self.prenorm:
@@ -43,8 +44,14 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        x = self.sublayer(x, self.attn_norm, lambda h: self.attn(h, mask, is_causal, rotary, cache))
+        rows: torch.Tensor | None = None,  # (B, K): only these positions' outputs are wanted
+    ) -> torch.Tensor:  # (B, T, H), or (B, K, H) with rows
+        if rows is None:
+            x = self.sublayer(x, self.attn_norm, lambda h: self.attn(h, mask, is_causal, rotary, cache))
+        else:  # keys and values from every position; queries, residual and feed-forward at rows only
+            a = self.attn(self.attn_norm(x) if self.prenorm else x, mask, is_causal, rotary, cache, rows=rows)
+            x = take_rows(x, rows)  # (B, K, H)
+            x = x + self.drop(a) if self.prenorm else self.attn_norm(x + self.drop(a))
         if self.cross_attn is not None:
             x = self.sublayer(x, self.cross_norm, lambda h: self.cross_attn(h, context_mask, context=context))
         return self.sublayer(x, self.ffn_norm, self.ffn)  # (B, T, H)

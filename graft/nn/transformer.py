@@ -10,6 +10,7 @@ from torch import nn
 from graft.nn.attention import KVCache, build_mask
 from graft.nn.block import Block
 from graft.nn.config import TransformerConfig
+from graft.nn.dropout import Dropout
 from graft.nn.norm import make_norm
 from graft.nn.positions import Rotary, SinusoidalPositions
 
@@ -28,7 +29,7 @@ class Embeddings(nn.Module):
             self.positions = SinusoidalPositions(cfg.max_positions, dim)
         self.token_types = nn.Embedding(cfg.type_vocab_size, dim) if cfg.type_vocab_size else None
         self.norm = make_norm(cfg, dim) if cfg.embedding_norm else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         # ALBERT: small embeddings, projected up to the hidden size.
         self.project = nn.Linear(dim, cfg.hidden_size) if dim != cfg.hidden_size else None
 
@@ -58,6 +59,7 @@ class TransformerOutput:
     pooled: torch.Tensor | None = None  # (B, H) from the pooler, when the model has one
     hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings + each layer's output
     cache: KVCache | None = None
+    rows: torch.Tensor | None = None  # (B, K) positions last_hidden_state holds, when asked for
 
 
 class Transformer(nn.Module):
@@ -95,7 +97,16 @@ class Transformer(nn.Module):
         inputs_embeds: torch.Tensor | None = None,  # (B, T, E)
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
+        rows: torch.Tensor | None = None,  # (B, K)
     ) -> TransformerOutput:
+        """The stack's output; last_hidden_state is (B, T, H).
+
+        ``rows``: the positions whose final hidden states the caller reads (a classifier reads
+        one). The last block then computes queries, residuals and feed-forward only there,
+        since no other position's output reaches the caller: the same values and gradients for
+        less work. last_hidden_state is then (B, K, H), ``rows`` is set on the output and
+        ``pooled`` reads the first of the rows. Ignored with a cache or output_hidden_states.
+        """
         cfg = self.config
         shape = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
         past = cache.length if cache is not None else 0
@@ -112,16 +123,21 @@ class Transformer(nn.Module):
             padding = None if no_padding else attention_mask
             mask, is_causal = build_mask(padding, T, past + T, cfg.causal, cfg.sliding_window), False
         rotary = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+        if output_hidden_states or cache is not None:
+            rows = None
 
         hidden = [x] if output_hidden_states else None
-        for i in self.layer_order:
+        for n, i in enumerate(self.layer_order):
             block = self.layers[i]
+            last = rows if n == len(self.layer_order) - 1 else None
+            if last is not None and is_causal:  # the selected queries need their own mask rows
+                mask, is_causal = build_mask(None, T, T, True, device=x.device), False
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(
-                    block, x, mask, is_causal, rotary, cache, use_reentrant=False
+                    block, x, mask, is_causal, rotary, cache, use_reentrant=False, rows=last
                 )
             else:
-                x = block(x, mask, is_causal, rotary, cache)
+                x = block(x, mask, is_causal, rotary, cache, rows=last)
             if hidden is not None:
                 hidden.append(x)
         if self.norm is not None:
@@ -129,4 +145,4 @@ class Transformer(nn.Module):
             if hidden is not None:
                 hidden[-1] = x
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
-        return TransformerOutput(x, pooled, tuple(hidden) if hidden is not None else None, cache)
+        return TransformerOutput(x, pooled, tuple(hidden) if hidden is not None else None, cache, rows)

@@ -20,7 +20,7 @@ from torch import nn
 
 from graft.errors import GraftError
 from graft.nn import Transformer
-from graft.tasks.base import BODY_INPUTS, Head, TaskOutput
+from graft.tasks.base import Head, TaskOutput, body_inputs
 
 
 class MultitaskModel(nn.Module):
@@ -40,7 +40,7 @@ class MultitaskModel(nn.Module):
         if task not in self.heads:
             raise GraftError(f"multitask: batch task {task!r} is not one of {', '.join(self.heads)}")
         head = self.heads[task]
-        out = self.body(**{k: batch[k] for k in BODY_INPUTS if k in batch})
+        out = self.body(**body_inputs(head, batch))
         logits = head(out, batch)
         labels = batch.get("labels")
         loss = head.loss(logits, labels, batch) if labels is not None else None

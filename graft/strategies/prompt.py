@@ -65,6 +65,7 @@ class Prompt(nn.Module):
 
 def add_prompt(body: Transformer, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     kwargs = call_kwargs(body, args, kwargs)
+    kwargs.pop("rows", None)  # the virtual tokens shift every position; compute them all
     prompt = body.prompt.weight  # (P, E)
     P = prompt.shape[0]
     B, _ = sequence_shape(kwargs)

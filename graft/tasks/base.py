@@ -35,6 +35,10 @@ class Head(nn.Module):
     def forward(self, out: TransformerOutput, batch: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
+    def rows(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """(B, K) the only positions of the body's output that forward reads (None: all of them)."""
+        return None
+
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
@@ -76,6 +80,15 @@ class Head(nn.Module):
 BODY_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "cache")
 
 
+def body_inputs(head: Head, batch: dict[str, Any]) -> dict[str, Any]:
+    """The body's keyword arguments for a batch: its tensors, and the rows the head reads."""
+    inputs = {k: batch[k] for k in BODY_INPUTS if k in batch}
+    rows = head.rows(batch)
+    if rows is not None:
+        inputs["rows"] = rows
+    return inputs
+
+
 class TaskModel(nn.Module):
     """body + head; ``model(**batch)`` gives logits, and a loss when the batch has labels.
 
@@ -100,7 +113,7 @@ class TaskModel(nn.Module):
         return self.head.task
 
     def forward(self, **batch: Any) -> TaskOutput:
-        out = self.body(**{k: batch[k] for k in BODY_INPUTS if k in batch})
+        out = self.body(**body_inputs(self.head, batch))
         logits = self.head(out, batch)
         labels = batch.get("labels")
         loss = self.head.loss(logits, labels, batch) if labels is not None else None

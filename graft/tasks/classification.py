@@ -14,10 +14,11 @@ from torch import nn
 
 from graft.errors import GraftError
 from graft.nn import Transformer, TransformerOutput
+from graft.nn.dropout import Dropout
 from graft.tasks.base import Head
 from graft.tasks.collate import field, has_all, model_inputs, where, window
 from graft.tasks.hf_layout import hf_head
-from graft.tasks.pooling import POOLINGS, new_linear, pool, set_pooler
+from graft.tasks.pooling import POOLINGS, new_linear, pool, rows, set_pooler
 
 # graft's short names <-> config.json "problem_type" (transformers' names)
 PROBLEM_TYPES = {
@@ -80,12 +81,15 @@ class ClassificationHead(Head):
         h = cfg.hidden_size
         self.dense = new_linear(h, h, std=std) if self.spec.dense else None
         self.act = ACTIVATIONS[self.spec.activation]() if self.spec.dense else None
-        self.drop = nn.Dropout(self.spec.dropout_rate(cfg.hf_config) if dropout is None else dropout)
+        self.drop = Dropout(self.spec.dropout_rate(cfg.hf_config) if dropout is None else dropout)
         self.out = new_linear(h, len(self.id2label), bias=self.spec.bias, std=std)
 
     @property
     def num_labels(self) -> int:
         return len(self.id2label)
+
+    def rows(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        return rows(self.pooling, batch, self.config)
 
     def forward(self, out: TransformerOutput, batch: dict[str, Any]) -> torch.Tensor:
         x = pool(self.pooling, out, batch, self.config)  # (B, H)

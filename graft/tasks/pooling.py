@@ -36,16 +36,30 @@ def last_token_index(batch: dict[str, Any], cfg: TransformerConfig, shape: torch
 
 def pool(how: str, out: TransformerOutput, batch: dict[str, Any], cfg: TransformerConfig) -> torch.Tensor:
     """(B, H) sequence vectors."""
-    hidden = out.last_hidden_state  # (B, T, H)
+    hidden = out.last_hidden_state  # (B, T, H), or (B, 1, H) when the body computed rows()
     if how == "pooler":
         return out.pooled
-    if how == "cls":
+    if how == "cls" or (out.rows is not None and how == "last"):
         return hidden[:, 0]
     if how == "mean":
         mask = batch.get("attention_mask")
         return mean_pool(hidden, mask) if mask is not None else hidden.mean(1)
     index = last_token_index(batch, cfg, hidden.shape[:2])
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+
+
+def rows(how: str, batch: dict[str, Any], cfg: TransformerConfig) -> torch.Tensor | None:
+    """(B, 1) the one position each sequence is pooled from (None for mean pooling, which reads all).
+
+    A body given these rows computes its last block only there (Transformer.forward).
+    """
+    ids = batch.get("input_ids")
+    x = ids if ids is not None else batch.get("inputs_embeds")
+    if how == "mean" or x is None:
+        return None
+    if how == "last":
+        return last_token_index(batch, cfg, x.shape[:2]).to(x.device)[:, None]
+    return torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
 
 
 def set_pooler(body: Transformer, wanted: bool) -> None:
