@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from graft.errors import GraftError
 from graft.nn import KVCache
+from graft.nn.linear import frozen_weights, weight_store
 from graft.tasks import TaskModel
 
 log = logging.getLogger("graft")
@@ -209,16 +210,18 @@ class Decoder:
         self.positions = positions_from_mask(mask)  # (B, T)
         self.cache = KVCache(model.config.num_blocks, capacity=T + steps)  # allocated once
         self.input_ids = input_ids
+        self.packed = weight_store(model)  # weights in oneDNN's layout, packed once (frozen_weights)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         mask = self.mask[:, : self.length] if self.padded else None
-        out = self.model(
-            input_ids=tokens,
-            attention_mask=mask,
-            position_ids=self.positions,
-            cache=self.cache,
-            logits_to_keep=1,
-        )
+        with frozen_weights(self.packed):
+            out = self.model(
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=self.positions,
+                cache=self.cache,
+                logits_to_keep=1,
+            )
         return out.logits[:, -1].float()  # (B, V)
 
     def prefill(self) -> torch.Tensor:

@@ -175,3 +175,21 @@ def test_training_linear_equals_torch_linear(needs):
         assert (ref is None) == (got is None)
         if ref is not None:
             assert (ref - got).abs().max() <= 1e-5
+
+
+def test_packed_weights_are_kept_until_a_weight_changes():
+    from graft.nn.linear import frozen_weights, linear, weight_store
+
+    layer = torch.nn.Linear(16, 8)
+    store = weight_store(layer)
+    x = torch.randn(2, 16)
+    with torch.no_grad(), frozen_weights(store):
+        packed = linear(x, layer.weight, layer.bias, key=layer)
+    assert (packed - layer(x)).abs().max() <= 1e-5 and len(store) == 1
+    assert weight_store(layer) is store  # the next call reuses the packed weights
+    with torch.no_grad():
+        layer.weight.add_(1.0)  # an optimizer step, say
+    fresh = weight_store(layer)
+    assert fresh is not store and not fresh
+    with torch.no_grad(), frozen_weights(fresh):
+        assert (linear(x, layer.weight, layer.bias, key=layer) - layer(x)).abs().max() <= 1e-5

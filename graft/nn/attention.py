@@ -10,7 +10,7 @@ from torch import nn
 
 from graft.nn.config import TransformerConfig
 from graft.nn.dropout import dropout
-from graft.nn.linear import call, linear, plain
+from graft.nn.linear import call, linear, packing, plain
 from graft.nn.positions import apply_rotary
 
 
@@ -121,8 +121,9 @@ class Attention(nn.Module):
         layers (LoRA, adapters) take the separate path and still see every call.
         """
         src = x if context is None else context
-        # not when decoding one position: there, copying the weights costs more than reading x thrice
-        fuse = src.shape[1] > 1 and plain(self.k) and plain(self.v)
+        # not when decoding one position, unless the weights are packed once: otherwise copying
+        # them costs more than reading x thrice
+        fuse = (src.shape[1] > 1 or packing()) and plain(self.k) and plain(self.v)
         if context is None and rows is None and fuse and plain(self.q):
             return self.fused(x, (self.q, self.k, self.v), "qkv")
         q = call(self.q, x if rows is None else take_rows(x, rows))
