@@ -193,3 +193,29 @@ def test_packed_weights_are_kept_until_a_weight_changes():
     assert fresh is not store and not fresh
     with torch.no_grad(), frozen_weights(fresh):
         assert (linear(x, layer.weight, layer.bias, key=layer) - layer(x)).abs().max() <= 1e-5
+
+
+def test_rotating_fused_queries_and_keys_together_equals_one_by_one():
+    from graft.nn.attention import Attention
+    from graft.nn.positions import Rotary, apply_rotary
+
+    cfg = TransformerConfig(
+        family="llama",
+        vocab_size=10,
+        hidden_size=32,
+        intermediate_size=8,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        position="rotary",
+    )
+    attn = Attention(cfg, 0)
+    rotary = Rotary(cfg)(torch.arange(5).expand(2, -1), torch.float32)  # (2, 1, 5, 8) each
+    y = torch.randn(2, 5, 32 + 16 + 16)  # a fused Q/K/V projection
+    q, k, _ = y.split([32, 16, 16], -1)
+    with torch.no_grad():
+        got_q, got_k = attn.rotate(q, k, rotary)
+    cos, sin = (t.transpose(1, 2) for t in rotary)
+    assert torch.equal(got_q, apply_rotary(q.unflatten(-1, (4, 8)), cos, sin).flatten(-2))
+    assert torch.equal(got_k, apply_rotary(k.unflatten(-1, (2, 8)), cos, sin).flatten(-2))
+    assert got_q.data_ptr() + 32 * 4 == got_k.data_ptr()  # they were rotated as one tensor

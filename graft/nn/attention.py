@@ -139,6 +139,29 @@ class Attention(nn.Module):
         weight = lambda: torch.cat([m.weight for m in layers])  # noqa: E731 (made only when needed)
         return linear(x, weight, bias, key=(self, key)).split([m.out_features for m in layers], -1)
 
+    def rotate(
+        self, q: torch.Tensor, k: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary positions on (B, T, nh * hd) queries and (B, T, nkv * hd) keys of the same positions.
+
+        At inference, when both are neighbouring columns of one fused projection, they turn as one
+        tensor (half the small operations of a decoding step's rotation); otherwise one after the
+        other.
+        """
+        cos, sin = (t.transpose(1, 2) for t in rotary)  # (B|1, T, 1, hd)
+        heads = lambda t: t.unflatten(-1, (-1, self.head_dim))  # noqa: E731 (B, T, n * hd) -> (B, T, n, hd)
+        width = q.shape[-1] + k.shape[-1]
+        if (
+            not q.requires_grad  # inference only: autograd would not see through as_strided's reach
+            and q.stride() == k.stride()
+            and q.stride(-1) == 1
+            and k.data_ptr() == q.data_ptr() + q.shape[-1] * q.element_size()
+        ):
+            qk = q.as_strided((*q.shape[:-1], width), q.stride())  # (B, T, width): the columns of both
+            qk = apply_rotary(heads(qk), cos, sin).flatten(-2)
+            return qk.split([q.shape[-1], k.shape[-1]], -1)
+        return apply_rotary(heads(q), cos, sin).flatten(-2), apply_rotary(heads(k), cos, sin).flatten(-2)
+
     def forward(
         self,
         x: torch.Tensor,  # (B, T, H)
@@ -152,10 +175,12 @@ class Attention(nn.Module):
         B, S = x.shape[0], (x if context is None else context).shape[1]
         q, k, v = self.project(x, context, rows)  # keys and values at every position, queries at rows
         T = q.shape[1]  # (T, or K with rows)
+        if rotary is not None and rows is None and context is None:
+            q, k = self.rotate(q, k, rotary)  # the same positions: one rotation for both
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
         v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
-        if rotary is not None:
+        if rotary is not None and not (rows is None and context is None):
             cos, sin = rotary  # (B|1, 1, S, hd)
             k = apply_rotary(k, cos, sin)
             if rows is not None:
