@@ -179,3 +179,24 @@ def test_rows_give_the_same_outputs_and_gradients_as_the_full_stack(family, padd
     assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
         assert (g - grads[1][name]).abs().max() <= 1e-6 * max(1.0, g.abs().max().item()), name
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_loss_and_gradients(tmp_path):
+    """graft's own CPU kernels step aside under torch.compile (`train.compile: true`)."""
+    hf_model("bert").save_pretrained(tmp_path)
+    model = load_model(tmp_path, task="classification", id2label=["a", "b"]).eval()  # no dropout
+    ids, mask = padded_batch()
+    batch = dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 0]))
+    results = []
+    for compiled in (False, True):
+        if compiled:
+            model.compile()
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (eager, eager_grads), (comp, comp_grads) = results
+    assert abs(eager.item() - comp.item()) <= 1e-5
+    for name, g in eager_grads.items():
+        assert (g - comp_grads[name]).abs().max() <= 1e-5 * max(1.0, g.abs().max().item()), name

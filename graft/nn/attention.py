@@ -225,7 +225,7 @@ def attend(
     its own masks (graft.nn.dropout).
     """
     gqa = k.shape[1] != q.shape[1]
-    if p == 0.0 or q.device.type != "cpu":
+    if p == 0.0 or q.device.type != "cpu" or torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal, scale=scale, enable_gqa=gqa
         )

@@ -7,7 +7,7 @@ draws 64 random bits per four elements instead and compares each 16-bit lane wit
 so the rate is rounded to a multiple of 1/65536 (0.1 becomes 0.100006) and the kept values are
 scaled by 1 / (1 - that rate): the same unbiased dropout, four to five times faster. Masks come
 from torch's global generator, so seeding, and saving and restoring its state, work as before.
-On CUDA, torch's own dropout is already fast and is used as it is.
+On CUDA, and under torch.compile (which generates its own), torch's dropout is used as it is.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """F.dropout(x, p, training), with graft's cheap masks on CPU."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or p >= 1.0:
+    if x.device.type != "cpu" or p >= 1.0 or torch.compiler.is_compiling():
         return F.dropout(x, p, training)
     keep, scale = keep_mask(x.shape, p, x.device)
     return _Dropout.apply(x, keep, scale)

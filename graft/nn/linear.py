@@ -34,6 +34,7 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype in (torch.float32, torch.bfloat16)
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()  # torch.compile brings its own kernels
     )
 
 
@@ -47,6 +48,7 @@ def use_onednn_training(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         and type(weight) in (torch.Tensor, nn.Parameter)
         and (bias is None or type(bias) in (torch.Tensor, nn.Parameter))
         and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
     )
 
 
