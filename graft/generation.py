@@ -13,6 +13,7 @@ token, so padding changes nothing in the result.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Sequence
@@ -193,6 +194,9 @@ def fit_context(
     return input_ids[:, -room:], mask[:, -room:]
 
 
+PACK_LIMIT = 2 * 2**30  # bytes of weights up to which decoding keeps a packed copy for oneDNN
+
+
 class Decoder:
     """A batch being decoded: the cache, the attention mask so far and the next positions."""
 
@@ -210,11 +214,14 @@ class Decoder:
         self.positions = positions_from_mask(mask)  # (B, T)
         self.cache = KVCache(model.config.num_blocks, capacity=T + steps)  # allocated once
         self.input_ids = input_ids
-        self.packed = weight_store(model)  # weights in oneDNN's layout, packed once (frozen_weights)
+        # weights in oneDNN's layout, packed once (frozen_weights); a second copy of the weights,
+        # so only for models whose weights take at most PACK_LIMIT bytes
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.packed = weight_store(model) if weight_bytes <= PACK_LIMIT else None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         mask = self.mask[:, : self.length] if self.padded else None
-        with frozen_weights(self.packed):
+        with frozen_weights(self.packed) if self.packed is not None else contextlib.nullcontext():
             out = self.model(
                 input_ids=tokens,
                 attention_mask=mask,

@@ -400,3 +400,22 @@ def test_cli_errors_are_one_line(tiny_chat_model, tmp_path, args, message):
     result = graft_cli(*args)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_decoding_packs_weights_only_for_models_that_fit_twice(monkeypatch, tmp_path):
+    """Packing keeps a second copy of the weights; above PACK_LIMIT decoding runs on them as they are."""
+    from conftest import hf_model
+
+    import graft.generation as G
+    from graft.models.auto import load_model
+
+    hf_model("llama", "causal-lm").save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    packed = G.generate(model, ids, max_new_tokens=6, do_sample=False)
+    assert model.__dict__.get("_graft_packed")  # the packs stay for the next call
+    monkeypatch.setattr(G, "PACK_LIMIT", 0)
+    del model.__dict__["_graft_packed"]
+    plain = G.generate(model, ids, max_new_tokens=6, do_sample=False)
+    assert "_graft_packed" not in model.__dict__
+    assert torch.equal(packed, plain)
