@@ -10,7 +10,7 @@ from torch import nn
 
 from graft.nn.config import TransformerConfig
 from graft.nn.dropout import dropout
-from graft.nn.linear import call, linear, packing, plain
+from graft.nn.linear import call, fused, packing, plain
 from graft.nn.positions import apply_rotary
 
 
@@ -125,19 +125,13 @@ class Attention(nn.Module):
         # them costs more than reading x thrice
         fuse = (src.shape[1] > 1 or packing()) and plain(self.k) and plain(self.v)
         if context is None and rows is None and fuse and plain(self.q):
-            return self.fused(x, (self.q, self.k, self.v), "qkv")
+            return fused(x, (self.q, self.k, self.v), (self, "qkv"))
         q = call(self.q, x if rows is None else take_rows(x, rows))
         return (
-            (q, *self.fused(src, (self.k, self.v), "kv"))
+            (q, *fused(src, (self.k, self.v), (self, "kv")))
             if fuse
             else (q, call(self.k, src), call(self.v, src))
         )
-
-    def fused(self, x: torch.Tensor, layers: tuple[nn.Linear, ...], key: str) -> tuple[torch.Tensor, ...]:
-        """x through several plain linear layers as one matrix multiply; one output per layer."""
-        bias = torch.cat([m.bias for m in layers]) if layers[0].bias is not None else None
-        weight = lambda: torch.cat([m.weight for m in layers])  # noqa: E731 (made only when needed)
-        return linear(x, weight, bias, key=(self, key)).split([m.out_features for m in layers], -1)
 
     def rotate(
         self, q: torch.Tensor, k: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]

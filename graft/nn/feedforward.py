@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from graft.nn.config import TransformerConfig
-from graft.nn.linear import ACTIVATIONS, call, linear, packing, plain
+from graft.nn.linear import ACTIVATIONS, call, fused, packing, plain
 
 
 class QuickGELU(nn.Module):
@@ -41,9 +41,6 @@ class FeedForward(nn.Module):
         if self.gate is None:
             return call(self.down, call(self.up, x, self.activation))  # (B, T, I) in between
         if packing() and plain(self.gate) and plain(self.up):  # one matrix multiply for both
-            layers = (self.gate, self.up)
-            bias = torch.cat([m.bias for m in layers]) if self.up.bias is not None else None
-            weight = lambda: torch.cat([m.weight for m in layers])  # noqa: E731 (made only once)
-            gate, up = linear(x, weight, bias, key=(self, "gate_up")).chunk(2, dim=-1)  # (B, T, I) each
+            gate, up = fused(x, (self.gate, self.up), (self, "gate_up"))  # (B, T, I) each
             return call(self.down, ACTIVATIONS[self.activation](gate) * up)
         return call(self.down, call(self.gate, x, self.activation) * call(self.up, x))

@@ -145,6 +145,15 @@ def linear(
     return y if activation is None or activation in FUSED else ACTIVATIONS[activation](y)
 
 
+def fused(x: torch.Tensor, layers: tuple[nn.Linear, ...], key: object) -> tuple[torch.Tensor, ...]:
+    """x through several plain linear layers as one matrix multiply over their concatenated
+    weights (one pass over x); one output per layer. ``key`` names the concatenation for
+    frozen_weights, which then makes and packs it once."""
+    bias = torch.cat([m.bias for m in layers]) if layers[0].bias is not None else None
+    weight = lambda: torch.cat([m.weight for m in layers])  # noqa: E731 (made only when needed)
+    return linear(x, weight, bias, key=key).split([m.out_features for m in layers], -1)
+
+
 def call(layer: nn.Module, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
     """layer(x) then the activation: through ``linear`` for a plain layer, as a module call otherwise."""
     if plain(layer):
