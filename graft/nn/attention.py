@@ -169,12 +169,13 @@ class Attention(nn.Module):
         B, S = x.shape[0], (x if context is None else context).shape[1]
         q, k, v = self.project(x, context, rows)  # keys and values at every position, queries at rows
         T = q.shape[1]  # (T, or K with rows)
-        if rotary is not None and rows is None and context is None:
-            q, k = self.rotate(q, k, rotary)  # the same positions: one rotation for both
+        same_positions = rows is None and context is None  # queries and keys
+        if rotary is not None and same_positions:
+            q, k = self.rotate(q, k, rotary)  # one rotation for both
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
         v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
-        if rotary is not None and not (rows is None and context is None):
+        if rotary is not None and not same_positions:
             cos, sin = rotary  # (B|1, 1, S, hd)
             k = apply_rotary(k, cos, sin)
             if rows is not None:

@@ -18,7 +18,7 @@ from graft.nn.dropout import Dropout
 from graft.tasks.base import Head
 from graft.tasks.collate import field, has_all, model_inputs, where, window
 from graft.tasks.hf_layout import hf_head
-from graft.tasks.pooling import POOLINGS, new_linear, pool, rows, set_pooler
+from graft.tasks.pooling import POOLINGS, new_linear, pool, pooled_rows, set_pooler
 
 # graft's short names <-> config.json "problem_type" (transformers' names)
 PROBLEM_TYPES = {
@@ -89,7 +89,7 @@ class ClassificationHead(Head):
         return len(self.id2label)
 
     def rows(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        return rows(self.pooling, batch, self.config)
+        return pooled_rows(self.pooling, batch, self.config)
 
     def forward(self, out: TransformerOutput, batch: dict[str, Any]) -> torch.Tensor:
         x = pool(self.pooling, out, batch, self.config)  # (B, H)

@@ -48,7 +48,7 @@ def pool(how: str, out: TransformerOutput, batch: dict[str, Any], cfg: Transform
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 
 
-def rows(how: str, batch: dict[str, Any], cfg: TransformerConfig) -> torch.Tensor | None:
+def pooled_rows(how: str, batch: dict[str, Any], cfg: TransformerConfig) -> torch.Tensor | None:
     """(B, 1) the one position each sequence is pooled from (None for mean pooling, which reads all).
 
     A body given these rows computes its last block only there (Transformer.forward).
