@@ -154,6 +154,48 @@ def test_attention_math_path_with_dropout_equals_sdpa_without(masked):
     assert (causal - expected).abs().max() <= 1e-6
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "bias", "causal"])
+def test_dropped_attention_gives_the_unfused_values_and_gradients(mask_kind):
+    """The CPU attention-dropout function (keeps probabilities and mask, not the dropped
+    probabilities) equals dropout(softmax(q k^T * scale + mask)) v with the same mask, in
+    values and in the gradients of q, k and v (grouped-query heads included)."""
+    from graft.nn.attention import attend
+    from graft.nn.dropout import keep_mask
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 6, 8, requires_grad=True)
+    k, v = torch.randn(2, 2, 6, 8, requires_grad=True), torch.randn(2, 2, 6, 8, requires_grad=True)
+    mask = {
+        "none": None,
+        "bool": torch.rand(2, 1, 6, 6) > 0.3,
+        "bias": torch.randn(2, 1, 1, 6),
+        "causal": None,
+    }[mask_kind]
+    if mask_kind == "bool":
+        mask[..., 0] = True
+    seed, grad = 11, torch.randn(2, 4, 6, 8)
+    torch.manual_seed(seed)
+    got = attend(q, k, v, mask, mask_kind == "causal", 0.3, 0.35)
+    got_grads = torch.autograd.grad(got, (q, k, v), grad)
+
+    torch.manual_seed(seed)
+    keep, kept_scale = keep_mask(torch.Size((2, 4, 6, 6)), 0.3, q.device)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = (q @ kk.transpose(-2, -1)) * 0.35
+    if mask_kind == "bool":
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask_kind == "bias":
+        scores = scores + mask
+    elif mask_kind == "causal":
+        scores = scores.masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), float("-inf"))
+    expected = (scores.softmax(-1) * keep * kept_scale) @ vv
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+    assert 0 < int((keep == 0).sum()) < keep.numel()  # some dropped, some kept
+    assert (got - expected).abs().max() <= 1e-6
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        assert (g - e).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("needs", ["all", "frozen weight", "frozen input"])
 def test_training_linear_equals_torch_linear(needs):
     """graft's fp32 CPU training linear (oneDNN forward) gives torch's values and gradients."""

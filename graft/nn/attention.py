@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graft.nn.config import TransformerConfig
-from graft.nn.dropout import dropout
+from graft.nn.dropout import dropout, keep_mask
 from graft.nn.linear import call, fused, packing, plain
 from graft.nn.positions import apply_rotary
 
@@ -216,8 +216,10 @@ def attend(
     """softmax(q k^T * scale + mask) v, with attention dropout p.
 
     torch's scaled_dot_product_attention, except when dropping out on CPU: there torch falls
-    back to its math path with its slow dropout masks, so graft runs the same math path with
-    its own masks (graft.nn.dropout).
+    back to its math path, with its slow dropout masks and both the probabilities and the
+    dropped probabilities kept for backward. graft runs that math as one autograd function
+    (_DroppedAttention) with its own masks (graft.nn.dropout), keeping only q, k, v, the
+    probabilities and the uint8 mask.
     """
     gqa = k.shape[1] != q.shape[1]
     if p == 0.0 or q.device.type != "cpu" or torch.compiler.is_compiling():
@@ -227,11 +229,51 @@ def attend(
     if gqa:
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # (B, nh, S, hd)
-    scores = (q * scale) @ k.transpose(-2, -1)  # (B, nh, T, S)
     if is_causal:
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None and mask.requires_grad:  # a learned bias: let autograd see it
+        scores = (q * scale) @ k.transpose(-2, -1) + mask  # (B, nh, T, S)
+        return dropout(scores.softmax(-1), p) @ v
+    keep, kept_scale = keep_mask(torch.Size((*q.shape[:3], k.shape[2])), p, q.device)
+    return _DroppedAttention.apply(q, k, v, mask, keep, scale, kept_scale)
+
+
+class _DroppedAttention(torch.autograd.Function):
+    """dropout(softmax(q k^T * scale + mask)) v keeping, for backward, q, k, v, the uint8 mask
+    and one log-sum-exp per query: the (B, nh, T, S) probabilities, the largest activations of
+    a training step (twice over in torch's math path: before and after dropout), are
+    recomputed in backward with one more q k^T, as flash attention does. The scales are
+    applied to the small (B, nh, T, hd) tensors rather than to the (B, nh, T, S) ones."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, keep, scale: float, kept_scale: float):
+        scores = _scores(q * scale, k, mask)  # (B, nh, T, S)
+        probs = scores.softmax(-1)
+        # log-sum-exp from the row maximum m and the largest probability exp(m - lse)
+        lse = scores.amax(-1, keepdim=True).sub_(probs.amax(-1, keepdim=True).log_())  # (B, nh, T, 1)
+        del scores
+        ctx.save_for_backward(q, k, v, mask, keep, lse)
+        ctx.scale, ctx.kept_scale = scale, kept_scale
+        return torch.matmul(probs.mul_(keep), v * kept_scale)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (B, nh, T, hd)
+        q, k, v, mask, keep, lse = ctx.saved_tensors
+        scaled_q, grad = q * ctx.scale, grad * ctx.kept_scale
+        probs = _scores(scaled_q, k, mask).sub_(lse).exp_()  # (B, nh, T, S)
+        grad_v = (
+            torch.matmul(torch.mul(probs, keep).transpose(-2, -1), grad) if ctx.needs_input_grad[2] else None
+        )
+        grad_probs = torch.matmul(grad, v.transpose(-2, -1)).mul_(keep)
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        del grad_probs, probs
+        grad_q = torch.matmul(grad_scores, k).mul_(ctx.scale) if ctx.needs_input_grad[0] else None
+        grad_k = torch.matmul(grad_scores.transpose(-2, -1), scaled_q) if ctx.needs_input_grad[1] else None
+        return grad_q, grad_k, grad_v, None, None, None, None
+
+
+def _scores(scaled_q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    scores = torch.matmul(scaled_q, k.transpose(-2, -1))  # (B, nh, T, S)
     if mask is not None and mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    elif mask is not None:
-        scores = scores + mask
-    return dropout(scores.softmax(-1), p) @ v
+        return scores.masked_fill_(~mask, float("-inf"))
+    return scores if mask is None else scores.add_(mask)
