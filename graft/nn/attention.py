@@ -234,42 +234,49 @@ def attend(
     if mask is not None and mask.requires_grad:  # a learned bias: let autograd see it
         scores = (q * scale) @ k.transpose(-2, -1) + mask  # (B, nh, T, S)
         return dropout(scores.softmax(-1), p) @ v
-    keep, kept_scale = keep_mask(torch.Size((*q.shape[:3], k.shape[2])), p, q.device)
-    return _DroppedAttention.apply(q, k, v, mask, keep, scale, kept_scale)
+    return _DroppedAttention.apply(q, k, v, mask, p, scale)
 
 
 class _DroppedAttention(torch.autograd.Function):
-    """dropout(softmax(q k^T * scale + mask)) v keeping, for backward, q, k, v, the uint8 mask
-    and one log-sum-exp per query: the (B, nh, T, S) probabilities, the largest activations of
-    a training step (twice over in torch's math path: before and after dropout), are
-    recomputed in backward with one more q k^T, as flash attention does. The scales are
-    applied to the small (B, nh, T, hd) tensors rather than to the (B, nh, T, S) ones."""
+    """dropout(softmax(q k^T * scale + mask)) v keeping, for backward, only q, k, v, one
+    log-sum-exp per query and the random generator's state: as flash attention does, backward
+    recomputes the (B, nh, T, S) probabilities (with one more q k^T) and draws the same dropout
+    mask again, instead of keeping the probabilities twice (before and after dropout) and the
+    mask, the largest activations of a training step. The scales are applied to the small
+    (B, nh, T, hd) tensors rather than to the (B, nh, T, S) ones."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, keep, scale: float, kept_scale: float):
+    def forward(ctx, q, k, v, mask, p: float, scale: float):
+        ctx.rng = torch.get_rng_state()
+        keep, kept_scale = keep_mask(torch.Size((*q.shape[:3], k.shape[2])), p, q.device)  # (B, nh, T, S)
         scores = _scores(q * scale, k, mask)  # (B, nh, T, S)
         probs = scores.softmax(-1)
         # log-sum-exp from the row maximum m and the largest probability exp(m - lse)
         lse = scores.amax(-1, keepdim=True).sub_(probs.amax(-1, keepdim=True).log_())  # (B, nh, T, 1)
         del scores
-        ctx.save_for_backward(q, k, v, mask, keep, lse)
-        ctx.scale, ctx.kept_scale = scale, kept_scale
+        ctx.save_for_backward(q, k, v, mask, lse)
+        ctx.p, ctx.scale, ctx.kept_scale = p, scale, kept_scale
         return torch.matmul(probs.mul_(keep), v * kept_scale)
 
     @staticmethod
     def backward(ctx, grad):  # grad: (B, nh, T, hd)
-        q, k, v, mask, keep, lse = ctx.saved_tensors
+        q, k, v, mask, lse = ctx.saved_tensors
+        now = torch.get_rng_state()
+        torch.set_rng_state(ctx.rng)
+        keep, _ = keep_mask(torch.Size((*q.shape[:3], k.shape[2])), ctx.p, q.device)  # the same mask
+        torch.set_rng_state(now)
         scaled_q, grad = q * ctx.scale, grad * ctx.kept_scale
         probs = _scores(scaled_q, k, mask).sub_(lse).exp_()  # (B, nh, T, S)
-        grad_v = (
-            torch.matmul(torch.mul(probs, keep).transpose(-2, -1), grad) if ctx.needs_input_grad[2] else None
-        )
-        grad_probs = torch.matmul(grad, v.transpose(-2, -1)).mul_(keep)
-        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        del grad_probs, probs
+        # softmax backward in place: probs * (g - sum(g * probs)), g the gradient of the probabilities
+        grad_scores = torch.matmul(grad, v.transpose(-2, -1)).mul_(keep).mul_(probs)
+        grad_scores.addcmul_(probs, grad_scores.sum(-1, keepdim=True), value=-1)
+        grad_v = None
+        if ctx.needs_input_grad[2]:
+            grad_v = torch.matmul(probs.mul_(keep).transpose(-2, -1), grad)
+        del probs
         grad_q = torch.matmul(grad_scores, k).mul_(ctx.scale) if ctx.needs_input_grad[0] else None
         grad_k = torch.matmul(grad_scores.transpose(-2, -1), scaled_q) if ctx.needs_input_grad[1] else None
-        return grad_q, grad_k, grad_v, None, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None
 
 
 def _scores(scaled_q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
