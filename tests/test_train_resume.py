@@ -45,3 +45,26 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
     assert {k: v for k, v in result_a.items() if k != "train_seconds"} == {
         k: v for k, v in result_b.items() if k != "train_seconds"
     }
+
+
+class _Payload:
+    """An object whose unpickling would run code: os.system in a real attack."""
+
+    def __reduce__(self):
+        return (print, ("code from a checkpoint ran",))
+
+
+def test_a_checkpoint_file_carrying_code_is_refused_without_running_it(tmp_path, capsys):
+    import pytest
+
+    from graft.errors import GraftError
+    from graft.train.checkpoint import read_file, rng_state, save_file
+
+    save_file(rng_state(), tmp_path / "rng-0.pt")
+    assert set(read_file(tmp_path / "rng-0.pt")) >= {"python", "numpy", "torch"}  # graft's own: plain values
+    save_file({"global_step": 3, "hook": _Payload()}, tmp_path / "trainer.pt")
+    with pytest.raises(
+        GraftError, match=r"trainer\.pt: refused, it holds more than tensors and plain values"
+    ):
+        read_file(tmp_path / "trainer.pt")
+    assert "code from a checkpoint ran" not in capsys.readouterr().out

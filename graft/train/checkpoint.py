@@ -12,6 +12,7 @@ takes half a second and 45 MB (it pulls in sympy), in every run, checkpointing o
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -22,13 +23,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from graft.errors import GraftError
 from graft.io.atomic import fsync_dir
 
 PATTERN = re.compile(r"^step-(\d+)$")
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state, in types torch.load(weights_only=True) reads back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -36,7 +41,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -58,6 +64,16 @@ def save_file(obj: Any, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_file(path: Path) -> Any:
+    """A checkpoint file, read without running any code it may carry (tensors and plain values only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported (?:global|operand)[^.\n]*", str(e))
+        why = f" ({found.group(0)})" if found else ""
+        raise GraftError(f"{path}: refused, it holds more than tensors and plain values{why}") from None
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -131,10 +147,8 @@ def load_checkpoint(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
     rank, world = rank_world()
-    model_state = torch.load(path / "model.pt", map_location="cpu", weights_only=False)
-    optim_state = (
-        torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False) if optimizer else None
-    )
+    model_state = read_file(path / "model.pt")
+    optim_state = read_file(path / "optimizer.pt") if optimizer else None
     options = StateDictOptions(full_state_dict=True, strict=True)
     if optimizer is None:
         set_model_state_dict(model, model_state, options=options)
@@ -147,10 +161,10 @@ def load_checkpoint(
         )
         for group, kernel in zip(optimizer.param_groups, kernels, strict=True):
             group.update(kernel)
-    state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    state = read_file(path / "trainer.pt")
     rng = path / f"rng-{rank}.pt"
     if rng.exists():
-        set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+        set_rng_state(read_file(rng))
     else:  # resumed on more processes than saved it: a fresh, still deterministic stream per process
         seed = int(state.get("seed", 0)) + 1000 * rank + int(state.get("global_step", 0))
         random.seed(seed)
@@ -163,5 +177,5 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     """Only the model weights of a checkpoint (the best model at the end of training)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    model_state = torch.load(path / "model.pt", map_location="cpu", weights_only=False)
+    model_state = read_file(path / "model.pt")
     set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True, strict=True))
