@@ -25,6 +25,7 @@ from tokenizers.models import BPE, WordPiece
 
 from graft.errors import GraftError
 from graft.io.atomic import write_text
+from graft.io.hf import read_json
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 UNLIMITED = int(1e30)  # transformers' model_max_length when a checkpoint states none
@@ -113,12 +114,12 @@ class Tokenizer:
         folder = Path(path)
         if not folder.is_dir():
             raise GraftError(f"tokenizer folder not found: {folder}")
-        config = _read_json(folder / "tokenizer_config.json", missing_ok=True)
+        config = read_json(folder / "tokenizer_config.json", missing_ok=True)
         config.update(
-            _read_json(folder / "special_tokens_map.json", missing_ok=True)
+            read_json(folder / "special_tokens_map.json", missing_ok=True)
         )  # wins, as in transformers
         # the family (tokenizer_class, else config.json's model_type) supplies the special tokens files omit
-        family = config.get("tokenizer_class") or _read_json(folder / "config.json", missing_ok=True).get(
+        family = config.get("tokenizer_class") or read_json(folder / "config.json", missing_ok=True).get(
             "model_type"
         )
         family = (family or "").lower().removesuffix("fast").removesuffix("tokenizer")
@@ -410,7 +411,7 @@ def _wordpiece(vocab_file: Path, config: dict[str, Any]) -> Backend:
 
 
 def _byte_level_bpe(vocab_file: Path, merges_file: Path, config: dict[str, Any]) -> Backend:
-    vocab = _read_json(vocab_file)
+    vocab = read_json(vocab_file)
     merges = []
     for number, line in enumerate(_read_text(merges_file).splitlines(), start=1):
         if not line or line.startswith("#version"):
@@ -506,18 +507,6 @@ def _read_text(file: Path) -> str:
         return file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise GraftError(f"{file}: cannot read ({_first_line(e)})") from None
-
-
-def _read_json(file: Path, missing_ok: bool = False) -> dict[str, Any]:
-    if missing_ok and not file.exists():
-        return {}
-    try:
-        data = json.loads(_read_text(file))
-    except json.JSONDecodeError as e:
-        raise GraftError(f"{file}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    if not isinstance(data, dict):
-        raise GraftError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 @lru_cache(maxsize=16)

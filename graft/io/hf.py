@@ -55,7 +55,10 @@ def download(repo_id: str) -> Path:
         raise GraftError(f"{repo_id}: could not download from the Hugging Face Hub ({e})") from None
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path, missing_ok: bool = False) -> dict[str, Any]:
+    """The JSON object in ``path`` ({} for a missing file if ``missing_ok``); a one-line error otherwise."""
+    if missing_ok and not path.exists():
+        return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

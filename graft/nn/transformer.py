@@ -76,9 +76,8 @@ class Transformer(nn.Module):
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size) if cfg.pooler else None
         self.gradient_checkpointing = False
 
-    def position_ids(
-        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, past: int, shape
-    ) -> torch.Tensor:
+    def position_ids(self, input_ids: torch.Tensor | None, past: int, shape: tuple[int, int]) -> torch.Tensor:
+        """(B, T) positions of T new tokens after ``past`` cached ones (left-padded rows: generation passes its own)."""
         cfg = self.config
         if cfg.positions_from_padding and input_ids is not None:
             # RoBERTa: real tokens are numbered pad+1, pad+2, ...; padding keeps pad's id.
@@ -111,7 +110,7 @@ class Transformer(nn.Module):
         shape = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
         past = cache.length if cache is not None else 0
         if position_ids is None:
-            position_ids = self.position_ids(input_ids, attention_mask, past, shape)
+            position_ids = self.position_ids(input_ids, past, shape)
         x = self.embed(input_ids, position_ids, token_type_ids, inputs_embeds)  # (B, T, H)
 
         T = shape[1]

@@ -177,9 +177,7 @@ def add_prefix(body: Transformer, args: tuple, kwargs: dict) -> tuple[tuple, dic
     B, T = sequence_shape(kwargs)
     cache = body.prefix.cache(B)
     if kwargs.get("position_ids") is None:  # the real tokens keep their own positions
-        kwargs["position_ids"] = body.position_ids(
-            kwargs.get("input_ids"), kwargs.get("attention_mask"), 0, (B, T)
-        )
+        kwargs["position_ids"] = body.position_ids(kwargs.get("input_ids"), 0, (B, T))
     kwargs["attention_mask"] = extend_mask(kwargs, cache.length, kwargs["position_ids"].device)
     kwargs["cache"] = cache
     return (), kwargs
