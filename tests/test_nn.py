@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from graft.errors import GraftError
 from graft.nn import KVCache, RelativePositionBias, TransformerConfig, build_mask
@@ -132,6 +133,26 @@ def test_dropout_masks_follow_torch_seed_and_rng_state():
     assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
 
 
+def test_dropout_backward_redraws_the_forward_mask_without_touching_the_generator():
+    """Backward multiplies the gradient by the very mask forward drew (drawn again from the
+    saved generator state, not kept), and leaves torch's global generator where forward left it."""
+    from graft.nn.dropout import dropout
+
+    torch.manual_seed(5)  # x: no zeros, so y == 0 exactly where dropped
+    x = (torch.rand(4, 33, 17) + 0.5).requires_grad_()
+    y = dropout(x, 0.3)
+    after_forward = torch.get_rng_state()
+    torch.rand(1000)  # other draws between forward and backward do not change the mask
+    moved = torch.get_rng_state()
+    (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.equal(torch.get_rng_state(), moved)
+    assert not torch.equal(after_forward, moved)
+    kept = y != 0
+    assert 0 < int(kept.sum()) < kept.numel()
+    scale = 65536 / (65536 - round(0.3 * 65536))
+    assert torch.equal(grad, kept.float() * scale)  # the kept scale where kept, 0 elsewhere
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_math_path_with_dropout_equals_sdpa_without(masked):
     """With every element kept, graft's CPU dropout path computes torch's attention."""
@@ -194,6 +215,26 @@ def test_dropped_attention_gives_the_unfused_values_and_gradients(mask_kind):
     assert (got - expected).abs().max() <= 1e-6
     for g, e in zip(got_grads, expected_grads, strict=True):
         assert (g - e).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_training_gelu_gives_torch_values_and_gradients(activation):
+    """A linear layer with GELU in training (GELU's backward writing over its incoming gradient)
+    gives torch's values and gradients for its input, weight and bias."""
+    from graft.nn.linear import linear
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 5, 8, requires_grad=True), torch.randn(16, 8), torch.randn(16)
+    w.requires_grad_(), b.requires_grad_()
+    down = torch.randn(4, 16)
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    got = F.linear(linear(x, w, b, activation), down)
+    got_grads = torch.autograd.grad(got.square().sum(), (x, w, b))
+    expected = F.linear(F.gelu(F.linear(x, w, b), approximate=approximate), down)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, w, b))
+    assert torch.allclose(got, expected, atol=1e-6, rtol=0)
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        assert torch.allclose(g, e, atol=1e-5, rtol=1e-6)
 
 
 @pytest.mark.parametrize("needs", ["all", "frozen weight", "frozen input"])

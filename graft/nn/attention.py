@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graft.nn.config import TransformerConfig
-from graft.nn.dropout import dropout, keep_mask
+from graft.nn.dropout import Redraw, dropout, keep_mask
 from graft.nn.linear import call, fused, packing, plain
 from graft.nn.positions import apply_rotary
 
@@ -247,7 +247,7 @@ class _DroppedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, p: float, scale: float):
-        ctx.rng = torch.get_rng_state()
+        ctx.redraw = Redraw()
         keep, kept_scale = keep_mask(torch.Size((*q.shape[:3], k.shape[2])), p, q.device)  # (B, nh, T, S)
         scores = _scores(q * scale, k, mask)  # (B, nh, T, S)
         probs = scores.softmax(-1)
@@ -261,10 +261,7 @@ class _DroppedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # grad: (B, nh, T, hd)
         q, k, v, mask, lse = ctx.saved_tensors
-        now = torch.get_rng_state()
-        torch.set_rng_state(ctx.rng)
-        keep, _ = keep_mask(torch.Size((*q.shape[:3], k.shape[2])), ctx.p, q.device)  # the same mask
-        torch.set_rng_state(now)
+        keep = ctx.redraw.keep_mask(torch.Size((*q.shape[:3], k.shape[2])), ctx.p, q.device)  # the same mask
         scaled_q, grad = q * ctx.scale, grad * ctx.kept_scale
         probs = _scores(scaled_q, k, mask).sub_(lse).exp_()  # (B, nh, T, S)
         # softmax backward in place: probs * (g - sum(g * probs)), g the gradient of the probabilities

@@ -136,6 +136,8 @@ def linear(
                 y = _TrainingLinear.apply(x, w, bias)
             else:
                 y = F.linear(x, w, bias)
+            if activation in GELU and y.requires_grad and not torch.compiler.is_compiling():
+                return _Gelu.apply(y, GELU[activation])
             return y if activation is None else ACTIVATIONS[activation](y)
         if _packed is not None and key is not None:
             w = _packed[key] = torch.ops.mkldnn._reorder_linear_weight(w, 1024)
@@ -143,6 +145,31 @@ def linear(
     name, algorithm = FUSED.get(activation, ("none", ""))
     y = torch.ops.mkldnn._linear_pointwise(x, w, bias, name, [], algorithm)
     return y if activation is None or activation in FUSED else ACTIVATIONS[activation](y)
+
+
+GELU = {"gelu": "none", "gelu_tanh": "tanh"}  # activation name -> F.gelu's approximate
+
+
+class _Gelu(torch.autograd.Function):
+    """F.gelu whose backward writes the input's gradient over the output's: the feed-forward's
+    (B, T, I) gradient exists once instead of twice at the moment memory peaks in backward."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, approximate: str) -> torch.Tensor:
+        ctx.save_for_backward(y)
+        ctx.approximate = approximate
+        return F.gelu(y, approximate=approximate)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (y,) = ctx.saved_tensors
+        # the gradient comes fresh from the next linear's backward; write over it when it is a
+        # plain tensor of its own (an expanded or shared one gets a new tensor)
+        if grad.is_contiguous() and grad.shape == y.shape and grad.dtype == y.dtype and not grad._is_view():
+            return torch.ops.aten.gelu_backward.grad_input(
+                grad, y, approximate=ctx.approximate, grad_input=grad
+            ), None
+        return torch.ops.aten.gelu_backward(grad, y, approximate=ctx.approximate), None
 
 
 def fused(x: torch.Tensor, layers: tuple[nn.Linear, ...], key: object) -> tuple[torch.Tensor, ...]:
