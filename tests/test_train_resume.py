@@ -68,3 +68,11 @@ def test_a_checkpoint_file_carrying_code_is_refused_without_running_it(tmp_path,
     ):
         read_file(tmp_path / "trainer.pt")
     assert "code from a checkpoint ran" not in capsys.readouterr().out
+    (tmp_path / "model.pt").write_bytes((tmp_path / "rng-0.pt").read_bytes()[:100])  # cut short
+    with pytest.raises(GraftError, match=r"model\.pt: not a readable checkpoint file \("):
+        read_file(tmp_path / "model.pt")
+    (tmp_path / "optimizer.pt").write_bytes(b"not a checkpoint\n" * 8)
+    with pytest.raises(
+        GraftError, match=r"optimizer\.pt: not a readable checkpoint file \(damaged, or not written"
+    ):
+        read_file(tmp_path / "optimizer.pt")

@@ -63,6 +63,8 @@ def read_json(path: Path, missing_ok: bool = False) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise GraftError(f"{path}: file not found") from None
+    except OSError as e:  # a folder, no permission...
+        raise GraftError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
     except json.JSONDecodeError as e:
         raise GraftError(f"{path}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from None
     except UnicodeDecodeError:

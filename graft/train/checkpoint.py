@@ -70,10 +70,17 @@ def read_file(path: Path) -> Any:
     """A checkpoint file, read without running any code it may carry (tensors and plain values only)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported (?:global|operand)[^.\n]*", str(e))
-        why = f" ({found.group(0)})" if found else ""
-        raise GraftError(f"{path}: refused, it holds more than tensors and plain values{why}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        found = re.search(r"Unsupported global[^.\n]*", str(e))
+        if found:  # a Python object that unpickling would build, and could run code
+            raise GraftError(
+                f"{path}: refused, it holds more than tensors and plain values ({found.group(0)})"
+            ) from None
+        if isinstance(e, pickle.UnpicklingError):  # torch's message would suggest weights_only=False
+            why = "damaged, or not written by torch.save"
+        else:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GraftError(f"{path}: not a readable checkpoint file ({why})") from None
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
