@@ -3,12 +3,13 @@
 For batch 1 and batch 8 (eight different chat prompts, left-padded), in float32 and with bfloat16
 weights, it times 128 new tokens with graft's ``generate`` and with transformers' ``generate`` on the
 same weights (the same GGUF file, converted once), and checks in float32 that both produce the same
-tokens. The kernel bound is the time of the bare matrix multiplies of one decode step with the same
+tokens. With bfloat16 weights it also times graft's compiled decoding (``compile=True``), after a
+first call that compiles (its time printed apart). The kernel bound is the time of the bare matrix multiplies of one decode step with the same
 weights (Q, K, V, O, gate, up, down of every layer, then the LM head, at that batch size), with no
 attention, norms or sampling: with torch's F.linear, as transformers calls it (the issue's bound), and,
 stricter, with oneDNN on weights packed once into its blocked layout, as graft decodes.
 
-    python bench/generate.py [--new-tokens 128] [--repeats 2] [--threads N]
+    python bench/generate.py [--new-tokens 128] [--repeats 2] [--threads N] [--no-compile]
 
 Ends with one JSON line of tokens/s and ratios; exits non-zero if it could not run.
 """
@@ -21,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -107,6 +109,9 @@ def main() -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="skip graft's compiled decoding (bf16)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,6 +134,7 @@ def main() -> int:
         same_tokens: dict[str, bool] = {}
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
+            compiles = args.compile and dtype != torch.float32  # compile is for half precision on CPU
             model = load_model(folder, dtype=dtype)
             ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
             ref.generation_config.eos_token_id = None  # always n new tokens, on both sides
@@ -148,10 +154,9 @@ def main() -> int:
                             pad_token_id=tokenizer.pad_token_id,
                         )  # fmt: skip
 
-                ours_warm = ours
                 generate(model, ids, mask, config.replace(max_new_tokens=4))  # warm up
                 ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=2)
-                t_ours, got = best_time(ours_warm, args.repeats)
+                t_ours, got = best_time(ours, args.repeats)
                 t_ref, expected = best_time(theirs, args.repeats)
                 key = f"{dtype_name}_batch{batch}"
                 bounds = bound_tokens_per_second(model, batch, args.repeats)
@@ -162,9 +167,16 @@ def main() -> int:
                     "bound_onednn": bounds["onednn"],
                 }
                 f = figures[key]
-                f["graft/transformers"] = f["graft"] / f["transformers"]
-                f["graft/bound"] = f["graft"] / f["bound"]
-                f["graft/bound_onednn"] = f["graft"] / f["bound_onednn"]
+                if compiles:  # graft with compile=True: the first call compiles (timed apart), then as above
+                    compiled = config.replace(compile=True)
+                    seconds, _ = best_time(partial(ours, config=compiled.replace(max_new_tokens=4)), 1)
+                    t_compiled, got_compiled = best_time(partial(ours, config=compiled), args.repeats)
+                    f["graft_compiled"] = batch * n / t_compiled
+                    f["compile_seconds"] = seconds
+                for name in ("graft", "graft_compiled") if compiles else ("graft",):
+                    f[f"{name}/transformers"] = f[name] / f["transformers"]
+                    f[f"{name}/bound"] = f[name] / f["bound"]
+                    f[f"{name}/bound_onednn"] = f[name] / f["bound_onednn"]
                 same_tokens[key] = bool(torch.equal(got, expected))
                 print(
                     f"{dtype_name:>9} batch {batch}: graft {f['graft']:7.1f} tok/s | transformers "
@@ -174,6 +186,15 @@ def main() -> int:
                     f"{same_tokens[key]}",
                     flush=True,
                 )
+                if compiles:
+                    print(
+                        f"{'':>9} batch {batch}: graft compiled {f['graft_compiled']:7.1f} tok/s (compiling "
+                        f"took {f['compile_seconds']:.0f} s) | graft/transformers "
+                        f"{f['graft_compiled/transformers']:.2f} | graft/bound {f['graft_compiled/bound']:.2f} "
+                        f"(oneDNN {f['graft_compiled/bound_onednn']:.2f}) | same tokens as graft: "
+                        f"{bool(torch.equal(got_compiled, got))}",
+                        flush=True,
+                    )
             del model, ref
 
     result = {

@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+import types
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from graft.errors import GraftError
 from graft.nn import KVCache
-from graft.nn.linear import frozen_weights, weight_store
+from graft.nn.linear import frozen_weights, weight_store, weights_signature
 from graft.tasks import TaskModel
 
 log = logging.getLogger("graft")
@@ -52,6 +53,7 @@ class GenerationConfig:
     stop_strings: list[str] | None = None  # needs the tokenizer
     seed: int | None = None
     truncation: str = "left"  # a prompt too long for the context window: "left" (warn) or "error"
+    compile: bool = False  # decode with a compiled step (bf16/fp16 weights on CPU): see compiled_step
 
     def __post_init__(self) -> None:
         checks = (
@@ -196,12 +198,88 @@ def fit_context(
 
 PACK_LIMIT = 2 * 2**30  # bytes of weights up to which decoding keeps a packed copy for oneDNN
 
+# torch.compile's options for a decoding step: the graph's kernels called from C++ (inductor's
+# cpp_wrapper), and no guards on the model's modules at every call (compiled_step keys each
+# graph to one model and its weights instead). Freezing (the weights folded into the graph as
+# constants, packed once for oneDNN) is set around each call: dynamo reads it before the options apply.
+COMPILE_OPTIONS = {"cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+_FOLDED: dict = {}  # frozen_weights' store while compiling: weights are folded, nothing is kept here
+
+
+def decode_step(model: TaskModel) -> Callable[..., torch.Tensor]:
+    """One decoding step of ``model`` over a fixed-size cache, as a function of tensors only (the
+    model is its closure, so that compiled, its weights are the graph's constants)."""
+
+    def step(
+        tokens: torch.Tensor,  # (B, 1)
+        positions: torch.Tensor,  # (B, 1)
+        mask: torch.Tensor,  # (B, 1, 1, capacity) bool: the cache positions each row may attend
+        cache: KVCache,  # fixed-size: writes at cache.position
+    ) -> torch.Tensor:  # (B, V) float32
+        out = model(
+            input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1
+        )
+        return out.logits[:, -1].float()
+
+    return step
+
+
+def compiled_step(model: TaskModel) -> Callable[..., torch.Tensor]:
+    """``decode_step`` compiled with torch.compile for ``model`` as its weights are now; kept on
+    the model, so a chat's turns compile once (and once more per new batch size).
+
+    The graph holds the weights as constants, so it may serve only this model in this state: each
+    model, and each new state of its weights (moved, replaced, updated in place, or its modules'
+    training mode), gets its own copy of the step's code, since torch.compile keys compiled graphs
+    to the code. The cache's length is a dynamic dimension: one graph serves every prompt length.
+    """
+    signature = (weights_signature(model), tuple(m.training for m in model.modules()))
+    kept = model.__dict__.get("_graft_compiled")
+    if kept is None or kept[0] != signature:
+        step = decode_step(model)
+        code = step.__code__.replace()  # a new code object: compiled graphs of its own
+        step = types.FunctionType(code, step.__globals__, "decode_step", None, step.__closure__)
+        compiled = torch.compile(step, fullgraph=True, options=COMPILE_OPTIONS)
+
+        def run(*args: Any) -> torch.Tensor:
+            # fused projections (packing): one matrix multiply over concatenated weights, folded too
+            with torch._inductor.config.patch(freezing=True), frozen_weights(_FOLDED):
+                return compiled(*args)
+
+        kept = (signature, run)
+        object.__setattr__(model, "_graft_compiled", kept)  # not a submodule or parameter
+    return kept[1]
+
+
+def check_compilable(model: TaskModel) -> None:
+    """A clear error for what a compiled decoding step does not do."""
+    weight = next(model.parameters())
+    if weight.device.type == "cpu" and weight.dtype == torch.float32:
+        raise GraftError(
+            "generation: compile is for bfloat16 or float16 weights on CPU (float32 decoding runs at the "
+            "speed of its matrix multiplies without it); load the model with dtype=torch.bfloat16"
+        )
+    if model.body._forward_pre_hooks or model.body._forward_hooks:
+        raise GraftError(
+            "generation: compile cannot decode through hooks on the model's body (prompt or prefix "
+            "tuning); generate without compile"
+        )
+
 
 class Decoder:
-    """A batch being decoded: the cache, the attention mask so far and the next positions."""
+    """A batch being decoded: the cache, the attention mask so far and the next positions.
+
+    With ``compile``, the prompt runs as usual and each step through ``compiled_step``, over a
+    cache of fixed size (prompt + steps) and a boolean mask of the positions written so far.
+    """
 
     def __init__(
-        self, model: TaskModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, steps: int
+        self,
+        model: TaskModel,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        steps: int,
+        compile: bool = False,
     ):
         self.model = model
         B, T = input_ids.shape
@@ -214,10 +292,12 @@ class Decoder:
         self.positions = positions_from_mask(mask)  # (B, T)
         self.cache = KVCache(model.config.num_blocks, capacity=T + steps)  # allocated once
         self.input_ids = input_ids
+        self.compiled = compiled_step(model) if compile else None
+        self.visible: torch.Tensor | None = None  # (B, 1, 1, T + steps) bool, compiled steps only
         # weights in oneDNN's layout, packed once (frozen_weights); a second copy of the weights,
-        # so only for models whose weights take at most PACK_LIMIT bytes
+        # so only for models whose weights take at most PACK_LIMIT bytes (compiled: in its graph)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.packed = weight_store(model) if weight_bytes <= PACK_LIMIT else None
+        self.packed = weight_store(model) if weight_bytes <= PACK_LIMIT and not compile else None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         mask = self.mask[:, : self.length] if self.padded else None
@@ -235,19 +315,41 @@ class Decoder:
         """Run the prompt; the next-token logits of every row, (B, V) float32."""
         logits = self.forward(self.input_ids)
         self.positions = self.positions[:, -1:]
+        if self.compiled is not None:  # from now on, the cache keeps its size
+            cache, T = self.cache, self.length
+            B, capacity = self.mask.shape
+            self.visible = torch.zeros(B, 1, 1, capacity, dtype=torch.bool, device=self.mask.device)
+            self.visible[:, 0, 0, :T] = self.mask[:, :T].bool()
+            cache.position = torch.tensor([T], device=self.mask.device)
+            self.any_length()
         return logits
+
+    def any_length(self) -> None:
+        """Compile the step for any cache size (prompt + steps), not just this one."""
+        for buffer in (*self.cache.keys, *self.cache.values):
+            torch._dynamo.maybe_mark_dynamic(buffer, 2)  # (B, nkv, capacity, hd)
+        torch._dynamo.maybe_mark_dynamic(self.visible, 3)  # (B, 1, 1, capacity)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row, (B,); the next-token logits, (B, V) float32."""
         self.length += 1
         self.positions = self.positions + 1
-        return self.forward(tokens[:, None])
+        if self.compiled is None:
+            return self.forward(tokens[:, None])
+        self.cache.position.fill_(self.length - 1)
+        self.visible[:, 0, 0, self.length - 1] = True
+        logits = self.compiled(tokens[:, None], self.positions, self.visible, self.cache)
+        self.cache.lengths = [self.length] * len(self.cache.lengths)
+        return logits
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` (beam search)."""
         self.cache.reorder(index)
         self.mask = self.mask.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
+        if self.visible is not None:
+            self.visible = self.visible.index_select(0, index)
+            self.any_length()
 
 
 class StopStrings:
@@ -284,8 +386,12 @@ def seen_tokens(input_ids: torch.Tensor, mask: torch.Tensor | None, vocab_size: 
 
 def resolve(config: GenerationConfig | None, model: TaskModel, changes: dict[str, Any]) -> GenerationConfig:
     if config is None:
-        return GenerationConfig.for_model(model, **changes)
-    return config.replace(**changes) if changes else config
+        config = GenerationConfig.for_model(model, **changes)
+    elif changes:
+        config = config.replace(**changes)
+    if config.compile:
+        check_compilable(model)
+    return config
 
 
 @torch.inference_mode()
@@ -308,7 +414,7 @@ def stream(
         raise GraftError("generation: stop_strings need the tokenizer")
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     input_ids, mask = fit_context(model, input_ids, mask, config)
-    decoder = Decoder(model, input_ids, mask, config.max_new_tokens)
+    decoder = Decoder(model, input_ids, mask, config.max_new_tokens, config.compile)
     eos = torch.tensor(config.eos_ids, dtype=torch.long, device=input_ids.device)
     pad = torch.tensor(config.pad_id, device=input_ids.device)
     generator = sampler(config, input_ids.device)
@@ -385,7 +491,7 @@ def beam_search(
     big = -1.0e9
     lp, early = config.length_penalty, config.early_stopping
 
-    decoder = Decoder(model, input_ids, mask, N)
+    decoder = Decoder(model, input_ids, mask, N, config.compile)
     logits = decoder.prefill()
     rows = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,) every beam starts from its prompt
     decoder.reorder(rows)

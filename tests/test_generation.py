@@ -365,6 +365,21 @@ def test_cli_generate_chat_batch_and_sampling(tiny_chat_model):
     assert [g["prompt"] for g in got] == prompts
 
 
+@pytest.mark.slow
+def test_cli_generate_compiled_in_bfloat16(tiny_chat_model):
+    result = graft_cli(
+        "generate", tiny_chat_model, "--prompt", "w10 w11 w12", "-n", "8", "--dtype", "bfloat16", "--compile"
+    )
+    assert result.returncode == 0, result.stderr
+    model = load_model(tiny_chat_model, dtype=torch.bfloat16)
+    from graft.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_folder(tiny_chat_model)
+    ids = torch.tensor([tokenizer.encode("w10 w11 w12", return_tensors=None).input_ids[0]])
+    row = generate(model, ids, max_new_tokens=8, eos_token_id=2, pad_token_id=0)[0, ids.shape[1] :].tolist()
+    assert result.stdout.strip() == tokenizer.decode(row[: row.index(2)] if 2 in row else row)
+
+
 def test_cli_chat_keeps_the_conversation(tiny_chat_model):
     result = graft_cli("chat", tiny_chat_model, "-n", "5", stdin="w40 w41\n/reset\nw40 w41\n")
     assert result.returncode == 0, result.stderr
@@ -380,6 +395,10 @@ def test_cli_chat_keeps_the_conversation(tiny_chat_model):
             "context window holds 64",
         ),
         (["generate", "{tiny}", "-p", "w9", "--top-p", "0"], "top_p"),
+        (
+            ["generate", "{tiny}", "-p", "w9", "-n", "4", "--compile"],
+            "compile is for bfloat16 or float16 weights",
+        ),
         (["generate", "{missing}", "-p", "w9"], "does not exist"),
         (["convert", "{missing}.gguf", "{missing}"], "no such file"),
         (["convert", "{tiny}/config.json", "{missing}"], "not a GGUF file"),
@@ -419,3 +438,82 @@ def test_decoding_packs_weights_only_for_models_that_fit_twice(monkeypatch, tmp_
     plain = G.generate(model, ids, max_new_tokens=6, do_sample=False)
     assert "_graft_packed" not in model.__dict__
     assert torch.equal(packed, plain)
+
+
+# ---- compiled decoding ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bf16_llama(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bf16-llama")
+    hf_model("llama", "causal-lm").save_pretrained(folder)
+    return load_model(folder, dtype=torch.bfloat16)
+
+
+def teacher_forced_logits(model, ids, mask, tokens, compile: bool) -> torch.Tensor:
+    """(steps, B, V) logits of a Decoder fed the same ``tokens`` (B, steps) at every step."""
+    from graft.generation import Decoder
+
+    with torch.inference_mode():
+        decoder = Decoder(model, ids, mask, tokens.shape[1] + 1, compile=compile)
+        logits = [decoder.prefill()]
+        for step in range(tokens.shape[1]):
+            logits.append(decoder.step(tokens[:, step]))
+    return torch.stack(logits)
+
+
+@pytest.mark.slow
+def test_compiled_steps_give_the_eager_logits_with_left_padding_and_any_prompt_length(bf16_llama):
+    """One graph (the cache length is dynamic) for prompts of 9 and of 4 positions; bf16 logits
+    agree with eager decoding's to bf16's rounding (fused kernels round in other places)."""
+    import torch._dynamo.utils
+
+    ids, mask = padded_batch("left")
+    tokens = torch.randint(3, 99, (3, 7), generator=torch.Generator().manual_seed(2))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for cut in (0, 5):  # the same batch, then its last 4 positions only
+        eager = teacher_forced_logits(bf16_llama, ids[:, cut:], mask[:, cut:], tokens, compile=False)
+        compiled = teacher_forced_logits(bf16_llama, ids[:, cut:], mask[:, cut:], tokens, compile=True)
+        scale = eager.float().abs().max()
+        assert (compiled.float() - eager.float()).abs().max() <= 0.02 * scale
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+
+
+@pytest.mark.slow
+def test_compiled_decoding_follows_weights_changed_in_place(bf16_llama):
+    """The compiled graph holds the weights as constants: a change of weights makes a new one."""
+    ids, mask = padded_batch("left")
+    tokens = torch.randint(3, 99, (3, 3), generator=torch.Generator().manual_seed(4))
+    teacher_forced_logits(bf16_llama, ids, mask, tokens, compile=True)  # compiled with the old weights
+    with torch.no_grad():
+        bf16_llama.body.layers[0].ffn.down.weight.mul_(-2)
+    try:
+        eager = teacher_forced_logits(bf16_llama, ids, mask, tokens, compile=False)
+        compiled = teacher_forced_logits(bf16_llama, ids, mask, tokens, compile=True)
+        assert (compiled.float() - eager.float()).abs().max() <= 0.02 * eager.float().abs().max()
+    finally:
+        with torch.no_grad():
+            bf16_llama.body.layers[0].ffn.down.weight.div_(-2)
+
+
+@pytest.mark.slow
+def test_compiled_greedy_and_beam_search_give_the_eager_tokens(bf16_llama):
+    ids, mask = padded_batch("left")
+    for options in ({}, {"num_beams": 3, "length_penalty": 0.5}):
+        eager = generate(bf16_llama, ids, mask, max_new_tokens=8, eos_token_id=None, **options)
+        compiled = generate(
+            bf16_llama, ids, mask, max_new_tokens=8, eos_token_id=None, compile=True, **options
+        )
+        assert torch.equal(compiled, eager)
+
+
+def test_compile_refuses_float32_on_cpu_and_a_hooked_body(pair, bf16_llama):
+    _, model = pair
+    with pytest.raises(GraftError, match="compile is for bfloat16 or float16 weights on CPU"):
+        generate(model, torch.tensor([[3, 4, 5]]), max_new_tokens=2, compile=True)
+    handle = bf16_llama.body.register_forward_pre_hook(lambda module, args: None)
+    try:
+        with pytest.raises(GraftError, match="hooks on the model's body"):
+            generate(bf16_llama, torch.tensor([[3, 4, 5]]), max_new_tokens=2, compile=True)
+    finally:
+        handle.remove()

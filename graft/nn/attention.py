@@ -20,7 +20,13 @@ class KVCache:
     Buffers grow by doubling, so decoding one token writes in place instead of
     concatenating the whole history at every step. ``capacity``: positions to allocate at
     once when the final length is known (prompt + new tokens), so they never grow.
+
+    Fixed-size mode, for a compiled decoding step whose shapes must not change: with
+    ``position`` set, ``update`` writes at those positions and returns the whole buffers, and
+    the caller's mask hides what is not written yet (buffers start as zeros).
     """
+
+    position: torch.Tensor | None = None  # (T,) long: where the next update writes (fixed-size mode)
 
     def __init__(self, num_layers: int, capacity: int = 64) -> None:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
@@ -35,12 +41,16 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append (B, nkv, T, hd) keys/values; return all of them so far."""
+        if self.position is not None:  # fixed-size: (B, nkv, capacity, hd) whatever the length
+            self.keys[layer].index_copy_(2, self.position, k)
+            self.values[layer].index_copy_(2, self.position, v)
+            return self.keys[layer], self.values[layer]
         start, end = self.lengths[layer], self.lengths[layer] + k.shape[2]
         buf_k, buf_v = self.keys[layer], self.values[layer]
         if buf_k is None or end > buf_k.shape[2]:
             capacity = max(end, 2 * (buf_k.shape[2] if buf_k is not None else 0), self.capacity)
-            new_k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
-            new_v = v.new_empty(v.shape[0], v.shape[1], capacity, v.shape[3])
+            new_k = k.new_zeros(k.shape[0], k.shape[1], capacity, k.shape[3])
+            new_v = v.new_zeros(v.shape[0], v.shape[1], capacity, v.shape[3])
             if buf_k is not None:
                 new_k[:, :, :start] = buf_k[:, :, :start]
                 new_v[:, :, :start] = buf_v[:, :, :start]
@@ -147,6 +157,7 @@ class Attention(nn.Module):
         width = q.shape[-1] + k.shape[-1]
         if (
             not q.requires_grad  # inference only: autograd would not see through as_strided's reach
+            and not torch.compiler.is_compiling()  # (compiled, the rotations fuse anyway)
             and q.stride() == k.stride()
             and q.stride(-1) == 1
             and k.data_ptr() == q.data_ptr() + q.shape[-1] * q.element_size()

@@ -97,10 +97,15 @@ def frozen_weights(store: dict[object, torch.Tensor] | None = None) -> Iterator[
         _packed = previous
 
 
+def weights_signature(model: nn.Module) -> tuple:
+    """Changes when any weight of ``model`` is moved, replaced or updated in place, or one is added."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
 def weight_store(model: nn.Module) -> dict[object, torch.Tensor]:
     """A store for frozen_weights kept on ``model`` between inference calls (a chat's turns, say),
     emptied when any of its weights changed (moved, replaced or updated in place) since."""
-    signature = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    signature = weights_signature(model)
     kept = model.__dict__.get("_graft_packed")
     if kept is None or kept[0] != signature:
         kept = (signature, {})

@@ -90,7 +90,7 @@ class Transformer(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor | None = None,  # (B, T)
-        attention_mask: torch.Tensor | None = None,  # (B, past + T), 1 = real token
+        attention_mask: torch.Tensor | None = None,  # (B, past + T), 1 = real token; or (B, 1, T, S) bool
         token_type_ids: torch.Tensor | None = None,  # (B, T)
         position_ids: torch.Tensor | None = None,  # (B, T)
         inputs_embeds: torch.Tensor | None = None,  # (B, T, E)
@@ -108,19 +108,23 @@ class Transformer(nn.Module):
         """
         cfg = self.config
         shape = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
-        past = cache.length if cache is not None else 0
+        # a fixed-size cache (compiled decoding) comes with position ids and a 4-D mask: its
+        # length is not read here, so a compiled step does not depend on it
+        past = cache.length if cache is not None and cache.position is None else 0
         if position_ids is None:
             position_ids = self.position_ids(input_ids, past, shape)
         x = self.embed(input_ids, position_ids, token_type_ids, inputs_embeds)  # (B, T, H)
 
         T = shape[1]
-        no_padding = attention_mask is None or bool(attention_mask.all())
-        if cfg.causal and no_padding and cfg.sliding_window is None and (past == 0 or T == 1):
-            # SDPA's own causal path needs no mask tensor; one new token may see everything.
-            mask, is_causal = None, T > 1
+        if attention_mask is not None and attention_mask.dim() == 4:  # (B, 1, T, S) bool: used as given
+            mask, is_causal = attention_mask, False
         else:
-            padding = None if no_padding else attention_mask
-            mask, is_causal = build_mask(padding, T, past + T, cfg.causal, cfg.sliding_window), False
+            padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+            if cfg.causal and padding is None and cfg.sliding_window is None and (past == 0 or T == 1):
+                # SDPA's own causal path needs no mask tensor; one new token may see everything.
+                mask, is_causal = None, T > 1
+            else:
+                mask, is_causal = build_mask(padding, T, past + T, cfg.causal, cfg.sliding_window), False
         rotary = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
         if output_hidden_states or cache is not None:
             rows = None
