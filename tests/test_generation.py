@@ -470,13 +470,14 @@ def test_compiled_steps_give_the_eager_logits_with_left_padding_and_any_prompt_l
 
     ids, mask = padded_batch("left")
     tokens = torch.randint(3, 99, (3, 7), generator=torch.Generator().manual_seed(2))
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    graphs = []
     for cut in (0, 5):  # the same batch, then its last 4 positions only
         eager = teacher_forced_logits(bf16_llama, ids[:, cut:], mask[:, cut:], tokens, compile=False)
         compiled = teacher_forced_logits(bf16_llama, ids[:, cut:], mask[:, cut:], tokens, compile=True)
         scale = eager.float().abs().max()
         assert (compiled.float() - eager.float()).abs().max() <= 0.02 * scale
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[0]  # the shorter prompt ran the same graph
 
 
 @pytest.mark.slow
