@@ -224,7 +224,7 @@ def decode_step(model: TaskModel) -> Callable[..., torch.Tensor]:
     return step
 
 
-def compiled_step(model: TaskModel) -> Callable[..., torch.Tensor]:
+def compiled_step(model: TaskModel, batch_size: int) -> Callable[..., torch.Tensor]:
     """``decode_step`` compiled with torch.compile for ``model`` as its weights are now; kept on
     the model, so a chat's turns compile once (and once more per new batch size).
 
@@ -246,8 +246,11 @@ def compiled_step(model: TaskModel) -> Callable[..., torch.Tensor]:
             with torch._inductor.config.patch(freezing=True), frozen_weights(_FOLDED):
                 return compiled(*args)
 
-        kept = (signature, run)
+        kept = (signature, run, set())
         object.__setattr__(model, "_graft_compiled", kept)  # not a submodule or parameter
+    if batch_size not in kept[2]:  # the first step compiles: say why it takes a while
+        kept[2].add(batch_size)
+        log.info("generation: compiling the decoding step (once per model and batch size; a minute or so)")
     return kept[1]
 
 
@@ -292,7 +295,7 @@ class Decoder:
         self.positions = positions_from_mask(mask)  # (B, T)
         self.cache = KVCache(model.config.num_blocks, capacity=T + steps)  # allocated once
         self.input_ids = input_ids
-        self.compiled = compiled_step(model) if compile else None
+        self.compiled = compiled_step(model, B) if compile else None
         self.visible: torch.Tensor | None = None  # (B, 1, 1, T + steps) bool, compiled steps only
         # weights in oneDNN's layout, packed once (frozen_weights); a second copy of the weights,
         # so only for models whose weights take at most PACK_LIMIT bytes (compiled: in its graph)

@@ -371,6 +371,7 @@ def test_cli_generate_compiled_in_bfloat16(tiny_chat_model):
         "generate", tiny_chat_model, "--prompt", "w10 w11 w12", "-n", "8", "--dtype", "bfloat16", "--compile"
     )
     assert result.returncode == 0, result.stderr
+    assert "compiling the decoding step" in result.stderr  # the wait before the first token is explained
     model = load_model(tiny_chat_model, dtype=torch.bfloat16)
     from graft.tokenizer import Tokenizer
 
