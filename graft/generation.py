@@ -242,8 +242,14 @@ def compiled_step(model: TaskModel, batch_size: int) -> Callable[..., torch.Tens
         compiled = torch.compile(step, fullgraph=True, options=COMPILE_OPTIONS)
 
         def run(*args: Any) -> torch.Tensor:
-            # fused projections (packing): one matrix multiply over concatenated weights, folded too
-            with torch._inductor.config.patch(freezing=True), frozen_weights(_FOLDED):
+            # fused projections (packing): one matrix multiply over concatenated weights, folded too;
+            # only the dimension any_length marks is dynamic (dynamo would otherwise carry shapes
+            # seen with other models over to this one: it keys them by the code's file and line)
+            with (
+                torch._inductor.config.patch(freezing=True),
+                torch._dynamo.config.patch(automatic_dynamic_shapes=False),
+                frozen_weights(_FOLDED),
+            ):
                 return compiled(*args)
 
         kept = (signature, run, set())
@@ -341,6 +347,9 @@ class Decoder:
             return self.forward(tokens[:, None])
         self.cache.position.fill_(self.length - 1)
         self.visible[:, 0, 0, self.length - 1] = True
+        window = self.model.config.sliding_window
+        if window is not None and self.length > window:  # keys that left the window
+            self.visible[:, 0, 0, : self.length - window] = False
         logits = self.compiled(tokens[:, None], self.positions, self.visible, self.cache)
         self.cache.lengths = [self.length] * len(self.cache.lengths)
         return logits

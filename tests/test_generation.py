@@ -482,6 +482,20 @@ def test_compiled_steps_give_the_eager_logits_with_left_padding_and_any_prompt_l
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", DECODERS)
+def test_compiled_steps_give_the_eager_logits_in_every_decoder_family(family, tmp_path):
+    """Learned or rotary positions, biases, and Mistral's window of 5 positions (shorter than
+    prompt + steps here): the compiled step's mask follows the window."""
+    hf_model(family, "causal-lm").save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype=torch.bfloat16)
+    ids, mask = padded_batch("left")
+    tokens = torch.randint(3, 99, (3, 6), generator=torch.Generator().manual_seed(3))
+    eager = teacher_forced_logits(model, ids, mask, tokens, compile=False)
+    compiled = teacher_forced_logits(model, ids, mask, tokens, compile=True)
+    assert (compiled.float() - eager.float()).abs().max() <= 0.02 * eager.float().abs().max()
+
+
+@pytest.mark.slow
 def test_compiled_decoding_follows_weights_changed_in_place(bf16_llama):
     """The compiled graph holds the weights as constants: a change of weights makes a new one."""
     ids, mask = padded_batch("left")
