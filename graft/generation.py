@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -204,6 +205,7 @@ PACK_LIMIT = 2 * 2**30  # bytes of weights up to which decoding keeps a packed c
 # constants, packed once for oneDNN) is set around each call: dynamo reads it before the options apply.
 COMPILE_OPTIONS = {"cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
 _FOLDED: dict = {}  # frozen_weights' store while compiling: weights are folded, nothing is kept here
+_COMPILED = itertools.count()  # compiled steps made so far (each gets a name of its own)
 
 
 def decode_step(model: TaskModel) -> Callable[..., torch.Tensor]:
@@ -237,19 +239,17 @@ def compiled_step(model: TaskModel, batch_size: int) -> Callable[..., torch.Tens
     kept = model.__dict__.get("_graft_compiled")
     if kept is None or kept[0] != signature:
         step = decode_step(model)
-        code = step.__code__.replace()  # a new code object: compiled graphs of its own
-        step = types.FunctionType(code, step.__globals__, "decode_step", None, step.__closure__)
+        # a new code object, for compiled graphs of its own; and a new name, since dynamo carries
+        # the shapes it saw over to code of the same file, line and name (a dimension that differed
+        # between two models would become dynamic)
+        name = f"decode_step_{next(_COMPILED)}"
+        code = step.__code__.replace(co_name=name, co_qualname=name)
+        step = types.FunctionType(code, step.__globals__, name, None, step.__closure__)
         compiled = torch.compile(step, fullgraph=True, options=COMPILE_OPTIONS)
 
         def run(*args: Any) -> torch.Tensor:
-            # fused projections (packing): one matrix multiply over concatenated weights, folded too;
-            # only the dimension any_length marks is dynamic (dynamo would otherwise carry shapes
-            # seen with other models over to this one: it keys them by the code's file and line)
-            with (
-                torch._inductor.config.patch(freezing=True),
-                torch._dynamo.config.patch(automatic_dynamic_shapes=False),
-                frozen_weights(_FOLDED),
-            ):
+            # fused projections (packing): one matrix multiply over concatenated weights, folded too
+            with torch._inductor.config.patch(freezing=True), frozen_weights(_FOLDED):
                 return compiled(*args)
 
         kept = (signature, run, set())
