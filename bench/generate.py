@@ -4,7 +4,9 @@ For batch 1 and batch 8 (eight different chat prompts, left-padded), in float32 
 weights, it times 128 new tokens with graft's ``generate`` and with transformers' ``generate`` on the
 same weights (the same GGUF file, converted once), and checks in float32 that both produce the same
 tokens. With bfloat16 weights it also times graft's compiled decoding (``compile=True``), after a
-first call that compiles (its time printed apart). The kernel bound is the time of the bare matrix multiplies of one decode step with the same
+first call that compiles (its time printed apart). Every run (graft, compiled graft, transformers,
+the bounds over as many steps) is timed in turns, round after round, and the best round counts:
+this machine's speed drifts by 10-20% over minutes, and all of them should see the same moments. The kernel bound is the time of the bare matrix multiplies of one decode step with the same
 weights (Q, K, V, O, gate, up, down of every layer, then the LM head, at that batch size), with no
 attention, norms or sampling: with torch's F.linear, as transformers calls it (the issue's bound), and,
 stricter, with oneDNN on weights packed once into its blocked layout, as graft decodes.
@@ -71,35 +73,43 @@ def decode_step_weights(model) -> list[torch.Tensor]:
     return weights + [model.head.proj.weight]
 
 
-@torch.inference_mode()
-def bound_tokens_per_second(model, batch: int, repeats: int, steps: int = 20) -> dict[str, float]:
-    """batch / (time of the bare matrix multiplies of one decode step), with each kernel torch has.
+def bound_kernels(model, batch: int, steps: int) -> dict[str, object]:
+    """Functions doing the bare matrix multiplies of ``steps`` decode steps, one per kernel torch has.
 
-    "torch": F.linear, as transformers calls it; "onednn": oneDNN's matmul on weights packed once
-    into its blocked layout (up to twice as fast when weights stream from memory, as here).
+    "bound": F.linear, as transformers calls it; "bound_onednn": oneDNN's matmul on weights packed
+    once into its blocked layout (up to twice as fast when weights stream from memory, as here).
     """
     weights = decode_step_weights(model)
     dtype = weights[0].dtype
     inputs = {w.shape[1]: torch.randn(batch, 1, w.shape[1], dtype=dtype) for w in weights}
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1024) for w in weights]
-    kernels = {
-        "torch": lambda: [F.linear(inputs[w.shape[1]], w) for w in weights],
-        "onednn": lambda: [
-            torch.ops.mkldnn._linear_pointwise(inputs[w.shape[1]], p, None, "none", [], "")
-            for w, p in zip(weights, packed, strict=True)
-        ],
-    }
-    speeds = {}
-    for name, kernel in kernels.items():
 
-        def run(kernel=kernel):
-            for _ in range(steps):
-                kernel()
+    @torch.inference_mode()
+    def torch_linear(steps: int = steps):
+        for _ in range(steps):
+            for w in weights:
+                F.linear(inputs[w.shape[1]], w)
 
-        run()  # warm up
-        seconds, _ = best_time(run, repeats)
-        speeds[name] = batch * steps / seconds
-    return speeds
+    @torch.inference_mode()
+    def onednn(steps: int = steps):
+        for _ in range(steps):
+            for w, p in zip(weights, packed, strict=True):
+                torch.ops.mkldnn._linear_pointwise(inputs[w.shape[1]], p, None, "none", [], "")
+
+    torch_linear(2), onednn(2)  # warm up
+    return {"bound": torch_linear, "bound_onednn": onednn}
+
+
+def in_turns(runs: dict[str, object], repeats: int) -> tuple[dict[str, float], dict[str, object]]:
+    """Best seconds of each run, and its result, timing them in turns (one of each per round), so
+    that all of them see the same moments of a machine whose speed drifts."""
+    best = dict.fromkeys(runs, float("inf"))
+    results = {}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            seconds, results[name] = best_time(run, 1)
+            best[name] = min(best[name], seconds)
+    return best, results
 
 
 def main() -> int:
@@ -154,29 +164,28 @@ def main() -> int:
                             pad_token_id=tokenizer.pad_token_id,
                         )  # fmt: skip
 
-                generate(model, ids, mask, config.replace(max_new_tokens=4))  # warm up
+                runs = {"graft": ours, "transformers": theirs, **bound_kernels(model, batch, n)}
+                generate(model, ids, mask, config.replace(max_new_tokens=4))  # warm up (packs weights)
                 ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=2)
-                t_ours, got = best_time(ours, args.repeats)
-                t_ref, expected = best_time(theirs, args.repeats)
                 key = f"{dtype_name}_batch{batch}"
-                bounds = bound_tokens_per_second(model, batch, args.repeats)
-                figures[key] = {
-                    "graft": batch * n / t_ours,
-                    "transformers": batch * n / t_ref,
-                    "bound": bounds["torch"],
-                    "bound_onednn": bounds["onednn"],
-                }
-                f = figures[key]
-                if compiles:  # graft with compile=True: the first call compiles (timed apart), then as above
+                compile_seconds = None
+                if compiles:  # graft with compile=True: the first call compiles (timed apart)
                     compiled = config.replace(compile=True)
-                    seconds, _ = best_time(partial(ours, config=compiled.replace(max_new_tokens=4)), 1)
-                    t_compiled, got_compiled = best_time(partial(ours, config=compiled), args.repeats)
-                    f["graft_compiled"] = batch * n / t_compiled
-                    f["compile_seconds"] = seconds
-                for name in ("graft", "graft_compiled") if compiles else ("graft",):
+                    compile_seconds, _ = best_time(
+                        partial(ours, config=compiled.replace(max_new_tokens=4)), 1
+                    )
+                    runs["graft_compiled"] = partial(ours, config=compiled)
+                seconds, outputs = in_turns(runs, args.repeats)
+                f = figures[key] = {name: batch * n / t for name, t in seconds.items()}
+                got, expected = outputs["graft"], outputs["transformers"]
+                names = ("graft", "graft_compiled") if compiles else ("graft",)
+                for name in names:
                     f[f"{name}/transformers"] = f[name] / f["transformers"]
                     f[f"{name}/bound"] = f[name] / f["bound"]
                     f[f"{name}/bound_onednn"] = f[name] / f["bound_onednn"]
+                if compiles:
+                    f["compile_seconds"] = compile_seconds
+                    got_compiled = outputs["graft_compiled"]
                 same_tokens[key] = bool(torch.equal(got, expected))
                 print(
                     f"{dtype_name:>9} batch {batch}: graft {f['graft']:7.1f} tok/s | transformers "
