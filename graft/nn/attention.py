@@ -233,6 +233,17 @@ def attend(
     log-sum-exp per query.
     """
     gqa = k.shape[1] != q.shape[1]
+    if (
+        q.shape[2] <= 16
+        and not gqa
+        and p == 0.0
+        and torch.compiler.is_compiling()
+        and not torch.is_grad_enabled()
+    ):
+        # a compiled decoding step: the plain math (as transformers' eager attention rounds it),
+        # whose mask, softmax and conversions inductor fuses around two small matrix multiplies,
+        # runs faster than its call to flash attention (19 vs 22 ms a step at batch 8, SmolLM2)
+        return torch.matmul(_scores(q * scale, k, mask).softmax(-1, dtype=torch.float32).to(v.dtype), v)
     if p == 0.0 or q.device.type != "cpu" or torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal, scale=scale, enable_gqa=gqa
