@@ -1,4 +1,4 @@
-"""The ``graft`` command line. Every user error ends in one line on stderr and a non-zero exit."""
+"""``graft info`` and ``graft embed``: a model's shape and its sentence embeddings."""
 
 from __future__ import annotations
 
@@ -11,17 +11,8 @@ from typing import Annotated
 
 import typer
 
+from graft.cli.app import ModelArg, app
 from graft.errors import GraftError
-
-app = typer.Typer(
-    name="graft",
-    help="Transfer learning with transformers: load, adapt, train, measure, ship.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-ModelArg = Annotated[str, typer.Argument(help="A Hugging Face-format folder or a Hub id.")]
 
 
 def count(n: int) -> str:
@@ -139,35 +130,3 @@ def embed(
     else:
         with atomic_path(out) as tmp:
             tmp.write_bytes(payload)
-
-
-# Command groups of other chapters register themselves on ``app`` when imported here.
-COMMAND_MODULES: list[str] = [
-    "graft.generate_cli",
-    "graft.train.cli",
-    "graft.tasks.cli",
-    "graft.strategies.cli",
-]
-
-
-def main() -> None:
-    import importlib
-    import logging
-
-    # graft's own notes (trainable parameters, skipped tensors...) go to stderr, one line each
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.getLogger("graft")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-
-    for module in COMMAND_MODULES:
-        importlib.import_module(module)
-
-    try:
-        app()
-    except GraftError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None

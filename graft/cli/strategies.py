@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from graft.cli import app
+from graft.cli.app import app
 from graft.errors import GraftError
 
 COLUMNS = ("strategy", "metric", "trainable", "total", "trainable_pct", "peak_mb", "wall_s", "checkpoint_mb")

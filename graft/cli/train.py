@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from graft.cli import app
+from graft.cli.app import app
 
 RecipeArg = Annotated[Path, typer.Argument(help="A YAML recipe (see recipes/).")]
 OverridesArg = Annotated[

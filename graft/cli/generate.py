@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from graft.cli import app
+from graft.cli.app import app
 from graft.errors import GraftError
 
 ModelArg = Annotated[str, typer.Argument(help="A Hugging Face-format folder, a Hub id, or a .gguf file.")]

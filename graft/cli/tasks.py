@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from graft.cli import ModelArg, app
+from graft.cli.app import ModelArg, app
 from graft.errors import GraftError
 
 FormatOpt = Annotated[
