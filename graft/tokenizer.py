@@ -10,8 +10,11 @@ Outputs match transformers' fast tokenizers token for token.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 from datetime import datetime
 from functools import lru_cache
@@ -30,6 +33,7 @@ from graft.io.hf import read_json
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 UNLIMITED = int(1e30)  # transformers' model_max_length when a checkpoint states none
 TRUNCATION_STRATEGIES = ("longest_first", "only_first", "only_second")
+CONFIGURED_BACKENDS = 8  # padding/truncation settings whose configured backend copy is kept
 # transformers' tokenizer-class defaults: bert-base-uncased, roberta-base and gpt2 ship tokenizer
 # files that name no special tokens, and rely on these
 BERT_SPECIALS = {
@@ -104,9 +108,11 @@ class Tokenizer:
         self.truncation_side: str = config.get("truncation_side", "right")
         self.chat_template: str | None = config.get("chat_template")
         _add_special_tokens(backend, [*self.special_tokens.values(), *self.additional_special_tokens])
-        # padding and truncation are set per encode() call, not baked in from the file
+        # padding and truncation are chosen per encode() call, not baked in from the file
         backend.no_padding()
         backend.no_truncation()
+        self._backends: OrderedDict[tuple, Backend] = OrderedDict()  # settings -> configured copy
+        self._lock = threading.Lock()
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike) -> Tokenizer:
@@ -202,13 +208,15 @@ class Tokenizer:
         is_split_into_words: bool = False,
         add_special_tokens: bool = True,
         return_tensors: str | None = "pt",
+        padding_side: str | None = None,
     ) -> Batch:
         """Encode a batch of texts (or text pairs) into a `Batch`.
 
         A single text (or, with ``is_split_into_words``, a single list of words) is a batch of one.
         ``truncation``: True ('longest_first'), 'only_first', 'only_second' (QA: cut the context,
         never the question) or False; the limit is ``max_length``, else ``model_max_length``.
-        ``padding``: 'longest' (or True), 'max_length' or False, on ``self.padding_side``.
+        ``padding``: 'longest' (or True), 'max_length' or False, on ``padding_side`` (default
+        ``self.padding_side``). The tokenizer is not changed by a call: threads may share it.
         ``return_overflowing``: cut-off tokens become extra rows (windows overlapping by
         ``stride`` tokens) and ``overflow_to_sample`` maps each row to its text.
         """
@@ -221,10 +229,12 @@ class Tokenizer:
                 raise GraftError(f"encode: {len(batch)} texts but {len(second)} pairs")
             batch = list(zip(batch, second, strict=True))
         limit = max_length or (self.model_max_length if self.model_max_length < UNLIMITED else None)
-        self._set_truncation(truncation, limit, stride)
-        self._set_padding(padding, limit, pad_to_multiple_of)
+        backend = self._configured(
+            self._truncation(truncation, limit, stride),
+            self._padding(padding, limit, pad_to_multiple_of, padding_side or self.padding_side),
+        )
         try:
-            encodings = self.backend.encode_batch(
+            encodings = backend.encode_batch(
                 batch, is_pretokenized=is_split_into_words, add_special_tokens=add_special_tokens
             )
         except Exception as e:  # e.g. a question longer than max_length with truncation='only_second'
@@ -254,25 +264,27 @@ class Tokenizer:
                 out.overflow_to_sample = torch.tensor(overflow_to_sample, dtype=torch.long)
         return out
 
-    def _set_truncation(self, truncation: bool | str, limit: int | None, stride: int) -> None:
+    def _truncation(self, truncation: bool | str, limit: int | None, stride: int) -> tuple | None:
+        """The backend's truncation settings for one encode() call (None: no truncation)."""
         strategy = "longest_first" if truncation is True else truncation
         if strategy and strategy not in TRUNCATION_STRATEGIES:
             raise GraftError(
                 f"encode: truncation must be a bool or one of {TRUNCATION_STRATEGIES}, not {truncation!r}"
             )
         if strategy and limit is not None:
-            self.backend.enable_truncation(
-                limit, stride=stride, strategy=strategy, direction=self.truncation_side
-            )
-        else:
-            self.backend.no_truncation()
+            return (limit, stride, strategy, self.truncation_side)
+        return None
 
-    def _set_padding(self, padding: bool | str, limit: int | None, multiple: int | None) -> None:
+    def _padding(
+        self, padding: bool | str, limit: int | None, multiple: int | None, side: str
+    ) -> tuple | None:
+        """The backend's padding settings for one encode() call (None: no padding)."""
         if not padding:
-            self.backend.no_padding()
-            return
+            return None
         if padding not in (True, "longest", "max_length"):
             raise GraftError(f"encode: padding must be 'longest', 'max_length' or False, not {padding!r}")
+        if side not in ("left", "right"):
+            raise GraftError(f"encode: padding_side must be 'left' or 'right', not {side!r}")
         if padding == "max_length" and limit is None:
             raise GraftError(
                 "encode: padding='max_length' needs max_length (the checkpoint sets no model_max_length)"
@@ -280,13 +292,38 @@ class Tokenizer:
         pad_token = self.special_tokens["pad_token"] or self.special_tokens["eos_token"]
         if pad_token is None:
             raise GraftError("encode: padding needs a pad or eos token, and the tokenizer has neither")
-        self.backend.enable_padding(
-            direction=self.padding_side,
-            pad_id=self.pad_token_id,
-            pad_token=pad_token,
-            length=limit if padding == "max_length" else None,
-            pad_to_multiple_of=multiple,
-        )
+        return (side, self.pad_token_id, pad_token, limit if padding == "max_length" else None, multiple)
+
+    def _configured(self, truncation: tuple | None, padding: tuple | None) -> Backend:
+        """A copy of the backend with these settings, made once and never changed afterwards.
+
+        The Rust tokenizer keeps padding and truncation as state of its own: setting them per
+        call on one shared backend would let two threads encoding at once see each other's
+        settings. Each combination gets its own copy instead (a few ms, once), kept in a small
+        cache that this tokenizer owns.
+        """
+        if truncation is None and padding is None:
+            return self.backend
+        key = (truncation, padding)
+        with self._lock:
+            backend = self._backends.get(key)
+            if backend is not None:
+                self._backends.move_to_end(key)
+                return backend
+        backend = copy.deepcopy(self.backend)
+        if truncation is not None:
+            limit, stride, strategy, direction = truncation
+            backend.enable_truncation(limit, stride=stride, strategy=strategy, direction=direction)
+        if padding is not None:
+            side, pad_id, pad_token, length, multiple = padding
+            backend.enable_padding(
+                direction=side, pad_id=pad_id, pad_token=pad_token, length=length, pad_to_multiple_of=multiple
+            )
+        with self._lock:
+            self._backends[key] = backend
+            while len(self._backends) > CONFIGURED_BACKENDS:
+                self._backends.popitem(last=False)
+        return backend
 
     # ---- decoding and vocabulary ----
     def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
@@ -375,8 +412,6 @@ class Tokenizer:
             config.pop("chat_template")
         # the loaders set the class for vocabulary files; tokenizer.json alone loads in the generic class
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-        self.backend.no_padding()  # the last encode() call's settings are not part of the tokenizer
-        self.backend.no_truncation()
         write_text(folder / "tokenizer.json", self.backend.to_str(pretty=True))
         write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
         write_text(folder / "special_tokens_map.json", json.dumps(named, indent=2, ensure_ascii=False))

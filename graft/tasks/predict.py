@@ -57,14 +57,11 @@ def generate(
 
     device = next(model.parameters()).device
     model.eval()
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation appends on the right
-    try:
-        for chunk in batches(records, batch_size):
-            texts = [r.get("text") or "" for r in chunk]
-            enc = tokenizer.encode(texts, max_length=max_length)
-            ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
-            out = greedy(model, ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
-            new = tokenizer.batch_decode(out[:, ids.shape[1] :].tolist())
-            yield from zip(chunk, ({"generated": text} for text in new), strict=True)
-    finally:
-        tokenizer.padding_side = side
+    for chunk in batches(records, batch_size):
+        texts = [r.get("text") or "" for r in chunk]
+        # generation appends on the right, so prompts are padded on the left
+        enc = tokenizer.encode(texts, max_length=max_length, padding_side="left")
+        ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+        out = greedy(model, ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        new = tokenizer.batch_decode(out[:, ids.shape[1] :].tolist())
+        yield from zip(chunk, ({"generated": text} for text in new), strict=True)
