@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
-import re
+import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BOOK = ROOT.parent / "shared" / "seed" / "200-questions-transfer-learning-transformers.txt"
+# The book's 200 questions and the first paragraph of each answer, shipped with the benchmarks
+# (from "200 Questions About Transfer Learning and Transformers", S. Siadati, 2024,
+# DOI 10.5281/zenodo.15817649, free to use with citation), so they run from a clean clone.
+BOOK_QUESTIONS = Path(__file__).resolve().parent / "data" / "book-questions.jsonl"
 
 
 def minilm_folder() -> Path:
@@ -33,17 +36,20 @@ def bbc_articles(limit: int | None = None) -> list[str]:
 
 def book_questions_and_answers() -> tuple[list[str], list[str]]:
     """The book's 200 questions and the first paragraph of each answer."""
-    text = BOOK.read_text(encoding="utf-8")
-    blocks = re.split(r"^Question \d+:\s*$", text, flags=re.M)[1:]
-    questions, answers = [], []
-    for block in blocks:
-        paragraphs = [p.strip() for p in block.strip().split("\n\n") if p.strip()]
-        if len(paragraphs) == 1:  # two questions print the answer on the question's line
-            question, answer = paragraphs[0].split("? ", 1)
-            paragraphs = [question + "?", answer]
-        questions.append(paragraphs[0])
-        answers.append(paragraphs[1])
-    return questions, answers
+    rows = [json.loads(line) for line in BOOK_QUESTIONS.read_text(encoding="utf-8").splitlines()]
+    return [r["question"] for r in rows], [r["answer"] for r in rows]
+
+
+def processor() -> str:
+    """The CPU's model name as lscpu prints it (figures are only comparable on one processor)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown"
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
 
 
 def timed(fn, repeats: int = 1):
@@ -57,8 +63,10 @@ def timed(fn, repeats: int = 1):
 
 
 def emit(figures: dict) -> None:
-    """The one JSON line a bench script ends with."""
-    print(json.dumps(figures))
+    """The one JSON line a bench script ends with, naming the processor and torch's thread count."""
+    import torch
+
+    print(json.dumps({"processor": processor(), "threads": torch.get_num_threads(), **figures}))
 
 
 def fail(message: str) -> None:

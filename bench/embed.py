@@ -62,7 +62,7 @@ def main() -> None:
     graft_model = load_model(folder, task="base")
     graft_tok = Tokenizer.from_folder(folder)
 
-    figures: dict = {"threads": torch.get_num_threads()}
+    figures: dict = {}
     for name, texts in workloads.items():
         tokens = sum(hf_tok(texts, truncation=True, max_length=MAX_LENGTH, return_length=True)["length"])
         systems = {

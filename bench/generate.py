@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: bench.common
-from bench.common import timed  # noqa: E402
+from bench.common import emit, timed  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -201,11 +201,10 @@ def main() -> int:
         "bench": "generate",
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
         "new_tokens": n,
-        "threads": torch.get_num_threads(),
         "tokens_per_second": {k: {m: round(v, 2) for m, v in f.items()} for k, f in figures.items()},
         "same_tokens_as_transformers": same_tokens,
     }
-    print(json.dumps(result))
+    emit(result)
     return 0
 
 

@@ -302,7 +302,7 @@ def main() -> None:
         train = train[: args.limit]
     print(f"BBC News: {len(train)} training and {len(test)} test articles, {len(label_map)} classes; "
           f"{torch.get_num_threads()} threads")  # fmt: skip
-    figures: dict = {"threads": torch.get_num_threads(), "train_examples": len(train)}
+    figures: dict = {"train_examples": len(train)}
     for precision in args.precision:
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         peak = matmul_peak(dtype)
