@@ -15,7 +15,7 @@ import numpy as np
 from graft.data.formats import open_source
 from graft.data.labels import LabelMap
 from graft.data.readers import Source
-from graft.data.records import BadRow, LoadStats, ReadOptions, Record, did_you_mean
+from graft.data.records import BadRow, LoadStats, ReadOptions, Record, did_you_mean, quoted
 from graft.errors import GraftError
 
 
@@ -176,7 +176,7 @@ def index_source(source: Source, stats: LoadStats, label_kind: str, known: Label
         if known is not None and labels is not None:
             column = source.column("label" if "label" in record else "tags")
             try:
-                known.encode(labels, f"{where}, column '{column}'")
+                known.encode(labels, f"{where}, column {quoted([column])}")
             except BadRow as error:
                 stats.bad(error)
                 continue

@@ -26,6 +26,7 @@ from graft.data.records import (
     did_you_mean,
     has_bad_utf8,
     quoted,
+    shown,
 )
 from graft.errors import GraftError
 
@@ -202,7 +203,7 @@ class CsvSource(Source):
         if n < expected:
             raise BadRow(
                 "wrong field count",
-                f"{where}, column '{self.header[n]}': missing (the row has {n} fields, the header {expected})",
+                f"{where}, column {quoted([self.header[n]])}: missing (the row has {n} fields, the header {expected})",
             )
         if n > expected:
             raise BadRow(
@@ -329,7 +330,7 @@ class ConllSource(Source):
             if len(parts) < 1 + tagged:
                 raise BadRow(
                     "malformed CoNLL",
-                    f"{where}, column 'tags': expected a token and a tag, got {text.strip()!r}",
+                    f"{where}, column 'tags': expected a token and a tag, got {shown(text.strip())}",
                 )
             if bad is not None and (has_bad_utf8(parts[0]) or (tagged and has_bad_utf8(parts[-1]))):
                 column = "tokens" if has_bad_utf8(parts[0]) else "tags"

@@ -67,13 +67,30 @@ LABEL_KINDS = ("class", "multi", "float")
 _SURROGATE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by 'surrogateescape'
 
 
+SHOWN = 60  # characters of a user's value an error message shows: a 16 MB field is not a message
+
+
 def quoted(names: Iterable[str]) -> str:
-    return ", ".join(f"'{name}'" if str(name).isprintable() else repr(str(name)) for name in names)
+    """'a', 'b': names as an error message shows them, on one line, long ones cut."""
+    return ", ".join(_quote(str(name)) for name in names)
+
+
+def _quote(name: str) -> str:
+    short = name if len(name) <= SHOWN else f"{name[:SHOWN]}..."
+    return f"'{short}'" if short.isprintable() else repr(short)
+
+
+def shown(value: Any) -> str:
+    """repr(value) cut to a readable length, with the full length said when cut."""
+    text = repr(value)
+    return text if len(text) <= 2 * SHOWN else f"{text[: 2 * SHOWN]}... ({len(text)} characters)"
 
 
 def known_labels(labels: list[str]) -> str:
     """The first labels of a long list, for an error message."""
-    return ", ".join(labels[:20]) + (f", ... ({len(labels)} in all)" if len(labels) > 20 else "")
+    return ", ".join(label[:SHOWN] for label in labels[:20]) + (
+        f", ... ({len(labels)} in all)" if len(labels) > 20 else ""
+    )
 
 
 def label_error(reason: str, where: str, label: str, labels: list[str], fault: str) -> BadRow:
@@ -88,7 +105,7 @@ def label_error(reason: str, where: str, label: str, labels: list[str], fault: s
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """'; did you mean 'x'?' when a choice is close to ``name``, else ''."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
+    return f"; did you mean {quoted(close)}?" if close else ""
 
 
 def has_bad_utf8(value: Any) -> bool:
@@ -191,7 +208,7 @@ class ReadOptions:
         for source, key in self.columns.items():
             if source not in available:
                 raise GraftError(
-                    f"{where}, column '{source}': no such column (available: {quoted(available)})"
+                    f"{where}, column {quoted([source])}: no such column (available: {quoted(available)})"
                     f"{did_you_mean(source, available)}"
                 )
             mapping[source] = key
@@ -211,7 +228,7 @@ class ReadOptions:
                     for n in unused
                     if difflib.get_close_matches(n, (key, *DEFAULT_ALIASES[key]), cutoff=0.6)
                 ]
-                hint = f"; did you mean '{close[0]}'?" if close else ""
+                hint = f"; did you mean {quoted(close[:1])}?" if close else ""
                 raise GraftError(
                     f"{where}, column '{key}': no such column (available: {quoted(available)}){hint}; "
                     f"{name_it(key)}"
@@ -281,9 +298,9 @@ class RowBuilder:
             if source not in row:
                 raise BadRow(
                     "missing column",
-                    f"{where}, column '{source}': missing from this row (it has {quoted(row)})",
+                    f"{where}, column {quoted([source])}: missing from this row (it has {quoted(row)})",
                 )
-            record[key] = self._value(key, row[source], f"{where}, column '{source}'")
+            record[key] = self._value(key, row[source], f"{where}, column {quoted([source])}")
         if "tokens" in record and "tags" in record and len(record["tokens"]) != len(record["tags"]):
             raise BadRow(
                 "tags/tokens mismatch",
@@ -323,7 +340,7 @@ class RowBuilder:
                 return value.split()
             if not isinstance(value, list | tuple):
                 raise BadRow(
-                    "bad value", f"{where}: expected a list or a space-separated string, got {value!r}"
+                    "bad value", f"{where}: expected a list or a space-separated string, got {shown(value)}"
                 )
             return [str(item) for item in value]
         if key == "answers":
@@ -337,7 +354,7 @@ class RowBuilder:
             except (TypeError, ValueError):
                 number = math.nan
             if not math.isfinite(number):
-                raise BadRow("bad label", f"{where}: label {value!r} is not a finite number")
+                raise BadRow("bad label", f"{where}: label {shown(value)} is not a finite number")
             return number
         if self.label_kind == "multi":
             if isinstance(value, str):
@@ -350,7 +367,7 @@ class RowBuilder:
         if isinstance(value, list | tuple | dict):
             raise BadRow(
                 "bad label",
-                f"{where}: expected one label, got {value!r}; for several, set data.label_kind: multi",
+                f"{where}: expected one label, got {shown(value)}; for several, set data.label_kind: multi",
             )
         if value is None or value == "":
             raise BadRow("missing label", f"{where}: empty label")
@@ -373,13 +390,13 @@ def _answers(value: Any, where: str) -> dict[str, list]:
         }
     if not isinstance(value, dict) or not isinstance(value.get("text"), list) or "answer_start" not in value:
         raise BadRow(
-            "bad value", f"{where}: expected {{'text': [...], 'answer_start': [...]}}, got {value!r}"
+            "bad value", f"{where}: expected {{'text': [...], 'answer_start': [...]}}, got {shown(value)}"
         )
     texts, starts = value["text"], list(value["answer_start"])
     if len(texts) != len(starts) or not all(isinstance(t, str) for t in texts):
         raise BadRow("bad value", f"{where}: {len(texts)} answer texts for {len(starts)} answer_start values")
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in starts):
-        raise BadRow("bad value", f"{where}: answer_start must be whole numbers, got {starts!r}")
+        raise BadRow("bad value", f"{where}: answer_start must be whole numbers, got {shown(starts)}")
     return {"text": list(texts), "answer_start": starts}
 
 
@@ -388,6 +405,6 @@ def _check_answers(answers: dict[str, list], context: str, where: str) -> None:
         if context[start : start + len(text)] != text:
             raise BadRow(
                 "answer not in context",
-                f"{where}: answer {text!r} is not at answer_start {start} of the context "
-                f"(found {context[start : start + len(text)]!r})",
+                f"{where}: answer {shown(text)} is not at answer_start {start} of the context "
+                f"(found {shown(context[start : start + len(text)])})",
             )
