@@ -257,7 +257,7 @@ def test_a_text_folder_takes_an_encoding(tmp_path, caplog):
         list(load_records(tmp_path / "bbc", encoding="utf-8"))
     with pytest.raises(GraftError, match="encoding: 'utf-16' does not keep ASCII as it is"):
         load_records(tmp_path / "bbc", encoding="utf-16")
-    with pytest.raises(GraftError, match="encoding: 'klingon' is not a text encoding"):
+    with pytest.raises(GraftError, match="data.encoding: 'klingon' is not a text encoding"):
         DataSpec(train=str(tmp_path / "bbc"), encoding="klingon")
 
 

@@ -680,3 +680,5 @@ def test_predict_and_eval_at_the_command_line_name_file_and_line_and_skip_bad_ro
             "1 unknown label; kept 59 rows"
         ]
         assert '"examples": 59' in result.stdout
+    line = one_line_error(graft("predict", folder, "--input", data, "--encoding", "klingon"))
+    assert line.startswith("error: encoding: 'klingon' is not a text encoding") and "--encoding" in line

@@ -15,7 +15,7 @@ import numpy as np
 from graft.data.formats import open_source
 from graft.data.labels import LabelMap
 from graft.data.readers import Source
-from graft.data.records import BadRow, LoadStats, ReadOptions, Record, did_you_mean, quoted
+from graft.data.records import BadRow, LoadStats, ReadOptions, Record, check_encoding, did_you_mean, quoted
 from graft.errors import GraftError
 
 
@@ -52,6 +52,8 @@ class DataSpec:
                 raise GraftError(f"data.{name}: must be in [0, 1), got {getattr(self, name)}")
         if self.val_fraction + self.test_fraction >= 1:
             raise GraftError("data: val_fraction + test_fraction must leave rows for training")
+        if self.encoding != "auto":
+            check_encoding(self.encoding, "data.encoding")
         self.read_options()  # checks the column mapping and the label kind now, not at first read
 
     def read_options(self) -> ReadOptions:

@@ -261,7 +261,7 @@ def name_it(key: str) -> str:
     return f"name it with --column COL={key} (data.columns: {{COL: {key}}} in a recipe)"
 
 
-def check_encoding(name: str) -> None:
+def check_encoding(name: str, key: str = "encoding") -> None:
     """Fail unless ``name`` is a codec that keeps ASCII as it is (files are split into lines as bytes)."""
     try:
         codecs.lookup(name)
@@ -271,7 +271,7 @@ def check_encoding(name: str) -> None:
     if not ascii_safe:
         fault = "is not a text encoding" if ascii_safe is None else "does not keep ASCII as it is"
         raise GraftError(
-            f"encoding: '{name}' {fault}; use 'auto', 'utf-8', 'cp1252', 'latin-1' or another "
+            f"{key}: '{name}' {fault}; use 'auto', 'utf-8', 'cp1252', 'latin-1' or another "
             "ASCII-compatible codec (--encoding, data.encoding in a recipe)"
         )
 
