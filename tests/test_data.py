@@ -215,15 +215,57 @@ def test_bbc_news_folder():
     ]
 
 
-def test_bbc_news_has_one_file_that_is_not_utf8():
-    # sports/199.txt holds a Latin-1 pound sign: strict reading names it, skipping counts it.
-    with pytest.raises(GraftError) as error:
-        list(load_records(bbc_news()))
-    assert str(error.value).endswith(
-        "sports/199.txt, line 5, column 'text': text is not UTF-8 (byte 0xa3 at byte offset 257)"
+def test_bbc_news_reads_as_is_with_a_note_on_its_one_file_that_is_not_utf8(caplog):
+    # sports/199.txt holds a Windows-1252 pound sign: the README's example must run as written.
+    with caplog.at_level(logging.WARNING, logger="graft.data"):
+        records = list(load_records(bbc_news()))
+    assert len(records) == 2225
+    [pound] = [r for r in records if r["id"] == "sports/199.txt"]
+    assert "\u00a3" in pound["text"] and "\ufffd" not in pound["text"]
+    [note] = [r.getMessage() for r in caplog.records]
+    assert note == (
+        f"note: 1 of the 2225 files of {bbc_news()} is not UTF-8 and was read as cp1252 "
+        "(first: sports/199.txt); name the encoding with --encoding (data.encoding in a recipe) to read them otherwise"
     )
-    stream = load_records(bbc_news(), skip_bad_rows=True)
+
+
+def test_bbc_news_as_strict_utf8_names_the_file_and_the_option_that_fixes_it():
+    with pytest.raises(GraftError) as error:
+        list(load_records(bbc_news(), encoding="utf-8"))
+    assert str(error.value).endswith(
+        "sports/199.txt, line 5, column 'text': text is not UTF-8 (byte 0xa3 at byte offset 257); "
+        "if the file has another encoding, name it with --encoding, e.g. --encoding cp1252 (data.encoding in a recipe)"
+    )
+    stream = load_records(bbc_news(), skip_bad_rows=True, encoding="utf-8")
     assert len(list(stream)) == 2224 and stream.stats.skipped == {"not UTF-8": 1}
+
+
+def test_a_text_folder_takes_an_encoding(tmp_path, caplog):
+    write(tmp_path / "bbc/sport/1.txt", "Fee: 5 pounds\n")
+    write(tmp_path / "bbc/sport/2.txt", b"Fee: \xa35\n")  # a pound sign in Windows-1252 / Latin-1
+    write(tmp_path / "bbc/tech/3.txt", b"\x93quoted\x94\n")  # cp1252's curly quotes
+    with caplog.at_level(logging.WARNING, logger="graft.data"):
+        records = list(load_records(tmp_path / "bbc"))
+    assert [r["text"] for r in records] == ["Fee: 5 pounds\n", "Fee: \u00a35\n", "\u201cquoted\u201d\n"]
+    [note] = [r.getMessage() for r in caplog.records]
+    assert "2 of the 3 files" in note and "read as cp1252 (first: sport/2.txt)" in note
+    latin = list(load_records(tmp_path / "bbc", encoding="latin-1"))
+    assert [r["text"] for r in latin][1:] == ["Fee: \u00a35\n", "\x93quoted\x94\n"]
+    with pytest.raises(
+        GraftError, match=r"sport/2\.txt, line 1, column 'text': text is not UTF-8 \(byte 0xa3"
+    ):
+        list(load_records(tmp_path / "bbc", encoding="utf-8"))
+    with pytest.raises(GraftError, match="encoding: 'utf-16' does not keep ASCII as it is"):
+        load_records(tmp_path / "bbc", encoding="utf-16")
+    with pytest.raises(GraftError, match="data.encoding: 'klingon' is not a text encoding"):
+        DataSpec(train=str(tmp_path / "bbc"), encoding="klingon")
+
+
+def test_a_csv_takes_an_encoding(tmp_path):
+    path = write(tmp_path / "a.csv", b"text,label\ncaf\xe9,y\n")
+    assert list(load_records(path, encoding="cp1252")) == [{"text": "caf\u00e9", "label": "y"}]
+    with pytest.raises(GraftError, match="--encoding cp1252"):
+        list(load_records(path))
 
 
 # --- column mapping -----------------------------------------------------------------------------
@@ -485,7 +527,9 @@ ROW_ERRORS = {
         "a.jsonl",
         jsonl({"text": "a", "label": "x"}, {"text": "b", "label": ["x", "y"]}),
         {},
-        ["a.jsonl, line 2, column 'label': expected one label, got ['x', 'y']; use label_kind='multi'"],
+        [
+            "a.jsonl, line 2, column 'label': expected one label, got ['x', 'y']; for several, set data.label_kind: multi"
+        ],
         "bad label",
     ),
     "SQuAD question missing": (
@@ -549,7 +593,9 @@ def test_bad_row_is_skipped_and_counted_when_asked(tmp_path, case, caplog):
     assert stream.stats.skipped == {reason: 1} and stream.stats.rows == 1
     assert parts[0] in stream.stats.first_error[reason]
     [warning] = caplog.records
-    assert f"kept 1 rows, skipped 1 bad rows (1 {reason})" in warning.getMessage()
+    message = warning.getMessage()
+    assert message.startswith(f"skipped 1 bad rows of {stream.source.path} (first: ")
+    assert message.endswith(f"); 1 {reason}; kept 1 rows")
 
 
 def test_bad_utf8_can_be_replaced_instead(tmp_path):
@@ -694,3 +740,59 @@ def test_dataloader_workers_reopen_the_file(tmp_path):
     dataset[0]  # opens the memory map in this process; workers must open their own
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=list)
     assert [record for batch in loader for record in batch] == rows
+
+
+# --- duplicate columns (issue 12, fault 4): never a silent "last one wins" ----------------------
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("a.csv", "text,label,label\nhello,pos,neg\n"),
+        ("a.tsv", "text\tlabel\tlabel\nhello\tpos\tneg\n"),
+    ],
+)
+def test_a_duplicate_column_that_is_read_is_an_error_naming_it(tmp_path, name, content):
+    path = write(tmp_path / name, content)
+    with pytest.raises(GraftError) as error:
+        list(load_records(path))
+    assert str(error.value) == (
+        f"{path}, line 1, column 'label': the header names it twice (columns 2 and 3), so which one "
+        "holds the data is ambiguous; rename one in the header"
+    )
+
+
+def test_a_duplicate_column_nobody_reads_is_harmless(tmp_path):
+    # Spreadsheets export trailing empty header cells: ',,' are two columns named ''.
+    path = write(tmp_path / "a.csv", "text,label,,\nhello,pos,,\n")
+    assert list(load_records(path)) == [{"text": "hello", "label": "pos"}]
+
+
+def test_an_explicit_mapping_can_read_past_a_duplicate(tmp_path):
+    path = write(tmp_path / "a.csv", "text,label,label,gold\nhello,pos,neg,neg\n")
+    assert list(load_records(path, columns={"gold": "label"})) == [{"text": "hello", "label": "neg"}]
+
+
+def test_a_duplicate_json_key_is_a_bad_row(tmp_path):
+    path = write(
+        tmp_path / "a.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": "x", "label": "y"}\n'
+    )
+    with pytest.raises(GraftError) as error:
+        list(load_records(path))
+    assert str(error.value) == (
+        f"{path}, line 2, column 'label': the object has the key twice, so its value is ambiguous"
+    )
+    stream = load_records(path, skip_bad_rows=True)
+    assert list(stream) == [{"text": "a", "label": "x"}] and stream.stats.skipped == {"duplicate key": 1}
+
+
+def test_a_duplicate_parquet_column_that_is_read_is_an_error(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "a.parquet"
+    table = pa.Table.from_arrays(
+        [pa.array(["hi"]), pa.array(["x"]), pa.array(["y"])], ["text", "label", "label"]
+    )
+    pq.write_table(table, path)
+    with pytest.raises(GraftError, match=r"a\.parquet, schema, column 'label': the header names it twice"):
+        list(load_records(path))

@@ -172,7 +172,7 @@ def test_errors_are_one_line(tmp_path, minilm):
         tmp_path / "unknown.jsonl", [{"text": "hi", "label": "positive"}, {"text": "x", "label": "meh"}]
     )
     line = one_line_error(graft("eval", folder, "--data", data))
-    assert "record 2" in line and "'meh'" in line
+    assert "unknown.jsonl, line 2, column 'label'" in line and "'meh'" in line
     line = one_line_error(graft("predict", folder, "--input", tmp_path / "nowhere.jsonl"))
     assert "nowhere.jsonl" in line
     line = one_line_error(graft("predict", folder, "--input", data, "--column", "oops"))

@@ -562,3 +562,123 @@ def test_ner_on_a_sentence_longer_than_the_window(wordpiece, as_text):
     assert len(pred["entities"]) == 16
     assert all(text[e["start"] : e["end"]] == e["text"] for e in pred["entities"])
     assert {e["text"] for e in pred["entities"]} == {"Shahin Siadati", "HuggingFace Inc."}
+
+
+# --- labels when reading data for predict / eval (issue 12, fault 9) ----------------------------
+
+
+def labelled_csv(path, rows: int, bad_row: int, bad_label: str = "postive"):
+    """A CSV of ``rows`` rows; data row ``bad_row`` (from 1) has ``bad_label``, the rest a model label."""
+    lines = ["text,label"] + [
+        f"text {i},{bad_label if i == bad_row else LABELS[i % 3]}" for i in range(1, rows + 1)
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_eval_names_the_file_and_line_of_an_unknown_label_and_suggests_one(tmp_path):
+    from graft.data import load_records
+    from graft.tasks.collate import record_options
+
+    head = HEADS["classification"](tiny_body(), id2label=LABELS)
+    path = labelled_csv(tmp_path / "test.csv", rows=60, bad_row=50)  # in the second batch of 32
+    with pytest.raises(GraftError) as error:
+        list(load_records(path, **record_options(head, labelled=True)))
+    assert str(error.value) == (
+        f"{path}, line 51, column 'label': label 'postive' is not one of the model's labels "
+        "(known: negative, neutral, positive); did you mean 'positive'?"
+    )
+    stream = load_records(path, skip_bad_rows=True, **record_options(head, labelled=True))
+    assert len(list(stream)) == 59 and stream.stats.skipped == {"unknown label": 1}
+
+
+def test_eval_needs_a_label_column_and_says_how_to_name_one(tmp_path):
+    from graft.data import load_records
+    from graft.tasks.collate import record_options
+
+    head = HEADS["classification"](tiny_body(), id2label=LABELS)
+    path = tmp_path / "test.csv"
+    path.write_text("text,gold\nfine,positive\n", encoding="utf-8")
+    with pytest.raises(GraftError) as error:
+        list(load_records(path, **record_options(head, labelled=True)))
+    assert str(error.value) == (
+        f"{path}, line 1, column 'label': no such column (available: 'text', 'gold'); "
+        "name it with --column COL=label (data.columns: {COL: label} in a recipe)"
+    )
+
+
+def test_predict_reads_no_labels(tmp_path):
+    from graft.data import load_records
+    from graft.tasks.collate import record_options
+
+    head = HEADS["classification"](tiny_body(), id2label=LABELS)
+    path = labelled_csv(tmp_path / "in.csv", rows=3, bad_row=2, bad_label="")  # unknown and even empty
+    records = list(load_records(path, **record_options(head, labelled=False)))
+    assert records == [{"text": "text 1"}, {"text": "text 2"}, {"text": "text 3"}]
+    regression = HEADS["classification"](tiny_body(), num_labels=1, problem_type="regression")
+    path.write_text("text,score\na,not a number\n", encoding="utf-8")
+    assert list(load_records(path, columns={"score": "label"}, **record_options(regression, False))) == [
+        {"text": "a"}
+    ]
+
+
+def test_predict_reads_a_conll_file_without_tags_and_eval_checks_its_tags(tmp_path):
+    from graft.data import load_records
+    from graft.tasks.collate import record_options
+
+    head = HEADS["token-classification"](tiny_body(), id2label=TAGS)
+    path = tmp_path / "in.conll"
+    path.write_text("Ann B-PER\nsmiled O\n\nBob B-LOC\n", encoding="utf-8")
+    assert list(load_records(path, **record_options(head, labelled=False))) == [
+        {"tokens": ["Ann", "smiled"]},
+        {"tokens": ["Bob"]},
+    ]
+    with pytest.raises(GraftError) as error:
+        list(load_records(path, **record_options(head, labelled=True)))
+    assert str(error.value) == (
+        f"{path}, line 4, column 'tags': label 'B-LOC' is not one of the model's labels "
+        "(known: O, B-PER, I-PER, B-ORG, I-ORG); did you mean 'B-ORG'?"
+    )
+
+
+def test_collate_names_an_unknown_label_with_the_known_ones(wordpiece):
+    head = HEADS["classification"](tiny_body(), id2label=LABELS)
+    with pytest.raises(GraftError) as error:
+        head.collate([{"text": "a", "label": "positive"}, {"text": "b", "label": "Neutral"}], wordpiece)
+    assert str(error.value) == (
+        "record 2: label 'Neutral' is not one of the model's labels (known: negative, neutral, positive); "
+        "did you mean 'neutral'?"
+    )
+
+
+def test_predict_and_eval_at_the_command_line_name_file_and_line_and_skip_bad_rows(tmp_path, minilm):
+    from test_predict_cli import graft, one_line_error, task_folder
+
+    folder = task_folder(
+        tmp_path, minilm, transformers.AutoModelForSequenceClassification, id2label=dict(enumerate(LABELS))
+    )
+    data = labelled_csv(tmp_path / "test.csv", rows=60, bad_row=50)
+    line = one_line_error(graft("eval", folder, "--data", data))
+    assert line == (
+        f"error: {data}, line 51, column 'label': label 'postive' is not one of the model's labels "
+        "(known: negative, neutral, positive); did you mean 'positive'?"
+    )
+    result = graft("predict", folder, "--input", data)  # predict needs no labels, so ignores them
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 60
+
+    for command in (["eval", folder, "--data", data], ["predict", folder, "--input", data]):
+        result = graft(*command, "--skip-bad-rows")
+        assert result.returncode == 0, result.stderr
+        skipped = [line for line in result.stderr.splitlines() if "skipped" in line]
+        if command[0] == "predict":
+            assert not skipped and len(result.stdout.splitlines()) == 60
+            continue
+        assert skipped == [
+            f"skipped 1 bad rows of {data} (first: line 51, column 'label': label 'postive' is not one of "
+            "the model's labels (known: negative, neutral, positive); did you mean 'positive'?); "
+            "1 unknown label; kept 59 rows"
+        ]
+        assert '"examples": 59' in result.stdout
+    line = one_line_error(graft("predict", folder, "--input", data, "--encoding", "klingon"))
+    assert line.startswith("error: encoding: 'klingon' is not a text encoding") and "--encoding" in line

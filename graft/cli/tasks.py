@@ -31,6 +31,13 @@ MaxLengthOpt = Annotated[
     int | None, typer.Option(min=8, help="Tokens per row (default: the model's window).")
 ]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: cuda when available).")]
+SkipBadRowsOpt = Annotated[
+    bool, typer.Option("--skip-bad-rows", help="Skip rows that cannot be read; count them on stderr.")
+]
+EncodingOpt = Annotated[
+    str,
+    typer.Option(help="Text encoding: auto (UTF-8; cp1252 for a class folder's non-UTF-8 files), cp1252..."),
+]
 
 
 def parse_columns(pairs: list[str] | None) -> dict[str, str]:
@@ -62,13 +69,21 @@ def load_task_model(model: str, device: str | None):
     return m, Tokenizer.from_folder(folder)
 
 
-def read_records(path: Path, fmt: str | None, columns: list[str] | None, head: Any):
+def read_records(
+    path: Path,
+    fmt: str | None,
+    columns: list[str] | None,
+    head: Any,
+    labelled: bool = False,
+    skip_bad_rows: bool = False,
+    encoding: str = "auto",
+):
+    """The records of ``path`` for ``head``: predict reads no labels, eval checks them (graft.tasks.collate)."""
     from graft.data import load_records
+    from graft.tasks.collate import record_options
 
-    label_kind = {"multi_label": "multi", "regression": "float"}.get(
-        getattr(head, "problem_type", ""), "class"
-    )
-    return load_records(path, fmt, parse_columns(columns), label_kind=label_kind)
+    options = record_options(head, labelled)
+    return load_records(path, fmt, parse_columns(columns), skip_bad_rows, encoding=encoding, **options)
 
 
 def jsonl_line(record: dict[str, Any], prediction: dict[str, Any]) -> str:
@@ -106,6 +121,8 @@ def predict(
         typer.Option(help="QA with unanswerable questions: how much the no-answer score must win by."),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Causal LM: tokens to generate.")] = 64,
+    skip_bad_rows: SkipBadRowsOpt = False,
+    encoding: EncodingOpt = "auto",
 ) -> None:
     """Predict with a task model: one JSON line per input record."""
     from graft.io.atomic import atomic_path
@@ -113,7 +130,7 @@ def predict(
     from graft.tasks.predict import predict as run
 
     m, tokenizer = load_task_model(model, device)
-    records = read_records(input, fmt, column, m.head)
+    records = read_records(input, fmt, column, m.head, skip_bad_rows=skip_bad_rows, encoding=encoding)
     if m.task == "causal-lm":
         pairs = generate(m, tokenizer, records, min(batch_size, 8), max_length, max_new_tokens)
     else:
@@ -149,6 +166,8 @@ def evaluate(
     batch_size: BatchOpt = 32,
     max_length: MaxLengthOpt = None,
     device: DeviceOpt = None,
+    skip_bad_rows: SkipBadRowsOpt = False,
+    encoding: EncodingOpt = "auto",
 ) -> None:
     """Evaluate a task model on labelled data: prints the task's metrics as JSON."""
     from graft.io.atomic import atomic_path, write_json
@@ -157,7 +176,11 @@ def evaluate(
     m, tokenizer = load_task_model(model, device)
     records, predictions = [], []
     for record, prediction in run(
-        m, tokenizer, read_records(data, fmt, column, m.head), batch_size, max_length
+        m,
+        tokenizer,
+        read_records(data, fmt, column, m.head, True, skip_bad_rows, encoding),
+        batch_size,
+        max_length,
     ):
         records.append(record)
         predictions.append(prediction)

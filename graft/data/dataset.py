@@ -15,7 +15,7 @@ import numpy as np
 from graft.data.formats import open_source
 from graft.data.labels import LabelMap
 from graft.data.readers import Source
-from graft.data.records import BadRow, LoadStats, ReadOptions, Record, did_you_mean
+from graft.data.records import BadRow, LoadStats, ReadOptions, Record, check_encoding, did_you_mean, quoted
 from graft.errors import GraftError
 
 
@@ -42,6 +42,9 @@ class DataSpec:
     stratify: bool = True  # keep class proportions in each split (single-label data only)
     skip_bad_rows: bool = False
     replace_bad_utf8: bool = False
+    # 'auto': UTF-8, except that a text file in a class folder that is not UTF-8 is read as cp1252
+    # (with a note naming the first); or a codec for every file: utf-8, cp1252, latin-1...
+    encoding: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("val_fraction", "test_fraction"):
@@ -49,6 +52,8 @@ class DataSpec:
                 raise GraftError(f"data.{name}: must be in [0, 1), got {getattr(self, name)}")
         if self.val_fraction + self.test_fraction >= 1:
             raise GraftError("data: val_fraction + test_fraction must leave rows for training")
+        if self.encoding != "auto":
+            check_encoding(self.encoding, "data.encoding")
         self.read_options()  # checks the column mapping and the label kind now, not at first read
 
     def read_options(self) -> ReadOptions:
@@ -58,6 +63,7 @@ class DataSpec:
             self.label_kind,
             self.label_delimiter,
             self.replace_bad_utf8,
+            self.encoding,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,9 +103,25 @@ def load_records(
     label_kind: str = "class",
     label_delimiter: str = ",",
     replace_bad_utf8: bool = False,
+    encoding: str = "auto",
+    ignore: tuple[str, ...] = (),
+    labels: list[str] | None = None,
 ) -> RecordStream:
-    """Stream the records of a file, folder or 'hf:' data set; nothing is held in memory."""
-    options = ReadOptions(dict(columns or {}), tuple(required), label_kind, label_delimiter, replace_bad_utf8)
+    """Stream the records of a file, folder or 'hf:' data set; nothing is held in memory.
+
+    ``ignore`` names record keys not to read (predict ignores labels); ``labels`` are the only
+    class names a row may have (eval checks them against the model's, naming file and line).
+    """
+    options = ReadOptions(
+        dict(columns or {}),
+        tuple(required),
+        label_kind,
+        label_delimiter,
+        replace_bad_utf8,
+        encoding,
+        tuple(ignore),
+        None if labels is None else tuple(labels),
+    )
     return RecordStream(open_source(path, format, options), skip_bad_rows)
 
 
@@ -156,7 +178,7 @@ def index_source(source: Source, stats: LoadStats, label_kind: str, known: Label
         if known is not None and labels is not None:
             column = source.column("label" if "label" in record else "tags")
             try:
-                known.encode(labels, f"{where}, column '{column}'")
+                known.encode(labels, f"{where}, column {quoted([column])}")
             except BadRow as error:
                 stats.bad(error)
                 continue

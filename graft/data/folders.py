@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from graft.data.readers import Source, check_file, missing_path_error
-from graft.data.records import BadRow, LoadStats, Record
+from graft.data.records import BadRow, LoadStats, Record, logger
 from graft.errors import GraftError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -57,36 +57,61 @@ class _FolderSource(Source):
         if not self.files:
             kinds = "image files" if self.suffixes else "files"
             raise GraftError(f"{self.path}, row 0: empty folder (no {kinds} in its class sub-folders)")
+        fallbacks: list[tuple[Path, str]] = []  # (file, encoding) of each file read as other than UTF-8
         for key, (file, _) in enumerate(self.files):
             try:
-                record = self.load(key)
+                record, codec = self._read(key)
             except BadRow as error:
                 stats.bad(error)
                 continue
+            if codec is not None:
+                fallbacks.append((file, codec))
             yield key, f"{file}, row {key}", record
+        if fallbacks:
+            first, codec = fallbacks[0]
+            logger.warning(
+                f"note: {len(fallbacks)} of the {len(self.files)} files of {self.path} "
+                f"{'is' if len(fallbacks) == 1 else 'are'} not UTF-8 and {'was' if len(fallbacks) == 1 else 'were'} "
+                f"read as {codec} (first: {self._id(first)}); name the encoding with --encoding "
+                "(data.encoding in a recipe) to read them otherwise"
+            )
+
+    def load(self, key: int) -> Record:
+        return self._read(key)[0]
+
+    def _read(self, key: int) -> tuple[Record, str | None]:
+        """The record at ``key``, and the encoding it fell back to when its file is not UTF-8."""
+        raise NotImplementedError
 
     def _id(self, file: Path) -> str:
         return file.relative_to(self.path).as_posix()
 
 
 class TextFolderSource(_FolderSource):
-    """Text files read as UTF-8: ``root/<label>/<any name>``."""
+    """Text files: ``root/<label>/<any name>``. With encoding 'auto' a file is read as UTF-8, or as
+    cp1252 when it is not UTF-8 (old English corpora, BBC News among them, are Windows-1252)."""
 
     format = "textfolder"
 
-    def load(self, key: int) -> Record:
+    def _read(self, key: int) -> tuple[Record, str | None]:
         file, label = self.files[key]
         raw = file.read_bytes()
         text, bad = self.decode(raw)
+        codec = None
+        if bad is not None and self.options.encoding == "auto":
+            # cp1252 leaves five bytes undefined; latin-1 decodes any byte
+            codec = "cp1252" if not _undefined_in_cp1252(raw) else "latin-1"
+            text, bad = raw.decode(codec), None
         if bad is not None:
             line = raw.count(b"\n", 0, bad) + 1
-            raise BadRow(
-                "not UTF-8",
-                f"{file}, line {line}, column 'text': text is not UTF-8 (byte 0x{raw[bad]:02x} at byte offset {bad})",
-            )
+            raise self.bad_text(f"{file}, line {line}", "text", raw[bad], bad)
         if not text.strip():
             raise BadRow("empty file", f"{file}, line 1, column 'text': empty file")
-        return {"text": text.removeprefix("\ufeff"), "label": label, "id": self._id(file)}
+        return {"text": text.removeprefix("\ufeff"), "label": label, "id": self._id(file)}, codec
+
+
+def _undefined_in_cp1252(raw: bytes) -> bool:
+    return any(byte in raw for byte in (b"\x81", b"\x8d", b"\x8f", b"\x90", b"\x9d"))
 
 
 class ImageFolderSource(_FolderSource):
@@ -95,9 +120,9 @@ class ImageFolderSource(_FolderSource):
     format = "imagefolder"
     suffixes = IMAGE_SUFFIXES
 
-    def load(self, key: int) -> Record:
+    def _read(self, key: int) -> tuple[Record, str | None]:
         file, label = self.files[key]
-        return {"image": read_image(file, f"{file}, row {key}"), "label": label, "id": self._id(file)}
+        return {"image": read_image(file, f"{file}, row {key}"), "label": label, "id": self._id(file)}, None
 
 
 def read_image(file: Path, where: str) -> np.ndarray:

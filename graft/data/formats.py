@@ -75,8 +75,8 @@ def detect_format(path: str | Path) -> str:
     if suffix == ".json":
         return _json_kind(path)
     raise GraftError(
-        f"{path}: cannot tell the format from the name; pass format= one of {quoted(FORMATS)} "
-        "(or prefix a datasets name with 'hf:')"
+        f"{path}: cannot tell the format from the name; pass --format (data.format in a recipe), "
+        f"one of {quoted(FORMATS)} (or prefix a datasets name with 'hf:')"
     )
 
 
@@ -95,5 +95,8 @@ def open_source(path: str | Path, format: str | None = None, options: ReadOption
     """The reader for ``path`` (``format`` detected when None)."""
     format = format or detect_format(path)
     if format not in FORMATS:
-        raise GraftError(f"format: '{format}' is not one of {quoted(FORMATS)}{did_you_mean(format, FORMATS)}")
+        raise GraftError(
+            f"format: '{format}' is not one of {quoted(FORMATS)}{did_you_mean(format, FORMATS)} "
+            "(--format, data.format in a recipe)"
+        )
     return FORMATS[format](path, options)

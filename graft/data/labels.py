@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from graft.data.records import BadRow
+from graft.data.records import label_error
 from graft.errors import GraftError
 from graft.io.atomic import write_text
 
@@ -53,10 +53,7 @@ class LabelMap:
         if isinstance(label, list):
             return [self.encode(item, where) for item in label]
         if label not in self.label2id:
-            known = ", ".join(self.id2label[:20]) + (f", ... ({len(self)} in all)" if len(self) > 20 else "")
-            raise BadRow(
-                "unseen label", f"{where}: label '{label}' was never seen in training (known: {known})"
-            )
+            raise label_error("unseen label", where, label, self.id2label, "was never seen in training")
         return self.label2id[label]
 
     def decode(self, index: int) -> str:

@@ -26,6 +26,7 @@ from graft.data.records import (
     did_you_mean,
     has_bad_utf8,
     quoted,
+    shown,
 )
 from graft.errors import GraftError
 
@@ -59,17 +60,32 @@ class Source:
         # DataLoader workers get a copy without the open handle, and reopen the file themselves.
         return {**self.__dict__, "_handle": None}
 
+    @property
+    def codec(self) -> str:
+        """The encoding text is decoded with ('auto' reads UTF-8)."""
+        return "utf-8" if self.options.encoding == "auto" else self.options.encoding
+
     def decode(self, raw: bytes) -> tuple[str, int | None]:
-        """The text of ``raw`` and the index of its first byte that is not UTF-8 (None if all are).
+        """The text of ``raw`` and the index of its first byte that does not decode (None if all do).
 
         Bad bytes are kept as surrogates, so that a reader can tell which column holds them.
         """
         try:
-            return raw.decode("utf-8"), None
+            return raw.decode(self.codec), None
         except UnicodeDecodeError as error:
             if self.options.replace_bad_utf8:
-                return raw.decode("utf-8", "replace"), None
-            return raw.decode("utf-8", "surrogateescape"), error.start
+                return raw.decode(self.codec, "replace"), None
+            return raw.decode(self.codec, "surrogateescape"), error.start
+
+    def bad_text(self, where: str, column: str, byte: int, offset: int) -> BadRow:
+        """A row whose text in ``column`` does not decode: byte value ``byte`` at ``offset`` in the file."""
+        name = "UTF-8" if self.codec.replace("_", "-").lower() in ("utf-8", "utf8") else self.codec
+        return BadRow(
+            f"not {name}",
+            f"{where}, column {quoted([column])}: text is not {name} (byte 0x{byte:02x} at byte offset "
+            f"{offset}); if the file has another encoding, name it with --encoding, e.g. --encoding cp1252 "
+            "(data.encoding in a recipe)",
+        )
 
     def _mmap(self) -> mmap.mmap:
         if self._handle is None:
@@ -110,12 +126,17 @@ def read_lines(f: BinaryIO) -> Iterator[tuple[int, int, bytes]]:
         yield number, start, raw
 
 
-def not_utf8(where: str, column: str, raw: bytes, index: int, line_start: int) -> BadRow:
-    return BadRow(
-        "not UTF-8",
-        f"{where}, column '{column}': text is not UTF-8 "
-        f"(byte 0x{raw[index]:02x} at byte offset {line_start + index})",
-    )
+class DuplicateKey(Exception):
+    """A JSON object with the same key twice (json keeps the last value silently)."""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: the object as a dict, or DuplicateKey naming the repeated key."""
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen: set[str] = set()
+        raise DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return row
 
 
 class CsvSource(Source):
@@ -182,7 +203,7 @@ class CsvSource(Source):
         if n < expected:
             raise BadRow(
                 "wrong field count",
-                f"{where}, column '{self.header[n]}': missing (the row has {n} fields, the header {expected})",
+                f"{where}, column {quoted([self.header[n]])}: missing (the row has {n} fields, the header {expected})",
             )
         if n > expected:
             raise BadRow(
@@ -199,7 +220,7 @@ class CsvSource(Source):
         for column in self.rows.mapping:  # bad bytes in a column nobody reads do no harm
             if has_bad_utf8(row[column]):
                 number, offset, raw, index = bad_lines[0]
-                raise not_utf8(f"{self.path}, line {number}", column, raw, index, offset)
+                raise self.bad_text(f"{self.path}, line {number}", column, raw[index], offset + index)
 
 
 class TsvSource(CsvSource):
@@ -238,11 +259,18 @@ class JsonlSource(Source):
     def _parse(self, raw: bytes, where: str, offset: int) -> Record:
         text, bad = self.decode(raw)
         try:
-            row = json.loads(text)
+            row = json.loads(text, object_pairs_hook=unique_keys)
         except json.JSONDecodeError as error:
             raise BadRow(
                 "malformed JSON", f"{where}, char {error.colno}: malformed JSON ({error.msg})"
             ) from None
+        except DuplicateKey as error:
+            raise BadRow(
+                "duplicate key",
+                f"{where}, column {quoted([str(error)])}: the object has the key twice, so its value is ambiguous",
+            ) from None
+        except RecursionError:
+            raise BadRow("malformed JSON", f"{where}: malformed JSON (nested too deeply)") from None
         if not isinstance(row, dict):
             raise BadRow("malformed JSON", f"{where}: expected a JSON object, got {type(row).__name__}")
         if self.rows is None:
@@ -250,7 +278,7 @@ class JsonlSource(Source):
         if bad is not None:
             for column in self.rows.mapping:
                 if has_bad_utf8(row.get(column)):
-                    raise not_utf8(where, column, raw, bad, offset)
+                    raise self.bad_text(where, column, raw[bad], offset + bad)
         return self.rows.build(row, where)
 
 
@@ -262,7 +290,8 @@ class ConllSource(Source):
 
     def __init__(self, path: str | Path, options: ReadOptions | None = None) -> None:
         super().__init__(path, options)
-        self.rows = RowBuilder({"tokens": "tokens", "tags": "tags"})
+        keys = [key for key in ("tokens", "tags") if key not in self.options.ignore]
+        self.rows = self.options.builder({key: key for key in keys})
 
     def scan(self, stats: LoadStats) -> Iterator[tuple[int, str, Record]]:
         check_file(self.path)
@@ -293,20 +322,22 @@ class ConllSource(Source):
 
     def _sentence(self, lines: list[tuple[int, int, bytes]]) -> Record:
         tokens, tags = [], []
+        tagged = "tags" in self.rows.mapping  # predict reads the tokens alone: a tag may be missing
         for number, offset, raw in lines:
             text, bad = self.decode(raw)
             parts = text.split()
             where = f"{self.path}, line {number}"
-            if len(parts) < 2:
+            if len(parts) < 1 + tagged:
                 raise BadRow(
                     "malformed CoNLL",
-                    f"{where}, column 'tags': expected a token and a tag, got {text.strip()!r}",
+                    f"{where}, column 'tags': expected a token and a tag, got {shown(text.strip())}",
                 )
-            if bad is not None and (has_bad_utf8(parts[0]) or has_bad_utf8(parts[-1])):
-                raise not_utf8(where, "tokens" if has_bad_utf8(parts[0]) else "tags", raw, bad, offset)
+            if bad is not None and (has_bad_utf8(parts[0]) or (tagged and has_bad_utf8(parts[-1]))):
+                column = "tokens" if has_bad_utf8(parts[0]) else "tags"
+                raise self.bad_text(where, column, raw[bad], offset + bad)
             tokens.append(parts[0])
             tags.append(parts[-1])
-        return {"tokens": tokens, "tags": tags}
+        return self.rows.build({"tokens": tokens, "tags": tags}, f"{self.path}, line {lines[0][0]}")
 
 
 class SquadSource(Source):
@@ -317,8 +348,8 @@ class SquadSource(Source):
 
     def __init__(self, path: str | Path, options: ReadOptions | None = None) -> None:
         super().__init__(path, options)
-        keys = ("id", "question", "context", "answers")
-        self.rows = RowBuilder(dict(zip(keys, keys, strict=True)))
+        keys = [key for key in ("id", "question", "context", "answers") if key not in self.options.ignore]
+        self.rows = self.options.builder({key: key for key in keys})
         self.records: list[Record] = []
 
     def scan(self, stats: LoadStats) -> Iterator[tuple[int, str, Record]]:
@@ -326,11 +357,18 @@ class SquadSource(Source):
         raw = Path(self.path).read_bytes()
         text, bad = self.decode(raw)
         try:
-            document = json.loads(text)
+            document = json.loads(text, object_pairs_hook=unique_keys)
         except json.JSONDecodeError as error:
             raise GraftError(
                 f"{self.path}, line {error.lineno}, char {error.colno}: malformed JSON ({error.msg})"
             ) from None
+        except DuplicateKey as error:
+            raise GraftError(
+                f"{self.path}, column {quoted([str(error)])}: an object has the key twice, so its value "
+                "is ambiguous"
+            ) from None
+        except RecursionError:
+            raise GraftError(f"{self.path}, line 1: malformed JSON (nested too deeply)") from None
         if not isinstance(document, dict) or not isinstance(document.get("data"), list):
             raise GraftError(
                 f"{self.path}, line 1, column 'data': not SQuAD-style JSON (expected {{'data': [...]}})"
@@ -366,12 +404,7 @@ class SquadSource(Source):
         if bad is not None:
             for column, value in row.items():
                 if has_bad_utf8(value):
-                    line = raw.count(b"\n", 0, bad) + 1
-                    raise BadRow(
-                        "not UTF-8",
-                        f"{where}, column '{column}': text is not UTF-8 (the file's first bad byte, "
-                        f"0x{raw[bad]:02x}, is on line {line} at byte offset {bad})",
-                    )
+                    raise self.bad_text(where, column, raw[bad], bad)
         return self.rows.build(row, where)
 
 

@@ -15,6 +15,7 @@ map is the same whichever file format the labels came from.
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import logging
 import math
@@ -66,14 +67,45 @@ LABEL_KINDS = ("class", "multi", "float")
 _SURROGATE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by 'surrogateescape'
 
 
+SHOWN = 60  # characters of a user's value an error message shows: a 16 MB field is not a message
+
+
 def quoted(names: Iterable[str]) -> str:
-    return ", ".join(f"'{name}'" for name in names)
+    """'a', 'b': names as an error message shows them, on one line, long ones cut."""
+    return ", ".join(_quote(str(name)) for name in names)
+
+
+def _quote(name: str) -> str:
+    short = name if len(name) <= SHOWN else f"{name[:SHOWN]}..."
+    return f"'{short}'" if short.isprintable() else repr(short)
+
+
+def shown(value: Any) -> str:
+    """repr(value) cut to a readable length, with the full length said when cut."""
+    text = repr(value)
+    return text if len(text) <= 2 * SHOWN else f"{text[: 2 * SHOWN]}... ({len(text)} characters)"
+
+
+def known_labels(labels: list[str]) -> str:
+    """The first labels of a long list, for an error message."""
+    return ", ".join(label[:SHOWN] for label in labels[:20]) + (
+        f", ... ({len(labels)} in all)" if len(labels) > 20 else ""
+    )
+
+
+def label_error(reason: str, where: str, label: str, labels: list[str], fault: str) -> BadRow:
+    """A row whose label is not one of ``labels``: names the label, lists the known ones, suggests one."""
+    return BadRow(
+        reason,
+        f"{where}: label {quoted([label])} {fault} (known: {known_labels(labels)})"
+        f"{did_you_mean(label, labels)}",
+    )
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """'; did you mean 'x'?' when a choice is close to ``name``, else ''."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
+    return f"; did you mean {quoted(close)}?" if close else ""
 
 
 def has_bad_utf8(value: Any) -> bool:
@@ -117,9 +149,14 @@ class LoadStats:
         return sum(self.skipped.values())
 
     def summary(self) -> str:
+        """'skipped 2 bad rows of a.csv (first: line 3: ...); 1 not UTF-8, 1 missing label; kept 40 rows'"""
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items()))
         first = next(iter(self.first_error.values()), "")
-        return f"{self.source}: kept {self.rows} rows, skipped {self.n_skipped} bad rows ({reasons}); first: {first}"
+        first = first.removeprefix(f"{self.source}, ").removeprefix(f"{self.source.rstrip('/')}/")
+        return (
+            f"skipped {self.n_skipped} bad rows of {self.source} (first: {first}); {reasons}; "
+            f"kept {self.rows} rows"
+        )
 
     def log(self) -> None:
         if self.skipped:
@@ -135,8 +172,15 @@ class ReadOptions:
     label_kind: str = "class"  # class | multi | float
     label_delimiter: str = ","  # splits a multi-label string: "sport,politics"
     replace_bad_utf8: bool = False  # decode bytes that are not UTF-8 as U+FFFD instead of failing
+    # How bytes become text: 'auto' is UTF-8, except that a text file in a class folder that is not
+    # UTF-8 is read as cp1252 (with a note); any other name is a codec used for every file.
+    encoding: str = "auto"
+    ignore: tuple[str, ...] = ()  # record keys not to read at all (predict reads no labels)
+    labels: tuple[str, ...] | None = None  # the only class names a row may have (a model's labels)
 
     def __post_init__(self) -> None:
+        if self.encoding != "auto":
+            check_encoding(self.encoding)
         for source, key in self.columns.items():
             if key not in CANONICAL_KEYS:
                 raise GraftError(
@@ -153,13 +197,18 @@ class ReadOptions:
             )
 
     def resolve(self, available: Iterable[str], where: str) -> RowBuilder:
-        """Map the columns a file has to canonical keys; ``where`` names the header, e.g. 'a.csv, line 1'."""
-        available = list(available)
+        """Map the columns a file has to canonical keys; ``where`` names the header, e.g. 'a.csv, line 1'.
+
+        A column named twice is an error when it is read (which one holds the data?), and harmless
+        when it is not (spreadsheets export empty trailing header cells).
+        """
+        names = list(available)
+        available = list(dict.fromkeys(names))
         mapping: dict[str, str] = {}
         for source, key in self.columns.items():
             if source not in available:
                 raise GraftError(
-                    f"{where}, column '{source}': no such column (available: {quoted(available)})"
+                    f"{where}, column {quoted([source])}: no such column (available: {quoted(available)})"
                     f"{did_you_mean(source, available)}"
                 )
             mapping[source] = key
@@ -179,18 +228,52 @@ class ReadOptions:
                     for n in unused
                     if difflib.get_close_matches(n, (key, *DEFAULT_ALIASES[key]), cutoff=0.6)
                 ]
-                hint = f"; did you mean '{close[0]}'?" if close else ""
+                hint = f"; did you mean {quoted(close[:1])}?" if close else ""
                 raise GraftError(
                     f"{where}, column '{key}': no such column (available: {quoted(available)}){hint}; "
-                    f"name it with columns={{'<your column>': '{key}'}}"
+                    f"{name_it(key)}"
                 )
         if not keys & set(INPUT_KEYS) and "context" not in keys:
-            names = [alias for key in INPUT_KEYS for alias in DEFAULT_ALIASES[key]]
+            aliases = [alias for key in INPUT_KEYS for alias in DEFAULT_ALIASES[key]]
             raise GraftError(
-                f"{where}, column 'text': no input column (looked for {quoted(names)}; available: "
-                f"{quoted(available)}); name one with columns={{'<your column>': 'text'}}"
+                f"{where}, column 'text': no input column (looked for {quoted(aliases)}; available: "
+                f"{quoted(available)}); {name_it('text')}"
             )
-        return RowBuilder(mapping, self.label_kind, self.label_delimiter)
+        mapping = {source: key for source, key in mapping.items() if key not in self.ignore}
+        for source in mapping:
+            positions = [i + 1 for i, name in enumerate(names) if name == source]
+            if len(positions) > 1:
+                raise GraftError(
+                    f"{where}, column {quoted([source])}: the header names it twice (columns "
+                    f"{' and '.join(map(str, positions))}), so which one holds the data is ambiguous; "
+                    "rename one in the header"
+                )
+        return self.builder(mapping)
+
+    def builder(self, mapping: dict[str, str]) -> RowBuilder:
+        """The RowBuilder for ``mapping`` (file column -> record key) under these options."""
+        labels = None if self.labels is None or self.label_kind == "float" else list(self.labels)
+        return RowBuilder(mapping, self.label_kind, self.label_delimiter, labels)
+
+
+def name_it(key: str) -> str:
+    """The hint that maps a column to ``key``, in the CLI's words and a recipe's."""
+    return f"name it with --column COL={key} (data.columns: {{COL: {key}}} in a recipe)"
+
+
+def check_encoding(name: str, key: str = "encoding") -> None:
+    """Fail unless ``name`` is a codec that keeps ASCII as it is (files are split into lines as bytes)."""
+    try:
+        codecs.lookup(name)
+        ascii_safe = "a,\t\n".encode(name) == b"a,\t\n"
+    except (LookupError, UnicodeError, ValueError):
+        ascii_safe = None
+    if not ascii_safe:
+        fault = "is not a text encoding" if ascii_safe is None else "does not keep ASCII as it is"
+        raise GraftError(
+            f"{key}: '{name}' {fault}; use 'auto', 'utf-8', 'cp1252', 'latin-1' or another "
+            "ASCII-compatible codec (--encoding, data.encoding in a recipe)"
+        )
 
 
 @dataclass
@@ -200,6 +283,10 @@ class RowBuilder:
     mapping: dict[str, str]  # file column -> canonical key
     label_kind: str = "class"
     label_delimiter: str = ","
+    labels: list[str] | None = None  # the only class names allowed (label or tags); None allows any
+
+    def __post_init__(self) -> None:
+        self._allowed = None if self.labels is None else set(self.labels)
 
     def column(self, key: str) -> str:
         """The file's name for canonical ``key``, for error messages."""
@@ -211,9 +298,9 @@ class RowBuilder:
             if source not in row:
                 raise BadRow(
                     "missing column",
-                    f"{where}, column '{source}': missing from this row (it has {quoted(row)})",
+                    f"{where}, column {quoted([source])}: missing from this row (it has {quoted(row)})",
                 )
-            record[key] = self._value(key, row[source], f"{where}, column '{source}'")
+            record[key] = self._value(key, row[source], f"{where}, column {quoted([source])}")
         if "tokens" in record and "tags" in record and len(record["tokens"]) != len(record["tags"]):
             raise BadRow(
                 "tags/tokens mismatch",
@@ -224,7 +311,20 @@ class RowBuilder:
             _check_answers(
                 record["answers"], record["context"], f"{where}, column '{self.column('answers')}'"
             )
+        if self.labels is not None:
+            self._check_labels(record, where)
         return record
+
+    def _check_labels(self, record: Record, where: str) -> None:
+        for key in ("label", "tags"):
+            values = record.get(key)
+            values = values if isinstance(values, list) else [] if values is None else [values]
+            for value in values:
+                if value not in self._allowed:
+                    where = f"{where}, column {quoted([self.column(key)])}"
+                    raise label_error(
+                        "unknown label", where, value, self.labels, "is not one of the model's labels"
+                    )
 
     def _value(self, key: str, value: Any, where: str) -> Any:
         if key in TEXT_KEYS:
@@ -240,7 +340,7 @@ class RowBuilder:
                 return value.split()
             if not isinstance(value, list | tuple):
                 raise BadRow(
-                    "bad value", f"{where}: expected a list or a space-separated string, got {value!r}"
+                    "bad value", f"{where}: expected a list or a space-separated string, got {shown(value)}"
                 )
             return [str(item) for item in value]
         if key == "answers":
@@ -254,7 +354,7 @@ class RowBuilder:
             except (TypeError, ValueError):
                 number = math.nan
             if not math.isfinite(number):
-                raise BadRow("bad label", f"{where}: label {value!r} is not a finite number")
+                raise BadRow("bad label", f"{where}: label {shown(value)} is not a finite number")
             return number
         if self.label_kind == "multi":
             if isinstance(value, str):
@@ -265,7 +365,10 @@ class RowBuilder:
                 return []
             return [_class_name(value)]
         if isinstance(value, list | tuple | dict):
-            raise BadRow("bad label", f"{where}: expected one label, got {value!r}; use label_kind='multi'")
+            raise BadRow(
+                "bad label",
+                f"{where}: expected one label, got {shown(value)}; for several, set data.label_kind: multi",
+            )
         if value is None or value == "":
             raise BadRow("missing label", f"{where}: empty label")
         return _class_name(value)
@@ -287,13 +390,13 @@ def _answers(value: Any, where: str) -> dict[str, list]:
         }
     if not isinstance(value, dict) or not isinstance(value.get("text"), list) or "answer_start" not in value:
         raise BadRow(
-            "bad value", f"{where}: expected {{'text': [...], 'answer_start': [...]}}, got {value!r}"
+            "bad value", f"{where}: expected {{'text': [...], 'answer_start': [...]}}, got {shown(value)}"
         )
     texts, starts = value["text"], list(value["answer_start"])
     if len(texts) != len(starts) or not all(isinstance(t, str) for t in texts):
         raise BadRow("bad value", f"{where}: {len(texts)} answer texts for {len(starts)} answer_start values")
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in starts):
-        raise BadRow("bad value", f"{where}: answer_start must be whole numbers, got {starts!r}")
+        raise BadRow("bad value", f"{where}: answer_start must be whole numbers, got {shown(starts)}")
     return {"text": list(texts), "answer_start": starts}
 
 
@@ -302,6 +405,6 @@ def _check_answers(answers: dict[str, list], context: str, where: str) -> None:
         if context[start : start + len(text)] != text:
             raise BadRow(
                 "answer not in context",
-                f"{where}: answer {text!r} is not at answer_start {start} of the context "
-                f"(found {context[start : start + len(text)]!r})",
+                f"{where}: answer {shown(text)} is not at answer_start {start} of the context "
+                f"(found {shown(context[start : start + len(text)])})",
             )

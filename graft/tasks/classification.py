@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graft.data.records import label_error
 from graft.errors import GraftError
 from graft.nn import Transformer, TransformerOutput
 from graft.nn.dropout import Dropout
@@ -151,9 +152,12 @@ class ClassificationHead(Head):
         names = label if isinstance(label, list) else [label]
         unknown = [str(n) for n in names if str(n) not in label2id]
         if unknown:
-            raise GraftError(
-                f"{where(record, index)}: label {unknown[0]!r} is not one of the model's labels "
-                f"({', '.join(self.id2label[:20])})"
+            raise label_error(
+                "unknown label",
+                where(record, index),
+                unknown[0],
+                self.id2label,
+                "is not one of the model's labels",
             )
         if self.problem_type == "multi_label":
             row = [0.0] * self.num_labels

@@ -9,6 +9,29 @@ import torch
 from graft.errors import GraftError
 from graft.nn import TransformerConfig
 
+LABEL_KEYS = ("label", "tags", "answers")  # the record keys that hold what a model should predict
+LABELLED = {"classification": "label", "token-classification": "tags", "question-answering": "answers"}
+
+
+def record_options(head: Any, labelled: bool) -> dict[str, Any]:
+    """How to read a file of records for ``head``: ``load_records``' keyword arguments.
+
+    ``graft predict`` (labelled=False) reads no labels at all, so a label column the model has
+    never seen does no harm. ``graft eval`` (labelled=True) needs the labels, and checks each
+    class label against the model's as it reads, so a bad one is named by file and line.
+    """
+    problem = getattr(head, "problem_type", "")
+    label_kind = {"multi_label": "multi", "regression": "float"}.get(problem, "class")
+    if not labelled:
+        return {"label_kind": label_kind, "ignore": LABEL_KEYS}
+    key = LABELLED.get(head.task)
+    checked = key in ("label", "tags") and problem != "regression"
+    return {
+        "label_kind": label_kind,
+        "required": (key,) if key else (),
+        "labels": list(head.id2label) if checked else None,
+    }
+
 
 def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
     """The batch with its tensors on ``device`` (other values as they are)."""

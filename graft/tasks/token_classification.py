@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from graft.data.records import label_error
 from graft.errors import GraftError
 from graft.nn import Transformer, TransformerOutput
 from graft.nn.dropout import Dropout
@@ -200,9 +201,12 @@ class TokenClassificationHead(Head):
                 )
             unknown = [str(t) for t in record["tags"] if str(t) not in label2id]
             if unknown:
-                raise GraftError(
-                    f"{where(record, i)}: tag {unknown[0]!r} is not one of the model's labels "
-                    f"({', '.join(self.id2label)})"
+                raise label_error(
+                    "unknown label",
+                    f"{where(record, i)}, column 'tags'",
+                    unknown[0],
+                    self.id2label,
+                    "is not one of the model's labels",
                 )
         for row, first in enumerate(batch["firsts"]):
             tags = records[batch["example"][row]]["tags"]
