@@ -15,7 +15,6 @@ map is the same whichever file format the labels came from.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import re
@@ -24,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from graft.errors import GraftError
+from graft.errors import GraftError, did_you_mean
 
 logger = logging.getLogger("graft.data")
 
@@ -68,12 +67,6 @@ _SURROGATE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by
 
 def quoted(names: Iterable[str]) -> str:
     return ", ".join(f"'{name}'" for name in names)
-
-
-def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """'; did you mean 'x'?' when a choice is close to ``name``, else ''."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def has_bad_utf8(value: Any) -> bool:
@@ -174,12 +167,7 @@ class ReadOptions:
             if key not in keys:
                 # Suggest an unmapped column close to the key or to one of its usual names.
                 unused = [name for name in available if name not in mapping]
-                close = [
-                    n
-                    for n in unused
-                    if difflib.get_close_matches(n, (key, *DEFAULT_ALIASES[key]), cutoff=0.6)
-                ]
-                hint = f"; did you mean '{close[0]}'?" if close else ""
+                hint = next(filter(None, (did_you_mean(n, unused) for n in (key, *DEFAULT_ALIASES[key]))), "")
                 raise GraftError(
                     f"{where}, column '{key}': no such column (available: {quoted(available)}){hint}; "
                     f"name it with columns={{'<your column>': '{key}'}}"
