@@ -62,7 +62,8 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise GraftError(f"{where}: expected a mapping, got {shown(value)}")
-        return dict(value)
+        key_type, item = typing.get_args(hint) or (Any, Any)
+        return {coerce(k, key_type, where): coerce(v, item, f"{where}.{k}") for k, v in value.items()}
     if hint is bool:
         if isinstance(value, bool):
             return value

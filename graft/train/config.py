@@ -426,7 +426,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except IsADirectoryError:
         raise GraftError(f"{path}: is a folder, not a recipe file") from None
     except UnicodeDecodeError as e:
-        raise GraftError(f"{path}: a recipe is UTF-8 text (byte {e.start}: {e.reason})") from None
+        raise GraftError(f"{path}: a recipe is UTF-8 text (byte {e.start + 1}: {e.reason})") from None
     except OSError as e:
         raise GraftError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
     try:
