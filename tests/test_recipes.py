@@ -98,7 +98,9 @@ def test_a_bad_value_in_the_file_names_the_file_and_the_key(tmp_path, key, value
 @pytest.mark.parametrize("key,value,message", BAD_VALUES)
 def test_a_bad_override_names_the_override_not_the_file(tmp_path, key, value, message):
     override = f"{key}={value}"
-    assert error_of(tmp_path, "train: {epochs: 1}\n", [override]) == f"override {override}: {key}{tail(message)}"
+    assert (
+        error_of(tmp_path, "train: {epochs: 1}\n", [override]) == f"override {override}: {key}{tail(message)}"
+    )
 
 
 def test_an_override_is_blamed_for_a_value_it_could_not_read(tmp_path):
