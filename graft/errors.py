@@ -25,9 +25,15 @@ def did_you_mean(name: str, choices: Iterable[str], aliases: Mapping[str, str] |
     ``aliases`` are other spellings and what they stand for: ``{"learning_rate": "optim.lr"}``
     suggests 'optim.lr' for 'learning_rate' (or 'learningrate').
     """
+    close = closest(name, choices, aliases)
+    return f"; did you mean '{close}'?" if close else ""
+
+
+def closest(name: str, choices: Iterable[str], aliases: Mapping[str, str] | None = None) -> str | None:
+    """The choice most like ``name`` (difflib's ratio at least 0.6), or what its closest alias stands for."""
     table = {**{c: c for c in choices}, **(aliases or {})}
     close = difflib.get_close_matches(name, list(table), n=1, cutoff=0.6)
-    return f"; did you mean '{table[close[0]]}'?" if close else ""
+    return table[close[0]] if close else None
 
 
 def coerce(value: Any, hint: Any, where: str) -> Any:

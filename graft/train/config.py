@@ -4,7 +4,9 @@
     recipe.optim.lr          # 3e-05
     recipe.to_dict()         # the resolved recipe, as written to the run folder
 
-A misspelled key anywhere is a one-line GraftError that names the file and suggests the right key.
+Every number has a range and every name its choices, declared next to the field (``ranged``,
+``one_of``) and checked at load. A bad key or value is a one-line GraftError that names the key and
+who wrote it (the file, or the override), and suggests the full dotted key for a misspelled one.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import yaml
 
 from graft.data import FORMATS, DataSpec
 from graft.data.records import LABEL_KINDS
-from graft.errors import GraftError, coerce, did_you_mean, shown
+from graft.errors import GraftError, closest, coerce, did_you_mean, shown
 from graft.strategies import parse_strategy
 from graft.tasks import HEADS
 
-# build.py reads the hint under its old name.
+# graft.train.build still imports the hint under its old name; graft.errors.did_you_mean is the one to use.
 suggest = did_you_mean
 
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
@@ -303,15 +305,24 @@ def key_hint(key: str) -> str:
     """'; did you mean ...?' for an unknown dotted key, always with the full key: a typo at any level
     ('chekpoint.keep' -> 'checkpoint.keep'), a transformers name ('learning_rate' -> 'optim.lr'),
     or a field in the wrong section ('train.lr' -> 'optim.lr')."""
-    keys = recipe_keys()
     fields = {}  # a field's own name -> its dotted key (the first section that has it)
-    for k in keys:
+    for k in recipe_keys():
         fields.setdefault(k.rsplit(".", 1)[-1], k)
     table = {**fields, **ALIASES}
     last = key.rsplit(".", 1)[-1]
     if last in table:  # a known name in the wrong place
         return did_you_mean(last, (), table)
-    return did_you_mean(key, keys) or did_you_mean(last, (), table)
+    # each name corrected against those of its level
+    cls: Any = Recipe
+    fixed = []
+    for part in key.split("."):
+        names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+        name = closest(part, names)
+        if name is None:
+            return did_you_mean(last, (), table)
+        fixed.append(name)
+        cls = typing.get_type_hints(cls)[name]
+    return did_you_mean(key, (), {key: ".".join(fixed)})  # the corrected key, as an alias of the given one
 
 
 def origin(key: str, source: str, origins: dict[str, str] | None) -> str:
@@ -459,8 +470,10 @@ def load_recipe(
         key, value, raw = parse_override(text)
         said = f"override {text if text.isprintable() else shown(text)}"
         hint = set_dotted(data, key, value, said)
-        if hint in (str, str | None):  # text as typed: 'train.output=2024-01-01' is a folder, not a date
-            set_dotted(data, key, raw, said)
+        if hint in (str, str | None) and not isinstance(value, str):
+            set_dotted(
+                data, key, raw, said
+            )  # text as typed: 'train.output=2024-01-01' is a folder, not a date
         for k in [k for k in origins if k == key or k.startswith(key + ".")]:
             del origins[k]  # the last override of a key is the one to blame
         origins[key] = said
