@@ -2,7 +2,7 @@
 command-line overrides. Two outcomes only: a valid recipe (which then round-trips through YAML), or a
 GraftError of one line that names a key it was given. Never another exception.
 
-Seeded and derandomized: the same examples every run. `pytest -m slow` runs ten times as many.
+Seeded and derandomized: the same examples every run. `pytest -m slow` runs five times as many.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def test_a_random_recipe_loads_or_fails_on_one_line_naming_the_key(tmp_path, dat
 
 
 @pytest.mark.slow
-@fuzz(3000)
+@fuzz(1500)
 @given(data=recipes(), given_overrides=overrides())
 def test_a_random_recipe_loads_or_fails_on_one_line_naming_the_key_longer(tmp_path, data, given_overrides):
     check_one(tmp_path, data, given_overrides)
