@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from graft.errors import GraftError
+from graft.errors import GraftError, did_you_mean
 from graft.nn import KVCache
 from graft.nn.linear import frozen_weights, weight_store, weights_signature
 from graft.tasks import TaskModel
@@ -93,12 +93,7 @@ class GenerationConfig:
         names = {f.name for f in dataclasses.fields(self)}
         for key in changes:
             if key not in names:
-                import difflib
-
-                hint = difflib.get_close_matches(key, names, n=1)
-                raise GraftError(
-                    f"generation: unknown option {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                )
+                raise GraftError(f"generation: unknown option {key!r}{did_you_mean(key, names)}")
         return dataclasses.replace(self, **changes)
 
     @classmethod

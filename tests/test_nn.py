@@ -95,7 +95,7 @@ def test_config_round_trips_and_suggests_misspelled_keys():
         family="gpt2", vocab_size=10, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=8
     )
     assert TransformerConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(GraftError, match="unknown key 'hiden_size' \\(did you mean 'hidden_size'\\?\\)"):
+    with pytest.raises(GraftError, match="unknown key 'hiden_size'; did you mean 'hidden_size'\\?"):
         TransformerConfig.from_dict({**cfg.to_dict(), "hiden_size": 3})
 
 

@@ -65,10 +65,14 @@ def test_recipe_loads_with_overrides_and_coerces_types(tmp_path):
 @pytest.mark.parametrize(
     "text,overrides,message",
     [
-        ("optim: {lrr: 1}\n", [], "r.yaml: unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
-        ("trian: {epochs: 1}\n", [], "r.yaml: unknown key 'trian' (did you mean 'train'?)"),
-        ("", ["train.epoch=2"], "unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
-        ("optim: {name: adamx}\n", [], "optim.name: unknown value 'adamx' (did you mean 'adamw'?)"),
+        ("optim: {lrr: 1}\n", [], "r.yaml: unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
+        ("trian: {epochs: 1}\n", [], "r.yaml: unknown key 'trian'; did you mean 'train'?"),
+        ("", ["train.epoch=2"], "unknown key 'train.epoch'; did you mean 'train.epochs'?"),
+        (
+            "optim: {name: adamx}\n",
+            [],
+            "optim.name: unknown value 'adamx' (one of adamw, adafactor, sgd); did you mean 'adamw'?",
+        ),
         ("train: {batch_size: many}\n", [], "train.batch_size: expected int, got 'many'"),
         ("train: [1, 2]\n", [], "train: expected a mapping"),
         ("data: {val_fraction: 2}\n", [], "data.val_fraction: must be in [0, 1)"),

@@ -83,12 +83,16 @@ def test_train_writes_a_run_folder_and_resume_finishes_it(tmp_path, assets):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("optim.lrr=1", "error: override 'optim.lrr=1': unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
-        ("optim.name=adamx", "optim.name: unknown value 'adamx' (did you mean 'adamw'?)"),
+        ("optim.lrr=1", "error: override optim.lrr=1: unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
+        (
+            "optim.name=adamx",
+            "override optim.name=adamx: optim.name: unknown value 'adamx' (one of adamw, adafactor, sgd); did you mean 'adamw'?",
+        ),
         ("data.train=/nonexistent/train.csv", "error: /nonexistent/train.csv: no such file or folder"),
         (
             "task.name=clasification",
-            "task.name: unknown task 'clasification' (did you mean 'classification'?)",
+            "task.name: unknown value 'clasification' (one of causal-lm, classification, "
+            "token-classification, question-answering, embedding); did you mean 'classification'?",
         ),
     ],
 )

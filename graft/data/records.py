@@ -16,7 +16,6 @@ map is the same whichever file format the labels came from.
 from __future__ import annotations
 
 import codecs
-import difflib
 import logging
 import math
 import re
@@ -25,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from graft.errors import GraftError
+from graft.errors import GraftError, did_you_mean
 
 logger = logging.getLogger("graft.data")
 
@@ -100,12 +99,6 @@ def label_error(reason: str, where: str, label: str, labels: list[str], fault: s
         f"{where}: label {quoted([label])} {fault} (known: {known_labels(labels)})"
         f"{did_you_mean(label, labels)}",
     )
-
-
-def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """'; did you mean 'x'?' when a choice is close to ``name``, else ''."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {quoted(close)}?" if close else ""
 
 
 def has_bad_utf8(value: Any) -> bool:
@@ -223,12 +216,7 @@ class ReadOptions:
             if key not in keys:
                 # Suggest an unmapped column close to the key or to one of its usual names.
                 unused = [name for name in available if name not in mapping]
-                close = [
-                    n
-                    for n in unused
-                    if difflib.get_close_matches(n, (key, *DEFAULT_ALIASES[key]), cutoff=0.6)
-                ]
-                hint = f"; did you mean {quoted(close[:1])}?" if close else ""
+                hint = next(filter(None, (did_you_mean(n, unused) for n in (key, *DEFAULT_ALIASES[key]))), "")
                 raise GraftError(
                     f"{where}, column '{key}': no such column (available: {quoted(available)}){hint}; "
                     f"{name_it(key)}"

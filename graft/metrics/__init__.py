@@ -6,12 +6,11 @@ official SQuAD scripts, sacrebleu). Every function takes (predictions, reference
 perplexity, which takes negative log-likelihoods.
 """
 
-import difflib
 from collections.abc import Callable
 
 import numpy as np
 
-from graft.errors import GraftError
+from graft.errors import GraftError, did_you_mean
 from graft.metrics.classification import (
     accuracy,
     classification_report,
@@ -120,8 +119,7 @@ TASK_METRICS: dict[str, Callable[..., dict[str, float]]] = {
 
 def _lookup(table: dict, name: str, what: str):
     if name not in table:
-        close = difflib.get_close_matches(name, table, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; choose from {', '.join(table)}"
+        hint = did_you_mean(name, table) or f"; choose from {', '.join(table)}"
         raise GraftError(f"unknown {what} {name!r}{hint}")
     return table[name]
 

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from graft.errors import GraftError
+from graft.errors import GraftError, did_you_mean
 
 POSITIONS = ("learned", "sinusoidal", "rotary", "relative", "none")
 NORMS = ("layer", "rms")
@@ -105,9 +105,5 @@ class TransformerConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            import difflib
-
-            hint = difflib.get_close_matches(unknown[0], names, n=1)
-            suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise GraftError(f"{source}: unknown key {unknown[0]!r}{suffix}")
+            raise GraftError(f"{source}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], names)}")
         return cls(**d)

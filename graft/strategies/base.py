@@ -14,17 +14,15 @@ Every strategy also takes ``lr_decay`` (layer-wise learning-rate decay) and ``un
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import re
-import types
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import nn
 
-from graft.errors import GraftError
+from graft.errors import GraftError, coerce, did_you_mean
 from graft.nn import Transformer
 
 log = logging.getLogger("graft")
@@ -127,44 +125,6 @@ def format_value(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def suggest(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def coerce(value: Any, hint: Any, where: str) -> Any:
-    """A string from "name:key=value" (or a YAML value) as the option's type."""
-    origin = typing.get_origin(hint)
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if value is None and type(None) in typing.get_args(hint):
-        return None
-    if origin in (typing.Union, types.UnionType):
-        if isinstance(value, str) and value.lower() in ("none", "null", ""):
-            return None
-        return coerce(value, args[0], where)
-    if origin is list:
-        items = value.split("+") if isinstance(value, str) else value
-        if not isinstance(items, list | tuple):
-            raise GraftError(f"{where}: expected a list (a+b+c), got {value!r}")
-        return [coerce(v, args[0], where) for v in items]
-    try:
-        if hint is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
-                    raise ValueError
-                return value.lower() in ("true", "yes", "1")
-            return bool(value)
-        if hint is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if hint is float:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise GraftError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}") from None
-
-
 def parse_strategy(spec: str | Strategy, options: dict[str, Any] | None = None) -> Strategy:
     """A strategy from "name", "name:VALUE" or "name:key=value,key=value" (+ a dict of options)."""
     if isinstance(spec, Strategy):
@@ -172,7 +132,7 @@ def parse_strategy(spec: str | Strategy, options: dict[str, Any] | None = None) 
     name, _, rest = spec.strip().partition(":")
     if name not in STRATEGIES:
         raise GraftError(
-            f"strategy {name!r}: unknown{suggest(name, STRATEGIES)} (known: {', '.join(STRATEGIES)})"
+            f"strategy {name!r}: unknown (known: {', '.join(STRATEGIES)}){did_you_mean(name, STRATEGIES)}"
         )
     cls = STRATEGIES[name]
     given: dict[str, Any] = {}
@@ -191,7 +151,7 @@ def parse_strategy(spec: str | Strategy, options: dict[str, Any] | None = None) 
     for key, value in given.items():
         if key not in fields:
             raise GraftError(
-                f"strategy {name!r}: unknown option {key!r}{suggest(key, fields)} (options: {', '.join(fields)})"
+                f"strategy {name!r}: unknown option {key!r} (options: {', '.join(fields)}){did_you_mean(key, fields)}"
             )
         values[key] = coerce(value, hints[key], f"strategy {name!r}: option {key!r}")
     strategy = cls(**values)

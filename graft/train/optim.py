@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from graft.errors import GraftError
-from graft.train.config import OPTIMIZERS, OptimSection, suggest
+from graft.errors import GraftError, did_you_mean
+from graft.train.config import OPTIMIZERS, OptimSection
 
 
 def no_decay_names(model: nn.Module) -> set[str]:
@@ -60,5 +60,5 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimize
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **speed)
     raise GraftError(
-        f"optim.name: unknown optimizer {cfg.name!r}{suggest(cfg.name, OPTIMIZERS)} (one of {', '.join(OPTIMIZERS)})"
+        f"optim.name: unknown optimizer {cfg.name!r} (one of {', '.join(OPTIMIZERS)}){did_you_mean(cfg.name, OPTIMIZERS)}"
     )

@@ -21,30 +21,18 @@ from typing import Any
 
 from graft.errors import GraftError
 from graft.io.atomic import atomic_path, write_json, write_text
-from graft.train.config import Recipe, dump_recipe, set_dotted, with_overrides
+from graft.train.config import Recipe, check_space, dump_recipe, with_overrides
 from graft.train.loop import better_mode
 
-TYPES = ("float", "int", "categorical")
 
-
-def check_space(space: dict[str, dict[str, Any]]) -> None:
-    if not space:
+def import_optuna() -> Any:
+    try:
+        import optuna
+    except ModuleNotFoundError:
         raise GraftError(
-            "tune.space: empty; give at least one key, e.g. optim.lr: {type: float, low: 1e-5, high: 1e-3}"
-        )
-    for key, spec in space.items():
-        set_dotted({}, key, None, "tune.space")  # the key must exist in the recipe
-        if not isinstance(spec, dict):
-            raise GraftError(
-                f"tune.space.{key}: expected a mapping like {{type: float, low: ..., high: ...}}"
-            )
-        kind = spec.get("type", "float")
-        if kind not in TYPES:
-            raise GraftError(f"tune.space.{key}.type: {kind!r} is not one of {', '.join(TYPES)}")
-        needed = ("choices",) if kind == "categorical" else ("low", "high")
-        for name in needed:
-            if name not in spec:
-                raise GraftError(f"tune.space.{key}: a {kind} needs {name!r}")
+            'graft tune needs optuna, which is not installed: pip install "graft-ml[train]"'
+        ) from None
+    return optuna
 
 
 def suggest(trial: Any, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -73,20 +61,19 @@ def run_search(recipe: Recipe, trials: int | None = None, quiet: bool = False, r
 
     ``run(recipe, callbacks) -> result`` trains one trial (default: the recipe's full run).
     """
-    import optuna
-
+    optuna = import_optuna()
     from graft.train.build import run_recipe
 
     cfg = recipe.tune
+    if not cfg.space:
+        raise GraftError(
+            "tune.space: empty; give at least one key, e.g. optim.lr: {type: float, low: 1e-5, high: 1e-3}"
+        )
     check_space(cfg.space)
     metric = cfg.metric or recipe.eval.metric
     direction = cfg.direction
     if direction == "auto":
         direction = "minimize" if better_mode(metric, "auto") == "min" else "maximize"
-    if direction not in ("minimize", "maximize"):
-        raise GraftError(f"tune.direction: {direction!r} is not one of auto, minimize, maximize")
-    if cfg.pruner not in ("median", "none"):
-        raise GraftError(f"tune.pruner: {cfg.pruner!r} is not one of median, none")
     run = run or (lambda r, callbacks: run_recipe(r, quiet=True, callbacks=callbacks))
     base = Path(recipe.train.output)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -99,7 +86,7 @@ def run_search(recipe: Recipe, trials: int | None = None, quiet: bool = False, r
         direction=direction, sampler=optuna.samplers.TPESampler(seed=recipe.train.seed), pruner=pruner
     )
 
-    def objective(trial: optuna.Trial) -> float:
+    def objective(trial: Any) -> float:
         values = suggest(trial, cfg.space)
         trial_recipe = with_overrides(
             recipe, {**values, "train.output": str(base / f"trial-{trial.number:03d}")}
