@@ -108,10 +108,12 @@ def predict(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Causal LM: tokens to generate.")] = 64,
 ) -> None:
     """Predict with a task model: one JSON line per input record."""
-    from graft.io.atomic import atomic_path
+    from graft.io.atomic import atomic_path, check_output
     from graft.tasks.predict import generate
     from graft.tasks.predict import predict as run
 
+    if output is not None:
+        check_output(output, "--output", example="predictions.jsonl")
     m, tokenizer = load_task_model(model, device)
     records = read_records(input, fmt, column, m.head)
     if m.task == "causal-lm":
@@ -129,6 +131,7 @@ def predict(
             sys.stdout.write(jsonl_line(record, prediction))
         sys.stdout.flush()
         return
+    # predictions stream into a temporary file that becomes OUTPUT only once all are written
     with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for record, prediction in pairs:
             f.write(jsonl_line(record, prediction))
@@ -151,9 +154,11 @@ def evaluate(
     device: DeviceOpt = None,
 ) -> None:
     """Evaluate a task model on labelled data: prints the task's metrics as JSON."""
-    from graft.io.atomic import atomic_path, write_json
+    from graft.io.atomic import atomic_path, check_output, write_json
     from graft.tasks.predict import predict as run
 
+    if out is not None:
+        check_output(out, "--out", folder=True)
     m, tokenizer = load_task_model(model, device)
     records, predictions = [], []
     for record, prediction in run(
