@@ -82,6 +82,10 @@ CASES: dict[str, list[Case]] = {
             [f"{t / 'f'}: is a file, so --output {t / 'f' / 'out.jsonl'} cannot be created"],
         ),
         lambda t: (["predict", t / "no-model"], ["Missing option '--input'"]),
+        lambda t: (
+            ["predict", t / "no-model", "--input", "x.jsonl", "--device", "tpu"],
+            ["--device tpu: torch cannot use it here (Expected one of cpu, cuda"],
+        ),
     ],
     "eval": [
         lambda t: (
@@ -217,3 +221,16 @@ def task_model(tmp_path_factory, minilm) -> Path:
     transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
     Tokenizer.from_folder(minilm).save(path)
     return path
+
+
+def test_a_full_disk_names_the_output_not_its_temporary_file(cli, tmp_path, monkeypatch, minilm):
+    from pathlib import Path
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what write() raises: no file named
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    out = tmp_path / "emb.json"
+    line = cli("embed", minilm, "--text", "hi", "--out", out).error_line()
+    assert line == f"error: {out}: No space left on device"
+    assert list(tmp_path.iterdir()) == []

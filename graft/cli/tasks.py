@@ -43,17 +43,29 @@ def parse_columns(pairs: list[str] | None) -> dict[str, str]:
     return columns
 
 
-def load_task_model(model: str, device: str | None):
-    """The task model and tokenizer of a model folder (or Hub id)."""
+def pick_device(device: str | None) -> str:
+    """--device checked before the model loads: a name torch knows, on a device this machine has."""
     import torch
 
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=torch.device(device))
+    except (RuntimeError, AssertionError, NotImplementedError) as e:  # unknown name, no such device
+        reason = (str(e) or type(e).__name__).splitlines()[0].split(". ")[0]  # torch's first sentence
+        raise GraftError(f"--device {device}: torch cannot use it here ({reason})") from None
+    return device
+
+
+def load_task_model(model: str, device: str | None):
+    """The task model and tokenizer of a model folder (or Hub id)."""
     from graft.io.hf import resolve
     from graft.models.auto import load_model
     from graft.tasks import TaskModel
     from graft.tokenizer import Tokenizer
 
+    device = pick_device(device)
     folder = resolve(model)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     m = load_model(folder, device=device)
     if not isinstance(m, TaskModel):
         raise GraftError(

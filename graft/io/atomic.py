@@ -75,6 +75,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError as e:
+        # name the file the user asked for, not its temporary twin (a full disk names no file at all)
+        if e.filename is None or e.filename == str(tmp):
+            e.filename, e.filename2 = str(path), None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
