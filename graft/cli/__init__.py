@@ -30,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("graft")
+    level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
@@ -49,4 +50,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(130) from None
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
     raise SystemExit(code if isinstance(code, int) else 0)

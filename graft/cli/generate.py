@@ -45,13 +45,12 @@ def model_folder(model: str) -> Iterator[Path]:
 
 def load(model: str, dtype: DType, compile: bool = False):
     """(causal LM, tokenizer, the folder's generation_config.json)."""
-    import torch
-
     if compile and dtype is DType.float32:  # the library says the same, in Python's words, after loading
         raise GraftError(
             "--compile is for bfloat16 weights on CPU (float32 decoding runs at the speed of its matrix "
             "multiplies without it): add --dtype bfloat16"
         )
+    import torch
 
     from graft.models.auto import load_model
     from graft.tasks import TaskModel
