@@ -174,9 +174,7 @@ def test_unreadable_recipe_is_one_line_naming_it(cli, tmp_path, unreadable):
     recipe = unreadable(file(tmp_path / "recipe.yaml", "model: {path: x}\n"))
     for command in ("train", "tune", "compare"):
         line = cli(command, recipe).error_line()
-        assert line == f"error: {recipe}: Permission denied" or (
-            str(recipe) in line and "permission denied" in line.lower()
-        ), line
+        assert str(recipe) in line and "permission denied" in line.lower(), line
 
 
 def test_unreadable_lines_file_is_one_line_naming_it(cli, tmp_path, unreadable):
