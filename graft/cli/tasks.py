@@ -50,17 +50,29 @@ def parse_columns(pairs: list[str] | None) -> dict[str, str]:
     return columns
 
 
-def load_task_model(model: str, device: str | None):
-    """The task model and tokenizer of a model folder (or Hub id)."""
+def pick_device(device: str | None) -> str:
+    """--device checked before the model loads: a name torch knows, on a device this machine has."""
     import torch
 
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=torch.device(device))
+    except (RuntimeError, AssertionError, NotImplementedError) as e:  # unknown name, no such device
+        reason = (str(e) or type(e).__name__).splitlines()[0].split(". ")[0]  # torch's first sentence
+        raise GraftError(f"--device {device}: torch cannot use it here ({reason})") from None
+    return device
+
+
+def load_task_model(model: str, device: str | None):
+    """The task model and tokenizer of a model folder (or Hub id)."""
     from graft.io.hf import resolve
     from graft.models.auto import load_model
     from graft.tasks import TaskModel
     from graft.tokenizer import Tokenizer
 
+    device = pick_device(device)
     folder = resolve(model)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     m = load_model(folder, device=device)
     if not isinstance(m, TaskModel):
         raise GraftError(
@@ -125,10 +137,12 @@ def predict(
     encoding: EncodingOpt = "auto",
 ) -> None:
     """Predict with a task model: one JSON line per input record."""
-    from graft.io.atomic import atomic_path
+    from graft.io.atomic import atomic_path, check_output
     from graft.tasks.predict import generate
     from graft.tasks.predict import predict as run
 
+    if output is not None:
+        check_output(output, "--output", example="predictions.jsonl")
     m, tokenizer = load_task_model(model, device)
     records = read_records(input, fmt, column, m.head, skip_bad_rows=skip_bad_rows, encoding=encoding)
     if m.task == "causal-lm":
@@ -146,6 +160,7 @@ def predict(
             sys.stdout.write(jsonl_line(record, prediction))
         sys.stdout.flush()
         return
+    # predictions stream into a temporary file that becomes OUTPUT only once all are written
     with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for record, prediction in pairs:
             f.write(jsonl_line(record, prediction))
@@ -170,9 +185,11 @@ def evaluate(
     encoding: EncodingOpt = "auto",
 ) -> None:
     """Evaluate a task model on labelled data: prints the task's metrics as JSON."""
-    from graft.io.atomic import atomic_path, write_json
+    from graft.io.atomic import atomic_path, check_output, write_json
     from graft.tasks.predict import predict as run
 
+    if out is not None:
+        check_output(out, "--out", folder=True)
     m, tokenizer = load_task_model(model, device)
     records, predictions = [], []
     for record, prediction in run(

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from graft.errors import GraftError
+from graft.io.atomic import atomic_path, temporary_folder
 
 T = GGMLQuantizationType
 
@@ -533,11 +533,12 @@ def convert_gguf(
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = temporary_folder(out_dir)  # mkdtemp's 0700 would make the model unreadable to others
     try:
         _write_json(config, tmp / "config.json")
         tensors = {k: v.to(dtype).contiguous() for k, v in model.state_dict.items()}
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        with atomic_path(tmp / "model.safetensors") as part:  # safetensors writes 0600
+            save_file(tensors, part, metadata={"format": "pt"})
         model.tokenizer.save(str(tmp / "tokenizer.json"))
         _write_json(model.tokenizer_config, tmp / "tokenizer_config.json")
         _write_json(special, tmp / "special_tokens_map.json")
