@@ -20,6 +20,20 @@ from torch import nn
 from graft.strategies.base import body_of
 
 
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Parameters that weight decay must not shrink: biases, norm weights, 1-d tensors."""
+    names = set()
+    for module_name, module in model.named_modules():
+        is_norm = (
+            isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm))
+            or "norm" in type(module).__name__.lower()
+        )
+        for name, p in module.named_parameters(recurse=False):
+            if is_norm or name == "bias" or p.ndim < 2:
+                names.add(f"{module_name}.{name}" if module_name else name)
+    return names
+
+
 def parameter_depths(model: nn.Module) -> dict[str, int]:
     """Parameter name -> depth (0 embeddings, 1..L blocks, L + 1 the rest)."""
     body = body_of(model)
@@ -45,10 +59,8 @@ def layerwise_param_groups(
     """Trainable parameters grouped by (depth, weight decay or not), each group with its own lr.
 
     With decay == 1 this is the usual two groups. Biases and norm weights get no weight decay,
-    as in graft.train.optim.
+    as in graft.train.optim's two groups.
     """
-    from graft.train.optim import no_decay_names
-
     depths = parameter_depths(model)
     top = max(depths.values(), default=0)
     skip = no_decay_names(model)

@@ -6,21 +6,8 @@ import torch
 from torch import nn
 
 from graft.errors import GraftError, did_you_mean
+from graft.strategies.lr import no_decay_names
 from graft.train.config import OPTIMIZERS, OptimSection
-
-
-def no_decay_names(model: nn.Module) -> set[str]:
-    """Parameters that weight decay must not shrink: biases, norm weights, 1-d tensors."""
-    names = set()
-    for module_name, module in model.named_modules():
-        is_norm = (
-            isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm))
-            or "norm" in type(module).__name__.lower()
-        )
-        for name, p in module.named_parameters(recurse=False):
-            if is_norm or name == "bias" or p.ndim < 2:
-                names.add(f"{module_name}.{name}" if module_name else name)
-    return names
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
