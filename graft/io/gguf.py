@@ -271,7 +271,7 @@ def _parse(path: Path, buf: mmap.mmap) -> tuple[dict[str, Any], dict[str, Tensor
 
     alignment = meta.get("general.alignment", 32)
     if type(alignment) is not int or alignment < 1 or alignment & (alignment - 1):
-        raise GraftError(f"{path}: general.alignment is {alignment!r}, not a power of two")
+        raise GraftError(f"{path}: general.alignment is {_describe(alignment)}, not a power of two")
     start = -(-c.pos // alignment) * alignment  # tensor data begins at the next aligned offset
 
     tensors: dict[str, TensorInfo] = {}
@@ -746,7 +746,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFModel:
     meta, tensors = _parse(path, buf)
     m = _Metadata(meta, path)
     arch = meta.get("general.architecture")
-    if arch != "llama":
+    if not isinstance(arch, str) or arch != "llama":
         raise GraftError(
             f"{path}: architecture {_describe(arch)} is not supported (graft converts 'llama' GGUF files)"
         )
