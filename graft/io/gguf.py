@@ -207,7 +207,7 @@ class _Cursor:
         except UnicodeDecodeError:
             raise GraftError(f"{self.path}: {what} is not UTF-8 text") from None
 
-    def value(self, value_type: int, what: str, in_array: bool = False) -> Any:
+    def value(self, value_type: int, what: str) -> Any:
         """One metadata value: a Python scalar or str, a list of str, or a numpy array of numbers."""
         if value_type == V.STRING:
             return self.string(what)
@@ -217,9 +217,11 @@ class _Cursor:
             value = np.frombuffer(self.buf, dtype, 1, self.pos)[0].item()
             self.pos += dtype.itemsize
             return bool(value) if value_type == V.BOOL else value
-        if value_type == V.ARRAY and not in_array:  # ggml reads no arrays of arrays either
+        if value_type == V.ARRAY:
             item_type = self.unpack("<I", what)
             count = self.unpack("<Q", what)
+            if item_type == V.ARRAY:  # llama.cpp reads none either
+                raise GraftError(f"{self.path}: {what} is an array of arrays, which is not supported")
             if item_type == V.STRING:  # each string is at least its 8-byte length
                 self.need(8 * count, f"{what} (an array of {count:,} strings)")
                 return [self.string(f"{what}[{i}]") for i in range(count)]
@@ -316,8 +318,7 @@ class _Metadata:
 
     def count(self, key: str, default: Any = _REQUIRED) -> int:
         """A positive integer: a size, a number of heads or blocks."""
-        value = self._get(key, default, lambda v: _is_int(v) and v >= 1, "a positive integer")
-        return value
+        return self._get(key, default, lambda v: _is_int(v) and v >= 1, "a positive integer")
 
     def number(self, key: str, default: Any = _REQUIRED, positive: bool = False) -> float:
         def ok(v: Any) -> bool:
