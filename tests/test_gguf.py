@@ -10,8 +10,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import struct
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -21,7 +24,7 @@ from gguf import GGMLQuantizationType as T
 from tokenizers import Tokenizer, pre_tokenizers
 
 from graft.errors import GraftError
-from graft.io.gguf import DEQUANTIZERS, convert_gguf, dequantize, read_gguf
+from graft.io.gguf import DEQUANTIZERS, _merges_from_scores, convert_gguf, dequantize, read_gguf
 
 # ---------------------------------------------------------------------------------------------
 # Dequantization against gguf.quants, on random blocks
@@ -151,26 +154,40 @@ def add_llama3_tokenizer(w: gguf.GGUFWriter) -> int:
     return len(BPE_TOKENS)
 
 
+# the architecture's keys, after "llama."
+TINY_META = {
+    "block_count": LAYERS,
+    "context_length": 128,
+    "embedding_length": HIDDEN,
+    "feed_forward_length": FF,
+    "attention.head_count": HEADS,
+    "attention.head_count_kv": KV_HEADS,
+    "rope.freq_base": 10000.0,
+    "attention.layer_norm_rms_epsilon": 1e-5,
+}
+
+
 def write_tiny_gguf(
     path: Path,
     arch: str = "llama",
     types: dict[str, T] | None = None,
     extra: Callable | None = None,
     tokenizer: Callable[[gguf.GGUFWriter], int] = add_spm_tokenizer,
+    meta: dict[str, Any] | None = None,
 ) -> Path:
-    """A 2-layer llama GGUF; ``types`` overrides TINY_TYPES, ``extra(writer)`` adds metadata."""
+    """A 2-layer llama GGUF; ``types`` overrides TINY_TYPES, ``meta`` TINY_META (None drops a
+    key), ``extra(writer)`` adds metadata. The tensors keep TINY's shapes whatever ``meta`` says."""
     rng = np.random.default_rng(0)
     types = TINY_TYPES | (types or {})
     w = gguf.GGUFWriter(path, arch)
     w.add_name("tiny")
-    w.add_block_count(LAYERS)
-    w.add_context_length(128)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(FF)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
+    for key, value in (TINY_META | (meta or {})).items():
+        if isinstance(value, float):
+            w.add_float32(f"{arch}.{key}", value)
+        elif isinstance(value, int):
+            w.add_uint32(f"{arch}.{key}", value) if value >= 0 else w.add_int32(f"{arch}.{key}", value)
+        elif value is not None:
+            w.add_string(f"{arch}.{key}", value)
     vocab_size = tokenizer(w)
     if extra:
         extra(w)
@@ -326,6 +343,118 @@ def test_unsupported_tensor_type_names_file_tensor_and_type(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Hostile files: every count and length in the header is checked against the file before anything
+# is allocated, every architecture field before it is used
+# ---------------------------------------------------------------------------------------------
+
+
+def patch(data: bytes, key: str, offset: int, fmt: str, value: int) -> bytes:
+    """``data`` with ``value`` packed ``offset`` bytes after the name of metadata key ``key``."""
+    at = data.index(struct.pack("<Q", len(key)) + key.encode()) + len(key) + 8 + offset
+    return data[:at] + struct.pack(fmt, value) + data[at + struct.calcsize(fmt) :]
+
+
+# after a key's name come its type (4 bytes), then an array's item type (4) and count (8), or a
+# string's length (8), or a scalar
+HOSTILE = {
+    "scores-2^40": (
+        ("tokenizer.ggml.scores", 8, "<Q", 2**40),
+        r"metadata key 'tokenizer\.ggml\.scores' \(an array of 1,099,511,627,776 FLOAT32\) needs",
+    ),
+    "tokens-2^40": (
+        ("tokenizer.ggml.tokens", 8, "<Q", 2**40),
+        r"metadata key 'tokenizer\.ggml\.tokens' \(an array of 1,099,511,627,776 strings\) needs",
+    ),
+    "string-length-2^62": (
+        ("tokenizer.chat_template", 4, "<Q", 2**62),
+        r"metadata key 'tokenizer\.chat_template' \(4,611,686,018,427,387,904-byte string\) needs",
+    ),
+    "bos-id-beyond-the-vocabulary": (
+        ("tokenizer.ggml.bos_token_id", 4, "<I", 10**6),
+        r"'tokenizer\.ggml\.bos_token_id' is 1,000,000, but the vocabulary has 279 tokens",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_header_values_beyond_the_file_are_refused_before_reading(tiny_gguf, tmp_path, case):
+    (key, offset, fmt, value), match = HOSTILE[case]
+    bomb = tmp_path / "bomb.gguf"
+    bomb.write_bytes(patch(tiny_gguf.read_bytes(), key, offset, fmt, value))
+    assert_one_line_error(bomb, match)
+
+
+def test_key_and_tensor_counts_beyond_the_file_are_refused(tiny_gguf, tmp_path):
+    data = tiny_gguf.read_bytes()  # magic, version, tensor count (8 bytes), key count (8 bytes)
+    bomb = tmp_path / "bomb.gguf"
+    bomb.write_bytes(data[:16] + struct.pack("<Q", 2**60) + data[24:])
+    assert_one_line_error(bomb, r"truncated or corrupt GGUF file: 1,152,921,504,606,846,976 metadata keys")
+    bomb.write_bytes(data[:8] + struct.pack("<Q", 2**40) + data[16:])
+    assert_one_line_error(bomb, r"metadata keys and 1,099,511,627,776 tensors needs")
+
+
+@pytest.mark.parametrize(
+    "meta, match",
+    [
+        ({"block_count": 10**9}, r"llama\.block_count is 1,000,000,000, but the file holds 21 tensors"),
+        (
+            {"attention.head_count": 0},
+            r"'llama\.attention\.head_count' should be a positive integer, found 0",
+        ),
+        (
+            {"attention.head_count": 3, "attention.head_count_kv": 3},
+            r"llama\.embedding_length 256 is not divisible by llama\.attention\.head_count 3",
+        ),
+        (
+            {"attention.head_count_kv": 3},
+            r"llama\.attention\.head_count 4 is not a multiple of llama\.attention\.head_count_kv 3",
+        ),
+        ({"attention.key_length": 63}, r"the head size 63 \(llama\.attention\.key_length\) is odd"),
+        (
+            {"attention.key_length": 48},
+            r"tensor 'blk\.0\.attn_q\.weight' has shape \(256, 256\), but the metadata implies \(192, 256\)",
+        ),
+        ({"embedding_length": "256"}, r"'llama\.embedding_length' should be a positive integer, found '256'"),
+        ({"feed_forward_length": None}, r"metadata key 'llama\.feed_forward_length' is missing"),
+        ({"rope.freq_base": -1.0}, r"'llama\.rope\.freq_base' should be a positive number, found -1\.0"),
+    ],
+    ids=lambda v: "-".join(f"{k}={v}" for k, v in v.items()) if isinstance(v, dict) else "",
+)
+def test_architecture_fields_are_checked_and_named(tmp_path, meta, match):
+    assert_one_line_error(write_tiny_gguf(tmp_path / "bad.gguf", meta=meta), match)
+
+
+def merges_by_every_split(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """The definition, slicing every token at every point (memory quadratic in a token's length)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for token, score in zip(tokens, scores, strict=True):
+        pairs = [(token[:k], token[k:]) for k in range(1, len(token))]
+        pairs = sorted(
+            (p for p in pairs if p[0] in vocab and p[1] in vocab), key=lambda p: (vocab[p[0]], vocab[p[1]])
+        )
+        ranked += [(score, a, b) for a, b in pairs]
+    ranked.sort(key=lambda r: (-r[0], -len(r[1]), -len(r[2])))
+    return [(a, b) for _, a, b in ranked]
+
+
+def test_merges_from_scores_follow_the_definition_in_memory_linear_in_token_length():
+    rng = np.random.default_rng(0)
+    tokens = SPM_TOKENS + ["".join(rng.choice(list("abc"), rng.integers(1, 7))) for _ in range(300)]
+    scores = rng.integers(-5, 0, len(tokens)).astype(float).tolist()  # many ties: the order matters
+    assert _merges_from_scores(tokens, scores) == merges_by_every_split(tokens, scores)
+
+    # one long token: every split of it would be 10,000 slices of 10,000 characters in all (100 MB)
+    tokens = ["a", "b", "ab", "a" * 9_999, "a" * 10_000]
+    tracemalloc.start()
+    merges = _merges_from_scores(tokens, [0.0, 0.0, -1.0, -2.0, -3.0])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert merges == [("a", "b"), ("a" * 9_999, "a"), ("a", "a" * 9_999)]
+    assert peak < 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
 # The real file: SmolLM2-135M-Instruct, Q4_1
 # ---------------------------------------------------------------------------------------------
 
@@ -362,7 +491,7 @@ def test_real_logits_match_transformers(smollm_hf, smollm_reference):
     )
     with torch.no_grad():
         diff = (ours(ids["input_ids"]).logits - reference(ids["input_ids"]).logits).abs().max().item()
-    assert diff <= 1e-4
+    assert diff <= 1e-4, f"max |logit difference| {diff:.3e}"  # the same library both sides
 
 
 CHAT = (

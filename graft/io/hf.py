@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 
 from graft.errors import GraftError
 from graft.io.atomic import atomic_path
+from graft.io.torchfile import load_torch_file
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -81,26 +83,60 @@ def read_config(folder: Path) -> dict[str, Any]:
     return read_json(path)
 
 
-def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
-    """All tensors of a checkpoint (single file or shards) and the file they came from."""
+def weight_files(folder: Path) -> tuple[list[Path], Path]:
+    """The files holding a checkpoint's tensors (one, or the shards of an index) and the file
+    that names them (the index, or the one file)."""
     for name in WEIGHT_FILES:
         path = folder / name
         if path.exists():
             break
     else:
         raise GraftError(f"{folder}: no weights in this folder (looked for {', '.join(WEIGHT_FILES)})")
-    if name.endswith(".index.json"):
-        index = read_json(path)
-        if "weight_map" not in index:
-            raise GraftError(f"{path}: missing key 'weight_map'")
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            state.update(read_file(folder / shard))
-        missing = sorted(set(index["weight_map"]) - set(state))
+    if not name.endswith(".index.json"):
+        return [path], path
+    weight_map = read_json(path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise GraftError(f"{path}: missing key 'weight_map' (an object: tensor name -> shard file)")
+    shards = set(weight_map.values())
+    # a shard is a file of this folder: an index cannot send graft to read files elsewhere
+    if bad := next((s for s in shards if not isinstance(s, str) or Path(s).name != s), None):
+        raise GraftError(f"{path}: shard {bad!r} is not a file name in this folder")
+    return [folder / shard for shard in sorted(shards)], path
+
+
+def weight_shapes(folder: Path) -> tuple[dict[str, tuple[int, ...]], Path]:
+    """Every tensor's name and shape, read without the tensors: from the safetensors headers, or
+    from a PyTorch file mapped in memory. Cheap, so a config can be checked before a model is built."""
+    files, source = weight_files(folder)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        if not path.exists():
+            raise GraftError(f"{path}: weight file not found")
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                with safe_open(path, framework="pt") as f:
+                    shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+            except (SafetensorError, OSError, ValueError) as e:
+                raise GraftError(f"{path}: not a valid safetensors file ({_first_line(e)})") from None
+        else:
+            state = _read_torch(path, mmap=zipfile.is_zipfile(path))  # zip: tensors mapped, not read
+            shapes.update({name: tuple(t.shape) for name, t in state.items()})
+    return shapes, source
+
+
+def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """All tensors of a checkpoint (single file or shards) and the file they came from."""
+    files, source = weight_files(folder)
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(read_file(path))
+    if source.name.endswith(".index.json"):
+        missing = sorted(set(read_json(source)["weight_map"]) - set(state))
         if missing:
-            raise GraftError(f"{path}: tensor {missing[0]!r} is listed but not in its shard")
-        return state, path
-    return read_file(path), path
+            raise GraftError(f"{source}: tensor {missing[0]!r} is listed but not in its shard")
+    return state, source
 
 
 def read_file(path: Path) -> dict[str, torch.Tensor]:
@@ -113,14 +149,21 @@ def read_file(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as e:
-            raise GraftError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
-    except Exception as e:
-        raise GraftError(f"{path}: cannot read PyTorch weights ({str(e).splitlines()[0]})") from None
-    if not isinstance(state, dict):
+            raise GraftError(f"{path}: not a valid safetensors file ({_first_line(e)})") from None
+    return _read_torch(path)
+
+
+def _read_torch(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    state = load_torch_file(path, "PyTorch weights file", mmap=mmap)
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in state.items()
+    ):
         raise GraftError(f"{path}: expected a dict of tensors")
     return state
+
+
+def _first_line(e: Exception) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
 def write_weights(

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from graft.models.registry import ACTIVATIONS_TO_HF, Family, activation_from_hf, register, require
+from graft.models.registry import (
+    ACTIVATIONS_TO_HF,
+    MAX_LAYERS,
+    Family,
+    activation_from_hf,
+    heads,
+    integer,
+    number,
+    register,
+    token_id,
+)
 from graft.models.weights import WeightMap, pair
 from graft.nn.config import TransformerConfig
 
@@ -26,29 +36,31 @@ def layer_order(num_layers: int, groups: int, inner: int) -> list[int]:
 
 
 def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
-    layers = require(hf, "num_hidden_layers")
-    groups, inner = hf.get("num_hidden_groups", 1), hf.get("inner_group_num", 1)
+    layers = integer(hf, "num_hidden_layers", high=MAX_LAYERS)
+    groups = integer(hf, "num_hidden_groups", 1, high=layers)
+    inner = integer(hf, "inner_group_num", 1, high=MAX_LAYERS // layers)
     order = layer_order(layers, groups, inner)
+    hidden, n_heads = heads(hf, "hidden_size", "num_attention_heads")
     return TransformerConfig(
         family="albert",
-        vocab_size=require(hf, "vocab_size"),
-        hidden_size=require(hf, "hidden_size"),
+        vocab_size=integer(hf, "vocab_size"),
+        hidden_size=hidden,
         num_layers=len(order),
-        num_heads=require(hf, "num_attention_heads"),
-        intermediate_size=require(hf, "intermediate_size"),
-        max_positions=hf.get("max_position_embeddings", 512),
-        embedding_size=hf.get("embedding_size", 128),
-        type_vocab_size=hf.get("type_vocab_size", 2),
+        num_heads=n_heads,
+        intermediate_size=integer(hf, "intermediate_size"),
+        max_positions=integer(hf, "max_position_embeddings", 512),
+        embedding_size=integer(hf, "embedding_size", 128),
+        type_vocab_size=integer(hf, "type_vocab_size", 2, low=0),
         embedding_norm=True,
-        norm_eps=hf.get("layer_norm_eps", 1e-12),
+        norm_eps=number(hf, "layer_norm_eps", 1e-12),
         activation=activation_from_hf(hf.get("hidden_act", "gelu_new")),
         layer_order=order,
         pooler=True,
-        dropout=hf.get("hidden_dropout_prob", 0.0),
-        attention_dropout=hf.get("attention_probs_dropout_prob", 0.0),
-        pad_token_id=hf.get("pad_token_id", 0),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=hf.get("eos_token_id"),
+        dropout=number(hf, "hidden_dropout_prob", 0.0, high=1.0),
+        attention_dropout=number(hf, "attention_probs_dropout_prob", 0.0, high=1.0),
+        pad_token_id=token_id(hf, "pad_token_id", 0),
+        bos_token_id=token_id(hf, "bos_token_id"),
+        eos_token_id=token_id(hf, "eos_token_id"),
         hf_config=hf,
     )
 

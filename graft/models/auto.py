@@ -11,8 +11,8 @@ import torch
 
 from graft.errors import GraftError
 from graft.io.atomic import write_json
-from graft.io.hf import read_config, read_weights, resolve, write_weights
-from graft.models.registry import FAMILIES, Family, family_for
+from graft.io.hf import read_config, read_weights, resolve, weight_shapes, write_weights
+from graft.models.registry import FAMILIES, Family, describe, family_for
 from graft.models.weights import WeightMap
 from graft.nn import Transformer, TransformerConfig
 from graft.tasks import HEADS, TaskModel
@@ -28,7 +28,9 @@ def load_config(folder: Path) -> tuple[Family, TransformerConfig]:
     hf = read_config(folder)
     try:
         family = family_for(hf.get("model_type"), source=str(path))
-        return family, family.config_from_hf(hf)
+        cfg = family.config_from_hf(hf)
+        task_from_architectures(hf, family)  # checks architectures, with this message's path
+        return family, cfg
     except GraftError as e:
         message = str(e)
         if message.startswith("config"):  # "config.json: ..." / "config: ..." -> the real path
@@ -41,10 +43,15 @@ def load_config(folder: Path) -> tuple[Family, TransformerConfig]:
 def task_from_architectures(hf: dict[str, Any], family: Family) -> str:
     """The graft task that the checkpoint's HF class corresponds to (or that graft wrote down)."""
     # a head without a transformers class (embedding) is saved as the base model, with graft_task
-    if hf.get("graft_task") in HEADS:
+    if isinstance(hf.get("graft_task"), str) and hf["graft_task"] in HEADS:
         return hf["graft_task"]
     by_class = {cls: task for task, cls in family.architectures.items()}
-    for cls in hf.get("architectures") or []:
+    classes = hf.get("architectures") or []
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise GraftError(
+            f"config.json: architectures must be a list of class names, found {describe(classes)}"
+        )
+    for cls in classes:
         if cls in by_class and by_class[cls] in HEADS or by_class.get(cls) == "base":
             return by_class[cls]
     return "causal-lm" if family.decoder else "base"
@@ -65,6 +72,24 @@ def legacy_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
+def check_shapes(
+    family: Family, cfg: TransformerConfig, task: str, shapes: dict[str, tuple[int, ...]], source: Path
+) -> None:
+    """Every tensor the config implies is in the weights file, with its shape: checked from the
+    file's header against a model built on the meta device, before any memory is allocated. A
+    config.json saying hidden_size 200000 next to a small file is refused here, where building the
+    model first would ask the allocator for 24 GB."""
+    state = legacy_names({name: torch.empty(shape, device="meta") for name, shape in shapes.items()})
+    if cfg.pooler and not any(
+        k.startswith("pooler") for k in weight_map(family, cfg, task).split_prefix(state)[0]
+    ):
+        cfg.pooler = False  # saved from a task model built without the pooler
+    with torch.device("meta"):
+        body = Transformer(cfg)
+    expected = {name: p.shape for name, p in body.state_dict().items()}
+    weight_map(family, cfg, task).to_graft(state, expected, str(source))
+
+
 def load_model(
     model: str | Path,
     task: str | None = None,
@@ -80,13 +105,10 @@ def load_model(
     """
     folder = resolve(model)
     family, cfg = load_config(folder)
+    saved_task = task_from_architectures(cfg.hf_config, family)
+    check_shapes(family, cfg, saved_task, *weight_shapes(folder))
     state, source = read_weights(folder)
     state = legacy_names(state)
-    saved_task = task_from_architectures(cfg.hf_config, family)
-    if cfg.pooler and not any(
-        k.startswith("pooler") for k in weight_map(family, cfg, saved_task).split_prefix(state)[0]
-    ):
-        cfg.pooler = False  # saved from a task model built without the pooler
 
     body = Transformer(cfg)
     expected = {name: p.shape for name, p in body.state_dict().items()}

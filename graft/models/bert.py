@@ -5,7 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from graft.errors import GraftError
-from graft.models.registry import ACTIVATIONS_TO_HF, Family, activation_from_hf, register, require
+from graft.models.registry import (
+    ACTIVATIONS_TO_HF,
+    MAX_LAYERS,
+    Family,
+    activation_from_hf,
+    describe,
+    heads,
+    integer,
+    number,
+    register,
+    token_id,
+)
 from graft.models.weights import WeightMap, pair, per_layer
 from graft.nn.config import TransformerConfig
 
@@ -24,28 +35,29 @@ LAYER = {
 def config_from_hf(hf: dict[str, Any], family: str = "bert") -> TransformerConfig:
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise GraftError(
-            f"config.json: position_embedding_type {hf['position_embedding_type']!r} is not supported"
+            f"config.json: position_embedding_type {describe(hf['position_embedding_type'])} is not supported"
         )
     roberta = family == "roberta"
+    hidden, n_heads = heads(hf, "hidden_size", "num_attention_heads")
     return TransformerConfig(
         family=family,
-        vocab_size=require(hf, "vocab_size"),
-        hidden_size=require(hf, "hidden_size"),
-        num_layers=require(hf, "num_hidden_layers"),
-        num_heads=require(hf, "num_attention_heads"),
-        intermediate_size=require(hf, "intermediate_size"),
-        max_positions=hf.get("max_position_embeddings", 512),
-        type_vocab_size=hf.get("type_vocab_size", 2),
+        vocab_size=integer(hf, "vocab_size"),
+        hidden_size=hidden,
+        num_layers=integer(hf, "num_hidden_layers", high=MAX_LAYERS),
+        num_heads=n_heads,
+        intermediate_size=integer(hf, "intermediate_size"),
+        max_positions=integer(hf, "max_position_embeddings", 512),
+        type_vocab_size=integer(hf, "type_vocab_size", 2, low=0),
         positions_from_padding=roberta,
         embedding_norm=True,
-        norm_eps=hf.get("layer_norm_eps", 1e-12),
+        norm_eps=number(hf, "layer_norm_eps", 1e-12),
         activation=activation_from_hf(hf.get("hidden_act", "gelu")),
         pooler=True,
-        dropout=hf.get("hidden_dropout_prob", 0.1),
-        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-        pad_token_id=hf.get("pad_token_id", 1 if roberta else 0),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=hf.get("eos_token_id"),
+        dropout=number(hf, "hidden_dropout_prob", 0.1, high=1.0),
+        attention_dropout=number(hf, "attention_probs_dropout_prob", 0.1, high=1.0),
+        pad_token_id=token_id(hf, "pad_token_id", 1 if roberta else 0),
+        bos_token_id=token_id(hf, "bos_token_id"),
+        eos_token_id=token_id(hf, "eos_token_id"),
         hf_config=hf,
     )
 

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from graft.models.registry import ACTIVATIONS_TO_HF, Family, activation_from_hf, register, require
+from graft.models.registry import (
+    ACTIVATIONS_TO_HF,
+    MAX_LAYERS,
+    Family,
+    activation_from_hf,
+    heads,
+    integer,
+    number,
+    register,
+    token_id,
+)
 from graft.models.weights import WeightMap, pair, per_layer
 from graft.nn.config import TransformerConfig
 
@@ -22,20 +32,21 @@ LAYER = {
 
 def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
     # With sinusoidal_pos_embds the table is still stored as a weight, so it loads as "learned".
+    hidden, n_heads = heads(hf, "dim", "n_heads")
     return TransformerConfig(
         family="distilbert",
-        vocab_size=require(hf, "vocab_size"),
-        hidden_size=require(hf, "dim"),
-        num_layers=require(hf, "n_layers"),
-        num_heads=require(hf, "n_heads"),
-        intermediate_size=require(hf, "hidden_dim"),
-        max_positions=hf.get("max_position_embeddings", 512),
+        vocab_size=integer(hf, "vocab_size"),
+        hidden_size=hidden,
+        num_layers=integer(hf, "n_layers", high=MAX_LAYERS),
+        num_heads=n_heads,
+        intermediate_size=integer(hf, "hidden_dim"),
+        max_positions=integer(hf, "max_position_embeddings", 512),
         embedding_norm=True,
         norm_eps=1e-12,
         activation=activation_from_hf(hf.get("activation", "gelu")),
-        dropout=hf.get("dropout", 0.1),
-        attention_dropout=hf.get("attention_dropout", 0.1),
-        pad_token_id=hf.get("pad_token_id", 0),
+        dropout=number(hf, "dropout", 0.1, high=1.0),
+        attention_dropout=number(hf, "attention_dropout", 0.1, high=1.0),
+        pad_token_id=token_id(hf, "pad_token_id", 0),
         hf_config=hf,
     )
 

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from graft.models.registry import ACTIVATIONS_TO_HF, Family, activation_from_hf, register, require
+from graft.models.registry import (
+    ACTIVATIONS_TO_HF,
+    MAX_LAYERS,
+    Family,
+    activation_from_hf,
+    flag,
+    heads,
+    integer,
+    number,
+    register,
+    token_id,
+)
 from graft.models.weights import WeightMap, pair, per_layer
 from graft.nn.config import TransformerConfig
 
@@ -26,28 +37,28 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 
 
 def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
-    hidden = require(hf, "n_embd")
+    hidden, n_heads = heads(hf, "n_embd", "n_head")
     return TransformerConfig(
         family="gpt2",
-        vocab_size=require(hf, "vocab_size"),
+        vocab_size=integer(hf, "vocab_size"),
         hidden_size=hidden,
-        num_layers=require(hf, "n_layer"),
-        num_heads=require(hf, "n_head"),
-        intermediate_size=hf.get("n_inner") or 4 * hidden,
-        max_positions=hf.get("n_positions", 1024),
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        num_layers=integer(hf, "n_layer", high=MAX_LAYERS),
+        num_heads=n_heads,
+        intermediate_size=integer(hf, "n_inner", 4 * hidden),
+        max_positions=integer(hf, "n_positions", 1024),
+        norm_eps=number(hf, "layer_norm_epsilon", 1e-5),
         prenorm=True,
         final_norm=True,
         activation=activation_from_hf(hf.get("activation_function", "gelu_new")),
         causal=True,
-        attention_scale=None if hf.get("scale_attn_weights", True) else 1.0,
-        scale_by_inverse_layer=hf.get("scale_attn_by_inverse_layer_idx", False),
-        tie_word_embeddings=hf.get("tie_word_embeddings", True),
-        dropout=hf.get("resid_pdrop", 0.1),
-        attention_dropout=hf.get("attn_pdrop", 0.1),
-        pad_token_id=hf.get("pad_token_id"),
-        bos_token_id=hf.get("bos_token_id", 50256),
-        eos_token_id=hf.get("eos_token_id", 50256),
+        attention_scale=None if flag(hf, "scale_attn_weights", True) else 1.0,
+        scale_by_inverse_layer=flag(hf, "scale_attn_by_inverse_layer_idx", False),
+        tie_word_embeddings=flag(hf, "tie_word_embeddings", True),
+        dropout=number(hf, "resid_pdrop", 0.1, high=1.0),
+        attention_dropout=number(hf, "attn_pdrop", 0.1, high=1.0),
+        pad_token_id=token_id(hf, "pad_token_id"),
+        bos_token_id=token_id(hf, "bos_token_id", 50256),
+        eos_token_id=token_id(hf, "eos_token_id", 50256),
         hf_config=hf,
     )
 

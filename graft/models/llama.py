@@ -9,7 +9,20 @@ from __future__ import annotations
 from typing import Any
 
 from graft.errors import GraftError
-from graft.models.registry import ACTIVATIONS_TO_HF, Family, activation_from_hf, register, require
+from graft.models.registry import (
+    ACTIVATIONS_TO_HF,
+    MAX_LAYERS,
+    REQUIRED,
+    Family,
+    activation_from_hf,
+    describe,
+    flag,
+    heads,
+    integer,
+    number,
+    register,
+    token_id,
+)
 from graft.models.weights import WeightMap, pair, per_layer
 from graft.nn.config import TransformerConfig
 
@@ -36,69 +49,95 @@ def rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 
     The legacy keys win, as in transformers.
     """
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"} or None
-    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling")
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise GraftError(f"config.json: {key} must be an object, found {describe(value)}")
+    where = "rope_scaling" if scaling else "rope_parameters"
+    scaling = scaling or {k: v for k, v in params.items() if k != "rope_theta"} or None
+    theta = number(hf, "rope_theta", number(params, "rope_theta", 10000.0, positive=True), positive=True)
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind not in ROPE_TYPES:
         raise GraftError(
-            f"config.json: rope scaling type {kind!r} is not supported ({', '.join(ROPE_TYPES)})"
+            f"config.json: rope scaling type {describe(kind)} is not supported ({', '.join(ROPE_TYPES)})"
         )
-    return float(theta), (scaling if kind != "default" else None)
+    if kind != "default":  # what graft.nn.positions reads, checked here with its key
+        checked = {f"{where}.{k}": v for k, v in scaling.items()}
+        number(checked, f"{where}.factor", REQUIRED, positive=True)
+    if kind == "llama3":
+        low = number(checked, f"{where}.low_freq_factor", REQUIRED, positive=True)
+        high = number(checked, f"{where}.high_freq_factor", REQUIRED, positive=True)
+        integer(checked, f"{where}.original_max_position_embeddings")
+        if high <= low:  # the blend between them divides by their difference
+            raise GraftError(f"config.json: {where}.high_freq_factor must be greater than low_freq_factor")
+    return theta, (scaling if kind != "default" else None)
 
 
 def sliding_window_from_hf(hf: dict[str, Any], family: str) -> int | None:
     """Mistral: one window for every layer. Qwen2: a window only where layer_types say so."""
     if family == "mistral":
-        return hf.get("sliding_window")
-    if family != "qwen2" or not hf.get("use_sliding_window", False):
+        return integer(hf, "sliding_window", None)
+    if family != "qwen2" or not flag(hf, "use_sliding_window", False):
         return None
-    layers = hf["num_hidden_layers"]
+    layers = integer(hf, "num_hidden_layers", high=MAX_LAYERS)
     types = hf.get("layer_types") or [
-        "sliding_attention" if i >= hf.get("max_window_layers", layers) else "full_attention"
+        "sliding_attention" if i >= integer(hf, "max_window_layers", layers, low=0) else "full_attention"
         for i in range(layers)
     ]
-    if len(set(types)) > 1:
+    if not isinstance(types, list) or len(types) != layers:
+        raise GraftError(f"config.json: layer_types must list one type per layer ({layers})")
+    if len({describe(t) for t in types}) > 1:
         raise GraftError(
             "config.json: sliding window on some layers only (max_window_layers) is not supported"
         )
-    return hf.get("sliding_window") if types[0] == "sliding_attention" else None
+    return integer(hf, "sliding_window", None) if types[0] == "sliding_attention" else None
 
 
 def config_from_hf(hf: dict[str, Any], family: str = "llama") -> TransformerConfig:
-    hidden, heads = require(hf, "hidden_size"), require(hf, "num_attention_heads")
+    hidden, n_heads = integer(hf, "hidden_size"), integer(hf, "num_attention_heads")
+    if hf.get("head_dim") is None:  # with a head_dim, the heads need not divide hidden_size
+        heads(hf, "hidden_size", "num_attention_heads")
+    head_dim = integer(hf, "head_dim", hidden // n_heads)
+    n_kv = integer(hf, "num_key_value_heads", n_heads)
+    if n_heads % n_kv:
+        raise GraftError(
+            f"config.json: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}"
+        )
+    if head_dim % 2:  # rotary embeddings turn pairs of values
+        raise GraftError(f"config.json: the head size {head_dim} (head_dim, or hidden_size / heads) is odd")
     theta, scaling = rope_from_hf(hf)
-    attention_bias = hf.get("attention_bias", False)
+    attention_bias = flag(hf, "attention_bias", False)
     return TransformerConfig(
         family=family,
-        vocab_size=require(hf, "vocab_size"),
+        vocab_size=integer(hf, "vocab_size"),
         hidden_size=hidden,
-        num_layers=require(hf, "num_hidden_layers"),
-        num_heads=heads,
-        intermediate_size=require(hf, "intermediate_size"),
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hidden // heads,
-        max_positions=hf.get("max_position_embeddings", 2048),
+        num_layers=integer(hf, "num_hidden_layers", high=MAX_LAYERS),
+        num_heads=n_heads,
+        intermediate_size=integer(hf, "intermediate_size"),
+        num_kv_heads=n_kv,
+        head_dim=head_dim,
+        max_positions=integer(hf, "max_position_embeddings", 2048),
         position="rotary",
         rope_theta=theta,
         rope_scaling=scaling,
         norm="rms",
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        norm_eps=number(hf, "rms_norm_eps", 1e-6),
         prenorm=True,
         final_norm=True,
         activation=activation_from_hf(hf.get("hidden_act", "silu")),
         gated=True,
         qkv_bias=True if family == "qwen2" else attention_bias,
         out_bias=attention_bias if family == "llama" else False,
-        mlp_bias=hf.get("mlp_bias", False) if family == "llama" else False,
+        mlp_bias=flag(hf, "mlp_bias", False) if family == "llama" else False,
         causal=True,
         sliding_window=sliding_window_from_hf(hf, family),
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        tie_word_embeddings=flag(hf, "tie_word_embeddings", False),
         dropout=0.0,
-        attention_dropout=hf.get("attention_dropout", 0.0),
-        pad_token_id=hf.get("pad_token_id"),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=hf.get("eos_token_id"),
+        attention_dropout=number(hf, "attention_dropout", 0.0, high=1.0),
+        pad_token_id=token_id(hf, "pad_token_id"),
+        bos_token_id=token_id(hf, "bos_token_id"),
+        eos_token_id=token_id(hf, "eos_token_id"),
         hf_config=hf,
     )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,10 +44,76 @@ def family_for(model_type: str | None, source: str = "config.json") -> Family:
     raise GraftError(f"{source}: unknown model_type {model_type!r} (supported: {known})")
 
 
-def require(hf: dict[str, Any], key: str, source: str = "config.json") -> Any:
-    if key not in hf:
-        raise GraftError(f"{source}: missing key {key!r}")
-    return hf[key]
+# ---- config.json values, each checked for its type and range with the key in the message ----
+# A config.json decides the model's shapes, so a value out of place must stop here, before a
+# model is built from it (load_config puts config.json's path in place of "config.json").
+
+REQUIRED = object()  # no default: the key must be in config.json
+MAX_LAYERS = 1024  # deeper than any published transformer (Llama 3.1 405B has 126 layers)
+
+
+def describe(value: Any) -> str:
+    """A config value as config.json spells it: "384" (text), 1e+10, true, null."""
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _value(hf: dict[str, Any], key: str, default: Any) -> Any:
+    value = hf.get(key)
+    if value is None:  # absent, or null: transformers reads both as "use the default"
+        if default is REQUIRED:
+            raise GraftError(f"config.json: missing key {key!r}")
+        return default
+    return value
+
+
+def integer(
+    hf: dict[str, Any], key: str, default: Any = REQUIRED, low: int = 1, high: int | None = None
+) -> Any:
+    """An int (not a bool, a float or text) in [low, high], or ``default`` when the key is absent."""
+    value = _value(hf, key, default)
+    if value is default:
+        return value
+    if type(value) is not int or value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high:,}" if high is not None else f">= {low}"
+        raise GraftError(f"config.json: {key} must be an integer {bounds}, found {describe(value)}")
+    return value
+
+
+def number(
+    hf: dict[str, Any], key: str, default: Any, high: float | None = None, positive: bool = False
+) -> float:
+    """A finite int or float >= 0 (> 0 if ``positive``, <= ``high`` if given)."""
+    value = _value(hf, key, default)
+    ok = type(value) in (int, float) and math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok or (high is not None and value > high):
+        bounds = "> 0" if positive else ">= 0" if high is None else f"from 0 to {high}"
+        raise GraftError(f"config.json: {key} must be a number {bounds}, found {describe(value)}")
+    return float(value)
+
+
+def flag(hf: dict[str, Any], key: str, default: bool) -> bool:
+    value = _value(hf, key, default)
+    if type(value) is not bool:
+        raise GraftError(f"config.json: {key} must be true or false, found {describe(value)}")
+    return value
+
+
+def token_id(hf: dict[str, Any], key: str, default: int | None = None) -> Any:
+    """A token id (an int), or None; eos_token_id may list several."""
+    value = _value(hf, key, default)
+    ids = value if isinstance(value, list) and key == "eos_token_id" else [value]
+    if value is not None and not all(type(i) is int for i in ids):
+        raise GraftError(f"config.json: {key} must be a token id (an integer), found {describe(value)}")
+    return value
+
+
+def heads(hf: dict[str, Any], hidden_key: str, heads_key: str) -> tuple[int, int]:
+    """(hidden size, attention heads), the first divisible by the second."""
+    hidden, n_heads = integer(hf, hidden_key), integer(hf, heads_key)
+    if hidden % n_heads:
+        raise GraftError(f"config.json: {hidden_key} {hidden} is not divisible by {heads_key} {n_heads}")
+    return hidden, n_heads
 
 
 ACTIVATIONS_FROM_HF = {
@@ -67,9 +135,9 @@ ACTIVATIONS_TO_HF = {
 }
 
 
-def activation_from_hf(name: str, source: str = "config.json") -> str:
-    if name not in ACTIVATIONS_FROM_HF:
+def activation_from_hf(name: Any, source: str = "config.json") -> str:
+    if not isinstance(name, str) or name not in ACTIVATIONS_FROM_HF:
         raise GraftError(
-            f"{source}: hidden activation {name!r} is not supported ({', '.join(ACTIVATIONS_FROM_HF)})"
+            f"{source}: hidden activation {describe(name)} is not supported ({', '.join(ACTIVATIONS_FROM_HF)})"
         )
     return ACTIVATIONS_FROM_HF[name]

@@ -12,7 +12,6 @@ takes half a second and 45 MB (it pulls in sympy), in every run, checkpointing o
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import re
 import shutil
@@ -23,8 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from graft.errors import GraftError
 from graft.io.atomic import fsync_dir
+from graft.io.torchfile import load_torch_file
 
 PATTERN = re.compile(r"^step-(\d+)$")
 
@@ -68,19 +67,7 @@ def save_file(obj: Any, path: Path) -> None:
 
 def read_file(path: Path) -> Any:
     """A checkpoint file, read without running any code it may carry (tensors and plain values only)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        found = re.search(r"Unsupported global[^.\n]*", str(e))
-        if found:  # a Python object that unpickling would build, and could run code
-            raise GraftError(
-                f"{path}: refused, it holds more than tensors and plain values ({found.group(0)})"
-            ) from None
-        if isinstance(e, pickle.UnpicklingError):  # torch's message would suggest weights_only=False
-            why = "damaged, or not written by torch.save"
-        else:
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GraftError(f"{path}: not a readable checkpoint file ({why})") from None
+    return load_torch_file(path, "checkpoint file")
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
