@@ -13,6 +13,9 @@ from graft.train.config import Recipe
 from graft.train.loop import Trainer
 
 PROBLEM_TYPES = {"class": "single_label", "multi": "multi_label", "float": "regression"}
+# the record key each task learns from (a data file's column, or data.columns maps one to it)
+LABEL_KEYS = {"classification": "label", "token-classification": "tags", "question-answering": "answers",
+              "embedding": "text_pair"}  # fmt: skip
 
 
 def head_options(recipe: Recipe, label_map: Any) -> dict[str, Any]:
@@ -124,6 +127,13 @@ def build_trainer(recipe: Recipe, quiet: bool = False, callbacks=()) -> Trainer:
         records = [r for _, recs in collected for r in recs]
         return numeric(head.evaluate(predictions, records))
 
+    if len(train) and "labels" not in collate([train[0]]):  # the head found nothing to learn from
+        key = LABEL_KEYS.get(recipe.task.name, "label")
+        shown = ", ".join(k for k in train[0] if not k.startswith("_"))
+        raise GraftError(
+            f"{recipe.data.train}: no {key!r} column, which training a {recipe.task.name} model needs "
+            f"(read: {shown}); name yours with data.columns, e.g. data.columns={{YOUR_COLUMN: {key}}}"
+        )
     trainer = Trainer(
         model, recipe, train, collate, validation,
         lengths=lengths, eval_step=eval_step, compute_metrics=compute_metrics, loss=loss,
@@ -135,12 +145,14 @@ def build_trainer(recipe: Recipe, quiet: bool = False, callbacks=()) -> Trainer:
     return trainer
 
 
-def run_recipe(recipe: Recipe, resume: bool = False, quiet: bool = False, callbacks=()) -> dict[str, Any]:
+def run_recipe(
+    recipe: Recipe, resume: bool = False, quiet: bool = False, callbacks=(), overwrite: bool = False
+) -> dict[str, Any]:
     """Train as the recipe says; evaluate the final model on the test split when there is one."""
     from graft.io.atomic import write_json
 
     trainer = build_trainer(recipe, quiet=quiet, callbacks=callbacks)
-    result = trainer.fit(resume=resume)
+    result = trainer.fit(resume=resume, overwrite=overwrite)
     if trainer.test_data:
         result.update({f"test/{k}": v for k, v in trainer.evaluate(trainer.test_data).items()})
         if trainer.rank == 0:
