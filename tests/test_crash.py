@@ -156,6 +156,27 @@ def test_a_crash_at_any_earlier_disk_operation_resumes_to_the_same_end(tmp_path,
             assert state[key] == expected[key], f"crash at {where!r}: {key} differs"
 
 
+def test_resume_skips_a_checkpoint_left_incomplete_and_says_so(tmp_path, reference, caplog):
+    """What an older graft left when killed while it wrote the last step a second time: step-10/
+    without model.pt (and checkpoints without manifests). Resume starts from step 9, names the
+    folder it skipped, and ends where the uninterrupted run ends."""
+    out = tmp_path / "run"
+    run(out)
+    for _, path in list_checkpoints(out / "checkpoints"):
+        (path / "manifest.json").unlink()
+    (out / "checkpoints" / "step-00000010" / "model.pt").unlink()
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [9]
+    with caplog.at_level("WARNING", logger="graft"):
+        run(out, resume=True)
+    skipped = out / "checkpoints" / "step-00000010"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{skipped}: incomplete checkpoint (no model.pt), skipped; resuming from step-00000009"
+    ]
+    assert final_state(out) == reference[0]
+    (skipped / "optimizer.pt").write_bytes(b"cut")  # a damaged file: its size is not the manifest's
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [9]
+
+
 @pytest.mark.parametrize("phase", ["model", pytest.param("all", marks=pytest.mark.slow)])
 def test_the_old_model_stays_whole_until_the_new_one_replaces_it(tmp_path, phase):
     """--overwrite on a finished run, crashed at each disk operation (fast: from the final checkpoint

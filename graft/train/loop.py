@@ -445,9 +445,7 @@ class Trainer:
 
     # ---- the run -----------------------------------------------------------------------------
     def start_run(self, resume: bool, overwrite: bool) -> None:
-        if self.out.exists() and not self.out.is_dir():
-            raise GraftError(f"train.output: {self.out} is a file; the run folder must be a folder")
-        found = ckpt.scan(self.ckpt_dir)
+        found = check_output(self.out, resume, overwrite)
         if resume and found:
             whole = [(step, path) for step, path, why in found if why is None]
             for step, path, why in found:
@@ -459,18 +457,6 @@ class Trainer:
                 if self.rank == 0:  # the recipe in force, with the changes check_resume allowed
                     write_text(self.out / "config.yaml", dump_recipe(self.recipe))
                 return
-        model = self.out / "model"
-        if not resume and not overwrite:
-            if found:
-                raise GraftError(
-                    f"{self.out}: holds checkpoints of an earlier run; pass --resume to continue it, "
-                    "--overwrite to start afresh, or set train.output to a new folder"
-                )
-            if model.exists():
-                raise GraftError(
-                    f"{model}: holds the model of an earlier run; pass --overwrite to replace it "
-                    "(--resume to continue that run), or set train.output to a new folder"
-                )
         if found and self.rank == 0:  # --overwrite: the old model stays until the new one replaces it
             ckpt.remove(self.ckpt_dir)
         ckpt.barrier()
@@ -646,6 +632,31 @@ class Trainer:
                 self.extra_files(folder)
         log.info("saved the trained model to %s", self.out / "model")
         return True
+
+
+def check_output(out: Path, resume: bool, overwrite: bool) -> list[tuple[int, Path, str | None]]:
+    """The checkpoints in run folder ``out``; an error, before any work, when it holds an earlier run
+    that neither --resume nor --overwrite says what to do with."""
+    if out.exists() and not out.is_dir():
+        raise GraftError(f"train.output: {out} is a file; the run folder must be a folder")
+    found = ckpt.scan(out / "checkpoints")
+    if not resume and not overwrite:
+        if found:
+            raise GraftError(
+                f"{out}: holds checkpoints of an earlier run; pass --resume to continue it, "
+                "--overwrite to start afresh, or set train.output to a new folder"
+            )
+        if (out / "model").exists():
+            raise GraftError(
+                f"{out / 'model'}: holds the model of an earlier run; pass --overwrite to replace it "
+                "(--resume to continue that run), or set train.output to a new folder"
+            )
+    if resume and not overwrite and (out / "model").exists() and all(why for _, _, why in found):
+        raise GraftError(
+            f"{out}: --resume found no complete checkpoint to continue from; pass --overwrite to train "
+            f"afresh and replace {out / 'model'}, or set train.output to a new folder"
+        )
+    return found
 
 
 def run_facts(recipe: Recipe, world: int) -> dict[str, Any]:
