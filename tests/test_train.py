@@ -323,3 +323,81 @@ def test_a_micro_batch_without_labelled_items_is_harmless(tmp_path):
     trainer.sampler.shuffle = False
     result = trainer.fit()
     assert result["steps"] == 2 and all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path))
+
+
+def test_each_step_is_saved_once_after_its_evaluation(tmp_path, monkeypatch):
+    """The last step used to be saved twice (again after the final evaluation, its folder deleted
+    first): a kill in between left step-N/ without model.pt. Now it is evaluated, then saved, once."""
+    from graft.train import checkpoint
+
+    saved, real = [], checkpoint.save_checkpoint
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda folder, step, *a, **k: saved.append(step) or real(folder, step, *a, **k))  # fmt: skip
+    recipe = tiny_recipe(
+        tmp_path, train={"max_steps": 4}, eval={"every": 3}, checkpoint={"every": 2, "keep": 5}
+    )
+    data = tiny_data(32)
+    Trainer(tiny_model(), recipe, data, collate, data[:8], quiet=True).fit()
+    assert saved == [2, 3, 4]  # 3: the best evaluation
+    state = torch.load(tmp_path / "checkpoints" / "step-00000004" / "trainer.pt")
+    assert state["last_eval_step"] == 4 and state["best_step"] == 4
+
+
+def test_nan_stop_names_the_checkpoint_saved_before_the_loss_exploded(tmp_path):
+    def diverge(trainer, out):
+        with torch.no_grad():
+            if trainer.state.global_step == 2:  # after step 2's checkpoint: step 3's loss explodes
+                trainer.module.head.proj.weight.mul_(1e4)
+            if trainer.state.global_step == 3:
+                trainer.module.head.proj.weight.fill_(float("nan"))
+
+    recipe = tiny_recipe(tmp_path, train={"max_steps": 6}, checkpoint={"every": 1, "keep": 5})
+    trainer = Trainer(tiny_model(), recipe, tiny_data(), collate, callbacks=[diverge], quiet=True)
+    with pytest.raises(GraftError) as error:
+        trainer.fit()
+    first = trainer.state.first_loss
+    assert str(error.value) == (
+        f"step 4: the loss is nan; training stopped (the last good checkpoint is "
+        f"{tmp_path / 'checkpoints' / 'step-00000002'}; the newer step-00000003 were saved while the loss "
+        f"exploded (above 2x the first loss, {first:.4g}): remove them before --resume). "
+        "Try a lower optim.lr, train.clip_norm, or train.precision=fp32"
+    )
+
+
+def test_an_earlier_runs_model_is_replaced_only_with_overwrite(tmp_path):
+    from graft.models.auto import load_model
+
+    def fit(seed, **options):
+        recipe = tiny_recipe(
+            tmp_path, train={"max_steps": 2, "seed": seed}, checkpoint={"keep": 0, "save_model": True}
+        )
+        Trainer(tiny_model(seed), recipe, tiny_data(), collate, quiet=True).fit(**options)
+        return load_model(tmp_path / "model", task="token-classification", num_labels=3).state_dict()
+
+    first = fit(0)
+    with pytest.raises(GraftError) as error:
+        fit(1)
+    assert str(error.value) == (
+        f"{tmp_path / 'model'}: holds the model of an earlier run; pass --overwrite to replace it "
+        "(--resume to continue that run), or set train.output to a new folder"
+    )
+    assert all(torch.equal(a, b) for a, b in zip(first.values(), load_model(tmp_path / "model", task="token-classification", num_labels=3).state_dict().values(), strict=True))  # fmt: skip
+    second = fit(1, overwrite=True)
+    assert not all(torch.equal(a, b) for a, b in zip(first.values(), second.values(), strict=True))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing left aside
+
+
+def test_overwrite_starts_afresh_without_the_earlier_checkpoints(tmp_path):
+    train(tmp_path, "run", steps=3, checkpoint={"every": 1})
+    with pytest.raises(GraftError, match="pass --resume to continue it, --overwrite to start afresh"):
+        train(tmp_path, "run", steps=1)
+    model = tiny_model()
+    recipe = tiny_recipe(tmp_path / "run", train={"max_steps": 1})
+    Trainer(model, recipe, tiny_data(), collate, quiet=True).fit(overwrite=True)
+    assert [s for s, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [1]
+
+
+def test_a_run_folder_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "taken").write_text("mine")
+    with pytest.raises(GraftError, match=r"train.output: .*taken is a file; the run folder must be a folder"):
+        train(tmp_path, "taken", steps=1)
+    assert (tmp_path / "taken").read_text() == "mine"

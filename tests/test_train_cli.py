@@ -68,6 +68,7 @@ def test_train_writes_a_run_folder_and_resume_finishes_it(tmp_path, assets):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["steps"] == 12 and "eval/accuracy" in result and "test/accuracy" in result
+    assert f"saved the trained model to {out / 'model'}" in done.stderr.splitlines()
     for name in ("config.yaml", "run.json", "metrics.jsonl", "result.json", "model/config.json"):
         assert (out / name).exists(), name
     model = load_model(out / "model")
@@ -78,6 +79,48 @@ def test_train_writes_a_run_folder_and_resume_finishes_it(tmp_path, assets):
     )
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout.strip().splitlines()[-1])["steps"] == 12
+
+
+def test_an_earlier_model_is_replaced_only_with_overwrite(tmp_path, assets):
+    out = tmp_path / "run"
+    args = ["train", RECIPE, *base_args(assets, out), "train.max_steps=1", "checkpoint.keep=0", "-q"]
+    assert graft(*args).returncode == 0
+    before = (out / "model" / "model.safetensors").read_bytes()
+    refused = graft(*args, "train.seed=1")
+    assert refused.returncode == 1 and refused.stderr.strip() == (
+        f"error: {out / 'model'}: holds the model of an earlier run; pass --overwrite to replace it "
+        "(--resume to continue that run), or set train.output to a new folder"
+    )
+    assert (out / "model" / "model.safetensors").read_bytes() == before
+    again = graft(*args, "train.seed=1", "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert (out / "model" / "model.safetensors").read_bytes() != before
+
+
+def test_training_data_without_labels_is_one_line(tmp_path, assets):
+    data = tmp_path / "texts.csv"
+    data.write_text("text\nthe match was won\nthe chip is fast\n" * 10)
+    done = graft("train", RECIPE, *base_args(assets, tmp_path / "run"), f"data.train={data}")
+    assert done.returncode == 1 and done.stderr.strip() == (
+        f"error: {data}: no 'label' column, which training a classification model needs (read: text); "
+        "name yours with data.columns, e.g. data.columns={YOUR_COLUMN: label}"
+    )
+
+
+def test_the_demo_runs_again_in_the_same_folder(tmp_path, assets):
+    data = tmp_path / "topics"
+    for label, words in (("sport", "goal match team win"), ("tech", "chip software phone data")):
+        (data / label).mkdir(parents=True)
+        for i in range(10):
+            (data / label / f"{i}.txt").write_text(f"{words.split()[i % 4]} {words}\n")
+    args = ["demo", "--model", assets["model"], "--data", data, "--output", tmp_path / "demo", "--steps", "2",
+            "--batch-size", "4", "--max-length", "16", "-q"]  # fmt: skip
+    for _ in range(2):
+        done = graft(*args)
+        assert done.returncode == 0, done.stderr
+        assert f"merged model to {tmp_path / 'demo' / 'model'}" in done.stdout
+    assert load_model(tmp_path / "demo" / "model").head.id2label == ["sport", "tech"]
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["adapter", "model", "run"]
 
 
 @pytest.mark.parametrize(

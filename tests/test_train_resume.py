@@ -76,3 +76,55 @@ def test_a_checkpoint_file_carrying_code_is_refused_without_running_it(tmp_path,
         GraftError, match=r"optimizer\.pt: not a readable checkpoint file \(damaged, or not written"
     ):
         read_file(tmp_path / "optimizer.pt")
+
+
+def test_resume_refuses_recipe_changes_that_make_another_run(tmp_path):
+    import pytest
+    from test_train_helpers import collate, tiny_data, tiny_model, tiny_recipe
+
+    from graft.errors import GraftError
+    from graft.train import Trainer
+
+    def fit(**sections):
+        recipe = tiny_recipe(tmp_path, **{"checkpoint": {"every": 1}, **sections})
+        return Trainer(tiny_model(), recipe, tiny_data(), collate, quiet=True).fit(resume=True)
+
+    fit(train={"max_steps": 2})
+    with pytest.raises(GraftError) as error:
+        fit(
+            train={"max_steps": 4, "batch_size": 4, "seed": 3},
+            optim={"weight_decay": 0.1},
+            data={"max_length": 64},
+        )
+    step = tmp_path / "checkpoints" / "step-00000002"
+    assert str(error.value) == (
+        f"{step}: --resume continues a run with the recipe it started with, and these differ: "
+        "data.max_length 128 -> 64, optim.weight_decay 0.01 -> 0.1, train.batch_size 8 -> 4, train.seed 0 -> 3; "
+        "change them back, or start a new run (another train.output, or --overwrite)"
+    )
+
+
+def test_resume_applies_and_logs_the_changes_it_allows(tmp_path, caplog):
+    from test_train_helpers import collate, tiny_data, tiny_model, tiny_recipe
+
+    from graft.train import Trainer, load_recipe
+    from graft.train.config import ScheduleSection
+    from graft.train.schedules import lr_factor
+
+    def fit(**sections):
+        recipe = tiny_recipe(tmp_path, **{"checkpoint": {"every": 1}, **sections})
+        Trainer(tiny_model(), recipe, tiny_data(), collate, quiet=True).fit(resume=True)
+        return recipe
+
+    fit(train={"max_steps": 2}, optim={"lr": 1e-2})
+    with caplog.at_level("INFO", logger="graft"):  # longer, a lower lr, the same 8 examples a step
+        recipe = fit(train={"max_steps": 4, "batch_size": 4, "accumulate": 2}, optim={"lr": 1e-3})
+    assert f"{tmp_path}: resuming with a changed recipe (applied from step 2 on): optim.lr 0.01 -> 0.001, " \
+           "train.accumulate 1 -> 2, train.batch_size 8 -> 4, train.max_steps 2 -> 4" in caplog.messages  # fmt: skip
+    lrs = [r["lr"] for r in read_metrics(tmp_path)]
+    assert lrs == [1e-2 * lr_factor(ScheduleSection(), s, 2) for s in (0, 1)] + [
+        1e-3 * lr_factor(ScheduleSection(), s, 4) for s in (2, 3)
+    ]
+    assert load_recipe(tmp_path / "config.yaml") == recipe  # the recipe in force
+    state = torch.load(tmp_path / "checkpoints" / "step-00000004" / "trainer.pt")
+    assert state["recipe"] == recipe.to_dict()

@@ -218,7 +218,10 @@ def demo_assets() -> tuple[Path, Path]:
 @app.command()
 def demo(
     output: Annotated[
-        Path, typer.Option(help="Run folder: checkpoints, the adapter and the merged model.")
+        Path,
+        typer.Option(
+            help="Run folder: checkpoints, the adapter and the merged model (each demo starts afresh there)."
+        ),
     ] = Path("runs/demo"),
     model: Annotated[str | None, typer.Option(help="Model folder (default: all-MiniLM-L6-v2).")] = None,
     data: Annotated[
@@ -236,6 +239,7 @@ def demo(
     """Fine-tune all-MiniLM-L6-v2 with LoRA on BBC News topics; print test accuracy and predictions; save it."""
     import torch
 
+    from graft.io.atomic import atomic_folder
     from graft.models.auto import save_model
     from graft.strategies import exportable, save_adapter
     from graft.tasks.collate import to_device
@@ -277,7 +281,7 @@ def demo(
     typer.echo(f"data  {recipe.data.train}: {len(trainer.train_data)} train, {len(trainer.eval_data or [])} validation, "
                f"{len(trainer.test_data or [])} test articles; labels {', '.join(net.head.id2label)}")  # fmt: skip
     typer.echo(f"training {steps} steps of {batch_size} articles ({max_length} tokens each)...")
-    result = trainer.fit()
+    result = trainer.fit(overwrite=True)  # the demo's own folder: run it again as often as you like
     test = trainer.evaluate(trainer.test_data) if trainer.test_data else {}
     typer.echo(f"validation accuracy {result.get('eval/accuracy', float('nan')):.4f}")
     typer.echo(
@@ -300,8 +304,10 @@ def demo(
                 f"  {mark} {pred['label']:<13} {pred['score']:.2f}  (true {record.get('label')})  {text}..."
             )
     net.cpu()
-    save_adapter(net, output / "adapter")
-    save_model(exportable(net), output / "model", trainer.tokenizer)
+    with atomic_folder(output / "adapter") as folder:  # an earlier demo's stays whole until replaced
+        save_adapter(net, folder)
+    with atomic_folder(output / "model") as folder:
+        save_model(exportable(net), folder, trainer.tokenizer)
     typer.echo(
         f"saved the LoRA adapter (PEFT format) to {output / 'adapter'} and the merged model to {output / 'model'}"
     )

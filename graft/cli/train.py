@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from graft.cli.app import app
+from graft.errors import GraftError
 
 RecipeArg = Annotated[Path, typer.Argument(help="A YAML recipe (see recipes/).")]
 OverridesArg = Annotated[
@@ -23,6 +24,12 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the run folder's last checkpoint.")
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Start afresh in a run folder that holds an earlier run, replacing it."
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Fine-tune a model as a recipe says; writes checkpoints, metrics, plots and the model to train.output."""
@@ -30,7 +37,9 @@ def train(
     from graft.train.config import load_recipe
 
     config = load_recipe(recipe, overrides or [])
-    result = run_recipe(config, resume=resume, quiet=quiet)
+    if resume and overwrite:
+        raise GraftError("--resume continues the run in train.output and --overwrite replaces it: pass one")
+    result = run_recipe(config, resume=resume, quiet=quiet, overwrite=overwrite)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
     typer.echo(json.dumps(shown))
 

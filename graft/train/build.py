@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from graft.errors import GraftError
 from graft.train.config import Recipe
-from graft.train.loop import Trainer
+from graft.train.loop import Trainer, check_output
 
 PROBLEM_TYPES = {"class": "single_label", "multi": "multi_label", "float": "regression"}
+# the record key each task learns from (a data file's column, or data.columns maps one to it)
+LABEL_KEYS = {"classification": "label", "token-classification": "tags", "question-answering": "answers",
+              "embedding": "text_pair"}  # fmt: skip
 
 
 def head_options(recipe: Recipe, label_map: Any) -> dict[str, Any]:
@@ -77,6 +81,13 @@ def build_trainer(recipe: Recipe, quiet: bool = False, callbacks=()) -> Trainer:
         )
     splits = load_splits(recipe.data)
     train_set = splits["train"]
+    key = LABEL_KEYS.get(recipe.task.name)
+    if key and len(train_set) and train_set[0].get(key) is None:  # before the model loads
+        shown = ", ".join(k for k in train_set[0] if not k.startswith("_"))
+        raise GraftError(
+            f"{recipe.data.train}: no {key!r} column, which training a {recipe.task.name} model needs "
+            f"(read: {shown}); name yours with data.columns, e.g. data.columns={{YOUR_COLUMN: {key}}}"
+        )
     label_map = train_set.label_map
     folder = resolve(recipe.model.path)
     tokenizer = Tokenizer.from_folder(folder)
@@ -135,12 +146,15 @@ def build_trainer(recipe: Recipe, quiet: bool = False, callbacks=()) -> Trainer:
     return trainer
 
 
-def run_recipe(recipe: Recipe, resume: bool = False, quiet: bool = False, callbacks=()) -> dict[str, Any]:
+def run_recipe(
+    recipe: Recipe, resume: bool = False, quiet: bool = False, callbacks=(), overwrite: bool = False
+) -> dict[str, Any]:
     """Train as the recipe says; evaluate the final model on the test split when there is one."""
     from graft.io.atomic import write_json
 
+    check_output(Path(recipe.train.output), resume, overwrite)  # before the model and data load
     trainer = build_trainer(recipe, quiet=quiet, callbacks=callbacks)
-    result = trainer.fit(resume=resume)
+    result = trainer.fit(resume=resume, overwrite=overwrite)
     if trainer.test_data:
         result.update({f"test/{k}": v for k, v in trainer.evaluate(trainer.test_data).items()})
         if trainer.rank == 0:

@@ -2,8 +2,10 @@
 
 A checkpoint is a folder ``checkpoints/step-00000120/`` holding the model, the optimizer, the
 scheduler, the grad scaler, the trainer's position (epoch, step, best metric...) and every
-process's RNG states. It is written under a temporary name, each file fsynced, then renamed:
-a folder named ``step-*`` is always complete. Model and optimizer states are full (unsharded)
+process's RNG states. It is written under a temporary name, each file fsynced, a manifest of
+the files and their sizes last, then renamed: a folder named ``step-*`` is complete, and one
+that is not (damaged, half copied, or left by an older graft that deleted a step's folder to
+write it again) is recognised and never resumed from. Model and optimizer states are full (unsharded)
 and keyed by parameter name, so a checkpoint of a DDP or FSDP run resumes on one process and
 the other way round. torch.distributed.checkpoint is imported where it is used: importing it
 takes half a second and 45 MB (it pulls in sympy), in every run, checkpointing or not.
@@ -11,6 +13,7 @@ takes half a second and 45 MB (it pulls in sympy), in every run, checkpointing o
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -26,6 +29,8 @@ from graft.io.atomic import fsync_dir
 from graft.io.torchfile import load_torch_file
 
 PATTERN = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"  # written last: {file name: size in bytes}
+REQUIRED = ("model.pt", "optimizer.pt", "trainer.pt", "rng-0.pt")  # what a folder without one must hold
 
 
 def rng_state() -> dict[str, Any]:
@@ -65,22 +70,59 @@ def save_file(obj: Any, path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def save_json(data: Any, path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def read_file(path: Path) -> Any:
     """A checkpoint file, read without running any code it may carry (tensors and plain values only)."""
     return load_torch_file(path, "checkpoint file")
 
 
-def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints in ``folder``, oldest first."""
+def incomplete(path: Path) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be resumed from, or None when it is whole."""
+    try:
+        sizes = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:  # written before manifests: whole when every file is there
+        sizes = dict.fromkeys(REQUIRED)
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is damaged"
+    for name, size in sizes.items():
+        file = path / name
+        if not file.is_file():
+            return f"no {name}"
+        if size is not None and file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, its manifest says {size}"
+    return None
+
+
+def scan(folder: Path) -> list[tuple[int, Path, str | None]]:
+    """Every ``step-*`` folder in ``folder``, oldest first, with why it is incomplete (None: whole)."""
     if not folder.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := PATTERN.match(p.name)) and p.is_dir()]
-    return sorted(found)
+    return [(step, path, incomplete(path)) for step, path in sorted(found)]
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``folder``, oldest first."""
+    return [(step, path) for step, path, why in scan(folder) if why is None]
 
 
 def latest(folder: Path) -> Path | None:
     found = list_checkpoints(folder)
     return found[-1][1] if found else None
+
+
+def remove(path: Path) -> None:
+    """Delete a folder without ever leaving half of it under its name (a crash may stop rmtree midway)."""
+    doomed = path.with_name(f".{path.name}.delete")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -114,9 +156,11 @@ def save_checkpoint(
         save_file({**trainer_state, "world_size": world}, tmp / "trainer.pt")
     barrier()
     if rank == 0:
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        save_json({"step": step, "files": sizes}, tmp / MANIFEST)
         fsync_dir(tmp)
-        if final.exists():  # the same step again (e.g. a final save right after a periodic one)
-            shutil.rmtree(final)
+        if final.exists():  # an incomplete leftover (a run never writes a step twice): moved out first
+            remove(final)
         os.replace(tmp, final)
         fsync_dir(folder)
         prune(folder, keep, protect + (step,))
@@ -125,13 +169,15 @@ def save_checkpoint(
 
 
 def prune(folder: Path, keep: int, protect: tuple[int, ...]) -> None:
-    found = list_checkpoints(folder)
-    newest = {s for s, _ in found[-keep:]} if keep > 0 else set()
-    for step, path in found:
-        if step not in newest and step not in protect:
-            doomed = path.with_name(f".{path.name}.delete")
-            os.replace(path, doomed)  # never leave a half-deleted folder under a step-* name
-            shutil.rmtree(doomed, ignore_errors=True)
+    """Remove all but the ``keep`` newest complete checkpoints and ``protect``; and older incomplete ones."""
+    found = scan(folder)
+    whole = [step for step, _, why in found if why is None]
+    newest = set(whole[-keep:]) if keep > 0 else set()
+    for step, path, why in found:
+        if (why is None and step not in newest and step not in protect) or (
+            why and whole and step < whole[-1]
+        ):
+            remove(path)
 
 
 def load_checkpoint(

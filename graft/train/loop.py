@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from graft.errors import GraftError
-from graft.io.atomic import write_json, write_text
+from graft.io.atomic import atomic_folder, write_json, write_text
 from graft.tasks.collate import to_device
 from graft.train import checkpoint as ckpt
 from graft.train.config import Recipe, dump_recipe
@@ -88,6 +88,32 @@ class TrainState:
     stopped_early: bool = False
     last_eval_step: int = -1
     last_metrics: dict[str, float] = field(default_factory=dict)
+    first_loss: float | None = None  # of the run's first step: the scale that tells divergence
+    last_loss: float | None = None  # of the latest step: a checkpoint's records say how it trained
+
+
+# What a resumed run may change (applied from the resumed step on); every other recipe field
+# decides the data order or the model, optimizer and task it trains, and must stay as saved.
+# train.batch_size and train.accumulate may change when the examples per optimizer step
+# (batch_size x accumulate x processes) stay the same: the data position means the same steps.
+RESUMABLE = (
+    "train.epochs", "train.max_steps", "train.log_every", "train.plots", "train.device",
+    "train.precision", "train.clip_norm", "train.compile", "train.gradient_checkpointing",
+    "train.batch_size", "train.accumulate", "optim.lr", "schedule.", "eval.every", "eval.batch_size",
+    "early_stopping.patience", "checkpoint.", "distributed.", "tune.",
+)  # fmt: skip
+DIVERGED = 2.0  # a checkpoint whose step loss is above this many times the first loss had diverged
+
+
+def recipe_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, new value) for every recipe field that differs."""
+    changes = []
+    for section in sorted(set(saved) | set(new)):
+        old_values, new_values = saved.get(section) or {}, new.get(section) or {}
+        for key in sorted(set(old_values) | set(new_values)):
+            if old_values.get(key) != new_values.get(key):
+                changes.append((f"{section}.{key}", old_values.get(key), new_values.get(key)))
+    return changes
 
 
 def find_bodies(model: nn.Module) -> list[nn.Module]:
@@ -357,8 +383,8 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
-        if self.recipe.checkpoint.keep == 0:
-            return None
+        if self.recipe.checkpoint.keep == 0 or self.last_saved == self.state.global_step:
+            return None  # a step is written once: its folder is never taken apart to write it again
         protect = (
             (self.state.best_step,)
             if self.recipe.checkpoint.keep_best and self.state.best_step is not None
@@ -372,25 +398,68 @@ class Trainer:
         return path
 
     def restore(self, path: Path) -> None:
+        self.check_resume(path, ckpt.read_file(path / "trainer.pt"))  # before loading into the model
+        base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]  # this recipe's
         saved = ckpt.load_checkpoint(path, self.module, self.optimizer)
         self.scheduler.load_state_dict(saved.pop("scheduler"))
-        self.scaler.load_state_dict(saved.pop("scaler"))
+        # The learning rate follows this recipe (optim.lr, schedule.*, the run's length) from here on.
+        self.scheduler.base_lrs = base_lrs
+        for group, base, factor in zip(
+            self.optimizer.param_groups, base_lrs, self.scheduler.lr_lambdas, strict=True
+        ):
+            group["initial_lr"], group["lr"] = base, base * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        if saved.get("scaler"):  # a run that did not use fp16 saved no loss scale
+            self.scaler.load_state_dict(saved.pop("scaler"))
         names = set(TrainState.__dataclass_fields__)
         self.state = TrainState(**{k: v for k, v in saved.items() if k in names})
         self.last_saved = self.state.global_step
         self.log.truncate(self.state.global_step)
 
-    # ---- the run -----------------------------------------------------------------------------
-    def start_run(self, resume: bool) -> None:
-        found = ckpt.latest(self.ckpt_dir)
-        if resume and found is not None:
-            self.restore(found)
+    def check_resume(self, path: Path, saved: dict[str, Any]) -> None:
+        """Refuse recipe changes that would make the resumed run another run; log the others."""
+        if "recipe" not in saved:
             return
-        if found is not None and not resume:
+        changes = [
+            c for c in recipe_changes(saved["recipe"], self.recipe.to_dict()) if c[0] != "train.output"
+        ]
+        old = saved["recipe"].get("train", {})
+        old_step = old.get("batch_size", 0) * old.get("accumulate", 0) * saved.get("world_size", 1)
+        step_kept = old_step == self.sampler.step_size
+        frozen = [
+            c for c in changes
+            if not c[0].startswith(RESUMABLE) or (c[0] in ("train.batch_size", "train.accumulate") and not step_kept)
+        ]  # fmt: skip
+        if not step_kept and saved.get("world_size", 1) != self.world:
+            frozen.append(("processes", saved.get("world_size", 1), self.world))
+        if frozen:
+            shown = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in frozen)
             raise GraftError(
-                f"{self.out}: holds checkpoints of an earlier run; pass --resume to continue it, "
-                "or set train.output to a new folder"
+                f"{path}: --resume continues a run with the recipe it started with, and these differ: {shown}; "
+                f"change them back, or start a new run (another train.output, or --overwrite)"
             )
+        if changes and self.rank == 0:
+            shown = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
+            log.info("%s: resuming with a changed recipe (applied from step %d on): %s",
+                     self.out, saved["global_step"], shown)  # fmt: skip
+
+    # ---- the run -----------------------------------------------------------------------------
+    def start_run(self, resume: bool, overwrite: bool) -> None:
+        found = check_output(self.out, resume, overwrite)
+        if resume and found:
+            whole = [(step, path) for step, path, why in found if why is None]
+            for step, path, why in found:
+                if why is not None and (not whole or step > whole[-1][0]):
+                    instead = f"resuming from {whole[-1][1].name}" if whole else "starting afresh"
+                    log.warning("%s: incomplete checkpoint (%s), skipped; %s", path, why, instead)
+            if whole:
+                self.restore(whole[-1][1])
+                if self.rank == 0:  # the recipe in force, with the changes check_resume allowed
+                    write_text(self.out / "config.yaml", dump_recipe(self.recipe))
+                return
+        if found and self.rank == 0:  # --overwrite: the old model stays until the new one replaces it
+            ckpt.remove(self.ckpt_dir)
+        ckpt.barrier()
         seed = self.recipe.train.seed
         random.seed(seed)
         np.random.seed(seed)
@@ -401,10 +470,15 @@ class Trainer:
             write_text(self.out / "config.yaml", dump_recipe(self.recipe))
             write_json(self.out / "run.json", run_facts(self.recipe, self.world))
 
-    def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train to the end (or until early stopping); return the final metrics."""
+    def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+        """Train to the end (or until early stopping); return the final metrics.
+
+        ``resume``: continue from the newest complete checkpoint in train.output. ``overwrite``:
+        start afresh in a folder that holds an earlier run (its model is replaced at the end).
+        """
         self.last_saved = -1
-        self.start_run(resume)
+        self.overwrite = overwrite
+        self.start_run(resume, overwrite)
         s, r = self.state, self.recipe
         progress = Progress(self.total_steps, s.global_step, enabled=not self.quiet and self.rank == 0)
         every_eval, every_ckpt = r.eval.every, r.checkpoint.every
@@ -418,16 +492,12 @@ class Trainer:
                     s.examples += int(out["examples"])
                     seen += out["examples"]
                     if not math.isfinite(out["loss"]):
-                        last = ckpt.latest(self.ckpt_dir)
-                        where = (
-                            f"the last good checkpoint, {last}, is intact"
-                            if last
-                            else "no checkpoint was written yet"
-                        )
                         raise GraftError(
-                            f"step {s.global_step}: the loss is {out['loss']}; training stopped ({where}). "
+                            f"step {s.global_step}: the loss is {out['loss']}; training stopped ({self.last_good()}). "
                             "Try a lower optim.lr, train.clip_norm, or train.precision=fp32"
                         )
+                    s.last_loss = out["loss"]
+                    s.first_loss = out["loss"] if s.first_loss is None else s.first_loss
                     if s.step_in_epoch == len(self.sampler):  # the epoch is over: the position moves on
                         s.epoch, s.step_in_epoch = s.epoch + 1, 0
                     if s.global_step % r.train.log_every == 0 or s.global_step == self.total_steps:
@@ -444,7 +514,8 @@ class Trainer:
                         progress.update(s.global_step, out["loss"], out["lr"], record["examples_per_s"])
                         t0, seen = time.perf_counter(), 0.0
                     epoch_end = s.step_in_epoch == 0
-                    self.maybe_eval_and_save(every_eval, every_ckpt, epoch_end, progress)
+                    last = s.global_step >= self.total_steps
+                    self.maybe_eval_and_save(every_eval, every_ckpt, epoch_end, last, progress)
                     for callback in self.callbacks:
                         callback(self, out)
                     if s.global_step >= self.total_steps or s.stopped_early or epoch_end:
@@ -453,30 +524,57 @@ class Trainer:
                 progress.note(
                     f"early stopping at step {s.global_step}: no improvement in {s.bad_evals} evaluations"
                 )
+            # The last step was evaluated, then saved, in the loop. Here: a run resumed with nothing
+            # left to train, or stopped early between checkpoints.
             if self.eval_data is not None and s.last_eval_step != s.global_step:
-                best = self.after_eval(self.evaluate())
-                if best and r.checkpoint.keep_best:
-                    self.save()
-            if self.last_saved != s.global_step:
-                self.save()
+                self.after_eval(self.evaluate())
+            self.save()
         finally:
             progress.close()
         train_seconds = time.perf_counter() - t_start
         return self.finish(train_seconds)
 
     def maybe_eval_and_save(
-        self, every_eval: int, every_ckpt: int, epoch_end: bool, progress: Progress
+        self, every_eval: int, every_ckpt: int, epoch_end: bool, last: bool, progress: Progress
     ) -> None:
+        """Evaluate, then checkpoint, when due; the last step is always both, in that order, so its
+        checkpoint holds the final evaluation and is written once."""
         s = self.state
-        due_eval = (every_eval > 0 and s.global_step % every_eval == 0) or (every_eval == 0 and epoch_end)
+        due_eval = (
+            (every_eval > 0 and s.global_step % every_eval == 0) or (every_eval == 0 and epoch_end) or last
+        )
         best = False
         if due_eval and self.eval_data is not None:
             best = self.after_eval(self.evaluate())
             shown = "  ".join(f"{k} {v:.4f}" for k, v in s.last_metrics.items())
             progress.note(f"step {s.global_step}  eval: {shown}")
-        due_ckpt = (every_ckpt > 0 and s.global_step % every_ckpt == 0) or (every_ckpt == 0 and epoch_end)
+        due_ckpt = (
+            (every_ckpt > 0 and s.global_step % every_ckpt == 0) or (every_ckpt == 0 and epoch_end) or last
+        )
         if due_ckpt or (best and self.recipe.checkpoint.keep_best):
             self.save()
+
+    def last_good(self) -> str:
+        """Which checkpoint to resume from after the loss became NaN: the newest one saved before
+        the loss exploded (finite weights can already be ruined)."""
+        found = list(reversed(ckpt.list_checkpoints(self.ckpt_dir)))
+        if not found:
+            return "no checkpoint was written yet"
+        first = self.state.first_loss
+        for i, (_, path) in enumerate(found):
+            loss = ckpt.read_file(path / "trainer.pt").get("last_loss")
+            if loss is None or first is None or (math.isfinite(loss) and loss <= DIVERGED * first):
+                if i == 0:
+                    return f"the last good checkpoint, {path}, is intact"
+                newer = ", ".join(p.name for _, p in found[:i])
+                return (
+                    f"the last good checkpoint is {path}; the newer {newer} were saved while the loss "
+                    f"exploded (above {DIVERGED:g}x the first loss, {first:.4g}): remove them before --resume"
+                )
+        return (
+            f"every checkpoint was saved while the loss exploded (above {DIVERGED:g}x the first loss, "
+            f"{first:.4g}): start afresh with --overwrite"
+        )
 
     def finish(self, train_seconds: float) -> dict[str, Any]:
         s, r = self.state, self.recipe
@@ -506,8 +604,9 @@ class Trainer:
                 self.skeleton.load_state_dict(state)
                 final = self.skeleton
         if self.rank == 0:
-            if r.checkpoint.save_model:
-                self.save_model_folder(final)
+            written = r.checkpoint.save_model and self.save_model_folder(final)
+            if not written and self.overwrite and (self.out / "model").exists():
+                ckpt.remove(self.out / "model")  # the earlier run's, which --overwrite replaces
             if r.train.plots and self.log.path.exists():
                 plot_metrics(self.log.path, self.out)
             write_json(self.out / "result.json", result)
@@ -515,7 +614,7 @@ class Trainer:
         ckpt.barrier()
         return result
 
-    def save_model_folder(self, model: nn.Module) -> None:
+    def save_model_folder(self, model: nn.Module) -> bool:
         """train.output/model: a Hugging Face folder (LoRA merged in) that load_model and transformers read."""
         from graft.models.auto import save_model
         from graft.strategies import exportable
@@ -526,10 +625,38 @@ class Trainer:
             log.warning(
                 "%s: no model folder written (%s); the last checkpoint holds the weights", self.out, e
             )
-            return
-        save_model(model, self.out / "model", self.tokenizer)
-        if self.extra_files is not None:
-            self.extra_files(self.out / "model")
+            return False
+        with atomic_folder(self.out / "model") as folder:  # the old model stays whole until this one is
+            save_model(model, folder, self.tokenizer)
+            if self.extra_files is not None:
+                self.extra_files(folder)
+        log.info("saved the trained model to %s", self.out / "model")
+        return True
+
+
+def check_output(out: Path, resume: bool, overwrite: bool) -> list[tuple[int, Path, str | None]]:
+    """The checkpoints in run folder ``out``; an error, before any work, when it holds an earlier run
+    that neither --resume nor --overwrite says what to do with."""
+    if out.exists() and not out.is_dir():
+        raise GraftError(f"train.output: {out} is a file; the run folder must be a folder")
+    found = ckpt.scan(out / "checkpoints")
+    if not resume and not overwrite:
+        if found:
+            raise GraftError(
+                f"{out}: holds checkpoints of an earlier run; pass --resume to continue it, "
+                "--overwrite to start afresh, or set train.output to a new folder"
+            )
+        if (out / "model").exists():
+            raise GraftError(
+                f"{out / 'model'}: holds the model of an earlier run; pass --overwrite to replace it "
+                "(--resume to continue that run), or set train.output to a new folder"
+            )
+    if resume and not overwrite and (out / "model").exists() and all(why for _, _, why in found):
+        raise GraftError(
+            f"{out}: --resume found no complete checkpoint to continue from; pass --overwrite to train "
+            f"afresh and replace {out / 'model'}, or set train.output to a new folder"
+        )
+    return found
 
 
 def run_facts(recipe: Recipe, world: int) -> dict[str, Any]:
