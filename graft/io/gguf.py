@@ -808,7 +808,9 @@ def convert_gguf(
     if out_dir.exists() and not out_dir.is_dir():
         raise GraftError(f"{out_dir}: exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise GraftError(f"{out_dir}: folder is not empty (pass --overwrite, or overwrite=True in Python, to replace it)")
+        raise GraftError(
+            f"{out_dir}: folder is not empty (pass --overwrite, or overwrite=True in Python, to replace it)"
+        )
     model = read_gguf(path)
 
     config = dict(model.config, torch_dtype=str(dtype).removeprefix("torch."))
