@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,6 @@ def _umask() -> int:
 
 UMASK = _umask()
 FILE_MODE = 0o666 & ~UMASK
-FOLDER_MODE = 0o777 & ~UMASK
 
 
 def check_output(
@@ -84,18 +84,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def temporary_folder(path: str | Path) -> Path:
-    """A new empty folder next to ``path``, to be renamed onto it once complete.
-
-    It has the mode mkdir gives (mkdtemp makes 0700, and the rename would keep it).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    os.chmod(tmp, FOLDER_MODE)
-    return tmp
-
-
 def fsync_dir(folder: Path) -> None:
     """Make a rename inside ``folder`` durable."""
     fd = os.open(folder, os.O_RDONLY)
@@ -122,8 +110,6 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     leaves the old folder or the new one, never a mix (between the two renames, the old one waits
     under ``.NAME.old`` and the next call puts it back before anything else).
     """
-    import shutil
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")

@@ -11,12 +11,10 @@ name map, the Q/K un-permutation and the tokenizer are ours.
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
 import re
-import shutil
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from graft.errors import GraftError
-from graft.io.atomic import atomic_path, temporary_folder
+from graft.io.atomic import atomic_folder, atomic_path, write_json
 
 T = GGMLQuantizationType
 
@@ -790,10 +788,6 @@ def read_gguf(path: str | os.PathLike) -> GGUFModel:
     return GGUFModel(config, state_dict, tokenizer, tokenizer_config)
 
 
-def _write_json(obj: dict, path: Path) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def convert_gguf(
     path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -802,7 +796,7 @@ def convert_gguf(
 ) -> Path:
     """Write a GGUF file as a Hugging Face folder that ``LlamaForCausalLM.from_pretrained`` loads.
 
-    The folder is built next to ``out_dir`` and renamed into place, so it is never half-written.
+    The folder is built next to ``out_dir`` and swapped in as a whole, so it is never half-written.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -822,21 +816,14 @@ def convert_gguf(
     special["additional_special_tokens"] = model.tokenizer_config.get("additional_special_tokens", [])
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_folder(out_dir)  # mkdtemp's 0700 would make the model unreadable to others
-    try:
-        _write_json(config, tmp / "config.json")
+    with atomic_folder(out_dir) as tmp:  # the old folder or the new one, never a mix
+        write_json(tmp / "config.json", config)
         tensors = {k: v.to(dtype).contiguous() for k, v in model.state_dict.items()}
         with atomic_path(tmp / "model.safetensors") as part:  # safetensors writes 0600
             save_file(tensors, part, metadata={"format": "pt"})
         model.tokenizer.save(str(tmp / "tokenizer.json"))
-        _write_json(model.tokenizer_config, tmp / "tokenizer_config.json")
-        _write_json(special, tmp / "special_tokens_map.json")
+        write_json(tmp / "tokenizer_config.json", model.tokenizer_config)
+        write_json(tmp / "special_tokens_map.json", special)
         if "eos_token_id" in generation:
-            _write_json(generation, tmp / "generation_config.json")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            write_json(tmp / "generation_config.json", generation)
     return out_dir
