@@ -160,6 +160,23 @@ def test_tune_prints_and_saves_results(tmp_path, assets):
     assert (out / "results.csv").read_text().startswith("trial,state,accuracy,optim.lr")
 
 
+def test_tune_again_in_the_same_folder_needs_overwrite(tmp_path, assets, cli):
+    out = tmp_path / "search"
+    space = "tune.space={optim.lr: {type: float, low: 1e-4, high: 1e-2, log: true}}"
+    args = ("tune", RECIPE, *base_args(assets, out), "train.max_steps=2", "checkpoint.keep=0", space)
+    assert cli(*args, "--trials", "1").ok()
+    first = (out / "results.json").read_text()
+    refused = cli(*args, "--trials", "2")
+    assert refused.code == 1
+    assert refused.error_line() == (
+        f"error: {out}: holds an earlier search (1 trial folders); pass --overwrite to replace it, "
+        "or set train.output to a new folder"
+    )
+    assert (out / "results.json").read_text() == first  # nothing of the earlier search was touched
+    assert cli(*args, "--trials", "2", "--overwrite").ok()
+    assert len(json.loads((out / "results.json").read_text())["trials"]) == 2
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
 def test_example_recipes_are_valid(path):
     recipe = load_recipe(path)

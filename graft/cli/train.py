@@ -51,6 +51,9 @@ def tune(
     trials: Annotated[
         int | None, typer.Option(min=1, help="Number of trials (default: tune.trials).")
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier search's trials in train.output.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the results table.")] = False,
 ) -> None:
     """Hyperparameter search with Optuna over the recipe's tune.space; prints and saves a results table."""
@@ -58,4 +61,4 @@ def tune(
     from graft.train.tune import run_search
 
     config = load_recipe(recipe, overrides or [])
-    run_search(config, trials=trials, quiet=quiet)
+    run_search(config, trials=trials, quiet=quiet, overwrite=overwrite)

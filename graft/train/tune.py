@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,13 @@ def suggest(trial: Any, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return values
 
 
-def run_search(recipe: Recipe, trials: int | None = None, quiet: bool = False, run=None) -> dict[str, Any]:
+def run_search(
+    recipe: Recipe, trials: int | None = None, quiet: bool = False, run=None, overwrite: bool = False
+) -> dict[str, Any]:
     """Run the search; write results.csv, results.json and best.yaml to train.output; return the best trial.
 
-    ``run(recipe, callbacks) -> result`` trains one trial (default: the recipe's full run).
+    ``run(recipe, callbacks) -> result`` trains one trial (default: the recipe's full run). A
+    folder that holds an earlier search is refused, or with ``overwrite`` its trials are replaced.
     """
     optuna = import_optuna()
     from graft.train.build import run_recipe
@@ -74,8 +78,18 @@ def run_search(recipe: Recipe, trials: int | None = None, quiet: bool = False, r
     direction = cfg.direction
     if direction == "auto":
         direction = "minimize" if better_mode(metric, "auto") == "min" else "maximize"
-    run = run or (lambda r, callbacks: run_recipe(r, quiet=True, callbacks=callbacks))
     base = Path(recipe.train.output)
+    earlier = sorted(base.glob("trial-[0-9][0-9][0-9]")) if base.is_dir() else []
+    if earlier and not overwrite:
+        raise GraftError(
+            f"{base}: holds an earlier search ({len(earlier)} trial folders); pass --overwrite to replace "
+            "it, or set train.output to a new folder"
+        )
+    for (
+        folder
+    ) in earlier:  # --overwrite: no trial of the earlier search is left to be mistaken for this one's
+        shutil.rmtree(folder)
+    run = run or (lambda r, callbacks: run_recipe(r, quiet=True, callbacks=callbacks, overwrite=overwrite))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner = (
         optuna.pruners.MedianPruner(n_startup_trials=2)
