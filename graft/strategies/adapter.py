@@ -43,8 +43,11 @@ class Adapter(nn.Module):
         return h + self.up(self.act(self.down(h)))
 
 
-def run_adapter(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook: the sub-layer's output goes through its adapter."""
+def run_adapter(module: nn.Module, args, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
+    """Forward hook: the sub-layer's output goes through its adapter (attention's output comes
+    with its probabilities, which stay as they are)."""
+    if isinstance(output, tuple):
+        return (module.adapter(output[0]), *output[1:])
     return module.adapter(output)
 
 
