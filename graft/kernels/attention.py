@@ -147,7 +147,7 @@ def attend(
     torch's scaled_dot_product_attention, except when dropping out on CPU: there torch falls
     back to its math path, with its slow dropout masks and both the probabilities and the
     dropped probabilities kept for backward. graft runs that math as one autograd function
-    (_DroppedAttention) with its own masks (graft.nn.dropout), keeping only q, k, v and a
+    (_DroppedAttention) with its own masks (graft.kernels.dropout), keeping only q, k, v and a
     log-sum-exp per query.
     """
     gqa = k.shape[1] != q.shape[1]

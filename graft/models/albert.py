@@ -117,7 +117,6 @@ ALBERT = register(
             "classification": "AlbertForSequenceClassification",
             "token-classification": "AlbertForTokenClassification",
             "question-answering": "AlbertForQuestionAnswering",
-            "masked-lm": "AlbertForMaskedLM",
         },
     )
 )

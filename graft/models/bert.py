@@ -97,7 +97,6 @@ BERT = register(
             "classification": "BertForSequenceClassification",
             "token-classification": "BertForTokenClassification",
             "question-answering": "BertForQuestionAnswering",
-            "masked-lm": "BertForMaskedLM",
         },
     )
 )
@@ -114,7 +113,6 @@ ROBERTA = register(
             "classification": "RobertaForSequenceClassification",
             "token-classification": "RobertaForTokenClassification",
             "question-answering": "RobertaForQuestionAnswering",
-            "masked-lm": "RobertaForMaskedLM",
         },
     )
 )

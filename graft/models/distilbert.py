@@ -78,7 +78,6 @@ DISTILBERT = register(
             "classification": "DistilBertForSequenceClassification",
             "token-classification": "DistilBertForTokenClassification",
             "question-answering": "DistilBertForQuestionAnswering",
-            "masked-lm": "DistilBertForMaskedLM",
         },
     )
 )

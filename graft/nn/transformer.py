@@ -11,7 +11,7 @@ from graft.nn.attention import KVCache, build_mask
 from graft.nn.block import Block
 from graft.nn.config import TransformerConfig
 from graft.nn.norm import make_norm
-from graft.nn.positions import Rotary, SinusoidalPositions
+from graft.nn.positions import RelativePositionBias, Rotary, SinusoidalPositions
 
 
 class Embeddings(nn.Module):
@@ -82,6 +82,13 @@ class Transformer(nn.Module):
         self.config = cfg
         self.embed = embeddings if embeddings is not None else Embeddings(cfg)
         self.rotary = Rotary(cfg) if cfg.position == "rotary" else None
+        self.relative = (
+            RelativePositionBias(
+                cfg.num_heads, cfg.relative_buckets, cfg.relative_max_distance, bidirectional=not cfg.causal
+            )
+            if cfg.position == "relative"
+            else None
+        )
         self.layers = nn.ModuleList(Block(cfg, i, cross=cfg.cross_attention) for i in range(cfg.num_blocks))
         self.layer_order = cfg.layer_order or list(range(cfg.num_layers))
         self.norm = make_norm(cfg) if cfg.final_norm else None
@@ -142,6 +149,12 @@ class Transformer(nn.Module):
             else:
                 mask, is_causal = build_mask(padding, T, past + T, cfg.causal, cfg.sliding_window), False
         rotary = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+        if self.relative is not None:  # T5: one learned bias per head and distance, shared by every layer
+            past = cache.length if cache is not None else 0
+            if is_causal:
+                mask, is_causal = build_mask(None, T, T, True, device=x.device), False
+            bias = self.relative(T, past + T, offset=past).to(x.dtype)  # (1, nh, T, S)
+            mask = bias if mask is None else torch.where(mask, bias, float("-inf"))  # (B|1, nh, T, S)
         if context_mask is not None:
             context_mask = build_mask(context_mask, T, context_mask.shape[1], causal=False)  # (B, 1, 1, S)
         if output_hidden_states or cache is not None:
