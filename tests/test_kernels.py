@@ -298,3 +298,21 @@ def test_one_model_serves_many_threads_with_the_serial_results(tiny_llama):
             parallel = list(pool.map(run, range(8)))
         for a, b in zip(serial, parallel, strict=True):
             assert torch.equal(a, b)
+
+
+def test_the_reference_model_has_no_kernel_code():
+    """graft.nn is the plain model: it neither imports the kernels nor asks whether it is being
+    compiled, and keeps no state at module level that a call could change."""
+    import ast
+    from pathlib import Path
+
+    import graft.nn
+
+    for path in Path(graft.nn.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("graft.kernels"), path
+            if isinstance(node, ast.Attribute):
+                assert node.attr not in ("is_compiling", "_forward_hooks", "_forward_pre_hooks"), path
+        assert not any(isinstance(node, ast.Global) for node in ast.walk(tree)), path  # nothing rebound
