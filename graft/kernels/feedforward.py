@@ -15,14 +15,10 @@ class FastFeedForward(FeedForward):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H)
         packed = self.kernels.packed()
         if self.gate is None:
-            return call(
-                self.down, call(self.up, x, self.activation, packed), packed=packed
-            )  # (B, T, I) between
-        if packed is not None and plain(self.gate) and plain(self.up):  # one matrix multiply for both
+            h = call(self.up, x, self.activation, packed)  # (B, T, I)
+        elif packed is not None and plain(self.gate) and plain(self.up):  # one matrix multiply for both
             gate, up = fused(x, (self.gate, self.up), (self, "gate_up"), packed)  # (B, T, I) each
-            return call(self.down, ACTIVATIONS[self.activation](gate) * up, packed=packed)
-        return call(
-            self.down,
-            call(self.gate, x, self.activation, packed) * call(self.up, x, packed=packed),
-            packed=packed,
-        )
+            h = ACTIVATIONS[self.activation](gate) * up
+        else:
+            h = call(self.gate, x, self.activation, packed) * call(self.up, x, packed=packed)  # (B, T, I)
+        return call(self.down, h, packed=packed)

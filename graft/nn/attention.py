@@ -111,8 +111,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # (B, T, H)
-        mask: torch.Tensor
-        | None = None,  # bool (B|1, 1, T, S), True = may attend; or float bias (B|1, nh, T, S)
+        mask: torch.Tensor | None = None,  # bool (B|1, 1, T, S), True = may attend; or bias (B|1, nh, T, S)
         is_causal: bool = False,  # mask is None and attention is causal over T == S
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,  # cos, sin: (B|1, 1, T, hd) each
         cache: KVCache | None = None,
@@ -143,15 +142,9 @@ class Attention(nn.Module):
         if output_attentions:  # the math path, which has the probabilities to return
             y, probs = attention_math(q, k, v, mask, is_causal, p, self.scale)
         else:
+            gqa = self.num_kv_heads != self.num_heads
             y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                dropout_p=p,
-                is_causal=is_causal,
-                scale=self.scale,
-                enable_gqa=self.num_kv_heads != self.num_heads,
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal, scale=self.scale, enable_gqa=gqa
             )  # (B, nh, T, hd)
         return self.o(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)), probs
 
