@@ -26,15 +26,21 @@ def family(request) -> str:
     return request.param
 
 
+@pytest.fixture(params=[False, True], ids=["reference", "kernels"])
+def kernels(request) -> bool:
+    """Every parity test runs on graft.nn's reference code and on graft's kernels."""
+    return request.param
+
+
 def max_diff_on_real_tokens(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     keep = mask.bool()
     return (a[keep] - b[keep]).abs().max().item()
 
 
-def test_last_hidden_state_matches_transformers(family, tmp_path):
+def test_last_hidden_state_matches_transformers(family, tmp_path, kernels):
     ref = hf_model(family)
     ref.save_pretrained(tmp_path)
-    model = load_model(tmp_path, task="base")
+    model = load_model(tmp_path, task="base", kernels=kernels)
     assert isinstance(model, Transformer) and model.config.family == family
     ids, mask = padded_batch()
     with torch.no_grad():
@@ -44,10 +50,10 @@ def test_last_hidden_state_matches_transformers(family, tmp_path):
     assert max_diff_on_real_tokens(expected, got, mask) <= TOL
 
 
-def test_all_hidden_states_match(family, tmp_path):
+def test_all_hidden_states_match(family, tmp_path, kernels):
     ref = hf_model(family)
     ref.save_pretrained(tmp_path)
-    model = load_model(tmp_path, task="base")
+    model = load_model(tmp_path, task="base", kernels=kernels)
     ids, mask = padded_batch()
     with torch.no_grad():
         expected = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
@@ -57,10 +63,36 @@ def test_all_hidden_states_match(family, tmp_path):
         assert max_diff_on_real_tokens(e, g, mask) <= TOL
 
 
-def test_graft_output_loads_in_transformers(family, tmp_path):
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_attention_probabilities_match_transformers(family, padding_side, tmp_path, kernels):
+    """output_attentions: one (B, nh, T, S) tensor per layer, rows summing to 1, nothing on padded
+    keys (nor on future ones in a decoder), equal to transformers' eager attention on real queries."""
+    hf_model(family).save_pretrained(tmp_path)
+    eager = transformers.AutoModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    model = load_model(tmp_path, task="base", kernels=kernels)
+    ids, mask = padded_batch(padding_side)
+    with torch.no_grad():
+        expected = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        out = model(ids, mask, output_attentions=True)
+        assert model(ids, mask).attentions is None  # computed only when asked for
+    got = out.attentions
+    assert len(got) == len(expected) == model.config.num_layers
+    real = mask.bool()  # (B, T): real queries, and real keys
+    future = torch.ones(9, 9, dtype=torch.bool).triu(1)  # (T, S)
+    for e, g in zip(expected, got, strict=True):
+        assert g.shape == e.shape == (3, model.config.num_heads, 9, 9)
+        assert (g.sum(-1) - 1).abs().max() <= 1e-6
+        padded_keys = (real[:, None, :, None] & ~real[:, None, None, :]).expand_as(g)  # of real queries
+        assert torch.all(g[padded_keys] == 0)
+        if model.config.causal:
+            assert torch.all(g[..., future] == 0)
+        assert (g.transpose(1, 2)[real] - e.transpose(1, 2)[real]).abs().max() <= TOL  # real queries
+
+
+def test_graft_output_loads_in_transformers(family, tmp_path, kernels):
     ref = hf_model(family)
     ref.save_pretrained(tmp_path / "ref")
-    model = load_model(tmp_path / "ref", task="base")
+    model = load_model(tmp_path / "ref", task="base", kernels=kernels)
     save_model(model, tmp_path / "graft")
     again = transformers.AutoModel.from_pretrained(tmp_path / "graft", attn_implementation="sdpa").eval()
     assert type(again) is type(ref)
@@ -72,7 +104,7 @@ def test_graft_output_loads_in_transformers(family, tmp_path):
     # and graft reads its own output back bit for bit
     for a, b in zip(
         model.state_dict().values(),
-        load_model(tmp_path / "graft", task="base").state_dict().values(),
+        load_model(tmp_path / "graft", task="base", kernels=kernels).state_dict().values(),
         strict=True,
     ):
         assert torch.equal(a, b)
@@ -102,10 +134,10 @@ DECODERS = sorted(name for name, f in FAMILIES.items() if f.decoder)
 
 @pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_causal_lm_logits_match(decoder, padding_side, tmp_path):
+def test_causal_lm_logits_match(decoder, padding_side, tmp_path, kernels):
     ref = hf_model(decoder, "causal-lm")
     ref.save_pretrained(tmp_path)
-    model = load_model(tmp_path)
+    model = load_model(tmp_path, kernels=kernels)
     assert isinstance(model, TaskModel) and model.task == "causal-lm"
     ids, mask = padded_batch(padding_side)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -116,10 +148,10 @@ def test_causal_lm_logits_match(decoder, padding_side, tmp_path):
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
-def test_greedy_generation_matches_transformers(decoder, tmp_path):
+def test_greedy_generation_matches_transformers(decoder, tmp_path, kernels):
     ref = hf_model(decoder, "causal-lm")
     ref.save_pretrained(tmp_path)
-    model = load_model(tmp_path)
+    model = load_model(tmp_path, kernels=kernels)
     ids, mask = padded_batch("left")
     expected = ref.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
     got = greedy(model, ids, mask, max_new_tokens=24, eos_token_id=ref.config.eos_token_id, pad_token_id=0)
@@ -127,10 +159,10 @@ def test_greedy_generation_matches_transformers(decoder, tmp_path):
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
-def test_causal_lm_saves_for_transformers(decoder, tmp_path):
+def test_causal_lm_saves_for_transformers(decoder, tmp_path, kernels):
     ref = hf_model(decoder, "causal-lm")
     ref.save_pretrained(tmp_path / "ref")
-    model = load_model(tmp_path / "ref")
+    model = load_model(tmp_path / "ref", kernels=kernels)
     save_model(model, tmp_path / "graft")
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "graft").eval()
     ids, mask = padded_batch()
@@ -141,10 +173,10 @@ def test_causal_lm_saves_for_transformers(decoder, tmp_path):
         )[mask.bool()].abs().max() <= TOL
 
 
-def test_kv_cache_decoding_equals_full_forward(tmp_path):
+def test_kv_cache_decoding_equals_full_forward(tmp_path, kernels):
     ref = hf_model("gpt2", "causal-lm")
     ref.save_pretrained(tmp_path)
-    model = load_model(tmp_path)
+    model = load_model(tmp_path, kernels=kernels)
     ids = torch.randint(3, 99, (2, 12))
     from graft.nn import KVCache
 
@@ -157,10 +189,10 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path):
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_rows_give_the_same_outputs_and_gradients_as_the_full_stack(family, padding_side, tmp_path):
+def test_rows_give_the_same_outputs_and_gradients_as_the_full_stack(family, padding_side, tmp_path, kernels):
     """Asking for a few positions (what a classifier reads) changes the work, not the numbers."""
     hf_model(family).save_pretrained(tmp_path)
-    model = load_model(tmp_path, task="base")
+    model = load_model(tmp_path, task="base", kernels=kernels)
     ids, mask = padded_batch(padding_side)
     rows = torch.tensor([[0, 8], [5, 1], [7, 8]])  # (B, K), any positions, repeats allowed
     full = model(ids, mask)

@@ -425,21 +425,22 @@ def test_cli_errors_are_one_line(tiny_chat_model, tmp_path, args, message):
 
 def test_decoding_packs_weights_only_for_models_that_fit_twice(monkeypatch, tmp_path):
     """Packing keeps a second copy of the weights; above PACK_LIMIT decoding runs on them as they are."""
-    from conftest import hf_model
-
-    import graft.generation as G
-    from graft.models.auto import load_model
+    import graft.kernels.switch
+    from graft.kernels import kernels_of
 
     hf_model("llama", "causal-lm").save_pretrained(tmp_path)
     model = load_model(tmp_path)
     ids = torch.tensor([[3, 4, 5, 6]])
-    packed = G.generate(model, ids, max_new_tokens=6, do_sample=False)
-    assert model.__dict__.get("_graft_packed")  # the packs stay for the next call
-    monkeypatch.setattr(G, "PACK_LIMIT", 0)
-    del model.__dict__["_graft_packed"]
-    plain = G.generate(model, ids, max_new_tokens=6, do_sample=False)
-    assert "_graft_packed" not in model.__dict__
+    packed = generate(model, ids, max_new_tokens=6, do_sample=False)
+    kernels = kernels_of(model)
+    assert kernels.kept and kernels.kept[1]  # the packs stay on the model's kernels for the next call
+    monkeypatch.setattr(graft.kernels.switch, "PACK_LIMIT", 0)
+    kernels.kept = None
+    plain = generate(model, ids, max_new_tokens=6, do_sample=False)
+    assert kernels.kept is None
     assert torch.equal(packed, plain)
+    reference = generate(load_model(tmp_path, kernels=False), ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(packed, reference)
 
 
 # ---- compiled decoding ----------------------------------------------------------------------
@@ -524,10 +525,18 @@ def test_compiled_greedy_and_beam_search_give_the_eager_tokens(bf16_llama):
         assert torch.equal(compiled, eager)
 
 
-def test_compile_refuses_float32_on_cpu_and_a_hooked_body(pair, bf16_llama):
+def test_compile_refuses_float32_on_cpu_a_reference_model_and_a_hooked_body(pair, bf16_llama):
     _, model = pair
     with pytest.raises(GraftError, match="compile is for bfloat16 or float16 weights on CPU"):
         generate(model, torch.tensor([[3, 4, 5]]), max_new_tokens=2, compile=True)
+    from graft import kernels
+
+    kernels.reference(bf16_llama)
+    try:
+        with pytest.raises(GraftError, match="compile runs on graft's kernels"):
+            generate(bf16_llama, torch.tensor([[3, 4, 5]]), max_new_tokens=2, compile=True)
+    finally:
+        kernels.optimize(bf16_llama)
     handle = bf16_llama.body.register_forward_pre_hook(lambda module, args: None)
     try:
         with pytest.raises(GraftError, match="hooks on the model's body"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from graft.errors import GraftError
 from graft.nn import KVCache, RelativePositionBias, TransformerConfig, build_mask
@@ -99,206 +98,169 @@ def test_config_round_trips_and_suggests_misspelled_keys():
         TransformerConfig.from_dict({**cfg.to_dict(), "hiden_size": 3})
 
 
-def test_dropout_drops_at_the_rate_and_keeps_the_mean():
-    from graft.nn.dropout import Dropout
+# ---- what the next families stand on: two stacks, cross-attention, pluggable embeddings -------
+
+
+def bart_stacks() -> tuple:
+    """A tiny random BART (transformers) and graft's two stacks with its weights: an encoder and
+    a causal decoder whose blocks also attend to the encoder's output."""
+    import transformers as tr
+
+    from graft.nn import Transformer
 
     torch.manual_seed(0)
-    drop = Dropout(0.1)
-    x = torch.ones(1000, 1000, requires_grad=True)
-    y = drop(x)
-    dropped = (y == 0).float().mean().item()
-    assert abs(dropped - 0.1) < 0.002  # 1e6 draws: the standard error is 3e-4
-    assert abs(y.mean().item() - 1.0) < 0.003
-    assert torch.allclose(y[y != 0], torch.tensor(65536 / (65536 - 6554)))  # 0.1 rounds to 6554 / 65536
-    y.sum().backward()  # the gradient flows exactly where the value was kept
-    assert torch.equal(x.grad == 0, y == 0)
-    assert torch.equal(x.grad[y != 0], y[y != 0])
-    drop.eval()
-    assert drop(x) is x
+    hf = tr.BartConfig(
+        vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=40,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1,
+    )  # fmt: skip
+    ref = tr.BartModel(hf).eval()
+    with torch.no_grad():  # non-trivial biases and norms, so parity means something
+        for name, p in ref.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    common = dict(
+        family="bart", vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37,
+        max_positions=40, embedding_norm=True, norm_eps=1e-5, dropout=0.0, attention_dropout=0.0,
+    )  # fmt: skip
+    encoder = Transformer(TransformerConfig(**common))
+    decoder = Transformer(TransformerConfig(**common, causal=True, cross_attention=True))
+    for stack, theirs in ((encoder, ref.encoder), (decoder, ref.decoder)):
+        names = {
+            "embed.tokens.weight": "embed_tokens.weight",
+            "embed.norm.weight": "layernorm_embedding.weight",
+            "embed.norm.bias": "layernorm_embedding.bias",
+        }
+        for i in range(2):
+            parts = {"attn": "self_attn", "cross_attn": "encoder_attn"}
+            for ours, hf_name in parts.items():
+                for a, b in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj")):
+                    for t in ("weight", "bias"):
+                        names[f"layers.{i}.{ours}.{a}.{t}"] = f"layers.{i}.{hf_name}.{b}.{t}"
+            for ours, hf_name in (
+                ("attn_norm", "self_attn_layer_norm"),
+                ("cross_norm", "encoder_attn_layer_norm"),
+                ("ffn.up", "fc1"),
+                ("ffn.down", "fc2"),
+                ("ffn_norm", "final_layer_norm"),
+            ):
+                for t in ("weight", "bias"):
+                    names[f"layers.{i}.{ours}.{t}"] = f"layers.{i}.{hf_name}.{t}"
+        state = theirs.state_dict()
+        ours = {k: state[v] for k, v in names.items() if v in state}
+        ours["embed.positions.weight"] = state["embed_positions.weight"][
+            2:
+        ]  # BART's table starts at offset 2
+        assert set(ours) == set(stack.state_dict())  # every tensor of the stack comes from BART
+        stack.load_state_dict(ours)
+    return ref, encoder, decoder
 
 
-def test_dropout_masks_follow_torch_seed_and_rng_state():
-    from graft.nn.dropout import dropout
+@pytest.mark.parametrize("use_kernels", [False, True], ids=["reference", "kernels"])
+def test_an_encoder_decoder_of_two_stacks_matches_bart(use_kernels):
+    """Two stacks described by two configs: the decoder's blocks attend to the encoder's output
+    (cross-attention, padded encoder tokens masked) and give transformers' BART outputs."""
+    from graft import kernels
 
-    x = torch.ones(64, 64)
-    torch.manual_seed(3)
-    a = dropout(x, 0.5)
-    state = torch.get_rng_state()
-    b = dropout(x, 0.5)
-    torch.set_rng_state(state)
-    assert torch.equal(dropout(x, 0.5), b)
-    torch.manual_seed(3)
-    assert torch.equal(dropout(x, 0.5), a)
-    assert not torch.equal(a, b)
-    assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
-
-
-def test_dropout_backward_redraws_the_forward_mask_without_touching_the_generator():
-    """Backward multiplies the gradient by the very mask forward drew (drawn again from the
-    saved generator state, not kept), and leaves torch's global generator where forward left it."""
-    from graft.nn.dropout import dropout
-
-    torch.manual_seed(5)  # x: no zeros, so y == 0 exactly where dropped
-    x = (torch.rand(4, 33, 17) + 0.5).requires_grad_()
-    y = dropout(x, 0.3)
-    after_forward = torch.get_rng_state()
-    torch.rand(1000)  # other draws between forward and backward do not change the mask
-    moved = torch.get_rng_state()
-    (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
-    assert torch.equal(torch.get_rng_state(), moved)
-    assert not torch.equal(after_forward, moved)
-    kept = y != 0
-    assert 0 < int(kept.sum()) < kept.numel()
-    scale = 65536 / (65536 - round(0.3 * 65536))
-    assert torch.equal(grad, kept.float() * scale)  # the kept scale where kept, 0 elsewhere
-
-
-@pytest.mark.parametrize("masked", [False, True])
-def test_attention_math_path_with_dropout_equals_sdpa_without(masked):
-    """With every element kept, graft's CPU dropout path computes torch's attention."""
-    from graft.nn.attention import attend
-
-    torch.manual_seed(0)
-    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
-    mask = torch.rand(2, 1, 5, 7) > 0.3 if masked else None
-    if mask is not None:
-        mask[..., 0] = True
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True
-    )
-    got = attend(q, k, v, mask, False, 1e-9, 0.3)  # rounds to a rate of 0: nothing dropped
-    assert (got - expected).abs().max() <= 1e-6
-    causal = attend(q, k[:, :, :5], v[:, :, :5], None, True, 1e-9, 0.3)
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        q, k[:, :, :5], v[:, :, :5], is_causal=True, scale=0.3, enable_gqa=True
-    )
-    assert (causal - expected).abs().max() <= 1e-6
-
-
-@pytest.mark.parametrize("mask_kind", ["none", "bool", "bias", "causal"])
-def test_dropped_attention_gives_the_unfused_values_and_gradients(mask_kind):
-    """The CPU attention-dropout function (keeps probabilities and mask, not the dropped
-    probabilities) equals dropout(softmax(q k^T * scale + mask)) v with the same mask, in
-    values and in the gradients of q, k and v (grouped-query heads included)."""
-    from graft.nn.attention import attend
-    from graft.nn.dropout import keep_mask
-
-    torch.manual_seed(0)
-    q = torch.randn(2, 4, 6, 8, requires_grad=True)
-    k, v = torch.randn(2, 2, 6, 8, requires_grad=True), torch.randn(2, 2, 6, 8, requires_grad=True)
-    mask = {
-        "none": None,
-        "bool": torch.rand(2, 1, 6, 6) > 0.3,
-        "bias": torch.randn(2, 1, 1, 6),
-        "causal": None,
-    }[mask_kind]
-    if mask_kind == "bool":
-        mask[..., 0] = True
-    seed, grad = 11, torch.randn(2, 4, 6, 8)
-    torch.manual_seed(seed)
-    got = attend(q, k, v, mask, mask_kind == "causal", 0.3, 0.35)
-    got_grads = torch.autograd.grad(got, (q, k, v), grad)
-
-    torch.manual_seed(seed)
-    keep, kept_scale = keep_mask(torch.Size((2, 4, 6, 6)), 0.3, q.device)
-    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
-    scores = (q @ kk.transpose(-2, -1)) * 0.35
-    if mask_kind == "bool":
-        scores = scores.masked_fill(~mask, float("-inf"))
-    elif mask_kind == "bias":
-        scores = scores + mask
-    elif mask_kind == "causal":
-        scores = scores.masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), float("-inf"))
-    expected = (scores.softmax(-1) * keep * kept_scale) @ vv
-    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
-    assert 0 < int((keep == 0).sum()) < keep.numel()  # some dropped, some kept
-    assert (got - expected).abs().max() <= 1e-6
-    for g, e in zip(got_grads, expected_grads, strict=True):
-        assert (g - e).abs().max() <= 1e-5
-
-
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
-def test_training_gelu_gives_torch_values_and_gradients(activation):
-    """A linear layer with GELU in training (GELU's backward writing over its incoming gradient)
-    gives torch's values and gradients for its input, weight and bias."""
-    from graft.nn.linear import linear
-
-    torch.manual_seed(0)
-    x, w, b = torch.randn(3, 5, 8, requires_grad=True), torch.randn(16, 8), torch.randn(16)
-    w.requires_grad_(), b.requires_grad_()
-    down = torch.randn(4, 16)
-    approximate = "tanh" if activation == "gelu_tanh" else "none"
-    got = F.linear(linear(x, w, b, activation), down)
-    got_grads = torch.autograd.grad(got.square().sum(), (x, w, b))
-    expected = F.linear(F.gelu(F.linear(x, w, b), approximate=approximate), down)
-    expected_grads = torch.autograd.grad(expected.square().sum(), (x, w, b))
-    assert torch.allclose(got, expected, atol=1e-6, rtol=0)
-    for g, e in zip(got_grads, expected_grads, strict=True):
-        assert torch.allclose(g, e, atol=1e-5, rtol=1e-6)
-
-
-@pytest.mark.parametrize("needs", ["all", "frozen weight", "frozen input"])
-def test_training_linear_equals_torch_linear(needs):
-    """graft's fp32 CPU training linear (oneDNN forward) gives torch's values and gradients."""
-    from graft.nn.linear import linear
-
-    torch.manual_seed(0)
-    x = torch.randn(3, 7, 16, requires_grad=needs != "frozen input")
-    w = torch.randn(24, 16, requires_grad=needs != "frozen weight")
-    b = torch.randn(24, requires_grad=True)
-    g = torch.randn(3, 7, 24)
-    grads = []
-    for fn in (torch.nn.functional.linear, linear):
-        y = fn(x, w, b)
-        y.backward(g)
-        grads.append((y.detach(), *(t.grad.clone() if t.grad is not None else None for t in (x, w, b))))
-        for t in (x, w, b):
-            t.grad = None
-    for ref, got in zip(*grads, strict=True):
-        assert (ref is None) == (got is None)
-        if ref is not None:
-            assert (ref - got).abs().max() <= 1e-5
-
-
-def test_packed_weights_are_kept_until_a_weight_changes():
-    from graft.nn.linear import frozen_weights, linear, weight_store
-
-    layer = torch.nn.Linear(16, 8)
-    store = weight_store(layer)
-    x = torch.randn(2, 16)
-    with torch.no_grad(), frozen_weights(store):
-        packed = linear(x, layer.weight, layer.bias, key=layer)
-    assert (packed - layer(x)).abs().max() <= 1e-5 and len(store) == 1
-    assert weight_store(layer) is store  # the next call reuses the packed weights
+    ref, encoder, decoder = bart_stacks()
+    if use_kernels:
+        kernels.optimize(encoder), kernels.optimize(decoder)
+    ids = torch.randint(3, 99, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    target = torch.randint(3, 99, (2, 5))
     with torch.no_grad():
-        layer.weight.add_(1.0)  # an optimizer step, say
-    fresh = weight_store(layer)
-    assert fresh is not store and not fresh
-    with torch.no_grad(), frozen_weights(fresh):
-        assert (linear(x, layer.weight, layer.bias, key=layer) - layer(x)).abs().max() <= 1e-5
+        expected = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=target)
+        memory = encoder(ids, mask).last_hidden_state  # (B, S, H)
+        out = decoder(target, context=memory, context_mask=mask, output_attentions=True)
+    real = mask.bool()
+    assert (memory[real] - expected.encoder_last_hidden_state[real]).abs().max() <= 1e-5
+    assert (out.last_hidden_state - expected.last_hidden_state).abs().max() <= 1e-5
+    cross = out.attentions[1]  # layer 0: self-attention, then cross-attention (B, nh, T, S)
+    assert cross.shape == (2, 4, 5, 7) and torch.all(cross[1, :, :, 4:] == 0)
 
 
-def test_rotating_fused_queries_and_keys_together_equals_one_by_one():
-    from graft.nn.attention import Attention
-    from graft.nn.positions import Rotary, apply_rotary
+def test_inputs_embeds_and_an_embeddings_module_of_ones_own():
+    """Vectors made by another module (patches, audio frames) enter through inputs_embeds and get
+    the same positions, norm and dropout; or the stack takes an embeddings module of its own."""
+    from torch import nn
+
+    from graft.nn import Transformer
 
     cfg = TransformerConfig(
-        family="llama",
-        vocab_size=10,
-        hidden_size=32,
-        intermediate_size=8,
-        num_layers=1,
-        num_heads=4,
-        num_kv_heads=2,
-        position="rotary",
+        family="bert", vocab_size=10, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=8
     )
-    attn = Attention(cfg, 0)
-    rotary = Rotary(cfg)(torch.arange(5).expand(2, -1), torch.float32)  # (2, 1, 5, 8) each
-    y = torch.randn(2, 5, 32 + 16 + 16)  # a fused Q/K/V projection
-    q, k, _ = y.split([32, 16, 16], -1)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, 10, (2, 5))
     with torch.no_grad():
-        got_q, got_k = attn.rotate(q, k, rotary)
-    cos, sin = (t.transpose(1, 2) for t in rotary)
-    assert torch.equal(got_q, apply_rotary(q.unflatten(-1, (4, 8)), cos, sin).flatten(-2))
-    assert torch.equal(got_k, apply_rotary(k.unflatten(-1, (2, 8)), cos, sin).flatten(-2))
-    assert got_q.data_ptr() + 32 * 4 == got_k.data_ptr()  # they were rotated as one tensor
+        by_ids = model(ids).last_hidden_state
+        by_vectors = model(inputs_embeds=model.embed.tokens(ids)).last_hidden_state
+    assert torch.equal(by_ids, by_vectors)
+
+    class Frames(nn.Module):  # (B, T, 80) audio frames -> (B, T, H)
+        def __init__(self) -> None:
+            super().__init__()
+            self.project = nn.Linear(80, 32)
+
+        def forward(self, input_ids, position_ids, token_type_ids=None, inputs_embeds=None):
+            return self.project(inputs_embeds)
+
+    speech = Transformer(cfg, embeddings=Frames()).eval()
+    frames = torch.randn(2, 6, 80)
+    assert speech(inputs_embeds=frames).last_hidden_state.shape == (2, 6, 32)
+    assert "embed.project.weight" in speech.state_dict()
+
+
+@pytest.mark.parametrize("use_kernels", [False, True], ids=["reference", "kernels"])
+def test_relative_position_bias_stack_matches_t5_encoder(use_kernels):
+    """position="relative": T5's bucketed bias, learned per head, shared by every layer, added to
+    unscaled attention scores; with padding, the outputs of transformers' T5 encoder."""
+    import transformers as tr
+
+    from graft import kernels
+    from graft.nn import Transformer
+
+    torch.manual_seed(0)
+    hf = tr.T5Config(
+        vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, dropout_rate=0.0,
+        relative_attention_num_buckets=8, relative_attention_max_distance=20,
+    )  # fmt: skip
+    ref = tr.T5EncoderModel(hf).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    cfg = TransformerConfig(
+        family="t5", vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37,
+        position="relative", relative_buckets=8, relative_max_distance=20, norm="rms", norm_eps=1e-6,
+        prenorm=True, final_norm=True, activation="relu", qkv_bias=False, out_bias=False, mlp_bias=False,
+        attention_scale=1.0, dropout=0.0, attention_dropout=0.0,
+    )  # fmt: skip
+    model = Transformer(cfg).eval()
+    state = ref.state_dict()
+    names = {
+        "embed.tokens.weight": "shared.weight",
+        "relative.bias.weight": "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        "norm.weight": "encoder.final_layer_norm.weight",
+    }
+    for i in range(2):
+        block = f"encoder.block.{i}.layer"
+        for a in "qkvo":
+            names[f"layers.{i}.attn.{a}.weight"] = f"{block}.0.SelfAttention.{a}.weight"
+        names[f"layers.{i}.attn_norm.weight"] = f"{block}.0.layer_norm.weight"
+        names[f"layers.{i}.ffn.up.weight"] = f"{block}.1.DenseReluDense.wi.weight"
+        names[f"layers.{i}.ffn.down.weight"] = f"{block}.1.DenseReluDense.wo.weight"
+        names[f"layers.{i}.ffn_norm.weight"] = f"{block}.1.layer_norm.weight"
+    assert set(names) == set(model.state_dict())
+    model.load_state_dict({k: state[v] for k, v in names.items()})
+    if use_kernels:
+        kernels.optimize(model)
+    ids = torch.randint(2, 99, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = model(ids, mask).last_hidden_state
+    real = mask.bool()
+    assert expected.abs().max() > 0.1 and (got[real] - expected[real]).abs().max() <= 1e-5

@@ -129,7 +129,6 @@ ALBERT = register(
             "classification": "AlbertForSequenceClassification",
             "token-classification": "AlbertForTokenClassification",
             "question-answering": "AlbertForQuestionAnswering",
-            "masked-lm": "AlbertForMaskedLM",
         },
     )
 )

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+import graft.kernels
 from graft.errors import GraftError
 from graft.io.atomic import write_json
 from graft.io.hf import read_config, read_weights, resolve, weight_shapes, write_weights
@@ -95,9 +96,13 @@ def load_model(
     task: str | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    kernels: bool = True,
     **options: Any,
 ) -> Model:
     """A graft model from a HF folder or Hub id: the bare body (task "base") or body + head.
+
+    ``kernels``: run on graft's CPU kernels (graft.kernels.optimize, the default: the speed of
+    training, prediction, embedding and generation), or, False, as graft.nn's plain reference.
 
     The head is built as ``HEADS[task](body, **options)``, its options (labels, problem type...) read
     from config.json and overridden by ``options``. A checkpoint without the head's tensors (a base
@@ -161,7 +166,7 @@ def load_model(
     result.eval()
     if dtype is not None or device is not None:
         result.to(device=device, dtype=dtype)
-    return result
+    return graft.kernels.optimize(result) if kernels else result
 
 
 def save_model(model: Model, folder: str | Path, tokenizer: Any = None) -> Path:

@@ -109,7 +109,6 @@ BERT = register(
             "classification": "BertForSequenceClassification",
             "token-classification": "BertForTokenClassification",
             "question-answering": "BertForQuestionAnswering",
-            "masked-lm": "BertForMaskedLM",
         },
     )
 )
@@ -126,7 +125,6 @@ ROBERTA = register(
             "classification": "RobertaForSequenceClassification",
             "token-classification": "RobertaForTokenClassification",
             "question-answering": "RobertaForQuestionAnswering",
-            "masked-lm": "RobertaForMaskedLM",
         },
     )
 )

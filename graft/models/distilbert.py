@@ -89,7 +89,6 @@ DISTILBERT = register(
             "classification": "DistilBertForSequenceClassification",
             "token-classification": "DistilBertForTokenClassification",
             "question-answering": "DistilBertForQuestionAnswering",
-            "masked-lm": "DistilBertForMaskedLM",
         },
     )
 )

@@ -7,7 +7,6 @@ from torch import nn
 
 from graft.nn.attention import Attention, KVCache, take_rows
 from graft.nn.config import TransformerConfig
-from graft.nn.dropout import Dropout
 from graft.nn.feedforward import FeedForward
 from graft.nn.norm import make_norm
 
@@ -16,7 +15,7 @@ class Block(nn.Module):
     """Post-LN (BERT): x = norm(x + f(x)). Pre-LN (GPT-2, Llama): x = x + f(norm(x)).
 
     With ``cross=True`` a cross-attention sub-layer over the encoder output sits between
-    self-attention and the feed-forward (encoder-decoder models).
+    self-attention and the feed-forward (the decoder of an encoder-decoder model).
     """
 
     def __init__(self, cfg: TransformerConfig, layer: int, cross: bool = False) -> None:
@@ -28,30 +27,39 @@ class Block(nn.Module):
         self.cross_norm = make_norm(cfg) if cross else None
         self.ffn = FeedForward(cfg)
         self.ffn_norm = make_norm(cfg)
-        self.drop = Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
 
-    def sublayer(self, x: torch.Tensor, norm: nn.Module, f) -> torch.Tensor:
-        if self.prenorm:
-            return x + self.drop(f(norm(x)))
-        return norm(x + self.drop(f(x)))
+    def residual(self, x: torch.Tensor, f_x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """x plus a sub-layer's output f_x (computed on norm(x) when pre-LN)."""
+        return x + self.drop(f_x) if self.prenorm else norm(x + self.drop(f_x))
 
     def forward(
         self,
         x: torch.Tensor,  # (B, T, H)
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,  # see Attention.forward
         is_causal: bool = False,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
-        context: torch.Tensor | None = None,
-        context_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,  # (B, S, H) encoder output, for cross-attention
+        context_mask: torch.Tensor | None = None,  # (B, 1, 1, S) bool, the encoder's real tokens
         rows: torch.Tensor | None = None,  # (B, K): only these positions' outputs are wanted
-    ) -> torch.Tensor:  # (B, T, H), or (B, K, H) with rows
-        if rows is None:
-            x = self.sublayer(x, self.attn_norm, lambda h: self.attn(h, mask, is_causal, rotary, cache))
-        else:  # keys and values from every position; queries, residual and feed-forward at rows only
-            a = self.attn(self.attn_norm(x) if self.prenorm else x, mask, is_causal, rotary, cache, rows=rows)
-            x = take_rows(x, rows)  # (B, K, H)
-            x = x + self.drop(a) if self.prenorm else self.attn_norm(x + self.drop(a))
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:  # (B, T, H) or (B, K, H); attention probabilities
+        """The block's output, and (with ``output_attentions``) its attention probabilities:
+        self-attention's (B, nh, T, S), then cross-attention's when the block has one."""
+        pre = self.attn_norm(x) if self.prenorm else x
+        # keys and values from every position; with rows, queries, residual and feed-forward at rows only
+        a, probs = self.attn(
+            pre, mask, is_causal, rotary, cache, rows=rows, output_attentions=output_attentions
+        )
+        x = self.residual(x if rows is None else take_rows(x, rows), a, self.attn_norm)  # (B, T|K, H)
+        attentions = (probs,) if output_attentions else ()
         if self.cross_attn is not None:
-            x = self.sublayer(x, self.cross_norm, lambda h: self.cross_attn(h, context_mask, context=context))
-        return self.sublayer(x, self.ffn_norm, self.ffn)  # (B, T, H)
+            pre = self.cross_norm(x) if self.prenorm else x
+            a, probs = self.cross_attn(
+                pre, context_mask, context=context, output_attentions=output_attentions
+            )
+            x = self.residual(x, a, self.cross_norm)
+            attentions += (probs,) if output_attentions else ()
+        pre = self.ffn_norm(x) if self.prenorm else x
+        return self.residual(x, self.ffn(pre), self.ffn_norm), attentions  # (B, T|K, H)

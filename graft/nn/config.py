@@ -34,11 +34,13 @@ class TransformerConfig:
     # Embeddings (chapter 2: token + position (+ segment) embeddings).
     embedding_size: int | None = None  # ALBERT: factorized embeddings projected up to hidden_size
     type_vocab_size: int = 0  # BERT segment embeddings; 0 = none
-    position: str = "learned"  # learned | sinusoidal | rotary | relative | none
+    position: str = "learned"  # learned | sinusoidal | rotary | relative (T5) | none
     positions_from_padding: bool = False  # RoBERTa: position ids count non-pad tokens, from pad_token_id + 1
     embedding_norm: bool = False  # LayerNorm right after the embedding sum (BERT)
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
+    relative_buckets: int = 32  # T5's relative position bias: buckets and the distance the last one starts at
+    relative_max_distance: int = 128
 
     # Blocks.
     norm: str = "layer"  # layer | rms
@@ -55,6 +57,7 @@ class TransformerConfig:
     scale_by_inverse_layer: bool = False  # GPT-2 option: scores also divided by (layer index + 1)
     sliding_window: int | None = None
     layer_order: list[int] | None = None  # cross-layer sharing (ALBERT): unique block applied at each depth
+    cross_attention: bool = False  # every block also attends to an encoder's output (encoder-decoder)
 
     # Around the stack.
     pooler: bool = False  # dense + tanh on the first token (BERT, ALBERT)

@@ -1,10 +1,19 @@
 """Position-wise feed-forward networks: plain (up, act, down) and gated (SwiGLU/GeGLU)."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from graft.nn.config import TransformerConfig
-from graft.nn.linear import ACTIVATIONS, call, fused, packing, plain
+
+# TransformerConfig's activation names -> the function
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "quick_gelu": lambda y: y * torch.sigmoid(1.702 * y),
+}
 
 
 class QuickGELU(nn.Module):
@@ -38,9 +47,7 @@ class FeedForward(nn.Module):
         self.activation = cfg.activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H)
+        act = ACTIVATIONS[self.activation]
         if self.gate is None:
-            return call(self.down, call(self.up, x, self.activation))  # (B, T, I) in between
-        if packing() and plain(self.gate) and plain(self.up):  # one matrix multiply for both
-            gate, up = fused(x, (self.gate, self.up), (self, "gate_up"))  # (B, T, I) each
-            return call(self.down, ACTIVATIONS[self.activation](gate) * up)
-        return call(self.down, call(self.gate, x, self.activation) * call(self.up, x))
+            return self.down(act(self.up(x)))  # (B, T, I) in between
+        return self.down(act(self.gate(x)) * self.up(x))

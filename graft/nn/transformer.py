@@ -10,13 +10,18 @@ from torch import nn
 from graft.nn.attention import KVCache, build_mask
 from graft.nn.block import Block
 from graft.nn.config import TransformerConfig
-from graft.nn.dropout import Dropout
 from graft.nn.norm import make_norm
-from graft.nn.positions import Rotary, SinusoidalPositions
+from graft.nn.positions import RelativePositionBias, Rotary, SinusoidalPositions
 
 
 class Embeddings(nn.Module):
-    """Token (+ absolute position) (+ segment) embeddings, then norm, dropout, projection."""
+    """Token (+ absolute position) (+ segment) embeddings, then norm, dropout, projection.
+
+    The token lookup is one input among others: ``inputs_embeds`` (B, T, E) replaces it, so
+    patches (vision) or audio frames (speech) made into vectors by a module of their own get
+    the same positions, norm and dropout. A model whose inputs need another scheme altogether
+    gives ``Transformer`` an ``embeddings`` module of its own.
+    """
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -29,7 +34,7 @@ class Embeddings(nn.Module):
             self.positions = SinusoidalPositions(cfg.max_positions, dim)
         self.token_types = nn.Embedding(cfg.type_vocab_size, dim) if cfg.type_vocab_size else None
         self.norm = make_norm(cfg, dim) if cfg.embedding_norm else None
-        self.drop = Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
         # ALBERT: small embeddings, projected up to the hidden size.
         self.project = nn.Linear(dim, cfg.hidden_size) if dim != cfg.hidden_size else None
 
@@ -58,19 +63,33 @@ class TransformerOutput:
     last_hidden_state: torch.Tensor  # (B, T, H)
     pooled: torch.Tensor | None = None  # (B, H) from the pooler, when the model has one
     hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings + each layer's output
+    attentions: tuple[torch.Tensor, ...] | None = None  # each layer's (B, nh, T, S) probabilities
     cache: KVCache | None = None
     rows: torch.Tensor | None = None  # (B, K) positions last_hidden_state holds, when asked for
 
 
 class Transformer(nn.Module):
-    """An encoder (bidirectional) or decoder (causal) stack, configured by TransformerConfig."""
+    """An encoder (bidirectional) or decoder (causal) stack, configured by TransformerConfig.
 
-    def __init__(self, cfg: TransformerConfig) -> None:
+    ``embeddings``: the module turning inputs into (B, T, H) vectors, called as
+    ``embeddings(input_ids, position_ids, token_type_ids, inputs_embeds)``; ``Embeddings(cfg)``
+    by default. With ``cfg.cross_attention`` every block also attends to a ``context`` (the
+    encoder's output, in an encoder-decoder model).
+    """
+
+    def __init__(self, cfg: TransformerConfig, embeddings: nn.Module | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.embed = Embeddings(cfg)
+        self.embed = embeddings if embeddings is not None else Embeddings(cfg)
         self.rotary = Rotary(cfg) if cfg.position == "rotary" else None
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_blocks))
+        self.relative = (
+            RelativePositionBias(
+                cfg.num_heads, cfg.relative_buckets, cfg.relative_max_distance, bidirectional=not cfg.causal
+            )
+            if cfg.position == "relative"
+            else None
+        )
+        self.layers = nn.ModuleList(Block(cfg, i, cross=cfg.cross_attention) for i in range(cfg.num_blocks))
         self.layer_order = cfg.layer_order or list(range(cfg.num_layers))
         self.norm = make_norm(cfg) if cfg.final_norm else None
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size) if cfg.pooler else None
@@ -97,6 +116,9 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
         rows: torch.Tensor | None = None,  # (B, K)
+        output_attentions: bool = False,
+        context: torch.Tensor | None = None,  # (B, S, H) the encoder's output, with cfg.cross_attention
+        context_mask: torch.Tensor | None = None,  # (B, S), 1 = real token of the encoder's input
     ) -> TransformerOutput:
         """The stack's output; last_hidden_state is (B, T, H).
 
@@ -105,20 +127,21 @@ class Transformer(nn.Module):
         since no other position's output reaches the caller: the same values and gradients for
         less work. last_hidden_state is then (B, K, H), ``rows`` is set on the output and
         ``pooled`` reads the first of the rows. Ignored with a cache or output_hidden_states.
+
+        ``output_attentions``: each layer's attention probabilities (B, nh, T, S), computed
+        with the attention written out (no fused kernel has them), only when asked for.
         """
         cfg = self.config
         shape = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
-        # a fixed-size cache (compiled decoding) comes with position ids and a 4-D mask: its
-        # length is not read here, so a compiled step does not depend on it
-        past = cache.length if cache is not None and cache.position is None else 0
         if position_ids is None:
-            position_ids = self.position_ids(input_ids, past, shape)
+            position_ids = self.position_ids(input_ids, cache.length if cache is not None else 0, shape)
         x = self.embed(input_ids, position_ids, token_type_ids, inputs_embeds)  # (B, T, H)
 
         T = shape[1]
         if attention_mask is not None and attention_mask.dim() == 4:  # (B, 1, T, S) bool: used as given
             mask, is_causal = attention_mask, False
         else:
+            past = cache.length if cache is not None else 0
             padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
             if cfg.causal and padding is None and cfg.sliding_window is None and (past == 0 or T == 1):
                 # SDPA's own causal path needs no mask tensor; one new token may see everything.
@@ -126,26 +149,43 @@ class Transformer(nn.Module):
             else:
                 mask, is_causal = build_mask(padding, T, past + T, cfg.causal, cfg.sliding_window), False
         rotary = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+        if self.relative is not None:  # T5: one learned bias per head and distance, shared by every layer
+            past = cache.length if cache is not None else 0
+            if is_causal:
+                mask, is_causal = build_mask(None, T, T, True, device=x.device), False
+            bias = self.relative(T, past + T, offset=past).to(x.dtype)  # (1, nh, T, S)
+            mask = bias if mask is None else torch.where(mask, bias, float("-inf"))  # (B|1, nh, T, S)
+        if context_mask is not None:
+            context_mask = build_mask(context_mask, T, context_mask.shape[1], causal=False)  # (B, 1, 1, S)
         if output_hidden_states or cache is not None:
             rows = None
 
         hidden = [x] if output_hidden_states else None
+        attentions: list[torch.Tensor] | None = [] if output_attentions else None
         for n, i in enumerate(self.layer_order):
             block = self.layers[i]
             last = rows if n == len(self.layer_order) - 1 else None
             if last is not None and is_causal:  # the selected queries need their own mask rows
                 mask, is_causal = build_mask(None, T, T, True, device=x.device), False
+            args = (x, mask, is_causal, rotary, cache, context, context_mask, last, output_attentions)
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(
-                    block, x, mask, is_causal, rotary, cache, use_reentrant=False, rows=last
-                )
+                x, probs = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
-                x = block(x, mask, is_causal, rotary, cache, rows=last)
+                x, probs = block(*args)
             if hidden is not None:
                 hidden.append(x)
+            if attentions is not None:
+                attentions.extend(probs)
         if self.norm is not None:
             x = self.norm(x)
             if hidden is not None:
                 hidden[-1] = x
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
-        return TransformerOutput(x, pooled, tuple(hidden) if hidden is not None else None, cache, rows)
+        return TransformerOutput(
+            x,
+            pooled,
+            tuple(hidden) if hidden is not None else None,
+            tuple(attentions) if attentions is not None else None,
+            cache,
+            rows,
+        )

@@ -6,8 +6,8 @@ zero so the adapted model starts equal to the pretrained one. Placement:
 - houlsby: after the attention and after the feed-forward of every block;
 - pfeiffer: after the feed-forward only.
 
-The adapter is a child of the sub-layer it follows (``layers.3.ffn.adapter``) and runs as a
-forward hook on it, so the base weights keep their names and the block code stays the same.
+The sub-layer is replaced by a wrapper, ``Adapted``, that keeps it (``layers.3.ffn.base``) and
+runs its adapter (``layers.3.ffn.adapter``) on its output: printing a block shows what runs.
 """
 
 from __future__ import annotations
@@ -43,9 +43,22 @@ class Adapter(nn.Module):
         return h + self.up(self.act(self.down(h)))
 
 
-def run_adapter(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook: the sub-layer's output goes through its adapter."""
-    return module.adapter(output)
+class Adapted(nn.Module):
+    """A sub-layer (kept as ``base``) followed by its adapter: adapter(base(x)).
+
+    Attention's output comes with its probabilities (None unless asked for), which stay as they are.
+    """
+
+    def __init__(self, base: nn.Module, adapter: Adapter) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+
+    def forward(self, *args, **kwargs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.base(*args, **kwargs)
+        if isinstance(out, tuple):  # attention: (output, probabilities)
+            return self.adapter(out[0]), out[1]
+        return self.adapter(out)  # (B, T, H)
 
 
 def add_adapters(model: nn.Module, size: int, act: str, placement: str) -> list[Adapter]:
@@ -56,20 +69,19 @@ def add_adapters(model: nn.Module, size: int, act: str, placement: str) -> list[
         for where in PLACEMENTS[placement]:
             sub = getattr(block, where)
             p = next(sub.parameters())
-            sub.adapter = Adapter(cfg.hidden_size, size, act).to(device=p.device, dtype=p.dtype)
-            sub.register_forward_hook(run_adapter)
-            added.append(sub.adapter)
+            adapter = Adapter(cfg.hidden_size, size, act).to(device=p.device, dtype=p.dtype)
+            setattr(block, where, Adapted(sub, adapter))
+            added.append(adapter)
     return added
 
 
 def remove_adapters(model: nn.Module) -> None:
     """Take every adapter out again (the model is the pretrained one afterwards)."""
-    for module in body_of(model).modules():
-        if isinstance(getattr(module, "adapter", None), Adapter):
-            # found by function rather than by handle, so it also works on deep copies
-            for key in [k for k, hook in module._forward_hooks.items() if hook is run_adapter]:
-                del module._forward_hooks[key]
-            del module.adapter
+    for block in body_of(model).layers:
+        for where in ("attn", "ffn"):
+            sub = getattr(block, where)
+            if isinstance(sub, Adapted):
+                setattr(block, where, sub.base)
 
 
 @register

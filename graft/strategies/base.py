@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from graft import kernels
 from graft.errors import GraftError, coerce, did_you_mean
 from graft.nn import Transformer
 
@@ -93,6 +94,8 @@ class Strategy:
         for p in model.parameters():
             p.requires_grad_(False)
         trained = self.prepare(model)
+        if kernels.enabled(model):  # the strategy's new modules (LoRA's dropout) get their kernels too
+            kernels.optimize(model)
         for p in head_parameters(model):
             p.requires_grad_(True)
         trained.strategy = self  # the trainer asks it for param_groups

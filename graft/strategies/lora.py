@@ -32,7 +32,6 @@ from graft.io.atomic import write_json
 from graft.io.hf import read_json
 from graft.models.registry import FAMILIES
 from graft.models.weights import WeightMap
-from graft.nn.dropout import Dropout
 from graft.strategies.base import Strategy, body_of, check_positive, register
 from graft.tasks.base import TaskModel
 
@@ -52,7 +51,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=w.device, dtype=w.dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear and PEFT
         nn.init.zeros_(self.lora_B.weight)
-        self.lora_dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
     @property

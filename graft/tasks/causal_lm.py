@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from graft.nn import Transformer, TransformerOutput
-from graft.nn.linear import call, packing
 from graft.tasks.base import Head
 from graft.tasks.collate import field, window
 from graft.tasks.embedding import pad
@@ -36,9 +35,7 @@ class LMHead(Head):
         keep = batch.get("logits_to_keep")
         if keep:  # generation only needs the last position(s)
             hidden = hidden[:, -keep:]
-        # packed (decoding), oneDNN reads the large vocabulary matrix up to twice as fast; else
-        # torch's matmul, whose rounding the references' logits share
-        return call(self.proj, hidden) if packing() else self.proj(hidden)  # (B, T, V)
+        return self.proj(hidden)  # (B, T, V)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """Mean cross-entropy of each position predicting the next token; label -100 is ignored."""

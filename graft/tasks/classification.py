@@ -15,7 +15,6 @@ from torch import nn
 from graft.data.records import label_error
 from graft.errors import GraftError
 from graft.nn import Transformer, TransformerOutput
-from graft.nn.dropout import Dropout
 from graft.tasks.base import Head
 from graft.tasks.collate import field, has_all, model_inputs, where, window
 from graft.tasks.hf_layout import hf_head
@@ -82,7 +81,7 @@ class ClassificationHead(Head):
         h = cfg.hidden_size
         self.dense = new_linear(h, h, std=std) if self.spec.dense else None
         self.act = ACTIVATIONS[self.spec.activation]() if self.spec.dense else None
-        self.drop = Dropout(self.spec.dropout_rate(cfg.hf_config) if dropout is None else dropout)
+        self.drop = nn.Dropout(self.spec.dropout_rate(cfg.hf_config) if dropout is None else dropout)
         self.out = new_linear(h, len(self.id2label), bias=self.spec.bias, std=std)
 
     @property

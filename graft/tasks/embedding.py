@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from graft import kernels
 from graft.errors import GraftError
 from graft.nn import Transformer, TransformerOutput
-from graft.nn.linear import frozen_weights
 from graft.tasks.base import Head
 from graft.tasks.collate import field, has_all, model_inputs, window
 from graft.tasks.pooling import POOLINGS, mean_pool, pool
@@ -172,7 +172,7 @@ def embed(
     enc = tokenizer.encode(list(texts), max_length=limit, padding=False, return_tensors=None)
     pad_id = tokenizer.pad_token_id or 0
     out = torch.empty(len(texts), model.config.hidden_size)
-    with frozen_weights():  # the weights stay as they are for the whole call
+    with kernels.frozen(model):  # the weights stay as they are for the whole call
         for rows in length_batches([len(ids) for ids in enc.input_ids], batch_size, max_tokens):
             ids, mask = pad([enc.input_ids[i] for i in rows], pad_id)
             types, _ = pad([enc.token_type_ids[i] for i in rows], 0)

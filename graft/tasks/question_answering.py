@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from graft.errors import GraftError
 from graft.nn import Transformer, TransformerOutput
-from graft.nn.dropout import Dropout
 from graft.tasks.base import Head
 from graft.tasks.collate import field, has_all, model_inputs, where, window
 from graft.tasks.hf_layout import hf_head
@@ -57,7 +57,7 @@ class QuestionAnsweringHead(Head):
         self.config = cfg
         self.unanswerable = unanswerable  # SQuAD v2: questions may have no answer in the context
         self.stride, self.max_answer_length, self.n_best = stride, max_answer_length, n_best
-        self.drop = Dropout(self.spec.dropout_rate(cfg.hf_config) if dropout is None else dropout)
+        self.drop = nn.Dropout(self.spec.dropout_rate(cfg.hf_config) if dropout is None else dropout)
         self.out = new_linear(
             cfg.hidden_size, 2, bias=self.spec.bias, std=cfg.hf_config.get("initializer_range", 0.02)
         )

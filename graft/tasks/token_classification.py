@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from graft.data.records import label_error
 from graft.errors import GraftError
 from graft.nn import Transformer, TransformerOutput
-from graft.nn.dropout import Dropout
 from graft.tasks.base import Head
 from graft.tasks.classification import labels_list
 from graft.tasks.collate import field, has_all, model_inputs, where, window
@@ -98,7 +98,7 @@ class TokenClassificationHead(Head):
             )
         self.spec = hf_head(cfg, self.task)
         self.config = cfg
-        self.drop = Dropout(self.spec.dropout_rate(cfg.hf_config) if dropout is None else dropout)
+        self.drop = nn.Dropout(self.spec.dropout_rate(cfg.hf_config) if dropout is None else dropout)
         std = cfg.hf_config.get("initializer_range", 0.02)
         self.out = new_linear(cfg.hidden_size, len(self.id2label), bias=self.spec.bias, std=std)
 

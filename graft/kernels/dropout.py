@@ -79,7 +79,8 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout (same ``p``, same state dict, same repr) drawing graft's cheap masks on CPU."""
+    """nn.Dropout (same ``p``, same state dict, same repr) drawing graft's cheap masks on CPU:
+    the twin ``graft.kernels.optimize`` puts in its place."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(x, self.p, self.training)

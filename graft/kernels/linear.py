@@ -1,29 +1,49 @@
-"""Linear layers, with oneDNN's matmul (+ fused activation) on CPU.
+"""Linear layers through oneDNN's matmul (+ fused activation) on CPU.
 
 On the CPUs graft runs on, oneDNN's fp32 matmul is 5-15% faster than the default BLAS call,
 and at inference it applies GELU/ReLU to the output tile while it is still in cache instead of
 in a second pass over memory. oneDNN's op has no backward: when gradients are needed, an
 autograd function runs oneDNN forward and torch's matrix multiplies backward (fp32 on CPU;
-autocast and other devices take torch's ordinary F.linear). Layers that a strategy wrapped or
-hooked are always called as modules, so the wrapper or hook sees every call.
+autocast, torch.compile and other devices take torch's ordinary F.linear). Layers that a
+strategy wrapped or hooked are always called as modules, so the wrapper or hook sees every call.
+
+Weights packed once into oneDNN's blocked layout are kept in a ``packed`` dict that the caller
+owns (the model's ``Kernels``, graft/kernels/switch.py): there is no state in this module.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graft.nn.feedforward import ACTIVATIONS
+
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 FUSED = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
 
 
+class PackedLinear(nn.Linear):
+    """nn.Linear (same weights, same state dict) that reads its packed weight while the model's
+    weights are frozen (decoding: oneDNN reads a large vocabulary matrix up to twice as fast),
+    and is torch's F.linear otherwise, whose rounding the references' logits share."""
+
+    kernels = None  # the model's Kernels, set by graft.kernels.optimize
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self.kernels.packed()
+        if packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, key=self, packed=packed)
+
+
 def plain(layer: nn.Module) -> bool:
-    """An unwrapped, unhooked nn.Linear, whose call graft may replace by its own kernel."""
-    return type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks
+    """An unwrapped, unhooked linear layer, whose call graft may replace by its own kernel."""
+    return (
+        type(layer) in (nn.Linear, PackedLinear) and not layer._forward_hooks and not layer._forward_pre_hooks
+    )
 
 
 def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -77,45 +97,9 @@ class _TrainingLinear(torch.autograd.Function):
         return dx, dw, db
 
 
-_packed: dict[object, torch.Tensor] | None = None  # inside frozen_weights(): key -> packed weight
-
-
-@contextlib.contextmanager
-def frozen_weights(store: dict[object, torch.Tensor] | None = None) -> Iterator[None]:
-    """Inside, weights do not change: each is packed into oneDNN's blocked layout once, not at
-    every call (4-9% faster matmuls when they stay in cache, up to 2x when they stream from
-    memory, as in decoding). Only for inference loops that own the model meanwhile.
-
-    ``store``: a dict to keep the packed weights in, so that a loop that leaves and enters again
-    (a decoder between two steps) packs them only once.
-    """
-    global _packed
-    previous, _packed = _packed, store if store is not None else {}
-    try:
-        yield
-    finally:
-        _packed = previous
-
-
 def weights_signature(model: nn.Module) -> tuple:
     """Changes when any weight of ``model`` is moved, replaced or updated in place, or one is added."""
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
-
-
-def weight_store(model: nn.Module) -> dict[object, torch.Tensor]:
-    """A store for frozen_weights kept on ``model`` between inference calls (a chat's turns, say),
-    emptied when any of its weights changed (moved, replaced or updated in place) since."""
-    signature = weights_signature(model)
-    kept = model.__dict__.get("_graft_packed")
-    if kept is None or kept[0] != signature:
-        kept = (signature, {})
-        object.__setattr__(model, "_graft_packed", kept)  # not a submodule or parameter
-    return kept[1]
-
-
-def packing() -> bool:
-    """Whether weights are being packed once (inside frozen_weights)."""
-    return _packed is not None
 
 
 def linear(
@@ -124,16 +108,18 @@ def linear(
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     key: object = None,
+    packed: dict[object, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """activation(x @ weight.T + bias); activation is a TransformerConfig name or None.
 
-    ``weight`` may be a function making it (a concatenation, say), called only when needed;
-    ``key`` names it for frozen_weights(), which then packs it once.
+    ``weight`` may be a function making it (a concatenation, say), called only when needed.
+    ``packed``: while the weights are frozen, the store of packed weights, where ``key`` names
+    this one (packed at its first use).
     """
-    # Outside frozen_weights, SiLU layers keep torch's matmul: the references' rounding, which
-    # the Llama family's logits match to 1e-4 over 30 layers only that way
-    onednn = activation is None or activation in FUSED or packing()
-    w = _packed.get(key) if _packed is not None else None
+    # Unfrozen, SiLU layers keep torch's matmul: the references' rounding, which the Llama
+    # family's logits match to 1e-4 over 30 layers only that way
+    onednn = activation is None or activation in FUSED or packed is not None
+    w = packed.get(key) if packed is not None else None
     if w is None or not use_onednn(x, w):
         w = weight() if callable(weight) and not isinstance(weight, torch.Tensor) else weight
         if not (onednn and use_onednn(x, w)):
@@ -144,8 +130,8 @@ def linear(
             if activation in GELU and y.requires_grad and not torch.compiler.is_compiling():
                 return _Gelu.apply(y, GELU[activation])
             return y if activation is None else ACTIVATIONS[activation](y)
-        if _packed is not None and key is not None:
-            w = _packed[key] = torch.ops.mkldnn._reorder_linear_weight(w, 1024)
+        if packed is not None and key is not None:
+            w = packed[key] = torch.ops.mkldnn._reorder_linear_weight(w, 1024)
     # GELU/ReLU are applied to the tile in cache; others (SiLU) after, as the references do
     name, algorithm = FUSED.get(activation, ("none", ""))
     y = torch.ops.mkldnn._linear_pointwise(x, w, bias, name, [], algorithm)
@@ -177,27 +163,28 @@ class _Gelu(torch.autograd.Function):
         return torch.ops.aten.gelu_backward(grad, y, approximate=ctx.approximate), None
 
 
-def fused(x: torch.Tensor, layers: tuple[nn.Linear, ...], key: object) -> tuple[torch.Tensor, ...]:
+def fused(
+    x: torch.Tensor,
+    layers: tuple[nn.Linear, ...],
+    key: object,
+    packed: dict[object, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, ...]:
     """x through several plain linear layers as one matrix multiply over their concatenated
-    weights (one pass over x); one output per layer. ``key`` names the concatenation for
-    frozen_weights, which then makes and packs it once."""
+    weights (one pass over x); one output per layer. ``key`` names the concatenation in the
+    ``packed`` store, which then makes and packs it once."""
     bias = torch.cat([m.bias for m in layers]) if layers[0].bias is not None else None
     weight = lambda: torch.cat([m.weight for m in layers])  # noqa: E731 (made only when needed)
-    return linear(x, weight, bias, key=key).split([m.out_features for m in layers], -1)
+    return linear(x, weight, bias, key=key, packed=packed).split([m.out_features for m in layers], -1)
 
 
-def call(layer: nn.Module, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+def call(
+    layer: nn.Module,
+    x: torch.Tensor,
+    activation: str | None = None,
+    packed: dict[object, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """layer(x) then the activation: through ``linear`` for a plain layer, as a module call otherwise."""
     if plain(layer):
-        return linear(x, layer.weight, layer.bias, activation, key=layer)
+        return linear(x, layer.weight, layer.bias, activation, key=layer, packed=packed)
     y = layer(x)
     return y if activation is None else ACTIVATIONS[activation](y)
-
-
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    "quick_gelu": lambda y: y * torch.sigmoid(1.702 * y),
-}

@@ -1,0 +1,86 @@
+"""What a generation run does: one validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from graft.errors import GraftError, did_you_mean
+
+TRUNCATION = ("left", "error")
+
+
+@dataclass
+class GenerationConfig:
+    """How to decode. Defaults: greedy, 20 new tokens, the model's eos tokens."""
+
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in the text (CTRL)
+    num_beams: int = 1
+    length_penalty: float = 1.0  # beam scores are sum(log p) / length ** length_penalty
+    early_stopping: bool | str = False  # True: stop at num_beams finished; "never": exact search
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    stop_strings: list[str] | None = None  # needs the tokenizer
+    seed: int | None = None
+    truncation: str = "left"  # a prompt too long for the context window: "left" (warn) or "error"
+    compile: bool = False  # decode with a compiled step (bf16/fp16 weights on CPU): see compiled_step
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+            ("temperature", self.temperature > 0, "> 0"),
+            ("top_k", self.top_k >= 0, ">= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+            ("num_beams", self.num_beams >= 1, ">= 1"),
+            ("early_stopping", self.early_stopping in (True, False, "never"), "True, False or 'never'"),
+            ("truncation", self.truncation in TRUNCATION, "'left' or 'error'"),
+        )
+        for name, ok, rule in checks:
+            if not ok:
+                raise GraftError(f"generation: {name}={getattr(self, name)!r} must be {rule}")
+        if self.num_beams > 1 and self.do_sample:
+            raise GraftError("generation: beam search does not sample; use num_beams=1 with do_sample")
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = [self.stop_strings]
+
+    @property
+    def eos_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    @property
+    def pad_id(self) -> int:
+        """What finished rows are filled with: the pad token, else the first eos token, else 0."""
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return self.eos_ids[0] if self.eos_ids else 0
+
+    def replace(self, **changes: Any) -> GenerationConfig:
+        """A copy with ``changes``; unknown names are an error that suggests the right one."""
+        names = {f.name for f in dataclasses.fields(self)}
+        for key in changes:
+            if key not in names:
+                raise GraftError(f"generation: unknown option {key!r}{did_you_mean(key, names)}")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def for_model(
+        cls, model: nn.Module, defaults: dict[str, Any] | None = None, **changes: Any
+    ) -> GenerationConfig:
+        """The model's eos/pad tokens, then ``defaults`` (a generation_config.json), then ``changes``."""
+        cfg = model.config
+        base = cls(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in (defaults or {}).items() if k in names and v is not None}
+        return base.replace(**known).replace(**changes)

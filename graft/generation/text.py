@@ -1,0 +1,56 @@
+"""Text in and out of generation: prompts to left-padded ids, tokens to streamed text."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from graft.errors import GraftError
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> left-padded (ids, mask), each (B, T_max)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def encode_prompts(
+    tokenizer, prompts: Sequence[str] | Sequence[list[dict[str, Any]]], chat: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts (or, with ``chat``, message lists, or texts sent as one user message) -> left-padded ids, mask."""
+    rows = []
+    for prompt in prompts:
+        if chat:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            rows.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        else:
+            rows.append(
+                tokenizer.encode(prompt, truncation=False, padding=False, return_tensors=None).input_ids[0]
+            )
+    if not any(rows):
+        raise GraftError("generation: the prompt is empty")
+    return left_pad(rows, tokenizer.pad_token_id or 0)
+
+
+def stream_text(tokenizer, tokens: Iterable[int], stop_at: Sequence[int] = ()) -> Iterator[str]:
+    """Text pieces as tokens come; a piece is held back while it ends in an incomplete character."""
+    ids: list[int] = []
+    shown = ""
+    for token in tokens:
+        if token in stop_at:
+            return
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(shown):
+            yield text[len(shown) :]
+            shown = text

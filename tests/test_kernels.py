@@ -1,0 +1,318 @@
+"""graft's CPU kernels against the plain computation they replace, and the switch between them."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from graft.nn import TransformerConfig
+
+
+def test_dropout_drops_at_the_rate_and_keeps_the_mean():
+    from graft.kernels.dropout import Dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(0.1)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = drop(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.002  # 1e6 draws: the standard error is 3e-4
+    assert abs(y.mean().item() - 1.0) < 0.003
+    assert torch.allclose(y[y != 0], torch.tensor(65536 / (65536 - 6554)))  # 0.1 rounds to 6554 / 65536
+    y.sum().backward()  # the gradient flows exactly where the value was kept
+    assert torch.equal(x.grad == 0, y == 0)
+    assert torch.equal(x.grad[y != 0], y[y != 0])
+    drop.eval()
+    assert drop(x) is x
+
+
+def test_dropout_masks_follow_torch_seed_and_rng_state():
+    from graft.kernels.dropout import dropout
+
+    x = torch.ones(64, 64)
+    torch.manual_seed(3)
+    a = dropout(x, 0.5)
+    state = torch.get_rng_state()
+    b = dropout(x, 0.5)
+    torch.set_rng_state(state)
+    assert torch.equal(dropout(x, 0.5), b)
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x, 0.5), a)
+    assert not torch.equal(a, b)
+    assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
+
+
+def test_dropout_backward_redraws_the_forward_mask_without_touching_the_generator():
+    """Backward multiplies the gradient by the very mask forward drew (drawn again from the
+    saved generator state, not kept), and leaves torch's global generator where forward left it."""
+    from graft.kernels.dropout import dropout
+
+    torch.manual_seed(5)  # x: no zeros, so y == 0 exactly where dropped
+    x = (torch.rand(4, 33, 17) + 0.5).requires_grad_()
+    y = dropout(x, 0.3)
+    after_forward = torch.get_rng_state()
+    torch.rand(1000)  # other draws between forward and backward do not change the mask
+    moved = torch.get_rng_state()
+    (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.equal(torch.get_rng_state(), moved)
+    assert not torch.equal(after_forward, moved)
+    kept = y != 0
+    assert 0 < int(kept.sum()) < kept.numel()
+    scale = 65536 / (65536 - round(0.3 * 65536))
+    assert torch.equal(grad, kept.float() * scale)  # the kept scale where kept, 0 elsewhere
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_math_path_with_dropout_equals_sdpa_without(masked):
+    """With every element kept, graft's CPU dropout path computes torch's attention."""
+    from graft.kernels.attention import attend
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    mask = torch.rand(2, 1, 5, 7) > 0.3 if masked else None
+    if mask is not None:
+        mask[..., 0] = True
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True
+    )
+    got = attend(q, k, v, mask, False, 1e-9, 0.3)  # rounds to a rate of 0: nothing dropped
+    assert (got - expected).abs().max() <= 1e-6
+    causal = attend(q, k[:, :, :5], v[:, :, :5], None, True, 1e-9, 0.3)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k[:, :, :5], v[:, :, :5], is_causal=True, scale=0.3, enable_gqa=True
+    )
+    assert (causal - expected).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "bias", "causal"])
+def test_dropped_attention_gives_the_unfused_values_and_gradients(mask_kind):
+    """The CPU attention-dropout function (keeps probabilities and mask, not the dropped
+    probabilities) equals dropout(softmax(q k^T * scale + mask)) v with the same mask, in
+    values and in the gradients of q, k and v (grouped-query heads included)."""
+    from graft.kernels.attention import attend
+    from graft.kernels.dropout import keep_mask
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 6, 8, requires_grad=True)
+    k, v = torch.randn(2, 2, 6, 8, requires_grad=True), torch.randn(2, 2, 6, 8, requires_grad=True)
+    mask = {
+        "none": None,
+        "bool": torch.rand(2, 1, 6, 6) > 0.3,
+        "bias": torch.randn(2, 1, 1, 6),
+        "causal": None,
+    }[mask_kind]
+    if mask_kind == "bool":
+        mask[..., 0] = True
+    seed, grad = 11, torch.randn(2, 4, 6, 8)
+    torch.manual_seed(seed)
+    got = attend(q, k, v, mask, mask_kind == "causal", 0.3, 0.35)
+    got_grads = torch.autograd.grad(got, (q, k, v), grad)
+
+    torch.manual_seed(seed)
+    keep, kept_scale = keep_mask(torch.Size((2, 4, 6, 6)), 0.3, q.device)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = (q @ kk.transpose(-2, -1)) * 0.35
+    if mask_kind == "bool":
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask_kind == "bias":
+        scores = scores + mask
+    elif mask_kind == "causal":
+        scores = scores.masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), float("-inf"))
+    expected = (scores.softmax(-1) * keep * kept_scale) @ vv
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+    assert 0 < int((keep == 0).sum()) < keep.numel()  # some dropped, some kept
+    assert (got - expected).abs().max() <= 1e-6
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        assert (g - e).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_training_gelu_gives_torch_values_and_gradients(activation):
+    """A linear layer with GELU in training (GELU's backward writing over its incoming gradient)
+    gives torch's values and gradients for its input, weight and bias."""
+    from graft.kernels.linear import linear
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 5, 8, requires_grad=True), torch.randn(16, 8), torch.randn(16)
+    w.requires_grad_(), b.requires_grad_()
+    down = torch.randn(4, 16)
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    got = F.linear(linear(x, w, b, activation), down)
+    got_grads = torch.autograd.grad(got.square().sum(), (x, w, b))
+    expected = F.linear(F.gelu(F.linear(x, w, b), approximate=approximate), down)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, w, b))
+    assert torch.allclose(got, expected, atol=1e-6, rtol=0)
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        assert torch.allclose(g, e, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("needs", ["all", "frozen weight", "frozen input"])
+def test_training_linear_equals_torch_linear(needs):
+    """graft's fp32 CPU training linear (oneDNN forward) gives torch's values and gradients."""
+    from graft.kernels.linear import linear
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 16, requires_grad=needs != "frozen input")
+    w = torch.randn(24, 16, requires_grad=needs != "frozen weight")
+    b = torch.randn(24, requires_grad=True)
+    g = torch.randn(3, 7, 24)
+    grads = []
+    for fn in (torch.nn.functional.linear, linear):
+        y = fn(x, w, b)
+        y.backward(g)
+        grads.append((y.detach(), *(t.grad.clone() if t.grad is not None else None for t in (x, w, b))))
+        for t in (x, w, b):
+            t.grad = None
+    for ref, got in zip(*grads, strict=True):
+        assert (ref is None) == (got is None)
+        if ref is not None:
+            assert (ref - got).abs().max() <= 1e-5
+
+
+def test_packed_weights_are_kept_until_a_weight_changes():
+    from graft.kernels import Kernels
+    from graft.kernels.linear import linear
+
+    layer = torch.nn.Linear(16, 8)
+    kernels = Kernels()
+    store = kernels.store(layer)
+    x = torch.randn(2, 16)
+    with torch.no_grad(), kernels.frozen(store):
+        packed = linear(x, layer.weight, layer.bias, key=layer, packed=kernels.packed())
+    assert (packed - layer(x)).abs().max() <= 1e-5 and len(store) == 1
+    assert kernels.packed() is None  # frozen only inside
+    assert kernels.store(layer) is store  # the next call reuses the packed weights
+    with torch.no_grad():
+        layer.weight.add_(1.0)  # an optimizer step, say
+    fresh = kernels.store(layer)
+    assert fresh is not store and not fresh
+    with torch.no_grad(), kernels.frozen(fresh):
+        got = linear(x, layer.weight, layer.bias, key=layer, packed=kernels.packed())
+    assert (got - layer(x)).abs().max() <= 1e-5
+
+
+def test_rotating_fused_queries_and_keys_together_equals_one_by_one():
+    from graft.kernels.attention import FastAttention
+    from graft.nn.positions import Rotary, apply_rotary
+
+    cfg = TransformerConfig(
+        family="llama",
+        vocab_size=10,
+        hidden_size=32,
+        intermediate_size=8,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        position="rotary",
+    )
+    attn = FastAttention(cfg, 0)
+    rotary = Rotary(cfg)(torch.arange(5).expand(2, -1), torch.float32)  # (2, 1, 5, 8) each
+    y = torch.randn(2, 5, 32 + 16 + 16)  # a fused Q/K/V projection
+    q, k, _ = y.split([32, 16, 16], -1)
+    with torch.no_grad():
+        got_q, got_k = attn.rotate(q, k, rotary)
+    cos, sin = (t.transpose(1, 2) for t in rotary)
+    assert torch.equal(got_q, apply_rotary(q.unflatten(-1, (4, 8)), cos, sin).flatten(-2))
+    assert torch.equal(got_k, apply_rotary(k.unflatten(-1, (2, 8)), cos, sin).flatten(-2))
+    assert got_q.data_ptr() + 32 * 4 == got_k.data_ptr()  # they were rotated as one tensor
+
+
+# ---- the switch ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    from conftest import hf_model
+
+    hf_model("llama", "causal-lm").save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_optimize_and_reference_swap_the_forward_only(tiny_llama):
+    """The switch keeps every parameter, name and number; only which code runs changes."""
+    import copy
+
+    from graft import kernels
+    from graft.kernels.attention import FastAttention
+    from graft.models.auto import load_model
+    from graft.nn import Attention
+
+    model = load_model(tiny_llama, kernels=False)
+    assert not kernels.enabled(model) and type(model.body.layers[0].attn) is Attention
+    names = list(model.state_dict())
+    ids = torch.randint(3, 99, (2, 7))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        kernels.optimize(model)
+        assert type(model.body.layers[0].attn) is FastAttention and kernels.enabled(model)
+        assert list(model.state_dict()) == names
+        assert (model(input_ids=ids).logits - expected).abs().max() <= 1e-5
+        with kernels.frozen(model):  # packed weights, fused Q/K/V and gate/up
+            assert (model(input_ids=ids).logits - expected).abs().max() <= 1e-5
+        copied = copy.deepcopy(model)  # a copy has kernels of its own
+        assert kernels.kernels_of(copied) is not kernels.kernels_of(model)
+        assert (copied(input_ids=ids).logits - expected).abs().max() <= 1e-5
+        kernels.reference(model)
+        assert not kernels.enabled(model) and type(model.body.layers[0].attn) is Attention
+        assert torch.equal(model(input_ids=ids).logits, expected)
+    assert kernels.report(copied)["fused q/k/v"] == "in 2 layers"
+
+
+def test_a_strategy_applied_after_optimize_gets_its_kernels(tiny_llama):
+    from graft import kernels
+    from graft.kernels.dropout import Dropout
+    from graft.models.auto import load_model
+    from graft.strategies import apply_strategy
+
+    model = load_model(tiny_llama)
+    apply_strategy(model, "lora:dropout=0.1")
+    assert type(model.body.layers[0].attn.q.lora_dropout) is Dropout  # graft's cheap masks
+    # LoRA's wrapped projections are called as modules: Q/K/V cannot run as one matrix multiply
+    assert (
+        kernels.report(model)["fused q/k/v"]
+        == "in 0 layers; 2 have wrapped or hooked projections (LoRA, adapters)"
+    )
+
+
+def test_one_model_serves_many_threads_with_the_serial_results(tiny_llama):
+    """8 threads through one loaded model, half with frozen (packed) weights and half without,
+    get exactly what each computes alone: nothing of one call's state leaks into another's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from graft import kernels
+    from graft.models.auto import load_model
+
+    model = load_model(tiny_llama)
+    batches = [torch.randint(3, 99, (2, 5 + i)) for i in range(8)]
+
+    def run(i: int) -> torch.Tensor:
+        with torch.inference_mode(), kernels.frozen(model) if i % 2 else contextlib.nullcontext():
+            return model(input_ids=batches[i]).logits
+
+    serial = [run(i) for i in range(8)]
+    for _ in range(3):
+        with ThreadPoolExecutor(8) as pool:
+            parallel = list(pool.map(run, range(8)))
+        for a, b in zip(serial, parallel, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_the_reference_model_has_no_kernel_code():
+    """graft.nn is the plain model: it neither imports the kernels nor asks whether it is being
+    compiled, and keeps no state at module level that a call could change."""
+    import ast
+    from pathlib import Path
+
+    import graft.nn
+
+    for path in Path(graft.nn.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("graft.kernels"), path
+            if isinstance(node, ast.Attribute):
+                assert node.attr not in ("is_compiling", "_forward_hooks", "_forward_pre_hooks"), path
+        assert not any(isinstance(node, ast.Global) for node in ast.walk(tree)), path  # nothing rebound
