@@ -45,7 +45,7 @@ def main() -> None:
         import transformers
         from sentence_transformers import SentenceTransformer
 
-        from graft.models.auto import load_model
+        from graft.loading import load_model
         from graft.tasks.embedding import embed
         from graft.tokenizer import Tokenizer
     except ImportError as e:

@@ -123,7 +123,7 @@ def main() -> int:
 
     from graft.generation import GenerationConfig, encode_prompts, generate
     from graft.io.gguf import convert_gguf
-    from graft.models.auto import load_model
+    from graft.loading import load_model
     from graft.tokenizer import Tokenizer
 
     n = args.new_tokens

@@ -90,7 +90,7 @@ def warmup_steps(args, n_train: int) -> int:
 
 
 def run_graft(args, name: str, seed: int, memory_steps: int = 0) -> dict[str, Any]:
-    from graft.models.auto import load_model
+    from graft.loading import load_model
     from graft.strategies import apply_strategy, count_parameters
     from graft.tokenizer import Tokenizer
     from graft.train.config import load_recipe

@@ -113,7 +113,7 @@ class Baton:
 
 def graft_side(train, label_map, precision: str, compile_model: bool, out: Path, baton: Baton | None):
     """(run(), evaluate(test)) for graft's Trainer."""
-    from graft.models.auto import load_model
+    from graft.loading import load_model
     from graft.tokenizer import Tokenizer
     from graft.train import Trainer
     from graft.train.build import token_lengths

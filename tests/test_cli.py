@@ -197,7 +197,7 @@ def test_version_is_the_installed_distributions(cli):
 
 
 def test_threads_are_set_before_the_command_works(cli, monkeypatch):
-    import graft.models.auto
+    import graft.loading
 
     seen = []
 
@@ -205,7 +205,7 @@ def test_threads_are_set_before_the_command_works(cli, monkeypatch):
         seen.append((torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")))
         raise GraftError("stop here")
 
-    monkeypatch.setattr(graft.models.auto, "load_model", load_model)
+    monkeypatch.setattr(graft.loading, "load_model", load_model)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # restored after the test, whatever graft sets
     threads = torch.get_num_threads()
     try:
@@ -229,7 +229,7 @@ def umask() -> int:
 
 
 def test_saved_files_and_folders_get_the_modes_of_any_tools_output(tiny_folder, tmp_path):
-    from graft.models.auto import load_model, save_model
+    from graft.loading import load_model, save_model
 
     out = save_model(load_model(tiny_folder), tmp_path / "saved")
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}

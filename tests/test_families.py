@@ -8,8 +8,8 @@ import transformers
 from conftest import hf_model, padded_batch, tiny_hf_config
 
 from graft.generation import greedy
+from graft.loading import load_model, save_model
 from graft.models import FAMILIES
-from graft.models.auto import load_model, save_model
 from graft.nn import Transformer
 from graft.tasks import TaskModel
 

@@ -46,7 +46,7 @@ def serve() -> None:
 
     from graft.errors import GraftError
     from graft.io.gguf import read_gguf
-    from graft.models.auto import load_model
+    from graft.loading import load_model
 
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # what the readers print goes to stderr, not into the answers
@@ -303,7 +303,7 @@ def test_config_json_values_are_checked_before_a_model_is_allocated(folders, tmp
 
 def test_llama_head_settings_name_their_keys(folders, tmp_path):
     from graft.errors import GraftError
-    from graft.models.auto import load_model
+    from graft.loading import load_model
 
     base = json.loads((folders["llama"] / "config.json").read_text())
     for change, match in [
@@ -332,7 +332,7 @@ class Payload:
 
 def test_a_weights_file_holding_code_is_refused_plainly(folders, tmp_path, capfd):
     from graft.errors import GraftError
-    from graft.models.auto import load_model
+    from graft.loading import load_model
 
     marker = tmp_path / "ran"
     folder = tmp_path / "model"
@@ -375,7 +375,7 @@ def test_a_checkpoint_holding_code_is_refused_by_the_trainer_too(tmp_path):
 
 def test_an_index_cannot_point_outside_its_folder(folders, tmp_path):
     from graft.errors import GraftError
-    from graft.models.auto import load_model
+    from graft.loading import load_model
 
     folder = tmp_path / "model"
     folder.mkdir()

@@ -23,8 +23,8 @@ from graft.generation import (
     top_k_filter,
     top_p_filter,
 )
+from graft.loading import load_model
 from graft.models import FAMILIES
-from graft.models.auto import load_model
 
 DECODERS = sorted(name for name, f in FAMILIES.items() if f.decoder)
 

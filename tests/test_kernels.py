@@ -237,7 +237,7 @@ def test_optimize_and_reference_swap_the_forward_only(tiny_llama):
 
     from graft import kernels
     from graft.kernels.attention import FastAttention
-    from graft.models.auto import load_model
+    from graft.loading import load_model
     from graft.nn import Attention
 
     model = load_model(tiny_llama, kernels=False)
@@ -264,7 +264,7 @@ def test_optimize_and_reference_swap_the_forward_only(tiny_llama):
 def test_a_strategy_applied_after_optimize_gets_its_kernels(tiny_llama):
     from graft import kernels
     from graft.kernels.dropout import Dropout
-    from graft.models.auto import load_model
+    from graft.loading import load_model
     from graft.strategies import apply_strategy
 
     model = load_model(tiny_llama)
@@ -283,7 +283,7 @@ def test_one_model_serves_many_threads_with_the_serial_results(tiny_llama):
     from concurrent.futures import ThreadPoolExecutor
 
     from graft import kernels
-    from graft.models.auto import load_model
+    from graft.loading import load_model
 
     model = load_model(tiny_llama)
     batches = [torch.randint(3, 99, (2, 5 + i)) for i in range(8)]

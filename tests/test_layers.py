@@ -1,7 +1,7 @@
 """graft's imports go one way: each layer imports only the layers below it, and nothing cycles.
 
 The order (docs/architecture.md): errors <- io <- nn, data, metrics, tokenizer <- kernels, models
-<- tasks <- generation <- strategies <- train <- loading <- cli. The test reads every module's
+<- tasks <- generation <- strategies <- loading <- train <- cli. The test reads every module's
 source (ast), so an import inside a function counts as much as one at the top.
 """
 
@@ -24,8 +24,8 @@ LAYERS: list[set[str]] = [
     {"graft.tasks"},
     {"graft.generation"},
     {"graft.strategies"},
-    {"graft.train"},
     {"graft.loading"},
+    {"graft.train"},
     {"graft.cli", "graft.__main__"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}

@@ -17,7 +17,7 @@ from conftest import padded_batch
 
 from graft.errors import GraftError
 from graft.generation import generate
-from graft.models.auto import load_model, save_model
+from graft.loading import load_model, save_model
 
 TOL = 1e-5
 COMMON = dict(

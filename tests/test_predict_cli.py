@@ -173,7 +173,7 @@ def test_errors_are_one_line(tmp_path, minilm, cli):
 
 @pytest.mark.parametrize("pooling", ["mean"])
 def test_predict_embeddings(tmp_path, minilm, pooling, cli):
-    from graft.models.auto import load_model, save_model
+    from graft.loading import load_model, save_model
 
     base = task_folder(tmp_path, minilm, transformers.AutoModel)
     save_model(

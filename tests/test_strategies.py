@@ -8,8 +8,8 @@ import transformers
 from conftest import padded_batch, tiny_hf_config
 
 from graft.errors import GraftError
+from graft.loading import load_model
 from graft.models import FAMILIES
-from graft.models.auto import load_model
 from graft.strategies import (
     CachedFeatures,
     LoRALinear,
@@ -292,7 +292,7 @@ def test_graft_loads_peft_adapter_with_the_same_logits(family, saved, tmp_path, 
 
 
 def test_adapter_checkpoint_and_base_model_reload_to_the_same_predictions(family, saved, tmp_path):
-    from graft.strategies import load_adapter_model
+    from graft.loading import load_adapter_model
     from graft.tasks import HEADS
 
     if "classification" not in HEADS:
@@ -608,7 +608,8 @@ def test_demo_trains_reports_and_saves_a_model_transformers_loads(cli_assets, tm
 
 @pytest.mark.parametrize("spec", [s for s in TABLE if not s.startswith("freeze:layers")])
 def test_strategy_checkpoint_and_base_model_reload_to_the_same_predictions(spec, bert, tmp_path):
-    from graft.strategies import load_trained, save_trained
+    from graft.loading import load_trained
+    from graft.strategies import save_trained
 
     model = apply_strategy(task_model("bert", bert), spec)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

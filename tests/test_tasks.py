@@ -9,8 +9,8 @@ import transformers
 from conftest import padded_batch, tiny_hf_config
 
 from graft.errors import GraftError
+from graft.loading import load_model, save_model
 from graft.models import FAMILIES
-from graft.models.auto import load_model, save_model
 from graft.tasks import HEADS, TaskModel
 from graft.tasks.token_classification import IGNORE
 from graft.tokenizer import Tokenizer

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from graft.models.auto import load_model
+from graft.loading import load_model
 from graft.tasks.embedding import embed
 from graft.tasks.predict import predict
 from graft.tokenizer import Tokenizer

@@ -364,7 +364,7 @@ def test_nan_stop_names_the_checkpoint_saved_before_the_loss_exploded(tmp_path):
 
 
 def test_an_earlier_runs_model_is_replaced_only_with_overwrite(tmp_path):
-    from graft.models.auto import load_model
+    from graft.loading import load_model
 
     def fit(seed, **options):
         recipe = tiny_recipe(

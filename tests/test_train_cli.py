@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from graft.models.auto import load_model
+from graft.loading import load_model
 from graft.tasks import HEADS
 from graft.train import load_recipe
 from graft.train.checkpoint import list_checkpoints

@@ -47,7 +47,7 @@ def test_two_processes_match_one(tmp_path, single, strategy):
     launch(tmp_path, strategy, 2)  # 2 processes x 2 micro-batches of 2 = one step of 8
     assert_close(single, weights(tmp_path))
     # the final model folder is whole (gathered from the shards under FSDP)
-    from graft.models.auto import load_model
+    from graft.loading import load_model
 
     saved = load_model(tmp_path / "model", task="token-classification", num_labels=3).state_dict()
     assert_close({k: v for k, v in weights(tmp_path).items() if k.startswith("body.")},

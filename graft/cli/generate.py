@@ -52,7 +52,7 @@ def load(model: str, dtype: DType, compile: bool = False):
         )
     import torch
 
-    from graft.models.auto import load_model
+    from graft.loading import load_model
     from graft.tasks import TaskModel
     from graft.tokenizer import Tokenizer
 

@@ -24,7 +24,7 @@ def info(
     model: ModelArg, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
 ) -> None:
     """Print a model's family, shape and exact parameter count."""
-    from graft.models.auto import load_model
+    from graft.loading import load_model
 
     m = load_model(model, task="base")
     cfg = m.config
@@ -106,7 +106,7 @@ def embed(
     import numpy as np
 
     from graft.io.hf import resolve
-    from graft.models.auto import load_model
+    from graft.loading import load_model
     from graft.tasks.embedding import embed as embed_texts
     from graft.tokenizer import Tokenizer
 

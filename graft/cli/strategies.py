@@ -240,7 +240,7 @@ def demo(
     import torch
 
     from graft.io.atomic import atomic_folder
-    from graft.models.auto import save_model
+    from graft.loading import save_model
     from graft.strategies import exportable, save_adapter
     from graft.tasks.collate import to_device
     from graft.train.build import build_trainer

@@ -67,7 +67,7 @@ def pick_device(device: str | None) -> str:
 def load_task_model(model: str, device: str | None):
     """The task model and tokenizer of a model folder (or Hub id)."""
     from graft.io.hf import resolve
-    from graft.models.auto import load_model
+    from graft.loading import load_model
     from graft.tasks import TaskModel
     from graft.tokenizer import Tokenizer
 
@@ -137,8 +137,8 @@ def predict(
     encoding: EncodingOpt = "auto",
 ) -> None:
     """Predict with a task model: one JSON line per input record."""
+    from graft.generation.text import generate_records
     from graft.io.atomic import atomic_path, check_output
-    from graft.tasks.predict import generate
     from graft.tasks.predict import predict as run
 
     if output is not None:
@@ -146,7 +146,7 @@ def predict(
     m, tokenizer = load_task_model(model, device)
     records = read_records(input, fmt, column, m.head, skip_bad_rows=skip_bad_rows, encoding=encoding)
     if m.task == "causal-lm":
-        pairs = generate(m, tokenizer, records, min(batch_size, 8), max_length, max_new_tokens)
+        pairs = generate_records(m, tokenizer, records, min(batch_size, 8), max_length, max_new_tokens)
     else:
         extra = options(
             threshold=threshold,

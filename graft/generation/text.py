@@ -8,6 +8,9 @@ from typing import Any
 import torch
 
 from graft.errors import GraftError
+from graft.generation.loop import greedy
+from graft.tasks.base import TaskModel
+from graft.tasks.predict import batches
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,3 +57,25 @@ def stream_text(tokenizer, tokens: Iterable[int], stop_at: Sequence[int] = ()) -
         if len(text) > len(shown):
             yield text[len(shown) :]
             shown = text
+
+
+@torch.inference_mode()
+def generate_records(
+    model: TaskModel,
+    tokenizer: Any,
+    records: Iterable[dict[str, Any]],
+    batch_size: int = 8,
+    max_length: int | None = None,
+    max_new_tokens: int = 64,
+) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(record, {'generated': text}) pairs: greedy continuations of each record's ``text`` (causal LM)."""
+    device = next(model.parameters()).device
+    model.eval()
+    for chunk in batches(records, batch_size):
+        texts = [r.get("text") or "" for r in chunk]
+        # generation appends on the right, so prompts are padded on the left
+        enc = tokenizer.encode(texts, max_length=max_length, padding_side="left")
+        ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+        out = greedy(model, ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        new = tokenizer.batch_decode(out[:, ids.shape[1] :].tolist())
+        yield from zip(chunk, ({"generated": text} for text in new), strict=True)

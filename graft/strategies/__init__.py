@@ -14,14 +14,13 @@ from graft.strategies.base import (
     count_parameters,
     parse_strategy,
 )
-from graft.strategies.checkpoint import load_trained, save_trained
+from graft.strategies.checkpoint import save_trained
 from graft.strategies.continual import EWC, RehearsalBuffer
 from graft.strategies.freeze import CachedFeatures
 from graft.strategies.lora import (
     LoRALinear,
     exportable,
     load_adapter,
-    load_adapter_model,
     merge,
     merge_and_unload,
     save_adapter,
@@ -48,8 +47,6 @@ __all__ = [
     "count_parameters",
     "exportable",
     "load_adapter",
-    "load_adapter_model",
-    "load_trained",
     "merge",
     "merge_and_unload",
     "layerwise_param_groups",

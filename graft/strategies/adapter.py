@@ -19,7 +19,8 @@ from torch import nn
 
 from graft.errors import GraftError
 from graft.nn.feedforward import activation
-from graft.strategies.base import Strategy, body_of, check_positive, register
+from graft.strategies.base import Strategy, check_positive, register
+from graft.tasks.base import body_of
 
 PLACEMENTS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
 

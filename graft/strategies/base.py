@@ -24,7 +24,8 @@ from torch import nn
 
 from graft import kernels
 from graft.errors import GraftError, coerce, did_you_mean
-from graft.nn import Transformer
+from graft.strategies.lr import GradualUnfreezing, layerwise_param_groups
+from graft.tasks.base import body_of
 
 log = logging.getLogger("graft")
 
@@ -34,11 +35,6 @@ STRATEGIES: dict[str, type[Strategy]] = {}
 def register(cls: type[Strategy]) -> type[Strategy]:
     STRATEGIES[cls.name] = cls
     return cls
-
-
-def body_of(model: nn.Module) -> Transformer:
-    """The transformer body of a bare body, a TaskModel or a MultitaskModel."""
-    return model if isinstance(model, Transformer) else model.body
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -100,16 +96,12 @@ class Strategy:
             p.requires_grad_(True)
         trained.strategy = self  # the trainer asks it for param_groups
         if self.unfreeze:
-            from graft.strategies.lr import GradualUnfreezing
-
             trained.unfreezing = GradualUnfreezing(trained, self.unfreeze)  # a trainer callback
         log.info("strategy %s: %s", self.spec(), count_parameters(trained))
         return trained
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
         """Optimizer parameter groups: layer-wise decayed learning rates, no decay on biases and norms."""
-        from graft.strategies.lr import layerwise_param_groups
-
         return layerwise_param_groups(model, lr, self.lr_decay, weight_decay)
 
     def options(self) -> dict[str, Any]:

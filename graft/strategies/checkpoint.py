@@ -17,7 +17,6 @@ from torch import nn
 
 from graft.errors import GraftError
 from graft.io.atomic import atomic_path, write_json
-from graft.io.hf import read_json
 from graft.tasks.base import TaskModel
 
 WEIGHTS, META = "trained.safetensors", "strategy.json"
@@ -39,32 +38,3 @@ def save_trained(model: nn.Module, folder: str | Path) -> Path:
         meta.update(task=model.task, head=model.head.hf_config())
     write_json(folder / META, meta)
     return folder
-
-
-def load_trained(base: str | Path, folder: str | Path) -> nn.Module:
-    """The base model + the same head + the saved strategy, with the trained parameters loaded."""
-    from safetensors.torch import load_file
-
-    from graft.models.auto import load_model
-    from graft.strategies.base import apply_strategy
-    from graft.tasks import HEADS
-
-    folder = Path(folder)
-    for name in (META, WEIGHTS):
-        if not (folder / name).exists():
-            raise GraftError(f"{folder / name}: not found (save_trained writes {META} and {WEIGHTS})")
-    meta = read_json(folder / META)
-    model: nn.Module = load_model(base, task="base")
-    if "task" in meta:
-        if meta["task"] not in HEADS:
-            raise GraftError(f"{folder / META}: unknown task {meta['task']!r} (known: {', '.join(HEADS)})")
-        cls = HEADS[meta["task"]]
-        model = TaskModel(model, cls(model, **cls.options_from_hf(meta.get("head", {}))))
-    model = apply_strategy(model, meta["strategy"])
-    state = load_file(folder / WEIGHTS)
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise GraftError(
-            f"{folder / WEIGHTS}: tensor {result.unexpected_keys[0]!r} does not fit this model and strategy"
-        )
-    return model.eval()

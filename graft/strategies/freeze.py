@@ -10,8 +10,8 @@ from torch import nn
 
 from graft.errors import GraftError
 from graft.nn import TransformerOutput
-from graft.strategies.base import Strategy, body_of, register
-from graft.tasks.base import BODY_INPUTS, TaskModel, TaskOutput
+from graft.strategies.base import Strategy, register
+from graft.tasks.base import BODY_INPUTS, TaskModel, TaskOutput, body_of
 
 
 @register

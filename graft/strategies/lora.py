@@ -32,8 +32,8 @@ from graft.io.atomic import write_json
 from graft.io.hf import read_json
 from graft.models.registry import FAMILIES
 from graft.models.weights import WeightMap
-from graft.strategies.base import Strategy, body_of, check_positive, register
-from graft.tasks.base import TaskModel
+from graft.strategies.base import Strategy, check_positive, register
+from graft.tasks.base import TaskModel, body_of
 
 
 class LoRALinear(nn.Module):
@@ -427,24 +427,6 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
         m.lora_A.weight.requires_grad_(True)
         m.lora_B.weight.requires_grad_(True)
     return model
-
-
-def load_adapter_model(base: str | Path, adapter: str | Path) -> nn.Module:
-    """A base model folder + an adapter folder -> the adapted model (with the saved head, if any)."""
-    from graft.models.auto import load_model
-    from graft.tasks import HEADS
-
-    adapter = Path(adapter)
-    model = load_model(base, task="base")
-    head_file = adapter / HEAD_FILE
-    if head_file.exists():
-        saved = read_json(head_file)
-        if saved["task"] not in HEADS:
-            raise GraftError(f"{head_file}: unknown task {saved['task']!r} (known: {', '.join(HEADS)})")
-        cls = HEADS[saved["task"]]
-        model = TaskModel(model, cls(model, **cls.options_from_hf(saved["config"])))
-    load_adapter(model, adapter)
-    return model.eval()
 
 
 def exportable(model: nn.Module) -> nn.Module:

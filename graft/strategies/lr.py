@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from graft.strategies.base import body_of
+from graft.tasks.base import body_of
 
 
 def no_decay_names(model: nn.Module) -> set[str]:

@@ -20,7 +20,8 @@ from torch import nn
 
 from graft.errors import GraftError
 from graft.nn import KVCache, Transformer, TransformerOutput
-from graft.strategies.base import Strategy, body_of, check_positive, register
+from graft.strategies.base import Strategy, check_positive, register
+from graft.tasks.base import body_of
 
 FORWARD_ARGS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "cache")
 

@@ -118,3 +118,8 @@ class TaskModel(nn.Module):
         labels = batch.get("labels")
         loss = self.head.loss(logits, labels, batch) if labels is not None else None
         return TaskOutput(logits, loss, out)
+
+
+def body_of(model: nn.Module) -> Transformer:
+    """The transformer body of a bare body, a TaskModel or a MultitaskModel."""
+    return model if isinstance(model, Transformer) else model.body

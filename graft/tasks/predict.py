@@ -41,27 +41,3 @@ def predict(
         batch = model.head.collate(chunk, tokenizer, max_length)
         logits = model(**to_device(batch, device)).logits
         yield from zip(chunk, model.head.postprocess(logits, batch, **options), strict=True)
-
-
-@torch.inference_mode()
-def generate(
-    model: TaskModel,
-    tokenizer: Any,
-    records: Iterable[dict[str, Any]],
-    batch_size: int = 8,
-    max_length: int | None = None,
-    max_new_tokens: int = 64,
-) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    """(record, {'generated': text}) pairs: greedy continuations of each record's ``text`` (causal LM)."""
-    from graft.generation import greedy
-
-    device = next(model.parameters()).device
-    model.eval()
-    for chunk in batches(records, batch_size):
-        texts = [r.get("text") or "" for r in chunk]
-        # generation appends on the right, so prompts are padded on the left
-        enc = tokenizer.encode(texts, max_length=max_length, padding_side="left")
-        ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
-        out = greedy(model, ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        new = tokenizer.batch_decode(out[:, ids.shape[1] :].tolist())
-        yield from zip(chunk, ({"generated": text} for text in new), strict=True)

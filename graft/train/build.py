@@ -66,7 +66,7 @@ def token_lengths(records: Sequence[dict[str, Any]], tokenizer: Any, max_length:
 def build_trainer(recipe: Recipe, quiet: bool = False, callbacks=()) -> Trainer:
     from graft.data import load_splits
     from graft.io.hf import resolve
-    from graft.models.auto import load_model
+    from graft.loading import load_model
     from graft.tasks import HEADS
     from graft.tokenizer import Tokenizer
     from graft.train.losses import make_loss

@@ -616,7 +616,7 @@ class Trainer:
 
     def save_model_folder(self, model: nn.Module) -> bool:
         """train.output/model: a Hugging Face folder (LoRA merged in) that load_model and transformers read."""
-        from graft.models.auto import save_model
+        from graft.loading import save_model
         from graft.strategies import exportable
 
         try:

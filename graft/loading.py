@@ -1,4 +1,9 @@
-"""Load any registered family from a Hugging Face folder or Hub id, and save it back."""
+"""Loading and saving whole models: the layer above models, tasks and strategies.
+
+``load_model`` builds any registered family from a Hugging Face folder or Hub id, with its task
+head; ``save_model`` writes it back in the HF layout (LoRA merged); ``load_adapter_model`` puts
+a PEFT adapter on a base model; ``load_trained`` a strategy-only checkpoint (``save_trained``).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+from torch import nn
 
 import graft.kernels
 from graft.errors import GraftError
 from graft.io.atomic import write_json
-from graft.io.hf import read_config, read_weights, resolve, weight_shapes, write_weights
+from graft.io.hf import read_config, read_json, read_weights, resolve, weight_shapes, write_weights
 from graft.models.registry import FAMILIES, Family, describe, family_for
 from graft.models.weights import WeightMap
 from graft.nn import Transformer, TransformerConfig
+from graft.strategies import apply_strategy, exportable
+from graft.strategies.checkpoint import META, WEIGHTS
+from graft.strategies.lora import HEAD_FILE, load_adapter
 from graft.tasks import HEADS, TaskModel
 from graft.tasks.hf_layout import body_prefix
 
@@ -171,8 +181,6 @@ def load_model(
 
 def save_model(model: Model, folder: str | Path, tokenizer: Any = None) -> Path:
     """config.json + model.safetensors (+ tokenizer files): transformers' Auto classes load it."""
-    from graft.strategies import exportable
-
     model = exportable(model)  # LoRA merged into a copy; adapters/prompts: a clear error
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -203,3 +211,41 @@ def save_model(model: Model, folder: str | Path, tokenizer: Any = None) -> Path:
     if tokenizer is not None:
         tokenizer.save(folder)
     return folder
+
+
+def load_adapter_model(base: str | Path, adapter: str | Path) -> nn.Module:
+    """A base model folder + an adapter folder -> the adapted model (with the saved head, if any)."""
+    adapter = Path(adapter)
+    model = load_model(base, task="base")
+    head_file = adapter / HEAD_FILE
+    if head_file.exists():
+        saved = read_json(head_file)
+        if saved["task"] not in HEADS:
+            raise GraftError(f"{head_file}: unknown task {saved['task']!r} (known: {', '.join(HEADS)})")
+        cls = HEADS[saved["task"]]
+        model = TaskModel(model, cls(model, **cls.options_from_hf(saved["config"])))
+    load_adapter(model, adapter)
+    return model.eval()
+
+
+def load_trained(base: str | Path, folder: str | Path) -> nn.Module:
+    """The base model + the same head + the saved strategy, with the trained parameters loaded."""
+    folder = Path(folder)
+    for name in (META, WEIGHTS):
+        if not (folder / name).exists():
+            raise GraftError(f"{folder / name}: not found (save_trained writes {META} and {WEIGHTS})")
+    meta = read_json(folder / META)
+    model: nn.Module = load_model(base, task="base")
+    if "task" in meta:
+        if meta["task"] not in HEADS:
+            raise GraftError(f"{folder / META}: unknown task {meta['task']!r} (known: {', '.join(HEADS)})")
+        cls = HEADS[meta["task"]]
+        model = TaskModel(model, cls(model, **cls.options_from_hf(meta.get("head", {}))))
+    model = apply_strategy(model, meta["strategy"])
+    state = load_file(folder / WEIGHTS)
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise GraftError(
+            f"{folder / WEIGHTS}: tensor {result.unexpected_keys[0]!r} does not fit this model and strategy"
+        )
+    return model.eval()
