@@ -107,6 +107,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     kernels: bool = True,
+    to_train: bool = False,
     **options: Any,
 ) -> Model:
     """A graft model from a HF folder or Hub id: the bare body (task "base") or body + head.
@@ -116,7 +117,8 @@ def load_model(
 
     The head is built as ``HEADS[task](body, **options)``, its options (labels, problem type...) read
     from config.json and overridden by ``options``. A checkpoint without the head's tensors (a base
-    model to fine-tune) gets a freshly initialized head.
+    model to fine-tune) gets a freshly initialized head: a warning, unless ``to_train`` says the
+    caller is about to train it (then one line of information).
     """
     folder = resolve(model)
     family, cfg = load_config(folder)
@@ -157,6 +159,8 @@ def load_model(
                         f"expects {tuple(expected[name].shape)} (check num_labels / id2label)"
                     )
             head.load_state_dict(head_state, strict=False)
+        elif names and to_train:
+            log.info("%s: no %s head in this checkpoint; a new one is initialized to train", source, task)
         elif names:
             log.warning(
                 "%s: no %s head in this checkpoint; a new one is initialized (train it before use)",

@@ -401,3 +401,24 @@ def test_a_run_folder_that_is_a_file_is_one_line(tmp_path):
     with pytest.raises(GraftError, match=r"train.output: .*taken is a file; the run folder must be a folder"):
         train(tmp_path, "taken", steps=1)
     assert (tmp_path / "taken").read_text() == "mine"
+
+
+def test_a_new_head_warns_unless_it_is_about_to_train(minilm, caplog):
+    """Loading a base model for prediction warns that the head is random; training says it plainly."""
+    import logging
+
+    from graft.loading import load_model
+
+    with caplog.at_level(logging.INFO, logger="graft"):
+        load_model(minilm, task="classification", num_labels=2)
+        load_model(minilm, task="classification", num_labels=2, to_train=True)
+    notes = [
+        (r.levelno, r.getMessage().split(": ", 1)[1]) for r in caplog.records if "head" in r.getMessage()
+    ]
+    assert notes == [
+        (
+            logging.WARNING,
+            "no classification head in this checkpoint; a new one is initialized (train it before use)",
+        ),
+        (logging.INFO, "no classification head in this checkpoint; a new one is initialized to train"),
+    ]
