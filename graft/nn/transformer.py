@@ -81,8 +81,9 @@ class Transformer(nn.Module):
     """An encoder (bidirectional) or decoder (causal) stack, configured by TransformerConfig.
 
     ``embeddings``: the module turning inputs into (B, T, H) vectors (an ``InputEmbeddings``);
-    by default the one ``cfg.inputs`` names: tokens, image patches or audio frames. With ``cfg.cross_attention`` every block also attends to a ``context`` (the
-    encoder's output, in an encoder-decoder model).
+    by default the one ``cfg.inputs`` names: tokens, image patches or audio frames. With
+    ``cfg.cross_attention`` every block also attends to a ``context`` (the encoder's output,
+    in an encoder-decoder model).
     """
 
     def __init__(self, cfg: TransformerConfig, embeddings: InputEmbeddings | None = None) -> None:
