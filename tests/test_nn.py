@@ -74,6 +74,16 @@ def test_kv_cache_grows_reorders_and_crops():
     assert cache.length == 10
 
 
+def test_kv_cache_keeps_cross_attention_keys_and_reorders_them():
+    cache = KVCache(num_layers=2)
+    k, v = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)  # (B, nkv, S, hd): an encoder's output
+    assert cache.cross(0) is None
+    assert cache.keep_cross(0, k, v) == (k, v) and cache.cross(0) == (k, v) and cache.cross(1) is None
+    assert cache.length == 0  # the decoder's own positions are counted apart
+    cache.reorder(torch.tensor([1, 1]))
+    assert torch.equal(cache.cross(0)[0], k[[1, 1]]) and torch.equal(cache.cross(0)[1], v[[1, 1]])
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
@@ -81,6 +91,17 @@ def test_kv_cache_grows_reorders_and_crops():
         ({"activation": "gelu2"}, "activation='gelu2' is not one of"),
         ({"num_heads": 5}, "hidden_size 32 is not divisible by num_heads 5"),
         ({"num_kv_heads": 3}, "num_heads 4 is not a multiple of num_kv_heads 3"),
+        ({"inputs": "video"}, "config: inputs='video' is not one of tokens, patches, audio_frames"),
+        (
+            {"inputs": "patches", "max_positions": 5, "type_vocab_size": 2},
+            "type_vocab_size=2 is for inputs='tokens', not 'patches'",
+        ),
+        ({"inputs": "audio_frames"}, "inputs='audio_frames' needs position='sinusoidal', not 'learned'"),
+        (
+            {"inputs": "patches", "position": "rotary"},
+            "inputs='patches' needs position='learned', not 'rotary'",
+        ),
+        ({"inputs": "patches"}, "config: max_positions=512 must be 197 for inputs='patches'"),
     ],
 )
 def test_config_rejects_bad_values(changes, message):
@@ -98,86 +119,7 @@ def test_config_round_trips_and_suggests_misspelled_keys():
         TransformerConfig.from_dict({**cfg.to_dict(), "hiden_size": 3})
 
 
-# ---- what the next families stand on: two stacks, cross-attention, pluggable embeddings -------
-
-
-def bart_stacks() -> tuple:
-    """A tiny random BART (transformers) and graft's two stacks with its weights: an encoder and
-    a causal decoder whose blocks also attend to the encoder's output."""
-    import transformers as tr
-
-    from graft.nn import Transformer
-
-    torch.manual_seed(0)
-    hf = tr.BartConfig(
-        vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=40,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1,
-    )  # fmt: skip
-    ref = tr.BartModel(hf).eval()
-    with torch.no_grad():  # non-trivial biases and norms, so parity means something
-        for name, p in ref.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    common = dict(
-        family="bart", vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37,
-        max_positions=40, embedding_norm=True, norm_eps=1e-5, dropout=0.0, attention_dropout=0.0,
-    )  # fmt: skip
-    encoder = Transformer(TransformerConfig(**common))
-    decoder = Transformer(TransformerConfig(**common, causal=True, cross_attention=True))
-    for stack, theirs in ((encoder, ref.encoder), (decoder, ref.decoder)):
-        names = {
-            "embed.tokens.weight": "embed_tokens.weight",
-            "embed.norm.weight": "layernorm_embedding.weight",
-            "embed.norm.bias": "layernorm_embedding.bias",
-        }
-        for i in range(2):
-            parts = {"attn": "self_attn", "cross_attn": "encoder_attn"}
-            for ours, hf_name in parts.items():
-                for a, b in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj")):
-                    for t in ("weight", "bias"):
-                        names[f"layers.{i}.{ours}.{a}.{t}"] = f"layers.{i}.{hf_name}.{b}.{t}"
-            for ours, hf_name in (
-                ("attn_norm", "self_attn_layer_norm"),
-                ("cross_norm", "encoder_attn_layer_norm"),
-                ("ffn.up", "fc1"),
-                ("ffn.down", "fc2"),
-                ("ffn_norm", "final_layer_norm"),
-            ):
-                for t in ("weight", "bias"):
-                    names[f"layers.{i}.{ours}.{t}"] = f"layers.{i}.{hf_name}.{t}"
-        state = theirs.state_dict()
-        ours = {k: state[v] for k, v in names.items() if v in state}
-        ours["embed.positions.weight"] = state["embed_positions.weight"][
-            2:
-        ]  # BART's table starts at offset 2
-        assert set(ours) == set(stack.state_dict())  # every tensor of the stack comes from BART
-        stack.load_state_dict(ours)
-    return ref, encoder, decoder
-
-
-@pytest.mark.parametrize("use_kernels", [False, True], ids=["reference", "kernels"])
-def test_an_encoder_decoder_of_two_stacks_matches_bart(use_kernels):
-    """Two stacks described by two configs: the decoder's blocks attend to the encoder's output
-    (cross-attention, padded encoder tokens masked) and give transformers' BART outputs."""
-    from graft import kernels
-
-    ref, encoder, decoder = bart_stacks()
-    if use_kernels:
-        kernels.optimize(encoder), kernels.optimize(decoder)
-    ids = torch.randint(3, 99, (2, 7))
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, 4:] = 0
-    target = torch.randint(3, 99, (2, 5))
-    with torch.no_grad():
-        expected = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=target)
-        memory = encoder(ids, mask).last_hidden_state  # (B, S, H)
-        out = decoder(target, context=memory, context_mask=mask, output_attentions=True)
-    real = mask.bool()
-    assert (memory[real] - expected.encoder_last_hidden_state[real]).abs().max() <= 1e-5
-    assert (out.last_hidden_state - expected.last_hidden_state).abs().max() <= 1e-5
-    cross = out.attentions[1]  # layer 0: self-attention, then cross-attention (B, nh, T, S)
-    assert cross.shape == (2, 4, 5, 7) and torch.all(cross[1, :, :, 4:] == 0)
+# ---- what the next families stand on: embeddings of one's own, relative positions ---------------
 
 
 def test_inputs_embeds_and_an_embeddings_module_of_ones_own():
@@ -185,7 +127,7 @@ def test_inputs_embeds_and_an_embeddings_module_of_ones_own():
     the same positions, norm and dropout; or the stack takes an embeddings module of its own."""
     from torch import nn
 
-    from graft.nn import Transformer
+    from graft.nn import InputEmbeddings, Transformer
 
     cfg = TransformerConfig(
         family="bert", vocab_size=10, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=8
@@ -198,7 +140,7 @@ def test_inputs_embeds_and_an_embeddings_module_of_ones_own():
         by_vectors = model(inputs_embeds=model.embed.tokens(ids)).last_hidden_state
     assert torch.equal(by_ids, by_vectors)
 
-    class Frames(nn.Module):  # (B, T, 80) audio frames -> (B, T, H)
+    class Frames(InputEmbeddings):  # (B, T, 80) audio frames -> (B, T, H)
         def __init__(self) -> None:
             super().__init__()
             self.project = nn.Linear(80, 32)

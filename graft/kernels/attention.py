@@ -98,7 +98,9 @@ class FastAttention(Attention):
         rows: torch.Tensor | None = None,  # (B, K): only these queries' outputs are wanted
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # (B, T, H), or (B, K, H) with rows
-        if output_attentions:  # only the written-out math has the probabilities
+        kept = cache is not None and self.cross and cache.cross(self.layer) is not None
+        if output_attentions or kept:  # probabilities: only the written-out math has them;
+            # cross-attention whose keys and values the cache keeps: only the queries to project
             return super().forward(x, mask, is_causal, rotary, cache, context, rows, output_attentions)
         packed = self.kernels.packed()
         B, S = x.shape[0], (x if context is None else context).shape[1]
@@ -116,7 +118,9 @@ class FastAttention(Attention):
             if rows is not None:
                 cos, sin = (take_rows(t.expand(B, -1, -1, -1), rows, dim=2) for t in rotary)  # (B, 1, K, hd)
             q = apply_rotary(q, cos, sin)
-        if cache is not None:
+        if cache is not None and self.cross:
+            k, v = cache.keep_cross(self.layer, k, v)  # (B, nkv, S, hd), for the steps to come
+        elif cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, past + S, hd)
         if rows is not None and mask is not None and mask.shape[2] > 1:
             mask = take_rows(mask.expand(B, -1, -1, -1), rows, dim=2)  # (B, 1|nh, K, S)

@@ -2,7 +2,9 @@
 
 from graft.nn.attention import Attention, KVCache, build_mask
 from graft.nn.block import Block
-from graft.nn.config import TransformerConfig
+from graft.nn.config import EncoderDecoderConfig, TransformerConfig
+from graft.nn.embeddings import AudioFrameEmbeddings, InputEmbeddings, PatchEmbeddings
+from graft.nn.encoder_decoder import EncoderDecoder, Seq2SeqOutput
 from graft.nn.feedforward import FeedForward
 from graft.nn.norm import RMSNorm
 from graft.nn.positions import RelativePositionBias, Rotary, SinusoidalPositions
@@ -10,13 +12,19 @@ from graft.nn.transformer import Embeddings, Transformer, TransformerOutput
 
 __all__ = [
     "Attention",
+    "AudioFrameEmbeddings",
     "Block",
     "Embeddings",
+    "EncoderDecoder",
+    "EncoderDecoderConfig",
     "FeedForward",
+    "InputEmbeddings",
     "KVCache",
+    "PatchEmbeddings",
     "RMSNorm",
     "RelativePositionBias",
     "Rotary",
+    "Seq2SeqOutput",
     "SinusoidalPositions",
     "Transformer",
     "TransformerConfig",

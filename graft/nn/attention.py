@@ -18,6 +18,10 @@ class KVCache:
     Buffers grow by doubling, so decoding one token writes in place instead of
     concatenating the whole history at every step. ``capacity``: positions to allocate at
     once when the final length is known (prompt + new tokens), so they never grow.
+
+    A decoder with cross-attention also keeps, per layer, the keys and values of the encoder's
+    output (``cross_keys``, ``cross_values``): they are the same at every step, so they are
+    projected once, at the first step (``keep_cross``), and read from here after that.
     """
 
     def __init__(self, num_layers: int, capacity: int = 64) -> None:
@@ -25,6 +29,8 @@ class KVCache:
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = [0] * num_layers
         self.capacity = capacity
+        self.cross_keys: list[torch.Tensor | None] = [None] * num_layers  # (B, nkv, S, hd) each
+        self.cross_values: list[torch.Tensor | None] = [None] * num_layers
 
     @property
     def length(self) -> int:
@@ -48,11 +54,24 @@ class KVCache:
         self.lengths[layer] = end
         return buf_k[:, :, :end], buf_v[:, :, :end]
 
+    def cross(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The encoder output's (B, nkv, S, hd) keys and values for ``layer``, once kept."""
+        k, v = self.cross_keys[layer], self.cross_values[layer]
+        return None if k is None else (k, v)
+
+    def keep_cross(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep the encoder output's (B, nkv, S, hd) keys and values for the steps to come."""
+        self.cross_keys[layer], self.cross_values[layer] = k, v
+        return k, v
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows ``index`` (beam search picks which hypotheses go on)."""
         for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
             if k is not None:
                 self.keys[i], self.values[i] = k.index_select(0, index), v.index_select(0, index)
+        for i, (k, v) in enumerate(zip(self.cross_keys, self.cross_values, strict=True)):
+            if k is not None:
+                self.cross_keys[i], self.cross_values[i] = k.index_select(0, index), v.index_select(0, index)
 
     def crop(self, length: int) -> None:
         """Forget positions from ``length`` on."""
@@ -119,12 +138,19 @@ class Attention(nn.Module):
         rows: torch.Tensor | None = None,  # (B, K): only these queries' outputs are wanted
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # (B, T, H) or (B, K, H) with rows; probabilities
-        """The attention output, and its probabilities (B, nh, T, S) when ``output_attentions``."""
+        """The attention output, and its probabilities (B, nh, T, S) when ``output_attentions``.
+
+        Cross-attention with a cache projects the encoder output's keys and values at the
+        first step only and reads them from the cache after that.
+        """
         src = x if context is None else context  # keys and values come from here
         B, S = x.shape[0], src.shape[1]
         q = self.q(x if rows is None else take_rows(x, rows))  # (B, T, nh * hd); T = K with rows
         T = q.shape[1]
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        kept = cache.cross(self.layer) if cache is not None and self.cross else None
+        if kept is not None:
+            return self.attend(q, *kept, mask, is_causal, output_attentions)
         k = self.k(src).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
         v = self.v(src).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
         if rotary is not None:
@@ -133,10 +159,25 @@ class Attention(nn.Module):
             if rows is not None:  # the queries' own positions
                 cos, sin = (take_rows(t.expand(B, -1, -1, -1), rows, dim=2) for t in rotary)  # (B, 1, K, hd)
             q = apply_rotary(q, cos, sin)
-        if cache is not None:
+        if cache is not None and self.cross:
+            k, v = cache.keep_cross(self.layer, k, v)  # (B, nkv, S, hd), for the steps to come
+        elif cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, past + S, hd)
         if rows is not None and mask is not None and mask.shape[2] > 1:
             mask = take_rows(mask.expand(B, -1, -1, -1), rows, dim=2)  # (B, 1|nh, K, S)
+        return self.attend(q, k, v, mask, is_causal, output_attentions)
+
+    def attend(
+        self,
+        q: torch.Tensor,  # (B, nh, T, hd)
+        k: torch.Tensor,  # (B, nkv, S, hd)
+        v: torch.Tensor,  # (B, nkv, S, hd)
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        output_attentions: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # (B, T, H); probabilities (B, nh, T, S)
+        """softmax(q k^T * scale + mask) v, heads merged and projected out."""
+        B, T = q.shape[0], q.shape[2]
         p = self.dropout if self.training else 0.0
         probs = None
         if output_attentions:  # the math path, which has the probabilities to return

@@ -56,8 +56,8 @@ class Block(nn.Module):
         attentions = (probs,) if output_attentions else ()
         if self.cross_attn is not None:
             pre = self.cross_norm(x) if self.prenorm else x
-            a, probs = self.cross_attn(
-                pre, context_mask, context=context, output_attentions=output_attentions
+            a, probs = self.cross_attn(  # the cache keeps the context's keys and values after the first step
+                pre, context_mask, cache=cache, context=context, output_attentions=output_attentions
             )
             x = self.residual(x, a, self.cross_norm)
             attentions += (probs,) if output_attentions else ()

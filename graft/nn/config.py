@@ -11,6 +11,7 @@ from graft.errors import GraftError, did_you_mean
 POSITIONS = ("learned", "sinusoidal", "rotary", "relative", "none")
 NORMS = ("layer", "rms")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu")
+INPUTS = ("tokens", "patches", "audio_frames")  # what the stack's embeddings read (graft.nn.embeddings)
 
 
 @dataclass
@@ -32,6 +33,12 @@ class TransformerConfig:
     max_positions: int = 512
 
     # Embeddings (chapter 2: token + position (+ segment) embeddings).
+    inputs: str = "tokens"  # tokens (ids) | patches (images, ViT) | audio_frames (log-mel features, Whisper)
+    image_size: int = 224  # patches: square images of this many pixels a side,
+    patch_size: int = 16  # cut into patches of this many pixels a side,
+    num_channels: int = 3  # with this many channels
+    patch_bias: bool = True  # the patch projection has a bias (ViT; CLIP's has none)
+    num_mel_bins: int = 80  # audio_frames: features per frame
     embedding_size: int | None = None  # ALBERT: factorized embeddings projected up to hidden_size
     type_vocab_size: int = 0  # BERT segment embeddings; 0 = none
     position: str = "learned"  # learned | sinusoidal | rotary | relative (T5) | none
@@ -77,6 +84,7 @@ class TransformerConfig:
             ("position", self.position, POSITIONS),
             ("norm", self.norm, NORMS),
             ("activation", self.activation, ACTIVATIONS),
+            ("inputs", self.inputs, INPUTS),
         ):
             if value not in allowed:
                 raise GraftError(f"config: {name}={value!r} is not one of {', '.join(allowed)}")
@@ -92,6 +100,33 @@ class TransformerConfig:
             raise GraftError(
                 f"config: num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
             )
+        self.check_inputs()
+
+    def check_inputs(self) -> None:
+        """Patches and audio frames bring their own positions; token-only options stay off."""
+        if self.inputs == "tokens":
+            return
+        for name in ("embedding_size", "type_vocab_size", "positions_from_padding"):
+            if getattr(self, name):
+                raise GraftError(
+                    f"config: {name}={getattr(self, name)!r} is for inputs='tokens', not {self.inputs!r}"
+                )
+        # ViT and CLIP learn one position per patch (+ [CLS]); Whisper adds fixed sinusoids to frames
+        position = "learned" if self.inputs == "patches" else "sinusoidal"
+        if self.position != position:
+            raise GraftError(
+                f"config: inputs={self.inputs!r} needs position={position!r}, not {self.position!r}"
+            )
+        if self.inputs == "patches" and self.max_positions != self.num_patches + 1:
+            raise GraftError(
+                f"config: max_positions={self.max_positions} must be {self.num_patches + 1} for inputs='patches'"
+                f" ((image_size {self.image_size} // patch_size {self.patch_size}) ** 2 patches and [CLS])"
+            )
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per image (inputs="patches")."""
+        return (self.image_size // self.patch_size) ** 2
 
     @property
     def num_blocks(self) -> int:
@@ -110,3 +145,69 @@ class TransformerConfig:
         if unknown:
             raise GraftError(f"{source}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], names)}")
         return cls(**d)
+
+
+@dataclass
+class EncoderDecoderConfig:
+    """Two stacks: an encoder over the inputs and a causal decoder whose blocks also attend to the
+    encoder's output (T5, BART, Whisper; ViT or an audio encoder feeding a text decoder)."""
+
+    encoder: TransformerConfig
+    decoder: TransformerConfig  # cross_attention=True, causal=True
+    share_embeddings: bool = False  # one token embedding for both stacks (BART, T5)
+    project_context: bool = False  # a linear layer from the encoder's width to the decoder's
+
+    def __post_init__(self) -> None:
+        enc, dec = self.encoder, self.decoder
+        for name, value, wanted in (
+            ("encoder.cross_attention", enc.cross_attention, False),
+            ("encoder.causal", enc.causal, False),
+            ("decoder.cross_attention", dec.cross_attention, True),
+            ("decoder.causal", dec.causal, True),
+        ):
+            if value != wanted:
+                raise GraftError(f"config: {name} must be {str(wanted).lower()} in an encoder-decoder")
+        if dec.inputs != "tokens":
+            raise GraftError(f"config: decoder.inputs={dec.inputs!r} must be 'tokens' in an encoder-decoder")
+        if enc.hidden_size != dec.hidden_size and not self.project_context:
+            raise GraftError(
+                f"config: encoder.hidden_size {enc.hidden_size} and decoder.hidden_size {dec.hidden_size} differ;"
+                " set project_context: true to project the encoder's output"
+            )
+        if self.share_embeddings:
+            if enc.inputs != "tokens":
+                raise GraftError(
+                    f"config: share_embeddings needs token inputs, not encoder.inputs={enc.inputs!r}"
+                )
+            for name in ("vocab_size", "embedding_size", "hidden_size"):
+                if getattr(enc, name) != getattr(dec, name):
+                    raise GraftError(
+                        f"config: share_embeddings needs one encoder.{name} and decoder.{name}"
+                        f" ({getattr(enc, name)} and {getattr(dec, name)})"
+                    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "encoder": self.encoder.to_dict(),
+            "decoder": self.decoder.to_dict(),
+            "share_embeddings": self.share_embeddings,
+            "project_context": self.project_context,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> EncoderDecoderConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise GraftError(f"{source}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], names)}")
+        for stack in ("encoder", "decoder"):
+            if not isinstance(d.get(stack), dict):
+                raise GraftError(f"{source}: {stack} must be a mapping of a transformer's config")
+        stacks = {}
+        for stack in ("encoder", "decoder"):
+            try:
+                stacks[stack] = TransformerConfig.from_dict(d[stack], source)
+            except GraftError as e:  # "config: position=..." -> "config: decoder: position=..."
+                where, _, what = str(e).partition(": ")
+                raise GraftError(f"{where}: {stack}: {what}") from None
+        return cls(**{**d, **stacks})

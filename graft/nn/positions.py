@@ -29,6 +29,15 @@ def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
     return table.float()  # (P, D)
 
 
+def timing_signal(num_positions: int, dim: int) -> torch.Tensor:
+    """tensor2tensor's sinusoids, as Whisper's encoder adds them: sines in the first half, cosines
+    in the second, timescales from 1 to 10000 (computed in float32 as the references do)."""
+    step = math.log(10000) / (dim // 2 - 1)
+    inv_timescales = torch.exp(-step * torch.arange(dim // 2))  # (D/2,)
+    angles = torch.arange(num_positions)[:, None] * inv_timescales[None, :]  # (P, D/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)  # (P, D)
+
+
 class SinusoidalPositions(nn.Module):
     """Fixed sinusoidal position embeddings; nothing to learn, nothing saved."""
 

@@ -10,17 +10,18 @@ from torch import nn
 from graft.nn.attention import KVCache, build_mask
 from graft.nn.block import Block
 from graft.nn.config import TransformerConfig
+from graft.nn.embeddings import AudioFrameEmbeddings, InputEmbeddings, PatchEmbeddings
 from graft.nn.norm import make_norm
 from graft.nn.positions import RelativePositionBias, Rotary, SinusoidalPositions
 
 
-class Embeddings(nn.Module):
+class Embeddings(InputEmbeddings):
     """Token (+ absolute position) (+ segment) embeddings, then norm, dropout, projection.
 
     The token lookup is one input among others: ``inputs_embeds`` (B, T, E) replaces it, so
     patches (vision) or audio frames (speech) made into vectors by a module of their own get
-    the same positions, norm and dropout. A model whose inputs need another scheme altogether
-    gives ``Transformer`` an ``embeddings`` module of its own.
+    the same positions, norm and dropout. Images and audio have embeddings of their own
+    (graft.nn.embeddings), which ``TransformerConfig.inputs`` picks.
     """
 
     def __init__(self, cfg: TransformerConfig) -> None:
@@ -58,6 +59,14 @@ class Embeddings(nn.Module):
         return self.project(x) if self.project is not None else x  # (B, T, H)
 
 
+# TransformerConfig.inputs -> the embeddings reading them
+EMBEDDINGS: dict[str, type[InputEmbeddings]] = {
+    "tokens": Embeddings,
+    "patches": PatchEmbeddings,
+    "audio_frames": AudioFrameEmbeddings,
+}
+
+
 @dataclass
 class TransformerOutput:
     last_hidden_state: torch.Tensor  # (B, T, H)
@@ -71,16 +80,16 @@ class TransformerOutput:
 class Transformer(nn.Module):
     """An encoder (bidirectional) or decoder (causal) stack, configured by TransformerConfig.
 
-    ``embeddings``: the module turning inputs into (B, T, H) vectors, called as
-    ``embeddings(input_ids, position_ids, token_type_ids, inputs_embeds)``; ``Embeddings(cfg)``
-    by default. With ``cfg.cross_attention`` every block also attends to a ``context`` (the
-    encoder's output, in an encoder-decoder model).
+    ``embeddings``: the module turning inputs into (B, T, H) vectors (an ``InputEmbeddings``);
+    by default the one ``cfg.inputs`` names: tokens, image patches or audio frames. With
+    ``cfg.cross_attention`` every block also attends to a ``context`` (the encoder's output,
+    in an encoder-decoder model).
     """
 
-    def __init__(self, cfg: TransformerConfig, embeddings: nn.Module | None = None) -> None:
+    def __init__(self, cfg: TransformerConfig, embeddings: InputEmbeddings | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.embed = embeddings if embeddings is not None else Embeddings(cfg)
+        self.embed = embeddings if embeddings is not None else EMBEDDINGS[cfg.inputs](cfg)
         self.rotary = Rotary(cfg) if cfg.position == "rotary" else None
         self.relative = (
             RelativePositionBias(
@@ -119,6 +128,8 @@ class Transformer(nn.Module):
         output_attentions: bool = False,
         context: torch.Tensor | None = None,  # (B, S, H) the encoder's output, with cfg.cross_attention
         context_mask: torch.Tensor | None = None,  # (B, S), 1 = real token of the encoder's input
+        pixel_values: torch.Tensor | None = None,  # (B, C, height, width), with cfg.inputs="patches"
+        input_features: torch.Tensor | None = None,  # (B, mel bins, frames), with cfg.inputs="audio_frames"
     ) -> TransformerOutput:
         """The stack's output; last_hidden_state is (B, T, H).
 
@@ -132,10 +143,14 @@ class Transformer(nn.Module):
         with the attention written out (no fused kernel has them), only when asked for.
         """
         cfg = self.config
-        shape = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
+        # what the embeddings read: token ids, pixels or audio features
+        inputs = {"input_ids": input_ids, "pixel_values": pixel_values, "input_features": input_features}[
+            self.embed.input_name
+        ]
+        shape = self.embed.sequence_shape(inputs) if inputs_embeds is None else inputs_embeds.shape[:2]
         if position_ids is None:
-            position_ids = self.position_ids(input_ids, cache.length if cache is not None else 0, shape)
-        x = self.embed(input_ids, position_ids, token_type_ids, inputs_embeds)  # (B, T, H)
+            position_ids = self.position_ids(inputs, cache.length if cache is not None else 0, shape)
+        x = self.embed(inputs, position_ids, token_type_ids, inputs_embeds)  # (B, T, H)
 
         T = shape[1]
         if attention_mask is not None and attention_mask.dim() == 4:  # (B, 1, T, S) bool: used as given
