@@ -651,25 +651,23 @@ def test_collate_names_an_unknown_label_with_the_known_ones(wordpiece):
     )
 
 
-def test_predict_and_eval_at_the_command_line_name_file_and_line_and_skip_bad_rows(tmp_path, minilm):
-    from test_predict_cli import graft, one_line_error, task_folder
+def test_predict_and_eval_at_the_command_line_name_file_and_line_and_skip_bad_rows(tmp_path, minilm, cli):
+    from test_predict_cli import task_folder
 
     folder = task_folder(
         tmp_path, minilm, transformers.AutoModelForSequenceClassification, id2label=dict(enumerate(LABELS))
     )
     data = labelled_csv(tmp_path / "test.csv", rows=60, bad_row=50)
-    line = one_line_error(graft("eval", folder, "--data", data))
+    line = cli("eval", folder, "--data", data).error_line()
     assert line == (
         f"error: {data}, line 51, column 'label': label 'postive' is not one of the model's labels "
         "(known: negative, neutral, positive); did you mean 'positive'?"
     )
-    result = graft("predict", folder, "--input", data)  # predict needs no labels, so ignores them
-    assert result.returncode == 0, result.stderr
+    result = cli("predict", folder, "--input", data).ok()  # predict needs no labels, so ignores them
     assert len(result.stdout.splitlines()) == 60
 
     for command in (["eval", folder, "--data", data], ["predict", folder, "--input", data]):
-        result = graft(*command, "--skip-bad-rows")
-        assert result.returncode == 0, result.stderr
+        result = cli(*command, "--skip-bad-rows").ok()
         skipped = [line for line in result.stderr.splitlines() if "skipped" in line]
         if command[0] == "predict":
             assert not skipped and len(result.stdout.splitlines()) == 60
@@ -680,5 +678,5 @@ def test_predict_and_eval_at_the_command_line_name_file_and_line_and_skip_bad_ro
             "1 unknown label; kept 59 rows"
         ]
         assert '"examples": 59' in result.stdout
-    line = one_line_error(graft("predict", folder, "--input", data, "--encoding", "klingon"))
+    line = cli("predict", folder, "--input", data, "--encoding", "klingon").error_line()
     assert line.startswith("error: encoding: 'klingon' is not a text encoding") and "--encoding" in line
