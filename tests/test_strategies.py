@@ -49,10 +49,18 @@ TABLE = {
     "adapter:pfeiffer,size=4,activation=gelu,train_norms=true": lambda n: (
         head_only(n) or ".ffn.adapter." in n or (n.startswith("body.layers.") and "_norm." in n)
     ),
-    "prompt:4": lambda n: head_only(n) or n.startswith("body.prompt."),
-    "prefix:4": lambda n: head_only(n) or n.startswith("body.prefix."),
-    "prefix:tokens=3,projection=8": lambda n: head_only(n) or n.startswith("body.prefix."),
+    "prompt:4": lambda n: head_only(n) or n.startswith("body.embed.prompt."),
+    "prompt:tokens=2,init=random": lambda n: head_only(n) or n.startswith("body.embed.prompt."),
+    "prefix:4": lambda n: head_only(n) or ".attn.prefix." in n,
+    "prefix:tokens=3,projection=8": lambda n: head_only(n) or ".attn.prefix." in n,
 }
+
+
+def test_every_registered_strategy_has_a_table_row():
+    """A new strategy without a case in TABLE fails here, so every test looping over TABLE covers it."""
+    from graft.strategies import STRATEGIES
+
+    assert {parse_strategy(spec).name for spec in TABLE} == set(STRATEGIES)
 
 
 def hf_classifier(family: str):
@@ -132,6 +140,29 @@ def test_only_intended_parameters_change(family, spec, saved):
             assert p.grad is not None and not torch.equal(p, before[name]), f"{name} did not train"
         else:
             assert p.grad is None and torch.equal(p, before[name]), f"{name} changed"
+
+
+def test_strategies_wrap_modules_and_register_no_hooks(family, saved):
+    """Wrap, don't hook: after any strategy, no module (nor torch globally) has a forward or
+    forward-pre hook, and the body's modules that strategies replace are wrappers that keep them."""
+    from torch.nn.modules import module as torch_module
+
+    from graft.strategies import PrefixAttention, PromptEmbeddings
+    from graft.strategies.adapter import Adapted
+
+    for spec in TABLE:
+        model = apply_strategy(task_model(family, saved[1]), spec)
+        for name, m in model.named_modules():
+            assert not (m._forward_hooks or m._forward_pre_hooks), f"{spec}: {name} has a forward hook"
+        assert not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks), spec
+        body = model.body
+        wrapped = {
+            "prompt": isinstance(body.embed, PromptEmbeddings),
+            "prefix": all(isinstance(b.attn, PrefixAttention) for b in body.layers),
+            "adapter": all(isinstance(b.ffn, Adapted) for b in body.layers),
+        }
+        name = parse_strategy(spec).name
+        assert wrapped.get(name, True), f"{spec}: the body's modules are not wrapped"
 
 
 def test_parameter_counts_are_reported(bert, caplog):
@@ -336,9 +367,10 @@ def test_prompt_of_token_embeddings_equals_those_tokens_in_the_input(family, sav
             torch.cat([torch.ones(3, 3, dtype=torch.long), mask], 1),
         )
         apply_strategy(body, "prompt:3")
-        body.prompt.weight.copy_(body.embed.tokens.weight[prompt_ids])
-        got = body(ids, mask)
+        body.embed.prompt.weight.copy_(body.embed.base.tokens.weight[prompt_ids])
+        got = body(ids, mask, output_hidden_states=True)
     assert got.last_hidden_state.shape == (3, 9, body.config.hidden_size)
+    assert [h.shape[1] for h in got.hidden_states] == [9] * (body.config.num_layers + 1)
     keep = mask.bool()
     assert (got.last_hidden_state[keep] - full.last_hidden_state[:, 3:][keep]).abs().max() <= 1e-5
 
@@ -360,8 +392,9 @@ def test_prefix_of_real_keys_and_values_equals_those_tokens_before_the_input(tmp
         apply_strategy(body, f"prefix:{P}")
         for layer in range(body.config.num_blocks):
             k, v = cache.keys[layer][0, :, :P], cache.values[layer][0, :, :P]  # (nkv, P, hd)
-            body.prefix.keys[layer] = k.transpose(0, 1).reshape(P, -1)
-            body.prefix.values[layer] = v.transpose(0, 1).reshape(P, -1)
+            prefix = body.layers[layer].attn.prefix
+            prefix.keys.copy_(k.transpose(0, 1).reshape(P, -1))
+            prefix.values.copy_(v.transpose(0, 1).reshape(P, -1))
         got = body(ids[:, P:], position_ids=torch.arange(P, P + T).expand(2, -1))
     assert got.cache is None
     assert (got.last_hidden_state - full).abs().max() <= 1e-5
