@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import padded_batch, tiny_hf_config
+from conftest import hf_model, padded_batch, tiny_hf_config
 
 from graft.errors import GraftError
 from graft.loading import load_model
@@ -398,6 +398,124 @@ def test_prefix_of_real_keys_and_values_equals_those_tokens_before_the_input(tmp
         got = body(ids[:, P:], position_ids=torch.arange(P, P + T).expand(2, -1))
     assert got.cache is None
     assert (got.last_hidden_state - full).abs().max() <= 1e-5
+
+
+def test_strategies_give_the_same_outputs_on_kernels_and_on_the_reference(family, saved):
+    """Wrapped modules (LoRA, adapters, prompt, prefix) run on graft's kernels and on the plain
+    reference model with the same logits and gradients."""
+    from graft import kernels
+
+    for spec in TABLE:
+        model = apply_strategy(task_model(family, saved[1]), spec)
+        randomize_lora(model)
+        model.eval()
+        results = []
+        for mode in (kernels.optimize, kernels.reference):
+            mode(model)
+            model.zero_grad()
+            out = model(**batch())
+            out.loss.backward()
+            grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+            results.append((out.logits.detach(), grads))
+        (fast, fast_grads), (ref, ref_grads) = results
+        assert (fast - ref).abs().max() <= 1e-5, spec
+        assert all((a - b).abs().max() <= 1e-5 for a, b in zip(fast_grads, ref_grads, strict=True)), spec
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def causal_lm(request, tmp_path_factory):
+    """A tiny causal LM saved to a folder: learned positions (GPT-2) or rotary ones (Llama)."""
+    folder = tmp_path_factory.mktemp(request.param)
+    hf_model(request.param, "causal-lm").save_pretrained(folder)
+    return folder
+
+
+def test_prompt_tuned_generation_equals_those_tokens_before_the_input(causal_lm):
+    """Greedy decoding with the KV cache, left padding: a prompt set to the embeddings of real
+    tokens generates what those tokens put before each row's input generate."""
+    from graft.generation import generate
+
+    ids, mask = padded_batch("left")
+    prompt_ids = torch.tensor([5, 6, 7])
+    with torch.no_grad():
+        plain = load_model(causal_lm)
+        ones = torch.ones(3, 3, dtype=torch.long)
+        expected = generate(plain, torch.cat([prompt_ids.expand(3, -1), ids], 1), torch.cat([ones, mask], 1),
+                            max_new_tokens=6, eos_token_id=None)  # fmt: skip
+        model = apply_strategy(load_model(causal_lm), "prompt:3").eval()
+        model.body.embed.prompt.weight.copy_(model.body.embed.base.tokens.weight[prompt_ids])
+        got = generate(model, ids, mask, max_new_tokens=6, eos_token_id=None)
+    assert torch.equal(got, expected[:, 3:])
+
+
+@pytest.mark.parametrize("spec", ["prompt:3", "prefix:3", "prefix:tokens=2,projection=8"])
+def test_prompt_and_prefix_tuned_decoding_with_the_cache_equals_recomputing_each_step(causal_lm, spec):
+    """Decoding through the KV cache (the prompt's virtual tokens are cached, each layer's prefix
+    precedes the cache), left padding: each step's logits are those of running the whole sequence."""
+    from graft.generation import Decoder, positions_from_mask
+
+    ids, mask = padded_batch("left")
+    tokens = torch.randint(3, 99, (3, 4), generator=torch.Generator().manual_seed(5))  # fed at each step
+    model = apply_strategy(load_model(causal_lm), spec).eval()
+    with torch.no_grad():
+        torch.manual_seed(4)
+        for p in model.parameters():
+            if p.requires_grad:  # far from the start, so that the prompt or prefix steers the model
+                p.normal_(0, 1)
+        decoder = Decoder(model, ids, mask, tokens.shape[1] + 1)
+        cached = [decoder.prefill()] + [decoder.step(tokens[:, i]) for i in range(tokens.shape[1])]
+        for step, logits in enumerate(cached):
+            seq = torch.cat([ids, tokens[:, :step]], 1)
+            full = torch.cat([mask, torch.ones(3, step, dtype=torch.long)], 1)
+            expected = model(
+                input_ids=seq, attention_mask=full, position_ids=positions_from_mask(full)
+            ).logits
+            assert (logits - expected[:, -1]).abs().max() <= 1e-5
+        plain = load_model(causal_lm)(
+            input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)
+        )
+    assert (cached[0] - plain.logits[:, -1]).abs().max() > 1e-2  # the learned tokens change the logits
+
+
+@pytest.mark.parametrize("spec", ["prompt:3", "prefix:tokens=2,projection=8"])
+def test_prompt_and_prefix_tuned_lms_reload_and_generate_the_same_tokens(causal_lm, spec, tmp_path):
+    from graft.generation import generate
+    from graft.loading import load_trained
+    from graft.strategies import save_trained
+
+    model = apply_strategy(load_model(causal_lm), spec)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-1)
+    ids, mask = padded_batch()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        optimizer.step()
+    save_trained(model, tmp_path / "trained")
+    again = load_trained(causal_lm, tmp_path / "trained")
+    model.eval()
+    ids, mask = padded_batch("left")
+    with torch.no_grad():
+        expected = generate(model, ids, mask, max_new_tokens=5, eos_token_id=None)
+        assert torch.equal(generate(again, ids, mask, max_new_tokens=5, eos_token_id=None), expected)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_of_a_prefix_tuned_model_gives_the_eager_logits(tmp_path):
+    """The compiled step runs each layer's prefix before its fixed-size cache (bf16, to bf16's rounding)."""
+    from graft.generation import Decoder
+
+    hf_model("llama", "causal-lm").save_pretrained(tmp_path)
+    model = apply_strategy(load_model(tmp_path, dtype=torch.bfloat16), "prefix:3").eval()
+    ids, mask = padded_batch("left")
+    tokens = torch.randint(3, 99, (3, 5), generator=torch.Generator().manual_seed(2))
+    runs = []
+    with torch.inference_mode():
+        for compile in (False, True):
+            decoder = Decoder(model, ids, mask, tokens.shape[1] + 1, compile=compile)
+            logits = [decoder.prefill()] + [decoder.step(tokens[:, i]) for i in range(tokens.shape[1])]
+            runs.append(torch.stack(logits).float())
+    eager, compiled = runs
+    assert (compiled - eager).abs().max() <= 0.02 * eager.abs().max()
 
 
 # ---------------------------------------------------------- learning rates and gradual unfreezing

@@ -100,6 +100,11 @@ class Transformer(nn.Module):
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size) if cfg.pooler else None
         self.gradient_checkpointing = False
 
+    @property
+    def virtual_tokens(self) -> int:
+        """Learned positions the embeddings put before every input (prompt tuning), else 0."""
+        return getattr(self.embed, "virtual_tokens", 0)
+
     def position_ids(self, input_ids: torch.Tensor | None, past: int, shape: tuple[int, int]) -> torch.Tensor:
         """(B, T) positions of T new tokens after ``past`` cached ones (left-padded rows: generation passes its own)."""
         cfg = self.config
@@ -142,7 +147,7 @@ class Transformer(nn.Module):
         past = cache.length if cache is not None else 0
         # the embeddings' virtual tokens (see the class docstring): P positions before the caller's,
         # computed by the first call of a sequence (later ones find them in the cache)
-        virtual = getattr(self.embed, "virtual_tokens", 0)
+        virtual = self.virtual_tokens
         new = virtual if past == 0 else 0
         if position_ids is None:
             position_ids = self.position_ids(input_ids, past + new, shape)
