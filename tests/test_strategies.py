@@ -8,7 +8,7 @@ import transformers
 from conftest import hf_model, padded_batch, tiny_hf_config
 
 from graft.errors import GraftError
-from graft.loading import load_model
+from graft.loading import load_model, save_model
 from graft.models import FAMILIES
 from graft.strategies import (
     CachedFeatures,
@@ -497,6 +497,25 @@ def test_prompt_and_prefix_tuned_lms_reload_and_generate_the_same_tokens(causal_
     with torch.no_grad():
         expected = generate(model, ids, mask, max_new_tokens=5, eos_token_id=None)
         assert torch.equal(generate(again, ids, mask, max_new_tokens=5, eos_token_id=None), expected)
+    with pytest.raises(GraftError, match="strategy modules .* that a Hugging Face checkpoint cannot hold"):
+        save_model(model, tmp_path / "hf")
+
+
+def test_prompt_tuned_generation_leaves_room_for_the_virtual_tokens(caplog):
+    """The context window holds the prompt's virtual tokens too: a long input is cut to fit them."""
+    from graft.generation import generate
+    from graft.nn import Transformer, TransformerConfig
+    from graft.tasks.causal_lm import LMHead
+
+    cfg = TransformerConfig(family="gpt2", vocab_size=20, hidden_size=8, num_layers=1, num_heads=2,
+                            intermediate_size=16, max_positions=16, causal=True, prenorm=True)  # fmt: skip
+    body = Transformer(cfg)
+    model = apply_strategy(TaskModel(body, LMHead(body)), "prompt:3").eval()
+    ids = torch.randint(3, 20, (1, 12))
+    with torch.no_grad(), caplog.at_level("WARNING", logger="graft"):
+        out = generate(model, ids, max_new_tokens=4, eos_token_id=None)  # 3 + 12 + 4 > 16 positions
+    assert torch.equal(out[:, :9], ids[:, -9:]) and out.shape == (1, 13)
+    assert "keeping its last 9 tokens" in caplog.text
 
 
 @pytest.mark.slow

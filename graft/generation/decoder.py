@@ -28,7 +28,7 @@ def fit_context(
     model: TaskModel, input_ids: torch.Tensor, mask: torch.Tensor, config: GenerationConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Make room for max_new_tokens in the context window: cut the prompt from the left, or refuse."""
-    window = model.config.max_positions
+    window = model.config.max_positions - model.body.virtual_tokens  # a prompt-tuned model's take room too
     room = window - config.max_new_tokens
     length = input_ids.shape[1]
     if length <= room:

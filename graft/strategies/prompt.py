@@ -41,6 +41,9 @@ class Prompt(nn.Module):
             weight = torch.randn(tokens, embeddings.embedding_dim, dtype=embeddings.weight.dtype) * 0.02
         self.weight = nn.Parameter(weight.to(embeddings.weight.device))
 
+    def extra_repr(self) -> str:
+        return f"tokens={self.weight.shape[0]}, dim={self.weight.shape[1]}"
+
 
 class PromptEmbeddings(nn.Module):
     """The body's embeddings (kept as ``base``) with a learned prompt put before the input's tokens.
@@ -110,6 +113,9 @@ class LayerPrefix(nn.Module):
         self.keys = nn.Parameter(torch.randn(tokens, width))
         self.values = nn.Parameter(torch.randn(tokens, width))
 
+    def extra_repr(self) -> str:
+        return f"tokens={self.keys.shape[0]}, width={self.keys.shape[1]}"
+
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys, self.values  # (P, nkv * hd) each
 
@@ -122,6 +128,9 @@ class PrefixEncoder(nn.Module):
         super().__init__()
         self.embedding = nn.Parameter(torch.randn(tokens, hidden_size) * 0.02)
         self.dense = nn.Linear(hidden_size, projection)
+
+    def extra_repr(self) -> str:
+        return f"tokens={self.embedding.shape[0]}"
 
     def forward(self) -> torch.Tensor:
         return torch.tanh(self.dense(self.embedding))  # (P, projection)
