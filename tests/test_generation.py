@@ -525,7 +525,7 @@ def test_compiled_greedy_and_beam_search_give_the_eager_tokens(bf16_llama):
         assert torch.equal(compiled, eager)
 
 
-def test_compile_refuses_float32_on_cpu_a_reference_model_and_a_hooked_body(pair, bf16_llama):
+def test_compile_refuses_float32_on_cpu_a_reference_model_and_a_prompt_tuned_one(pair, bf16_llama):
     _, model = pair
     with pytest.raises(GraftError, match="compile is for bfloat16 or float16 weights on CPU"):
         generate(model, torch.tensor([[3, 4, 5]]), max_new_tokens=2, compile=True)
@@ -537,9 +537,10 @@ def test_compile_refuses_float32_on_cpu_a_reference_model_and_a_hooked_body(pair
             generate(bf16_llama, torch.tensor([[3, 4, 5]]), max_new_tokens=2, compile=True)
     finally:
         kernels.optimize(bf16_llama)
-    handle = bf16_llama.body.register_forward_pre_hook(lambda module, args: None)
-    try:
-        with pytest.raises(GraftError, match="hooks on the model's body"):
-            generate(bf16_llama, torch.tensor([[3, 4, 5]]), max_new_tokens=2, compile=True)
-    finally:
-        handle.remove()
+    import copy
+
+    from graft.strategies import apply_strategy
+
+    prompted = apply_strategy(copy.deepcopy(bf16_llama), "prompt:2")
+    with pytest.raises(GraftError, match="compile cannot decode a prompt-tuned model"):
+        generate(prompted, torch.tensor([[3, 4, 5]]), max_new_tokens=2, compile=True)

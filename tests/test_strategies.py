@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import padded_batch, tiny_hf_config
+from conftest import hf_model, padded_batch, tiny_hf_config
 
 from graft.errors import GraftError
-from graft.loading import load_model
+from graft.loading import load_model, save_model
 from graft.models import FAMILIES
 from graft.strategies import (
     CachedFeatures,
@@ -49,10 +49,18 @@ TABLE = {
     "adapter:pfeiffer,size=4,activation=gelu,train_norms=true": lambda n: (
         head_only(n) or ".ffn.adapter." in n or (n.startswith("body.layers.") and "_norm." in n)
     ),
-    "prompt:4": lambda n: head_only(n) or n.startswith("body.prompt."),
-    "prefix:4": lambda n: head_only(n) or n.startswith("body.prefix."),
-    "prefix:tokens=3,projection=8": lambda n: head_only(n) or n.startswith("body.prefix."),
+    "prompt:4": lambda n: head_only(n) or n.startswith("body.embed.prompt."),
+    "prompt:tokens=2,init=random": lambda n: head_only(n) or n.startswith("body.embed.prompt."),
+    "prefix:4": lambda n: head_only(n) or ".attn.prefix." in n,
+    "prefix:tokens=3,projection=8": lambda n: head_only(n) or ".attn.prefix." in n,
 }
+
+
+def test_every_registered_strategy_has_a_table_row():
+    """A new strategy without a case in TABLE fails here, so every test looping over TABLE covers it."""
+    from graft.strategies import STRATEGIES
+
+    assert {parse_strategy(spec).name for spec in TABLE} == set(STRATEGIES)
 
 
 def hf_classifier(family: str):
@@ -132,6 +140,29 @@ def test_only_intended_parameters_change(family, spec, saved):
             assert p.grad is not None and not torch.equal(p, before[name]), f"{name} did not train"
         else:
             assert p.grad is None and torch.equal(p, before[name]), f"{name} changed"
+
+
+def test_strategies_wrap_modules_and_register_no_hooks(family, saved):
+    """Wrap, don't hook: after any strategy, no module (nor torch globally) has a forward or
+    forward-pre hook, and the body's modules that strategies replace are wrappers that keep them."""
+    from torch.nn.modules import module as torch_module
+
+    from graft.strategies import PrefixAttention, PromptEmbeddings
+    from graft.strategies.adapter import Adapted
+
+    for spec in TABLE:
+        model = apply_strategy(task_model(family, saved[1]), spec)
+        for name, m in model.named_modules():
+            assert not (m._forward_hooks or m._forward_pre_hooks), f"{spec}: {name} has a forward hook"
+        assert not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks), spec
+        body = model.body
+        wrapped = {
+            "prompt": isinstance(body.embed, PromptEmbeddings),
+            "prefix": all(isinstance(b.attn, PrefixAttention) for b in body.layers),
+            "adapter": all(isinstance(b.ffn, Adapted) for b in body.layers),
+        }
+        name = parse_strategy(spec).name
+        assert wrapped.get(name, True), f"{spec}: the body's modules are not wrapped"
 
 
 def test_parameter_counts_are_reported(bert, caplog):
@@ -336,9 +367,10 @@ def test_prompt_of_token_embeddings_equals_those_tokens_in_the_input(family, sav
             torch.cat([torch.ones(3, 3, dtype=torch.long), mask], 1),
         )
         apply_strategy(body, "prompt:3")
-        body.prompt.weight.copy_(body.embed.tokens.weight[prompt_ids])
-        got = body(ids, mask)
+        body.embed.prompt.weight.copy_(body.embed.base.tokens.weight[prompt_ids])
+        got = body(ids, mask, output_hidden_states=True)
     assert got.last_hidden_state.shape == (3, 9, body.config.hidden_size)
+    assert [h.shape[1] for h in got.hidden_states] == [9] * (body.config.num_layers + 1)
     keep = mask.bool()
     assert (got.last_hidden_state[keep] - full.last_hidden_state[:, 3:][keep]).abs().max() <= 1e-5
 
@@ -360,11 +392,149 @@ def test_prefix_of_real_keys_and_values_equals_those_tokens_before_the_input(tmp
         apply_strategy(body, f"prefix:{P}")
         for layer in range(body.config.num_blocks):
             k, v = cache.keys[layer][0, :, :P], cache.values[layer][0, :, :P]  # (nkv, P, hd)
-            body.prefix.keys[layer] = k.transpose(0, 1).reshape(P, -1)
-            body.prefix.values[layer] = v.transpose(0, 1).reshape(P, -1)
+            prefix = body.layers[layer].attn.prefix
+            prefix.keys.copy_(k.transpose(0, 1).reshape(P, -1))
+            prefix.values.copy_(v.transpose(0, 1).reshape(P, -1))
         got = body(ids[:, P:], position_ids=torch.arange(P, P + T).expand(2, -1))
     assert got.cache is None
     assert (got.last_hidden_state - full).abs().max() <= 1e-5
+
+
+def test_strategies_give_the_same_outputs_on_kernels_and_on_the_reference(family, saved):
+    """Wrapped modules (LoRA, adapters, prompt, prefix) run on graft's kernels and on the plain
+    reference model with the same logits and gradients."""
+    from graft import kernels
+
+    for spec in TABLE:
+        model = apply_strategy(task_model(family, saved[1]), spec)
+        randomize_lora(model)
+        model.eval()
+        results = []
+        for mode in (kernels.optimize, kernels.reference):
+            mode(model)
+            model.zero_grad()
+            out = model(**batch())
+            out.loss.backward()
+            grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+            results.append((out.logits.detach(), grads))
+        (fast, fast_grads), (ref, ref_grads) = results
+        assert (fast - ref).abs().max() <= 1e-5, spec
+        assert all((a - b).abs().max() <= 1e-5 for a, b in zip(fast_grads, ref_grads, strict=True)), spec
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def causal_lm(request, tmp_path_factory):
+    """A tiny causal LM saved to a folder: learned positions (GPT-2) or rotary ones (Llama)."""
+    folder = tmp_path_factory.mktemp(request.param)
+    hf_model(request.param, "causal-lm").save_pretrained(folder)
+    return folder
+
+
+def test_prompt_tuned_generation_equals_those_tokens_before_the_input(causal_lm):
+    """Greedy decoding with the KV cache, left padding: a prompt set to the embeddings of real
+    tokens generates what those tokens put before each row's input generate."""
+    from graft.generation import generate
+
+    ids, mask = padded_batch("left")
+    prompt_ids = torch.tensor([5, 6, 7])
+    with torch.no_grad():
+        plain = load_model(causal_lm)
+        ones = torch.ones(3, 3, dtype=torch.long)
+        expected = generate(plain, torch.cat([prompt_ids.expand(3, -1), ids], 1), torch.cat([ones, mask], 1),
+                            max_new_tokens=6, eos_token_id=None)  # fmt: skip
+        model = apply_strategy(load_model(causal_lm), "prompt:3").eval()
+        model.body.embed.prompt.weight.copy_(model.body.embed.base.tokens.weight[prompt_ids])
+        got = generate(model, ids, mask, max_new_tokens=6, eos_token_id=None)
+    assert torch.equal(got, expected[:, 3:])
+
+
+@pytest.mark.parametrize("spec", ["prompt:3", "prefix:3", "prefix:tokens=2,projection=8"])
+def test_prompt_and_prefix_tuned_decoding_with_the_cache_equals_recomputing_each_step(causal_lm, spec):
+    """Decoding through the KV cache (the prompt's virtual tokens are cached, each layer's prefix
+    precedes the cache), left padding: each step's logits are those of running the whole sequence."""
+    from graft.generation import Decoder, positions_from_mask
+
+    ids, mask = padded_batch("left")
+    tokens = torch.randint(3, 99, (3, 4), generator=torch.Generator().manual_seed(5))  # fed at each step
+    model = apply_strategy(load_model(causal_lm), spec).eval()
+    with torch.no_grad():
+        torch.manual_seed(4)
+        for p in model.parameters():
+            if p.requires_grad:  # far from the start, so that the prompt or prefix steers the model
+                p.normal_(0, 1)
+        decoder = Decoder(model, ids, mask, tokens.shape[1] + 1)
+        cached = [decoder.prefill()] + [decoder.step(tokens[:, i]) for i in range(tokens.shape[1])]
+        for step, logits in enumerate(cached):
+            seq = torch.cat([ids, tokens[:, :step]], 1)
+            full = torch.cat([mask, torch.ones(3, step, dtype=torch.long)], 1)
+            expected = model(
+                input_ids=seq, attention_mask=full, position_ids=positions_from_mask(full)
+            ).logits
+            assert (logits - expected[:, -1]).abs().max() <= 1e-5
+        plain = load_model(causal_lm)(
+            input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)
+        )
+    assert (cached[0] - plain.logits[:, -1]).abs().max() > 1e-2  # the learned tokens change the logits
+
+
+@pytest.mark.parametrize("spec", ["prompt:3", "prefix:tokens=2,projection=8"])
+def test_prompt_and_prefix_tuned_lms_reload_and_generate_the_same_tokens(causal_lm, spec, tmp_path):
+    from graft.generation import generate
+    from graft.loading import load_trained
+    from graft.strategies import save_trained
+
+    model = apply_strategy(load_model(causal_lm), spec)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-1)
+    ids, mask = padded_batch()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        optimizer.step()
+    save_trained(model, tmp_path / "trained")
+    again = load_trained(causal_lm, tmp_path / "trained")
+    model.eval()
+    ids, mask = padded_batch("left")
+    with torch.no_grad():
+        expected = generate(model, ids, mask, max_new_tokens=5, eos_token_id=None)
+        assert torch.equal(generate(again, ids, mask, max_new_tokens=5, eos_token_id=None), expected)
+    with pytest.raises(GraftError, match="strategy modules .* that a Hugging Face checkpoint cannot hold"):
+        save_model(model, tmp_path / "hf")
+
+
+def test_prompt_tuned_generation_leaves_room_for_the_virtual_tokens(caplog):
+    """The context window holds the prompt's virtual tokens too: a long input is cut to fit them."""
+    from graft.generation import generate
+    from graft.nn import Transformer, TransformerConfig
+    from graft.tasks.causal_lm import LMHead
+
+    cfg = TransformerConfig(family="gpt2", vocab_size=20, hidden_size=8, num_layers=1, num_heads=2,
+                            intermediate_size=16, max_positions=16, causal=True, prenorm=True)  # fmt: skip
+    body = Transformer(cfg)
+    model = apply_strategy(TaskModel(body, LMHead(body)), "prompt:3").eval()
+    ids = torch.randint(3, 20, (1, 12))
+    with torch.no_grad(), caplog.at_level("WARNING", logger="graft"):
+        out = generate(model, ids, max_new_tokens=4, eos_token_id=None)  # 3 + 12 + 4 > 16 positions
+    assert torch.equal(out[:, :9], ids[:, -9:]) and out.shape == (1, 13)
+    assert "keeping its last 9 tokens" in caplog.text
+
+
+@pytest.mark.slow
+def test_compiled_decoding_of_a_prefix_tuned_model_gives_the_eager_logits(tmp_path):
+    """The compiled step runs each layer's prefix before its fixed-size cache (bf16, to bf16's rounding)."""
+    from graft.generation import Decoder
+
+    hf_model("llama", "causal-lm").save_pretrained(tmp_path)
+    model = apply_strategy(load_model(tmp_path, dtype=torch.bfloat16), "prefix:3").eval()
+    ids, mask = padded_batch("left")
+    tokens = torch.randint(3, 99, (3, 5), generator=torch.Generator().manual_seed(2))
+    runs = []
+    with torch.inference_mode():
+        for compile in (False, True):
+            decoder = Decoder(model, ids, mask, tokens.shape[1] + 1, compile=compile)
+            logits = [decoder.prefill()] + [decoder.step(tokens[:, i]) for i in range(tokens.shape[1])]
+            runs.append(torch.stack(logits).float())
+    eager, compiled = runs
+    assert (compiled - eager).abs().max() <= 0.02 * eager.abs().max()
 
 
 # ---------------------------------------------------------- learning rates and gradual unfreezing

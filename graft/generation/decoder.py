@@ -28,7 +28,7 @@ def fit_context(
     model: TaskModel, input_ids: torch.Tensor, mask: torch.Tensor, config: GenerationConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Make room for max_new_tokens in the context window: cut the prompt from the left, or refuse."""
-    window = model.config.max_positions
+    window = model.config.max_positions - model.body.virtual_tokens  # a prompt-tuned model's take room too
     room = window - config.max_new_tokens
     length = input_ids.shape[1]
     if length <= room:
@@ -61,10 +61,10 @@ def check_compilable(model: TaskModel) -> None:
             "generation: compile is for bfloat16 or float16 weights on CPU (float32 decoding runs at the "
             "speed of its matrix multiplies without it); load the model in bfloat16 (--dtype bfloat16, dtype=torch.bfloat16 in Python)"
         )
-    if model.body._forward_pre_hooks or model.body._forward_hooks:
+    if model.body.virtual_tokens:
         raise GraftError(
-            "generation: compile cannot decode through hooks on the model's body (prompt or prefix "
-            "tuning); generate without compile"
+            "generation: compile cannot decode a prompt-tuned model (its virtual tokens do not fit the "
+            "compiled step's fixed-size cache); generate without compile"
         )
 
 

@@ -84,6 +84,11 @@ class Transformer(nn.Module):
     by default the one ``cfg.inputs`` names: tokens, image patches or audio frames. With
     ``cfg.cross_attention`` every block also attends to a ``context`` (the encoder's output,
     in an encoder-decoder model).
+
+    An embeddings module may put learned vectors of its own before every input (prompt tuning's
+    wrapper, graft.strategies.prompt, declares ``virtual_tokens``): they open each sequence at
+    positions 0..P-1, the caller's positions and mask count only its own tokens, and the output
+    leaves them out again.
     """
 
     def __init__(self, cfg: TransformerConfig, embeddings: InputEmbeddings | None = None) -> None:
@@ -103,6 +108,11 @@ class Transformer(nn.Module):
         self.norm = make_norm(cfg) if cfg.final_norm else None
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size) if cfg.pooler else None
         self.gradient_checkpointing = False
+
+    @property
+    def virtual_tokens(self) -> int:
+        """Learned positions the embeddings put before every input (prompt tuning), else 0."""
+        return getattr(self.embed, "virtual_tokens", 0)
 
     def position_ids(self, input_ids: torch.Tensor | None, past: int, shape: tuple[int, int]) -> torch.Tensor:
         """(B, T) positions of T new tokens after ``past`` cached ones (left-padded rows: generation passes its own)."""
@@ -137,7 +147,8 @@ class Transformer(nn.Module):
         one). The last block then computes queries, residuals and feed-forward only there,
         since no other position's output reaches the caller: the same values and gradients for
         less work. last_hidden_state is then (B, K, H), ``rows`` is set on the output and
-        ``pooled`` reads the first of the rows. Ignored with a cache or output_hidden_states.
+        ``pooled`` reads the first of the rows. Ignored with a cache, output_hidden_states or
+        virtual tokens.
 
         ``output_attentions``: each layer's attention probabilities (B, nh, T, S), computed
         with the attention written out (no fused kernel has them), only when asked for.
@@ -148,15 +159,28 @@ class Transformer(nn.Module):
             self.embed.input_name
         ]
         shape = self.embed.sequence_shape(inputs) if inputs_embeds is None else inputs_embeds.shape[:2]
+        past = cache.length if cache is not None else 0
+        # the embeddings' virtual tokens (see the class docstring): P positions before the caller's,
+        # computed by the first call of a sequence (later ones find them in the cache)
+        virtual = self.virtual_tokens
+        new = virtual if past == 0 else 0
         if position_ids is None:
-            position_ids = self.position_ids(inputs, cache.length if cache is not None else 0, shape)
-        x = self.embed(inputs, position_ids, token_type_ids, inputs_embeds)  # (B, T, H)
+            position_ids = self.position_ids(inputs, past + new, shape)
+        elif virtual:  # the caller's positions count its own tokens
+            position_ids = position_ids + virtual
+        if new:  # the virtual tokens' own positions, and segment 0
+            first = self.position_ids(None, 0, (shape[0], new)).to(position_ids.device)  # (B, P)
+            position_ids = torch.cat([first, position_ids], dim=1)  # (B, P + T)
+            if token_type_ids is not None:
+                token_type_ids = torch.cat([token_type_ids.new_zeros(shape[0], new), token_type_ids], dim=1)
+        if virtual and attention_mask is not None and attention_mask.dim() == 2:
+            attention_mask = torch.cat([attention_mask.new_ones(shape[0], virtual), attention_mask], dim=1)
+        x = self.embed(inputs, position_ids, token_type_ids, inputs_embeds)  # (B, P + T, H) when new
 
-        T = shape[1]
+        T = x.shape[1]
         if attention_mask is not None and attention_mask.dim() == 4:  # (B, 1, T, S) bool: used as given
             mask, is_causal = attention_mask, False
         else:
-            past = cache.length if cache is not None else 0
             padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
             if cfg.causal and padding is None and cfg.sliding_window is None and (past == 0 or T == 1):
                 # SDPA's own causal path needs no mask tensor; one new token may see everything.
@@ -165,14 +189,13 @@ class Transformer(nn.Module):
                 mask, is_causal = build_mask(padding, T, past + T, cfg.causal, cfg.sliding_window), False
         rotary = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
         if self.relative is not None:  # T5: one learned bias per head and distance, shared by every layer
-            past = cache.length if cache is not None else 0
             if is_causal:
                 mask, is_causal = build_mask(None, T, T, True, device=x.device), False
             bias = self.relative(T, past + T, offset=past).to(x.dtype)  # (1, nh, T, S)
             mask = bias if mask is None else torch.where(mask, bias, float("-inf"))  # (B|1, nh, T, S)
         if context_mask is not None:
             context_mask = build_mask(context_mask, T, context_mask.shape[1], causal=False)  # (B, 1, 1, S)
-        if output_hidden_states or cache is not None:
+        if output_hidden_states or cache is not None or new:
             rows = None
 
         hidden = [x] if output_hidden_states else None
@@ -195,7 +218,10 @@ class Transformer(nn.Module):
             x = self.norm(x)
             if hidden is not None:
                 hidden[-1] = x
-        pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
+        pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None  # (B, H)
+        if new:  # the output has the caller's positions only (the pooler read the first virtual one)
+            x = x[:, new:]
+            hidden = [h[:, new:] for h in hidden] if hidden is not None else None
         return TransformerOutput(
             x,
             pooled,

@@ -28,7 +28,7 @@ from graft.strategies.lora import (
 )
 from graft.strategies.lr import GradualUnfreezing, layerwise_param_groups
 from graft.strategies.multitask import MultitaskLoader, MultitaskModel, task_probabilities
-from graft.strategies.prompt import PrefixCache
+from graft.strategies.prompt import PrefixAttention, PromptEmbeddings
 
 __all__ = [
     "EWC",
@@ -37,7 +37,8 @@ __all__ = [
     "GradualUnfreezing",
     "MultitaskLoader",
     "MultitaskModel",
-    "PrefixCache",
+    "PrefixAttention",
+    "PromptEmbeddings",
     "RehearsalBuffer",
     "CachedFeatures",
     "LoRALinear",

@@ -44,7 +44,7 @@ def parameter_depths(model: nn.Module) -> dict[str, int]:
         local = name[len(in_body) :] if name.startswith(in_body) else None
         if local is None:
             depths[name] = top
-        elif local.startswith(("embed.", "prompt.")):
+        elif local.startswith("embed."):  # a prompt too (embed.prompt)
             depths[name] = 0
         elif local.startswith("layers."):
             depths[name] = int(local.split(".")[1]) + 1

@@ -1,14 +1,16 @@
 """Prompt tuning (Lester et al., 2021) and prefix tuning (Li & Liang, 2021): the body is frozen.
 
-- prompt: ``tokens`` trainable vectors are put before the input's token embeddings; the body
-  runs on the longer sequence and the virtual positions are removed from its outputs again,
-  so the head sees one position per real token (``pooled`` is the pooler on the first virtual
-  token, as in PEFT).
-- prefix: every block gets ``tokens`` trainable keys and values that each query also attends
-  to. They enter through the KV cache interface: a ``PrefixCache`` holds them as the "past"
-  of every layer, and the real tokens keep positions 0, 1, ...
+Both are wrappers that keep the module they replace, so printing the model shows what runs:
 
-Both work as forward (pre-)hooks on the body, so the same code serves every family.
+- prompt: the body's embeddings become ``PromptEmbeddings`` (``embed.base`` the embeddings,
+  ``embed.prompt`` P trainable vectors). The vectors are put before the input's token
+  embeddings as virtual tokens at positions 0..P-1; ``Transformer.forward`` makes room for
+  them in the positions and the mask and leaves them out of its output, so the head sees one
+  position per real token (``pooled`` is the pooler on the first virtual token, as in PEFT).
+- prefix: every block's self-attention becomes ``PrefixAttention`` (``attn.base`` the
+  attention, ``attn.prefix`` P trainable keys and values) whose queries attend to the prefix
+  before the keys of the input (and of the cache, when decoding); the real tokens keep
+  positions 0, 1, ...
 """
 
 from __future__ import annotations
@@ -19,34 +21,11 @@ import torch
 from torch import nn
 
 from graft.errors import GraftError
-from graft.nn import KVCache, Transformer, TransformerOutput
+from graft.nn import KVCache, Transformer
+from graft.nn.attention import build_mask
+from graft.nn.embeddings import InputEmbeddings
 from graft.strategies.base import Strategy, check_positive, register
 from graft.tasks.base import body_of
-
-FORWARD_ARGS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "cache")
-
-
-def call_kwargs(body: Transformer, args: tuple, kwargs: dict) -> dict:
-    """The body's forward arguments by name, however it was called; refuses a KV cache."""
-    kwargs = {**dict(zip(FORWARD_ARGS, args, strict=False)), **kwargs}
-    if kwargs.get("cache") is not None:
-        raise GraftError("prompt and prefix tuning do not support decoding with a KV cache yet")
-    return kwargs
-
-
-def sequence_shape(kwargs: dict) -> tuple[int, int]:
-    x = kwargs["input_ids"] if kwargs.get("inputs_embeds") is None else kwargs["inputs_embeds"]
-    return x.shape[0], x.shape[1]
-
-
-def extend_mask(kwargs: dict, n: int, device) -> torch.Tensor:
-    """(B, n + T) attention mask: the n new positions are real."""
-    B, T = sequence_shape(kwargs)
-    mask = kwargs.get("attention_mask")
-    if mask is None:
-        mask = torch.ones(B, T, dtype=torch.long, device=device)
-    return torch.cat([mask.new_ones(B, n), mask], dim=1)
-
 
 # --------------------------------------------------------------------------------- prompt tuning
 
@@ -63,34 +42,40 @@ class Prompt(nn.Module):
             weight = torch.randn(tokens, embeddings.embedding_dim, dtype=embeddings.weight.dtype) * 0.02
         self.weight = nn.Parameter(weight.to(embeddings.weight.device))
 
-
-def add_prompt(body: Transformer, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    kwargs = call_kwargs(body, args, kwargs)
-    kwargs.pop("rows", None)  # the virtual tokens shift every position; compute them all
-    prompt = body.prompt.weight  # (P, E)
-    P = prompt.shape[0]
-    B, _ = sequence_shape(kwargs)
-    embeds = kwargs.get("inputs_embeds")
-    if embeds is None:
-        embeds = body.embed.tokens(kwargs["input_ids"])  # (B, T, E)
-    kwargs["attention_mask"] = extend_mask(kwargs, P, embeds.device)
-    kwargs["inputs_embeds"] = torch.cat([prompt.expand(B, -1, -1), embeds], dim=1)  # (B, P + T, E)
-    kwargs["input_ids"] = None
-    if kwargs.get("token_type_ids") is not None:
-        types = kwargs["token_type_ids"]
-        kwargs["token_type_ids"] = torch.cat([types.new_zeros(B, P), types], dim=1)
-    if kwargs.get("position_ids") is not None:
-        pos = kwargs["position_ids"]
-        kwargs["position_ids"] = torch.cat([torch.arange(P, device=pos.device).expand(B, -1), pos + P], dim=1)
-    return (), kwargs
+    def extra_repr(self) -> str:
+        return f"tokens={self.weight.shape[0]}, dim={self.weight.shape[1]}"
 
 
-def drop_prompt(body: Transformer, args: tuple, kwargs: dict, out: TransformerOutput) -> TransformerOutput:
-    P = body.prompt.weight.shape[0]
-    out.last_hidden_state = out.last_hidden_state[:, P:]
-    if out.hidden_states is not None:
-        out.hidden_states = tuple(h[:, P:] for h in out.hidden_states)
-    return out
+class PromptEmbeddings(InputEmbeddings):
+    """The body's embeddings (kept as ``base``) with a learned prompt put before the input's tokens.
+
+    ``virtual_tokens`` tells ``Transformer.forward`` that P positions open every sequence; it
+    then gives ``position_ids`` for all the positions a call computes: (B, P + T) on the first
+    call of a sequence, with the prompt's positions first, and (B, T) on later calls, whose
+    cache holds the prompt already. The prompt goes through the base embeddings with the
+    tokens (positions, norm, dropout), exactly as if its vectors were tokens of the input.
+    """
+
+    def __init__(self, base: nn.Module, prompt: Prompt) -> None:
+        super().__init__()
+        self.base = base
+        self.prompt = prompt
+
+    @property
+    def virtual_tokens(self) -> int:
+        return self.prompt.weight.shape[0]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,  # (B, T)
+        position_ids: torch.Tensor,  # (B, P + T), or (B, T) once the cache holds the prompt
+        token_type_ids: torch.Tensor | None = None,  # like position_ids
+        inputs_embeds: torch.Tensor | None = None,  # (B, T, E)
+    ) -> torch.Tensor:  # (B, P + T, H), or (B, T, H)
+        x = self.base.tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, E)
+        if position_ids.shape[1] > x.shape[1]:
+            x = torch.cat([self.prompt.weight.expand(x.shape[0], -1, -1), x], dim=1)  # (B, P + T, E)
+        return self.base(None, position_ids, token_type_ids, x)
 
 
 @register
@@ -112,83 +97,126 @@ class PromptTuning(Strategy):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         body = body_of(model)
-        body.prompt = Prompt(body.embed.tokens, self.tokens, self.init)
-        body.register_forward_pre_hook(add_prompt, with_kwargs=True)
-        body.register_forward_hook(drop_prompt, with_kwargs=True)
+        prompt = Prompt(body.embed.tokens, self.tokens, self.init)
+        body.embed = PromptEmbeddings(body.embed, prompt)
+        prompt.requires_grad_(True)
         return model
 
 
 # --------------------------------------------------------------------------------- prefix tuning
 
 
-class PrefixCache(KVCache):
-    """A read-only "past" of learned keys/values: every layer sees its prefix, then the new tokens."""
+class LayerPrefix(nn.Module):
+    """One layer's learned keys and values, (P, nkv * hd) each."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        self.keys, self.values = keys, values  # per block: (B, nkv, P, hd)
-        self.lengths = [k.shape[2] for k in keys]
+    def __init__(self, tokens: int, width: int) -> None:
+        super().__init__()
+        self.keys = nn.Parameter(torch.randn(tokens, width))
+        self.values = nn.Parameter(torch.randn(tokens, width))
+
+    def extra_repr(self) -> str:
+        return f"tokens={self.keys.shape[0]}, width={self.keys.shape[1]}"
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys, self.values  # (P, nkv * hd) each
+
+
+class PrefixEncoder(nn.Module):
+    """The reparameterization of Li & Liang, which trains more stably than free keys and values:
+    P learned vectors through a dense layer and tanh, (P, projection); one, shared by every layer."""
+
+    def __init__(self, tokens: int, hidden_size: int, projection: int) -> None:
+        super().__init__()
+        self.embedding = nn.Parameter(torch.randn(tokens, hidden_size) * 0.02)
+        self.dense = nn.Linear(hidden_size, projection)
+
+    def extra_repr(self) -> str:
+        return f"tokens={self.embedding.shape[0]}"
+
+    def forward(self) -> torch.Tensor:
+        return torch.tanh(self.dense(self.embedding))  # (P, projection)
+
+
+class ProjectedPrefix(nn.Module):
+    """One layer's keys and values from the shared ``PrefixEncoder``, by a dense layer of its own."""
+
+    def __init__(self, shared: PrefixEncoder, projection: int, width: int) -> None:
+        super().__init__()
+        self.shared = shared  # the same module in every layer (its weights are tied, as embeddings can be)
+        self.out = nn.Linear(projection, 2 * width)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.out(self.shared()).chunk(2, dim=-1)  # (P, nkv * hd) each
+
+
+class PrefixedCache:
+    """Attention's cache interface (``update``) for one call of one layer: the layer's prefix,
+    then the positions of the model's cache (when decoding), then the new ones."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, cache: KVCache | None) -> None:
+        self.keys, self.values, self.cache = keys, values, cache  # (B, nkv, P, hd) each
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
+        if self.cache is not None:
+            k, v = self.cache.update(layer, k, v)  # (B, nkv, past + T, hd)
+        return torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2)  # (B, nkv, P + ..., hd)
 
 
-class Prefix(nn.Module):
-    """Learned keys and values for every block: (blocks, P, nkv * hd) each.
+def prefixed_mask(
+    mask: torch.Tensor | None, is_causal: bool, tokens: int, q_len: int, device: torch.device
+) -> torch.Tensor | None:
+    """The attention mask with ``tokens`` keys before the others that every query may attend to."""
+    if mask is None and not is_causal:
+        return None  # every query sees every key, the prefix's too
+    if mask is None:
+        mask = build_mask(None, q_len, q_len, causal=True, device=device)  # (1, 1, T, T)
+    if mask.dtype == torch.bool:
+        lead = mask.new_ones(*mask.shape[:-1], tokens)
+    else:  # an additive bias (relative positions): none for the prefix
+        lead = mask.new_zeros(*mask.shape[:-1], tokens)
+    return torch.cat([lead, mask], dim=-1)  # (B|1, 1|nh, T, P + S)
 
-    With ``projection`` > 0 they are produced by a two-layer MLP from P learned vectors
-    (the reparameterization of Li & Liang, which trains more stably).
-    """
 
-    def __init__(self, body: Transformer, tokens: int, projection: int) -> None:
+class PrefixAttention(nn.Module):
+    """An attention layer (kept as ``base``) whose queries also attend to ``prefix``'s learned
+    keys and values, put before the layer's own and given to it through its cache interface."""
+
+    def __init__(self, base: nn.Module, prefix: nn.Module) -> None:
         super().__init__()
-        cfg = body.config
-        self.blocks, self.kv_heads, self.head_dim = cfg.num_blocks, cfg.num_kv_heads, cfg.head_dim
-        width = cfg.num_kv_heads * cfg.head_dim
-        p = next(body.parameters())
-        if projection:
-            self.embedding = nn.Parameter(torch.randn(tokens, cfg.hidden_size) * 0.02)
-            self.mlp = nn.Sequential(
-                nn.Linear(cfg.hidden_size, projection),
-                nn.Tanh(),
-                nn.Linear(projection, 2 * self.blocks * width),
-            )
-        else:
-            self.embedding, self.mlp = None, None
-            self.keys = nn.Parameter(torch.randn(self.blocks, tokens, width))
-            self.values = nn.Parameter(torch.randn(self.blocks, tokens, width))
-        self.to(device=p.device, dtype=p.dtype)
+        self.base = base
+        self.prefix = prefix
 
-    def cache(self, batch_size: int) -> PrefixCache:
-        if self.mlp is not None:
-            kv = self.mlp(self.embedding)  # (P, 2 * blocks * width)
-            P = kv.shape[0]
-            keys, values = kv.view(P, 2, self.blocks, -1).permute(1, 2, 0, 3)  # (blocks, P, width) each
-        else:
-            keys, values = self.keys, self.values
-        P = keys.shape[1]
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, H)
+        mask: torch.Tensor | None = None,  # see Attention.forward
+        is_causal: bool = False,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+        context: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # as Attention.forward; probabilities (B, nh, T, P + S)
+        base = self.base
+        B = x.shape[0]
 
-        def heads(x: torch.Tensor) -> torch.Tensor:  # (P, width) -> (B, nkv, P, hd)
-            return x.view(P, self.kv_heads, self.head_dim).transpose(0, 1).expand(batch_size, -1, -1, -1)
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (P, nkv * hd) -> (B, nkv, P, hd)
+            return t.view(t.shape[0], base.num_kv_heads, base.head_dim).transpose(0, 1).expand(B, -1, -1, -1)
 
-        return PrefixCache([heads(k) for k in keys], [heads(v) for v in values])
+        keys, values = self.prefix()
+        mask = prefixed_mask(mask, is_causal, keys.shape[0], x.shape[1], x.device)
+        past = PrefixedCache(heads(keys), heads(values), cache)
+        return base(x, mask, False, rotary, past, context, rows, output_attentions)
 
 
-def add_prefix(body: Transformer, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    kwargs = call_kwargs(body, args, kwargs)
-    B, T = sequence_shape(kwargs)
-    cache = body.prefix.cache(B)
-    if kwargs.get("position_ids") is None:  # the real tokens keep their own positions
-        kwargs["position_ids"] = body.position_ids(kwargs.get("input_ids"), 0, (B, T))
-    kwargs["attention_mask"] = extend_mask(kwargs, cache.length, kwargs["position_ids"].device)
-    kwargs["cache"] = cache
-    return (), kwargs
-
-
-def hide_prefix_cache(
-    body: Transformer, args: tuple, kwargs: dict, out: TransformerOutput
-) -> TransformerOutput:
-    out.cache = None
-    return out
+def add_prefixes(body: Transformer, tokens: int, projection: int) -> None:
+    cfg = body.config
+    width = cfg.num_kv_heads * cfg.head_dim
+    p = next(body.parameters())
+    shared = PrefixEncoder(tokens, cfg.hidden_size, projection) if projection else None
+    for block in body.layers:
+        prefix = LayerPrefix(tokens, width) if shared is None else ProjectedPrefix(shared, projection, width)
+        block.attn = PrefixAttention(block.attn, prefix.to(device=p.device, dtype=p.dtype))
 
 
 @register
@@ -205,10 +233,12 @@ class PrefixTuning(Strategy):
     def check(self) -> None:
         super().check()
         check_positive(self, "tokens")
+        if self.projection < 0:
+            raise GraftError(f"strategy 'prefix': option 'projection' must be >= 0, got {self.projection}")
 
     def prepare(self, model: nn.Module) -> nn.Module:
         body = body_of(model)
-        body.prefix = Prefix(body, self.tokens, self.projection)
-        body.register_forward_pre_hook(add_prefix, with_kwargs=True)
-        body.register_forward_hook(hide_prefix_cache, with_kwargs=True)
+        add_prefixes(body, self.tokens, self.projection)
+        for block in body.layers:
+            block.attn.prefix.requires_grad_(True)
         return model
