@@ -155,7 +155,9 @@ class Calibration:
         self.measure = measure
         self.force = force if force is not None else forced_route()
         self.folder = cache_folder() if cache is True else Path(cache) if cache else None
+        self.processor = processor()
         self.tables: dict[str, dict[str, dict[str, float]]] = {}  # identity -> key -> figures
+        self.chosen: dict[tuple, str] = {}  # every call's question -> its route, asked once
         self.expected: set[tuple[int, int, str]] = set()  # (out, inp, activation) of the model's layers
         self.lock = threading.Lock()
         self.warned: set[str] = set()
@@ -169,7 +171,13 @@ class Calibration:
         """The route among ``candidates`` (in ROUTES) a call of this shape takes."""
         if self.force is not None:
             return next(r for r in FORCED[self.force] if r in candidates)
-        return fastest(self.figures(dtype, rows, out, inp, activation), candidates)
+        question = (torch.get_num_threads(), dtype, rows_class(rows), out, inp, activation, candidates)
+        route = self.chosen.get(question)
+        if route is None:
+            route = self.chosen[question] = fastest(
+                self.figures(dtype, rows, out, inp, activation), candidates
+            )
+        return route
 
     def figures(self, dtype: torch.dtype, rows: int, out: int, inp: int, activation: str) -> dict[str, float]:
         """Seconds per call of each route for this shape's class of rows (measured if not yet)."""
@@ -222,7 +230,7 @@ class Calibration:
             return table[wanted]
 
     def identity(self) -> str:
-        return f"{processor()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        return f"{self.processor}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
     def path(self) -> Path | None:
         """The file this CPU's timings are kept in (None: in memory only)."""

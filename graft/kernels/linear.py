@@ -54,7 +54,7 @@ def plain(layer: nn.Module) -> bool:
 def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         ONEDNN
-        and x.device.type == "cpu"
+        and x.is_cpu
         and x.dtype == weight.dtype
         and x.dtype in (torch.float32, torch.bfloat16)
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -68,7 +68,7 @@ def use_onednn_training(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return (
         ONEDNN
         and torch.is_grad_enabled()
-        and x.device.type == "cpu"
+        and x.is_cpu
         and x.dtype == weight.dtype == torch.float32
         and type(weight) in (torch.Tensor, nn.Parameter)
         and (bias is None or type(bias) in (torch.Tensor, nn.Parameter))
@@ -162,8 +162,6 @@ def linear(
     it, oneDNN wherever it may run.
     """
     parts = weight if isinstance(weight, tuple) else (weight,)
-    out, inp = sum(w.shape[0] for w in parts), parts[0].shape[1]
-    rows = x.numel() // inp
     if use_onednn(x, parts[0]):
         if packed is not None and key is not None:
             candidates = ROUTES
@@ -173,8 +171,7 @@ def linear(
             candidates = ("onednn", "torch")
         else:
             candidates = ("torch",)
-        fused_activation = activation if activation in FUSED else "none"
-        route = choose(routes, x.dtype, rows, out, inp, fused_activation, candidates)
+        route = choose(routes, x, parts, activation if activation in FUSED else "none", candidates)
         if route == "packed":
             w = packed.get((key, "packed"))
             if w is None:
@@ -184,7 +181,7 @@ def linear(
         return (onednn_linear if route == "onednn" else torch_linear)(x, w, bias, activation)
     w = whole(parts)  # not kept: torch.compile's graph, or a store that must stay empty, holds it
     if use_onednn_training(x, w, bias):
-        if choose(routes, x.dtype, rows, out, inp, "none", ("onednn", "torch")) == "onednn":
+        if choose(routes, x, parts, "none", ("onednn", "torch")) == "onednn":
             y = _TrainingLinear.apply(x, w, bias)
             if activation in GELU and y.requires_grad and not torch.compiler.is_compiling():
                 return _Gelu.apply(y, GELU[activation])
@@ -194,18 +191,17 @@ def linear(
 
 def choose(
     routes: Routes | None,
-    dtype: torch.dtype,
-    rows: int,
-    out: int,
-    inp: int,
+    x: torch.Tensor,  # (..., in)
+    parts: tuple[torch.Tensor, ...],  # (out_i, in) each
     activation: str,
     candidates: tuple[str, ...],
 ) -> str:
-    if len(candidates) == 1:
+    if routes is None or len(candidates) == 1:  # no measurements: oneDNN, packed where it may
         return candidates[0]
-    if routes is None:  # no measurements: oneDNN, packed where it may
-        return candidates[0]
-    return routes.route(dtype, rows, out, inp, activation, candidates)
+    out, inp = parts[0].shape
+    for w in parts[1:]:
+        out += w.shape[0]
+    return routes.route(x.dtype, x.numel() // inp, out, inp, activation, candidates)
 
 
 def whole(
