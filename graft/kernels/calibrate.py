@@ -7,14 +7,16 @@ as fast as F.linear, while on an Intel Xeon with AMX F.linear decodes fp32 20% f
 measures rather than guesses. The first time a model multiplies in a dtype at a class of row
 counts (1 row and 2-32 rows: decoding; more: batch inference and training), its ``Calibration``
 times the three routes on each of the model's own weight shapes (fused Q/K/V and gate/up
-included, GELU fused where the layer has it), in turns over a few rounds, the best round
+included, GELU fused where the layer has it), the fastest of a few single calls taken in turns
 counting (weights over 64 MiB and products over 2^27 multiply-adds are timed on a slice of their
 rows and scaled), and keeps the figures in a JSON file per processor, torch version and thread
 count, under $XDG_CACHE_HOME/graft/kernels (~/.cache/graft/kernels by default). Each call then
 takes the fastest route it allows, torch's F.linear unless another is at least ``MARGIN``
 faster: the kernels are never slower than the plain path by more than the timing's noise. A file
-that cannot be read or written is ignored, with one line in the log; figures timed while other
-work loads the machine (its load average above its CPUs) serve this process only.
+that cannot be read or written is ignored, with one line in the log. Figures timed while other
+work loads the machine (a load average above its CPUs) are marked so, and timed again by the
+first process that starts at a quiet moment; until then they stand, so that the processes of
+one machine (a training run and its resumption, say) take the same routes.
 
 ``GRAFT_KERNEL_ROUTE`` skips the measuring and forces a route wherever a call allows it:
 ``packed`` (oneDNN on packed weights while frozen, oneDNN elsewhere: graft's tuning for AMD),
@@ -64,8 +66,8 @@ def rows_class(rows: int) -> str:
 
 def time_routes(dtype: torch.dtype, rows: int, out: int, inp: int, activation: str) -> dict[str, float]:
     """Seconds per call of each route for (rows, inp) inputs through an (out, inp) weight and the
-    activation ("none", or one oneDNN fuses): the best of a few rounds taken in turns, so a
-    moment of load on the machine hits every route alike."""
+    activation ("none", or one oneDNN fuses): the fastest of a few calls of each, taken in turns,
+    so a moment of load on the machine hits every route alike."""
     size = torch.finfo(dtype).bits // 8
     part = MAX_MACS // (rows * inp) if rows > FEW else MAX_BYTES // (inp * size)
     part = min(out, max(part, 256))  # the output rows timed
@@ -213,20 +215,25 @@ class Calibration:
             if wanted in table:  # another thread measured it meanwhile
                 return table[wanted]
             todo = sorted(s for s in self.expected | {shape} if key(dtype, rows, *s) not in table)
+            busy = load() if self.path() is not None else ""
             start = time.perf_counter()
             for out, inp, activation in todo:
                 figures = self.measure(dtype, ROWS[rows], out, inp, activation)
-                table[key(dtype, rows, out, inp, activation)] = {r: float(figures[r]) for r in ROUTES}
+                table[key(dtype, rows, out, inp, activation)] = {
+                    **{r: float(figures[r]) for r in ROUTES},
+                    **({"busy": True} if busy else {}),  # timed again at a quiet moment
+                }
             log.info(
                 "kernels: timed %d linear shapes at %d rows (%s) in %.2f s, once per processor (%s)",
                 len(todo), ROWS[rows], str(dtype).removeprefix("torch."), time.perf_counter() - start,
                 self.path() or "kept in memory",
             )  # fmt: skip
-            busy = load() if self.path() is not None else ""
-            if busy:  # figures of a moment, for this process: the file keeps a quiet machine's
-                self.warn(f"kernels: the machine is busy ({busy}): timings kept for this process only")
-            else:
-                self.save(table)
+            if busy:
+                self.warn(
+                    f"kernels: timed while other work loads the machine ({busy}): these timings serve "
+                    "until a process at a quiet moment times them again"
+                )
+            self.save(table)
             return table[wanted]
 
     def identity(self) -> str:
@@ -270,6 +277,8 @@ class Calibration:
         ):
             self.warn(f"kernels: {path}: not timings of {self.identity()}; timing again, and replacing it")
             return {}
+        if not load():  # a quiet moment: what was timed on a busy machine is timed again
+            timings = {k: v for k, v in timings.items() if not v.get("busy")}
         return timings
 
     def save(self, table: dict[str, dict[str, float]]) -> None:

@@ -175,7 +175,7 @@ def linear(
         if route == "packed":
             w = packed.get((key, "packed"))
             if w is None:
-                w = packed[(key, "packed")] = pack(whole(parts, key, packed))
+                w = packed[(key, "packed")] = pack(whole(parts))  # (the concatenation not kept)
             return onednn_linear(x, w, bias, activation)
         w = whole(parts, key, packed)
         return (onednn_linear if route == "onednn" else torch_linear)(x, w, bias, activation)
