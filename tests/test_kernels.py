@@ -432,7 +432,7 @@ def test_f_linear_is_taken_unless_another_route_is_clearly_faster():
 def test_timings_are_kept_per_processor_in_a_file_and_read_back(tmp_path, monkeypatch):
     from graft.kernels import calibrate
 
-    monkeypatch.setattr(calibrate, "load", lambda: "")  # a quiet machine: the figures are kept
+    monkeypatch.setattr(calibrate, "busy", lambda: "")  # a quiet machine: the figures are kept
     first = calibrate.Calibration(figures_where("packed"), cache=tmp_path)
     first.expect([(24, 16, "none"), (16, 24, "gelu")])
     assert first.route(torch.float32, 1, 24, 16, "none", ("packed", "onednn", "torch")) == "packed"
@@ -458,7 +458,7 @@ def test_timings_of_a_busy_machine_stand_until_a_quiet_moment_times_them_again(t
     from graft.kernels import calibrate
 
     shape = (torch.float32, 1, 24, 16, "none", ("packed", "onednn", "torch"))
-    monkeypatch.setattr(calibrate, "load", lambda: "load 5.0 on 2 CPUs")
+    monkeypatch.setattr(calibrate, "busy", lambda: "load 5.0 on 2 CPUs")
     busy = calibrate.Calibration(figures_where("torch"), cache=tmp_path)
     assert busy.route(*shape) == "torch"
     saved = json.loads(busy.path().read_text())["timings"]
@@ -466,7 +466,7 @@ def test_timings_of_a_busy_machine_stand_until_a_quiet_moment_times_them_again(t
     measure = figures_where("packed")
     assert calibrate.Calibration(measure, cache=tmp_path).route(*shape) == "torch"  # still busy: it stands
     assert measure.calls == []
-    monkeypatch.setattr(calibrate, "load", lambda: "")
+    monkeypatch.setattr(calibrate, "busy", lambda: "")
     quiet = calibrate.Calibration(measure, cache=tmp_path)
     assert quiet.route(*shape) == "packed" and len(measure.calls) == 1
     saved = json.loads(quiet.path().read_text())["timings"]
@@ -477,7 +477,7 @@ def test_timings_of_a_busy_machine_stand_until_a_quiet_moment_times_them_again(t
 def test_a_bad_or_unwritable_timings_file_is_ignored_with_one_log_line(tmp_path, monkeypatch, caplog, damage):
     from graft.kernels import calibrate
 
-    monkeypatch.setattr(calibrate, "load", lambda: "")
+    monkeypatch.setattr(calibrate, "busy", lambda: "")
     folder = tmp_path / "file" if damage == "under a file" else tmp_path
     calibration = calibrate.Calibration(figures_where("onednn"), cache=folder)
     path = calibration.path()

@@ -14,7 +14,8 @@ count, under $XDG_CACHE_HOME/graft/kernels (~/.cache/graft/kernels by default). 
 takes the fastest route it allows, torch's F.linear unless another is at least ``MARGIN``
 faster: the kernels are never slower than the plain path by more than the timing's noise. A file
 that cannot be read or written is ignored, with one line in the log. Figures timed while other
-work loads the machine (a load average above its CPUs) are marked so, and timed again by the
+work holds the machine's CPUs (a load average above their number, or parallel calls that wait
+for one) are marked so, and timed again by the
 first process that starts at a quiet moment; until then they stand, so that the processes of
 one machine (a training run and its resumption, say) take the same routes.
 
@@ -109,14 +110,29 @@ def processor() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def load() -> str:
-    """'load 6.1 on 2 CPUs' when other work competes for this process's CPUs, else ''."""
+def busy() -> str:
+    """Why other work competes for this process's CPUs ('load 6.1 on 2 CPUs'), else ''."""
     try:
         cpus = len(os.sched_getaffinity(0))
         average = os.getloadavg()[0]
     except (AttributeError, OSError):  # not on this system
-        return ""
-    return f"load {average:.1f} on {cpus} CPUs" if average > cpus + 0.5 else ""
+        cpus, average = os.cpu_count() or 1, 0.0
+    if average > cpus + 0.5:
+        return f"load {average:.1f} on {cpus} CPUs"
+    threads = torch.get_num_threads()
+    if threads > 1:
+        # A parallel add of 1 MB takes some µs; while another process holds one of the CPUs, every
+        # parallel call waits for a thread that is not running, a scheduling slice (ms), whatever
+        # the load average says
+        x = torch.zeros(2**18)
+        waits = []
+        for _ in range(5):
+            start = time.perf_counter()
+            x.add_(1)
+            waits.append(time.perf_counter() - start)
+        if min(waits) > 1e-3:
+            return f"each parallel call of its {threads} threads waits {min(waits) * 1e3:.0f} ms for a CPU"
+    return ""
 
 
 def cache_folder() -> Path:
@@ -215,22 +231,22 @@ class Calibration:
             if wanted in table:  # another thread measured it meanwhile
                 return table[wanted]
             todo = sorted(s for s in self.expected | {shape} if key(dtype, rows, *s) not in table)
-            busy = load() if self.path() is not None else ""
+            competing = busy() if self.path() is not None else ""
             start = time.perf_counter()
             for out, inp, activation in todo:
                 figures = self.measure(dtype, ROWS[rows], out, inp, activation)
                 table[key(dtype, rows, out, inp, activation)] = {
                     **{r: float(figures[r]) for r in ROUTES},
-                    **({"busy": True} if busy else {}),  # timed again at a quiet moment
+                    **({"busy": True} if competing else {}),  # timed again at a quiet moment
                 }
             log.info(
                 "kernels: timed %d linear shapes at %d rows (%s) in %.2f s, once per processor (%s)",
                 len(todo), ROWS[rows], str(dtype).removeprefix("torch."), time.perf_counter() - start,
                 self.path() or "kept in memory",
             )  # fmt: skip
-            if busy:
+            if competing:
                 self.warn(
-                    f"kernels: timed while other work loads the machine ({busy}): these timings serve "
+                    f"kernels: timed while other work holds the CPUs ({competing}): these timings serve "
                     "until a process at a quiet moment times them again"
                 )
             self.save(table)
@@ -277,7 +293,7 @@ class Calibration:
         ):
             self.warn(f"kernels: {path}: not timings of {self.identity()}; timing again, and replacing it")
             return {}
-        if not load():  # a quiet moment: what was timed on a busy machine is timed again
+        if not busy():  # a quiet moment: what was timed on a busy machine is timed again
             timings = {k: v for k, v in timings.items() if not v.get("busy")}
         return timings
 
