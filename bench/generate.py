@@ -4,7 +4,8 @@ For batch 1 and batch 8 (eight different chat prompts, left-padded), in float32 
 weights, it times 128 new tokens with graft's ``generate`` and with transformers' ``generate`` on the
 same weights (the same GGUF file, converted once), and checks in float32 that both produce the same
 tokens. With bfloat16 weights it also times graft's compiled decoding (``compile=True``), after a
-first call that compiles (its time printed apart). Every run (graft, compiled graft, transformers,
+first call that compiles (its time printed apart), and graft as graft.nn's plain reference
+(``kernels=False``, "graft_reference"): how much the kernels gain on this processor. Every run (graft, compiled graft, transformers,
 the bounds over as many steps) is timed in turns, round after round, and the best round counts:
 this machine's speed drifts by 10-20% over minutes, and all of them should see the same moments. The kernel bound is the time of the bare matrix multiplies of one decode step with the same
 weights (Q, K, V, O, gate, up, down of every layer, then the LM head, at that batch size), with no
@@ -139,6 +140,7 @@ def main() -> int:
             dtype = getattr(torch, dtype_name)
             compiles = args.compile and dtype != torch.float32  # compile is for half precision on CPU
             model = load_model(folder, dtype=dtype)
+            reference = load_model(folder, dtype=dtype, kernels=False)
             ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
             ref.generation_config.eos_token_id = None  # always n new tokens, on both sides
             for batch in args.batches:
@@ -150,6 +152,9 @@ def main() -> int:
                 def ours(model=model, ids=ids, mask=mask, config=config):
                     return generate(model, ids, mask, config)
 
+                def plain(reference=reference, ids=ids, mask=mask, config=config):
+                    return generate(reference, ids, mask, config)
+
                 def theirs(ref=ref, ids=ids, mask=mask):
                     with torch.inference_mode():
                         return ref.generate(
@@ -157,8 +162,15 @@ def main() -> int:
                             pad_token_id=tokenizer.pad_token_id,
                         )  # fmt: skip
 
-                runs = {"graft": ours, "transformers": theirs, **bound_kernels(model, batch, n)}
-                generate(model, ids, mask, config.replace(max_new_tokens=4))  # warm up (packs weights)
+                runs = {
+                    "graft": ours,
+                    "graft_reference": plain,
+                    "transformers": theirs,
+                    **bound_kernels(model, batch, n),
+                }
+                # warm up: graft packs its weights and, at first use, times its kernels' routes
+                generate(model, ids, mask, config.replace(max_new_tokens=4))
+                generate(reference, ids, mask, config.replace(max_new_tokens=4))
                 ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=2)
                 key = f"{dtype_name}_batch{batch}"
                 compile_seconds = None
@@ -169,11 +181,16 @@ def main() -> int:
                 seconds, outputs = in_turns(runs, args.repeats)
                 f = figures[key] = {name: batch * n / t for name, t in seconds.items()}
                 got, expected = outputs["graft"], outputs["transformers"]
-                names = ("graft", "graft_compiled") if compiles else ("graft",)
+                names = (
+                    ("graft", "graft_reference", "graft_compiled")
+                    if compiles
+                    else ("graft", "graft_reference")
+                )
                 for name in names:
                     f[f"{name}/transformers"] = f[name] / f["transformers"]
                     f[f"{name}/bound"] = f[name] / f["bound"]
                     f[f"{name}/bound_onednn"] = f[name] / f["bound_onednn"]
+                f["graft_reference/graft"] = f["graft_reference"] / f["graft"]
                 if compiles:
                     f["compile_seconds"] = compile_seconds
                     got_compiled = outputs["graft_compiled"]
@@ -186,6 +203,12 @@ def main() -> int:
                     f"{same_tokens[key]}",
                     flush=True,
                 )
+                print(
+                    f"{'':>9} batch {batch}: graft reference {f['graft_reference']:7.1f} tok/s | "
+                    f"reference/graft {f['graft_reference/graft']:.2f} | reference/transformers "
+                    f"{f['graft_reference/transformers']:.2f} | reference/bound {f['graft_reference/bound']:.2f}",
+                    flush=True,
+                )
                 if compiles:
                     print(
                         f"{'':>9} batch {batch}: graft compiled {f['graft_compiled']:7.1f} tok/s (compiling "
@@ -195,7 +218,7 @@ def main() -> int:
                         f"{bool(torch.equal(got_compiled, got))}",
                         flush=True,
                     )
-            del model, ref
+            del model, reference, ref
 
     result = {
         "bench": "generate",

@@ -6,7 +6,10 @@ dropout as in the checkpoint, seed 0, the same precision. For each precision (fp
 autocast) it prints examples/s of both, the ratio, both test accuracies, and graft's model FLOPs
 utilization against the matrix-multiply peak measured in this run; it ends with one JSON line.
 
-    python bench/train.py [--precision fp32 bf16] [--limit N] [--compile]
+    python bench/train.py [--precision fp32 bf16] [--limit N] [--compile] [--reference]
+
+``--reference`` trains graft's model as graft.nn's plain reference (recipe ``model.kernels: false``)
+instead of on its CPU kernels: run it after a default run to see how much the kernels gain here.
 
 Throughput is examples trained per second of the training loop (model loading and the test
 evaluation excluded; graft tokenizes inside its loop, transformers before it).
@@ -111,8 +114,10 @@ class Baton:
             self.cv.notify_all()
 
 
-def graft_side(train, label_map, precision: str, compile_model: bool, out: Path, baton: Baton | None):
-    """(run(), evaluate(test)) for graft's Trainer."""
+def graft_side(
+    train, label_map, precision: str, compile_model: bool, out: Path, baton: Baton | None, reference: bool
+):
+    """(run(), evaluate(test)) for graft's Trainer (on graft.nn's plain reference with ``reference``)."""
     from graft.loading import load_model
     from graft.tokenizer import Tokenizer
     from graft.train import Trainer
@@ -122,7 +127,7 @@ def graft_side(train, label_map, precision: str, compile_model: bool, out: Path,
     recipe: Recipe = build(
         Recipe,
         {
-            "model": {"path": str(minilm_folder())},
+            "model": {"path": str(minilm_folder()), "kernels": not reference},
             "data": {"max_length": MAX_LENGTH},
             "task": {"name": "classification"},
             "optim": {"name": "adamw", "lr": LR, "weight_decay": WEIGHT_DECAY},
@@ -136,12 +141,18 @@ def graft_side(train, label_map, precision: str, compile_model: bool, out: Path,
     )  # fmt: skip
     tokenizer = Tokenizer.from_folder(minilm_folder())
     torch.manual_seed(SEED)
-    model = load_model(minilm_folder(), task="classification", id2label=label_map.id2label)
+    model = load_model(
+        minilm_folder(), task="classification", id2label=label_map.id2label, kernels=recipe.model.kernels
+    )
     head = model.head
     lengths = token_lengths(train, tokenizer, MAX_LENGTH)
 
     def collate(records):
         return head.collate(records, tokenizer, MAX_LENGTH)
+
+    # graft's kernels time their routes at their first use: here, not in the timed steps
+    with torch.random.fork_rng(), torch.no_grad():
+        model(**collate(train[:BATCH]))
 
     trainer = Trainer(model, recipe, train, collate, lengths=lengths, quiet=True)
     if baton is not None:
@@ -239,10 +250,12 @@ def transformers_side(train, label_map, precision: str, out: Path, baton: Baton 
 
 
 def run_both(
-    train, test, label_map, precision: str, compile_model: bool, tmp: Path, interleave: bool
+    train, test, label_map, precision: str, compile_model: bool, tmp: Path, interleave: bool, reference: bool
 ) -> dict:
     baton = Baton() if interleave else None
-    g_run, g_eval, flops = graft_side(train, label_map, precision, compile_model, tmp / "graft", baton)
+    g_run, g_eval, flops = graft_side(
+        train, label_map, precision, compile_model, tmp / "graft", baton, reference
+    )
     h_run, h_eval = transformers_side(train, label_map, precision, tmp / "hf", baton)
     seconds, errors = {}, []
 
@@ -285,6 +298,11 @@ def main() -> None:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile graft's model")
     parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="train graft's model as graft.nn's plain reference, without its CPU kernels",
+    )
+    parser.add_argument(
         "--sequential",
         action="store_true",
         help="one trainer after the other instead of taking turns step by step",
@@ -302,13 +320,22 @@ def main() -> None:
         train = train[: args.limit]
     print(f"BBC News: {len(train)} training and {len(test)} test articles, {len(label_map)} classes; "
           f"{torch.get_num_threads()} threads")  # fmt: skip
-    figures: dict = {"train_examples": len(train)}
+    figures: dict = {"train_examples": len(train), "graft": "reference" if args.reference else "kernels"}
     for precision in args.precision:
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         peak = matmul_peak(dtype)
         row: dict = {"matmul_peak_gflops": round(peak, 1)}
         with tempfile.TemporaryDirectory() as tmp:
-            r = run_both(train, test, label_map, precision, args.compile, Path(tmp), not args.sequential)
+            r = run_both(
+                train,
+                test,
+                label_map,
+                precision,
+                args.compile,
+                Path(tmp),
+                not args.sequential,
+                args.reference,
+            )
         g_speed, h_speed = len(train) / r["graft_seconds"], len(train) / r["transformers_seconds"]
         row.update(
             graft_examples_per_s=round(g_speed, 2),

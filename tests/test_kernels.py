@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import math
 
 import pytest
 import torch
@@ -316,3 +319,300 @@ def test_the_reference_model_has_no_kernel_code():
             if isinstance(node, ast.Attribute):
                 assert node.attr not in ("is_compiling", "_forward_hooks", "_forward_pre_hooks"), path
         assert not any(isinstance(node, ast.Global) for node in ast.walk(tree)), path  # nothing rebound
+
+
+# ---- the routes: measured per CPU, taken per shape -------------------------------------------
+
+
+def figures_where(winner: str):
+    """A timing function saying ``winner`` is the fastest route for every shape (then the others
+    in ROUTES order), in µs: the choice logic sees exactly these figures."""
+    from graft.kernels.linear import ROUTES
+
+    order = [winner, *(r for r in ROUTES if r != winner)]
+    calls = []
+
+    def measure(dtype, rows, out, inp, activation):
+        calls.append((dtype, rows, out, inp, activation))
+        return {route: (1 + order.index(route)) * 1e-6 for route in ROUTES}
+
+    measure.calls = calls
+    return measure
+
+
+def onednn_ops(run) -> set[str]:
+    """The oneDNN linear ops that ``run()`` called."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return {e.key for e in prof.key_averages() if e.key.startswith("mkldnn::")}
+
+
+@pytest.mark.parametrize("winner", ["torch", "onednn", "packed"])
+def test_each_path_takes_the_route_the_timings_say_is_faster_with_the_reference_outputs(tiny_llama, winner):
+    """Decoding (frozen, 1 and 2 rows), batch inference and a training step take the measured
+    fastest route among those each call allows (packed weights only while frozen), and give the
+    reference's numbers."""
+    from graft import kernels
+    from graft.kernels import Calibration
+    from graft.loading import load_model
+
+    reference = load_model(tiny_llama, kernels=False)
+    model = kernels.optimize(
+        load_model(tiny_llama, kernels=False), Calibration(figures_where(winner), cache=False)
+    )
+    ids = torch.randint(3, 99, (2, 40))  # 80 rows: "many"
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+
+    def frozen(rows: int):
+        with torch.no_grad(), kernels.frozen(model):
+            return model(input_ids=ids[:rows, :1]).logits  # (rows, 1, V): a decoding step's shape
+
+    @torch.no_grad()
+    def batch():
+        return model(input_ids=ids).logits
+
+    for run, allowed in [
+        (lambda: frozen(1), {"packed", "onednn", "torch"}),
+        (lambda: frozen(2), {"packed", "onednn", "torch"}),
+        (lambda: batch(), {"onednn", "torch"}),
+    ]:
+        ops = onednn_ops(run)
+        route = winner if winner in allowed else "onednn"
+        assert ("mkldnn::_reorder_linear_weight" in ops) == (route == "packed")
+        assert ("mkldnn::_linear_pointwise" in ops) == (route != "torch"), (route, ops)
+    with torch.no_grad():
+        assert (frozen(1) - expected[:1, :1]).abs().max() <= 1e-5
+        assert (frozen(2) - expected[:2, :1]).abs().max() <= 1e-5
+        assert (batch() - expected).abs().max() <= 1e-5
+    # a training step: oneDNN forward (and torch's backward) only when measured faster
+    ops = onednn_ops(lambda: model(input_ids=ids).logits.square().mean().backward())
+    assert ("mkldnn::_linear_pointwise" in ops) == (winner != "torch")
+    reference(input_ids=ids).logits.square().mean().backward()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert (a.grad - b.grad).abs().max() <= 1e-5, name
+
+
+def test_the_model_s_shapes_are_timed_together_once_per_dtype_and_class_of_rows(tiny_llama):
+    from graft import kernels
+    from graft.kernels import Calibration
+    from graft.kernels.switch import linear_shapes
+    from graft.loading import load_model
+
+    measure = figures_where("torch")
+    model = kernels.optimize(load_model(tiny_llama, kernels=False), Calibration(measure, cache=False))
+    shapes = linear_shapes(model)  # q, k, v, o, gate, up, down, the head; Q/K/V, K/V, gate/up
+    assert {(32 + 16 + 16, 32, "none"), (37 + 37, 32, "none"), (99, 32, "none")} <= shapes
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 99, (1, 40)))  # 40 rows
+        model(input_ids=torch.randint(3, 99, (2, 50)))  # the same class: nothing new to time
+        assert sorted(measure.calls) == sorted((torch.float32, 256, *s) for s in shapes)
+        with kernels.frozen(model):
+            model(input_ids=torch.randint(3, 99, (1, 1)))
+    assert len(measure.calls) == 2 * len(shapes)
+    assert {c[1] for c in measure.calls} == {256, 1}
+
+
+def test_f_linear_is_taken_unless_another_route_is_clearly_faster():
+    from graft.kernels.calibrate import MARGIN, fastest
+
+    close = {"packed": 0.97, "onednn": 0.99, "torch": 1.0}
+    assert fastest(close, ("packed", "onednn", "torch")) == "torch"  # within the noise: the plain path
+    clear = {"packed": 0.9, "onednn": 0.99, "torch": 1.0}
+    assert fastest(clear, ("packed", "onednn", "torch")) == "packed"
+    assert fastest(clear, ("onednn", "torch")) == "torch"
+    assert (
+        fastest({"packed": 3.0, "onednn": 1 - 2 * MARGIN, "torch": 1.0}, ("packed", "onednn", "torch"))
+        == "onednn"
+    )
+
+
+def test_timings_are_kept_per_processor_in_a_file_and_read_back(tmp_path, monkeypatch):
+    from graft.kernels import calibrate
+
+    monkeypatch.setattr(calibrate, "busy", lambda: "")  # a quiet machine: the figures are kept
+    first = calibrate.Calibration(figures_where("packed"), cache=tmp_path)
+    first.expect([(24, 16, "none"), (16, 24, "gelu")])
+    assert first.route(torch.float32, 1, 24, 16, "none", ("packed", "onednn", "torch")) == "packed"
+    path = first.path()
+    assert path.parent == tmp_path and calibrate.processor().split()[0] in path.name
+    saved = json.loads(path.read_text())
+    assert saved["identity"] == first.identity()
+    assert sorted(saved["timings"]) == ["float32 16x24 gelu one", "float32 24x16 none one"]
+
+    def no_measuring(*args):
+        raise AssertionError("timed again")
+
+    again = calibrate.Calibration(no_measuring, cache=tmp_path)  # another process, the same CPU
+    assert again.route(torch.float32, 1, 16, 24, "gelu", ("onednn", "torch")) == "onednn"
+    assert again.explain(torch.float32, 1, 24, 16, "none", ("packed", "onednn", "torch")) == (
+        "oneDNN packed (oneDNN packed 1.0 µs, oneDNN 2.0 µs, F.linear 3.0 µs)"
+    )
+
+
+def test_timings_of_a_busy_machine_stand_until_a_quiet_moment_times_them_again(tmp_path, monkeypatch):
+    """Figures timed under load are kept (the processes of one machine take the same routes) and
+    marked; the first process to start while the machine is quiet times them again."""
+    from graft.kernels import calibrate
+
+    shape = (torch.float32, 1, 24, 16, "none", ("packed", "onednn", "torch"))
+    monkeypatch.setattr(calibrate, "busy", lambda: "load 5.0 on 2 CPUs")
+    busy = calibrate.Calibration(figures_where("torch"), cache=tmp_path)
+    assert busy.route(*shape) == "torch"
+    saved = json.loads(busy.path().read_text())["timings"]
+    assert saved == {"float32 24x16 none one": {"packed": 2e-6, "onednn": 3e-6, "torch": 1e-6, "busy": True}}
+    measure = figures_where("packed")
+    assert calibrate.Calibration(measure, cache=tmp_path).route(*shape) == "torch"  # still busy: it stands
+    assert measure.calls == []
+    monkeypatch.setattr(calibrate, "busy", lambda: "")
+    quiet = calibrate.Calibration(measure, cache=tmp_path)
+    assert quiet.route(*shape) == "packed" and len(measure.calls) == 1
+    saved = json.loads(quiet.path().read_text())["timings"]
+    assert saved == {"float32 24x16 none one": {"packed": 1e-6, "onednn": 2e-6, "torch": 3e-6}}
+
+
+@pytest.mark.parametrize("damage", ["not json", "other identity", "bad figures", "a folder", "under a file"])
+def test_a_bad_or_unwritable_timings_file_is_ignored_with_one_log_line(tmp_path, monkeypatch, caplog, damage):
+    from graft.kernels import calibrate
+
+    monkeypatch.setattr(calibrate, "busy", lambda: "")
+    folder = tmp_path / "file" if damage == "under a file" else tmp_path
+    calibration = calibrate.Calibration(figures_where("onednn"), cache=folder)
+    path = calibration.path()
+    if damage == "a folder":  # cannot be read nor replaced
+        (path / "inside").mkdir(parents=True)
+    elif damage == "under a file":
+        folder.write_text("")
+    else:
+        identity = calibration.identity() if damage != "other identity" else "another CPU"
+        timings = {"float32 8x8 none one": {"packed": -1} if damage == "bad figures" else {}}
+        path.write_text(
+            "{" if damage == "not json" else json.dumps({"identity": identity, "timings": timings})
+        )
+    with caplog.at_level(logging.WARNING, logger="graft"):
+        for rows in (1, 1, 8):
+            assert calibration.route(torch.float32, rows, 8, 8, "none", ("onednn", "torch")) == "onednn"
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith(f"kernels: {path}"), lines
+    if damage not in ("a folder", "under a file"):  # written afresh
+        assert json.loads(path.read_text())["identity"] == calibration.identity()
+
+
+def test_the_environment_forces_a_route_without_timing(monkeypatch, tiny_llama):
+    from graft import kernels
+    from graft.errors import GraftError
+    from graft.kernels import Calibration
+    from graft.loading import load_model
+
+    def no_measuring(*args):
+        raise AssertionError("timed")
+
+    monkeypatch.setenv("GRAFT_KERNEL_ROUTE", "torch")
+    model = kernels.optimize(load_model(tiny_llama, kernels=False), Calibration(no_measuring))
+    with torch.no_grad(), kernels.frozen(model):
+        assert onednn_ops(lambda: model(input_ids=torch.randint(3, 99, (2, 3)))) == set()
+    assert (
+        "F.linear (forced to torch, not measured)"
+        in kernels.report(model)["fused q/k/v and gate/up (float32, frozen)"]
+    )
+    monkeypatch.setenv("GRAFT_KERNEL_ROUTE", "onedn")
+    with pytest.raises(GraftError) as e:
+        Calibration()
+    assert str(e.value) == (
+        "GRAFT_KERNEL_ROUTE=onedn: not a route; use one of measure, packed, onednn, torch; did you mean 'onednn'?"
+    )
+
+
+def test_report_names_each_path_s_route_and_the_figures(tiny_llama):
+    from graft import kernels
+    from graft.kernels import Calibration
+    from graft.loading import load_model
+
+    model = kernels.optimize(
+        load_model(tiny_llama, kernels=False), Calibration(figures_where("onednn"), cache=False)
+    )
+    report = kernels.report(model)
+    why = "(oneDNN packed 2.0 µs, oneDNN 1.0 µs, F.linear 3.0 µs)"
+    assert f"1 row: 16x32 oneDNN {why}" in report["frozen linears (float32: decoding, embedding)"]
+    assert f"64x32 oneDNN {why}" in report["fused q/k/v and gate/up (float32, frozen)"].split("; ")[1]
+    assert report["training linear (float32)"].startswith(
+        "256 rows: 16x32 oneDNN (oneDNN 1.0 µs, F.linear 3.0 µs)"
+    )
+    plain = kernels.report(kernels.reference(model))  # the reference: no routes
+    assert sorted(plain) == ["attention", "dropout", "fused q/k/v", "linear"]
+    assert plain["linear"] == "torch's F.linear (the reference)"
+
+
+def test_measuring_the_routes_times_each_of_them():
+    from graft.kernels.calibrate import time_routes
+    from graft.kernels.linear import ROUTES
+
+    for rows in (1, 300):
+        figures = time_routes(torch.float32, rows, 24, 16, "gelu")
+        assert sorted(figures) == sorted(ROUTES) and all(0 < s < 1 for s in figures.values())
+
+
+# ---- the switch at the boundaries: recipes and the command line -------------------------------
+
+
+def test_a_recipe_with_kernels_off_trains_the_reference_model(tmp_path, minilm):
+    import csv
+    import shutil
+
+    import transformers
+
+    from graft import kernels
+    from graft.train.build import build_trainer
+    from graft.train.config import Recipe, build
+    from graft.train.loggers import read_metrics
+
+    folder = tmp_path / "model"
+    transformers.BertModel(
+        transformers.BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+        )
+    ).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm / name, folder / name)
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *((f"text number {i}", "ab"[i % 2]) for i in range(12))])
+    recipes = {}
+    for switch in (True, False):
+        recipes[switch] = build(
+            Recipe,
+            {
+                "model": {"path": str(folder), "kernels": switch},
+                "data": {"train": str(tmp_path / "train.csv")},
+                "train": {
+                    "output": str(tmp_path / f"run-{switch}"),
+                    "max_steps": 2,
+                    "batch_size": 4,
+                    "plots": False,
+                },
+            },
+            "test",
+        )
+    trainers = {switch: build_trainer(recipe, quiet=True) for switch, recipe in recipes.items()}
+    assert kernels.enabled(trainers[True].module) and not kernels.enabled(trainers[False].module)
+    result = trainers[False].fit()  # (dropout draws other masks with the kernels: no parity to test)
+    losses = [line["loss"] for line in read_metrics(tmp_path / "run-False") if "loss" in line]
+    assert result["steps"] == 2 and losses and all(math.isfinite(x) for x in losses)
+    assert not kernels.enabled(trainers[False].module)
+
+
+def test_embed_reference_gives_the_default_vectors(minilm, cli):
+    texts = ["A man is eating food.", "Transfer learning adapts a pretrained model to a new task."]
+    args = ["embed", minilm, *(a for t in texts for a in ("--text", t))]
+    default = [json.loads(line) for line in cli(*args).ok().stdout.splitlines()]
+    reference = [json.loads(line) for line in cli(*args, "--reference").ok().stdout.splitlines()]
+    assert (torch.tensor(default) - torch.tensor(reference)).abs().max() <= 1e-5
+
+
+def test_compiled_decoding_needs_the_kernels_that_reference_turns_off(cli, tiny_llama):
+    assert cli(
+        "generate", tiny_llama, "-p", "hi", "--compile", "--dtype", "bfloat16", "--reference"
+    ).error_line() == (
+        "error: --compile runs on graft's kernels, which --reference turns off: drop one of them"
+    )

@@ -15,6 +15,10 @@ app = typer.Typer(
 )
 
 ModelArg = Annotated[str, typer.Argument(help="A Hugging Face-format folder or a Hub id.")]
+ReferenceOpt = Annotated[
+    bool,
+    typer.Option("--reference", help="Run graft.nn's plain reference code, without graft's CPU kernels."),
+]
 
 
 def version() -> str:

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from graft.cli.app import app
+from graft.cli.app import ReferenceOpt, app
 from graft.errors import GraftError
 
 ModelArg = Annotated[str, typer.Argument(help="A Hugging Face-format folder, a Hub id, or a .gguf file.")]
@@ -43,8 +43,10 @@ def model_folder(model: str) -> Iterator[Path]:
     yield resolve(model)
 
 
-def load(model: str, dtype: DType, compile: bool = False):
-    """(causal LM, tokenizer, the folder's generation_config.json)."""
+def load(model: str, dtype: DType, compile: bool = False, reference: bool = False):
+    """(causal LM, tokenizer, the folder's generation_config.json); ``reference``: without the kernels."""
+    if compile and reference:  # compiled decoding is one of the kernels
+        raise GraftError("--compile runs on graft's kernels, which --reference turns off: drop one of them")
     if compile and dtype is DType.float32:  # the library says the same, in Python's words, after loading
         raise GraftError(
             "--compile is for bfloat16 weights on CPU (float32 decoding runs at the speed of its matrix "
@@ -57,7 +59,7 @@ def load(model: str, dtype: DType, compile: bool = False):
     from graft.tokenizer import Tokenizer
 
     with model_folder(model) as folder:
-        lm = load_model(folder, task="causal-lm", dtype=getattr(torch, dtype.value))
+        lm = load_model(folder, task="causal-lm", dtype=getattr(torch, dtype.value), kernels=not reference)
         tokenizer = Tokenizer.from_folder(folder)
         defaults: dict[str, Any] = {}
         if (folder / "generation_config.json").exists():
@@ -153,12 +155,13 @@ def generate(
     dtype: DTypeOpt = DType.float32,
     compile: Compile = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line per prompt instead.")] = False,
+    reference: ReferenceOpt = False,
 ) -> None:
     """Continue a prompt (or answer it, with --chat), streaming the new text to stdout."""
     from graft.generation import encode_prompts
     from graft.generation import generate as run
 
-    lm, tokenizer, defaults = load(model, dtype, compile)
+    lm, tokenizer, defaults = load(model, dtype, compile, reference)
     config = generation_config(
         lm, tokenizer, defaults, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         min_p=min_p, repetition_penalty=repetition_penalty, num_beams=num_beams, length_penalty=length_penalty,
@@ -193,11 +196,12 @@ def chat(
     seed: Seed = None,
     dtype: DTypeOpt = DType.float32,
     compile: Compile = False,
+    reference: ReferenceOpt = False,
 ) -> None:
     """Talk with a chat model: one message per line; /reset forgets the conversation, /exit (or Ctrl-D) quits."""
     from graft.generation import encode_prompts
 
-    lm, tokenizer, defaults = load(model, dtype, compile)
+    lm, tokenizer, defaults = load(model, dtype, compile, reference)
     if not tokenizer.chat_template:
         raise GraftError(f"{model}: the tokenizer has no chat template, so it cannot chat")
     config = generation_config(

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from graft.cli.app import ModelArg, app
+from graft.cli.app import ModelArg, ReferenceOpt, app
 from graft.errors import GraftError
 
 
@@ -21,12 +21,14 @@ def count(n: int) -> str:
 
 @app.command()
 def info(
-    model: ModelArg, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
+    model: ModelArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    reference: ReferenceOpt = False,
 ) -> None:
     """Print a model's family, shape and exact parameter count."""
     from graft.loading import load_model
 
-    m = load_model(model, task="base")
+    m = load_model(model, task="base", kernels=not reference)
     cfg = m.config
     facts = {
         "family": cfg.family,
@@ -93,6 +95,7 @@ def embed(
     batch_size: Annotated[int, typer.Option(min=1, help="Most texts per batch.")] = 256,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most padded tokens per batch.")] = 1024,
     max_length: Annotated[int | None, typer.Option(min=1, help="Truncate texts to this many tokens.")] = None,
+    reference: ReferenceOpt = False,
 ) -> None:
     """Sentence embeddings: the mean of the last hidden states over real tokens."""
     if (text is None) == (file is None):
@@ -111,7 +114,7 @@ def embed(
     from graft.tokenizer import Tokenizer
 
     folder = resolve(model)
-    m = load_model(folder, task="base")
+    m = load_model(folder, task="base", kernels=not reference)
     tokenizer = Tokenizer.from_folder(folder)
     vectors = embed_texts(
         m,

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from graft.cli.app import ModelArg, app
+from graft.cli.app import ModelArg, ReferenceOpt, app
 from graft.errors import GraftError
 
 FormatOpt = Annotated[
@@ -64,8 +64,8 @@ def pick_device(device: str | None) -> str:
     return device
 
 
-def load_task_model(model: str, device: str | None):
-    """The task model and tokenizer of a model folder (or Hub id)."""
+def load_task_model(model: str, device: str | None, reference: bool = False):
+    """The task model and tokenizer of a model folder (or Hub id); ``reference``: without the kernels."""
     from graft.io.hf import resolve
     from graft.loading import load_model
     from graft.tasks import TaskModel
@@ -73,7 +73,7 @@ def load_task_model(model: str, device: str | None):
 
     device = pick_device(device)
     folder = resolve(model)
-    m = load_model(folder, device=device)
+    m = load_model(folder, device=device, kernels=not reference)
     if not isinstance(m, TaskModel):
         raise GraftError(
             f"{folder}: a bare {m.config.family} model has no task head; predict/eval need a task model"
@@ -135,6 +135,7 @@ def predict(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Causal LM: tokens to generate.")] = 64,
     skip_bad_rows: SkipBadRowsOpt = False,
     encoding: EncodingOpt = "auto",
+    reference: ReferenceOpt = False,
 ) -> None:
     """Predict with a task model: one JSON line per input record."""
     from graft.generation.text import generate_records
@@ -143,7 +144,7 @@ def predict(
 
     if output is not None:
         check_output(output, "--output", example="predictions.jsonl")
-    m, tokenizer = load_task_model(model, device)
+    m, tokenizer = load_task_model(model, device, reference)
     records = read_records(input, fmt, column, m.head, skip_bad_rows=skip_bad_rows, encoding=encoding)
     if m.task == "causal-lm":
         pairs = generate_records(m, tokenizer, records, min(batch_size, 8), max_length, max_new_tokens)
@@ -183,6 +184,7 @@ def evaluate(
     device: DeviceOpt = None,
     skip_bad_rows: SkipBadRowsOpt = False,
     encoding: EncodingOpt = "auto",
+    reference: ReferenceOpt = False,
 ) -> None:
     """Evaluate a task model on labelled data: prints the task's metrics as JSON."""
     from graft.io.atomic import atomic_path, check_output, write_json
@@ -190,7 +192,7 @@ def evaluate(
 
     if out is not None:
         check_output(out, "--out", folder=True)
-    m, tokenizer = load_task_model(model, device)
+    m, tokenizer = load_task_model(model, device, reference)
     records, predictions = [], []
     for record, prediction in run(
         m,

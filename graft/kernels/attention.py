@@ -56,12 +56,13 @@ class FastAttention(Attention):
         # not when decoding one position, unless the weights are packed once: otherwise copying
         # them costs more than reading x thrice
         fuse = (src.shape[1] > 1 or packed is not None) and plain(self.k) and plain(self.v)
+        routes = self.kernels.calibration
         if context is None and rows is None and fuse and plain(self.q):
-            return fused(x, (self.q, self.k, self.v), (self, "qkv"), packed)
-        q = call(self.q, x if rows is None else take_rows(x, rows), packed=packed)
+            return fused(x, (self.q, self.k, self.v), (self, "qkv"), packed, routes)
+        q = call(self.q, x if rows is None else take_rows(x, rows), None, packed, routes)
         if fuse:
-            return (q, *fused(src, (self.k, self.v), (self, "kv"), packed))
-        return q, call(self.k, src, packed=packed), call(self.v, src, packed=packed)
+            return (q, *fused(src, (self.k, self.v), (self, "kv"), packed, routes))
+        return q, call(self.k, src, None, packed, routes), call(self.v, src, None, packed, routes)
 
     def rotate(
         self, q: torch.Tensor, k: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]
@@ -132,9 +133,8 @@ class FastAttention(Attention):
             y = attend(q, k, v, mask, False, p, self.scale).reshape(B, -1, T, self.head_dim)  # (B, nh, 1, hd)
         else:
             y = attend(q, k, v, mask, is_causal, p, self.scale)  # (B, nh, T, hd)
-        return call(
-            self.o, y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim), packed=packed
-        ), None
+        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, nh * hd)
+        return call(self.o, y, None, packed, self.kernels.calibration), None
 
 
 def attend(

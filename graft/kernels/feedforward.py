@@ -13,12 +13,12 @@ class FastFeedForward(FeedForward):
     kernels = None  # the model's Kernels, set by graft.kernels.optimize
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H)
-        packed = self.kernels.packed()
+        packed, routes = self.kernels.packed(), self.kernels.calibration
         if self.gate is None:
-            h = call(self.up, x, self.activation, packed)  # (B, T, I)
+            h = call(self.up, x, self.activation, packed, routes)  # (B, T, I)
         elif packed is not None and plain(self.gate) and plain(self.up):  # one matrix multiply for both
-            gate, up = fused(x, (self.gate, self.up), (self, "gate_up"), packed)  # (B, T, I) each
+            gate, up = fused(x, (self.gate, self.up), (self, "gate_up"), packed, routes)  # (B, T, I) each
             h = ACTIVATIONS[self.activation](gate) * up
         else:
-            h = call(self.gate, x, self.activation, packed) * call(self.up, x, packed=packed)  # (B, T, I)
-        return call(self.down, h, packed=packed)
+            h = call(self.gate, x, self.activation, packed, routes) * call(self.up, x, None, packed, routes)
+        return call(self.down, h, None, packed, routes)

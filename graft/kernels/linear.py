@@ -7,13 +7,16 @@ autograd function runs oneDNN forward and torch's matrix multiplies backward (fp
 autocast, torch.compile and other devices take torch's ordinary F.linear). Layers that a
 strategy wrapped or hooked are always called as modules, so the wrapper or hook sees every call.
 
-Weights packed once into oneDNN's blocked layout are kept in a ``packed`` dict that the caller
-owns (the model's ``Kernels``, graft/kernels/switch.py): there is no state in this module.
+Which of oneDNN on packed weights, oneDNN and torch's F.linear runs a call is chosen per shape
+by what they measured on this CPU (``routes``, graft/kernels/calibrate.py): oneDNN is faster on
+one processor and slower on another. Weights packed once into oneDNN's blocked layout are kept
+in a ``packed`` dict that the caller owns (the model's ``Kernels``, graft/kernels/switch.py):
+there is no state in this module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +25,9 @@ from torch import nn
 from graft.nn.feedforward import ACTIVATIONS
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# activations oneDNN applies to the tile in cache: name -> (its attribute, its algorithm)
 FUSED = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
+GELU = {"gelu": "none", "gelu_tanh": "tanh"}  # activation name -> F.gelu's approximate
 
 
 class PackedLinear(nn.Linear):
@@ -36,7 +41,7 @@ class PackedLinear(nn.Linear):
         packed = self.kernels.packed()
         if packed is None:
             return F.linear(x, self.weight, self.bias)
-        return linear(x, self.weight, self.bias, key=self, packed=packed)
+        return linear(x, self.weight, self.bias, key=self, packed=packed, routes=self.kernels.calibration)
 
 
 def plain(layer: nn.Module) -> bool:
@@ -49,7 +54,7 @@ def plain(layer: nn.Module) -> bool:
 def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         ONEDNN
-        and x.device.type == "cpu"
+        and x.is_cpu
         and x.dtype == weight.dtype
         and x.dtype in (torch.float32, torch.bfloat16)
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -63,7 +68,7 @@ def use_onednn_training(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return (
         ONEDNN
         and torch.is_grad_enabled()
-        and x.device.type == "cpu"
+        and x.is_cpu
         and x.dtype == weight.dtype == torch.float32
         and type(weight) in (torch.Tensor, nn.Parameter)
         and (bias is None or type(bias) in (torch.Tensor, nn.Parameter))
@@ -102,43 +107,115 @@ def weights_signature(model: nn.Module) -> tuple:
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
+class Routes(Protocol):
+    """Chooses the route of a linear call (graft.kernels.calibrate.Calibration measures them)."""
+
+    def route(
+        self, dtype: torch.dtype, rows: int, out: int, inp: int, activation: str, candidates: tuple[str, ...]
+    ) -> str: ...
+
+
+ROUTES = ("packed", "onednn", "torch")  # oneDNN on weights packed once, oneDNN, torch's F.linear
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in oneDNN's blocked layout (only oneDNN's matmul reads it)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 1024)
+
+
+def onednn_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None
+) -> torch.Tensor:
+    """activation(x @ weight.T + bias) by oneDNN (``weight`` plain or packed): GELU/ReLU applied to
+    the tile in cache, others (SiLU) after, as the references do."""
+    name, algorithm = FUSED.get(activation, ("none", ""))
+    y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, name, [], algorithm)
+    return y if activation is None or activation in FUSED else ACTIVATIONS[activation](y)
+
+
+def torch_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None
+) -> torch.Tensor:
+    """activation(x @ weight.T + bias) by torch's F.linear, the reference's call."""
+    y = F.linear(x, weight, bias)
+    if activation in GELU and y.requires_grad and not torch.compiler.is_compiling():
+        return _Gelu.apply(y, GELU[activation])
+    return y if activation is None else ACTIVATIONS[activation](y)
+
+
 def linear(
     x: torch.Tensor,
-    weight: torch.Tensor | Callable[[], torch.Tensor],
+    weight: torch.Tensor | tuple[torch.Tensor, ...],
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     key: object = None,
     packed: dict[object, torch.Tensor] | None = None,
+    routes: Routes | None = None,
 ) -> torch.Tensor:
     """activation(x @ weight.T + bias); activation is a TransformerConfig name or None.
 
-    ``weight`` may be a function making it (a concatenation, say), called only when needed.
-    ``packed``: while the weights are frozen, the store of packed weights, where ``key`` names
-    this one (packed at its first use).
+    ``weight`` may be several tensors, concatenated (a fused projection) only when needed.
+    ``packed``: while the weights are frozen, the store where ``key`` names this weight's packed
+    layout or concatenation, made at its first use. ``routes`` chooses among the routes the call
+    allows (oneDNN on packed weights while frozen; oneDNN at inference and in fp32 training;
+    torch's F.linear always) by what they measured on this CPU (graft.kernels.calibrate); without
+    it, oneDNN wherever it may run.
     """
-    # Unfrozen, SiLU layers keep torch's matmul: the references' rounding, which the Llama
-    # family's logits match to 1e-4 over 30 layers only that way
-    onednn = activation is None or activation in FUSED or packed is not None
-    w = packed.get(key) if packed is not None else None
-    if w is None or not use_onednn(x, w):
-        w = weight() if callable(weight) and not isinstance(weight, torch.Tensor) else weight
-        if not (onednn and use_onednn(x, w)):
-            if use_onednn_training(x, w, bias):
-                y = _TrainingLinear.apply(x, w, bias)
-            else:
-                y = F.linear(x, w, bias)
+    parts = weight if isinstance(weight, tuple) else (weight,)
+    if use_onednn(x, parts[0]):
+        if packed is not None and key is not None:
+            candidates = ROUTES
+        # Unfrozen, SiLU layers keep torch's matmul: the references' rounding, which the Llama
+        # family's logits match to 1e-4 over 30 layers only that way
+        elif activation is None or activation in FUSED:
+            candidates = ("onednn", "torch")
+        else:
+            candidates = ("torch",)
+        route = choose(routes, x, parts, activation if activation in FUSED else "none", candidates)
+        if route == "packed":
+            w = packed.get((key, "packed"))
+            if w is None:
+                w = packed[(key, "packed")] = pack(whole(parts))  # (the concatenation not kept)
+            return onednn_linear(x, w, bias, activation)
+        w = whole(parts, key, packed)
+        return (onednn_linear if route == "onednn" else torch_linear)(x, w, bias, activation)
+    w = whole(parts)  # not kept: torch.compile's graph, or a store that must stay empty, holds it
+    if use_onednn_training(x, w, bias):
+        if choose(routes, x, parts, "none", ("onednn", "torch")) == "onednn":
+            y = _TrainingLinear.apply(x, w, bias)
             if activation in GELU and y.requires_grad and not torch.compiler.is_compiling():
                 return _Gelu.apply(y, GELU[activation])
             return y if activation is None else ACTIVATIONS[activation](y)
-        if packed is not None and key is not None:
-            w = packed[key] = torch.ops.mkldnn._reorder_linear_weight(w, 1024)
-    # GELU/ReLU are applied to the tile in cache; others (SiLU) after, as the references do
-    name, algorithm = FUSED.get(activation, ("none", ""))
-    y = torch.ops.mkldnn._linear_pointwise(x, w, bias, name, [], algorithm)
-    return y if activation is None or activation in FUSED else ACTIVATIONS[activation](y)
+    return torch_linear(x, w, bias, activation)
 
 
-GELU = {"gelu": "none", "gelu_tanh": "tanh"}  # activation name -> F.gelu's approximate
+def choose(
+    routes: Routes | None,
+    x: torch.Tensor,  # (..., in)
+    parts: tuple[torch.Tensor, ...],  # (out_i, in) each
+    activation: str,
+    candidates: tuple[str, ...],
+) -> str:
+    if routes is None or len(candidates) == 1:  # no measurements: oneDNN, packed where it may
+        return candidates[0]
+    out, inp = parts[0].shape
+    for w in parts[1:]:
+        out += w.shape[0]
+    return routes.route(x.dtype, x.numel() // inp, out, inp, activation, candidates)
+
+
+def whole(
+    parts: tuple[torch.Tensor, ...], key: object = None, packed: dict[object, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The weight made of ``parts``: concatenated once per frozen store (fused Q/K/V, gate/up)."""
+    if len(parts) == 1:
+        return parts[0]
+    if packed is None or key is None:
+        return torch.cat(parts)
+    w = packed.get((key, "weight"))
+    if w is None:
+        w = packed[(key, "weight")] = torch.cat(parts)
+    return w
 
 
 class _Gelu(torch.autograd.Function):
@@ -168,13 +245,15 @@ def fused(
     layers: tuple[nn.Linear, ...],
     key: object,
     packed: dict[object, torch.Tensor] | None = None,
+    routes: Routes | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """x through several plain linear layers as one matrix multiply over their concatenated
     weights (one pass over x); one output per layer. ``key`` names the concatenation in the
-    ``packed`` store, which then makes and packs it once."""
+    ``packed`` store, which then makes (and packs) it once."""
     bias = torch.cat([m.bias for m in layers]) if layers[0].bias is not None else None
-    weight = lambda: torch.cat([m.weight for m in layers])  # noqa: E731 (made only when needed)
-    return linear(x, weight, bias, key=key, packed=packed).split([m.out_features for m in layers], -1)
+    weights = tuple(m.weight for m in layers)
+    y = linear(x, weights, bias, key=key, packed=packed, routes=routes)  # (..., sum of outs)
+    return y.split([m.out_features for m in layers], -1)
 
 
 def call(
@@ -182,9 +261,10 @@ def call(
     x: torch.Tensor,
     activation: str | None = None,
     packed: dict[object, torch.Tensor] | None = None,
+    routes: Routes | None = None,
 ) -> torch.Tensor:
     """layer(x) then the activation: through ``linear`` for a plain layer, as a module call otherwise."""
     if plain(layer):
-        return linear(x, layer.weight, layer.bias, activation, key=layer, packed=packed)
+        return linear(x, layer.weight, layer.bias, activation, key=layer, packed=packed, routes=routes)
     y = layer(x)
     return y if activation is None else ACTIVATIONS[activation](y)

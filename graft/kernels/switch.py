@@ -10,7 +10,10 @@ also covers modules added since (a strategy's wrappers).
 A twin declares what it supports and otherwise runs the reference's code for that call: a
 wrapped or hooked linear layer is called as a module, attention probabilities come from the
 written-out math, torch.compile, autocast, other devices and dtypes get torch's own kernels.
-``report(model)`` says which paths are on and why the others are not.
+Which way each linear call runs (oneDNN on packed weights, oneDNN, or torch's F.linear) is chosen
+per dtype, shape and row count by what the routes measured on this CPU at first use (the model's
+``Calibration``, graft/kernels/calibrate.py). ``report(model)`` says which paths are on, why the
+others are not, and which route each linear path takes with the figures that chose it.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import torch
 from torch import nn
 
 from graft.kernels.attention import FastAttention
+from graft.kernels.calibrate import ENV, ROWS, Calibration, processor
 from graft.kernels.dropout import Dropout
 from graft.kernels.feedforward import FastFeedForward
-from graft.kernels.linear import ONEDNN, PackedLinear, plain, weights_signature
+from graft.kernels.linear import FUSED, ONEDNN, ROUTES, PackedLinear, plain, weights_signature
 from graft.nn.attention import Attention
 from graft.nn.feedforward import FeedForward
 
@@ -50,10 +54,13 @@ class Kernels:
 
     The packed weights (oneDNN's blocked layout, made once) are kept here while the model's
     weights stay the same, and whether a call runs with frozen weights is per thread, so one
-    loaded model serves many threads; compiled decoding keeps its graphs here too.
+    loaded model serves many threads; compiled decoding keeps its graphs here too. The
+    ``calibration`` chooses each linear call's route (shared with the model's copies: it holds
+    facts about the CPU, not the weights).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, calibration: Calibration | None = None) -> None:
+        self.calibration = calibration if calibration is not None else Calibration()
         self.local = threading.local()  # .packed: this thread's store while inside frozen()
         self.lock = threading.Lock()
         self.kept: tuple[tuple, dict[object, torch.Tensor]] | None = None  # (weights signature, store)
@@ -95,7 +102,7 @@ class Kernels:
             self.local.packed = previous
 
     def __deepcopy__(self, memo: dict) -> Kernels:
-        return Kernels()  # a copy's weights are new: nothing to share
+        return Kernels(self.calibration)  # a copy's weights are new: nothing else to share
 
     def __getstate__(self) -> dict:
         return {}
@@ -113,9 +120,15 @@ def kernels_of(model: nn.Module) -> Kernels | None:
     return None
 
 
-def optimize(model: nn.Module) -> nn.Module:
-    """Run ``model`` on graft's CPU kernels (in place; returns it). Same numbers to rounding."""
-    kernels = kernels_of(model) or Kernels()
+def optimize(model: nn.Module, calibration: Calibration | None = None) -> nn.Module:
+    """Run ``model`` on graft's CPU kernels (in place; returns it). Same numbers to rounding.
+
+    ``calibration``: how each linear call chooses its route (default: measured on this CPU at
+    first use, or forced by $GRAFT_KERNEL_ROUTE; graft.kernels.calibrate).
+    """
+    kernels = kernels_of(model) or Kernels(calibration)
+    if calibration is not None:
+        kernels.calibration = calibration
     model.kernels = kernels  # a plain attribute, not a submodule or parameter
     for module in model.modules():
         twin = TWINS.get(type(module))
@@ -123,9 +136,39 @@ def optimize(model: nn.Module) -> nn.Module:
             module.__class__ = twin
         if type(module) in REFERENCES:
             module.kernels = kernels
-    for path, state in report(model).items():
-        log.debug("kernels: %s: %s", path, state)
+    kernels.calibration.expect(linear_shapes(model))
+    if log.isEnabledFor(logging.DEBUG):  # (the report times the routes not timed yet)
+        for path, state in report(model).items():
+            log.debug("kernels: %s: %s", path, state)
     return model
+
+
+def linear_shapes(model: nn.Module) -> set[tuple[int, int, str]]:
+    """(out, in, fused activation) of every linear call ``model`` makes, fused projections included."""
+    return layer_shapes(model) | fused_shapes(model)
+
+
+def layer_shapes(model: nn.Module) -> set[tuple[int, int, str]]:
+    """(out, in, activation) of the linear layers: "none", or the GELU/ReLU oneDNN fuses into one."""
+    shapes = {(m.out_features, m.in_features, "none") for m in model.modules() if isinstance(m, nn.Linear)}
+    for ffn in (m for m in model.modules() if isinstance(m, FeedForward) and m.activation in FUSED):
+        first = ffn.up if ffn.gate is None else ffn.gate
+        shapes.add((first.out_features, first.in_features, ffn.activation))
+    return shapes
+
+
+def fused_shapes(model: nn.Module) -> set[tuple[int, int, str]]:
+    """(out, in, "none") of the concatenated projections: Q/K/V, K/V, gate/up."""
+    shapes = set()
+    for module in model.modules():
+        if isinstance(module, FeedForward) and module.gate is not None:
+            gate, up = module.gate, module.up
+            shapes.add((gate.out_features + up.out_features, up.in_features, "none"))
+        if isinstance(module, Attention):
+            q, k, v = module.q, module.k, module.v
+            shapes.add((q.out_features + k.out_features + v.out_features, q.in_features, "none"))
+            shapes.add((k.out_features + v.out_features, k.in_features, "none"))
+    return shapes
 
 
 def reference(model: nn.Module) -> nn.Module:
@@ -151,19 +194,29 @@ def frozen(model: nn.Module, store: dict[object, torch.Tensor] | None = None) ->
 
 
 def report(model: nn.Module) -> dict[str, str]:
-    """Each kernel path of ``model``: on, or why not."""
+    """Each kernel path of ``model``: on, or why not; and for an optimized model on CPU, the route
+    each linear path takes at each class of row counts, with the timings that chose it (timing
+    what this CPU has not timed yet)."""
     attention = [m for m in model.modules() if isinstance(m, Attention)]
     fast = [m for m in attention if isinstance(m, FastAttention)]
     unfused = [m for m in fast if not (plain(m.q) and plain(m.k) and plain(m.v))]
     weight = next(model.parameters(), None)
     device = weight.device.type if weight is not None else "cpu"
-    linear = (
-        "torch's F.linear: oneDNN's matmul is not in this torch build"
-        if not ONEDNN
-        else f"torch's F.linear on {device}"
-        if device != "cpu"
-        else "oneDNN"
-    )
+    kernels = kernels_of(model)
+    if not ONEDNN:
+        linear = "torch's F.linear: oneDNN's matmul is not in this torch build"
+    elif device != "cpu":
+        linear = f"torch's F.linear on {device}"
+    elif kernels is None:
+        linear = "torch's F.linear (the reference)"
+    elif kernels.calibration.force is not None:
+        linear = f"{kernels.calibration.force} wherever a call allows it (forced by {ENV} or the Calibration)"
+    else:
+        where = kernels.calibration.path() or "kept in memory"
+        linear = (
+            f"per shape, the fastest of oneDNN on packed weights, oneDNN and F.linear (F.linear unless "
+            f"another is 5% faster), timed on {processor()} with {torch.get_num_threads()} threads ({where})"
+        )
     states = {
         "linear": linear,
         "attention": f"kernels in {len(fast)} of {len(attention)} layers",
@@ -171,4 +224,39 @@ def report(model: nn.Module) -> dict[str, str]:
         + (f"; {len(unfused)} have wrapped or hooked projections (LoRA, adapters)" if unfused else ""),
         "dropout": "graft's masks on CPU" if any(isinstance(m, Dropout) for m in model.modules()) else "none",
     }
+    if kernels is not None and ONEDNN and device == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
+        states.update(routes(model, kernels.calibration, weight.dtype))
+    return states
+
+
+def routes(model: nn.Module, calibration: Calibration, dtype: torch.dtype) -> dict[str, str]:
+    """The route each linear path of ``model`` takes in ``dtype``, per class of row counts and shape."""
+    layers, fused = sorted(layer_shapes(model)), sorted(fused_shapes(model))
+
+    def line(rows: tuple[str, ...], shapes: list[tuple[int, int, str]], candidates: tuple[str, ...]) -> str:
+        return "; ".join(
+            f"{ROWS[r]} row{'s' * (ROWS[r] > 1)}: "
+            + ", ".join(
+                f"{o}x{i}{'' if a == 'none' else ' + ' + a} "
+                + calibration.explain(dtype, ROWS[r], o, i, a, candidates)
+                for o, i, a in shapes
+            )
+            for r in rows
+        )
+
+    name = str(dtype).removeprefix("torch.")
+    states = {
+        f"frozen linears ({name}: decoding, embedding)": line(("one", "few", "many"), layers, ROUTES),
+        f"fused q/k/v and gate/up ({name}, frozen)": line(("one", "few", "many"), fused, ROUTES),
+        f"inference linears ({name}; GELU/ReLU fused, SiLU gates on F.linear)": line(
+            ("many",), layers, ("onednn", "torch")
+        ),
+    }
+    if dtype == torch.float32:
+        plain_layers = [s for s in layers if s[2] == "none"]
+        states["training linear (float32)"] = line(("many",), plain_layers, ("onednn", "torch"))
+    else:
+        states[f"training linear ({name})"] = (
+            "F.linear: oneDNN's training linear is for float32 without autocast"
+        )
     return states

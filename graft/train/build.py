@@ -97,7 +97,12 @@ def build_trainer(recipe: Recipe, quiet: bool = False, callbacks=()) -> Trainer:
     if not isinstance(dtype, torch.dtype):
         raise GraftError(f"model.dtype: {recipe.model.dtype!r} is not a torch dtype (float32, bfloat16...)")
     model = load_model(
-        folder, task=recipe.task.name, dtype=dtype, to_train=True, **head_options(recipe, label_map)
+        folder,
+        task=recipe.task.name,
+        dtype=dtype,
+        kernels=recipe.model.kernels,
+        to_train=True,
+        **head_options(recipe, label_map),
     )
     if recipe.strategy.name != "full" or recipe.strategy.options:
         from graft.strategies import apply_strategy

@@ -89,6 +89,7 @@ def one_of(default: Any, choices: tuple[str, ...]) -> Any:
 class ModelSection:
     path: str = ""  # a Hugging Face-format folder or Hub id
     dtype: str = one_of("float32", DTYPES)  # weights' dtype; mixed precision is train.precision
+    kernels: bool = True  # graft's CPU kernels (graft.kernels); false: graft.nn's plain reference code
 
 
 @dataclass
