@@ -246,8 +246,8 @@ class Calibration:
             )  # fmt: skip
             if competing:
                 self.warn(
-                    f"kernels: timed while other work holds the CPUs ({competing}): these timings serve "
-                    "until a process at a quiet moment times them again"
+                    f"kernels: timed while other work holds the CPUs ({competing}); these timings are kept "
+                    f"(delete {self.path()} at a quiet moment to time them again)"
                 )
             self.save(table)
             return table[wanted]
@@ -293,8 +293,8 @@ class Calibration:
         ):
             self.warn(f"kernels: {path}: not timings of {self.identity()}; timing again, and replacing it")
             return {}
-        if not busy():  # a quiet moment: what was timed on a busy machine is timed again
-            timings = {k: v for k, v in timings.items() if not v.get("busy")}
+        # kept as they are, busy or not: every process of this machine takes the same routes, so a
+        # resumed run computes exactly what the run it continues did
         return timings
 
     def save(self, table: dict[str, dict[str, float]]) -> None:
