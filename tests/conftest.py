@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tempfile
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
