@@ -127,7 +127,7 @@ def run_distributed(out: str, strategy: str, stop_at: int = 0, resume: bool = Fa
     recipe = tiny_recipe(
         out, train={"epochs": 1, "batch_size": 8 // world // 2, "accumulate": 2, "gradient_checkpointing": True},
         optim={"name": "sgd", "lr": 0.1}, schedule={"warmup_steps": 2},
-        checkpoint={"every": 1, "keep": 10, "save_model": True}, distributed={"strategy": strategy},
+        checkpoint={"every": 1, "keep": 10, "save_model": True}, distributed={"mode": strategy},
     )  # fmt: skip
     Trainer(model, recipe, tiny_data(40), collate, callbacks=[stop] if stop_at else [], quiet=True).fit(
         resume
