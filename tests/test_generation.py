@@ -14,7 +14,6 @@ from graft.errors import GraftError
 from graft.generation import (
     GenerationConfig,
     generate,
-    left_pad,
     min_p_filter,
     penalize_repetition,
     process,
@@ -25,6 +24,7 @@ from graft.generation import (
 )
 from graft.loading import load_model
 from graft.models import FAMILIES
+from graft.tasks.collate import pad
 
 DECODERS = sorted(name for name, f in FAMILIES.items() if f.decoder)
 
@@ -196,7 +196,7 @@ def test_sampled_tokens_stay_in_the_top_k(pair):
 def test_left_padded_batch_equals_each_prompt_alone(pair):
     _, model = pair
     rows = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
-    ids, mask = left_pad(rows, 0)
+    ids, mask = pad(rows, 0, side="left")
     batched = generate(model, ids, mask, max_new_tokens=10, eos_token_id=None)
     for i, row in enumerate(rows):
         alone = generate(model, torch.tensor([row]), max_new_tokens=10, eos_token_id=None)
@@ -322,6 +322,7 @@ def tiny_chat_model(tmp_path_factory):
 
 
 def graft_cli(*args: str, stdin: str | None = None):
+    """``python -m graft ARGS...`` in a real process: the one smoke test of generate and of chat."""
     import subprocess
     import sys
 
@@ -344,19 +345,18 @@ def expected_reply(folder, prompts, chat=False, **options) -> list[str]:
     return replies
 
 
-def test_cli_generate_streams_the_greedy_continuation(tiny_chat_model):
+def test_cli_generate_in_a_real_process_streams_the_greedy_continuation(tiny_chat_model):
     result = graft_cli("generate", tiny_chat_model, "--prompt", "w10 w11 w12 w13", "-n", "12")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected_reply(tiny_chat_model, ["w10 w11 w12 w13"], max_new_tokens=12)[0]
 
 
-def test_cli_generate_chat_batch_and_sampling(tiny_chat_model):
+def test_cli_generate_chat_batch_and_sampling(tiny_chat_model, cli):
     import json
 
     prompts = ["w20 w21", "w30 w31 w32 w33 w34"]
     args = ["generate", tiny_chat_model, "--chat", "--json", "-n", "6", "--temperature", "0.9", "--seed", "3"]
-    result = graft_cli(*args, "--prompt", prompts[0], "--prompt", prompts[1])
-    assert result.returncode == 0, result.stderr
+    result = cli(*args, "--prompt", prompts[0], "--prompt", prompts[1]).ok()
     got = [json.loads(line) for line in result.stdout.splitlines()]
     expected = expected_reply(
         tiny_chat_model, prompts, chat=True, max_new_tokens=6, do_sample=True, temperature=0.9, seed=3
@@ -366,11 +366,10 @@ def test_cli_generate_chat_batch_and_sampling(tiny_chat_model):
 
 
 @pytest.mark.slow
-def test_cli_generate_compiled_in_bfloat16(tiny_chat_model):
-    result = graft_cli(
+def test_cli_generate_compiled_in_bfloat16(tiny_chat_model, cli):
+    result = cli(
         "generate", tiny_chat_model, "--prompt", "w10 w11 w12", "-n", "8", "--dtype", "bfloat16", "--compile"
-    )
-    assert result.returncode == 0, result.stderr
+    ).ok()
     assert "compiling the decoding step" in result.stderr  # the wait before the first token is explained
     model = load_model(tiny_chat_model, dtype=torch.bfloat16)
     from graft.tokenizer import Tokenizer
@@ -381,7 +380,7 @@ def test_cli_generate_compiled_in_bfloat16(tiny_chat_model):
     assert result.stdout.strip() == tokenizer.decode(row[: row.index(2)] if 2 in row else row)
 
 
-def test_cli_chat_keeps_the_conversation(tiny_chat_model):
+def test_cli_chat_in_a_real_process_keeps_the_conversation(tiny_chat_model):
     result = graft_cli("chat", tiny_chat_model, "-n", "5", stdin="w40 w41\n/reset\nw40 w41\n")
     assert result.returncode == 0, result.stderr
     first, second = result.stdout.splitlines()
@@ -407,7 +406,7 @@ def test_cli_chat_keeps_the_conversation(tiny_chat_model):
         (["generate", "{truncated}", "-p", "w9"], "truncated or corrupt GGUF file"),
     ],
 )
-def test_cli_errors_are_one_line(tiny_chat_model, tmp_path, args, message):
+def test_cli_errors_are_one_line(tiny_chat_model, tmp_path, args, message, cli):
     import importlib.util
 
     # the first megabyte of the real SmolLM2 file: the header promises far more than is there
@@ -418,9 +417,8 @@ def test_cli_errors_are_one_line(tiny_chat_model, tmp_path, args, message):
         (tmp_path / "cut.gguf").write_bytes(f.read(1_000_000))
     names = dict(tiny=tiny_chat_model, missing=tmp_path / "missing", truncated=tmp_path / "cut.gguf")
     args = [a.format(**names) for a in args]
-    result = graft_cli(*args)
-    assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    result = cli(*args)
+    assert result.code == 1 and message in result.error_line()
 
 
 def test_decoding_packs_weights_only_for_models_that_fit_twice(monkeypatch, tmp_path):

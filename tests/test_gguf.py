@@ -287,6 +287,25 @@ def test_convert_writes_a_complete_folder_and_refuses_to_overwrite(tiny_gguf, tm
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
 
 
+def test_convert_in_a_real_process_writes_what_the_library_writes(tiny_gguf, tmp_path):
+    """The one real-process smoke test of `graft convert` (the others run it in-process)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli"
+    done = subprocess.run(
+        [sys.executable, "-m", "graft", "convert", str(tiny_gguf), str(out), "--dtype", "bfloat16"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"wrote {out}\n"
+    expected = convert_gguf(tiny_gguf, tmp_path / "library", dtype=torch.bfloat16)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in expected.iterdir())
+    for path in expected.iterdir():
+        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+
+
 def test_rope_scaling_from_metadata(tmp_path):
     from transformers import LlamaConfig
 

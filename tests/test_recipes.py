@@ -237,7 +237,7 @@ def test_the_choice_fields_are_those_a_user_may_misspell():
         "schedule.name",
         "task.name",
     } <= names
-    assert {"eval.mode", "early_stopping.mode", "distributed.strategy", "distributed.backend"} <= names
+    assert {"eval.mode", "early_stopping.mode", "distributed.mode", "distributed.backend"} <= names
     assert {"tune.direction", "tune.pruner", "data.format", "data.label_kind", "task.class_weights"} <= names
 
 

@@ -1,4 +1,7 @@
-"""`graft train` / `graft tune` end to end on a tiny BERT, the recipes in recipes/, one-line errors."""
+"""`graft train` / `graft tune` end to end on a tiny BERT, the recipes in recipes/, one-line errors.
+
+Runs in this process (the ``cli`` fixture), except one smoke test per command in a real process.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ RECIPE = ROOT / "recipes" / "classification.yaml"
 
 
 def graft(*args) -> subprocess.CompletedProcess:
+    """``python -m graft ARGS...`` in a real process: for the one smoke test of each command."""
     return subprocess.run(
         [sys.executable, "-m", "graft", *map(str, args)], capture_output=True, text=True, cwd=ROOT
     )
@@ -62,7 +66,7 @@ def base_args(assets, out) -> list[str]:
     ]  # fmt: skip
 
 
-def test_train_writes_a_run_folder_and_resume_finishes_it(tmp_path, assets):
+def test_train_in_a_real_process_writes_a_run_folder_and_resume_finishes_it(tmp_path, assets, cli):
     out = tmp_path / "run"
     done = graft("train", RECIPE, *base_args(assets, out), "train.epochs=2", "checkpoint.every=2", "--quiet")
     assert done.returncode == 0, done.stderr
@@ -74,40 +78,38 @@ def test_train_writes_a_run_folder_and_resume_finishes_it(tmp_path, assets):
     model = load_model(out / "model")
     assert model.task == "classification" and model.head.id2label == ["sport", "tech"]
     assert [s for s, _ in list_checkpoints(out / "checkpoints")][-1] == 12
-    again = graft(
+    again = cli(
         "train", RECIPE, *base_args(assets, out), "train.epochs=2", "checkpoint.every=2", "--resume", "-q"
     )
-    assert again.returncode == 0, again.stderr
-    assert json.loads(again.stdout.strip().splitlines()[-1])["steps"] == 12
+    assert json.loads(again.ok().stdout.strip().splitlines()[-1])["steps"] == 12
 
 
-def test_an_earlier_model_is_replaced_only_with_overwrite(tmp_path, assets):
+def test_an_earlier_model_is_replaced_only_with_overwrite(tmp_path, assets, cli):
     out = tmp_path / "run"
     args = ["train", RECIPE, *base_args(assets, out), "train.max_steps=1", "checkpoint.keep=0", "-q"]
-    assert graft(*args).returncode == 0
+    cli(*args).ok()
     before = (out / "model" / "model.safetensors").read_bytes()
-    refused = graft(*args, "train.seed=1")
-    assert refused.returncode == 1 and refused.stderr.strip() == (
+    refused = cli(*args, "train.seed=1")
+    assert refused.code == 1 and refused.error_line() == (
         f"error: {out / 'model'}: holds the model of an earlier run; pass --overwrite to replace it "
         "(--resume to continue that run), or set train.output to a new folder"
     )
     assert (out / "model" / "model.safetensors").read_bytes() == before
-    again = graft(*args, "train.seed=1", "--overwrite")
-    assert again.returncode == 0, again.stderr
+    cli(*args, "train.seed=1", "--overwrite").ok()
     assert (out / "model" / "model.safetensors").read_bytes() != before
 
 
-def test_training_data_without_labels_is_one_line(tmp_path, assets):
+def test_training_data_without_labels_is_one_line(tmp_path, assets, cli):
     data = tmp_path / "texts.csv"
     data.write_text("text\nthe match was won\nthe chip is fast\n" * 10)
-    done = graft("train", RECIPE, *base_args(assets, tmp_path / "run"), f"data.train={data}")
-    assert done.returncode == 1 and done.stderr.strip() == (
+    done = cli("train", RECIPE, *base_args(assets, tmp_path / "run"), f"data.train={data}")
+    assert done.code == 1 and done.error_line() == (
         f"error: {data}: no 'label' column, which training a classification model needs (read: text); "
         "name yours with data.columns, e.g. data.columns={YOUR_COLUMN: label}"
     )
 
 
-def test_the_demo_runs_again_in_the_same_folder(tmp_path, assets):
+def test_the_demo_runs_again_in_the_same_folder(tmp_path, assets, cli):
     data = tmp_path / "topics"
     for label, words in (("sport", "goal match team win"), ("tech", "chip software phone data")):
         (data / label).mkdir(parents=True)
@@ -116,8 +118,7 @@ def test_the_demo_runs_again_in_the_same_folder(tmp_path, assets):
     args = ["demo", "--model", assets["model"], "--data", data, "--output", tmp_path / "demo", "--steps", "2",
             "--batch-size", "4", "--max-length", "16", "-q"]  # fmt: skip
     for _ in range(2):
-        done = graft(*args)
-        assert done.returncode == 0, done.stderr
+        done = cli(*args).ok()
         assert f"merged model to {tmp_path / 'demo' / 'model'}" in done.stdout
     assert load_model(tmp_path / "demo" / "model").head.id2label == ["sport", "tech"]
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["adapter", "model", "run"]
@@ -132,6 +133,11 @@ def test_the_demo_runs_again_in_the_same_folder(tmp_path, assets):
             "override optim.name=adamx: optim.name: unknown value 'adamx' (one of adamw, adafactor, sgd); did you mean 'adamw'?",
         ),
         ("data.train=/nonexistent/train.csv", "error: /nonexistent/train.csv: no such file or folder"),
+        (  # renamed: a "strategy" is a transfer strategy (recipe key strategy.name)
+            "distributed.strategy=ddp",
+            "error: override distributed.strategy=ddp: unknown key 'distributed.strategy'; "
+            "did you mean 'distributed.mode'?",
+        ),
         (
             "task.name=clasification",
             "task.name: unknown value 'clasification' (one of causal-lm, classification, "
@@ -139,13 +145,12 @@ def test_the_demo_runs_again_in_the_same_folder(tmp_path, assets):
         ),
     ],
 )
-def test_user_errors_are_one_line(tmp_path, assets, override, message):
-    done = graft("train", RECIPE, *base_args(assets, tmp_path / "run"), override)
-    assert done.returncode == 1
-    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and message in done.stderr
+def test_user_errors_are_one_line(tmp_path, assets, override, message, cli):
+    done = cli("train", RECIPE, *base_args(assets, tmp_path / "run"), override)
+    assert done.code == 1 and message in done.error_line()
 
 
-def test_tune_prints_and_saves_results(tmp_path, assets):
+def test_tune_in_a_real_process_prints_and_saves_results(tmp_path, assets):
     out = tmp_path / "search"
     space = "tune.space={optim.lr: {type: float, low: 1e-4, high: 1e-2, log: true}}"
     done = graft(

@@ -15,8 +15,8 @@ SCRIPT = Path(__file__).with_name("test_train_helpers.py")
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
 
 
-def launch(out: Path, strategy: str, processes: int, stop_at: int = 0, resume: bool = False) -> None:
-    args = ["dist", str(out), strategy, str(stop_at)] + (["--resume"] if resume else [])
+def launch(out: Path, mode: str, processes: int, stop_at: int = 0, resume: bool = False) -> None:
+    args = ["dist", str(out), mode, str(stop_at)] + (["--resume"] if resume else [])
     if processes == 1:
         command = [sys.executable, str(SCRIPT), *args]
     else:
@@ -42,9 +42,9 @@ def single(tmp_path_factory) -> dict[str, torch.Tensor]:
     return weights(out)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one(tmp_path, single, strategy):
-    launch(tmp_path, strategy, 2)  # 2 processes x 2 micro-batches of 2 = one step of 8
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, single, mode):
+    launch(tmp_path, mode, 2)  # 2 processes x 2 micro-batches of 2 = one step of 8
     assert_close(single, weights(tmp_path))
     # the final model folder is whole (gathered from the shards under FSDP)
     from graft.loading import load_model
@@ -56,8 +56,8 @@ def test_two_processes_match_one(tmp_path, single, strategy):
 
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
 def test_checkpoints_resume_across_process_counts(tmp_path, single, first, then):
-    strategy = "ddp"
-    launch(tmp_path, strategy, first, stop_at=3)
+    mode = "ddp"
+    launch(tmp_path, mode, first, stop_at=3)
     assert (tmp_path / "checkpoints" / "step-00000003").is_dir()
     assert not (tmp_path / "checkpoints" / "step-00000004").exists()
     launch(tmp_path, "fsdp" if then == 2 else "none", then, resume=True)

@@ -106,7 +106,7 @@ def run(out: str, kill_at: int = 0, resume: bool = False, dropout: float = 0.1) 
     )
 
 
-def run_distributed(out: str, strategy: str, stop_at: int = 0, resume: bool = False) -> None:
+def run_distributed(out: str, mode: str, stop_at: int = 0, resume: bool = False) -> None:
     """5 steps of 8 examples, whatever the number of processes (torchrun sets WORLD_SIZE).
 
     Embeddings are frozen and gradient checkpointing is on: both must work under DDP and FSDP.
@@ -127,7 +127,7 @@ def run_distributed(out: str, strategy: str, stop_at: int = 0, resume: bool = Fa
     recipe = tiny_recipe(
         out, train={"epochs": 1, "batch_size": 8 // world // 2, "accumulate": 2, "gradient_checkpointing": True},
         optim={"name": "sgd", "lr": 0.1}, schedule={"warmup_steps": 2},
-        checkpoint={"every": 1, "keep": 10, "save_model": True}, distributed={"strategy": strategy},
+        checkpoint={"every": 1, "keep": 10, "save_model": True}, distributed={"mode": mode},
     )  # fmt: skip
     Trainer(model, recipe, tiny_data(40), collate, callbacks=[stop] if stop_at else [], quiet=True).fit(
         resume

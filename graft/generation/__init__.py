@@ -5,7 +5,7 @@
 - decoder.py: ``Decoder``, the cache, mask and positions of a batch being decoded;
 - loop.py: ``stream`` (one step at a time), ``generate`` and ``greedy``;
 - beam.py: ``beam_search``;
-- text.py: prompts in (``encode_prompts``, ``left_pad``), text out (``stream_text``).
+- text.py: prompts in (``encode_prompts``, left-padded), text out (``stream_text``).
 
 Compiled decoding steps are one of graft's kernels (graft/kernels/decode.py).
 """
@@ -15,7 +15,7 @@ from graft.generation.config import GenerationConfig
 from graft.generation.decoder import Decoder, fit_context, positions_from_mask
 from graft.generation.loop import generate, greedy, stream
 from graft.generation.processors import min_p_filter, penalize_repetition, process, top_k_filter, top_p_filter
-from graft.generation.text import encode_prompts, left_pad, stream_text
+from graft.generation.text import encode_prompts, stream_text
 
 __all__ = [
     "Decoder",
@@ -25,7 +25,6 @@ __all__ = [
     "fit_context",
     "generate",
     "greedy",
-    "left_pad",
     "min_p_filter",
     "penalize_repetition",
     "positions_from_mask",

@@ -10,19 +10,8 @@ import torch
 from graft.errors import GraftError
 from graft.generation.loop import greedy
 from graft.tasks.base import TaskModel
+from graft.tasks.collate import pad
 from graft.tasks.predict import batches
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> left-padded (ids, mask), each (B, T_max)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
-            mask[i, width - len(r) :] = 1
-    return ids, mask
 
 
 def encode_prompts(
@@ -40,7 +29,7 @@ def encode_prompts(
             )
     if not any(rows):
         raise GraftError("generation: the prompt is empty")
-    return left_pad(rows, tokenizer.pad_token_id or 0)
+    return pad(rows, tokenizer.pad_token_id or 0, side="left")
 
 
 def stream_text(tokenizer, tokens: Iterable[int], stop_at: Sequence[int] = ()) -> Iterator[str]:

@@ -10,8 +10,7 @@ from torch import nn
 
 from graft.nn import Transformer, TransformerOutput
 from graft.tasks.base import Head
-from graft.tasks.collate import field, window
-from graft.tasks.embedding import pad
+from graft.tasks.collate import field, pad, window
 
 IGNORE = -100  # label of tokens that are not in the loss (prompt, padding)
 

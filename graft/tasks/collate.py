@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -55,6 +56,24 @@ def model_inputs(enc: Any, cfg: TransformerConfig) -> dict[str, torch.Tensor]:
     if cfg.type_vocab_size:  # families without segment embeddings get none (GPT-2 would misread them)
         inputs["token_type_ids"] = enc.token_type_ids
     return inputs
+
+
+def pad(
+    rows: Sequence[Sequence[int]], value: int, side: Literal["right", "left"] = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (ids, mask), each (B, T_max), filled with ``value`` on ``side``.
+
+    Right for training and encoders; left for generation, so that every row's last token sits in
+    the last column, where the next token is appended.
+    """
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        start = width - len(r) if side == "left" else 0
+        ids[i, start : start + len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, start : start + len(r)] = 1
+    return ids, mask
 
 
 def where(record: dict[str, Any], index: int) -> str:

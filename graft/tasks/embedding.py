@@ -18,7 +18,7 @@ from graft import kernels
 from graft.errors import GraftError
 from graft.nn import Transformer, TransformerOutput
 from graft.tasks.base import Head
-from graft.tasks.collate import field, has_all, model_inputs, window
+from graft.tasks.collate import field, has_all, model_inputs, pad, window
 from graft.tasks.pooling import POOLINGS, mean_pool, pool
 
 __all__ = ["EmbeddingHead", "embed", "mean_pool", "pad"]
@@ -117,17 +117,6 @@ def _is_number(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
-
-
-def pad(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists: (ids, mask), each (B, T_max)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:

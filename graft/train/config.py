@@ -34,7 +34,8 @@ SCHEDULES = ("linear", "cosine", "constant", "step")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")  # the model's weights; mixed precision is train.precision
-STRATEGIES = ("auto", "none", "ddp", "fsdp")
+# how processes share the training (a "strategy" is graft.strategies' transfer strategy)
+DISTRIBUTED_MODES = ("auto", "none", "ddp", "fsdp")
 BACKENDS = ("auto", "nccl", "gloo")
 MODES = ("auto", "min", "max")
 DIRECTIONS = ("auto", "minimize", "maximize")
@@ -191,7 +192,7 @@ class CheckpointSection:
 
 @dataclass
 class DistributedSection:
-    strategy: str = one_of("auto", STRATEGIES)  # auto: ddp when launched by torchrun
+    mode: str = one_of("auto", DISTRIBUTED_MODES)  # auto: ddp when launched by torchrun
     backend: str = one_of("auto", BACKENDS)  # auto: nccl on CUDA, gloo on CPU
     find_unused_parameters: bool = False
 
@@ -288,6 +289,7 @@ ALIASES = {
     "max_seq_length": "data.max_length",
     "ddp_backend": "distributed.backend",
     "ddp_find_unused_parameters": "distributed.find_unused_parameters",
+    "distributed.strategy": "distributed.mode",  # its name before "strategy" meant graft.strategies only
 }
 
 
@@ -309,6 +311,8 @@ def key_hint(key: str) -> str:
     fields = {}  # a field's own name -> its dotted key (the first section that has it)
     for k in recipe_keys():
         fields.setdefault(k.rsplit(".", 1)[-1], k)
+    if key in ALIASES:  # a renamed key: its new name, not a field that shares its last part
+        return did_you_mean(key, (), ALIASES)
     table = {**fields, **ALIASES}
     last = key.rsplit(".", 1)[-1]
     if last in table:  # a known name in the wrong place

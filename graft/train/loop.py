@@ -220,20 +220,20 @@ class Trainer:
         return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        strategy = self.recipe.distributed.strategy
-        if strategy == "auto":
-            strategy = "ddp" if self.world > 1 else "none"
-        self.strategy = strategy if self.world > 1 else "none"
-        if self.strategy != "fsdp":
+        mode = self.recipe.distributed.mode
+        if mode == "auto":
+            mode = "ddp" if self.world > 1 else "none"
+        self.distributed_mode = mode if self.world > 1 else "none"
+        if self.distributed_mode != "fsdp":
             model.to(self.device)
-        if self.strategy == "ddp":
+        if self.distributed_mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.local_rank] if self.device.type == "cuda" else None
             return DDP(
                 model, device_ids=ids, find_unused_parameters=self.recipe.distributed.find_unused_parameters
             )
-        if self.strategy == "fsdp":
+        if self.distributed_mode == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
@@ -287,9 +287,9 @@ class Trainer:
         for j, batch in enumerate(batches):
             last = j == len(batches) - 1
             sync = contextlib.nullcontext()
-            if self.strategy == "ddp" and not last:
+            if self.distributed_mode == "ddp" and not last:
                 sync = self.wrapped.no_sync()
-            elif self.strategy == "fsdp":
+            elif self.distributed_mode == "fsdp":
                 self.wrapped.set_requires_gradient_sync(last)
             with sync:
                 with self.autocast():
@@ -324,7 +324,9 @@ class Trainer:
     def evaluate(self, data: Sequence[Any] | None = None) -> dict[str, float]:
         """Mean loss (over the items the head counts) and task metrics on ``data`` (the eval set)."""
         data = self.eval_data if data is None else data
-        model = self.wrapped if self.strategy == "fsdp" else self.module  # every process sees all data
+        model = (
+            self.wrapped if self.distributed_mode == "fsdp" else self.module
+        )  # every process sees all data
         model.eval()
         size = self.recipe.eval.batch_size
         loss_total, count_total, collected = 0.0, 0.0, []
@@ -595,7 +597,7 @@ class Trainer:
             **{f"eval/{k}": v for k, v in s.last_metrics.items()},
         }
         final = self.module
-        if r.checkpoint.save_model and self.strategy == "fsdp":
+        if r.checkpoint.save_model and self.distributed_mode == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
