@@ -215,7 +215,8 @@ class Calibration:
         if self.force is not None:
             return f"{NAMES[route]} (forced to {self.force}, not measured)"
         figures = self.figures(dtype, rows, out, inp, activation)
-        return f"{NAMES[route]} ({', '.join(f'{NAMES[r]} {microseconds(figures[r])}' for r in candidates)})"
+        busy = "; timed while other work held the CPUs" if figures.get("busy") else ""
+        return f"{NAMES[route]} ({', '.join(f'{NAMES[r]} {microseconds(figures[r])}' for r in candidates)}{busy})"
 
     def expect(self, shapes: Iterable[tuple[int, int, str]]) -> None:
         """The (out, inp, activation) of a model's layers: measured together, at the first call of each."""
@@ -237,17 +238,20 @@ class Calibration:
                 figures = self.measure(dtype, ROWS[rows], out, inp, activation)
                 table[key(dtype, rows, out, inp, activation)] = {
                     **{r: float(figures[r]) for r in ROUTES},
-                    **({"busy": True} if competing else {}),  # timed again at a quiet moment
+                    **({"busy": True} if competing else {}),  # marked: report() says so
                 }
-            log.info(
+            # debug, not info: a command's stderr carries its own output and errors only
+            log.debug(
                 "kernels: timed %d linear shapes at %d rows (%s) in %.2f s, once per processor (%s)",
                 len(todo), ROWS[rows], str(dtype).removeprefix("torch."), time.perf_counter() - start,
                 self.path() or "kept in memory",
             )  # fmt: skip
             if competing:
-                self.warn(
-                    f"kernels: timed while other work holds the CPUs ({competing}); these timings are kept "
-                    f"(delete {self.path()} at a quiet moment to time them again)"
+                log.debug(
+                    "kernels: timed while other work holds the CPUs (%s); these timings are kept "
+                    "(delete %s at a quiet moment to time them again)",
+                    competing,
+                    self.path(),
                 )
             self.save(table)
             return table[wanted]
