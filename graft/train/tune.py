@@ -15,7 +15,6 @@ which prunes trials that fall behind the median of earlier ones at the same step
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -160,7 +159,3 @@ def print_table(rows: list[dict[str, Any]], metric: str, best: int) -> None:
         cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()]
         table.add_row(*cells, style="bold green" if row["trial"] == best else None)
     Console().print(table)
-
-
-def load_results(folder: str | Path) -> dict[str, Any]:
-    return json.loads((Path(folder) / "results.json").read_text(encoding="utf-8"))
