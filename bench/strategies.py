@@ -102,7 +102,7 @@ def run_graft(args, name: str, seed: int, memory_steps: int = 0) -> dict[str, An
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = Tokenizer.from_folder(minilm_folder())
     process = process_mb(device)
-    model = load_model(minilm_folder(), task="classification", id2label=labels)
+    model = load_model(minilm_folder(), task="classification", id2label=labels, to_train=True)
     model = apply_strategy(model, spec)
     count = count_parameters(model)
     out = tempfile.mkdtemp(prefix="graft-bench-")

@@ -142,7 +142,11 @@ def graft_side(
     tokenizer = Tokenizer.from_folder(minilm_folder())
     torch.manual_seed(SEED)
     model = load_model(
-        minilm_folder(), task="classification", id2label=label_map.id2label, kernels=recipe.model.kernels
+        minilm_folder(),
+        task="classification",
+        id2label=label_map.id2label,
+        kernels=recipe.model.kernels,
+        to_train=True,
     )
     head = model.head
     lengths = token_lengths(train, tokenizer, MAX_LENGTH)
