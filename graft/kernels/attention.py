@@ -113,18 +113,7 @@ class FastAttention(Attention):
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
         v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
-        if rotary is not None and not same_positions:
-            cos, sin = rotary  # (B|1, 1, S, hd)
-            k = apply_rotary(k, cos, sin)
-            if rows is not None:
-                cos, sin = (take_rows(t.expand(B, -1, -1, -1), rows, dim=2) for t in rotary)  # (B, 1, K, hd)
-            q = apply_rotary(q, cos, sin)
-        if cache is not None and self.cross:
-            k, v = cache.keep_cross(self.layer, k, v)  # (B, nkv, S, hd), for the steps to come
-        elif cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, nkv, past + S, hd)
-        if rows is not None and mask is not None and mask.shape[2] > 1:
-            mask = take_rows(mask.expand(B, -1, -1, -1), rows, dim=2)  # (B, 1|nh, K, S)
+        q, k, v, mask = self.positioned(q, k, v, None if same_positions else rotary, cache, mask, rows)
         p = self.dropout if self.training else 0.0
         if T == 1 and self.num_kv_heads != self.num_heads and (mask is None or mask.shape[1] == 1):
             # One query per head (decoding): the heads sharing a kv head are attention queries of

@@ -153,8 +153,24 @@ class Attention(nn.Module):
             return self.attend(q, *kept, mask, is_causal, output_attentions)
         k = self.k(src).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
         v = self.v(src).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
+        q, k, v, mask = self.positioned(q, k, v, rotary, cache, mask, rows)
+        return self.attend(q, k, v, mask, is_causal, output_attentions)
+
+    def positioned(
+        self,
+        q: torch.Tensor,  # (B, nh, T, hd); T = K with rows
+        k: torch.Tensor,  # (B, nkv, S, hd)
+        v: torch.Tensor,  # (B, nkv, S, hd)
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,  # cos, sin: (B|1, 1, S, hd), the positions of x
+        cache: KVCache | None,
+        mask: torch.Tensor | None,
+        rows: torch.Tensor | None,  # (B, K)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Queries and keys rotated to their positions, the cache's keys and values joined (or, for
+        cross-attention, kept for the steps to come), and the mask cut to the queries' ``rows``."""
+        B = q.shape[0]
         if rotary is not None:
-            cos, sin = rotary  # (B|1, 1, S, hd): the positions of x
+            cos, sin = rotary
             k = apply_rotary(k, cos, sin)
             if rows is not None:  # the queries' own positions
                 cos, sin = (take_rows(t.expand(B, -1, -1, -1), rows, dim=2) for t in rotary)  # (B, 1, K, hd)
@@ -165,7 +181,7 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)  # (B, nkv, past + S, hd)
         if rows is not None and mask is not None and mask.shape[2] > 1:
             mask = take_rows(mask.expand(B, -1, -1, -1), rows, dim=2)  # (B, 1|nh, K, S)
-        return self.attend(q, k, v, mask, is_causal, output_attentions)
+        return q, k, v, mask
 
     def attend(
         self,
