@@ -33,6 +33,7 @@ def tiny_hf_config(family: str):
     import transformers as tr
 
     common = dict(vocab_size=99, pad_token_id=0)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
     configs = {
         "bert": lambda: tr.BertConfig(
             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, **common
@@ -108,6 +109,9 @@ def tiny_hf_config(family: str):
             eos_token_id=2,
             **common,
         ),
+        # ViT and DeiT: 30 x 30 images in 9 patches of 10 x 10 (DeiT adds a distillation token)
+        "vit": lambda: tr.ViTConfig(image_size=30, patch_size=10, **vision),
+        "deit": lambda: tr.DeiTConfig(image_size=30, patch_size=10, **vision),
     }
     return configs[family]()
 

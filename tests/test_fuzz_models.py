@@ -143,7 +143,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("families")
     out = {}
-    for family in sorted(FAMILIES):
+    for family in sorted(n for n, f in FAMILIES.items() if f.inputs == "tokens"):
         hf_model(family).save_pretrained(root / family)
         out[family] = root / family
     return out

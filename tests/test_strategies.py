@@ -26,7 +26,7 @@ from graft.tasks.base import TaskModel
 from graft.tasks.classification import ClassificationHead
 
 # every encoder family, and GPT-2 for the decoders
-TESTED = sorted(name for name, f in FAMILIES.items() if not f.decoder) + ["gpt2"]
+TESTED = sorted(name for name, f in FAMILIES.items() if not f.decoder and f.inputs == "tokens") + ["gpt2"]
 NUM_LABELS = 3
 
 

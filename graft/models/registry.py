@@ -25,6 +25,7 @@ class Family:
     # HF class names per graft task, written to config.json "architectures" on save.
     architectures: dict[str, str] = field(default_factory=dict)
     decoder: bool = False  # causal language model (has an LM head, can generate)
+    inputs: str = "tokens"  # what its body reads (TransformerConfig.inputs): tokens, or patches (images)
 
 
 FAMILIES: dict[str, Family] = {}

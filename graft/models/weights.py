@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +38,9 @@ class WeightMap:
     transposed: frozenset[str] = frozenset()
     ignored: tuple[str, ...] = ()  # HF name suffixes that are buffers, not weights
     prefix: str = ""  # what task checkpoints put before body names ("bert.", "transformer.")
+    # HF name -> how many leading size-1 dims the HF tensor has that graft's lacks (ViT keeps its
+    # [CLS] token as (1, 1, H) and its positions as (1, N + 1, H))
+    unsqueezed: dict[str, int] = field(default_factory=dict)
 
     def split_prefix(self, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         """Body tensors (prefix removed) and everything else (task heads)."""
@@ -82,6 +85,9 @@ class WeightMap:
                 continue
             if hf_name in self.transposed:
                 tensor = tensor.t()
+            lead = self.unsqueezed.get(hf_name, 0)
+            if lead and tensor.shape[:lead] == (1,) * lead:
+                tensor = tensor.reshape(tensor.shape[lead:])
             if isinstance(target, tuple):
                 sizes = [expected[t][0] if t in expected else -1 for t in target]
                 if -1 in sizes or sum(sizes) != tensor.shape[0]:
@@ -118,5 +124,6 @@ class WeightMap:
             )
             if hf_name in self.transposed:
                 tensor = tensor.t()
+            tensor = tensor.reshape((1,) * self.unsqueezed.get(hf_name, 0) + tuple(tensor.shape))
             out[(self.prefix if prefix else "") + hf_name] = tensor.contiguous()
         return out

@@ -38,6 +38,7 @@ class TransformerConfig:
     patch_size: int = 16  # cut into patches of this many pixels a side,
     num_channels: int = 3  # with this many channels
     patch_bias: bool = True  # the patch projection has a bias (ViT; CLIP's has none)
+    distillation_token: bool = False  # DeiT: a second learned token after [CLS], read by the teacher's head
     num_mel_bins: int = 80  # audio_frames: features per frame
     embedding_size: int | None = None  # ALBERT: factorized embeddings projected up to hidden_size
     type_vocab_size: int = 0  # BERT segment embeddings; 0 = none
@@ -104,6 +105,8 @@ class TransformerConfig:
 
     def check_inputs(self) -> None:
         """Patches and audio frames bring their own positions; token-only options stay off."""
+        if self.distillation_token and self.inputs != "patches":
+            raise GraftError(f"config: distillation_token is for inputs='patches', not {self.inputs!r}")
         if self.inputs == "tokens":
             return
         for name in ("embedding_size", "type_vocab_size", "positions_from_padding"):
@@ -117,16 +120,23 @@ class TransformerConfig:
             raise GraftError(
                 f"config: inputs={self.inputs!r} needs position={position!r}, not {self.position!r}"
             )
-        if self.inputs == "patches" and self.max_positions != self.num_patches + 1:
+        if self.inputs == "patches" and self.max_positions != self.num_patches + self.prefix_tokens:
+            tokens = "[CLS] and the distillation token" if self.distillation_token else "[CLS]"
             raise GraftError(
-                f"config: max_positions={self.max_positions} must be {self.num_patches + 1} for inputs='patches'"
-                f" ((image_size {self.image_size} // patch_size {self.patch_size}) ** 2 patches and [CLS])"
+                f"config: max_positions={self.max_positions} must be {self.num_patches + self.prefix_tokens}"
+                f" for inputs='patches' ((image_size {self.image_size} // patch_size {self.patch_size}) ** 2"
+                f" patches and {tokens})"
             )
 
     @property
     def num_patches(self) -> int:
         """Patches per image (inputs="patches")."""
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Learned tokens before the patches (inputs="patches"): [CLS], and DeiT's distillation token."""
+        return 1 + self.distillation_token
 
     @property
     def num_blocks(self) -> int:

@@ -45,8 +45,13 @@ class InputEmbeddings(nn.Module, ABC):
 
 class PatchEmbeddings(InputEmbeddings):
     """ViT's: an image cut into square patches, each projected to a vector (one Conv2d whose stride
-    is its size), a learned [CLS] vector in front, then learned positions, a norm (CLIP's
-    pre-LayerNorm, with embedding_norm) and dropout."""
+    is its size), a learned [CLS] vector in front (and DeiT's distillation vector after it), then
+    learned positions, a norm (CLIP's pre-LayerNorm, with embedding_norm) and dropout.
+
+    An image of another size than the config's gets its patch positions resized to its grid
+    (bicubic, as transformers' ``interpolate_pos_encoding`` and timm do): the table learned for
+    a 14 x 14 grid serves a 16 x 16 one.
+    """
 
     input_name = "pixel_values"
 
@@ -54,27 +59,48 @@ class PatchEmbeddings(InputEmbeddings):
         super().__init__()
         h, p = cfg.hidden_size, cfg.patch_size
         self.patch_size = p
+        self.grid = cfg.image_size // p  # patches a side of the images the positions were learned on
+        self.prefix = cfg.prefix_tokens  # [CLS] (+ distillation) before the patches
         self.patches = nn.Conv2d(cfg.num_channels, h, kernel_size=p, stride=p, bias=cfg.patch_bias)
         self.cls = nn.Parameter(torch.randn(h) * 0.02)
-        self.positions = nn.Embedding(cfg.max_positions, h)  # num_patches + 1 ([CLS] first)
+        self.distillation = nn.Parameter(torch.randn(h) * 0.02) if cfg.distillation_token else None
+        self.positions = nn.Embedding(cfg.max_positions, h)  # prefix tokens + num_patches
         self.norm = make_norm(cfg) if cfg.embedding_norm else None
         self.drop = nn.Dropout(cfg.dropout)
 
     def sequence_shape(self, pixels: torch.Tensor) -> tuple[int, int]:
         B, _, height, width = pixels.shape
-        return B, (height // self.patch_size) * (width // self.patch_size) + 1
+        return B, (height // self.patch_size) * (width // self.patch_size) + self.prefix
+
+    def resized_positions(self, rows: int, cols: int) -> torch.Tensor:
+        """(prefix + rows * cols, H) the position table for a grid of rows x cols patches."""
+        table = self.positions.weight  # (prefix + grid * grid, H)
+        if (rows, cols) == (self.grid, self.grid):
+            return table
+        first, grid = table[: self.prefix], table[self.prefix :]
+        grid = grid.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)  # (1, H, grid, grid)
+        grid = F.interpolate(
+            grid, size=(rows, cols), mode="bicubic", align_corners=False
+        )  # (1, H, rows, cols)
+        return torch.cat([first, grid.permute(0, 2, 3, 1).flatten(0, 2)])  # (prefix + rows * cols, H)
 
     def forward(
         self,
         pixels: torch.Tensor,  # (B, C, height, width)
-        position_ids: torch.Tensor,  # (B, N + 1)
+        position_ids: torch.Tensor,  # (B, prefix + N)
         token_type_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.patches(pixels)  # (B, H, height / p, width / p)
+        x = self.patches(pixels)  # (B, H, rows, cols), rows = height / p
+        rows, cols = x.shape[2:]
         x = x.flatten(2).transpose(1, 2)  # (B, N, H): patches row by row
-        cls = self.cls.expand(x.shape[0], 1, -1)  # (B, 1, H)
-        x = torch.cat([cls, x], dim=1) + self.positions(position_ids)  # (B, N + 1, H)
+        first = [self.cls] if self.distillation is None else [self.cls, self.distillation]
+        first = torch.stack(first).expand(x.shape[0], -1, -1)  # (B, prefix, H)
+        if (rows, cols) == (self.grid, self.grid):
+            positions = self.positions(position_ids)  # (B, prefix + N, H)
+        else:
+            positions = F.embedding(position_ids, self.resized_positions(rows, cols))
+        x = torch.cat([first, x], dim=1) + positions  # (B, prefix + N, H)
         if self.norm is not None:
             x = self.norm(x)
         return self.drop(x)

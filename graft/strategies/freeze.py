@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +120,9 @@ class CachedFeatures(TaskModel):
         return self
 
     def keys(self, batch: dict[str, Any], mask: torch.Tensor) -> list[bytes]:
+        if batch.get("input_ids") is None:  # images: keyed by a digest of their pixels
+            pixels = batch["pixel_values"].cpu()
+            return [hashlib.blake2b(pixels[row].numpy().tobytes()).digest() for row in range(pixels.shape[0])]
         ids, types = batch["input_ids"], batch.get("token_type_ids")
         keys = []
         for row in range(ids.shape[0]):
@@ -130,7 +134,10 @@ class CachedFeatures(TaskModel):
         return keys
 
     def features(self, batch: dict[str, Any]) -> TransformerOutput:
-        ids = batch["input_ids"]  # (B, T)
+        ids = batch.get("input_ids")  # (B, T)
+        if ids is None:  # images: every position of the (B, T) sequence is real
+            pixels = batch["pixel_values"]
+            ids = torch.zeros(self.body.embed.sequence_shape(pixels), dtype=torch.long, device=pixels.device)
         mask = batch.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(ids)

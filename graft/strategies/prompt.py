@@ -97,6 +97,11 @@ class PromptTuning(Strategy):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         body = body_of(model)
+        if body.config.inputs != "tokens":
+            raise GraftError(
+                f"strategy 'prompt': a {body.config.family} model reads {body.config.inputs}, not tokens"
+                " (prompt tuning learns token embeddings; try prefix or lora)"
+            )
         prompt = Prompt(body.embed.tokens, self.tokens, self.init)
         body.embed = PromptEmbeddings(body.embed, prompt)
         prompt.requires_grad_(True)

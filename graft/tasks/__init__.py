@@ -9,13 +9,21 @@ from graft.tasks.base import Head, TaskModel, TaskOutput
 from graft.tasks.causal_lm import LMHead
 from graft.tasks.classification import ClassificationHead
 from graft.tasks.embedding import EmbeddingHead
+from graft.tasks.image import ImageClassificationHead
 from graft.tasks.question_answering import QuestionAnsweringHead
 from graft.tasks.token_classification import TokenClassificationHead
 
 # task name -> head class; a head is built from the body it sits on.
 HEADS: dict[str, type[Head]] = {
     head.task: head
-    for head in (LMHead, ClassificationHead, TokenClassificationHead, QuestionAnsweringHead, EmbeddingHead)
+    for head in (
+        LMHead,
+        ClassificationHead,
+        TokenClassificationHead,
+        QuestionAnsweringHead,
+        EmbeddingHead,
+        ImageClassificationHead,
+    )
 }
 
 __all__ = [
@@ -23,6 +31,7 @@ __all__ = [
     "ClassificationHead",
     "EmbeddingHead",
     "Head",
+    "ImageClassificationHead",
     "LMHead",
     "QuestionAnsweringHead",
     "TaskModel",

@@ -31,6 +31,7 @@ class Head(nn.Module):
 
     task: str = ""
     reads_pooler: bool = False  # whether forward uses the body's pooled output
+    inputs: str = "tokens"  # what the body under it reads (TransformerConfig.inputs)
 
     def forward(self, out: TransformerOutput, batch: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
@@ -77,7 +78,15 @@ class Head(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} has no evaluate")
 
 
-BODY_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "cache")
+BODY_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "position_ids",
+    "inputs_embeds",
+    "cache",
+    "pixel_values",
+)
 
 
 def body_inputs(head: Head, batch: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from graft.errors import GraftError
 from graft.nn import TransformerConfig
 
 
@@ -93,6 +94,9 @@ HF_HEADS: dict[str, dict[str, HFHead]] = {
     },
 }
 
+# Image models: the classifier reads [CLS] after the final norm, with no dropout before it
+HF_HEADS["vit"] = HF_HEADS["deit"] = {"image-classification": HFHead("classifier", pooling="cls")}
+
 # Families not listed above: transformers' generic task classes (Llama, Qwen2, Mistral...) for
 # decoders, BERT-like names on the first token for encoders.
 GENERIC_DECODER = {
@@ -116,6 +120,8 @@ HF_HEADS["llama"] = HF_HEADS["qwen2"] = {
 def hf_head(cfg: TransformerConfig, task: str) -> HFHead:
     """The HF layout of ``task``'s head on a body of this config."""
     table = HF_HEADS.get(cfg.family) or (GENERIC_DECODER if cfg.causal else GENERIC_ENCODER)
+    if task not in table:
+        raise GraftError(f"a {cfg.family} model has no {task} head (its tasks: {', '.join(table)})")
     return table[task]
 
 
