@@ -28,6 +28,8 @@ from graft.strategies.checkpoint import META, WEIGHTS
 from graft.strategies.lora import HEAD_FILE, load_adapter
 from graft.tasks import HEADS, TaskModel
 from graft.tasks.hf_layout import body_prefix
+from graft.tokenizer import Tokenizer
+from graft.vision import ImageProcessor
 
 log = logging.getLogger("graft")
 
@@ -49,6 +51,16 @@ def load_config(folder: Path) -> tuple[Family, TransformerConfig]:
         raise GraftError(message) from None
     except (TypeError, ValueError) as e:
         raise GraftError(f"{path}: {e}") from None
+
+
+def load_processor(folder: str | Path) -> Any:
+    """What turns a model's inputs into tensors: its ImageProcessor (preprocessor_config.json, or the
+    defaults at the model's image size) for an image model, else its Tokenizer."""
+    folder = resolve(folder)
+    _, cfg = load_config(folder)
+    if cfg.inputs == "patches":
+        return ImageProcessor.for_model(folder, cfg)
+    return Tokenizer.from_folder(folder)
 
 
 def task_from_architectures(hf: dict[str, Any], family: Family) -> str:

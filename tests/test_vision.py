@@ -143,3 +143,25 @@ def test_image_classifier_collates_fashion_mnist_idx_records(tmp_path):
     assert out.logits.shape == (6, 10) and out.loss is not None
     with pytest.raises(GraftError, match="^record 1: no 'image', which the image-classification task needs"):
         model.head.collate([{"text": "a shirt"}], processor)
+
+
+def test_predict_and_eval_read_image_folders_and_csv_paths(cli, tmp_path):
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=30,
+        patch_size=10, id2label={0: "bag", 1: "shirt"}, label2id={"bag": 0, "shirt": 1},
+    )  # fmt: skip
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "model")
+    gray = read_idx(FASHION / "t10k-images-idx3-ubyte.gz")[:4]
+    for i, label in enumerate(["bag", "bag", "shirt", "shirt"]):
+        (tmp_path / "data" / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.array(gray[i])).save(tmp_path / "data" / label / f"{i}.png")
+    rows = cli("predict", tmp_path / "model", "-i", tmp_path / "data").ok().stdout.splitlines()
+    assert [json.loads(r)["id"] for r in rows] == ["bag/0.png", "bag/1.png", "shirt/2.png", "shirt/3.png"]
+    metrics = json.loads(cli("eval", tmp_path / "model", "-d", tmp_path / "data").ok().stdout)
+    assert metrics["examples"] == 4 and metrics["confusion_matrix"]["labels"] == ["bag", "shirt"]
+    listed = tmp_path / "list.csv"
+    listed.write_text(f"image,label\n{tmp_path}/data/nope.png,bag\n")
+    assert cli("predict", tmp_path / "model", "-i", listed).error_line() == (
+        f"error: {tmp_path}/data/nope.png: no such file or folder"
+    )

@@ -67,9 +67,8 @@ def pick_device(device: str | None) -> str:
 def load_task_model(model: str, device: str | None, reference: bool = False):
     """The task model and tokenizer of a model folder (or Hub id); ``reference``: without the kernels."""
     from graft.io.hf import resolve
-    from graft.loading import load_model
+    from graft.loading import load_model, load_processor
     from graft.tasks import TaskModel
-    from graft.tokenizer import Tokenizer
 
     device = pick_device(device)
     folder = resolve(model)
@@ -78,7 +77,7 @@ def load_task_model(model: str, device: str | None, reference: bool = False):
         raise GraftError(
             f"{folder}: a bare {m.config.family} model has no task head; predict/eval need a task model"
         )
-    return m, Tokenizer.from_folder(folder)
+    return m, load_processor(folder)  # a tokenizer, or an image model's ImageProcessor
 
 
 def read_records(

@@ -66,9 +66,8 @@ def token_lengths(records: Sequence[dict[str, Any]], tokenizer: Any, max_length:
 def build_trainer(recipe: Recipe, quiet: bool = False, callbacks=()) -> Trainer:
     from graft.data import load_splits
     from graft.io.hf import resolve
-    from graft.loading import load_model
+    from graft.loading import load_model, load_processor
     from graft.tasks import HEADS
-    from graft.tokenizer import Tokenizer
     from graft.train.losses import make_loss
 
     if not recipe.model.path:
@@ -90,7 +89,7 @@ def build_trainer(recipe: Recipe, quiet: bool = False, callbacks=()) -> Trainer:
         )
     label_map = train_set.label_map
     folder = resolve(recipe.model.path)
-    tokenizer = Tokenizer.from_folder(folder)
+    tokenizer = load_processor(folder)  # an image model's ImageProcessor, saved with it the same way
 
     torch.manual_seed(recipe.train.seed)  # a new head starts from the same weights in every run
     dtype = getattr(torch, recipe.model.dtype, None)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from graft.errors import GraftError
+from graft.io.atomic import write_json
 from graft.io.hf import read_json
 from graft.vision.images import open_image, to_mode
 
@@ -132,6 +133,10 @@ class ImageProcessor:
         if self.channels == 3:
             d["do_convert_rgb"] = True
         return d
+
+    def save(self, folder: str | Path) -> None:
+        """preprocessor_config.json in ``folder`` (as a tokenizer saves its files beside a model)."""
+        write_json(Path(folder) / PREPROCESSOR_FILE, self.to_dict())
 
     @property
     def output_size(self) -> tuple[int, int] | None:
