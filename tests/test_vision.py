@@ -165,3 +165,26 @@ def test_predict_and_eval_read_image_folders_and_csv_paths(cli, tmp_path):
     assert cli("predict", tmp_path / "model", "-i", listed).error_line() == (
         f"error: {tmp_path}/data/nope.png: no such file or folder"
     )
+
+
+def test_train_fine_tunes_an_image_classifier_and_saves_its_preprocessing(cli, tmp_path):
+    hf_model("vit").save_pretrained(tmp_path / "model")
+    gray = read_idx(FASHION / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(FASHION / "t10k-labels-idx1-ubyte.gz")
+    for split, rows in (("train", range(0, 40)), ("val", range(40, 50))):
+        for i in rows:
+            folder = tmp_path / split / str(labels[i] % 2)
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.array(gray[i])).save(folder / f"{i}.png")
+    recipe = Path(__file__).parents[1] / "recipes" / "classification.yaml"
+    cli(
+        "train", recipe, f"model.path={tmp_path / 'model'}", "task.name=image-classification",
+        f"data.train={tmp_path / 'train'}", f"data.validation={tmp_path / 'val'}", "data.test_fraction=0",
+        "train.epochs=1", "train.batch_size=8", f"train.output={tmp_path / 'run'}", "train.plots=false", "-q",
+    ).ok()  # fmt: skip
+    saved = tmp_path / "run" / "model"
+    assert ImageProcessor.for_model(saved, load_model(saved).config).size == (30, 30)
+    assert transformers.AutoModelForImageClassification.from_pretrained(saved).config.id2label == {
+        0: "0",
+        1: "1",
+    }

@@ -16,13 +16,13 @@ from graft.train.loop import Trainer, check_output
 PROBLEM_TYPES = {"class": "single_label", "multi": "multi_label", "float": "regression"}
 # the record key each task learns from (a data file's column, or data.columns maps one to it)
 LABEL_KEYS = {"classification": "label", "token-classification": "tags", "question-answering": "answers",
-              "embedding": "text_pair"}  # fmt: skip
+              "embedding": "text_pair", "image-classification": "label"}  # fmt: skip
 
 
 def head_options(recipe: Recipe, label_map: Any) -> dict[str, Any]:
     """What the task head needs to know about the data: its labels and kind of label."""
     task = recipe.task.name
-    if task == "classification":
+    if task in ("classification", "image-classification"):
         options = {"problem_type": PROBLEM_TYPES.get(recipe.data.label_kind, "single_label")}
         if label_map is not None:
             options["id2label"] = list(label_map.id2label)
@@ -116,7 +116,9 @@ def build_trainer(recipe: Recipe, quiet: bool = False, callbacks=()) -> Trainer:
     max_length = recipe.data.max_length
     t = recipe.train
     lengths = (
-        token_lengths(train, tokenizer, max_length) if t.group_by_length or t.curriculum_epochs else None
+        token_lengths(train, tokenizer, max_length)
+        if (t.group_by_length or t.curriculum_epochs) and head.inputs == "tokens"  # images: one length
+        else None
     )
 
     loss = None
