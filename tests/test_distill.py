@@ -147,3 +147,140 @@ def test_student_and_teacher_mismatches_are_one_line(tmp_path):
         GraftError, match="^distill: the student is a causal-lm model and the teacher a classification one$"
     ):
         Distiller(lm, teacher)
+
+
+# ---- the commands, end to end, on a tiny BERT with MiniLM's tokenizer ----
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, minilm):
+    """A 4-layer tiny BERT classifier (the teacher) with MiniLM's tokenizer, labelled and unlabelled texts."""
+    import csv
+    import random
+    import shutil
+
+    from graft.tokenizer import Tokenizer
+
+    folder = tmp_path_factory.mktemp("distill")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    transformers.BertModel(config).save_pretrained(folder / "base")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm / name, folder / "base" / name)
+    teacher = load_model(folder / "base", task="classification", id2label=["sport", "tech"])
+    save_model(teacher, folder / "teacher", Tokenizer.from_folder(folder / "base"))
+    rng = random.Random(0)
+    words = {"sport": "goal match team win league", "tech": "chip software phone data cloud"}
+
+    def text(label: str) -> str:
+        return " ".join(rng.choice(words[label].split()) for _ in range(rng.randint(3, 12)))
+
+    with open(folder / "train.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for _ in range(32):
+            label = rng.choice(sorted(words))
+            writer.writerow([text(label), label])
+    with open(folder / "transfer.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text"])
+        for _ in range(16):
+            writer.writerow([text(rng.choice(sorted(words)))])
+    recipe = folder / "distill.yaml"
+    recipe.write_text(
+        f"data:\n  train: {folder / 'train.csv'}\n  val_fraction: 0.25\n"
+        f"train:\n  batch_size: 8\n  max_steps: 4\n  plots: false\n"
+        f"distill:\n  teacher: {folder / 'teacher'}\n  every: 2\n  hidden: 1.0\n  attention: 1.0\n"
+    )
+    return {"folder": folder, "teacher": folder / "teacher", "data": folder / "train.csv", "recipe": recipe}
+
+
+def test_graft_distill_writes_a_student_that_loads(assets, tmp_path, cli):
+    out = tmp_path / "run"
+    result = cli(
+        "distill",
+        assets["recipe"],
+        f"train.output={out}",
+        f"distill.transfer={assets['folder'] / 'transfer.csv'}",
+    )
+    result.ok()
+    student = load_model(out / "model")
+    assert student.task == "classification" and student.body.config.num_layers == 2
+    assert '"layers": 2' in result.stdout and "transfer examples labelled by the teacher" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("distill.layers=[1,7]", "error: distill.layers: 7 is not a layer of the teacher (0 to 3)"),
+        ("distill.every=5", "error: distill.every: 5 is more than the teacher's 4 layers"),
+        (
+            "distill.student={hidden_size: 64}",
+            "error: distill: the student (hidden_size 64) is wider than the teacher (32)",
+        ),
+        ("distill.temprature=3", "distill.temperature"),
+        (
+            "task.name=token-classification",
+            "error: task.name: the teacher is a classification model; set task.name=classification",
+        ),
+    ],
+)
+def test_distill_errors_are_one_line(assets, tmp_path, cli, override, message):
+    args = ["distill", assets["recipe"], f"train.output={tmp_path / 'run'}"]
+    if override.startswith(("distill.layers", "distill.student")):
+        args.append("distill.every=0")
+    line = cli(*args, override).error_line()
+    assert line.startswith(message) or message in line, line
+
+
+def test_distill_from_a_student_with_another_vocabulary_is_one_line(assets, tmp_path, cli):
+    cfg = tiny_hf_config("bert")  # 99 tokens
+    transformers.AutoModel.from_config(cfg).save_pretrained(tmp_path / "small")
+    line = cli(
+        "distill",
+        assets["recipe"],
+        "distill.every=0",
+        f"model.path={tmp_path / 'small'}",
+        f"train.output={tmp_path / 'run'}",
+    ).error_line()
+    assert line.startswith(
+        "error: distill: the student's vocabulary (99 tokens, model.path) differs from the teacher's (30522)"
+    )
+
+
+def test_graft_prune_and_graft_heads(assets, tmp_path, cli):
+    out = tmp_path / "pruned"
+    result = cli("prune", assets["teacher"], out, "--data", assets["data"], "--heads", "0.25", "--ffn", "0.25",
+                 "--recover-steps", "2", "--distill")  # fmt: skip
+    result.ok()
+    pruned = load_model(out)
+    assert sum(pruned.body.config.heads_per_layer) == 12
+    assert sum(pruned.body.config.intermediate_sizes) == 4 * 37 - int(0.25 * 4 * 37)
+    assert (out / "prune_report.json").exists() and (out / "tokenizer.json").exists()
+    line = cli(
+        "prune", assets["teacher"], tmp_path / "p2", "--data", assets["data"], "--heads", "0.9"
+    ).error_line()
+    assert (
+        line
+        == "error: prune: --heads 0.9 asks for 14 of 16 heads, but each of the 4 layers keeps at least one (12 at most)"
+    )
+    sparse = cli(
+        "prune",
+        assets["teacher"],
+        tmp_path / "p3",
+        "--data",
+        assets["data"],
+        "--sparsity",
+        "0.5",
+        "--method",
+        "movement",
+    )
+    sparse.ok()
+
+    heads = tmp_path / "heads"
+    cli("heads", assets["teacher"], "--data", assets["data"], "--out", heads).ok()
+    for name in ("importance.json", "heads.png", "curve.png", "curve.csv"):
+        assert (heads / name).stat().st_size > 0

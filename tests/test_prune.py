@@ -219,3 +219,12 @@ def test_unstructured_sparsity_zeroes_the_fraction_asked_and_reports_it(method, 
         assert float(original[~mask].abs().max()) <= float(original[mask].abs().min())
     with pytest.raises(GraftError, match="^prune: method 'size' is not one of magnitude, movement"):
         sparsify(model, 0.5, "size")
+
+
+def test_a_fraction_that_would_empty_a_layer_is_one_line(tmp_path):
+    model = tiny_classifier("bert", tmp_path)
+    with pytest.raises(
+        GraftError,
+        match=r"^prune: --heads 0.9 asks for 7 of 8 heads, but each of the 2 layers keeps at least one \(6 at most\)$",
+    ):
+        prune(model, [batch()], heads=0.9)

@@ -272,7 +272,8 @@ def fresh_student(teacher: TaskModel, overrides: dict[str, Any]) -> TaskModel:
 
 def build_student(recipe: Any, teacher: TaskModel) -> tuple[TaskModel, list[int] | None]:
     """The student the recipe asks for, and the teacher layer each of its layers learns (or None)."""
-    from graft.loading import load_model
+    from graft.io.hf import resolve
+    from graft.loading import load_config, load_model
 
     d = recipe.distill
     depth = teacher.body.config.num_layers
@@ -296,10 +297,19 @@ def build_student(recipe: Any, teacher: TaskModel) -> tuple[TaskModel, list[int]
         layers = list(d.layers)
     elif d.student:
         return fresh_student(teacher, dict(d.student)), None
-    else:
-        return load_model(
-            recipe.model.path, task=teacher.task, kernels=recipe.model.kernels, to_train=True
-        ), None
+    else:  # a model of its own: its vocabulary checked before anything loads; the teacher's labels
+        folder = resolve(recipe.model.path)
+        vocab, wanted = load_config(folder)[1].vocab_size, teacher.body.config.vocab_size
+        if vocab != wanted:
+            raise GraftError(
+                f"distill: the student's vocabulary ({vocab} tokens, model.path) differs from the teacher's"
+                f" ({wanted}); a student reads the teacher's tokens"
+            )
+        options = HEADS[teacher.task].options_from_hf(teacher.head.hf_config())
+        student = load_model(
+            folder, task=teacher.task, kernels=recipe.model.kernels, to_train=True, **options
+        )
+        return student, None
     return keep_layers(teacher, layers), layers
 
 

@@ -132,10 +132,17 @@ def remove(
     return model
 
 
-def least_important(scores: Sequence[torch.Tensor], fraction: float) -> dict[int, list[int]]:
+def least_important(
+    scores: Sequence[torch.Tensor], fraction: float, what: str = "heads"
+) -> dict[int, list[int]]:
     """The ``fraction`` of all units with the lowest scores, across blocks (each block keeps one)."""
     total = sum(len(s) for s in scores)
     wanted = math.floor(fraction * total + 1e-9)
+    if wanted > total - len(scores):
+        raise GraftError(
+            f"prune: --{what} {fraction} asks for {wanted} of {total} {'heads' if what == 'heads' else 'neurons'},"
+            f" but each of the {len(scores)} layers keeps at least one ({total - len(scores)} at most)"
+        )
     flat = torch.cat([s.float() for s in scores])
     where = [(i, j) for i, s in enumerate(scores) for j in range(len(s))]
     left = [len(s) for s in scores]
@@ -165,10 +172,16 @@ def prune(
             raise GraftError(f"prune: {name} {value} must be a fraction from 0 to below 1")
     if heads:
         check_prunable(model)
+    blocks = body_of(model).layers
+    for what, fraction, sizes in (  # before the measurement: a fraction too large is one line now
+        ("heads", heads, [b.attn.num_heads for b in blocks]),
+        ("ffn", ffn, [b.ffn.down.in_features for b in blocks]),
+    ):
+        least_important([torch.zeros(n) for n in sizes], fraction, what)
     before = sum(p.numel() for p in model.parameters())
     scores = scores if scores is not None else importance(model, batches)
-    chosen_heads = least_important(scores.heads, heads) if heads else {}
-    chosen_neurons = least_important(scores.neurons, ffn) if ffn else {}
+    chosen_heads = least_important(scores.heads, heads, "heads") if heads else {}
+    chosen_neurons = least_important(scores.neurons, ffn, "ffn") if ffn else {}
     remove(model, chosen_heads, chosen_neurons)
     cfg = body_of(model).config
     report = {

@@ -213,7 +213,7 @@ class DistillSection:
     teacher: str = ""  # a fine-tuned task model folder or Hub id
     # the student, one of: the teacher's layers kept (these, every k-th, or the first N), weights
     # copied; a fresh config (keys of graft's TransformerConfig: num_layers, hidden_size...); model.path
-    layers: list[int] = ranged([], low=0)
+    layers: list[int] = ranged([], low=0)  # (and below the teacher's depth, checked when it loads)
     every: int = ranged(0, low=0)
     first: int = ranged(0, low=0)
     student: dict[str, Any] = field(default_factory=dict)
