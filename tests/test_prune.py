@@ -158,7 +158,7 @@ def test_a_bad_pruned_heads_key_is_one_line(tmp_path):
         load_model(tmp_path)
 
 
-@pytest.mark.parametrize("family", sorted(f for f in FAMILIES if not grouped(f)))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_a_head_silenced_in_the_weights_has_importance_zero(family, tmp_path):
     model = tiny_classifier(family, tmp_path)
     attn = model.body.layers[1].attn
