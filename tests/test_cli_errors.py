@@ -98,6 +98,26 @@ CASES: dict[str, list[Case]] = {
         lambda t: (["train", t / "nowhere.yaml"], ["nowhere.yaml", "not found"]),
         lambda t: (["train", folder(t / "recipes")], ["recipes", "is a folder"]),
     ],
+    "distill": [
+        lambda t: (["distill", t / "nowhere.yaml"], ["nowhere.yaml", "not found"]),
+        lambda t: (
+            ["distill", file(t / "r.yaml", "train:\n  output: x\n")],
+            ["distill.teacher: no teacher given"],
+        ),
+    ],
+    "prune": [
+        lambda t: (["prune", t / "no-model", t / "out", "--data", "d.csv"], ["nothing to remove", "--heads"]),
+        lambda t: (
+            ["prune", t / "no-model", file(t / "taken"), "--data", "d.csv", "--heads", "0.3"],
+            ["is a file"],
+        ),
+    ],
+    "heads": [
+        lambda t: (
+            ["heads", t / "no-model", "--data", "d.csv", "--out", file(t / "taken")],
+            ["is a file; --out"],
+        ),
+    ],
     "tune": [
         lambda t: (["tune", t / "nowhere.yaml"], ["nowhere.yaml", "not found"]),
         lambda t: (["tune", t / "nowhere.yaml", "--trials", "0"], ["--trials"]),
