@@ -35,13 +35,18 @@ def grouped(family: str) -> bool:
     return kv is not None and kv != cfg.num_attention_heads
 
 
+def images(family: str) -> bool:
+    return FAMILIES[family].inputs == "patches"
+
+
 def tiny_classifier(family: str, folder, kernels: bool = True) -> TaskModel:
     torch.manual_seed(0)
     cfg = tiny_hf_config(family)
-    if cfg.pad_token_id is None:
+    if not images(family) and cfg.pad_token_id is None:
         cfg.pad_token_id = 0
     transformers.AutoModel.from_config(cfg).save_pretrained(folder)
-    model = load_model(folder, task="classification", id2label=LABELS, kernels=kernels)
+    task = "image-classification" if images(family) else "classification"
+    model = load_model(folder, task=task, id2label=LABELS, kernels=kernels)
     with torch.no_grad():  # random, non-trivial biases so that a removed head's bias matters
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -49,9 +54,14 @@ def tiny_classifier(family: str, folder, kernels: bool = True) -> TaskModel:
     return model
 
 
-def batch(labels: bool = True) -> dict:
-    ids, mask = padded_batch()
-    out = {"input_ids": ids, "attention_mask": mask}
+def batch(labels: bool = True, family: str = "bert") -> dict:
+    if images(family):  # three random images at the tiny model's size
+        cfg = tiny_hf_config(family)
+        torch.manual_seed(1)
+        out = {"pixel_values": torch.randn(3, cfg.num_channels, cfg.image_size, cfg.image_size)}
+    else:
+        ids, mask = padded_batch()
+        out = {"input_ids": ids, "attention_mask": mask}
     if labels:
         out["labels"] = torch.tensor([0, 2, 1])
     return out
@@ -74,7 +84,7 @@ def removed_parameters(model: TaskModel, heads: dict, neurons: dict) -> int:
 def test_pruned_model_equals_the_masked_one_and_is_smaller(family, tmp_path):
     model = tiny_classifier(family, tmp_path / "base")
     heads = {} if grouped(family) else HEADS_TO_CUT
-    b = batch(labels=False)
+    b = batch(labels=False, family=family)
     with masks(model) as (head_masks, neuron_masks), torch.no_grad():
         for i, cut in heads.items():
             head_masks[i][cut] = 0.0
@@ -165,7 +175,7 @@ def test_a_head_silenced_in_the_weights_has_importance_zero(family, tmp_path):
     hd = attn.head_dim
     with torch.no_grad():  # head 2 of layer 1 writes nothing: its output projection columns are zero
         attn.o.weight[:, 2 * hd : 3 * hd] = 0.0
-    scores = importance(model, [batch(), batch()])
+    scores = importance(model, [batch(family=family), batch(family=family)])
     assert scores.heads[1][2] == 0.0
     assert all(float(s.min()) > 0 for i, s in enumerate(scores.heads) if i != 1)
     assert (scores.heads[1] > 0).sum() == 3
