@@ -1,6 +1,6 @@
 """``graft export``: a model as ONNX, parity-checked, in a folder of its own.
 
-graft export MODEL OUT/ [--format onnx] [--opset 18] [--task embedding --pooling mean]
+graft export MODEL OUT/ [--format onnx] [--opset 18] [--optimize] [--int8] [--task embedding --pooling mean]
 graft export BASE OUT/ --adapter ADAPTER/      # a PEFT adapter merged into its base first
 """
 
@@ -57,6 +57,12 @@ def export(
     adapter: Annotated[
         Path | None, typer.Option(help="A PEFT adapter folder on MODEL: LoRA is merged before export.")
     ] = None,
+    optimize: Annotated[
+        bool, typer.Option("--optimize", help="ONNX Runtime's transformer fusions, checked again.")
+    ] = False,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="Dynamic int8 quantization, checked by cosine to float32.")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT when it is not empty.")] = False,
 ) -> None:
     """Export a model to ONNX, checked against graft on shapes it was not traced with."""
@@ -73,6 +79,6 @@ def export(
     check_output(out, "OUT", folder=True, overwrite=overwrite)
     m, tokenizer = load_for_export(model, adapter, task, pooling, normalize)
     check_request(m, fmt, opset)
-    manifest = export_model(m, out, tokenizer, fmt=fmt, opset=opset)
+    manifest = export_model(m, out, tokenizer, fmt=fmt, opset=opset, optimize=optimize, int8=int8)
     summary = {k: manifest[k] for k in ("format", "family", "task", "file")}
     typer.echo(json.dumps({**summary, "out": str(out), "max_abs_diff": manifest["parity"]["max_abs_diff"]}))

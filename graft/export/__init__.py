@@ -39,7 +39,14 @@ from torch import nn
 import graft
 import graft.kernels
 from graft.errors import GraftError
-from graft.export.check import CHECK_SHAPES, FP32_TOLERANCE, TRACE_SHAPE, max_abs_diff, parity_cases
+from graft.export.check import (
+    CHECK_SHAPES,
+    FP32_TOLERANCE,
+    TRACE_SHAPE,
+    agreement,
+    max_abs_diff,
+    parity_cases,
+)
 from graft.export.graph import OUTPUTS, DecoderGraph, TaskGraph, Tensor, graph_for, task_of
 from graft.io.atomic import atomic_folder, write_json
 from graft.models import FAMILIES
@@ -51,6 +58,7 @@ log = logging.getLogger("graft")
 FORMATS = ("onnx",)
 MANIFEST = "manifest.json"
 MODEL_FILES = {"onnx": "model.onnx"}
+INT8_MIN_COSINE = 0.99  # int8 is checked by direction, not digits: every output row against float32
 
 
 def check_request(model: nn.Module, fmt: str, opset: int | None = None) -> None:
@@ -156,6 +164,8 @@ def export_model(
     fmt: str = "onnx",
     opset: int | None = None,
     tolerance: float = FP32_TOLERANCE,
+    optimize: bool = False,
+    int8: bool = False,
 ) -> dict[str, Any]:
     """Export ``model`` (a body or a task model) to the folder ``out``; its manifest.
 
@@ -173,12 +183,24 @@ def export_model(
         path = Path(work) / MODEL_FILES[fmt]
         onnx_export.export_onnx(graph, path, opset)
         cases = parity_cases(graph)
-        diff = max_abs_diff(onnx_export.runner(path), cases)
-        if not diff <= tolerance:  # NaN fails too
-            raise GraftError(
-                f"export: parity check failed: ONNX Runtime differs from graft by {diff:.3g} "
-                f"(tolerance {tolerance:g}); nothing was written"
-            )
+        diff = check_parity(path, cases, tolerance, "ONNX Runtime")
+        fused: list[str] = []
+        if optimize:
+            optimized = path.with_name("optimized.onnx")
+            fused = onnx_export.optimize_onnx(path, optimized, graph)
+            diff = max(diff, check_parity(optimized, cases, tolerance, "the optimized graph"))
+            path = optimized.replace(path)
+        quantized = None
+        if int8:
+            target = path.with_name("int8.onnx")
+            onnx_export.quantize_int8(path, target)
+            quantized = agreement(onnx_export.runner(target), onnx_export.runner(path), cases)
+            if not quantized["min_cosine"] >= INT8_MIN_COSINE:
+                raise GraftError(
+                    f"export: int8 check failed: an output row's cosine to float32 is {quantized['min_cosine']:.4f} "
+                    f"(at least {INT8_MIN_COSINE} wanted); export without --int8; nothing was written"
+                )
+            path = target.replace(path)
         manifest = {
             "format": fmt,
             "file": path.name,
@@ -196,6 +218,8 @@ def export_model(
                 "traced_shape": list(TRACE_SHAPE),
                 "checked_shapes": [list(s) for s in CHECK_SHAPES],
             },
+            "optimized": {"fused": fused} if optimize else None,
+            "int8": {**quantized, "min_cosine_wanted": INT8_MIN_COSINE} if quantized else None,
         }
         if isinstance(graph, DecoderGraph):
             manifest["cache"] = {
@@ -209,6 +233,19 @@ def export_model(
             (folder / path.name).write_bytes(path.read_bytes())
             write_files(folder, model, tokenizer, manifest)
     return manifest
+
+
+def check_parity(path: Path, cases: list, tolerance: float, what: str) -> float:
+    """The measured max abs difference of the graph at ``path``; a GraftError past ``tolerance``."""
+    from graft.export.onnx import runner
+
+    diff = max_abs_diff(runner(path), cases)
+    if not diff <= tolerance:  # NaN fails too
+        raise GraftError(
+            f"export: parity check failed: {what} differs from graft by {diff:.3g} "
+            f"(tolerance {tolerance:g}); nothing was written"
+        )
+    return diff
 
 
 def write_files(folder: Path, model: nn.Module, tokenizer: Any, manifest: dict[str, Any]) -> None:
