@@ -25,6 +25,7 @@ LAYERS: list[set[str]] = [
     {"graft.generation"},
     {"graft.strategies"},
     {"graft.loading"},
+    {"graft.export"},
     {"graft.train"},
     {"graft.interpret"},
     {"graft.compress"},
