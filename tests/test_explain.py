@@ -206,7 +206,9 @@ def test_faithfulness_curves_areas_and_eraser_scores(tmp_path, minilm):
         full, empty = s.score(), float(s.scores(s.baseline_ids)[0])
         # the curve's k-th point by hand: the top-k tokens replaced by the baseline token
         order = ranking(s, scores)
-        assert sorted(order) == s.free and all(scores[a] >= scores[b] for a, b in zip(order, order[1:]))
+        assert sorted(order) == s.free and all(
+            scores[a] >= scores[b] for a, b in zip(order, order[1:], strict=False)
+        )
         ids = s.input_ids.clone()
         ids[0, order[:3]] = s.baseline_id
         assert deletion[3] == pytest.approx(float(s.scores(ids)[0]), abs=1e-6)
@@ -214,7 +216,9 @@ def test_faithfulness_curves_areas_and_eraser_scores(tmp_path, minilm):
     assert deletion[0] == pytest.approx(full, abs=1e-6) and deletion[-1] == pytest.approx(empty, abs=1e-6)
     assert insertion[0] == pytest.approx(empty, abs=1e-6) and insertion[-1] == pytest.approx(full, abs=1e-6)
     f = faithfulness(s, scores)
-    assert f.deletion_area == pytest.approx(sum((a + b) / 2 for a, b in zip(deletion, deletion[1:])) / n)
+    assert f.deletion_area == pytest.approx(
+        sum((a + b) / 2 for a, b in zip(deletion, deletion[1:], strict=False)) / n
+    )
     ks = [max(1, round(q * n)) for q in BINS]
     assert f.comprehensiveness == pytest.approx(sum(full - deletion[k] for k in ks) / len(ks))
     assert f.sufficiency == pytest.approx(sum(full - insertion[k] for k in ks) / len(ks))
