@@ -118,7 +118,11 @@ def test_integrated_gradients_are_complete_and_equal_captum_on_transformers(task
 
 def test_integrated_gradients_batched_and_with_kernels_agree(tmp_path, minilm):
     folder, _ = saved(tmp_path, minilm, "classification")
-    one = attribute(subject_of(folder, "classification"), "ig", steps=50)
+    s = subject_of(folder, "classification")
+    s.model.head.out.weight.requires_grad_(False)  # a frozen layer stays frozen, the rest train again
+    one = attribute(s, "ig", steps=50)
+    asking = {n for n, p in s.model.named_parameters() if p.requires_grad}
+    assert "head.out.weight" not in asking and len(asking) == len(list(s.model.parameters())) - 1
     batched = attribute(subject_of(folder, "classification", kernels=True), "ig", steps=50, batch_size=7)
     torch.testing.assert_close(torch.tensor(batched.scores), torch.tensor(one.scores), atol=1e-5, rtol=1e-4)
 

@@ -14,6 +14,8 @@ pad token), raw attention and attention rollout (graft.interpret.attention).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +36,25 @@ class Attribution:
     extra: dict = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[None]:
+    """The model's parameters stop asking for gradients for the duration (those that did ask get it back).
+
+    Attributions need gradients with respect to the inputs only; graft's CPU kernels (custom
+    autograd functions) would otherwise compute every weight's gradient too, a third of the work.
+    Only the parameters that required gradients are given them back, so overlapping calls from two
+    threads leave the model as it was.
+    """
+    asking = [p for p in model.parameters() if p.requires_grad]
+    for p in asking:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in asking:
+            p.requires_grad_(True)
+
+
 def integrated_gradients(
     subject: Subject, steps: int = 50, batch_size: int | None = None
 ) -> tuple[list[float], float]:
@@ -43,7 +64,7 @@ def integrated_gradients(
     except ImportError:
         raise GraftError("explain --method ig needs captum: pip install 'graft-ml[explain]'") from None
     lig = LayerIntegratedGradients(subject.scores, token_embedding(subject.model))
-    with torch.enable_grad():
+    with torch.enable_grad(), frozen(subject.model):
         attributions, delta = lig.attribute(
             subject.input_ids,
             baselines=subject.baseline_ids,
@@ -57,7 +78,7 @@ def integrated_gradients(
 def gradient_x_input(subject: Subject) -> list[float]:
     """d score / d embedding . embedding, per token (summed over the embedding's width)."""
     embedding = token_embedding(subject.model)
-    with torch.enable_grad():
+    with torch.enable_grad(), frozen(subject.model):
         x = embedding(subject.input_ids).detach().requires_grad_(True)  # (1, T, E)
         score = subject.scores(subject.input_ids, inputs_embeds=x)[0]
         (grad,) = torch.autograd.grad(score, x)
