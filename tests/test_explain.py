@@ -279,6 +279,21 @@ def test_graft_explain_writes_terminal_view_json_png_and_page(tmp_path, minilm, 
     assert "http://" not in page and "https://" not in page  # self-contained: nothing fetched
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_graft_explain_runs_every_method_on_every_task(task, tmp_path, minilm, cli):
+    folder, _ = saved(tmp_path, minilm, task)
+    text = ["--text", QUESTION, "--context", PASSAGE] if task == "question-answering" else ["--text", TEXT]
+    out = tmp_path / "out"
+    cli("explain", folder, *text, "--method", "all", "--steps", "8", "--out", out).ok()
+    saved_json = json.loads((out / "explanation.json").read_text())
+    assert list(saved_json["methods"]) == ["ig", "grad-x-input", "occlusion", "attention", "rollout"]
+    s = subject_of(folder, task)
+    assert saved_json["tokens"] == s.tokens and saved_json["target"] == s.label
+    assert saved_json["score"] == pytest.approx(s.score(), abs=1e-5)
+    for method in saved_json["methods"].values():
+        assert len(method["scores"]) == len(s.tokens)
+
+
 def test_graft_explain_errors_are_one_line(tmp_path, minilm, cli):
     folder, _ = saved(tmp_path, minilm, "question-answering")
     line = cli("explain", folder, "--text", QUESTION).error_line()

@@ -54,6 +54,17 @@ def readable(token: str) -> str:
     return token.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\\n")
 
 
+def target_line(expl: dict[str, Any]) -> str:
+    """ "target 'I-PER' at token 3 (##lace)": what was explained, and where when it is read at a token."""
+    at = expl["position"]
+    where = (
+        ""
+        if at is None or expl["task"] == "causal-lm"
+        else f" at token {at} ({readable(expl['tokens'][at])})"
+    )
+    return f"target {expl['target']!r}{where}"
+
+
 def terminal(expl: dict[str, Any], method: str) -> Any:
     """A rich Text: the tokens on coloured backgrounds, then the target and the method's numbers."""
     from rich.text import Text
@@ -66,7 +77,7 @@ def terminal(expl: dict[str, Any], method: str) -> Any:
         text.append(readable(token), style=f"black on rgb({r},{g},{b})")
         text.append(" ")
     delta = expl["methods"][method].get("delta")
-    text.append(f"\n{method}: target {expl['target']!r} (score {expl['score']:.4f})")
+    text.append(f"\n{method}: {target_line(expl)} (score {expl['score']:.4f})")
     if delta is not None:
         text.append(f", convergence delta {delta:.2e}")
     return text
@@ -104,7 +115,7 @@ def png(expl: dict[str, Any], path: Path) -> None:
         ax.set_xlim(0, len(tokens))
         ax.set_ylim(0, 1)
         ax.set_axis_off()
-        ax.set_title(f"{method}: target {expl['target']!r}", fontsize=10, loc="left")
+        ax.set_title(f"{method}: {target_line(expl)}", fontsize=10, loc="left")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -136,7 +147,7 @@ h1 { font-size: 1.2em; margin: 0 0 .3em; }
 .tok.hover { outline: 2px solid #333; }
 button { margin-right: .3em; }
 button.on { font-weight: bold; }
-#grid { display: grid; gap: 6px; margin-top: .5em; }
+#grid { display: grid; gap: 6px; margin-top: .5em; justify-content: start; }
 .cell { text-align: center; font-size: 11px; color: #555; }
 canvas { border: 1px solid #ccc; cursor: pointer; image-rendering: pixelated; }
 canvas.sel { border-color: #d33; }
@@ -160,8 +171,9 @@ const T = E.tokens.length;
 const show = t => t.replace(/\\u0120/g, " ").replace(/\\u2581/g, " ");
 const methods = Object.keys(E.methods);
 let method = methods[0], chosen = null;
+const at = E.position === null || E.task === "causal-lm" ? "" : " at token " + E.position + " (" + show(E.tokens[E.position]) + ")";
 document.getElementById("meta").textContent =
-  E.task + " | target: " + E.target + " | score: " + E.score.toFixed(4);
+  E.task + " | target: " + E.target + at + " | score: " + E.score.toFixed(4);
 
 function colour(v, scale) {
   const t = scale === 0 ? 0 : Math.max(-1, Math.min(1, v / scale));
