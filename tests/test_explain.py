@@ -305,6 +305,10 @@ def test_graft_explain_errors_are_one_line(tmp_path, minilm, cli):
         "explain", folder, "--text", QUESTION, "--context", PASSAGE, "--method", "ig,saliency"
     ).error_line()
     assert "--method 'saliency' is not one of ig, grad-x-input, occlusion, attention, rollout" in line
+    assert (
+        cli("explain", folder, "--text", " ", "--context", PASSAGE).error_line()
+        == "error: explain: --text is empty"
+    )
     line = cli("explain", folder, "--text", QUESTION, "--context", PASSAGE, "--target", "middle").error_line()
     assert line == "error: explain: --target 'middle' is not one of start, end"
 

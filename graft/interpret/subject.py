@@ -136,10 +136,10 @@ def subject(
         )
     if task != "question-answering" and context is not None:
         raise GraftError(f"explain: --context is for question answering; this is a {task} model")
+    if not text.strip():
+        raise GraftError("explain: --text is empty")
     limit = window(cfg, tokenizer, max_length)
     enc = tokenizer.encode(text, context, max_length=limit, truncation="only_second" if context else True)
-    if enc.input_ids.shape[1] == 0:
-        raise GraftError("explain: --text is empty")
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in model_inputs(enc, cfg).items()}
     tokens = [t if t is not None else "" for t in tokenizer.convert_ids_to_tokens(enc.input_ids[0])]
@@ -182,7 +182,9 @@ def from_ids(
     batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
     # positions fixed from the real ids: IG's baseline (pad ids) must not move RoBERTa's positions
     batch["position_ids"] = model.body.position_ids(batch["input_ids"], 0, (1, T))
-    probe = Subject(model, batch, tokens, fixed, "", 0, position, baseline_id)
+    free = [i for i, f in enumerate(fixed) if not f]
+    if position is not None and not 0 <= position < T:
+        raise GraftError(f"explain: --position {position} is outside the text's {T} tokens (0..{T - 1})")
     batch_call = dict(batch)
     if task == "causal-lm":
         batch_call["logits_to_keep"] = 1
@@ -195,16 +197,14 @@ def from_ids(
         names = model.head.id2label
         probs = logits.softmax(-1)  # (T, C)
         if position is None:
-            candidates = [i for i in probe.free if names[int(probs[i].argmax())] != "O"] or probe.free or [0]
+            candidates = [i for i in free if names[int(probs[i].argmax())] != "O"] or free or [0]
             position = max(candidates, key=lambda i: float(probs[i].max()))
-        if not 0 <= position < T:
-            raise GraftError(f"explain: --position {position} is outside the text's {T} tokens (0..{T - 1})")
         index = pick(target, names, int(probs[position].argmax()), "--target")
         return Subject(model, batch, tokens, fixed, names[index], index, position, baseline_id)
     if task == "question-answering":
         index = pick(target or "start", ["start", "end"], 0, "--target")
         allowed = torch.zeros(T, dtype=torch.bool, device=logits.device)
-        allowed[answers if answers is not None else probe.free] = True
+        allowed[answers if answers is not None else free] = True
         best = int(logits[:, index].masked_fill(~allowed, float("-inf")).argmax())
         position = best if position is None else position
         return Subject(model, batch, tokens, fixed, ["start", "end"][index], index, position, baseline_id)
