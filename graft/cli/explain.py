@@ -88,7 +88,7 @@ def explain(
     maps = next((a.maps for a in attributions if a.maps is not None), None)
     if maps is None and out is not None:  # the page shows the attention maps whatever the method
         maps = attention_maps(m, s.batch)[:, 0].float()
-    expl = explanation(s, attributions, maps)
+    expl = explanation(s, attributions)
     console = Console(highlight=False)
     for a in attributions:
         console.print(terminal(expl, a.method))
@@ -104,7 +104,7 @@ def explain(
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "explanation.json", expl)
         png(expl, out / "explanation.png")
-        write_page(expl, out / "explanation.html", title=f"graft explain {Path(model).name}")
+        write_page(expl, out / "explanation.html", maps, title=f"graft explain {Path(model).name}")
         typer.echo(f"wrote {out / 'explanation.html'}", err=True)
 
 

@@ -8,6 +8,7 @@ all), as BertViz's head view does, in one file.
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 from pathlib import Path
@@ -18,11 +19,13 @@ import torch
 from graft.interpret.attributions import Attribution
 from graft.interpret.subject import Subject
 
+# attention values a page carries at most (L x nh x T x T, one byte each): BERT-base at 512 tokens
+# is 38 M; beyond, the page shows the attributions without the maps
+PAGE_MAPS_LIMIT = 64_000_000
 
-def explanation(
-    subject: Subject, attributions: list[Attribution], maps: torch.Tensor | None
-) -> dict[str, Any]:
-    """A JSON-ready explanation: tokens, target, each method's scores, the attention maps (L, nh, T, T)."""
+
+def explanation(subject: Subject, attributions: list[Attribution]) -> dict[str, Any]:
+    """A JSON-ready explanation: task, target, tokens and each method's scores."""
     return {
         "task": subject.model.task,
         "target": subject.label,
@@ -37,8 +40,6 @@ def explanation(
             }
             for a in attributions
         },
-        # 4 decimals: a 12 x 12 x 128 x 128 page stays a few megabytes
-        "attentions": maps.mul(1e4).round().div(1e4).tolist() if maps is not None else None,
     }
 
 
@@ -122,17 +123,31 @@ def png(expl: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def page(expl: dict[str, Any], title: str = "graft explain") -> str:
+def packed_maps(maps: torch.Tensor | None) -> dict[str, Any] | None:
+    """(L, nh, T, T) probabilities as the page carries them: one byte each (1/255 steps), base64."""
+    if maps is None or maps.numel() > PAGE_MAPS_LIMIT:
+        return None
+    data = maps.float().clamp(0, 1).mul(255).round().to(torch.uint8).contiguous().numpy().tobytes()
+    return {"shape": list(maps.shape), "data": base64.b64encode(data).decode("ascii")}
+
+
+def page(expl: dict[str, Any], maps: torch.Tensor | None = None, title: str = "graft explain") -> str:
     """The self-contained HTML page (every byte of it: styles, script and data inline)."""
-    data = json.dumps(expl, ensure_ascii=False).replace("</", "<\\/")  # no early </script>
+    data = {**expl, "attentions": packed_maps(maps)}
+    if maps is not None and data["attentions"] is None:
+        data["note"] = (
+            f"attention maps left out: {maps.numel():,} values (the page carries {PAGE_MAPS_LIMIT:,})"
+        )
+    data = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")  # no early </script>
     return PAGE.replace("{{title}}", html.escape(title)).replace("{{data}}", data)
 
 
-def write_page(expl: dict[str, Any], path: Path, title: str = "graft explain") -> None:
-    from graft.io.atomic import atomic_path
+def write_page(
+    expl: dict[str, Any], path: Path, maps: torch.Tensor | None = None, title: str = "graft explain"
+) -> None:
+    from graft.io.atomic import write_text
 
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(page(expl, title), encoding="utf-8")
+    write_text(path, page(expl, maps, title))
 
 
 PAGE = """<!doctype html>
@@ -208,7 +223,16 @@ function drawMethods() {
   });
   strip("attributed", E.methods[method].scores, method);
 }
-const A = E.attentions;  // [L][nh][T][T]
+// the maps: [L][nh][T][T] probabilities, sent as bytes (value * 255)
+const A = (() => {
+  if (!E.attentions) return null;
+  const [L, H] = E.attentions.shape, raw = atob(E.attentions.data), out = [];
+  let o = 0;
+  for (let l = 0; l < L; l++) { const layer = []; for (let h = 0; h < H; h++) { const head = [];
+    for (let q = 0; q < T; q++) { const r = new Array(T); for (let k = 0; k < T; k++) r[k] = raw.charCodeAt(o++) / 255; head.push(r); }
+    layer.push(head); } out.push(layer); }
+  return out;
+})();
 const maps = [];
 function row(i) {  // where token i attends: the chosen head's row, or the mean of all heads' rows
   if (chosen) return A[chosen[0]][chosen[1]][i];
@@ -236,7 +260,10 @@ function hover(i) {
 }
 function drawGrid() {
   const grid = document.getElementById("grid");
-  if (!A) { document.getElementById("attention-part").style.display = "none"; return; }
+  if (!A) {
+    document.getElementById("attention-part").textContent = E.note || "";
+    return;
+  }
   const L = A.length, H = A[0].length, size = Math.max(48, Math.min(160, 640 / H));
   grid.style.gridTemplateColumns = `auto repeat(${H}, ${size + 4}px)`;
   grid.appendChild(document.createElement("div"));
