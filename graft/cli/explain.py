@@ -15,7 +15,7 @@ import typer
 
 from graft.cli.app import ModelArg, ReferenceOpt, app
 from graft.cli.tasks import DeviceOpt, load_task_model
-from graft.errors import GraftError
+from graft.errors import GraftError, did_you_mean
 
 MethodOpt = Annotated[
     str,
@@ -34,6 +34,11 @@ def methods_of(value: str) -> list[str]:
     names = shown if value == "all" else [m.strip() for m in value.split(",") if m.strip()]
     if not names:
         raise GraftError(f"--method: empty (one or more of {', '.join(shown)}, or all)")
+    for name in names:
+        if name not in METHODS:
+            raise GraftError(
+                f"explain: --method {name!r} is not one of {', '.join(shown)}, or all{did_you_mean(name, METHODS)}"
+            )
     return list(dict.fromkeys(names))
 
 
@@ -175,12 +180,14 @@ def fairness(
     reference: ReferenceOpt = False,
 ) -> None:
     """Counterfactual probes: how predictions shift when only the group word changes."""
-    from graft.interpret.fairness import counterfactuals, parse_groups
+    from graft.interpret.fairness import counterfactuals, fill, parse_groups
     from graft.io.atomic import check_output, write_json
 
     if out is not None:
         check_output(out, "--out", example="fairness.json")
     words = parse_groups(groups)
+    for t in template:  # every template checked before the model loads
+        fill(t, words[0])
     m, tokenizer = load_task_model(model, device, reference)
     result = counterfactuals(m, tokenizer, template, words, target)
     typer.echo(json.dumps(result, ensure_ascii=False))
