@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -30,10 +30,9 @@ METHODS = ("ig", "grad-x-input", "occlusion", "attention", "rollout", "random")
 @dataclass
 class Attribution:
     method: str
-    scores: list[float]  # one per token; special tokens get 0 from gradient methods' rows too
+    scores: list[float]  # one per token (IG and occlusion give special tokens 0: they are never replaced)
     delta: float | None = None  # IG: sum(scores) - (f(input) - f(baseline))
     maps: torch.Tensor | None = None  # (L, nh, T, T) attention probabilities, when they were computed
-    extra: dict = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -94,7 +93,8 @@ def occlusion(subject: Subject, batch_size: int = 32) -> list[float]:
     for start in range(0, len(free), batch_size):
         chunk = free[start : start + batch_size]
         ids = subject.input_ids.repeat(len(chunk), 1)  # (N, T)
-        ids[torch.arange(len(chunk)), torch.tensor(chunk)] = subject.baseline_id
+        rows = torch.arange(len(chunk), device=ids.device)
+        ids[rows, torch.tensor(chunk, device=ids.device)] = subject.baseline_id
         for i, s in zip(chunk, subject.scores(ids).tolist(), strict=True):
             scores[i] = full - s
     return scores

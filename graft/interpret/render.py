@@ -127,7 +127,7 @@ def packed_maps(maps: torch.Tensor | None) -> dict[str, Any] | None:
     """(L, nh, T, T) probabilities as the page carries them: one byte each (1/255 steps), base64."""
     if maps is None or maps.numel() > PAGE_MAPS_LIMIT:
         return None
-    data = maps.float().clamp(0, 1).mul(255).round().to(torch.uint8).contiguous().numpy().tobytes()
+    data = maps.float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().contiguous().numpy().tobytes()
     return {"shape": list(maps.shape), "data": base64.b64encode(data).decode("ascii")}
 
 

@@ -10,7 +10,7 @@ reads the model through it, so each task is handled once, here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +34,6 @@ class Subject:
     index: int  # class, tag, token id; for QA 0 (start) or 1 (end)
     position: int | None  # the position the target is read at (token tags, QA, the LM's last token)
     baseline_id: int  # the token that stands for "nothing here" (IG's baseline, deletion, occlusion)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def input_ids(self) -> torch.Tensor:
