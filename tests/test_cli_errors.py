@@ -128,6 +128,30 @@ CASES: dict[str, list[Case]] = {
     "demo": [
         lambda t: (["demo", "--steps", "0"], ["--steps"]),
     ],
+    "explain": [
+        lambda t: (["explain", t / "nowhere", "--text", "hi"], ["nowhere"]),
+        lambda t: (
+            ["explain", t / "nowhere", "--text", "hi", "--out", file(t / "taken")],
+            [f"{t / 'taken'}: is a file; --out takes a folder"],
+        ),
+        lambda t: (
+            ["explain", t / "nowhere", "--text", "hi", "--method", "gi"],
+            ["--method 'gi' is not one of"],
+        ),
+    ],
+    "probe": [
+        lambda t: (
+            ["probe", t / "nowhere", "--data", file(t / "d.csv", "text,kind\na,b\n"), "--property", "knd"],
+            ["column 'knd': no such column", "did you mean 'kind'"],
+        ),
+    ],
+    "fairness": [
+        lambda t: (
+            ["fairness", t / "nowhere", "--template", "No slot.", "--groups", "he,she"],
+            ["--template 'No slot.': no {} where the group word goes"],
+        ),
+        lambda t: (["fairness", t / "nowhere", "--template", "The {}.", "--groups", "he"], ["--groups 'he'"]),
+    ],
 }
 
 
