@@ -112,6 +112,11 @@ CASES: dict[str, list[Case]] = {
             ["is a file"],
         ),
     ],
+    "export": [
+        lambda t: (["export", t / "nowhere", t / "out"], ["nowhere", "does not exist"]),
+        lambda t: (["export", t / "nowhere", t / "out", "--format", "tflite"], ["--format tflite"]),
+        lambda t: (["export", t / "nowhere", t / "out", "--opset", "9"], ["--opset 9", "too old"]),
+    ],
     "heads": [
         lambda t: (
             ["heads", t / "no-model", "--data", "d.csv", "--out", file(t / "taken")],
