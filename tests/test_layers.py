@@ -26,6 +26,7 @@ LAYERS: list[set[str]] = [
     {"graft.strategies"},
     {"graft.loading"},
     {"graft.train"},
+    {"graft.serve"},
     {"graft.cli", "graft.__main__"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
