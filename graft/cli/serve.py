@@ -69,5 +69,4 @@ def serve(
     def loader():
         return load_served(model, base, getattr(torch, dtype.value), reference)
 
-    typer.echo(f"graft serve: {model} on http://{host}:{port} (ready when /health says so)", err=True)
     run(loader, settings, host, port)

@@ -232,13 +232,9 @@ class Gate:
 
         try:
             refusal = self.refuse(scope, path)
-            if refusal is not None:
-                await refusal(scope, receive, sending)
-            else:
-                await self.app(scope, self.limited(receive, sending), sending)
-        except BodyTooLarge:
-            if status["code"] == 500:
-                await self.too_large()(scope, receive, sending)
+            if refusal is None and not any(k == b"content-length" for k, _ in scope["headers"]):
+                receive, refusal = await self.buffered(receive)
+            await (refusal or self.app)(scope, receive, sending)
         finally:
             m = self.state.metrics
             m.requests.labels(endpoint, str(status["code"])).inc()
@@ -264,24 +260,25 @@ class Gate:
             return self.too_large()
         return None
 
-    def limited(self, receive: Callable, send: Callable) -> Callable:
-        """receive(), counting the body's bytes: a chunked body over the limit is a 413 too."""
-        seen = {"bytes": 0}
+    async def buffered(self, receive: Callable) -> tuple[Callable, Response | None]:
+        """A body sent without Content-Length (chunked), read up to the limit: 413 beyond it."""
         limit = self.state.settings.max_body_bytes
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return receive, None  # the client left: the app sees the disconnect
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return receive, self.too_large()
+            more = message.get("more_body", False)
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
         async def receiving() -> dict:
-            message = await receive()
-            if message["type"] == "http.request":
-                seen["bytes"] += len(message.get("body", b""))
-                if seen["bytes"] > limit:
-                    raise BodyTooLarge
-            return message
+            return replay.pop() if replay else await receive()
 
-        return receiving
-
-
-class BodyTooLarge(Exception):
-    pass
+        return receiving, None
 
 
 # ---- the app ----------------------------------------------------------------------------------------
@@ -317,7 +314,9 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {"loc": ("body",), "msg": "invalid request"}
+        errors = e.errors() or [{"loc": ("body",), "msg": "invalid request"}]
+        # a union's branches each report: the one that got deepest into the value says most
+        first = max(errors, key=lambda x: len(x.get("loc", ())))
         if first.get("type") == "json_invalid":
             return error(
                 422, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
@@ -486,20 +485,23 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         state.admit()
-        seq = Sequence(prompt, config, s.tokenizer, emit, on_leave=state.release)
+        seq = Sequence(prompt, config, s.tokenizer, emit)
         state.engine.submit(seq)
         return events, seq
 
     async def pieces(events: asyncio.Queue, seq: Sequence) -> AsyncIterator[tuple]:
-        """The sequence's events until it is done; a client gone cancels it (its row leaves)."""
+        """The sequence's events until it is done; a client gone cancels it (its row leaves at the
+        next step). The request counts as in flight until its last byte is sent."""
         try:
             while True:
                 event = await events.get()
                 yield event
                 if event[0] != "text":
                     return
+                await asyncio.sleep(0)  # a fast stream must not keep the loop from other requests
         finally:
             seq.cancelled = True
+            state.release()
 
     def usage(event: tuple) -> dict[str, int]:
         _, _, prompt_tokens, completion_tokens = event

@@ -7,6 +7,7 @@ the server exits (status 0). A second signal stops at once.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +46,9 @@ class Server(uvicorn.Server):
             time.sleep(0.05)
         if self.state.failure is not None:
             self.should_exit = True
+        elif self.state.served is not None:  # said once ready, so that an error before is one line
+            c = self.config
+            print(f"graft serve: {self.state.served.name} ready on http://{c.host}:{c.port}", file=sys.stderr)
 
 
 def check_port(host: str, port: int) -> None:
