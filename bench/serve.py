@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import socket
@@ -130,11 +131,14 @@ async def chats(url: str, streams: int, max_tokens: int) -> dict:
             seen = False
             async with client.stream("POST", "/v1/chat/completions", json=body) as r:
                 async for line in r.aiter_lines():
-                    if not seen and '"content"' in line:
-                        first.append(time.perf_counter() - start)
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line.removeprefix("data: "))
+                    if not seen and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        first.append(time.perf_counter() - start)  # the first text, not the role
                         seen = True
-                    if '"usage"' in line and '"choices": []' in line:
-                        tokens += int(re.search(r'"completion_tokens": (\d+)', line).group(1))
+                    if chunk.get("usage"):
+                        tokens += chunk["usage"]["completion_tokens"]
 
         start = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(streams)))
@@ -161,23 +165,18 @@ def hand_written(port: int) -> None:
     import transformers
     import uvicorn
     from fastapi import FastAPI
-    from pydantic import BaseModel
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_folder())
     model = transformers.AutoModel.from_pretrained(minilm_folder()).eval()
     app = FastAPI()
-
-    class Body(BaseModel):
-        input: str | list[str]
-        truncate: bool = True
 
     @app.get("/health")
     def health() -> dict:
         return {"status": "ready"}
 
     @app.post("/v1/embeddings")
-    def embeddings(body: Body) -> dict:
-        texts = [body.input] if isinstance(body.input, str) else body.input
+    def embeddings(body: dict) -> dict:
+        texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
         batch = tokenizer(texts, padding=True, truncation=True, max_length=512, return_tensors="pt")
         with torch.inference_mode():
             hidden = model(**batch).last_hidden_state
@@ -206,9 +205,9 @@ def main() -> None:
     except ImportError as e:
         fail(f"missing package: {e.name} (pip install -e '.[test]')")
     if args.small:
-        args.requests, args.clients, args.chat_tokens = 64, "1,8", 16
+        args.requests, args.clients, args.chat_tokens = 16, "1,8", 8
     levels = [int(c) for c in args.clients.split(",")]
-    corpus = texts(1000)
+    corpus = texts(200 if args.small else 1000)
     tmp = Path(tempfile.mkdtemp(prefix="graft-bench-serve-"))
     graft = [sys.executable, "-m", "graft", "serve", str(minilm_folder())]
     systems = {
