@@ -29,6 +29,7 @@ LAYERS: list[set[str]] = [
     {"graft.train"},
     {"graft.interpret"},
     {"graft.compress"},
+    {"graft.serve"},
     {"graft.cli", "graft.__main__"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}

@@ -99,8 +99,9 @@ def read_records(
 
 
 def jsonl_line(record: dict[str, Any], prediction: dict[str, Any]) -> str:
-    row = {"id": record["id"]} if record.get("id") is not None else {}
-    return json.dumps({**row, **prediction}, ensure_ascii=False) + "\n"
+    from graft.tasks.predict import prediction_row
+
+    return json.dumps(prediction_row(record, prediction), ensure_ascii=False) + "\n"
 
 
 def options(**given: Any) -> dict[str, Any]:
