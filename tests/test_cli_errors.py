@@ -117,6 +117,10 @@ CASES: dict[str, list[Case]] = {
         lambda t: (["export", t / "nowhere", t / "out", "--format", "tflite"], ["--format tflite"]),
         lambda t: (["export", t / "nowhere", t / "out", "--opset", "9"], ["--opset 9", "too old"]),
     ],
+    "serve": [
+        lambda t: (["serve", t / "nowhere"], ["nowhere", "does not exist"]),
+        lambda t: (["serve", t / "nowhere", "--max-batch-tokens", "0"], ["--max-batch-tokens"]),
+    ],
     "heads": [
         lambda t: (
             ["heads", t / "no-model", "--data", "d.csv", "--out", file(t / "taken")],
