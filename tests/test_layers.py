@@ -25,6 +25,7 @@ LAYERS: list[set[str]] = [
     {"graft.generation"},
     {"graft.strategies"},
     {"graft.loading"},
+    {"graft.compress"},
     {"graft.train"},
     {"graft.cli", "graft.__main__"},
 ]

@@ -1,0 +1,1 @@
+"""Compression (chapter 8): quantization, distillation and pruning, each with what it costs."""
