@@ -20,7 +20,7 @@ import graft.kernels
 from graft.errors import GraftError, did_you_mean
 from graft.io.atomic import write_json
 from graft.io.hf import read_config, read_json, read_weights, resolve, weight_shapes, write_weights
-from graft.kernels.int8 import METHODS, quantize_linears
+from graft.kernels.int8 import METHODS, Int8Embedding, quantize_linears
 from graft.models.registry import FAMILIES, Family, describe, family_for
 from graft.models.weights import WeightMap
 from graft.nn import Transformer, TransformerConfig
@@ -92,9 +92,14 @@ def quantization(hf: dict[str, Any]) -> str | None:
 
 
 def quantized(body: Transformer, method: str | None) -> Transformer:
-    """``body`` with the linear layers of its blocks made int8 for ``method`` (in place)."""
+    """``body`` with the linear layers of its blocks made int8 for ``method`` (in place), and its
+    token embeddings unless a decoder's LM head shares them (the head stays float)."""
     if method is not None and METHODS[method] is not None:
         quantize_linears(body.layers, METHODS[method], prefix="layers")
+        cfg = body.config
+        tied = FAMILIES[cfg.family].decoder and cfg.tie_word_embeddings
+        if not tied and isinstance(getattr(body.embed, "tokens", None), nn.Embedding):
+            body.embed.tokens = Int8Embedding.from_embedding(body.embed.tokens)
     return body
 
 

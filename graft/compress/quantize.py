@@ -8,9 +8,10 @@ Methods (graft.kernels.int8.METHODS):
   the bytes; many rows dequantize the weight per call).
 - ``bf16``: every weight in bfloat16.
 
-What stays float, and why: the token and position embeddings (a lookup, not a product), the layer
-norms (a few numbers each, and sensitive), BERT's pooler and every task head, the LM head
-included (tied to the embeddings in most decoders; it decides the next token). The saved
+The token embeddings become int8 too (one scale per token; they are half of MiniLM's bytes).
+What stays float, and why: the position embeddings and layer norms (few numbers, and
+sensitive), BERT's pooler and every task head, the LM head included (it decides the next token),
+and with it the token embeddings of a decoder whose LM head shares them (SmolLM2, GPT-2). The saved
 config.json says so under "quantization_config" (quant_method "graft", so transformers does not
 mistake it for a format it reads). Weights go into model.safetensors as int8 ("X.weight") next to
 fp32 scales ("X.weight_scale"), written atomically; ``graft.loading.load_model`` reads them back.
@@ -27,11 +28,11 @@ import torch
 from graft.errors import GraftError, did_you_mean
 from graft.io.atomic import atomic_folder, check_output
 from graft.io.hf import WEIGHT_FILES, resolve
-from graft.kernels.int8 import METHODS, Int8Linear
-from graft.loading import Model, load_model, quantization, quantized, save_model
+from graft.kernels.int8 import METHODS, Int8Embedding, Int8Linear
+from graft.loading import Model, load_config, load_model, quantization, quantized, save_model
 from graft.tasks import TaskModel
 
-FLOAT = "embeddings, layer norms, pooler and the task head (LM head included)"
+FLOAT = "position embeddings, layer norms, pooler, task head (LM head included; token embeddings too when tied to it)"
 
 
 def check_method(method: str) -> str:
@@ -70,7 +71,7 @@ def quantize(model: Model, method: str) -> Model:
         layers: list[str] = []
     else:
         quantized(body, method)
-        layers = [n for n, m in body.named_modules() if isinstance(m, Int8Linear)]
+        layers = [n for n, m in body.named_modules() if isinstance(m, (Int8Linear, Int8Embedding))]
     body.config.hf_config["quantization_config"] = quantization_config(method, layers)
     return model
 
@@ -82,6 +83,9 @@ def quantize_folder(model: str | Path, out: str | Path, method: str, overwrite: 
     check_method(method)
     out = check_output(out, "OUT", folder=True, overwrite=overwrite)
     folder = resolve(model)
+    before = quantization(load_config(folder)[1].hf_config)  # (a bad config.json: its path in the line)
+    if before is not None:
+        raise GraftError(f"{folder}: already quantized ({before}); quantize the float model it came from")
     m = quantize(load_model(folder, kernels=False), method)
     with atomic_folder(out) as tmp:
         for file in folder.iterdir():

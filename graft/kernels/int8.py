@@ -17,7 +17,8 @@ Timed single-threaded on an AMD EPYC (AVX-512 VNNI) at MiniLM's shapes, (768 row
 fp32 on oneDNN packed weights 3.8 ms, bf16 2.0 ms, the u8 x s8 matmul 0.9 ms (torch._int_mm
 the same, plus an int32 -> float pass), quantizing the rows 0.9 ms; at one row of SmolLM2's
 576 -> 49152 head: fp32 packed 4.4 ms, int8 dynamic 0.7 ms, _weight_int8pack_mm 1.6 ms.
-_weight_int8pack_mm with fp32 inputs takes a slow generic loop (50x): bf16 only.
+_weight_int8pack_mm with fp32 inputs takes a slow generic loop (50x): bf16 only; and it crashes
+(torch 2.13, AVX-512) when the input width is not a multiple of 32: those layers dequantize.
 
 Where torch lacks oneDNN's int8 ops (or off CPU), the same numbers come from the written-out
 float math (``reference_linear``). The packed weight (oneDNN's layout) is made at first use and
@@ -170,21 +171,24 @@ class Int8Linear(nn.Module):
         rows = x.numel() // self.in_features
         if not x.is_cpu or x.requires_grad:
             return reference_linear(x, self)
-        bias = None if self.bias is None else self.bias.bfloat16()
-        if rows <= FEW_ROWS:  # memory-bound: read the int8 weight itself
+        # memory-bound: read the int8 weight itself (the kernel crashes on widths not a multiple of 32)
+        if rows <= FEW_ROWS and self.in_features % 32 == 0:
             y = torch.ops.aten._weight_int8pack_mm(
                 x.reshape(rows, self.in_features).bfloat16(), self.weight, self.weight_scale.bfloat16()
             )  # (rows, out)
             y = y.reshape(*x.shape[:-1], self.out_features)
-            return (y if bias is None else y + bias).to(x.dtype)
-        # compute-bound: the weight dequantized once per call, a bf16 product on oneDNN
-        w = (self.weight.float() * self.weight_scale.float()[:, None]).bfloat16()  # (out, in)
-        return linear(x.bfloat16(), w, bias).to(x.dtype)
+        else:  # compute-bound: the weight dequantized once per call, a bf16 product on oneDNN
+            w = (self.weight.float() * self.weight_scale.float()[:, None]).bfloat16()  # (out, in)
+            y = linear(x.bfloat16(), w)
+        return (
+            y.to(x.dtype) if self.bias is None else y.to(x.dtype) + self.bias.to(x.dtype)
+        )  # (bias unrounded)
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(the weight in oneDNN's int8 layout, its zero points), made once per weight version."""
         packs = self.packs
-        version = (self.weight.data_ptr(), self.weight._version)
+        w = self.weight  # (an inference tensor, made in inference mode, keeps no version)
+        version = (w.data_ptr(), -1 if w.is_inference() else w._version)
         if packs.version != version:
             with packs.lock:
                 if packs.version != version:
@@ -201,6 +205,35 @@ class Int8Linear(nn.Module):
         )  # (N, out) = sum_k (q - 128) * weight * weight_scale
         y = y.mul_(scale) if self.bias is None else torch.addcmul(self.bias.float(), y, scale, out=y)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8Embedding(nn.Module):
+    """A token embedding table in int8 with one fp32 scale per token (row): a lookup reads the int8
+    rows and scales them, a quarter of fp32's bytes on disk and in memory (MiniLM's table is half
+    of its weights). State dict: ``weight`` (V, E) int8, ``weight_scale`` (V,) fp32."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings))
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> Int8Embedding:
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim)
+        if embedding.weight.is_meta:
+            return layer.to("meta")
+        q, scale = quantize_weight(embedding.weight)  # per row: each token its own scale
+        layer.weight.copy_(q)
+        layer.weight_scale.copy_(scale)
+        return layer.to(embedding.weight.device)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., E) fp32
+        rows = F.embedding(ids, self.weight).float()  # (..., E)
+        return rows * self.weight_scale.float()[ids].unsqueeze(-1)
 
 
 def reference_linear(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
