@@ -91,13 +91,23 @@ def quantization(hf: dict[str, Any]) -> str | None:
     return method
 
 
+DYNAMIC_FLOAT_INPUTS = (".attn.o",)  # decoders' int8-dynamic layers that keep float inputs
+
+
 def quantized(body: Transformer, method: str | None) -> Transformer:
     """``body`` with the linear layers of its blocks made int8 for ``method`` (in place), and its
     token embeddings unless a decoder's LM head shares them (the head stays float)."""
     if method is not None and METHODS[method] is not None:
-        quantize_linears(body.layers, METHODS[method], prefix="layers")
+        names = quantize_linears(body.layers, METHODS[method], prefix="layers")
         cfg = body.config
-        tied = FAMILIES[cfg.family].decoder and cfg.tie_word_embeddings
+        decoder = FAMILIES[cfg.family].decoder
+        if decoder and METHODS[method] == "dynamic":
+            # the attention output's input (the heads side by side) has outlier channels that one
+            # scale per row flattens: SmolLM2's perplexity +8.7% with it int8, +0.9% with it float
+            for name in names:
+                if name.endswith(DYNAMIC_FLOAT_INPUTS):
+                    body.get_submodule(name).activations = "weight"
+        tied = decoder and cfg.tie_word_embeddings
         if not tied and isinstance(getattr(body.embed, "tokens", None), nn.Embedding):
             body.embed.tokens = Int8Embedding.from_embedding(body.embed.tokens)
     return body

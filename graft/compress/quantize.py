@@ -3,7 +3,8 @@
 Methods (graft.kernels.int8.METHODS):
 
 - ``int8-dynamic``: the linear layers of every block hold int8 weights with one scale per output
-  channel, and quantize their input per row (token) at run time: int8 x int8 products on oneDNN.
+  channel, and quantize their input per row (token) at run time: int8 x int8 products on oneDNN
+  (a decoder's attention output projection keeps float inputs: see graft.loading.quantized).
 - ``int8-weight``: the same int8 weights; activations stay float (decoding reads a quarter of
   the bytes; many rows dequantize the weight per call).
 - ``bf16``: every weight in bfloat16.
@@ -29,7 +30,16 @@ from graft.errors import GraftError, did_you_mean
 from graft.io.atomic import atomic_folder, check_output
 from graft.io.hf import WEIGHT_FILES, resolve
 from graft.kernels.int8 import METHODS, Int8Embedding, Int8Linear
-from graft.loading import Model, load_config, load_model, quantization, quantized, save_model
+from graft.loading import (
+    DYNAMIC_FLOAT_INPUTS,
+    Model,
+    load_config,
+    load_model,
+    quantization,
+    quantized,
+    save_model,
+)
+from graft.models import FAMILIES
 from graft.tasks import TaskModel
 
 FLOAT = "position embeddings, layer norms, pooler, task head (LM head included; token embeddings too when tied to it)"
@@ -43,7 +53,7 @@ def check_method(method: str) -> str:
     return method
 
 
-def quantization_config(method: str, layers: list[str]) -> dict[str, Any]:
+def quantization_config(method: str, layers: list[str], decoder: bool) -> dict[str, Any]:
     """What config.json says about a model quantized with ``method``: loading reads "method"."""
     config: dict[str, Any] = {"quant_method": "graft", "method": method}
     if METHODS[method] is None:
@@ -51,6 +61,11 @@ def quantization_config(method: str, layers: list[str]) -> dict[str, Any]:
         return config
     config["weights"] = "int8, symmetric, one fp32 scale per output channel (X.weight_scale)"
     config["activations"] = "int8 per row at run time" if METHODS[method] == "dynamic" else "float"
+    floats = [n for n in layers if n.endswith(DYNAMIC_FLOAT_INPUTS)]
+    if METHODS[method] == "dynamic" and decoder and floats:
+        config["float_activations"] = (
+            f"{len(floats)} layers ({DYNAMIC_FLOAT_INPUTS[0].lstrip('.')}: outliers)"
+        )
     config["int8_layers"] = len(layers)
     config["float"] = FLOAT
     return config
@@ -72,7 +87,8 @@ def quantize(model: Model, method: str) -> Model:
     else:
         quantized(body, method)
         layers = [n for n, m in body.named_modules() if isinstance(m, (Int8Linear, Int8Embedding))]
-    body.config.hf_config["quantization_config"] = quantization_config(method, layers)
+    decoder = FAMILIES[body.config.family].decoder
+    body.config.hf_config["quantization_config"] = quantization_config(method, layers, decoder)
     return model
 
 

@@ -67,13 +67,16 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Packs:
-    """The weight in oneDNN's int8 layout, made at first use; a copy of the layer starts empty."""
+    """The weight in oneDNN's int8 layout (and the scales in bf16), made at first use; a copy of the
+    layer starts empty."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.packed: torch.Tensor | None = None
         self.zeros: torch.Tensor | None = None
         self.version: tuple[int, int] | None = None
+        self.bf16_scale: torch.Tensor | None = None  # int8-weight's scales for _weight_int8pack_mm
+        self.scale_version: tuple[int, int] | None = None
 
     def __deepcopy__(self, memo: dict) -> Packs:
         return Packs()
@@ -174,7 +177,7 @@ class Int8Linear(nn.Module):
         # memory-bound: read the int8 weight itself (the kernel crashes on widths not a multiple of 32)
         if rows <= FEW_ROWS and self.in_features % 32 == 0:
             y = torch.ops.aten._weight_int8pack_mm(
-                x.reshape(rows, self.in_features).bfloat16(), self.weight, self.weight_scale.bfloat16()
+                x.reshape(rows, self.in_features).bfloat16(), self.weight, self.bf16_scale()
             )  # (rows, out)
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:  # compute-bound: the weight dequantized once per call, a bf16 product on oneDNN
@@ -183,6 +186,14 @@ class Int8Linear(nn.Module):
         return (
             y.to(x.dtype) if self.bias is None else y.to(x.dtype) + self.bias.to(x.dtype)
         )  # (bias unrounded)
+
+    def bf16_scale(self) -> torch.Tensor:
+        """``weight_scale`` in bf16, made once per version of the scales (decoding calls it every step)."""
+        packs, scale = self.packs, self.weight_scale
+        version = (scale.data_ptr(), -1 if scale.is_inference() else scale._version)
+        if packs.scale_version != version:
+            packs.bf16_scale, packs.scale_version = scale.bfloat16(), version
+        return packs.bf16_scale
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(the weight in oneDNN's int8 layout, its zero points), made once per weight version."""
