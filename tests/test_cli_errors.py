@@ -108,6 +108,17 @@ CASES: dict[str, list[Case]] = {
     "demo": [
         lambda t: (["demo", "--steps", "0"], ["--steps"]),
     ],
+    "quantize": [
+        lambda t: (["quantize", t / "nowhere", t / "q"], ["nowhere", "does not exist"]),
+        lambda t: (
+            ["quantize", t / "nowhere", file(t / "q.txt")],
+            [f"{t / 'q.txt'}: is a file; OUT takes a folder"],
+        ),
+        lambda t: (
+            ["quantize", t / "nowhere", t / "q", "--method", "int4"],
+            ["--method", "unknown method 'int4'"],
+        ),
+    ],
 }
 
 
