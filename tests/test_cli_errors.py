@@ -161,6 +161,17 @@ CASES: dict[str, list[Case]] = {
         ),
         lambda t: (["fairness", t / "nowhere", "--template", "The {}.", "--groups", "he"], ["--groups 'he'"]),
     ],
+    "quantize": [
+        lambda t: (["quantize", t / "nowhere", t / "q"], ["nowhere", "does not exist"]),
+        lambda t: (
+            ["quantize", t / "nowhere", file(t / "q.txt")],
+            [f"{t / 'q.txt'}: is a file; OUT takes a folder"],
+        ),
+        lambda t: (
+            ["quantize", t / "nowhere", t / "q", "--method", "int4"],
+            ["--method", "unknown method 'int4'"],
+        ),
+    ],
 }
 
 
