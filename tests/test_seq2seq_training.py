@@ -221,3 +221,19 @@ def test_train_a_seq2seq_recipe_evaluates_with_rouge(t5_folder, tmp_path, cli):
     assert {"eval/rougeL", "eval/bleu", "eval/chrf", "eval/loss"} <= set(result), result
     trained = load_model(tmp_path / "run" / "model")
     assert isinstance(trained, TaskModel) and trained.task == "seq2seq"
+
+
+def test_graft_generate_runs_an_encoder_decoder_on_its_prompts(t5_folder, cli):
+    from graft.generation import generate
+    from graft.generation.text import decode_new, encode_prompts
+
+    prompts = [words(5, 6, 7), words(8)]
+    done = cli("generate", t5_folder, "-p", prompts[0], "-p", prompts[1], "-n", "5", "--json").ok()
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    model, tok = load_model(t5_folder), Tokenizer.from_folder(t5_folder)
+    ids, mask = encode_prompts(tok, prompts, side="right")
+    expected = decode_new(tok, generate(model, ids, mask, max_new_tokens=5)[:, 1:], [1])
+    assert [line["prompt"] for line in lines] == prompts
+    assert [line["completion"] for line in lines] == expected
+    one = cli("generate", t5_folder, "-p", prompts[1], "-n", "5").ok()
+    assert one.stdout == expected[1] + "\n"

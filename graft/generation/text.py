@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -16,9 +16,14 @@ from graft.tasks.predict import batches
 
 
 def encode_prompts(
-    tokenizer, prompts: Sequence[str] | Sequence[list[dict[str, Any]]], chat: bool = False
+    tokenizer,
+    prompts: Sequence[str] | Sequence[list[dict[str, Any]]],
+    chat: bool = False,
+    side: Literal["left", "right"] = "left",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Texts (or, with ``chat``, message lists, or texts sent as one user message) -> left-padded ids, mask."""
+    """Texts (or, with ``chat``, message lists, or texts sent as one user message) -> padded ids, mask:
+    on the left for a decoder, which appends after the last column; on the right for an encoder-decoder's
+    encoder (BART's absolute positions count from the first column)."""
     rows = []
     for prompt in prompts:
         if chat:
@@ -30,7 +35,7 @@ def encode_prompts(
             )
     if not any(rows):
         raise GraftError("generation: the prompt is empty")
-    return pad(rows, tokenizer.pad_token_id or 0, side="left")
+    return pad(rows, tokenizer.pad_token_id or 0, side=side)
 
 
 def stream_text(tokenizer, tokens: Iterable[int], stop_at: Sequence[int] = ()) -> Iterator[str]:
