@@ -237,3 +237,10 @@ def test_graft_generate_runs_an_encoder_decoder_on_its_prompts(t5_folder, cli):
     assert [line["completion"] for line in lines] == expected
     one = cli("generate", t5_folder, "-p", prompts[1], "-n", "5").ok()
     assert one.stdout == expected[1] + "\n"
+
+
+def test_info_shows_both_depths_of_an_encoder_decoder(t5_folder, cli):
+    facts = json.loads(cli("info", t5_folder, "--json").ok().stdout)
+    model = load_model(t5_folder, kernels=False)
+    assert facts["family"] == "t5" and (facts["encoder_layers"], facts["decoder_layers"]) == (2, 3)
+    assert facts["parameters"] == sum(p.numel() for p in model.body.parameters())
