@@ -244,3 +244,41 @@ def test_info_shows_both_depths_of_an_encoder_decoder(t5_folder, cli):
     model = load_model(t5_folder, kernels=False)
     assert facts["family"] == "t5" and (facts["encoder_layers"], facts["decoder_layers"]) == (2, 3)
     assert facts["parameters"] == sum(p.numel() for p in model.body.parameters())
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_every_strategy_trains_an_encoder_decoder_or_says_why_not(family, tmp_path):
+    """Each strategy of the registry, with layer-wise learning rates: gradients reach every parameter
+    it trains, or one line names what does not apply (prompts, prefixes, cached features; BitFit on
+    T5, which has no biases)."""
+    from graft.errors import GraftError
+    from graft.strategies import STRATEGIES
+
+    hf_model(family, "seq2seq").save_pretrained(tmp_path)
+    refused = {name for name, cls in STRATEGIES.items() if not cls.encoder_decoders}
+    assert refused == {"features", "prompt", "prefix"}
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(3, 99, (2, 6), generator=g),
+        "decoder_input_ids": torch.randint(3, 99, (2, 4), generator=g),
+    }
+    batch["labels"] = batch["decoder_input_ids"]
+    for name in STRATEGIES:
+        model = load_model(tmp_path)
+        if name in refused or (name == "bitfit" and family == "t5"):
+            why = "has no biases to train" if name == "bitfit" else "does not apply to an encoder-decoder"
+            with pytest.raises(
+                GraftError,
+                match=f"^strategy '{name}': a t5 model {why}|^strategy '{name}' {why} \\({family}\\); use ",
+            ):
+                apply_strategy(model, name)
+            continue
+        model = apply_strategy(model, f"{name}:lr_decay=0.8")
+        model.train()
+        model(**batch).loss.backward()
+        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        assert trained and all(p.grad is not None for _, p in trained), name
+        groups = model.strategy.param_groups(model, 1e-3)
+        assert sum(len(g["params"]) for g in groups) == len(trained)
+        lrs = sorted({g["lr"] for g in groups})
+        assert len(lrs) > 2, (name, lrs)  # encoder and decoder blocks at their own depths

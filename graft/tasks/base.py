@@ -141,3 +141,11 @@ class TaskModel(nn.Module):
 def body_of(model: nn.Module) -> Transformer | EncoderDecoder:
     """The transformer body of a bare body, a TaskModel or a MultitaskModel."""
     return model if isinstance(model, Transformer | EncoderDecoder) else model.body
+
+
+def stacks(body: Transformer | EncoderDecoder) -> list[tuple[str, Transformer]]:
+    """The body's stacks of blocks with their name prefixes: ("", body), or an encoder-decoder's
+    ("encoder.", encoder) and ("decoder.", decoder), bottom first."""
+    if isinstance(body, EncoderDecoder):
+        return [("encoder.", body.encoder), ("decoder.", body.decoder)]
+    return [("", body)]
