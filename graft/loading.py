@@ -257,14 +257,20 @@ def save_model(model: Model, folder: str | Path, tokenizer: Any = None) -> Path:
 def load_adapter_model(base: str | Path, adapter: str | Path) -> nn.Module:
     """A base model folder + an adapter folder -> the adapted model (with the saved head, if any)."""
     adapter = Path(adapter)
-    model = load_model(base, task="base")
     head_file = adapter / HEAD_FILE
-    if head_file.exists():
-        saved = read_json(head_file)
-        if saved["task"] not in HEADS:
-            raise GraftError(f"{head_file}: unknown task {saved['task']!r} (known: {', '.join(HEADS)})")
-        cls = HEADS[saved["task"]]
-        model = TaskModel(model, cls(model, **cls.options_from_hf(saved["config"])))
+    config_file = adapter / "adapter_config.json"
+    saved = read_json(head_file) if head_file.exists() else None
+    task_type = read_json(config_file).get("task_type") if config_file.exists() else None
+    if (saved or {}).get("task", "seq2seq" if task_type == "SEQ_2_SEQ_LM" else None) == "seq2seq":
+        # the base's own LM head (tied, with BART's logits bias); the adapter may replace its weight
+        model = load_model(base, task="seq2seq")
+    else:
+        model = load_model(base, task="base")
+        if saved is not None:
+            if saved["task"] not in HEADS:
+                raise GraftError(f"{head_file}: unknown task {saved['task']!r} (known: {', '.join(HEADS)})")
+            cls = HEADS[saved["task"]]
+            model = TaskModel(model, cls(model, **cls.options_from_hf(saved["config"])))
     load_adapter(model, adapter)
     return model.eval()
 

@@ -282,3 +282,54 @@ def test_every_strategy_trains_an_encoder_decoder_or_says_why_not(family, tmp_pa
         assert sum(len(g["params"]) for g in groups) == len(trained)
         lrs = sorted({g["lr"] for g in groups})
         assert len(lrs) > 2, (name, lrs)  # encoder and decoder blocks at their own depths
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_lora_adapters_round_trip_with_peft(family, tmp_path):
+    """PEFT's q/v adapter on transformers' model loads into graft with the same logits, and graft's
+    saved adapter loads into PEFT on transformers' model with graft's logits."""
+    import peft
+    import transformers as tr
+
+    from graft.loading import load_adapter_model
+    from graft.strategies.lora import save_adapter
+
+    ref = hf_model(family, "seq2seq")
+    with torch.no_grad():
+        for name, buffer in ref.named_buffers():
+            if name.endswith("final_logits_bias"):
+                buffer.add_(torch.randn_like(buffer))
+    ref.save_pretrained(tmp_path / "base")
+    theirs = peft.get_peft_model(
+        ref,
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q", "v"] if family == "t5" else ["q_proj", "v_proj"],
+            task_type="SEQ_2_SEQ_LM",
+        ),
+    )
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    theirs.save_pretrained(tmp_path / "peft")
+    g = torch.Generator().manual_seed(0)
+    ids, dec = torch.randint(3, 99, (2, 6), generator=g), torch.randint(3, 99, (2, 4), generator=g)
+    ours = load_adapter_model(tmp_path / "base", tmp_path / "peft")
+    with torch.no_grad():
+        expected = theirs.eval()(input_ids=ids, decoder_input_ids=dec).logits
+        assert (ours(input_ids=ids, decoder_input_ids=dec).logits - expected).abs().max() <= 1e-5
+
+    model = apply_strategy(load_model(tmp_path / "base"), "lora:r=2")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+        got = model.eval()(input_ids=ids, decoder_input_ids=dec).logits
+    save_adapter(model, tmp_path / "ours")
+    base = tr.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "base").eval()
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert (loaded(input_ids=ids, decoder_input_ids=dec).logits - got).abs().max() <= 1e-5
+    assert (got - expected).abs().max() > 1e-3  # different adapters: the comparison means something
