@@ -172,6 +172,10 @@ def load_model(
         if task not in HEADS:
             raise GraftError(f"unknown task {task!r} (known: base, {', '.join(HEADS)})")
         head_class = HEADS[task]
+        if family.encoder_decoder and task != "seq2seq":
+            raise GraftError(
+                f"{task}: a {family.name} model is an encoder-decoder; load it as task seq2seq (or base)"
+            )
         if family.encoder_decoder:
             untie_output(body, rest)
         try:

@@ -12,7 +12,7 @@ from graft.errors import GraftError
 from graft.loading import load_model, save_model
 from graft.models import FAMILIES
 from graft.nn import EncoderDecoder
-from graft.tasks import Seq2SeqHead, TaskModel
+from graft.tasks import HEADS, Seq2SeqHead, TaskModel
 
 ENCODER_DECODERS = [name for name, family in FAMILIES.items() if family.encoder_decoder]
 MODES = pytest.mark.parametrize("use_kernels", [False, True], ids=["reference", "kernels"])
@@ -143,3 +143,12 @@ def test_a_missing_decoder_tensor_is_named(family, tmp_path):
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(GraftError, match=f"model.safetensors: missing tensor '{name}'"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("task", sorted(set(HEADS) - {"seq2seq"}))
+def test_other_heads_on_an_encoder_decoder_are_a_one_line_error(task, tmp_path):
+    reference("bart").save_pretrained(tmp_path)
+    with pytest.raises(
+        GraftError, match=f"^{task}: a bart model is an encoder-decoder; load it as task seq2seq"
+    ):
+        load_model(tmp_path, task=task)
