@@ -11,6 +11,7 @@ from graft.tasks.classification import ClassificationHead
 from graft.tasks.embedding import EmbeddingHead
 from graft.tasks.image import ImageClassificationHead
 from graft.tasks.question_answering import QuestionAnsweringHead
+from graft.tasks.seq2seq import Seq2SeqHead
 from graft.tasks.token_classification import TokenClassificationHead
 
 # task name -> head class; a head is built from the body it sits on.
@@ -23,6 +24,7 @@ HEADS: dict[str, type[Head]] = {
         QuestionAnsweringHead,
         EmbeddingHead,
         ImageClassificationHead,
+        Seq2SeqHead,
     )
 }
 
@@ -34,6 +36,7 @@ __all__ = [
     "ImageClassificationHead",
     "LMHead",
     "QuestionAnsweringHead",
+    "Seq2SeqHead",
     "TaskModel",
     "TaskOutput",
     "TokenClassificationHead",
