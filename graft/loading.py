@@ -236,7 +236,8 @@ def load_model(
     state, source = read_weights(folder)
     state = legacy_names(state)
 
-    body = quantized(build_body(family, cfg), quantization(cfg.hf_config))
+    method = quantization(cfg.hf_config)
+    body = quantized(build_body(family, cfg), method)
     expected = unique_shapes(body)
     wmap = with_scales(weight_map(family, cfg, saved_task), expected)
     body_state, rest = wmap.to_graft(state, expected, str(source))
