@@ -391,10 +391,7 @@ def convert_ctranslate2(
             raise GraftError(f"{tokenizer_path}: has no {token} token (a Whisper tokenizer has it)")
     eos, start = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
     languages = {t: i for t, i in ids.items() if i in set(hints.get("lang_ids", []))}
-    special = dict(
-        decoder_start_token_id=start, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
-        suppress_tokens=hints.get("suppress_ids", []), begin_suppress_tokens=hints.get("suppress_ids_begin", []),
-    )  # fmt: skip
+    special = dict(decoder_start_token_id=start, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     config = {
         "architectures": ["WhisperForConditionalGeneration"],
         "model_type": "whisper",
@@ -405,6 +402,8 @@ def convert_ctranslate2(
     }
     generation = {
         **special,
+        "suppress_tokens": hints.get("suppress_ids", []),  # never generated (CTranslate2's suppress_ids)
+        "begin_suppress_tokens": hints.get("suppress_ids_begin", []),  # not as the first token
         "max_length": arch["max_target_positions"],
         "is_multilingual": len(languages) > 1,
         "lang_to_id": languages,
