@@ -22,19 +22,44 @@ from graft.io.atomic import write_json
 from graft.io.hf import read_config, read_json, read_weights, resolve, weight_shapes, write_weights
 from graft.models.registry import FAMILIES, Family, describe, family_for
 from graft.models.weights import WeightMap
-from graft.nn import Transformer, TransformerConfig
+from graft.nn import EncoderDecoder, EncoderDecoderConfig, Transformer, TransformerConfig
 from graft.strategies import apply_strategy, exportable
 from graft.strategies.checkpoint import META, WEIGHTS
 from graft.strategies.lora import HEAD_FILE, load_adapter
 from graft.tasks import HEADS, TaskModel
-from graft.tasks.hf_layout import body_prefix
+from graft.tasks.hf_layout import body_prefix, hf_seq2seq_head
 
 log = logging.getLogger("graft")
 
-Model = Transformer | TaskModel
+Model = Transformer | EncoderDecoder | TaskModel
+Body = Transformer | EncoderDecoder
+AnyConfig = TransformerConfig | EncoderDecoderConfig
 
 
-def load_config(folder: Path) -> tuple[Family, TransformerConfig]:
+def build_body(family: Family, cfg: AnyConfig) -> Body:
+    """The family's body: one stack, or an encoder and a decoder (T5, BART, Whisper)."""
+    return EncoderDecoder(cfg) if family.encoder_decoder else Transformer(cfg)
+
+
+def unique_shapes(body: nn.Module) -> dict[str, torch.Size]:
+    """Each tensor of the body's state dict once: a table shared by two stacks (T5's and BART's
+    token embeddings) is filled under its first name."""
+    seen: set[int] = set()
+    shapes = {}
+    for name, tensor in body.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            shapes[name] = tensor.shape
+    return shapes
+
+
+def load_body(body: Body, state: dict[str, torch.Tensor]) -> None:
+    """Load a state dict holding each shared tensor once (as ``unique_shapes`` names them)."""
+    missing = [k for k in body.load_state_dict(state, strict=False).missing_keys if k in unique_shapes(body)]
+    assert not missing, missing  # WeightMap.to_graft has filled every one of them
+
+
+def load_config(folder: Path) -> tuple[Family, AnyConfig]:
     path = folder / "config.json"
     hf = read_config(folder)
     try:
@@ -68,10 +93,12 @@ def task_from_architectures(hf: dict[str, Any], family: Family) -> str:
     return "causal-lm" if family.decoder else "base"
 
 
-def weight_map(family: Family, cfg: TransformerConfig, task: str) -> WeightMap:
+def weight_map(family: Family, cfg: AnyConfig, task: str) -> WeightMap:
     """The family's weight map, with the body prefix that ``task``'s HF class uses when it differs."""
     wmap = family.weight_map(cfg)
-    prefix = body_prefix(cfg, task)
+    prefix = (
+        None if family.encoder_decoder else body_prefix(cfg, task)
+    )  # one prefix per encoder-decoder family
     return dataclasses.replace(wmap, prefix=prefix) if prefix else wmap
 
 
@@ -84,21 +111,28 @@ def legacy_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def check_shapes(
-    family: Family, cfg: TransformerConfig, task: str, shapes: dict[str, tuple[int, ...]], source: Path
+    family: Family, cfg: AnyConfig, task: str, shapes: dict[str, tuple[int, ...]], source: Path
 ) -> None:
     """Every tensor the config implies is in the weights file, with its shape: checked from the
     file's header against a model built on the meta device, before any memory is allocated. A
     config.json saying hidden_size 200000 next to a small file is refused here, where building the
     model first would ask the allocator for 24 GB."""
     state = legacy_names({name: torch.empty(shape, device="meta") for name, shape in shapes.items()})
-    if cfg.pooler and not any(
+    if getattr(cfg, "pooler", False) and not any(
         k.startswith("pooler") for k in weight_map(family, cfg, task).split_prefix(state)[0]
     ):
         cfg.pooler = False  # saved from a task model built without the pooler
     with torch.device("meta"):
-        body = Transformer(cfg)
-    expected = {name: p.shape for name, p in body.state_dict().items()}
-    weight_map(family, cfg, task).to_graft(state, expected, str(source))
+        body = build_body(family, cfg)
+    weight_map(family, cfg, task).to_graft(state, unique_shapes(body), str(source))
+
+
+def untie_output(body: EncoderDecoder, rest: dict[str, torch.Tensor]) -> None:
+    """An output layer saved apart from the token table, with other values, is the model's own,
+    whatever config.json says (transformers 5 writes tie_word_embeddings: true for every T5)."""
+    out = rest.get(f"{hf_seq2seq_head(body.config.family).out}.weight")
+    if out is not None and not torch.equal(out, body.decoder.embed.tokens.weight):
+        body.config.decoder.tie_word_embeddings = False
 
 
 def load_model(
@@ -127,10 +161,9 @@ def load_model(
     state, source = read_weights(folder)
     state = legacy_names(state)
 
-    body = Transformer(cfg)
-    expected = {name: p.shape for name, p in body.state_dict().items()}
-    body_state, rest = weight_map(family, cfg, saved_task).to_graft(state, expected, str(source))
-    body.load_state_dict(body_state, strict=True)
+    body = build_body(family, cfg)
+    body_state, rest = weight_map(family, cfg, saved_task).to_graft(state, unique_shapes(body), str(source))
+    load_body(body, body_state)
 
     task = task or saved_task
     if task == "base":
@@ -139,11 +172,15 @@ def load_model(
         if task not in HEADS:
             raise GraftError(f"unknown task {task!r} (known: base, {', '.join(HEADS)})")
         head_class = HEADS[task]
+        if family.encoder_decoder:
+            untie_output(body, rest)
         try:
             head = head_class(body, **{**head_class.options_from_hf(cfg.hf_config), **options})
         except TypeError as e:  # an option the head does not take
             raise GraftError(f"{task} head: {e}") from None
         names = head.hf_names()
+        for hf_name in head.tied_hf_names():  # copies of a body weight that older checkpoints saved
+            rest.pop(hf_name, None)
         found = [hf_name for hf_name in names if hf_name in rest]
         if found:
             missing = [hf_name for hf_name in names if hf_name not in rest]

@@ -108,6 +108,66 @@ def tiny_hf_config(family: str):
             eos_token_id=2,
             **common,
         ),
+        # encoder-decoders: BART (post-LN), mBART (pre-LN, scaled embeddings), T5 v1.0 (ReLU, tied head)
+        "bart": lambda: tr.BartConfig(
+            vocab_size=99,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=37,
+            decoder_ffn_dim=37,
+            max_position_embeddings=40,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+        ),
+        "mbart": lambda: tr.MBartConfig(
+            vocab_size=99,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=37,
+            decoder_ffn_dim=37,
+            max_position_embeddings=40,
+            scale_embedding=True,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+        ),
+        "t5": lambda: tr.T5Config(
+            vocab_size=99,
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_decoder_layers=3,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=20,
+            feed_forward_proj="relu",
+            decoder_start_token_id=0,
+        ),
+        # mT5 (as T5 v1.1 and Flan-T5): gated-GELU feed-forward, an output layer of its own
+        "mt5": lambda: tr.MT5Config(
+            vocab_size=99,
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=20,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            decoder_start_token_id=0,
+        ),
     }
     return configs[family]()
 
@@ -118,7 +178,7 @@ def hf_model(family: str, task: str = "base"):
 
     torch.manual_seed(0)
     config = tiny_hf_config(family)
-    cls = tr.AutoModelForCausalLM if task == "causal-lm" else tr.AutoModel
+    cls = {"causal-lm": tr.AutoModelForCausalLM, "seq2seq": tr.AutoModelForSeq2SeqLM}.get(task, tr.AutoModel)
     model = cls.from_config(config, attn_implementation="sdpa").eval()
     with torch.no_grad():  # random, non-trivial biases and norms so parity means something
         for name, p in model.named_parameters():

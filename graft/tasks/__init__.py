@@ -10,12 +10,20 @@ from graft.tasks.causal_lm import LMHead
 from graft.tasks.classification import ClassificationHead
 from graft.tasks.embedding import EmbeddingHead
 from graft.tasks.question_answering import QuestionAnsweringHead
+from graft.tasks.seq2seq import Seq2SeqHead
 from graft.tasks.token_classification import TokenClassificationHead
 
 # task name -> head class; a head is built from the body it sits on.
 HEADS: dict[str, type[Head]] = {
     head.task: head
-    for head in (LMHead, ClassificationHead, TokenClassificationHead, QuestionAnsweringHead, EmbeddingHead)
+    for head in (
+        LMHead,
+        ClassificationHead,
+        TokenClassificationHead,
+        QuestionAnsweringHead,
+        EmbeddingHead,
+        Seq2SeqHead,
+    )
 }
 
 __all__ = [
@@ -25,6 +33,7 @@ __all__ = [
     "Head",
     "LMHead",
     "QuestionAnsweringHead",
+    "Seq2SeqHead",
     "TaskModel",
     "TaskOutput",
     "TokenClassificationHead",
