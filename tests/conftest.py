@@ -168,6 +168,24 @@ def tiny_hf_config(family: str):
             tie_word_embeddings=False,
             decoder_start_token_id=0,
         ),
+        # Whisper: 8 mel bins, 24 frames in (12 after the stride-2 convolution)
+        "whisper": lambda: tr.WhisperConfig(
+            vocab_size=99,
+            num_mel_bins=8,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=37,
+            decoder_ffn_dim=37,
+            max_source_positions=12,
+            max_target_positions=20,
+            pad_token_id=1,
+            bos_token_id=2,
+            eos_token_id=2,
+            decoder_start_token_id=3,
+        ),
     }
     return configs[family]()
 
@@ -178,7 +196,8 @@ def hf_model(family: str, task: str = "base"):
 
     torch.manual_seed(0)
     config = tiny_hf_config(family)
-    cls = {"causal-lm": tr.AutoModelForCausalLM, "seq2seq": tr.AutoModelForSeq2SeqLM}.get(task, tr.AutoModel)
+    seq2seq = tr.AutoModelForSpeechSeq2Seq if family == "whisper" else tr.AutoModelForSeq2SeqLM
+    cls = {"causal-lm": tr.AutoModelForCausalLM, "seq2seq": seq2seq}.get(task, tr.AutoModel)
     model = cls.from_config(config, attn_implementation="sdpa").eval()
     with torch.no_grad():  # random, non-trivial biases and norms so parity means something
         for name, p in model.named_parameters():

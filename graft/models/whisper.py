@@ -6,16 +6,20 @@ projections have no bias, and the output layer is the decoder's token table.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from graft.errors import GraftError, did_you_mean
 from graft.models.registry import (
     ACTIVATIONS_TO_HF,
     MAX_LAYERS,
+    Family,
     activation_from_hf,
     flag,
     heads,
     integer,
     number,
+    register,
     token_id,
 )
 from graft.models.weights import WeightMap, pair, per_layer
@@ -123,4 +127,75 @@ def weight_map(cfg: EncoderDecoderConfig) -> WeightMap:
     return WeightMap(names, prefix="model.")
 
 
-ARCHITECTURES = {"base": "WhisperModel", "seq2seq": "WhisperForConditionalGeneration"}
+WHISPER = register(
+    Family(
+        name="whisper",
+        model_types=("whisper",),
+        config_from_hf=config_from_hf,
+        config_to_hf=config_to_hf,
+        weight_map=weight_map,
+        architectures={"base": "WhisperModel", "seq2seq": "WhisperForConditionalGeneration"},
+        encoder_decoder=True,
+    )
+)
+
+TASKS = ("transcribe", "translate")
+
+
+@dataclass(frozen=True)
+class WhisperPrompt:
+    """What Whisper's decoder is given and kept from, as generation_config.json says: the start
+    token, then the language, the task and <|notimestamps|> (the forced tokens); tokens never
+    generated (``suppress``) and not generated first (``begin_suppress``)."""
+
+    start: int
+    languages: dict[str, int]  # "en" -> the id of <|en|>
+    tasks: dict[str, int]  # "transcribe" -> the id of <|transcribe|>
+    no_timestamps: int | None
+    suppress: tuple[int, ...] = ()
+    begin_suppress: tuple[int, ...] = ()
+    eos: int = 50257
+
+    @classmethod
+    def from_generation_config(
+        cls, d: dict[str, Any], source: str = "generation_config.json"
+    ) -> WhisperPrompt:
+        def ids(key: str) -> tuple[int, ...]:
+            value = d.get(key) or []
+            if not isinstance(value, list) or not all(type(i) is int for i in value):
+                raise GraftError(f"{source}: {key} must be a list of token ids")
+            return tuple(value)
+
+        def table(key: str) -> dict[str, int]:
+            value = d.get(key) or {}
+            if not isinstance(value, dict) or not all(type(i) is int for i in value.values()):
+                raise GraftError(f"{source}: {key} must map tokens to ids")
+            return {k.strip("<|>"): i for k, i in value.items()}
+
+        start, eos = d.get("decoder_start_token_id"), d.get("eos_token_id")
+        if type(start) is not int or type(eos) is not int:
+            raise GraftError(f"{source}: decoder_start_token_id and eos_token_id must be token ids")
+        no_timestamps = d.get("no_timestamps_token_id")
+        return cls(
+            start, table("lang_to_id"), table("task_to_id"), no_timestamps if type(no_timestamps) is int else None,
+            ids("suppress_tokens"), ids("begin_suppress_tokens"), eos,
+        )  # fmt: skip
+
+    def tokens(self, language: str | None = "en", task: str = "transcribe") -> list[int]:
+        """The forced start of every transcript: <|startoftranscript|> <|en|> <|transcribe|> <|notimestamps|>
+        (an English-only model has no language or task tokens)."""
+        out = [self.start]
+        if self.languages and language is not None:
+            if language not in self.languages:
+                hint = (
+                    did_you_mean(language, self.languages) or f" (known: {', '.join(sorted(self.languages))})"
+                )
+                raise GraftError(f"--language: {language!r} is not one of the model's languages{hint}")
+            out.append(self.languages[language])
+        if self.tasks:
+            if task not in self.tasks:
+                raise GraftError(f"--task: {task!r} must be one of {', '.join(self.tasks)}")
+            out.append(self.tasks[task])
+        if self.no_timestamps is not None:
+            out.append(self.no_timestamps)
+        return out
