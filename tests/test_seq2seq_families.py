@@ -101,8 +101,6 @@ def test_seq2seq_model_matches_transformers_logits_and_loss(family, use_kernels,
 
 @pytest.mark.parametrize("family", ENCODER_DECODERS)
 def test_saved_folder_loads_in_transformers_with_the_same_logits(family, tmp_path):
-    import transformers as tr
-
     ref = reference(family, "seq2seq")
     ref.save_pretrained(tmp_path / "ref")
     model = load_model(tmp_path / "ref", kernels=False)
