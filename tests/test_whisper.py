@@ -1,0 +1,112 @@
+"""Whisper in graft: what is unique to the family (parity, loading and saving are in
+test_seq2seq_families.py with the other encoder-decoders): key projections without bias, the fused
+Q/K/V kernel around them, the language/task prompt, and the real whisper-base (slow) against
+transformers on a spoken clip."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import hf_model
+
+from graft import kernels
+from graft.errors import GraftError
+from graft.loading import load_model
+from graft.models.whisper import WhisperPrompt
+from graft.speech import WhisperFeatures, read_audio
+
+FOX = "The quick brown fox jumps over the lazy dog"
+
+
+@pytest.fixture(scope="session")
+def fox_clip(tmp_path_factory) -> Path:
+    """espeak-ng saying the pangram (22,050 Hz WAV)."""
+    assert shutil.which("espeak-ng"), "apt-get install -y espeak-ng (part of the test setup, .ci/run)"
+    path = tmp_path_factory.mktemp("speech") / "fox.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), FOX], check=True, capture_output=True)
+    return path
+
+
+def test_key_projections_have_no_bias(tmp_path) -> None:
+    hf_model("whisper").save_pretrained(tmp_path)
+    model = load_model(tmp_path, kernels=False)
+    for stack in (model.encoder, model.decoder):
+        for block in stack.layers:
+            attentions = [block.attn] + ([block.cross_attn] if block.cross_attn is not None else [])
+            for attn in attentions:
+                assert attn.k.bias is None and attn.q.bias is not None and attn.v.bias is not None
+
+
+def test_fused_qkv_kernel_without_a_key_bias(tmp_path) -> None:
+    """Inside ``frozen`` the kernels run Q, K and V as one multiply, with zeros for the key's bias."""
+    ref = hf_model("whisper")
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    ref.save_pretrained(tmp_path)
+    model = load_model(tmp_path, kernels=True)
+    features = torch.randn(2, 8, 24)
+    ids = torch.tensor([[3, 5, 6, 7], [3, 8, 9, 10]])
+    with torch.no_grad(), kernels.frozen(model):
+        got = model(input_features=features, decoder_input_ids=ids)
+    expected = ref(input_features=features, decoder_input_ids=ids)
+    assert (got.last_hidden_state - expected.last_hidden_state).abs().max() <= 1e-5
+    assert (got.encoder_last_hidden_state - expected.encoder_last_hidden_state).abs().max() <= 1e-5
+
+
+GENERATION = {
+    "decoder_start_token_id": 50258,
+    "eos_token_id": 50257,
+    "lang_to_id": {"<|en|>": 50259, "<|de|>": 50261},
+    "task_to_id": {"translate": 50358, "transcribe": 50359},
+    "no_timestamps_token_id": 50363,
+    "suppress_tokens": [1, 2],
+    "begin_suppress_tokens": [220, 50257],
+}
+
+
+def test_prompt_tokens() -> None:
+    prompt = WhisperPrompt.from_generation_config(GENERATION)
+    assert prompt.tokens() == [50258, 50259, 50359, 50363]
+    assert prompt.tokens("de", "translate") == [50258, 50261, 50358, 50363]
+    assert (prompt.suppress, prompt.begin_suppress, prompt.eos) == ((1, 2), (220, 50257), 50257)
+    english_only = WhisperPrompt.from_generation_config({**GENERATION, "lang_to_id": {}, "task_to_id": {}})
+    assert english_only.tokens("de") == [50258, 50363]
+    with pytest.raises(
+        GraftError, match=r"^--language: 'e' is not one of the model's languages; did you mean 'en'\?$"
+    ):
+        prompt.tokens("e")
+    with pytest.raises(
+        GraftError, match=r"^--language: 'klingon' is not one of the model's languages \(known: de, en\)$"
+    ):
+        prompt.tokens("klingon")
+    with pytest.raises(GraftError, match="^--task: 'summarize' must be one of translate, transcribe$"):
+        prompt.tokens("en", "summarize")
+    with pytest.raises(GraftError, match="^gen.json: suppress_tokens must be a list of token ids$"):
+        WhisperPrompt.from_generation_config({**GENERATION, "suppress_tokens": "1"}, "gen.json")
+
+
+@pytest.mark.slow
+def test_whisper_base_logits_equal_transformers(whisper_base: Path, fox_clip: Path) -> None:
+    """faster-whisper's weights, converted: graft (reference and kernels) and transformers give the
+    same logits for a spoken clip and its transcript."""
+    import transformers as tr
+
+    ref = tr.WhisperForConditionalGeneration.from_pretrained(whisper_base).eval()
+    features = WhisperFeatures.from_folder(whisper_base)([read_audio(fox_clip)])  # (1, 80, 3000)
+    ids = torch.tensor(
+        [[50258, 50259, 50359, 50363, 264, 1702, 6292, 21026, 3012, 670, 264, 14847, 3000, 13]]
+    )
+    with torch.no_grad():
+        expected = ref(input_features=features, decoder_input_ids=ids).logits
+        for use_kernels in (False, True):
+            model = load_model(whisper_base, kernels=use_kernels)
+            got = model(input_features=features, decoder_input_ids=ids).logits
+            # fp32 sums in another order (oneDNN vs torch's BLAS) over 6 + 6 blocks: logits up to ~50
+            assert (got - expected).abs().max() <= (1e-5 if not use_kernels else 5e-4) * expected.abs().max()
+    assert expected[0, 3:-1].argmax(-1).tolist() == ids[0, 4:].tolist()  # the model reads the pangram
