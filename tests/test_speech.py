@@ -12,7 +12,7 @@ import pytest
 import soundfile
 
 from graft.errors import GraftError
-from graft.metrics import cer, compute_metrics, wer
+from graft.metrics import cer, compute_metrics, normalize_transcript, wer
 from graft.speech import WhisperFeatures, read_audio, read_speech_records, resample
 from graft.speech.features import mel_filters
 
@@ -172,7 +172,10 @@ def test_wer_cer_equal_jiwer(seed: int) -> None:
     preds, refs = random_transcripts(random.Random(seed), 30)
     assert wer(preds, refs) == pytest.approx(jiwer.wer(refs, preds), abs=1e-12)
     assert cer(preds, refs) == pytest.approx(jiwer.cer(refs, preds), abs=1e-12)
-    assert compute_metrics("speech", preds, refs) == {"wer": wer(preds, refs), "cer": cer(preds, refs)}
+    metrics = compute_metrics("speech", preds, refs)
+    assert (metrics["wer"], metrics["cer"]) == (wer(preds, refs), cer(preds, refs))
+    plain = [normalize_transcript(t) for t in preds], [normalize_transcript(t) for t in refs]
+    assert metrics["wer_normalized"] == pytest.approx(jiwer.wer(plain[1], plain[0]), abs=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -182,6 +185,11 @@ def test_wer_cer_equal_jiwer(seed: int) -> None:
 def test_wer_cer_edge_cases_equal_jiwer(preds, refs) -> None:
     assert wer(preds, refs) == jiwer.wer(refs, preds)
     assert cer(preds, refs) == jiwer.cer(refs, preds)
+
+
+def test_normalized_transcripts() -> None:
+    assert normalize_transcript(" The fox's  'quoted', JUMPS. Don't!") == "the fox's quoted jumps don't"
+    assert compute_metrics("speech", ["The fox, jumps."], ["the fox jumps"])["wer_normalized"] == 0
 
 
 def test_wer_errors() -> None:

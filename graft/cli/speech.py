@@ -83,3 +83,49 @@ def transcribe(
             if format is Format.jsonl
             else text
         )
+
+
+def is_whisper(model: str) -> bool:
+    """Whether MODEL names a Whisper model (a folder whose config.json says so, or a CTranslate2 one)."""
+    path = Path(model)
+    if path.suffix == ".bin" and path.is_file():
+        return True
+    if path.is_dir():
+        if (path / "model.bin").is_file() and not (path / "config.json").is_file():
+            return True
+        try:
+            return (
+                json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type") == "whisper"
+            )
+        except (OSError, ValueError, AttributeError):
+            return False  # load_model says what is wrong with it
+    return False
+
+
+def evaluate_speech(model: str, data: Path, out: Path | None, batch_size: int, reference: bool) -> None:
+    """``graft eval`` for a Whisper model: transcribe a speech data set (a CSV of path,text or an audio
+    folder), print WER and CER (as written, and normalized), write metrics.json and predictions.jsonl to --out."""
+    from graft.generation.speech import Transcriber
+    from graft.io.atomic import atomic_path, check_output, write_json
+    from graft.loading import load_model
+    from graft.metrics import compute_metrics
+    from graft.speech import read_audio, read_speech_records
+    from graft.tokenizer import Tokenizer
+
+    if out is not None:
+        check_output(out, "--out", folder=True)
+    records = read_speech_records(data)
+    with whisper_folder(model) as folder:
+        whisper = load_model(folder, task="seq2seq", kernels=not reference)
+        transcriber = Transcriber(whisper, Tokenizer.from_folder(folder), folder)
+    texts = transcriber([read_audio(r["audio"]) for r in records], batch_size=min(batch_size, 8))
+    metrics = {**compute_metrics("speech", texts, [r["text"] for r in records]), "examples": len(records)}
+    typer.echo(json.dumps(metrics))
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", metrics)
+    with atomic_path(out / "predictions.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for record, text in zip(records, texts, strict=True):
+            line = {"audio": str(record["audio"]), "text": record["text"], "prediction": text}
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")

@@ -32,7 +32,7 @@ from graft.metrics.ner import (
 from graft.metrics.porter import porter_stem
 from graft.metrics.qa import normalize_answer, squad, squad_exact_match, squad_f1
 from graft.metrics.regression import mae, mse, pearson, rank, rmse, spearman
-from graft.metrics.speech import cer, edit_distance, wer
+from graft.metrics.speech import cer, edit_distance, normalize_transcript, wer
 from graft.metrics.text import bleu, chrf, rouge, rouge_tokenize, tokenize_13a
 
 METRICS: dict[str, Callable] = {
@@ -110,7 +110,14 @@ def _seq2seq(predictions, references) -> dict[str, float]:
 
 
 def _speech(predictions, references) -> dict[str, float]:
-    return {"wer": wer(predictions, references), "cer": cer(predictions, references)}
+    # as written (jiwer's default), and case and punctuation aside (what speech papers report)
+    plain = [normalize_transcript(t) for t in predictions], [normalize_transcript(t) for t in references]
+    return {
+        "wer": wer(predictions, references),
+        "cer": cer(predictions, references),
+        "wer_normalized": wer(*plain),
+        "cer_normalized": cer(*plain),
+    }
 
 
 TASK_METRICS: dict[str, Callable[..., dict[str, float]]] = {
@@ -170,6 +177,7 @@ __all__ = [
     "mae",
     "mse",
     "normalize_answer",
+    "normalize_transcript",
     "pearson",
     "perplexity",
     "porter_stem",

@@ -58,3 +58,14 @@ def wer(predictions: Sequence[str], references: Sequence[str]) -> float:
 def cer(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Character error rate: character edits over reference characters."""
     return _rate(predictions, references, lambda text: list(text.strip()))
+
+
+_PUNCTUATION = re.compile(
+    r"[^\w\s']|(?<!\w)'|'(?!\w)"
+)  # all but letters, digits, spaces and inner apostrophes
+
+
+def normalize_transcript(text: str) -> str:
+    """Lower case, punctuation out (apostrophes inside words kept), spaces collapsed: so that
+    "The fox, jumps." and "the fox jumps" count as the same words."""
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
