@@ -110,3 +110,48 @@ def test_whisper_base_logits_equal_transformers(whisper_base: Path, fox_clip: Pa
             # fp32 sums in another order (oneDNN vs torch's BLAS) over 6 + 6 blocks: logits up to ~50
             assert (got - expected).abs().max() <= (1e-5 if not use_kernels else 5e-4) * expected.abs().max()
     assert expected[0, 3:-1].argmax(-1).tolist() == ids[0, 4:].tolist()  # the model reads the pangram
+
+
+@pytest.fixture
+def tiny_folder(tmp_path) -> Path:
+    """A tiny random Whisper with a Whisper tokenizer, as graft convert writes it from CTranslate2."""
+    from test_ctranslate2 import ALIASES, model_bin, tiny_whisper, to_ctranslate2, write_folder
+
+    from graft.io.ctranslate2 import convert_ctranslate2
+
+    path = write_folder(tmp_path / "ct2", model_bin(to_ctranslate2(tiny_whisper()), ALIASES))
+    return convert_ctranslate2(path, tmp_path / "tiny")
+
+
+def test_speech_batches_train_as_transformers_computes_the_loss(tiny_folder: Path) -> None:
+    """Audio and transcripts -> features, the prompt + text as decoder inputs, the text + eos as
+    labels (the forced prompt out of the loss); the loss equals WhisperForConditionalGeneration's."""
+    import numpy as np
+    import transformers as tr
+
+    from graft.tasks.speech import collate_speech
+    from graft.tokenizer import Tokenizer
+
+    model = load_model(tiny_folder, kernels=False)
+    tokenizer = Tokenizer.from_folder(tiny_folder)
+    rng = np.random.default_rng(0)
+    records = [{"audio": rng.standard_normal(8000).astype(np.float32), "text": t} for t in ("abc", "ba")]
+    batch = model.head.collate(records, tokenizer)
+    assert batch.keys() == collate_speech(model.config, records, tokenizer).keys()
+    prompt = [21, 22, 25, 29]  # <|startoftranscript|> <|en|> <|transcribe|> <|notimestamps|>
+    a, b, c = tokenizer.convert_tokens_to_ids(["a", "b", "c"])
+    assert batch["decoder_input_ids"].tolist() == [prompt + [a, b, c], prompt + [b, a, 20]]  # pad: eos
+    assert batch["labels"].tolist() == [[-100] * 3 + [a, b, c, 20], [-100] * 3 + [b, a, 20, -100]]
+    assert batch["input_features"].shape == (2, 8, 3000)
+    ref = tr.WhisperForConditionalGeneration.from_pretrained(tiny_folder).eval()
+    with torch.no_grad():
+        expected = ref(
+            **{k: batch[k] for k in ("decoder_input_ids", "labels")},
+            input_features=batch["input_features"][..., :24],
+        )
+        got = model(
+            input_features=batch["input_features"][..., :24],
+            decoder_input_ids=batch["decoder_input_ids"],
+            labels=batch["labels"],
+        )
+    assert abs(float(got.loss) - float(expected.loss)) <= 1e-5
