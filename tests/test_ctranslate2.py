@@ -45,19 +45,19 @@ def model_bin(
     return out
 
 
-def tiny_whisper():
+def tiny_whisper(max_source_positions: int = 12, biases: bool = True):
     import transformers as tr
 
     config = tr.WhisperConfig(
         vocab_size=30, num_mel_bins=8, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=24, decoder_ffn_dim=24, max_source_positions=12,
+        decoder_attention_heads=4, encoder_ffn_dim=24, decoder_ffn_dim=24, max_source_positions=max_source_positions,
         max_target_positions=20, decoder_start_token_id=21, pad_token_id=20, eos_token_id=20, bos_token_id=20,
     )  # fmt: skip
     torch.manual_seed(0)
     model = tr.WhisperForConditionalGeneration(config).eval()
     with torch.no_grad():  # random biases everywhere (they start at zero), so each one is checked
         for name, p in model.named_parameters():
-            if name.endswith("bias"):
+            if name.endswith("bias") and biases:
                 p.normal_()
     return model
 

@@ -50,6 +50,26 @@ class Transcriber:
         self.max_length = min(int(max_length), model.config.decoder.max_positions)
         self.config = GenerationConfig.for_model(model, defaults, **options)
 
+    def tokens(
+        self,
+        clips: Sequence[np.ndarray],
+        language: str | None = "en",
+        task: str = "transcribe",
+        batch_size: int = 8,
+    ) -> list[list[list[int]]]:
+        """Each clip's windows' new tokens, up to (not including) the end of the text."""
+        start = self.prompt.tokens(language, task)
+        config = self.config.replace(max_new_tokens=self.max_length - len(start))
+        pieces = [(i, w) for i, clip in enumerate(clips) for w in windows(clip, self.features.n_samples)]
+        out: list[list[list[int]]] = [[] for _ in clips]
+        for batch in _chunks(pieces, batch_size):
+            features = self.features([w for _, w in batch])  # (B, M, frames)
+            prompt = torch.tensor([start] * len(batch))  # (B, P)
+            ids = generate(self.model, None, config=config, decoder_input_ids=prompt, input_features=features)
+            for (i, _), row in zip(batch, ids[:, len(start) :].tolist(), strict=True):
+                out[i].append(_until_eos(row, config.eos_ids))
+        return out
+
     def __call__(
         self,
         clips: Sequence[np.ndarray],
@@ -58,19 +78,11 @@ class Transcriber:
         batch_size: int = 8,
     ) -> list[str]:
         """Each clip's text."""
-        start = self.prompt.tokens(language, task)
-        config = self.config.replace(max_new_tokens=self.max_length - len(start))
-        pieces = [(i, w) for i, clip in enumerate(clips) for w in windows(clip, self.features.n_samples)]
-        texts: list[list[str]] = [[] for _ in clips]
-        for batch in _chunks(pieces, batch_size):
-            features = self.features([w for _, w in batch])  # (B, M, frames)
-            prompt = torch.tensor([start] * len(batch))  # (B, P)
-            out = generate(self.model, None, config=config, decoder_input_ids=prompt, input_features=features)
-            for (i, _), row in zip(batch, out[:, len(start) :].tolist(), strict=True):
-                texts[i].append(
-                    self.tokenizer.decode(_until_eos(row, config.eos_ids), skip_special_tokens=True)
-                )
-        return [" ".join(t.strip() for t in parts if t.strip()) for parts in texts]
+        texts = []
+        for parts in self.tokens(clips, language, task, batch_size):
+            pieces = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in parts]
+            texts.append(" ".join(p for p in pieces if p))
+        return texts
 
 
 def _until_eos(row: list[int], eos: list[int]) -> list[int]:
