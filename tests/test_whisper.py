@@ -5,6 +5,7 @@ transformers on a spoken clip."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -155,3 +156,69 @@ def test_speech_batches_train_as_transformers_computes_the_loss(tiny_folder: Pat
             labels=batch["labels"],
         )
     assert abs(float(got.loss) - float(expected.loss)) <= 1e-5
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_transcriber_equals_transformers_generate(tmp_path: Path, num_beams: int) -> None:
+    """A tiny random Whisper reading 30-second windows (1500 positions): graft's transcriber and
+    transformers' generate(language="en", task="transcribe") give the same tokens, suppressed ones
+    included (the token the model likes most is suppressed, eos is not allowed first)."""
+    import numpy as np
+    import transformers as tr
+    from test_ctranslate2 import ALIASES, model_bin, tiny_whisper, to_ctranslate2, write_folder
+
+    from graft.generation.speech import Transcriber
+    from graft.io.ctranslate2 import convert_ctranslate2
+    from graft.tokenizer import Tokenizer
+
+    ref = tiny_whisper(max_source_positions=1500, biases=False)
+    folder = convert_ctranslate2(
+        write_folder(tmp_path / "ct2", model_bin(to_ctranslate2(ref), ALIASES)), tmp_path / "tiny"
+    )
+    rng = np.random.default_rng(0)
+    clips = [
+        rng.standard_normal(n).astype(np.float32) * s for n, s in ((16000, 0.1), (4000, 1.0), (30000, 0.5))
+    ]
+    features = WhisperFeatures(n_mels=8)(clips)
+    with torch.no_grad():
+        favourite = ref(
+            input_features=features, decoder_input_ids=torch.tensor([[21, 22, 25, 29]] * 3)
+        ).logits
+    generation = json.loads((folder / "generation_config.json").read_text())
+    generation["suppress_tokens"] = [int(favourite[:, -1].argmax(-1).mode().values)]
+    (folder / "generation_config.json").write_text(json.dumps(generation))
+
+    ours = Transcriber(load_model(folder), Tokenizer.from_folder(folder), folder, num_beams=num_beams)
+    got = [windows[0] for windows in ours.tokens(clips, batch_size=2)]
+    ref = tr.WhisperForConditionalGeneration.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = ref.generate(features, language="en", task="transcribe", num_beams=num_beams).tolist()
+    expected = [row[: row.index(20)] if 20 in row else row for row in expected]  # up to eos, as ours
+    assert got == expected and any(len(row) > 2 for row in got)
+    assert all(generation["suppress_tokens"][0] not in row for row in got)
+
+
+def test_transcribe_needs_whisper(tmp_path) -> None:
+    from graft.generation.speech import Transcriber
+
+    hf_model("bart", "seq2seq").save_pretrained(tmp_path)
+    with pytest.raises(GraftError, match=f"^{tmp_path}: a bart model cannot transcribe speech"):
+        Transcriber(load_model(tmp_path), None, tmp_path)
+
+
+@pytest.mark.slow
+def test_whisper_base_transcribes_as_transformers(whisper_base: Path, fox_clip: Path, cli) -> None:
+    """graft transcribe on the espeak-ng pangram says what transformers says with the same weights."""
+    import transformers as tr
+
+    ref = tr.WhisperForConditionalGeneration.from_pretrained(whisper_base).eval()
+    processor = tr.WhisperProcessor.from_pretrained(whisper_base)
+    audio = read_audio(fox_clip)
+    features = processor.feature_extractor(audio, sampling_rate=16000, return_tensors="pt").input_features
+    with torch.no_grad():
+        ids = ref.generate(features, language="en", task="transcribe")
+    expected = processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+    assert "quick brown fox" in expected.lower()
+    result = cli("transcribe", whisper_base, fox_clip, fox_clip, "--format", "jsonl").ok()
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines == [{"audio": str(fox_clip), "text": expected}] * 2
