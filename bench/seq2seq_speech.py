@@ -83,7 +83,6 @@ def main() -> None:
 
     from graft.generation.speech import Transcriber
     from graft.loading import load_model
-    from graft.tokenizer import Tokenizer
 
     with tempfile.TemporaryDirectory(prefix="bench-speech-") as tmp_name:
         tmp = Path(tmp_name)
@@ -92,7 +91,7 @@ def main() -> None:
         seconds = sum(len(c) for c in clips) / 16000
         repeats = 1 if args.small else args.repeats
 
-        ours = Transcriber(load_model(folder, task="seq2seq"), Tokenizer.from_folder(folder), folder)
+        ours = Transcriber(load_model(folder, task="seq2seq"), folder)
         ref = tr.WhisperForConditionalGeneration.from_pretrained(folder).eval()
         processor = tr.WhisperProcessor.from_pretrained(folder)
 
@@ -107,7 +106,9 @@ def main() -> None:
                 with torch.inference_mode():
                     out = ref.generate(features.input_features, language="en", task="transcribe")
                 texts += [t.strip() for t in processor.batch_decode(out, skip_special_tokens=True)]
-                tokens += int((out < processor.tokenizer.eos_token_id).sum())  # text tokens: below the specials
+                tokens += int(
+                    (out < processor.tokenizer.eos_token_id).sum()
+                )  # text tokens: below the specials
             return texts, tokens
 
         best = {"graft": float("inf"), "transformers": float("inf")}

@@ -88,7 +88,7 @@ def main() -> None:
         model = load_model(folder, task="seq2seq")
 
         def evaluate() -> dict[str, float]:
-            heard = Transcriber(model, tokenizer, folder)(test_clips)
+            heard = Transcriber(model, folder, tokenizer)(test_clips)
             return compute_metrics("speech", heard, test_texts)
 
         start = time.perf_counter()

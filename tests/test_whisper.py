@@ -169,7 +169,6 @@ def test_transcriber_equals_transformers_generate(tmp_path: Path, num_beams: int
 
     from graft.generation.speech import Transcriber
     from graft.io.ctranslate2 import convert_ctranslate2
-    from graft.tokenizer import Tokenizer
 
     ref = tiny_whisper(max_source_positions=1500, biases=False)
     folder = convert_ctranslate2(
@@ -188,7 +187,7 @@ def test_transcriber_equals_transformers_generate(tmp_path: Path, num_beams: int
     generation["suppress_tokens"] = [int(favourite[:, -1].argmax(-1).mode().values)]
     (folder / "generation_config.json").write_text(json.dumps(generation))
 
-    ours = Transcriber(load_model(folder), Tokenizer.from_folder(folder), folder, num_beams=num_beams)
+    ours = Transcriber(load_model(folder), folder, num_beams=num_beams)
     got = [windows[0] for windows in ours.tokens(clips, batch_size=2)]
     ref = tr.WhisperForConditionalGeneration.from_pretrained(folder).eval()
     with torch.no_grad():
@@ -203,7 +202,7 @@ def test_transcribe_needs_whisper(tmp_path) -> None:
 
     hf_model("bart", "seq2seq").save_pretrained(tmp_path)
     with pytest.raises(GraftError, match=f"^{tmp_path}: a bart model cannot transcribe speech"):
-        Transcriber(load_model(tmp_path), None, tmp_path)
+        Transcriber(load_model(tmp_path), tmp_path)
 
 
 @pytest.mark.slow
@@ -222,3 +221,36 @@ def test_whisper_base_transcribes_as_transformers(whisper_base: Path, fox_clip: 
     result = cli("transcribe", whisper_base, fox_clip, fox_clip, "--format", "jsonl").ok()
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert lines == [{"audio": str(fox_clip), "text": expected}] * 2
+
+
+def test_transcribe_errors(tmp_path: Path, tiny_folder: Path, cli) -> None:
+    import numpy as np
+    import soundfile
+
+    soundfile.write(tmp_path / "a.wav", np.zeros(1600, np.float32), 16000)
+    line = cli("transcribe", tiny_folder, tmp_path / "nope.wav").error_line()
+    assert line == f"error: {tmp_path / 'nope.wav'}: no such audio file"
+    line = cli("transcribe", tiny_folder, tmp_path / "a.wav").error_line()  # 12 encoder positions
+    assert line == (
+        f"error: {tiny_folder}: a 30 s window is 3000 frames, more than the encoder's 24 (max_source_positions 12)"
+    )
+    hf_model("bart", "seq2seq").save_pretrained(tmp_path / "bart")
+    line = cli("transcribe", tmp_path / "bart", tmp_path / "a.wav").error_line()
+    assert (
+        line
+        == f"error: {tmp_path / 'bart'}: a bart model cannot transcribe speech (transcribe needs Whisper)"
+    )
+
+
+@pytest.mark.slow
+def test_eval_on_a_speech_data_set(whisper_base: Path, fox_clip: Path, tmp_path: Path, cli) -> None:
+    """graft eval on a Whisper model reads a CSV of path,text and reports WER and CER against it."""
+    from graft.metrics import compute_metrics
+
+    (tmp_path / "data.csv").write_text(f"path,text\n{fox_clip},{FOX}\n")
+    result = cli("eval", whisper_base, "--data", tmp_path / "data.csv", "--out", tmp_path / "out").ok()
+    metrics = json.loads(result.stdout)
+    heard = json.loads((tmp_path / "out" / "predictions.jsonl").read_text())["prediction"]
+    assert "quick brown fox" in heard.lower()
+    assert metrics == {**compute_metrics("speech", [heard], [FOX]), "examples": 1}
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == metrics

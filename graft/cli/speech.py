@@ -70,11 +70,10 @@ def transcribe(
     from graft.generation.speech import Transcriber
     from graft.loading import load_model
     from graft.speech import read_audio
-    from graft.tokenizer import Tokenizer
 
     with whisper_folder(model) as folder:
         whisper = load_model(folder, task="seq2seq", kernels=not reference)
-        transcriber = Transcriber(whisper, Tokenizer.from_folder(folder), folder, num_beams=num_beams)
+        transcriber = Transcriber(whisper, folder, num_beams=num_beams)
     clips = [read_audio(path) for path in audio]
     texts = transcriber(clips, language=language, task=task.value, batch_size=batch_size)
     for path, text in zip(audio, texts, strict=True):
@@ -110,14 +109,13 @@ def evaluate_speech(model: str, data: Path, out: Path | None, batch_size: int, r
     from graft.loading import load_model
     from graft.metrics import compute_metrics
     from graft.speech import read_audio, read_speech_records
-    from graft.tokenizer import Tokenizer
 
     if out is not None:
         check_output(out, "--out", folder=True)
     records = read_speech_records(data)
     with whisper_folder(model) as folder:
         whisper = load_model(folder, task="seq2seq", kernels=not reference)
-        transcriber = Transcriber(whisper, Tokenizer.from_folder(folder), folder)
+        transcriber = Transcriber(whisper, folder)
     texts = transcriber([read_audio(r["audio"]) for r in records], batch_size=min(batch_size, 8))
     metrics = {**compute_metrics("speech", texts, [r["text"] for r in records]), "examples": len(records)}
     typer.echo(json.dumps(metrics))

@@ -23,6 +23,8 @@ from graft.generation.loop import generate
 from graft.io.hf import read_json
 from graft.models.whisper import WhisperPrompt
 from graft.speech import WhisperFeatures
+from graft.tasks.speech import check_window
+from graft.tokenizer import Tokenizer
 
 
 def windows(samples: np.ndarray, length: int) -> list[np.ndarray]:
@@ -33,9 +35,9 @@ def windows(samples: np.ndarray, length: int) -> list[np.ndarray]:
 
 class Transcriber:
     """A Whisper model with what it needs around it: its tokenizer, feature extractor, prompt and
-    generation settings (all read from the model's folder)."""
+    generation settings (all read from the model's folder; the tokenizer can be given)."""
 
-    def __init__(self, model: Any, tokenizer: Any, folder: str | Path, **options: Any) -> None:
+    def __init__(self, model: Any, folder: str | Path, tokenizer: Any = None, **options: Any) -> None:
         if getattr(model.config, "family", None) != "whisper" or getattr(model, "task", None) != "seq2seq":
             family = getattr(model.config, "family", "?")
             raise GraftError(
@@ -43,8 +45,10 @@ class Transcriber:
             )
         path = Path(folder) / "generation_config.json"
         defaults = read_json(path) if path.exists() else {}
-        self.model, self.tokenizer = model, tokenizer
+        self.model = model
+        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_folder(folder)
         self.features = WhisperFeatures.from_folder(folder)
+        check_window(model.config, self.features, str(folder))
         self.prompt = WhisperPrompt.from_generation_config(defaults, str(path))
         max_length = defaults.get("max_length") or model.config.decoder.max_positions
         self.max_length = min(int(max_length), model.config.decoder.max_positions)

@@ -41,12 +41,23 @@ def clip(record: dict[str, Any], where: str) -> np.ndarray:
     return np.asarray(audio, dtype=np.float32) if isinstance(audio, np.ndarray | list) else read_audio(audio)
 
 
+def check_window(cfg: EncoderDecoderConfig, features: WhisperFeatures, where: str) -> None:
+    """The encoder must hold a whole window's frames (halved by its stride-2 convolution)."""
+    positions = (features.n_frames + 1) // 2
+    if positions > cfg.encoder.max_positions:
+        raise GraftError(
+            f"{where}: a {features.chunk_length} s window is {features.n_frames} frames, more than the encoder's"
+            f" {2 * cfg.encoder.max_positions} (max_source_positions {cfg.encoder.max_positions})"
+        )
+
+
 def collate_speech(
     cfg: EncoderDecoderConfig, records: list[dict[str, Any]], tokenizer: Any, language: str = "en"
 ) -> dict[str, Any]:
     """Records -> input_features (B, mels, frames) and, when every record has a transcript,
     decoder_input_ids (B, T) and labels (B, T): the prompt and text, and the text and eos after it."""
     features = WhisperFeatures(n_mels=cfg.encoder.num_mel_bins)
+    check_window(cfg, features, "speech")
     batch: dict[str, Any] = {
         "input_features": features([clip(r, f"record {i}") for i, r in enumerate(records)])
     }
