@@ -116,7 +116,7 @@ def main() -> None:
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad()
-                total += float(loss)
+                total += float(loss.detach())
             print(f"epoch {epoch + 1}: mean loss {total / len(batches):.4f}")
         model.eval()
         after = evaluate()
