@@ -98,6 +98,9 @@ def config_from_hf(hf: dict[str, Any], family: str = "t5") -> EncoderDecoderConf
         cross_attention=True,
     )
     start = token_id(hf, "decoder_start_token_id", 0)
+    flag(
+        hf, "scale_decoder_outputs", True
+    )  # read by the seq2seq head; checked here, where errors name the file
     return EncoderDecoderConfig(encoder, decoder, share_embeddings=True, decoder_start_token_id=start)
 
 
