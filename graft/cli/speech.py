@@ -101,7 +101,9 @@ def is_whisper(model: str) -> bool:
     return False
 
 
-def evaluate_speech(model: str, data: Path, out: Path | None, batch_size: int, reference: bool) -> None:
+def evaluate_speech(
+    model: str, data: Path, out: Path | None, batch_size: int, reference: bool, num_beams: int = 1
+) -> None:
     """``graft eval`` for a Whisper model: transcribe a speech data set (a CSV of path,text or an audio
     folder), print WER and CER (as written, and normalized), write metrics.json and predictions.jsonl to --out."""
     from graft.generation.speech import Transcriber
@@ -115,7 +117,7 @@ def evaluate_speech(model: str, data: Path, out: Path | None, batch_size: int, r
     records = read_speech_records(data)
     with whisper_folder(model) as folder:
         whisper = load_model(folder, task="seq2seq", kernels=not reference)
-        transcriber = Transcriber(whisper, folder)
+        transcriber = Transcriber(whisper, folder, num_beams=num_beams)
     texts = transcriber([read_audio(r["audio"]) for r in records], batch_size=min(batch_size, 8))
     metrics = {**compute_metrics("speech", texts, [r["text"] for r in records]), "examples": len(records)}
     typer.echo(json.dumps(metrics))

@@ -211,7 +211,7 @@ def evaluate(
     from graft.tasks.predict import predict as run
 
     if is_whisper(model):  # speech in: a data set of audio files and transcripts, WER and CER out
-        return evaluate_speech(model, data, out, batch_size, reference)
+        return evaluate_speech(model, data, out, batch_size, reference, num_beams)
     if out is not None:
         check_output(out, "--out", folder=True)
     m, tokenizer = load_task_model(model, device, reference)
