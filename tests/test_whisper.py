@@ -113,18 +113,33 @@ def test_whisper_base_logits_equal_transformers(whisper_base: Path, fox_clip: Pa
     assert expected[0, 3:-1].argmax(-1).tolist() == ids[0, 4:].tolist()  # the model reads the pangram
 
 
-@pytest.fixture
-def tiny_folder(tmp_path) -> Path:
-    """A tiny random Whisper with a Whisper tokenizer, as graft convert writes it from CTranslate2."""
-    from test_ctranslate2 import ALIASES, model_bin, tiny_whisper, to_ctranslate2, write_folder
+def converted(tmp_path: Path, ref) -> Path:
+    """A Whisper with a Whisper tokenizer, as graft convert writes it from CTranslate2."""
+    from test_ctranslate2 import ALIASES, model_bin, to_ctranslate2, write_folder
 
     from graft.io.ctranslate2 import convert_ctranslate2
 
-    path = write_folder(tmp_path / "ct2", model_bin(to_ctranslate2(tiny_whisper()), ALIASES))
+    path = write_folder(tmp_path / "ct2", model_bin(to_ctranslate2(ref), ALIASES))
     return convert_ctranslate2(path, tmp_path / "tiny")
 
 
-def test_speech_batches_train_as_transformers_computes_the_loss(tiny_folder: Path) -> None:
+@pytest.fixture
+def tiny_folder(tmp_path) -> Path:
+    """A tiny random Whisper whose encoder holds 24 frames (not a 30 s window)."""
+    from test_ctranslate2 import tiny_whisper
+
+    return converted(tmp_path, tiny_whisper())
+
+
+@pytest.fixture
+def tiny_window_folder(tmp_path) -> Path:
+    """A tiny random Whisper reading whole 30-second windows (1500 positions)."""
+    from test_ctranslate2 import tiny_whisper
+
+    return converted(tmp_path, tiny_whisper(max_source_positions=1500, biases=False))
+
+
+def test_speech_batches_train_as_transformers_computes_the_loss(tiny_window_folder: Path) -> None:
     """Audio and transcripts -> features, the prompt + text as decoder inputs, the text + eos as
     labels (the forced prompt out of the loss); the loss equals WhisperForConditionalGeneration's."""
     import numpy as np
@@ -133,8 +148,8 @@ def test_speech_batches_train_as_transformers_computes_the_loss(tiny_folder: Pat
     from graft.tasks.speech import collate_speech
     from graft.tokenizer import Tokenizer
 
-    model = load_model(tiny_folder, kernels=False)
-    tokenizer = Tokenizer.from_folder(tiny_folder)
+    model = load_model(tiny_window_folder, kernels=False)
+    tokenizer = Tokenizer.from_folder(tiny_window_folder)
     rng = np.random.default_rng(0)
     records = [{"audio": rng.standard_normal(8000).astype(np.float32), "text": t} for t in ("abc", "ba")]
     batch = model.head.collate(records, tokenizer)
@@ -144,14 +159,14 @@ def test_speech_batches_train_as_transformers_computes_the_loss(tiny_folder: Pat
     assert batch["decoder_input_ids"].tolist() == [prompt + [a, b, c], prompt + [b, a, 20]]  # pad: eos
     assert batch["labels"].tolist() == [[-100] * 3 + [a, b, c, 20], [-100] * 3 + [b, a, 20, -100]]
     assert batch["input_features"].shape == (2, 8, 3000)
-    ref = tr.WhisperForConditionalGeneration.from_pretrained(tiny_folder).eval()
+    ref = tr.WhisperForConditionalGeneration.from_pretrained(tiny_window_folder).eval()
     with torch.no_grad():
         expected = ref(
             **{k: batch[k] for k in ("decoder_input_ids", "labels")},
-            input_features=batch["input_features"][..., :24],
+            input_features=batch["input_features"],
         )
         got = model(
-            input_features=batch["input_features"][..., :24],
+            input_features=batch["input_features"],
             decoder_input_ids=batch["decoder_input_ids"],
             labels=batch["labels"],
         )
@@ -159,21 +174,17 @@ def test_speech_batches_train_as_transformers_computes_the_loss(tiny_folder: Pat
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_transcriber_equals_transformers_generate(tmp_path: Path, num_beams: int) -> None:
+def test_transcriber_equals_transformers_generate(tiny_window_folder: Path, num_beams: int) -> None:
     """A tiny random Whisper reading 30-second windows (1500 positions): graft's transcriber and
     transformers' generate(language="en", task="transcribe") give the same tokens, suppressed ones
     included (the token the model likes most is suppressed, eos is not allowed first)."""
     import numpy as np
     import transformers as tr
-    from test_ctranslate2 import ALIASES, model_bin, tiny_whisper, to_ctranslate2, write_folder
 
     from graft.generation.speech import Transcriber
-    from graft.io.ctranslate2 import convert_ctranslate2
 
-    ref = tiny_whisper(max_source_positions=1500, biases=False)
-    folder = convert_ctranslate2(
-        write_folder(tmp_path / "ct2", model_bin(to_ctranslate2(ref), ALIASES)), tmp_path / "tiny"
-    )
+    folder = tiny_window_folder
+    ref = tr.WhisperForConditionalGeneration.from_pretrained(folder).eval()
     rng = np.random.default_rng(0)
     clips = [
         rng.standard_normal(n).astype(np.float32) * s for n, s in ((16000, 0.1), (4000, 1.0), (30000, 0.5))
@@ -186,10 +197,10 @@ def test_transcriber_equals_transformers_generate(tmp_path: Path, num_beams: int
     generation = json.loads((folder / "generation_config.json").read_text())
     generation["suppress_tokens"] = [int(favourite[:, -1].argmax(-1).mode().values)]
     (folder / "generation_config.json").write_text(json.dumps(generation))
+    ref = tr.WhisperForConditionalGeneration.from_pretrained(folder).eval()  # with that config
 
     ours = Transcriber(load_model(folder), folder, num_beams=num_beams)
     got = [windows[0] for windows in ours.tokens(clips, batch_size=2)]
-    ref = tr.WhisperForConditionalGeneration.from_pretrained(folder).eval()
     with torch.no_grad():
         expected = ref.generate(features, language="en", task="transcribe", num_beams=num_beams).tolist()
     expected = [row[: row.index(20)] if 20 in row else row for row in expected]  # up to eos, as ours

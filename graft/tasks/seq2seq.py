@@ -109,10 +109,8 @@ class Seq2SeqHead(Head):
     ) -> dict[str, Any]:
         """Sources (``text``) -> input_ids, attention_mask; targets (``text_pair``, when every record has
         one) -> labels (padding -100) and decoder_input_ids (labels shifted right behind the start token)."""
-        if (
-            self.config.encoder.inputs == "audio_frames"
-        ):  # Whisper: audio and transcripts (graft.tasks.speech)
-            return collate_speech(self.config, records, tokenizer)
+        if self.config.encoder.inputs == "audio_frames":
+            return collate_speech(self.config, records, tokenizer)  # Whisper (graft.tasks.speech)
         enc_limit = window(self.config.encoder, tokenizer, max_length)
         sources = field(records, "text", self.task)
         rows = [
