@@ -19,7 +19,7 @@ PACKAGE = Path(graft.__file__).parent
 LAYERS: list[set[str]] = [
     {"graft.errors"},
     {"graft.io"},
-    {"graft.nn", "graft.data", "graft.metrics", "graft.tokenizer", "graft.vision"},
+    {"graft.nn", "graft.data", "graft.metrics", "graft.tokenizer", "graft.vision", "graft.speech"},
     {"graft.kernels", "graft.models"},
     {"graft.tasks"},
     {"graft.generation"},

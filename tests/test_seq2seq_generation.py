@@ -27,7 +27,8 @@ def models(tmp_path_factory) -> dict:
         if family == "t5":  # transformers' generate sizes T5's cache by the encoder's depth: keep them equal
             config.num_decoder_layers = config.num_layers
         torch.manual_seed(0)
-        ref = tr.AutoModelForSeq2SeqLM.from_config(config).eval()
+        auto = tr.AutoModelForSpeechSeq2Seq if family == "whisper" else tr.AutoModelForSeq2SeqLM
+        ref = auto.from_config(config).eval()
         with torch.no_grad():  # non-trivial norms; eos likely enough that rows end at different lengths
             for name, p in ref.named_parameters():
                 if "norm" in name:
@@ -40,13 +41,15 @@ def models(tmp_path_factory) -> dict:
     return out
 
 
-def source() -> tuple[torch.Tensor, torch.Tensor]:
-    """(3, 8) encoder ids, two rows padded on the right."""
+def source(family: str = "") -> dict[str, torch.Tensor]:
+    """(3, 8) encoder ids, two rows padded on the right; for Whisper (3, 8, 24) log-mel frames."""
     g = torch.Generator().manual_seed(2)
+    if family == "whisper":
+        return {"input_features": torch.randn(3, 8, 24, generator=g)}
     ids = torch.randint(4, 99, (3, 8), generator=g)
     mask = torch.ones_like(ids)
     mask[1, 5:], mask[2, 3:] = 0, 0
-    return ids.masked_fill(mask == 0, 1), mask
+    return {"input_ids": ids.masked_fill(mask == 0, 1), "attention_mask": mask}
 
 
 CASES = {
@@ -64,11 +67,15 @@ CASES = {
 def test_generate_equals_transformers_token_for_token(models, family, case, use_kernels):
     ref, fast, plain = models[family]
     model = fast if use_kernels else plain
-    ids, mask = source()
+    inputs = source(family)
     options = dict(max_new_tokens=12, **CASES[case])
     with torch.no_grad():
-        expected = ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, **options)
-    got = generate(model, ids, mask, **options)
+        expected = ref.generate(**inputs, do_sample=False, **options)
+    if family == "whisper":  # transformers' Whisper returns the new tokens alone
+        expected = torch.cat(
+            [torch.full_like(expected[:, :1], ref.config.decoder_start_token_id), expected], 1
+        )
+    got = generate(model, **{"input_ids": None, **inputs}, **options)
     assert trimmed(got, ref) == trimmed(expected, ref) and got.shape == expected.shape
 
 
@@ -88,26 +95,24 @@ def test_forced_decoder_tokens_and_forced_bos(models, family):
     """decoder_input_ids are the decoder's first tokens (Whisper's language and task); forced_bos_token_id
     is the first token after the start token (mBART's target language)."""
     ref, model, _ = models[family]
-    ids, mask = source()
+    inputs = source(family)
     start = ref.config.decoder_start_token_id
     forced = torch.tensor([[start, 7, 9]] * 3)
     with torch.no_grad():
-        expected = ref.generate(
-            input_ids=ids, attention_mask=mask, decoder_input_ids=forced, max_new_tokens=6, do_sample=False
-        )
-        expected_bos = ref.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, forced_bos_token_id=11
-        )
-    assert (
-        generate(model, ids, mask, decoder_input_ids=forced, max_new_tokens=6).tolist() == expected.tolist()
-    )
-    got_bos = generate(model, ids, mask, max_new_tokens=6, forced_bos_token_id=11)
+        expected = ref.generate(**inputs, decoder_input_ids=forced, max_new_tokens=6, do_sample=False)
+        expected_bos = ref.generate(**inputs, max_new_tokens=6, do_sample=False, forced_bos_token_id=11)
+    if family == "whisper":  # transformers' Whisper returns the new tokens alone
+        expected = torch.cat([forced, expected], 1)
+        expected_bos = torch.cat([forced[:, :1], expected_bos], 1)
+    ours = {"input_ids": None, **inputs}
+    assert generate(model, **ours, decoder_input_ids=forced, max_new_tokens=6).tolist() == expected.tolist()
+    got_bos = generate(model, **ours, max_new_tokens=6, forced_bos_token_id=11)
     assert got_bos[:, 1].tolist() == [11, 11, 11] and got_bos.tolist() == expected_bos.tolist()
 
 
 def test_sampling_is_seeded_and_follows_the_processors(models):
     _, model, _ = models["bart"]
-    ids, mask = source()
+    ids, mask = source().values()  # input_ids, attention_mask
     options = dict(do_sample=True, top_k=5, temperature=0.7, seed=3, max_new_tokens=8)
     a, b = generate(model, ids, mask, **options), generate(model, ids, mask, **options)
     assert a.tolist() == b.tolist() and a.shape[0] == 3 and a.shape[1] <= 9
@@ -116,7 +121,7 @@ def test_sampling_is_seeded_and_follows_the_processors(models):
 
 def test_the_encoder_runs_once_and_cross_keys_are_projected_once(models):
     _, _, model = models["t5"]
-    ids, mask = source()
+    ids, mask = source().values()  # input_ids, attention_mask
     calls = {"encoder": 0, "cross_k": 0}
     model.body.encoder.register_forward_hook(lambda *_: calls.__setitem__("encoder", calls["encoder"] + 1))
     layer = model.body.decoder.layers[0].cross_attn
@@ -135,7 +140,7 @@ def test_the_encoder_runs_once_and_cross_keys_are_projected_once(models):
 
 def test_generation_options_are_checked(models):
     _, model, _ = models["bart"]
-    ids, mask = source()
+    ids, mask = source().values()  # input_ids, attention_mask
     with pytest.raises(GraftError, match=r"^generation: no_repeat_ngram_size=-1 must be >= 0"):
         GenerationConfig(no_repeat_ngram_size=-1)
     with pytest.raises(

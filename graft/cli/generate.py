@@ -235,17 +235,24 @@ def chat(
 
 @app.command()
 def convert(
-    file: Annotated[Path, typer.Argument(help="A GGUF file (llama architecture).")],
+    file: Annotated[
+        Path, typer.Argument(help="A GGUF file (llama architecture) or a CTranslate2 model.bin (Whisper).")
+    ],
     out: Annotated[Path, typer.Argument(help="The Hugging Face-format folder to write.")],
     dtype: DTypeOpt = DType.float32,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT when it is not empty.")] = False,
 ) -> None:
-    """Write a GGUF file as a Hugging Face folder (config, safetensors, tokenizer) that transformers loads."""
+    """Write a GGUF file or a CTranslate2 model as a Hugging Face folder that transformers loads."""
     import torch
 
     from graft.io.atomic import check_output
+    from graft.io.ctranslate2 import convert_ctranslate2
     from graft.io.gguf import convert_gguf
 
     check_output(out, "OUT", folder=True, overwrite=overwrite)
-    folder = convert_gguf(file, out, dtype=getattr(torch, dtype.value), overwrite=overwrite)
+    if file.is_dir() and (file / "model.bin").is_file():  # a faster-whisper model folder
+        file = file / "model.bin"
+    ctranslate2 = file.suffix == ".bin" and file.is_file()  # CTranslate2's name; GGUF files start b"GGUF"
+    convert_file = convert_ctranslate2 if ctranslate2 else convert_gguf
+    folder = convert_file(file, out, dtype=getattr(torch, dtype.value), overwrite=overwrite)
     typer.echo(f"wrote {folder}")

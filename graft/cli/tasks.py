@@ -212,10 +212,13 @@ def evaluate(
     ] = None,
 ) -> None:
     """Evaluate a task model on labelled data: prints the task's metrics as JSON."""
+    from graft.cli.speech import evaluate_speech, is_whisper
     from graft.generation.text import seq2seq_records
     from graft.io.atomic import atomic_path, check_output, write_json
     from graft.tasks.predict import predict as run
 
+    if is_whisper(model):  # speech in: a data set of audio files and transcripts, WER and CER out
+        return evaluate_speech(model, data, out, batch_size, reference, num_beams)
     if out is not None:
         check_output(out, "--out", folder=True)
     m, tokenizer = load_task_model(model, device, reference)

@@ -32,6 +32,9 @@ class GenerationConfig:
     decoder_start_token_id: int | None = None
     forced_bos_token_id: int | None = None
     forced_eos_token_id: int | list[int] | None = None
+    # never generated, and not as the first new token (Whisper's generation_config.json has both)
+    suppress_tokens: list[int] | None = None
+    begin_suppress_tokens: list[int] | None = None
     length_penalty: float = 1.0  # beam scores are sum(log p) / length ** length_penalty
     early_stopping: bool | str = False  # True: stop at num_beams finished; "never": exact search
     eos_token_id: int | list[int] | None = None

@@ -77,6 +77,14 @@ def process(
         scores = force(scores, config.forced_bos_token_id)  # the first token after the decoder start
     if config.forced_eos_token_id is not None and step == config.max_new_tokens - 1:
         scores = force(scores, config.forced_eos_token_id)  # the last one
+    if config.suppress_tokens:
+        scores = scores.index_fill(
+            1, torch.tensor(config.suppress_tokens, device=scores.device), -float("inf")
+        )
+    if config.begin_suppress_tokens and step == 0:
+        scores = scores.index_fill(
+            1, torch.tensor(config.begin_suppress_tokens, device=scores.device), -float("inf")
+        )
     if config.do_sample:
         if config.temperature != 1.0:
             scores = scores / config.temperature

@@ -60,6 +60,7 @@ class TransformerConfig:
     activation: str = "gelu"
     gated: bool = False  # gated feed-forward (SwiGLU when activation is silu)
     qkv_bias: bool = True
+    key_bias: bool = True  # False: the key projection alone has none (Whisper); moot when qkv_bias is False
     out_bias: bool = True
     mlp_bias: bool = True
     causal: bool = False

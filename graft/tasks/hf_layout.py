@@ -148,6 +148,7 @@ HF_SEQ2SEQ_HEADS: dict[str, HFSeq2SeqHead] = {
     "bart": HFSeq2SeqHead(bias="final_logits_bias"),
     "mbart": HFSeq2SeqHead(bias="final_logits_bias"),
     "t5": HFSeq2SeqHead(scale="scale_decoder_outputs"),
+    "whisper": HFSeq2SeqHead(out="proj_out"),
 }
 
 

@@ -19,6 +19,7 @@ from graft.nn import EncoderDecoder, Seq2SeqOutput
 from graft.tasks.base import Head
 from graft.tasks.collate import field, pad, window
 from graft.tasks.hf_layout import hf_seq2seq_head
+from graft.tasks.speech import collate_speech, speech_metrics
 
 IGNORE = -100  # label of target positions that are not in the loss (padding)
 
@@ -108,6 +109,8 @@ class Seq2SeqHead(Head):
     ) -> dict[str, Any]:
         """Sources (``text``) -> input_ids, attention_mask; targets (``text_pair``, when every record has
         one) -> labels (padding -100) and decoder_input_ids (labels shifted right behind the start token)."""
+        if self.config.encoder.inputs == "audio_frames":
+            return collate_speech(self.config, records, tokenizer)  # Whisper (graft.tasks.speech)
         enc_limit = window(self.config.encoder, tokenizer, max_length)
         sources = field(records, "text", self.task)
         rows = [
@@ -154,7 +157,9 @@ class Seq2SeqHead(Head):
             tokens = sum(p["tokens"] for p in predictions)
             loss = sum(p["nll"] for p in predictions) / max(tokens, 1)
             metrics |= {"loss": loss, "perplexity": perplexity(loss)}
-        if predictions and "generated" in predictions[0]:
+        if predictions and "generated" in predictions[0] and self.config.encoder.inputs == "audio_frames":
+            metrics |= speech_metrics(predictions, records)  # WER and CER
+        elif predictions and "generated" in predictions[0]:
             references = field(records, "text_pair", self.task)
             metrics |= compute_metrics("seq2seq", [p["generated"] for p in predictions], references)
         return metrics
