@@ -121,6 +121,10 @@ CASES: dict[str, list[Case]] = {
         lambda t: (["serve", t / "nowhere"], ["nowhere", "does not exist"]),
         lambda t: (["serve", t / "nowhere", "--max-batch-tokens", "0"], ["--max-batch-tokens"]),
     ],
+    "transcribe": [
+        lambda t: (["transcribe", t / "nowhere", file(t / "a.txt")], ["nowhere"]),
+        lambda t: (["transcribe", t / "nowhere", t / "missing.wav"], ["missing.wav", "no such audio file"]),
+    ],
     "heads": [
         lambda t: (
             ["heads", t / "no-model", "--data", "d.csv", "--out", file(t / "taken")],

@@ -156,6 +156,8 @@ def activation_from_hf(name: Any, source: str = "config.json") -> str:
 
 def pruning_from_hf(hf: dict[str, Any], cfg: TransformerConfig) -> TransformerConfig:
     """``cfg`` with the heads per block that config.json's pruned_heads leave, and its per-block widths."""
+    if not isinstance(cfg, TransformerConfig):  # an encoder-decoder: two stacks, not pruned by graft
+        return cfg
     pruned = hf.get("pruned_heads") or {}
     if not isinstance(pruned, dict):
         raise GraftError(
@@ -193,6 +195,8 @@ def pruning_to_hf(cfg: TransformerConfig) -> dict[str, Any]:
     """config.json keys of a pruned model: pruned_heads (the original heads removed from each block,
     as transformers reads them) and graft_intermediate_sizes."""
     out: dict[str, Any] = {}
+    if not isinstance(cfg, TransformerConfig):  # an encoder-decoder
+        return out
     if cfg.heads_per_layer is not None:
         known = cfg.hf_config.get("pruned_heads") or {}
         pruned = {}
