@@ -1,0 +1,83 @@
+"""Masked language modelling: predict the tokens hidden behind [MASK] (BERT, RoBERTa, DistilBERT, ALBERT)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graft.metrics import perplexity
+from graft.nn import Transformer, TransformerOutput
+from graft.nn.feedforward import ACTIVATIONS
+from graft.tasks.base import Head
+from graft.tasks.hf_layout import hf_mlm_head
+
+IGNORE = -100  # label of tokens that are not in the loss (not masked, special, padding)
+
+
+class MaskedLMHead(Head):
+    """Hidden states -> dense -> activation -> LayerNorm -> vocabulary logits.
+
+    The decoder's weight is the word embeddings' when tied (as in every published MLM checkpoint),
+    so a checkpoint holds only the transform and the decoder's bias; ALBERT's transform maps
+    hidden_size down to its embedding_size.
+    """
+
+    task = "masked-lm"
+
+    def __init__(self, body: Transformer) -> None:
+        super().__init__()
+        cfg = body.config
+        self.config = cfg
+        self.spec = hf_mlm_head(cfg)
+        self.activation = self.spec.activation or cfg.activation
+        width = cfg.embedding_size or cfg.hidden_size  # the word embeddings' width
+        std = cfg.hf_config.get("initializer_range", 0.02)
+        self.dense = nn.Linear(cfg.hidden_size, width)
+        nn.init.normal_(self.dense.weight, std=std)
+        nn.init.zeros_(self.dense.bias)
+        self.norm = nn.LayerNorm(width, eps=cfg.norm_eps)
+        self.decoder = nn.Linear(width, cfg.vocab_size)
+        nn.init.zeros_(self.decoder.bias)
+        self.tied = cfg.tie_word_embeddings
+        if self.tied:
+            self.decoder.weight = body.embed.tokens.weight
+        else:
+            nn.init.normal_(self.decoder.weight, std=std)
+
+    def forward(self, out: TransformerOutput, batch: dict[str, Any]) -> torch.Tensor:
+        x = self.dense(out.last_hidden_state)  # (B, T, E)
+        x = self.norm(ACTIVATIONS[self.activation](x))
+        return self.decoder(x)  # (B, T, V)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """Mean cross-entropy over the masked positions (label -100 elsewhere)."""
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE
+        )
+
+    def count(self, labels: torch.Tensor, batch: dict[str, Any]) -> int:
+        return int((labels != IGNORE).sum())
+
+    def hf_names(self) -> dict[str, str]:
+        return self.spec.names(self.tied)
+
+    # ---- predictions out ----
+    def postprocess(
+        self, logits: torch.Tensor, batch: dict[str, Any], **options: Any
+    ) -> list[dict[str, Any]]:
+        """{'nll', 'tokens'} per record: summed negative log-likelihood of its masked tokens."""
+        labels = batch["labels"]  # (B, T)
+        nll = F.cross_entropy(
+            logits.detach().float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none"
+        )  # (B, T)
+        counts = (labels != IGNORE).sum(1)
+        return [{"nll": float(n), "tokens": int(c)} for n, c in zip(nll.sum(1), counts, strict=True)]
+
+    def evaluate(self, predictions: list[dict[str, Any]], records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Mean loss per masked token and its perplexity over the whole set."""
+        tokens = sum(p["tokens"] for p in predictions)
+        loss = sum(p["nll"] for p in predictions) / max(tokens, 1)
+        return {"loss": loss, "perplexity": perplexity(loss), "tokens": tokens}
