@@ -10,10 +10,12 @@ import torch
 import transformers
 from conftest import padded_batch, tiny_hf_config
 
+from graft.data.masking import mask_tokens, word_tensor, words_from_pieces
 from graft.errors import GraftError
 from graft.loading import load_model, save_model
 from graft.models import FAMILIES
 from graft.tasks import HEADS, TaskModel
+from graft.tokenizer import Tokenizer
 
 TOL = 1e-5
 MLM_FAMILIES = sorted(name for name, f in FAMILIES.items() if "masked-lm" in f.architectures)
@@ -118,3 +120,126 @@ def test_export_refuses_a_masked_lm_in_one_line(tmp_path):
         export_model(load_model(tmp_path / "hf"), tmp_path / "out")
     assert str(e.value).startswith("export: the masked-lm task cannot be exported (known: base, ")
     assert not (tmp_path / "out").exists()
+
+
+# ---- dynamic masking: 80/10/10, whole words, specials never masked ----
+MASK, VOCAB = 4, 1000
+
+
+def synthetic_batch(rows: int = 256, width: int = 128, seed: int = 0):
+    """(ids, maskable, words): random ids >= 5 with [CLS]/[SEP] at the ends, rows padded to random
+    lengths, and words of 1 to 4 pieces."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, VOCAB, (rows, width), generator=g)
+    lengths = torch.randint(width // 2, width + 1, (rows,), generator=g)
+    real = torch.arange(width)[None, :] < lengths[:, None]  # (B, T)
+    special = torch.zeros(rows, width, dtype=torch.bool)
+    special[:, 0] = True
+    special[torch.arange(rows), lengths - 1] = True
+    ids = ids.masked_fill(special, 2).masked_fill(~real, 0)
+    maskable = real & ~special
+    starts = (torch.randint(0, 3, (rows, width), generator=g) == 0) & maskable  # a word starts here
+    words = (starts.cumsum(1) - 1).clamp(min=0).masked_fill(~maskable, -1)
+    return ids, maskable, words
+
+
+def test_masking_rates_on_a_fixed_seed():
+    ids, maskable, _ = synthetic_batch()
+    inputs, labels = mask_tokens(ids, maskable, MASK, VOCAB, torch.Generator().manual_seed(0), 0.15)
+    chosen = labels != -100
+    assert torch.equal(labels[chosen], ids[chosen])  # labels: the original ids, only where chosen
+    assert torch.equal(inputs[~chosen], ids[~chosen])  # everything else untouched
+    n = int(chosen.sum())
+    # ~24,000 maskable tokens: the rate's standard deviation is 0.0023, the tolerance over 4 of them
+    assert abs(n / int(maskable.sum()) - 0.15) <= 0.01
+    masked = int((inputs[chosen] == MASK).sum()) / n
+    kept = int((inputs[chosen] == ids[chosen]).sum()) / n
+    swapped = 1 - masked - kept
+    # ~3,600 chosen tokens: standard deviations 0.007 (80%) and 0.005 (10%), tolerances over 3 of them
+    assert abs(masked - 0.8) <= 0.025 and abs(kept - 0.1) <= 0.02 and abs(swapped - 0.1) <= 0.02
+    assert int(inputs.max()) < VOCAB
+
+
+@pytest.mark.parametrize("whole_word", [False, True])
+def test_special_tokens_and_padding_are_never_masked(whole_word):
+    ids, maskable, words = synthetic_batch()
+    for seed in range(5):
+        inputs, labels = mask_tokens(
+            ids,
+            maskable,
+            MASK,
+            VOCAB,
+            torch.Generator().manual_seed(seed),
+            0.5,
+            words if whole_word else None,
+        )
+        assert (labels[~maskable] == -100).all()
+        assert torch.equal(inputs[~maskable], ids[~maskable])
+
+
+def test_whole_words_are_masked_all_or_none():
+    ids, maskable, words = synthetic_batch()
+    inputs, labels = mask_tokens(ids, maskable, MASK, VOCAB, torch.Generator().manual_seed(0), 0.15, words)
+    chosen = labels != -100
+    per_word = {}
+    for row in range(ids.shape[0]):
+        for t in maskable[row].nonzero().flatten().tolist():
+            per_word.setdefault((row, int(words[row, t])), set()).add(bool(chosen[row, t]))
+    assert all(len(states) == 1 for states in per_word.values())  # every piece of a word alike
+    groups = sum(1 for states in per_word.values() if True in states)
+    assert any(len(words[r][words[r] == w]) > 1 for r, w in list(per_word)[:50])  # multi-piece words exist
+    # ~8,000 words: the chosen share's standard deviation is 0.004, the tolerance 3 of them
+    assert abs(groups / len(per_word) - 0.15) <= 0.012
+
+
+def test_masks_are_reproducible_from_the_seed_and_change_with_it():
+    ids, maskable, words = synthetic_batch(rows=8)
+
+    def draw(seed):
+        return mask_tokens(ids, maskable, MASK, VOCAB, torch.Generator().manual_seed(seed), 0.15, words)
+
+    assert all(torch.equal(a, b) for a, b in zip(draw(3), draw(3), strict=True))
+    assert not torch.equal(draw(3)[1], draw(4)[1])
+
+
+def test_a_bad_probability_is_one_line():
+    ids, maskable, _ = synthetic_batch(rows=2)
+    with pytest.raises(
+        GraftError, match=r"^masking: probability must be between 0 and 1 \(exclusive\), found 1.5$"
+    ):
+        mask_tokens(ids, maskable, MASK, VOCAB, torch.Generator(), 1.5)
+
+
+def test_wordpiece_continuations_group_like_the_tokenizers_word_ids(minilm):
+    tokenizer = Tokenizer.from_folder(minilm)
+    enc = tokenizer.encode("Unbelievably, the tokenizer splits Shakespearean words.", return_tensors=None)
+    pieces = tokenizer.convert_ids_to_tokens(enc.input_ids[0])
+    assert any(p.startswith("##") for p in pieces)
+    assert words_from_pieces(pieces, [bool(s) for s in enc.special_tokens_mask[0]]) == enc.word_ids[0]
+
+
+def test_collate_masks_each_batch_afresh_and_never_specials(minilm):
+    tokenizer = Tokenizer.from_folder(minilm)
+    model = load_model(minilm, task="masked-lm", to_train=True, whole_word=True, mask_probability=0.4, seed=1)
+    records = [
+        {"text": "Unbelievably, the tokenizer splits Shakespearean words " * 3},
+        {"text": "A short one."},
+    ]
+    first = model.head.collate(records, tokenizer)
+    second = model.head.collate(records, tokenizer)
+    assert not torch.equal(first["labels"], second["labels"])  # dynamic: new masks for every batch
+    enc = tokenizer.encode([r["text"] for r in records])
+    special = (enc.special_tokens_mask == 1) | (enc.attention_mask == 0)
+    for batch in (first, second):
+        assert (batch["labels"][special] == -100).all()
+        chosen = batch["labels"] != -100
+        assert torch.equal(batch["labels"][chosen], enc.input_ids[chosen])
+        words = word_tensor(enc.word_ids, enc.input_ids.shape[1])
+        for row in range(2):  # whole words: all pieces of a word chosen alike
+            for w in words[row].unique().tolist():
+                if w >= 0:
+                    assert len(set(chosen[row][words[row] == w].tolist())) == 1
+        out = model(**batch)
+        assert torch.isfinite(out.loss)
+    again = load_model(minilm, task="masked-lm", whole_word=True, mask_probability=0.4, seed=1)
+    assert torch.equal(again.head.collate(records, tokenizer)["input_ids"], first["input_ids"])  # seeded

@@ -8,13 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graft.data.masking import IGNORE, check_probability, mask_tokens, word_tensor
+from graft.errors import GraftError
 from graft.metrics import perplexity
 from graft.nn import Transformer, TransformerOutput
 from graft.nn.feedforward import ACTIVATIONS
 from graft.tasks.base import Head
+from graft.tasks.collate import field, model_inputs, window
 from graft.tasks.hf_layout import hf_mlm_head
-
-IGNORE = -100  # label of tokens that are not in the loss (not masked, special, padding)
 
 
 class MaskedLMHead(Head):
@@ -27,7 +28,9 @@ class MaskedLMHead(Head):
 
     task = "masked-lm"
 
-    def __init__(self, body: Transformer) -> None:
+    def __init__(
+        self, body: Transformer, mask_probability: float = 0.15, whole_word: bool = False, seed: int = 0
+    ) -> None:
         super().__init__()
         cfg = body.config
         self.config = cfg
@@ -46,6 +49,10 @@ class MaskedLMHead(Head):
             self.decoder.weight = body.embed.tokens.weight
         else:
             nn.init.normal_(self.decoder.weight, std=std)
+        # how collate masks: dynamic masks drawn from this head's own generator (seeded)
+        self.mask_probability = check_probability(mask_probability)
+        self.whole_word = whole_word
+        self.generator = torch.Generator().manual_seed(seed)
 
     def forward(self, out: TransformerOutput, batch: dict[str, Any]) -> torch.Tensor:
         x = self.dense(out.last_hidden_state)  # (B, T, E)
@@ -64,7 +71,29 @@ class MaskedLMHead(Head):
     def hf_names(self) -> dict[str, str]:
         return self.spec.names(self.tied)
 
-    # ---- predictions out ----
+    # ---- records in, predictions out ----
+    def collate(
+        self, records: list[dict[str, Any]], tokenizer: Any, max_length: int | None = None
+    ) -> dict[str, Any]:
+        """``text`` of each record, tokenized, with fresh masks drawn for this batch (80/10/10; whole
+        words when ``whole_word``); ``labels`` hold the original ids of the masked tokens."""
+        if tokenizer.mask_token_id is None:
+            raise GraftError(
+                "masked-lm: the tokenizer has no mask token (mask_token in tokenizer_config.json)"
+            )
+        texts = field(records, "text", self.task)
+        enc = tokenizer.encode(texts, max_length=window(self.config, tokenizer, max_length), truncation=True)
+        ids = enc.input_ids  # (B, T)
+        maskable = (enc.special_tokens_mask == 0) & (enc.attention_mask == 1)  # (B, T)
+        words = word_tensor(enc.word_ids, ids.shape[1]) if self.whole_word else None
+        vocab = min(len(tokenizer), self.config.vocab_size)  # random replacements: ids the model has
+        inputs, labels = mask_tokens(
+            ids, maskable, tokenizer.mask_token_id, vocab, self.generator, self.mask_probability, words
+        )
+        batch: dict[str, Any] = model_inputs(enc, self.config)
+        batch["input_ids"], batch["labels"] = inputs, labels
+        return batch
+
     def postprocess(
         self, logits: torch.Tensor, batch: dict[str, Any], **options: Any
     ) -> list[dict[str, Any]]:
