@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import math
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import hf_model
+import transformers
+import yaml
+from conftest import hf_model, tiny_hf_config
 
 from graft.data.packing import IGNORE, pack_rows, packed_batch
 from graft.errors import GraftError
 from graft.loading import load_model
 from graft.models import FAMILIES
+from graft.pretrain import documents as read_documents
+from graft.tokenizer import Tokenizer
 
 TOL = 1e-5
 DECODERS = sorted(name for name, f in FAMILIES.items() if f.decoder)
@@ -92,3 +101,118 @@ def test_packed_encoder_outputs_equal_each_document_alone(family, tmp_path):
                 assert (packed[b][batch["documents"][b] == d] - alone).abs().max() <= TOL
                 i += 1
     assert i == len(docs)
+
+
+# ---- graft pretrain RECIPE: streamed text in, a HF folder transformers loads out ----
+LINES = [
+    "To be, or not to be, that is the question:",
+    "Whether 'tis nobler in the mind to suffer",
+    "The slings and arrows of outrageous fortune,",
+    "Or to take arms against a sea of troubles",
+]
+
+
+def tiny_folder(tmp_path, minilm, family: str):
+    """A random tiny transformers model of ``family`` (MLM for encoders, LM for decoders) with MiniLM's tokenizer."""
+    torch.manual_seed(0)
+    cfg = tiny_hf_config(family)
+    cfg.vocab_size = 30522
+    cls = transformers.AutoModelForCausalLM if FAMILIES[family].decoder else transformers.AutoModelForMaskedLM
+    folder = tmp_path / f"{family}-base"
+    cls.from_config(cfg).save_pretrained(folder)
+    Tokenizer.from_folder(minilm).save(folder)
+    return folder
+
+
+def write_recipe(tmp_path, model, objective: str, **train) -> Path:
+    (tmp_path / "plays.txt").write_text("\n".join(LINES[:2]) + "\n\n")
+    (tmp_path / "plays.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in LINES[2:]))
+    recipe = {
+        "model": {"path": str(model), "kernels": False},
+        "data": {"max_length": 16},
+        "optim": {"lr": 1e-3},
+        "pretrain": {
+            "objective": objective,
+            "files": [str(tmp_path / "plays.txt"), str(tmp_path / "plays.jsonl")],
+        },
+        "train": {"output": str(tmp_path / "out"), "max_steps": 3, "batch_size": 2, **train},
+    }
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("family", "objective", "cls"),
+    [
+        ("bert", "mlm", transformers.BertForMaskedLM),
+        ("gpt2", "clm", transformers.GPT2LMHeadModel),
+    ],
+)
+def test_pretrain_saves_a_folder_transformers_loads(family, objective, cls, cli, tmp_path, minilm):
+    base = tiny_folder(tmp_path, minilm, family)
+    recipe = write_recipe(tmp_path, base, objective)
+    summary = json.loads(cli("pretrain", recipe).ok().stdout)
+    assert summary["objective"] == objective and summary["steps"] == 3 and summary["tokens"] > 0
+    assert math.isfinite(summary["loss"])
+    before = cls.from_pretrained(base).eval()
+    after = cls.from_pretrained(tmp_path / "out").eval()  # the exact class, every tensor present
+    assert type(after) is cls
+    ids = torch.tensor([Tokenizer.from_folder(tmp_path / "out").encode(LINES[0]).input_ids[0].tolist()])
+    with torch.no_grad():
+        changed = (after(input_ids=ids).logits - before(input_ids=ids).logits).abs().max()
+        graft_logits = load_model(tmp_path / "out", kernels=False)(input_ids=ids).logits
+    assert changed > 1e-3  # it trained
+    assert (after(input_ids=ids).logits - graft_logits).abs().max() <= TOL
+    saved = json.loads((tmp_path / "out" / "pretrain.json").read_text())
+    assert saved["steps"] == 3 and saved["recipe"]["pretrain"]["objective"] == objective
+    # a second run into the same folder needs --overwrite
+    assert (
+        cli("pretrain", recipe).error_line()
+        == f"error: {tmp_path / 'out'}: folder is not empty (pass --overwrite to replace it)"
+    )
+
+
+def test_pretrain_refusals_are_one_line(cli, tmp_path, minilm):
+    bert = tiny_folder(tmp_path, minilm, "bert")
+    recipe = write_recipe(tmp_path, bert, "clm")
+    assert cli("pretrain", recipe).error_line() == (
+        f"error: {recipe}: pretrain.objective: clm needs a decoder; a bert model trains with mlm"
+    )
+    gpt2 = tiny_folder(tmp_path, minilm, "gpt2")
+    recipe = write_recipe(tmp_path, gpt2, "mlm")
+    assert cli("pretrain", recipe).error_line() == (
+        f"error: {recipe}: pretrain.objective: mlm needs a masked-LM family (albert, bert, distilbert, roberta);"
+        " a gpt2 model trains with clm"
+    )
+    assert cli("pretrain", recipe, "train.max_steps=0").error_line() == (
+        f"error: {recipe}: train.max_steps: must be > 0 for pretraining (a stream has no length),"
+        " e.g. train.max_steps=1000"
+    )
+    assert (
+        cli("pretrain", recipe, "eval.every=5")
+        .error_line()
+        .startswith(
+            f"error: {recipe}: eval.every: not used by graft pretrain (it reads model, optim, schedule, pretrain and"
+        )
+    )
+    assert cli("pretrain", recipe, "pretrain.mask_probability=1").error_line() == (
+        "error: override pretrain.mask_probability=1: pretrain.mask_probability: must be in (0, 1), got 1.0"
+    )
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    empty = f"pretrain.files=[{tmp_path / 'empty.txt'}]"
+    assert cli("pretrain", recipe, empty, "pretrain.objective=clm").error_line() == (
+        f"error: pretrain: the corpus has no text ({tmp_path / 'empty.txt'})"
+    )
+    assert cli("pretrain", recipe, f"pretrain.files=[{tmp_path / 'none.txt'}]").error_line() == (
+        f"error: {tmp_path / 'none.txt'}: file not found"
+    )
+
+
+def test_documents_are_read_lazily_and_bad_lines_named(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": "one"}\n\n{"text": "two"}\n{oops\n')
+    stream = read_documents([path])
+    assert [next(stream), next(stream)] == ["one", "two"]  # read before the bad line is reached
+    with pytest.raises(GraftError, match=rf"^{re.escape(str(path))}:4: not valid JSON \("):
+        next(stream)

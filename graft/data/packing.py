@@ -11,7 +11,7 @@ loss are what they would be unpacked.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -20,22 +20,29 @@ from graft.errors import GraftError
 IGNORE = -100  # label of padding and of each document's first token (nothing before it predicts it)
 
 
-def pack_rows(docs: Iterable[Sequence[int]], width: int) -> list[list[list[int]]]:
+def stream_rows(docs: Iterable[Sequence[int]], width: int) -> Iterator[list[list[int]]]:
     """Documents -> rows of at most ``width`` tokens, each row a list of whole documents, in order
-    (a row is closed when the next document does not fit; a document longer than a row is cut)."""
+    (a row is closed when the next document does not fit; a document longer than a row is cut),
+    one row at a time: the documents may be a stream larger than memory."""
     if width < 1:
         raise GraftError(f"packing: the row width must be at least 1, found {width}")
-    rows: list[list[list[int]]] = [[]]
+    row: list[list[int]] = []
     used = 0
     for doc in docs:
         for start in range(0, len(doc), width):
             piece = list(doc[start : start + width])
             if used + len(piece) > width:
-                rows.append([])
-                used = 0
-            rows[-1].append(piece)
+                yield row
+                row, used = [], 0
+            row.append(piece)
             used += len(piece)
-    return [row for row in rows if row]
+    if row:
+        yield row
+
+
+def pack_rows(docs: Iterable[Sequence[int]], width: int) -> list[list[list[int]]]:
+    """``stream_rows`` as a list."""
+    return list(stream_rows(docs, width))
 
 
 def packed_batch(
