@@ -19,6 +19,7 @@ from graft.errors import GraftError
 from graft.loading import load_model
 from graft.models import FAMILIES
 from graft.pretrain import documents as read_documents
+from graft.pretrain.stream import clm_batches
 from graft.tokenizer import Tokenizer
 
 TOL = 1e-5
@@ -216,3 +217,22 @@ def test_documents_are_read_lazily_and_bad_lines_named(tmp_path):
     assert [next(stream), next(stream)] == ["one", "two"]  # read before the bad line is reached
     with pytest.raises(GraftError, match=rf"^{re.escape(str(path))}:4: not valid JSON \("):
         next(stream)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_causal_batches_hold_every_document_in_order(pack, minilm):
+    tokenizer = Tokenizer.from_folder(minilm)
+    cfg = load_model(minilm, task="base", kernels=False).config
+    batches = list(clm_batches(iter(LINES), cfg, tokenizer, batch_size=2, max_length=32, pack=pack))
+    # no eos to append: MiniLM's tokenizer has none
+    docs = [tokenizer.encode(t, return_tensors=None).input_ids[0][:32] for t in LINES]
+    got, rows = [], 0
+    for b in batches:
+        for ids, document in zip(b["input_ids"], b["documents"], strict=True):
+            rows += 1
+            got += [ids[document == d].tolist() for d in range(int(document.max()) + 1)]
+    assert got == docs  # every document whole, in order
+    assert rows < len(docs) if pack else rows == len(docs)  # packed: several documents share a row
+    if not pack:  # a document longer than a row is cut at max_length
+        (short,) = list(clm_batches(iter(LINES[:1]), cfg, tokenizer, batch_size=2, max_length=8, pack=False))
+        assert short["input_ids"].tolist() == [docs[0][:8]]

@@ -84,13 +84,11 @@ def clm_batches(
         tokenizer.encode(t, truncation=False, padding=False, return_tensors=None).input_ids[0] + eos
         for t in texts
     )
-    rows = stream_rows(ids, max_length) if pack else ([[doc[:max_length]]] for doc in ids)
+    rows = stream_rows(ids, max_length) if pack else ([doc[:max_length]] for doc in ids)
     first = cfg.pad_token_id + 1 if cfg.positions_from_padding else 0
     pad = tokenizer.pad_token_id or 0
     while True:
         chunk = list(islice(rows, batch_size))
         if not chunk:
             return
-        batch = packed_batch(chunk, pad, True, first, cfg.sliding_window)
-        del batch["documents"]
-        yield batch
+        yield packed_batch(chunk, pad, True, first, cfg.sliding_window)
