@@ -129,7 +129,7 @@ def write_recipe(tmp_path, model, objective: str, **train) -> Path:
     (tmp_path / "plays.txt").write_text("\n".join(LINES[:2]) + "\n\n")
     (tmp_path / "plays.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in LINES[2:]))
     recipe = {
-        "model": {"path": str(model), "kernels": False},
+        "model": {"path": str(model)},  # graft's kernels on, as users run it
         "data": {"max_length": 16},
         "optim": {"lr": 1e-3},
         "pretrain": {
