@@ -171,6 +171,10 @@ def load_model(
                         f"expects {tuple(expected[name].shape)} (check num_labels / id2label)"
                     )
             head.load_state_dict(head_state, strict=False)
+            own = head.state_dict()
+            for hf_name, name in head.hf_copies().items():  # a tied tensor's copy: dropped when equal
+                if hf_name in rest and torch.equal(rest[hf_name].to(own[name].dtype), own[name]):
+                    del rest[hf_name]
         elif names and to_train:
             log.info("%s: no %s head in this checkpoint; a new one is initialized to train", source, task)
         elif names:

@@ -15,6 +15,7 @@ from graft.errors import GraftError
 from graft.loading import load_model, save_model
 from graft.models import FAMILIES
 from graft.tasks import HEADS, TaskModel
+from graft.tasks.hf_layout import HF_MLM_HEADS
 from graft.tokenizer import Tokenizer
 
 TOL = 1e-5
@@ -243,3 +244,33 @@ def test_collate_masks_each_batch_afresh_and_never_specials(minilm):
         assert torch.isfinite(out.loss)
     again = load_model(minilm, task="masked-lm", whole_word=True, mask_probability=0.4, seed=1)
     assert torch.equal(again.head.collate(records, tokenizer)["input_ids"], first["input_ids"])  # seeded
+
+
+@pytest.mark.parametrize("family", MLM_FAMILIES)
+def test_an_old_checkpoint_with_tied_copies_loads_without_a_warning(family, tmp_path, caplog):
+    """pytorch_model.bin files of BERT's time hold the decoder's weight and bias next to the tensors they
+    are tied to: equal copies are dropped quietly; a differing one is reported, not silently lost."""
+    ref = hf_mlm(family)
+    ref.config.architectures = [type(ref).__name__]  # as save_pretrained writes it
+    ref.config.save_pretrained(tmp_path)
+    state = ref.state_dict()
+    decoder = f"{HF_MLM_HEADS[family].decoder}.weight"
+    assert decoder in state and f"{HF_MLM_HEADS[family].decoder}.bias" in state
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with caplog.at_level(logging.WARNING, logger="graft"):
+        model = load_model(tmp_path, kernels=False)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        diff = (
+            ref(input_ids=ids, attention_mask=mask).logits - model(input_ids=ids, attention_mask=mask).logits
+        )
+    assert diff[mask.bool()].abs().max() <= TOL
+    state[decoder] = state[decoder] + 1  # not a copy any more
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="graft"):
+        load_model(tmp_path, kernels=False)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'pytorch_model.bin'}: 1 tensors not used by a {family} masked-lm model: {decoder}"
+    ]

@@ -51,6 +51,11 @@ class Head(nn.Module):
         """HF tensor name -> this head's parameter name (empty when tied or weightless)."""
         return {}
 
+    def hf_copies(self) -> dict[str, str]:
+        """HF tensor name -> this head's parameter name, for tensors that older checkpoints also hold as a
+        copy of a tied one (BERT's cls.predictions.decoder.weight); loading drops them when equal."""
+        return {}
+
     def hf_config(self) -> dict[str, Any]:
         """Keys this head adds to config.json (labels, problem type...)."""
         return {}

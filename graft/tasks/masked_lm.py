@@ -71,6 +71,12 @@ class MaskedLMHead(Head):
     def hf_names(self) -> dict[str, str]:
         return self.spec.names(self.tied)
 
+    def hf_copies(self) -> dict[str, str]:
+        copies = {f"{self.spec.decoder}.bias": "decoder.bias"}  # older checkpoints keep the bias twice
+        if self.tied:
+            copies[f"{self.spec.decoder}.weight"] = "decoder.weight"
+        return copies
+
     # ---- records in, predictions out ----
     def collate(
         self, records: list[dict[str, Any]], tokenizer: Any, max_length: int | None = None
