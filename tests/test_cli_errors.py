@@ -128,6 +128,10 @@ CASES: dict[str, list[Case]] = {
         lambda t: (["export", t / "nowhere", t / "out", "--format", "tflite"], ["--format tflite"]),
         lambda t: (["export", t / "nowhere", t / "out", "--opset", "9"], ["--opset 9", "too old"]),
     ],
+    "serve": [
+        lambda t: (["serve", t / "nowhere"], ["nowhere", "does not exist"]),
+        lambda t: (["serve", t / "nowhere", "--max-batch-tokens", "0"], ["--max-batch-tokens"]),
+    ],
     "heads": [
         lambda t: (
             ["heads", t / "no-model", "--data", "d.csv", "--out", file(t / "taken")],
@@ -167,6 +171,17 @@ CASES: dict[str, list[Case]] = {
             ["--template 'No slot.': no {} where the group word goes"],
         ),
         lambda t: (["fairness", t / "nowhere", "--template", "The {}.", "--groups", "he"], ["--groups 'he'"]),
+    ],
+    "quantize": [
+        lambda t: (["quantize", t / "nowhere", t / "q"], ["nowhere", "does not exist"]),
+        lambda t: (
+            ["quantize", t / "nowhere", file(t / "q.txt")],
+            [f"{t / 'q.txt'}: is a file; OUT takes a folder"],
+        ),
+        lambda t: (
+            ["quantize", t / "nowhere", t / "q", "--method", "int4"],
+            ["--method", "unknown method 'int4'"],
+        ),
     ],
 }
 

@@ -19,7 +19,7 @@ PACKAGE = Path(graft.__file__).parent
 LAYERS: list[set[str]] = [
     {"graft.errors"},
     {"graft.io"},
-    {"graft.nn", "graft.data", "graft.metrics", "graft.tokenizer", "graft.vision"},
+    {"graft.nn", "graft.data", "graft.metrics", "graft.tokenizer", "graft.vision", "graft.speech"},
     {"graft.kernels", "graft.models"},
     {"graft.tasks"},
     {"graft.generation"},
@@ -30,6 +30,7 @@ LAYERS: list[set[str]] = [
     {"graft.pretrain"},
     {"graft.interpret"},
     {"graft.compress"},
+    {"graft.serve"},
     {"graft.cli", "graft.__main__"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}

@@ -12,7 +12,20 @@ from collections.abc import Sequence
 import typer
 
 # each module registers its commands on ``app`` when imported
-from graft.cli import distill, explain, export, generate, models, pretrain, strategies, tasks, train  # noqa: F401
+from graft.cli import (  # noqa: F401  (each module registers its commands)
+    distill,
+    explain,
+    export,
+    generate,
+    models,
+    pretrain,
+    quantize,
+    serve,
+    speech,
+    strategies,
+    tasks,
+    train,
+)
 from graft.cli.app import app, os_error_line
 from graft.errors import GraftError
 

@@ -54,19 +54,21 @@ def load(model: str, dtype: DType, compile: bool = False, reference: bool = Fals
         )
     import torch
 
-    from graft.loading import load_model
+    from graft.loading import load_config, load_model
     from graft.tasks import TaskModel
     from graft.tokenizer import Tokenizer
 
     with model_folder(model) as folder:
-        lm = load_model(folder, task="causal-lm", dtype=getattr(torch, dtype.value), kernels=not reference)
+        family, _ = load_config(folder)
+        task = "seq2seq" if family.encoder_decoder else "causal-lm"  # T5, BART: the encoder reads the prompt
+        lm = load_model(folder, task=task, dtype=getattr(torch, dtype.value), kernels=not reference)
         tokenizer = Tokenizer.from_folder(folder)
         defaults: dict[str, Any] = {}
         if (folder / "generation_config.json").exists():
             from graft.io.hf import read_json
 
             defaults = read_json(folder / "generation_config.json")
-    if not isinstance(lm, TaskModel) or not lm.config.causal:
+    if not isinstance(lm, TaskModel) or not (family.encoder_decoder or lm.config.causal):
         raise GraftError(f"{model}: a {lm.config.family} model cannot generate text (it is not a decoder)")
     return lm, tokenizer, defaults
 
@@ -172,12 +174,15 @@ def generate(
         prompts: list[Any] = [[*head, {"role": "user", "content": p}] for p in prompt]
     else:
         prompts = list(prompt)
-    ids, mask = encode_prompts(tokenizer, prompts, chat=chat)
+    seq2seq = (
+        lm.task == "seq2seq"
+    )  # the encoder reads the prompt (padded on the right); the decoder starts anew
+    ids, mask = encode_prompts(tokenizer, prompts, chat=chat, side="right" if seq2seq else "left")
     if len(prompt) == 1 and num_beams == 1 and not as_json:
         reply(lm, tokenizer, ids, mask, config)
         return
     out = run(lm, ids, mask, config, tokenizer)
-    for text, row in zip(prompt, out[:, ids.shape[1] :].tolist(), strict=True):
+    for text, row in zip(prompt, out[:, 1 if seq2seq else ids.shape[1] :].tolist(), strict=True):
         ends = [i for i, t in enumerate(row) if t in config.eos_ids]
         completion = tokenizer.decode(row[: ends[0]] if ends else row)
         write(json.dumps({"prompt": text, "completion": completion}) + "\n" if as_json else completion + "\n")
@@ -230,17 +235,24 @@ def chat(
 
 @app.command()
 def convert(
-    file: Annotated[Path, typer.Argument(help="A GGUF file (llama architecture).")],
+    file: Annotated[
+        Path, typer.Argument(help="A GGUF file (llama architecture) or a CTranslate2 model.bin (Whisper).")
+    ],
     out: Annotated[Path, typer.Argument(help="The Hugging Face-format folder to write.")],
     dtype: DTypeOpt = DType.float32,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT when it is not empty.")] = False,
 ) -> None:
-    """Write a GGUF file as a Hugging Face folder (config, safetensors, tokenizer) that transformers loads."""
+    """Write a GGUF file or a CTranslate2 model as a Hugging Face folder that transformers loads."""
     import torch
 
     from graft.io.atomic import check_output
+    from graft.io.ctranslate2 import convert_ctranslate2
     from graft.io.gguf import convert_gguf
 
     check_output(out, "OUT", folder=True, overwrite=overwrite)
-    folder = convert_gguf(file, out, dtype=getattr(torch, dtype.value), overwrite=overwrite)
+    if file.is_dir() and (file / "model.bin").is_file():  # a faster-whisper model folder
+        file = file / "model.bin"
+    ctranslate2 = file.suffix == ".bin" and file.is_file()  # CTranslate2's name; GGUF files start b"GGUF"
+    convert_file = convert_ctranslate2 if ctranslate2 else convert_gguf
+    folder = convert_file(file, out, dtype=getattr(torch, dtype.value), overwrite=overwrite)
     typer.echo(f"wrote {folder}")

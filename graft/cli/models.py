@@ -29,17 +29,21 @@ def info(
     from graft.loading import load_model
 
     m = load_model(model, task="base", kernels=not reference)
-    cfg = m.config
+    cfg = stack = m.config
+    layers: dict[str, int] = {"layers": cfg.num_layers} if not hasattr(cfg, "decoder") else {}
+    if not layers:  # an encoder-decoder: its decoder's shape, and both depths
+        stack = cfg.decoder
+        layers = {"encoder_layers": cfg.encoder.num_layers, "decoder_layers": stack.num_layers}
     facts = {
         "family": cfg.family,
         "model_type": cfg.hf_config.get("model_type", cfg.family),
-        "layers": cfg.num_layers,
-        "hidden_size": cfg.hidden_size,
-        "heads": cfg.num_heads,
-        "kv_heads": cfg.num_kv_heads,
-        "intermediate_size": cfg.intermediate_size,
-        "vocab_size": cfg.vocab_size,
-        "max_positions": cfg.max_positions,
+        **layers,
+        "hidden_size": stack.hidden_size,
+        "heads": stack.num_heads,
+        "kv_heads": stack.num_kv_heads,
+        "intermediate_size": stack.intermediate_size,
+        "vocab_size": stack.vocab_size,
+        "max_positions": stack.max_positions,
         "parameters": sum(p.numel() for p in m.parameters()),
     }
     if as_json:

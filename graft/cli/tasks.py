@@ -31,6 +31,8 @@ BatchOpt = Annotated[int, typer.Option(min=1, help="Records per batch.")]
 MaxLengthOpt = Annotated[
     int | None, typer.Option(min=8, help="Tokens per row (default: the model's window).")
 ]
+MaxNewOpt = Annotated[int, typer.Option(min=1, help="Causal LM and seq2seq: tokens to generate at most.")]
+BeamsOpt = Annotated[int, typer.Option(min=1, help="Seq2seq: beam search with this many beams.")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: cuda when available).")]
 SkipBadRowsOpt = Annotated[
     bool, typer.Option("--skip-bad-rows", help="Skip rows that cannot be read; count them on stderr.")
@@ -81,6 +83,16 @@ def load_task_model(model: str, device: str | None, reference: bool = False):
     return m, load_processor(folder)  # a tokenizer, or an image model's ImageProcessor
 
 
+def seq2seq_generation(model: str, m: Any, max_new_tokens: int, num_beams: int) -> Any:
+    """How predict and eval generate with an encoder-decoder: its generation_config.json, then the options."""
+    from graft.generation import GenerationConfig
+    from graft.io.hf import read_json, resolve
+
+    path = resolve(model) / "generation_config.json"
+    defaults = read_json(path) if path.exists() else {}
+    return GenerationConfig.for_model(m, defaults, max_new_tokens=max_new_tokens, num_beams=num_beams)
+
+
 def read_records(
     path: Path,
     fmt: str | None,
@@ -99,8 +111,9 @@ def read_records(
 
 
 def jsonl_line(record: dict[str, Any], prediction: dict[str, Any]) -> str:
-    row = {"id": record["id"]} if record.get("id") is not None else {}
-    return json.dumps({**row, **prediction}, ensure_ascii=False) + "\n"
+    from graft.tasks.predict import prediction_row
+
+    return json.dumps(prediction_row(record, prediction), ensure_ascii=False) + "\n"
 
 
 def options(**given: Any) -> dict[str, Any]:
@@ -132,13 +145,14 @@ def predict(
         float | None,
         typer.Option(help="QA with unanswerable questions: how much the no-answer score must win by."),
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Causal LM: tokens to generate.")] = 64,
+    max_new_tokens: MaxNewOpt = 64,
+    num_beams: BeamsOpt = 1,
     skip_bad_rows: SkipBadRowsOpt = False,
     encoding: EncodingOpt = "auto",
     reference: ReferenceOpt = False,
 ) -> None:
     """Predict with a task model: one JSON line per input record."""
-    from graft.generation.text import generate_records
+    from graft.generation.text import generate_records, seq2seq_records
     from graft.io.atomic import atomic_path, check_output
     from graft.tasks.predict import predict as run
 
@@ -148,6 +162,9 @@ def predict(
     records = read_records(input, fmt, column, m.head, skip_bad_rows=skip_bad_rows, encoding=encoding)
     if m.task == "causal-lm":
         pairs = generate_records(m, tokenizer, records, min(batch_size, 8), max_length, max_new_tokens)
+    elif m.task == "seq2seq":
+        config = seq2seq_generation(model, m, max_new_tokens, num_beams)
+        pairs = seq2seq_records(m, tokenizer, records, min(batch_size, 8), max_length, config)
     else:
         extra = options(
             threshold=threshold,
@@ -182,6 +199,8 @@ def evaluate(
     batch_size: BatchOpt = 32,
     max_length: MaxLengthOpt = None,
     device: DeviceOpt = None,
+    max_new_tokens: MaxNewOpt = 64,
+    num_beams: BeamsOpt = 1,
     skip_bad_rows: SkipBadRowsOpt = False,
     encoding: EncodingOpt = "auto",
     reference: ReferenceOpt = False,
@@ -193,21 +212,25 @@ def evaluate(
     ] = None,
 ) -> None:
     """Evaluate a task model on labelled data: prints the task's metrics as JSON."""
+    from graft.cli.speech import evaluate_speech, is_whisper
+    from graft.generation.text import seq2seq_records
     from graft.io.atomic import atomic_path, check_output, write_json
     from graft.tasks.predict import predict as run
 
+    if is_whisper(model):  # speech in: a data set of audio files and transcripts, WER and CER out
+        return evaluate_speech(model, data, out, batch_size, reference, num_beams)
     if out is not None:
         check_output(out, "--out", folder=True)
     m, tokenizer = load_task_model(model, device, reference)
     columns = [*(column or []), *([f"{groups}=group"] if groups else [])]  # the group column, read as "group"
     records, predictions = [], []
-    for record, prediction in run(
-        m,
-        tokenizer,
-        read_records(data, fmt, columns, m.head, True, skip_bad_rows, encoding),
-        batch_size,
-        max_length,
-    ):
+    labelled = read_records(data, fmt, columns, m.head, True, skip_bad_rows, encoding)
+    if m.task == "seq2seq":  # generated texts (ROUGE, BLEU, chrF) and the targets' loss
+        config = seq2seq_generation(model, m, max_new_tokens, num_beams)
+        pairs = seq2seq_records(m, tokenizer, labelled, min(batch_size, 8), max_length, config)
+    else:
+        pairs = run(m, tokenizer, labelled, batch_size, max_length)
+    for record, prediction in pairs:
         records.append(record)
         predictions.append(prediction)
     if not records:

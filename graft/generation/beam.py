@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from graft.generation.config import GenerationConfig
-from graft.generation.decoder import Decoder, fit_context, resolve, seen_tokens
+from graft.generation.decoder import Decoder, resolve, seen_tokens, start
 from graft.generation.processors import process
 from graft.tasks import TaskModel
 
@@ -16,9 +16,11 @@ from graft.tasks import TaskModel
 @torch.inference_mode()
 def beam_search(
     model: TaskModel,
-    input_ids: torch.Tensor,  # (B, T)
+    input_ids: torch.Tensor | None,  # (B, T)
     attention_mask: torch.Tensor | None = None,
     config: GenerationConfig | None = None,
+    decoder_input_ids: torch.Tensor | None = None,  # (B, T') an encoder-decoder's forced first tokens
+    input_features: torch.Tensor | None = None,  # (B, mel bins, frames) for an audio encoder
     **changes: Any,
 ) -> torch.Tensor:
     """The best of ``num_beams`` hypotheses per row: (B, T + new).
@@ -30,8 +32,9 @@ def beam_search(
     rule as transformers' beam search, so the same tokens.
     """
     config = resolve(config, model, changes)
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    input_ids, mask = fit_context(model, input_ids, mask, config)
+    # an encoder-decoder's encoder runs once here, for B rows; its output follows the beams
+    decoder, input_ids = start(model, input_ids, attention_mask, config, decoder_input_ids, input_features)
+    mask = decoder.mask[:, : input_ids.shape[1]] if isinstance(decoder, Decoder) else None
     B, K, N = input_ids.shape[0], config.num_beams, config.max_new_tokens
     device = input_ids.device
     eos = torch.tensor(config.eos_ids, dtype=torch.long, device=device)
@@ -40,12 +43,12 @@ def beam_search(
     big = -1.0e9
     lp, early = config.length_penalty, config.early_stopping
 
-    decoder = Decoder(model, input_ids, mask, N, config.compile)
     logits = decoder.prefill()
     rows = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,) every beam starts from its prompt
     decoder.reorder(rows)
     logits = logits.index_select(0, rows)
     seen = seen_tokens(input_ids, mask, model.config.vocab_size).index_select(0, rows)
+    prompts = input_ids.index_select(0, rows)  # (B*K, T)
 
     running = torch.full((B, K, N), config.pad_id, dtype=torch.long, device=device)  # new tokens per beam
     running_scores = torch.zeros(B, K, device=device)
@@ -60,7 +63,8 @@ def beam_search(
     for step in range(N):
         if step:
             logits = decoder.step(running[:, :, step - 1].reshape(-1))
-        log_probs = process(F.log_softmax(logits, dim=-1), seen, config)  # (B*K, V)
+        sequences = torch.cat([prompts, running[:, :, :step].reshape(B * K, step)], dim=1)  # (B*K, T + step)
+        log_probs = process(F.log_softmax(logits, dim=-1), seen, config, sequences, step)  # (B*K, V)
         V = log_probs.shape[-1]
         totals = (log_probs.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)
         top_scores, top_index = torch.topk(totals, C)  # (B, C)

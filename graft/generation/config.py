@@ -25,6 +25,16 @@ class GenerationConfig:
     min_p: float = 0.0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in the text (CTRL)
     num_beams: int = 1
+    no_repeat_ngram_size: int = 0  # 0 = off; n: no n-gram appears twice in a row's sequence
+    min_new_tokens: int = 0  # eos is not allowed before this many new tokens
+    # encoder-decoders: the decoder's first token; what it must say first (mBART's language) and last
+    # (BART ends at max length with eos); forced tokens further on are given as decoder_input_ids
+    decoder_start_token_id: int | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | list[int] | None = None
+    # never generated, and not as the first new token (Whisper's generation_config.json has both)
+    suppress_tokens: list[int] | None = None
+    begin_suppress_tokens: list[int] | None = None
     length_penalty: float = 1.0  # beam scores are sum(log p) / length ** length_penalty
     early_stopping: bool | str = False  # True: stop at num_beams finished; "never": exact search
     eos_token_id: int | list[int] | None = None
@@ -43,6 +53,8 @@ class GenerationConfig:
             ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
             ("num_beams", self.num_beams >= 1, ">= 1"),
+            ("no_repeat_ngram_size", self.no_repeat_ngram_size >= 0, ">= 0"),
+            ("min_new_tokens", self.min_new_tokens >= 0, ">= 0"),
             ("early_stopping", self.early_stopping in (True, False, "never"), "True, False or 'never'"),
             ("truncation", self.truncation in TRUNCATION, "'left' or 'error'"),
         )
@@ -78,9 +90,17 @@ class GenerationConfig:
     def for_model(
         cls, model: nn.Module, defaults: dict[str, Any] | None = None, **changes: Any
     ) -> GenerationConfig:
-        """The model's eos/pad tokens, then ``defaults`` (a generation_config.json), then ``changes``."""
+        """The model's eos/pad tokens (an encoder-decoder's decoder start and forced tokens, read from its
+        config.json as transformers does), then ``defaults`` (a generation_config.json), then ``changes``."""
         cfg = model.config
         base = cls(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+        if hasattr(cfg, "decoder_start_token_id"):  # an EncoderDecoderConfig
+            hf = cfg.hf_config
+            base = base.replace(
+                decoder_start_token_id=cfg.decoder_start_token_id,
+                forced_bos_token_id=hf.get("forced_bos_token_id"),
+                forced_eos_token_id=hf.get("forced_eos_token_id"),
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in (defaults or {}).items() if k in names and v is not None}
         return base.replace(**known).replace(**changes)

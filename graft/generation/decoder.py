@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -13,7 +14,7 @@ from graft.errors import GraftError
 from graft.generation.config import GenerationConfig
 from graft.kernels import kernels_of
 from graft.kernels.decode import CompiledDecoding
-from graft.nn import KVCache
+from graft.nn import EncoderDecoder, KVCache
 from graft.tasks import TaskModel
 
 log = logging.getLogger("graft")
@@ -50,6 +51,8 @@ def fit_context(
 
 def check_compilable(model: TaskModel) -> None:
     """A clear error for what a compiled decoding step does not do."""
+    if is_encoder_decoder(model):
+        raise GraftError("generation: compile is for decoder-only models; generate without it")
     if kernels_of(model) is None:
         raise GraftError(
             "generation: compile runs on graft's kernels, which this model was loaded without "
@@ -140,6 +143,106 @@ class Decoder:
         self.positions = self.positions.index_select(0, index)
         if self.compiled is not None:
             self.compiled.reorder(index)
+
+
+class EncoderDecoderState:
+    """An encoder-decoder's batch being decoded, with a Decoder's interface (prefill, step, reorder).
+
+    The encoder runs once, here; the decoder reads ``prompt`` (the start token, or forced tokens
+    such as Whisper's language and task) at prefill, then one token a step. Its cache keeps the
+    decoder's own keys and values and, from the first call, each layer's cross-attention keys and
+    values of the encoder's output. Rows are not padded: the encoder's mask covers its padding.
+    """
+
+    def __init__(
+        self,
+        model: TaskModel,
+        encoder_inputs: dict[str, torch.Tensor],  # input_ids and attention_mask, or input_features
+        prompt: torch.Tensor,  # (B, T) the decoder's first tokens
+        steps: int,
+    ) -> None:
+        self.model = model
+        self.input_ids = prompt
+        self.mask = encoder_inputs.get("attention_mask")  # (B, S) the encoder's
+        kernels = kernels_of(model)
+        self.kernels = kernels
+        self.packed = kernels.store(model) if kernels is not None else None
+        body = model.body
+        with self.frozen():
+            self.encoded = body.encode(**encoder_inputs)
+        self.cache = body.new_cache(capacity=prompt.shape[1] + steps)
+
+    def frozen(self) -> contextlib.AbstractContextManager:
+        return self.kernels.frozen(self.packed) if self.packed is not None else contextlib.nullcontext()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        with self.frozen():
+            out = self.model(
+                attention_mask=self.mask,
+                decoder_input_ids=tokens,
+                encoder_outputs=self.encoded,
+                cache=self.cache,
+                logits_to_keep=1,
+            )
+        return out.logits[:, -1].float()  # (B, V)
+
+    def prefill(self) -> torch.Tensor:
+        return self.forward(self.input_ids)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.forward(tokens[:, None])
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` (beam search): the cache's, and the encoder's output and mask with them."""
+        self.cache.reorder(index)
+        hidden = self.encoded.last_hidden_state.index_select(0, index)  # (B', S, H)
+        self.encoded = dataclasses.replace(self.encoded, last_hidden_state=hidden)
+        if self.mask is not None:
+            self.mask = self.mask.index_select(0, index)
+
+
+def is_encoder_decoder(model: TaskModel) -> bool:
+    return isinstance(model.body, EncoderDecoder)
+
+
+def start(
+    model: TaskModel,
+    input_ids: torch.Tensor | None,  # (B, T): a decoder's prompt, or an encoder-decoder's source
+    attention_mask: torch.Tensor | None,
+    config: GenerationConfig,
+    decoder_input_ids: torch.Tensor | None = None,  # (B, T') an encoder-decoder's forced first tokens
+    input_features: torch.Tensor | None = None,  # (B, mel bins, frames) an audio encoder's input
+) -> tuple[Decoder | EncoderDecoderState, torch.Tensor]:
+    """The decoding state of a batch, and the tokens it starts from (the prompt, or the decoder's
+    start tokens), which every loop returns in front of the new ones."""
+    if not is_encoder_decoder(model):
+        if decoder_input_ids is not None or input_features is not None:
+            raise GraftError("generation: decoder_input_ids and input_features are for encoder-decoders")
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        input_ids, mask = fit_context(model, input_ids, mask, config)
+        return Decoder(model, input_ids, mask, config.max_new_tokens, config.compile), input_ids
+    encoder_inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "input_features": input_features,
+    }
+    encoder_inputs = {k: v for k, v in encoder_inputs.items() if v is not None}
+    source = input_ids if input_ids is not None else input_features
+    if decoder_input_ids is None:
+        first = config.decoder_start_token_id
+        if first is None:
+            raise GraftError("generation: this model's config.json has no decoder_start_token_id; give one")
+        decoder_input_ids = torch.full((source.shape[0], 1), first, dtype=torch.long, device=source.device)
+    dec = model.body.config.decoder
+    length = decoder_input_ids.shape[1] + config.max_new_tokens
+    if dec.position == "learned" and length > dec.max_positions - dec.position_offset:
+        raise GraftError(
+            f"generation: {decoder_input_ids.shape[1]} start tokens and {config.max_new_tokens} new ones are more "
+            f"than the decoder's {dec.max_positions - dec.position_offset} positions (ask for fewer new tokens)"
+        )
+    return EncoderDecoderState(
+        model, encoder_inputs, decoder_input_ids, config.max_new_tokens
+    ), decoder_input_ids
 
 
 class StopStrings:

@@ -17,7 +17,15 @@ import torch
 from graft.errors import GraftError
 from graft.generation.beam import beam_search
 from graft.generation.config import GenerationConfig
-from graft.generation.decoder import Decoder, StopStrings, fit_context, resolve, sampler, seen_tokens
+from graft.generation.decoder import (
+    Decoder,
+    EncoderDecoderState,
+    StopStrings,
+    resolve,
+    sampler,
+    seen_tokens,
+    start,
+)
 from graft.generation.processors import process
 from graft.tasks import TaskModel
 
@@ -25,34 +33,50 @@ from graft.tasks import TaskModel
 @torch.inference_mode()
 def stream(
     model: TaskModel,
-    input_ids: torch.Tensor,  # (B, T), left-padded when rows differ in length
+    input_ids: torch.Tensor | None,  # (B, T), left-padded when rows differ in length
     attention_mask: torch.Tensor | None = None,  # (B, T)
     config: GenerationConfig | None = None,
     tokenizer=None,  # needed for stop_strings
+    decoder_input_ids: torch.Tensor | None = None,  # (B, T') an encoder-decoder's forced first tokens
+    input_features: torch.Tensor | None = None,  # (B, mel bins, frames) for an audio encoder
     **changes: Any,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), one step at a time; finished rows get padding.
 
-    Greedy, or sampling with ``do_sample``; for beam search use ``generate``.
+    Greedy, or sampling with ``do_sample``; for beam search use ``generate``. An encoder-decoder
+    (T5, BART) reads ``input_ids`` with its encoder, once, and decodes from its start token or
+    from ``decoder_input_ids``.
     """
     config = resolve(config, model, changes)
     if config.num_beams > 1:
         raise GraftError("generation: beam search cannot stream; call generate()")
+    decoder, prompt = start(model, input_ids, attention_mask, config, decoder_input_ids, input_features)
+    yield from run(model, decoder, prompt, config, tokenizer)
+
+
+def run(
+    model: TaskModel,
+    decoder: Decoder | EncoderDecoderState,
+    prompt: torch.Tensor,  # (B, T) what the decoder starts from
+    config: GenerationConfig,
+    tokenizer=None,
+) -> Iterator[torch.Tensor]:
+    """Greedy or sampling steps from a started decoder (``stream``'s loop)."""
     if config.stop_strings and tokenizer is None:
         raise GraftError("generation: stop_strings need the tokenizer")
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    input_ids, mask = fit_context(model, input_ids, mask, config)
-    decoder = Decoder(model, input_ids, mask, config.max_new_tokens, config.compile)
-    eos = torch.tensor(config.eos_ids, dtype=torch.long, device=input_ids.device)
-    pad = torch.tensor(config.pad_id, device=input_ids.device)
-    generator = sampler(config, input_ids.device)
-    seen = seen_tokens(input_ids, mask, model.config.vocab_size) if config.repetition_penalty != 1.0 else None
-    stops = StopStrings(tokenizer, config.stop_strings, input_ids.shape[0]) if config.stop_strings else None
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    device = prompt.device
+    mask = decoder.mask[:, : prompt.shape[1]] if isinstance(decoder, Decoder) else None
+    eos = torch.tensor(config.eos_ids, dtype=torch.long, device=device)
+    pad = torch.tensor(config.pad_id, device=device)
+    generator = sampler(config, device)
+    seen = seen_tokens(prompt, mask, model.config.vocab_size) if config.repetition_penalty != 1.0 else None
+    stops = StopStrings(tokenizer, config.stop_strings, prompt.shape[0]) if config.stop_strings else None
+    done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=device)
+    sequence = prompt  # (B, T + step): what n-gram blocking and forced tokens look at
 
     logits = decoder.prefill()
     for step in range(config.max_new_tokens):
-        scores = process(logits, seen, config)
+        scores = process(logits, seen, config, sequence, step)
         if config.do_sample:
             tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]  # (B,)
         else:
@@ -67,29 +91,35 @@ def stream(
             return
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
+        if config.no_repeat_ngram_size:
+            sequence = torch.cat([sequence, tokens[:, None]], dim=1)
         logits = decoder.step(tokens)
 
 
 def generate(
     model: TaskModel,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None,
     attention_mask: torch.Tensor | None = None,
     config: GenerationConfig | None = None,
     tokenizer=None,
+    decoder_input_ids: torch.Tensor | None = None,
+    input_features: torch.Tensor | None = None,
     **changes: Any,
 ) -> torch.Tensor:
     """Prompt followed by the new tokens: (B, T + new). Greedy, sampling or beam search, per ``config``.
 
     Options can also be given as keywords (``generate(model, ids, max_new_tokens=32, do_sample=True)``).
     When the prompt had to be cut to fit the context window, the result starts with the kept part.
+    An encoder-decoder's result is the decoder's: its start tokens, then the new ones (as
+    transformers' generate).
     """
     config = resolve(config, model, changes)
     if config.num_beams > 1:
-        return beam_search(model, input_ids, attention_mask, config)
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    input_ids, mask = fit_context(model, input_ids, mask, config)
-    steps = list(stream(model, input_ids, mask, config, tokenizer))
-    return torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1)
+        return beam_search(model, input_ids, attention_mask, config, decoder_input_ids, input_features)
+    with torch.inference_mode():
+        decoder, prompt = start(model, input_ids, attention_mask, config, decoder_input_ids, input_features)
+        steps = list(run(model, decoder, prompt, config, tokenizer))
+        return torch.cat([prompt, torch.stack(steps, dim=1)], dim=1)
 
 
 def greedy(

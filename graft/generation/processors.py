@@ -39,10 +39,52 @@ def min_p_filter(scores: torch.Tensor, min_p: float) -> torch.Tensor:
     return scores.masked_fill(remove, -float("inf"))
 
 
-def process(scores: torch.Tensor, seen: torch.Tensor | None, config: GenerationConfig) -> torch.Tensor:
-    """Every processor the config asks for, in transformers' order (penalty first, then the samplers')."""
+def no_repeat_ngram(scores: torch.Tensor, tokens: torch.Tensor, n: int) -> torch.Tensor:
+    """Ban each token that would repeat an n-gram already in the row's sequence ``tokens`` (N, L)."""
+    if tokens.shape[1] < n:
+        return scores
+    grams = tokens.unfold(1, n, 1)  # (N, L - n + 1, n)
+    prefix = tokens[:, tokens.shape[1] - n + 1 :]  # (N, n - 1): what the next token would complete
+    match = (grams[:, :, :-1] == prefix[:, None]).all(-1)  # (N, L - n + 1)
+    banned = torch.zeros_like(scores, dtype=torch.long).scatter_add_(1, grams[:, :, -1], match.long())
+    return scores.masked_fill(banned > 0, -float("inf"))
+
+
+def force(scores: torch.Tensor, tokens: int | list[int]) -> torch.Tensor:
+    """Only ``tokens`` may come next (score 0, every other -inf)."""
+    ids = torch.tensor([tokens] if isinstance(tokens, int) else tokens, device=scores.device)
+    forced = torch.full_like(scores, -float("inf"))
+    forced[:, ids] = 0
+    return forced
+
+
+def process(
+    scores: torch.Tensor,
+    seen: torch.Tensor | None,
+    config: GenerationConfig,
+    tokens: torch.Tensor | None = None,  # (N, L) each row's sequence so far (prompt + new), for n-grams
+    step: int = 0,  # new tokens so far
+) -> torch.Tensor:
+    """Every processor the config asks for, in transformers' order (penalty, n-grams, length, forced
+    tokens, then the samplers')."""
     if config.repetition_penalty != 1.0:
         scores = penalize_repetition(scores, seen, config.repetition_penalty)
+    if config.no_repeat_ngram_size:
+        scores = no_repeat_ngram(scores, tokens, config.no_repeat_ngram_size)
+    if step < config.min_new_tokens and config.eos_ids:
+        scores = scores.index_fill(1, torch.tensor(config.eos_ids, device=scores.device), -float("inf"))
+    if config.forced_bos_token_id is not None and step == 0 and tokens is not None and tokens.shape[1] == 1:
+        scores = force(scores, config.forced_bos_token_id)  # the first token after the decoder start
+    if config.forced_eos_token_id is not None and step == config.max_new_tokens - 1:
+        scores = force(scores, config.forced_eos_token_id)  # the last one
+    if config.suppress_tokens:
+        scores = scores.index_fill(
+            1, torch.tensor(config.suppress_tokens, device=scores.device), -float("inf")
+        )
+    if config.begin_suppress_tokens and step == 0:
+        scores = scores.index_fill(
+            1, torch.tensor(config.begin_suppress_tokens, device=scores.device), -float("inf")
+        )
     if config.do_sample:
         if config.temperature != 1.0:
             scores = scores / config.temperature

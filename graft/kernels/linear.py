@@ -250,7 +250,9 @@ def fused(
     """x through several plain linear layers as one matrix multiply over their concatenated
     weights (one pass over x); one output per layer. ``key`` names the concatenation in the
     ``packed`` store, which then makes (and packs) it once."""
-    bias = torch.cat([m.bias for m in layers]) if layers[0].bias is not None else None
+    bias = None
+    if any(m.bias is not None for m in layers):  # Whisper's key projection has none: zeros in its place
+        bias = torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in layers])
     weights = tuple(m.weight for m in layers)
     y = linear(x, weights, bias, key=key, packed=packed, routes=routes)  # (..., sum of outs)
     return y.split([m.out_features for m in layers], -1)

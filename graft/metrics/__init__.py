@@ -1,7 +1,7 @@
 """Evaluation metrics, implemented in numpy and Python and tested against the reference packages.
 
 Scales follow the reference each metric is known by: classification, NER, ROUGE and correlations
-in 0-1 (scikit-learn, seqeval, rouge_score, scipy); SQuAD EM/F1, BLEU and chrF in 0-100 (the
+in 0-1 (scikit-learn, seqeval, rouge_score, scipy), WER and CER too (jiwer); SQuAD EM/F1, BLEU and chrF in 0-100 (the
 official SQuAD scripts, sacrebleu). Every function takes (predictions, references) except
 perplexity, which takes negative log-likelihoods.
 """
@@ -32,6 +32,7 @@ from graft.metrics.ner import (
 from graft.metrics.porter import porter_stem
 from graft.metrics.qa import normalize_answer, squad, squad_exact_match, squad_f1
 from graft.metrics.regression import mae, mse, pearson, rank, rmse, spearman
+from graft.metrics.speech import cer, edit_distance, normalize_transcript, wer
 from graft.metrics.text import bleu, chrf, rouge, rouge_tokenize, tokenize_13a
 
 METRICS: dict[str, Callable] = {
@@ -54,6 +55,8 @@ METRICS: dict[str, Callable] = {
     "mae": mae,
     "pearson": pearson,
     "spearman": spearman,
+    "wer": wer,
+    "cer": cer,
 }
 
 
@@ -106,6 +109,17 @@ def _seq2seq(predictions, references) -> dict[str, float]:
     }
 
 
+def _speech(predictions, references) -> dict[str, float]:
+    # as written (jiwer's default), and case and punctuation aside (what speech papers report)
+    plain = [normalize_transcript(t) for t in predictions], [normalize_transcript(t) for t in references]
+    return {
+        "wer": wer(predictions, references),
+        "cer": cer(predictions, references),
+        "wer_normalized": wer(*plain),
+        "cer_normalized": cer(*plain),
+    }
+
+
 TASK_METRICS: dict[str, Callable[..., dict[str, float]]] = {
     "classification": _classification,
     "multilabel": _multilabel,
@@ -114,6 +128,7 @@ TASK_METRICS: dict[str, Callable[..., dict[str, float]]] = {
     "qa": squad,
     "lm": _lm,
     "seq2seq": _seq2seq,
+    "speech": _speech,
 }
 
 
@@ -133,7 +148,7 @@ def compute_metrics(kind: str, predictions, references=None) -> dict[str, float]
     """The standard metrics of a task kind as a flat {name: float} dict.
 
     kind is one of TASK_METRICS: classification, multilabel, regression, ner, qa, lm (predictions
-    are per-token negative log-likelihoods, no references) or seq2seq.
+    are per-token negative log-likelihoods, no references), seq2seq or speech (WER and CER).
     """
     task = _lookup(TASK_METRICS, kind, "task kind")
     if kind != "lm" and references is None:
@@ -147,10 +162,12 @@ __all__ = [
     "accuracy",
     "bleu",
     "chrf",
+    "cer",
     "classification_report",
     "compute_metrics",
     "confusion_matrix",
     "confusion_matrix_png",
+    "edit_distance",
     "entity_f1",
     "entity_precision_recall_f1",
     "entity_report",
@@ -160,6 +177,7 @@ __all__ = [
     "mae",
     "mse",
     "normalize_answer",
+    "normalize_transcript",
     "pearson",
     "perplexity",
     "porter_stem",
@@ -176,4 +194,5 @@ __all__ = [
     "squad_f1",
     "token_accuracy",
     "tokenize_13a",
+    "wer",
 ]

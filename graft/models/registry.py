@@ -10,7 +10,9 @@ from typing import Any
 
 from graft.errors import GraftError
 from graft.models.weights import WeightMap
-from graft.nn.config import TransformerConfig
+from graft.nn.config import EncoderDecoderConfig, TransformerConfig
+
+AnyConfig = TransformerConfig | EncoderDecoderConfig
 
 
 @dataclass(frozen=True)
@@ -19,13 +21,15 @@ class Family:
 
     name: str
     model_types: tuple[str, ...]  # HF config.json "model_type" values this family reads
-    config_from_hf: Callable[[dict[str, Any]], TransformerConfig]
-    config_to_hf: Callable[[TransformerConfig], dict[str, Any]]
-    weight_map: Callable[[TransformerConfig], WeightMap]
+    config_from_hf: Callable[[dict[str, Any]], AnyConfig]  # EncoderDecoderConfig for an encoder-decoder
+    config_to_hf: Callable[[AnyConfig], dict[str, Any]]
+    weight_map: Callable[[AnyConfig], WeightMap]  # names of the whole body: Transformer or EncoderDecoder
     # HF class names per graft task, written to config.json "architectures" on save.
     architectures: dict[str, str] = field(default_factory=dict)
     decoder: bool = False  # causal language model (has an LM head, can generate)
     inputs: str = "tokens"  # what its body reads (TransformerConfig.inputs): tokens, or patches (images)
+    # two stacks (T5, BART, Whisper): the body is graft.nn.EncoderDecoder, the generating task "seq2seq"
+    encoder_decoder: bool = False
 
 
 FAMILIES: dict[str, Family] = {}

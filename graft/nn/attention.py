@@ -121,7 +121,7 @@ class Attention(nn.Module):
         self.layer, self.cross = layer, cross
         self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, hd
         self.q = nn.Linear(h, nh * hd, bias=cfg.qkv_bias)
-        self.k = nn.Linear(h, nkv * hd, bias=cfg.qkv_bias)
+        self.k = nn.Linear(h, nkv * hd, bias=cfg.qkv_bias and cfg.key_bias)
         self.v = nn.Linear(h, nkv * hd, bias=cfg.qkv_bias)
         self.o = nn.Linear(nh * hd, h, bias=cfg.out_bias)
         self.dropout = cfg.attention_dropout

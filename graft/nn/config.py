@@ -44,6 +44,8 @@ class TransformerConfig:
     type_vocab_size: int = 0  # BERT segment embeddings; 0 = none
     position: str = "learned"  # learned | sinusoidal | rotary | relative (T5) | none
     positions_from_padding: bool = False  # RoBERTa: position ids count non-pad tokens, from pad_token_id + 1
+    position_offset: int = 0  # learned positions start at this row of the table (BART: 2)
+    scale_embeddings: bool = False  # token embeddings times sqrt(hidden_size) (mBART, BART's scale_embedding)
     embedding_norm: bool = False  # LayerNorm right after the embedding sum (BERT)
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
@@ -58,6 +60,7 @@ class TransformerConfig:
     activation: str = "gelu"
     gated: bool = False  # gated feed-forward (SwiGLU when activation is silu)
     qkv_bias: bool = True
+    key_bias: bool = True  # False: the key projection alone has none (Whisper); moot when qkv_bias is False
     out_bias: bool = True
     mlp_bias: bool = True
     causal: bool = False
@@ -198,6 +201,28 @@ class EncoderDecoderConfig:
     decoder: TransformerConfig  # cross_attention=True, causal=True
     share_embeddings: bool = False  # one token embedding for both stacks (BART, T5)
     project_context: bool = False  # a linear layer from the encoder's width to the decoder's
+    decoder_start_token_id: int | None = None  # what the decoder reads first (T5: pad, BART: eos)
+
+    # what the model as a whole is asked for (loading, saving, generation): the decoder's values
+    @property
+    def family(self) -> str:
+        return self.decoder.family
+
+    @property
+    def hf_config(self) -> dict[str, Any]:
+        return self.decoder.hf_config
+
+    @property
+    def vocab_size(self) -> int:
+        return self.decoder.vocab_size
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.decoder.pad_token_id
+
+    @property
+    def eos_token_id(self) -> int | list[int] | None:
+        return self.decoder.eos_token_id
 
     def __post_init__(self) -> None:
         enc, dec = self.encoder, self.decoder
@@ -234,6 +259,7 @@ class EncoderDecoderConfig:
             "decoder": self.decoder.to_dict(),
             "share_embeddings": self.share_embeddings,
             "project_context": self.project_context,
+            "decoder_start_token_id": self.decoder_start_token_id,
         }
 
     @classmethod

@@ -91,7 +91,8 @@ class PatchEmbeddings(InputEmbeddings):
         token_type_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.patches(pixels)  # (B, H, rows, cols), rows = height / p
+        # images arrive as float32 from the processor; a bf16 model reads them in its own dtype
+        x = self.patches(pixels.to(self.patches.weight.dtype))  # (B, H, rows, cols), rows = height / p
         rows, cols = x.shape[2:]
         x = x.flatten(2).transpose(1, 2)  # (B, N, H): patches row by row
         first = [self.cls] if self.distillation is None else [self.cls, self.distillation]

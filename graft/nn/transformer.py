@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ class Embeddings(InputEmbeddings):
         super().__init__()
         dim = cfg.embedding_size or cfg.hidden_size
         self.tokens = nn.Embedding(cfg.vocab_size, dim, padding_idx=None)
+        self.scale = math.sqrt(cfg.hidden_size) if cfg.scale_embeddings else None
         self.positions: nn.Module | None = None
         if cfg.position == "learned":
             self.positions = nn.Embedding(cfg.max_positions, dim)
@@ -47,6 +49,8 @@ class Embeddings(InputEmbeddings):
         inputs_embeds: torch.Tensor | None = None,  # (B, T, E), replaces the token lookup
     ) -> torch.Tensor:
         x = self.tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, E)
+        if self.scale is not None and inputs_embeds is None:
+            x = x * self.scale
         if self.positions is not None:
             x = x + self.positions(position_ids)
         if self.token_types is not None:
@@ -121,7 +125,7 @@ class Transformer(nn.Module):
             # RoBERTa: real tokens are numbered pad+1, pad+2, ...; padding keeps pad's id.
             real = input_ids.ne(cfg.pad_token_id).long()
             return (torch.cumsum(real, dim=1) + past) * real + cfg.pad_token_id
-        start = cfg.pad_token_id + 1 if cfg.positions_from_padding else 0
+        start = cfg.pad_token_id + 1 if cfg.positions_from_padding else cfg.position_offset
         device = input_ids.device if input_ids is not None else None
         return torch.arange(start + past, start + past + shape[1], device=device).expand(shape[0], -1)
 

@@ -20,7 +20,7 @@ from torch import nn
 from graft.errors import GraftError
 from graft.nn.feedforward import activation
 from graft.strategies.base import Strategy, check_positive, register
-from graft.tasks.base import body_of
+from graft.tasks.base import body_of, stacks
 
 PLACEMENTS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
 
@@ -62,15 +62,22 @@ class Adapted(nn.Module):
         return self.adapter(out)  # (B, T, H)
 
 
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """Every block of the body (both stacks of an encoder-decoder)."""
+    return [block for _, stack in stacks(body_of(model)) for block in stack.layers]
+
+
+def sub_width(block: nn.Module) -> int:
+    return block.ffn_norm.weight.shape[0]  # the block's hidden size
+
+
 def add_adapters(model: nn.Module, size: int, act: str, placement: str) -> list[Adapter]:
-    body = body_of(model)
-    cfg = body.config
     added = []
-    for block in body.layers:
+    for block in blocks(model):
         for where in PLACEMENTS[placement]:
             sub = getattr(block, where)
             p = next(sub.parameters())
-            adapter = Adapter(cfg.hidden_size, size, act).to(device=p.device, dtype=p.dtype)
+            adapter = Adapter(sub_width(block), size, act).to(device=p.device, dtype=p.dtype)
             setattr(block, where, Adapted(sub, adapter))
             added.append(adapter)
     return added
@@ -78,7 +85,7 @@ def add_adapters(model: nn.Module, size: int, act: str, placement: str) -> list[
 
 def remove_adapters(model: nn.Module) -> None:
     """Take every adapter out again (the model is the pretrained one afterwards)."""
-    for block in body_of(model).layers:
+    for block in blocks(model):
         for where in ("attn", "ffn"):
             sub = getattr(block, where)
             if isinstance(sub, Adapted):
@@ -116,7 +123,8 @@ class Adapters(Strategy):
         for adapter in add_adapters(model, self.size, self.activation, self.placement):
             adapter.requires_grad_(True)
         if self.train_norms:
-            for name, p in body_of(model).named_parameters():
-                if name.startswith("layers.") and "norm" in name.split(".")[2]:
-                    p.requires_grad_(True)
+            for block in blocks(model):
+                for name, p in block.named_parameters():
+                    if "norm" in name.split(".")[0]:
+                        p.requires_grad_(True)
         return model

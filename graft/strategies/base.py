@@ -24,6 +24,7 @@ from torch import nn
 
 from graft import kernels
 from graft.errors import GraftError, coerce, did_you_mean
+from graft.nn import EncoderDecoder
 from graft.strategies.lr import GradualUnfreezing, layerwise_param_groups
 from graft.tasks.base import body_of
 
@@ -69,6 +70,9 @@ class Strategy:
 
     name: ClassVar[str] = ""
     positional: ClassVar[str | None] = None
+    # False: the strategy works on one stack's embeddings or cache (prompts, prefixes, cached
+    # features) and refuses an encoder-decoder (T5, BART) in one line
+    encoder_decoders: ClassVar[bool] = True
 
     lr_decay: float = 1.0  # layer-wise learning-rate decay: layer l gets lr * lr_decay ** (depth above it)
     unfreeze: int = 0  # gradual unfreezing: head first, then one more layer from the top every N epochs
@@ -87,6 +91,12 @@ class Strategy:
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Freeze/wrap ``model`` in place; return the module to train (and log what trains)."""
+        body = body_of(model)
+        if not self.encoder_decoders and isinstance(body, EncoderDecoder):
+            usable = ", ".join(name for name, cls in STRATEGIES.items() if cls.encoder_decoders)
+            raise GraftError(
+                f"strategy {self.name!r} does not apply to an encoder-decoder ({body.config.family}); use {usable}"
+            )
         for p in model.parameters():
             p.requires_grad_(False)
         trained = self.prepare(model)

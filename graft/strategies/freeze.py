@@ -12,7 +12,7 @@ from torch import nn
 from graft.errors import GraftError
 from graft.nn import TransformerOutput
 from graft.strategies.base import Strategy, register
-from graft.tasks.base import BODY_INPUTS, TaskModel, TaskOutput, body_of
+from graft.tasks.base import BODY_INPUTS, TaskModel, TaskOutput, body_of, stacks
 
 
 @register
@@ -44,16 +44,16 @@ class Freeze(Strategy):
     embeddings: bool = True
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        body = body_of(model)
-        frozen = set(range(len(body.layers))[: self.layers])
-        for name, p in body.named_parameters():
-            parts = name.split(".")
-            if parts[0] == "embed":
-                p.requires_grad_(not self.embeddings)
-            elif parts[0] == "layers":
-                p.requires_grad_(int(parts[1]) not in frozen)
-            else:  # final norm, pooler
-                p.requires_grad_(True)
+        for _, body in stacks(body_of(model)):  # an encoder-decoder: in each of its stacks
+            frozen = set(range(len(body.layers))[: self.layers])
+            for name, p in body.named_parameters():
+                parts = name.split(".")
+                if parts[0] == "embed":
+                    p.requires_grad_(not self.embeddings)
+                elif parts[0] == "layers":
+                    p.requires_grad_(int(parts[1]) not in frozen)
+                else:  # final norm, pooler
+                    p.requires_grad_(True)
         return model
 
 
@@ -65,7 +65,10 @@ class BitFit(Strategy):
     name = "bitfit"
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        for name, p in body_of(model).named_parameters():
+        body = body_of(model)
+        if not any(name.endswith("bias") for name, _ in body.named_parameters()):
+            raise GraftError(f"strategy 'bitfit': a {body.config.family} model has no biases to train")
+        for name, p in body.named_parameters():
             p.requires_grad_(name.endswith("bias"))
         return model
 
@@ -82,6 +85,7 @@ class Features(Strategy):
     """
 
     name = "features"
+    encoder_decoders = False
 
     dtype: str = "float32"
 

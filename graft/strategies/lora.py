@@ -279,13 +279,15 @@ def save_adapter(model: nn.Module, folder: str | Path) -> Path:
     modules_to_save = None
     if isinstance(model, TaskModel):
         head_state = model.head.state_dict()
-        for hf_name, name in model.head.hf_names().items():
+        trained = dict(model.head.named_parameters())  # buffers (BART's final_logits_bias) do not train
+        names = {h: n for h, n in model.head.hf_names().items() if n in trained}
+        for hf_name, name in names.items():
             tensors[PEFT_PREFIX + hf_name] = head_state[name]
-        modules_to_save = sorted({n.split(".")[0] for n in model.head.hf_names()}) or None
+        modules_to_save = sorted({n.split(".")[0] for n in names}) or None
         write_json(folder / HEAD_FILE, {"task": model.task, "config": model.head.hf_config()})
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": "SEQ_2_SEQ_LM" if getattr(model, "task", None) == "seq2seq" else None,
         "r": first.r,
         "lora_alpha": first.alpha,
         "lora_dropout": first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0,

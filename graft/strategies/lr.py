@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from graft.tasks.base import body_of
+from graft.tasks.base import body_of, stacks
 
 
 def no_decay_names(model: nn.Module) -> set[str]:
@@ -37,17 +37,22 @@ def no_decay_names(model: nn.Module) -> set[str]:
 def parameter_depths(model: nn.Module) -> dict[str, int]:
     """Parameter name -> depth (0 embeddings, 1..L blocks, L + 1 the rest)."""
     body = body_of(model)
-    top = len(body.layers) + 1
+    below, count = {}, 0  # stack prefix -> blocks below it (an encoder-decoder's decoder sits on its encoder)
+    for prefix, stack in stacks(body):
+        below[prefix], count = count, count + len(stack.layers)
+    top = count + 1
     in_body = "" if model is body else "body."
     depths = {}
     for name, _ in model.named_parameters():
         local = name[len(in_body) :] if name.startswith(in_body) else None
+        prefix = next((p for p in below if p and local is not None and local.startswith(p)), "")
+        local = local[len(prefix) :] if local is not None else None
         if local is None:
             depths[name] = top
         elif local.startswith("embed."):  # a prompt too (embed.prompt)
             depths[name] = 0
         elif local.startswith("layers."):
-            depths[name] = int(local.split(".")[1]) + 1
+            depths[name] = below[prefix] + int(local.split(".")[1]) + 1
         else:
             depths[name] = top
     return depths

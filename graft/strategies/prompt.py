@@ -84,6 +84,7 @@ class PromptTuning(Strategy):
     """Trainable virtual input tokens; the body and its embeddings are frozen. ``prompt:20``."""
 
     name = "prompt"
+    encoder_decoders = False
     positional = "tokens"
 
     tokens: int = 20
@@ -230,6 +231,7 @@ class PrefixTuning(Strategy):
     """Trainable key/value prefixes in every block; the body is frozen. ``prefix:20``."""
 
     name = "prefix"
+    encoder_decoders = False
     positional = "tokens"
 
     tokens: int = 20

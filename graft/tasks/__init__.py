@@ -12,6 +12,7 @@ from graft.tasks.embedding import EmbeddingHead
 from graft.tasks.image import ImageClassificationHead
 from graft.tasks.masked_lm import MaskedLMHead
 from graft.tasks.question_answering import QuestionAnsweringHead
+from graft.tasks.seq2seq import Seq2SeqHead
 from graft.tasks.token_classification import TokenClassificationHead
 
 # task name -> head class; a head is built from the body it sits on.
@@ -25,6 +26,7 @@ HEADS: dict[str, type[Head]] = {
         QuestionAnsweringHead,
         EmbeddingHead,
         ImageClassificationHead,
+        Seq2SeqHead,
     )
 }
 
@@ -37,6 +39,7 @@ __all__ = [
     "LMHead",
     "MaskedLMHead",
     "QuestionAnsweringHead",
+    "Seq2SeqHead",
     "TaskModel",
     "TaskOutput",
     "TokenClassificationHead",

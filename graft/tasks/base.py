@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graft.nn import Transformer, TransformerConfig, TransformerOutput
+from graft.nn import EncoderDecoder, Transformer, TransformerConfig, TransformerOutput
 from graft.tasks.pooling import set_pooler
 
 
@@ -51,10 +51,9 @@ class Head(nn.Module):
         """HF tensor name -> this head's parameter name (empty when tied or weightless)."""
         return {}
 
-    def hf_copies(self) -> dict[str, str]:
-        """HF tensor name -> this head's parameter name, for tensors that older checkpoints also hold as a
-        copy of a tied one (BERT's cls.predictions.decoder.weight); loading drops them when equal."""
-        return {}
+    def tied_hf_names(self) -> tuple[str, ...]:
+        """HF tensors that are a body weight this head is tied to (older checkpoints save them too)."""
+        return ()
 
     def hf_config(self) -> dict[str, Any]:
         """Keys this head adds to config.json (labels, problem type...)."""
@@ -90,7 +89,13 @@ BODY_INPUTS = (
     "position_ids",
     "inputs_embeds",
     "cache",
+    # an encoder-decoder's (graft.nn.EncoderDecoder): the decoder's inputs, an encoder output computed
+    # once, images or audio for the encoder
+    "decoder_input_ids",
+    "decoder_attention_mask",
+    "encoder_outputs",
     "pixel_values",
+    "input_features",
 )
 
 
@@ -113,7 +118,7 @@ class TaskModel(nn.Module):
 
     def __init__(self, body: Transformer, head: Head) -> None:
         super().__init__()
-        if body.pooler is not None and not head.reads_pooler:
+        if getattr(body, "pooler", None) is not None and not head.reads_pooler:
             set_pooler(body, False)
         self.body = body
         self.head = head
@@ -134,6 +139,14 @@ class TaskModel(nn.Module):
         return TaskOutput(logits, loss, out)
 
 
-def body_of(model: nn.Module) -> Transformer:
+def body_of(model: nn.Module) -> Transformer | EncoderDecoder:
     """The transformer body of a bare body, a TaskModel or a MultitaskModel."""
-    return model if isinstance(model, Transformer) else model.body
+    return model if isinstance(model, Transformer | EncoderDecoder) else model.body
+
+
+def stacks(body: Transformer | EncoderDecoder) -> list[tuple[str, Transformer]]:
+    """The body's stacks of blocks with their name prefixes: ("", body), or an encoder-decoder's
+    ("encoder.", encoder) and ("decoder.", decoder), bottom first."""
+    if isinstance(body, EncoderDecoder):
+        return [("encoder.", body.encoder), ("decoder.", body.decoder)]
+    return [("", body)]

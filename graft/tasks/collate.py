@@ -11,7 +11,12 @@ from graft.errors import GraftError
 from graft.nn import TransformerConfig
 
 LABEL_KEYS = ("label", "tags", "answers")  # the record keys that hold what a model should predict
-LABELLED = {"classification": "label", "token-classification": "tags", "question-answering": "answers"}
+LABELLED = {
+    "classification": "label",
+    "token-classification": "tags",
+    "question-answering": "answers",
+    "seq2seq": "text_pair",
+}
 
 
 def record_options(head: Any, labelled: bool) -> dict[str, Any]:

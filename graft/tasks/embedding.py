@@ -145,6 +145,7 @@ def embed(
     max_length: int | None = None,
     normalize: bool = False,
     max_tokens: int | None = 1024,
+    store: dict | None = None,
 ) -> torch.Tensor:
     """(N, H) sentence embeddings, in the order of ``texts``.
 
@@ -153,7 +154,8 @@ def embed(
     as many texts as fit in ``max_tokens`` padded tokens (up to ``batch_size`` texts): many
     short texts or few long ones, about the same work per step. On CPU, 1024 tokens keep each
     layer's activations in cache between its matrix multiplies (measured: faster than 8192,
-    see bench/embed.py).
+    see bench/embed.py). ``store``: where the kernels keep the packed weights between calls
+    (``kernels_of(model).store(model)``: a server's many small calls); packed anew by default.
     """
     if not texts:
         return torch.zeros(0, model.config.hidden_size)
@@ -161,7 +163,7 @@ def embed(
     enc = tokenizer.encode(list(texts), max_length=limit, padding=False, return_tensors=None)
     pad_id = tokenizer.pad_token_id or 0
     out = torch.empty(len(texts), model.config.hidden_size)
-    with kernels.frozen(model):  # the weights stay as they are for the whole call
+    with kernels.frozen(model, store):  # the weights stay as they are for the whole call
         for rows in length_batches([len(ids) for ids in enc.input_ids], batch_size, max_tokens):
             ids, mask = pad([enc.input_ids[i] for i in rows], pad_id)
             types, _ = pad([enc.token_type_ids[i] for i in rows], 0)

@@ -179,3 +179,28 @@ def body_prefix(cfg: TransformerConfig, task: str) -> str | None:
     """The prefix of body tensors in ``task``'s HF checkpoint when it is not the family's usual one."""
     table = HF_HEADS.get(cfg.family) or (GENERIC_DECODER if cfg.causal else GENERIC_ENCODER)
     return table[task].body_prefix if task in table else None
+
+
+@dataclass(frozen=True)
+class HFSeq2SeqHead:
+    """How a family's ...ForConditionalGeneration class turns the decoder's output into logits."""
+
+    out: str = (
+        "lm_head"  # the output Linear (no bias), tied to the token table unless tie_word_embeddings is false
+    )
+    bias: str | None = None  # a (1, V) buffer added to the logits (BART's final_logits_bias)
+    # T5 multiplies the decoder's output by d_model ** -0.5 before the output layer when this config.json
+    # key says so (transformers 5 writes it); older configs: when tie_word_embeddings is not false (v1.0)
+    scale: str | None = None
+
+
+HF_SEQ2SEQ_HEADS: dict[str, HFSeq2SeqHead] = {
+    "bart": HFSeq2SeqHead(bias="final_logits_bias"),
+    "mbart": HFSeq2SeqHead(bias="final_logits_bias"),
+    "t5": HFSeq2SeqHead(scale="scale_decoder_outputs"),
+    "whisper": HFSeq2SeqHead(out="proj_out"),
+}
+
+
+def hf_seq2seq_head(family: str | None) -> HFSeq2SeqHead:
+    return HF_SEQ2SEQ_HEADS.get(family or "", HFSeq2SeqHead())

@@ -71,11 +71,13 @@ class MaskedLMHead(Head):
     def hf_names(self) -> dict[str, str]:
         return self.spec.names(self.tied)
 
-    def hf_copies(self) -> dict[str, str]:
-        copies = {f"{self.spec.decoder}.bias": "decoder.bias"}  # older checkpoints keep the bias twice
-        if self.tied:
-            copies[f"{self.spec.decoder}.weight"] = "decoder.weight"
-        return copies
+    def tied_hf_names(self) -> tuple[str, ...]:
+        # older checkpoints (pytorch_model.bin) also hold the decoder's weight and bias, copies of the
+        # word embeddings and of the bias saved under its own name
+        copies = [f"{self.spec.decoder}.weight"] if self.tied else []
+        if f"{self.spec.decoder}.bias" != self.spec.bias:  # DistilBERT's bias has no second name
+            copies.append(f"{self.spec.decoder}.bias")
+        return tuple(copies)
 
     # ---- records in, predictions out ----
     def collate(

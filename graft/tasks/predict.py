@@ -23,6 +23,13 @@ def batches(records: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[
         yield chunk
 
 
+def prediction_row(record: dict[str, Any], prediction: dict[str, Any]) -> dict[str, Any]:
+    """What ``graft predict`` writes (one JSON line) and ``graft serve``'s /predict returns for a
+    record: its id, when it has one, then the prediction."""
+    row = {"id": record["id"]} if record.get("id") is not None else {}
+    return {**row, **prediction}
+
+
 @torch.inference_mode()
 def predict(
     model: TaskModel,

@@ -16,7 +16,7 @@ from graft.train.loop import Trainer, check_output
 PROBLEM_TYPES = {"class": "single_label", "multi": "multi_label", "float": "regression"}
 # the record key each task learns from (a data file's column, or data.columns maps one to it)
 LABEL_KEYS = {"classification": "label", "token-classification": "tags", "question-answering": "answers",
-              "embedding": "text_pair", "image-classification": "label"}  # fmt: skip
+              "embedding": "text_pair", "image-classification": "label", "seq2seq": "text_pair"}  # fmt: skip
 
 
 def head_options(recipe: Recipe, label_map: Any) -> dict[str, Any]:
@@ -147,6 +147,20 @@ def build_trainer(
 
     def eval_step(logits: torch.Tensor, batch: dict[str, Any], records: list[dict[str, Any]]) -> Any:
         return head.postprocess(logits, batch), records
+
+    if recipe.task.name == "seq2seq":  # the loss, and ROUGE/BLEU/chrF of texts generated as task.* says
+        from graft.generation import GenerationConfig, generate
+        from graft.generation.text import decode_new
+
+        generation = GenerationConfig.for_model(
+            model, max_new_tokens=recipe.task.max_new_tokens, num_beams=recipe.task.num_beams
+        )
+
+        def eval_step(logits: torch.Tensor, batch: dict[str, Any], records: list[dict[str, Any]]) -> Any:
+            out = generate(model, batch["input_ids"], batch["attention_mask"], generation)  # (B, 1 + new)
+            texts = decode_new(tokenizer, out[:, 1:], generation.eos_ids)
+            scored = head.postprocess(logits, batch)
+            return [{**p, "generated": t} for p, t in zip(scored, texts, strict=True)], records
 
     def compute_metrics(collected: list[Any]) -> dict[str, float]:
         predictions = [p for preds, _ in collected for p in preds]

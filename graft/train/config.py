@@ -116,6 +116,9 @@ class TaskSection:
         default=None, metadata={"choices": ("balanced",), "range": Range(low=0)}
     )
     focal_gamma: float = ranged(0.0, low=0)  # > 0: focal loss (down-weights easy examples)
+    # seq2seq: how evaluation generates the texts that ROUGE, BLEU and chrF score
+    max_new_tokens: int = ranged(64, low=1)
+    num_beams: int = ranged(1, low=1)
 
 
 @dataclass

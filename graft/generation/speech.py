@@ -1,0 +1,98 @@
+"""Speech in, text out (chapter 9): Whisper transcription over 30-second windows.
+
+Each clip (16 kHz samples) is cut into consecutive 30-second windows; every window becomes log-mel
+features (graft.speech), and the decoder starts from the forced prompt <|startoftranscript|>
+<|en|> <|transcribe|> <|notimestamps|> and decodes greedily (or by beam search) with the
+checkpoint's generation settings: its suppressed tokens, at most max_length tokens in all. A
+clip's text is its windows' texts joined by spaces.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from graft.errors import GraftError
+from graft.generation.config import GenerationConfig
+from graft.generation.loop import generate
+from graft.io.hf import read_json
+from graft.models.whisper import WhisperPrompt
+from graft.speech import WhisperFeatures
+from graft.tasks.speech import check_window
+from graft.tokenizer import Tokenizer
+
+
+def windows(samples: np.ndarray, length: int) -> list[np.ndarray]:
+    """Consecutive pieces of ``length`` samples (the last one shorter; one, empty or not, at least)."""
+    n = max(1, math.ceil(len(samples) / length))
+    return [samples[i * length : (i + 1) * length] for i in range(n)]
+
+
+class Transcriber:
+    """A Whisper model with what it needs around it: its tokenizer, feature extractor, prompt and
+    generation settings (all read from the model's folder; the tokenizer can be given)."""
+
+    def __init__(self, model: Any, folder: str | Path, tokenizer: Any = None, **options: Any) -> None:
+        if getattr(model.config, "family", None) != "whisper" or getattr(model, "task", None) != "seq2seq":
+            family = getattr(model.config, "family", "?")
+            raise GraftError(
+                f"{folder}: a {family} model cannot transcribe speech (transcribe needs Whisper)"
+            )
+        path = Path(folder) / "generation_config.json"
+        defaults = read_json(path) if path.exists() else {}
+        self.model = model
+        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_folder(folder)
+        self.features = WhisperFeatures.from_folder(folder)
+        check_window(model.config, self.features, str(folder))
+        self.prompt = WhisperPrompt.from_generation_config(defaults, str(path))
+        max_length = defaults.get("max_length") or model.config.decoder.max_positions
+        self.max_length = min(int(max_length), model.config.decoder.max_positions)
+        self.config = GenerationConfig.for_model(model, defaults, **options)
+
+    def tokens(
+        self,
+        clips: Sequence[np.ndarray],
+        language: str | None = "en",
+        task: str = "transcribe",
+        batch_size: int = 8,
+    ) -> list[list[list[int]]]:
+        """Each clip's windows' new tokens, up to (not including) the end of the text."""
+        start = self.prompt.tokens(language, task)
+        config = self.config.replace(max_new_tokens=self.max_length - len(start))
+        pieces = [(i, w) for i, clip in enumerate(clips) for w in windows(clip, self.features.n_samples)]
+        out: list[list[list[int]]] = [[] for _ in clips]
+        for batch in _chunks(pieces, batch_size):
+            features = self.features([w for _, w in batch])  # (B, M, frames)
+            prompt = torch.tensor([start] * len(batch))  # (B, P)
+            ids = generate(self.model, None, config=config, decoder_input_ids=prompt, input_features=features)
+            for (i, _), row in zip(batch, ids[:, len(start) :].tolist(), strict=True):
+                out[i].append(_until_eos(row, config.eos_ids))
+        return out
+
+    def __call__(
+        self,
+        clips: Sequence[np.ndarray],
+        language: str | None = "en",
+        task: str = "transcribe",
+        batch_size: int = 8,
+    ) -> list[str]:
+        """Each clip's text."""
+        texts = []
+        for parts in self.tokens(clips, language, task, batch_size):
+            pieces = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in parts]
+            texts.append(" ".join(p for p in pieces if p))
+        return texts
+
+
+def _until_eos(row: list[int], eos: list[int]) -> list[int]:
+    return next((row[:k] for k, token in enumerate(row) if token in eos), row)
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,636 @@
+"""The HTTP app of ``graft serve``: OpenAI-compatible endpoints, graft's own, limits and metrics.
+
+The model loads in a thread after the server starts (/health says 503 until it is ready). Every
+request that needs the model is admitted (at most ``max_concurrent`` at once, else 429), then
+waits in the token-budget queue (encoders) or joins the continuous batch (causal LMs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import json
+import logging
+import struct
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+
+from graft.errors import GraftError
+from graft.serve.batching import TokenBudgetQueue
+from graft.serve.continuous import ContinuousBatcher, Sequence
+from graft.serve.metrics import Metrics
+from graft.serve.model import Served
+
+log = logging.getLogger("graft")
+
+ENDPOINTS = (
+    "/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/models", "/predict", "/embed",
+    "/tokenize", "/health", "/info", "/metrics", "/docs", "/openapi.json", "/",
+)  # fmt: skip
+OPEN = ("/health", "/", "/docs", "/openapi.json")  # no API key needed (the page asks for one)
+
+
+@dataclass
+class Settings:
+    api_key: str | None = None
+    max_batch_tokens: int = 16384
+    max_wait_ms: float = 5.0
+    max_concurrent: int = 256
+    max_body_bytes: int = 4 * 1024 * 1024
+    batching: bool = True
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, status, param), status_code=status, headers=headers)
+
+
+@dataclass
+class State:
+    """What the app's handlers share: the model once loaded, the batchers, the counters."""
+
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    served: Served | None = None
+    failure: str | None = None
+    queue: TokenBudgetQueue | None = None
+    engine: ContinuousBatcher | None = None
+    draining: bool = False
+    admitted: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def admit(self) -> None:
+        """Count one more request on the model, or refuse it (429) when max_concurrent are already in."""
+        with self.lock:
+            if self.admitted >= self.settings.max_concurrent:
+                raise HTTPError(429, f"the server is busy ({self.admitted} requests in flight); retry later")
+            self.admitted += 1
+            self.metrics.in_flight.set(self.admitted)
+
+    def release(self) -> None:
+        with self.lock:
+            self.admitted -= 1
+            self.metrics.in_flight.set(self.admitted)
+
+    def load(self, loader: Callable[[], Served]) -> None:
+        try:
+            served = loader()
+        except GraftError as e:
+            self.failure = str(e)
+            return
+        except Exception as e:  # a model that cannot load says so on /health and in the log
+            log.exception("graft serve: loading failed")
+            self.failure = f"{type(e).__name__}: {e}"
+            return
+        s = self.settings
+        if served.generates:
+            self.engine = ContinuousBatcher(served.model, self.metrics, 64 if s.batching else 1)
+        else:
+            self.queue = TokenBudgetQueue(
+                lambda op, items, options: run_encoder(served, op, items, options),
+                self.metrics,
+                s.max_batch_tokens,
+                s.max_wait_ms,
+                s.batching,
+            )
+        self.served = served
+
+    def model(self) -> Served:
+        if self.served is None:
+            raise HTTPError(503, "the model is still loading" if self.failure is None else self.failure)
+        return self.served
+
+
+def run_encoder(served: Served, op: str, items: list[Any], options: dict[str, Any]) -> list[Any]:
+    """One forward over a batch of texts (embed) or records (predict), on the queue's thread."""
+    from graft.kernels import kernels_of
+    from graft.tasks.collate import window
+    from graft.tasks.embedding import embed
+    from graft.tasks.predict import predict
+
+    if op == "embed":
+        limit = window(served.config, served.tokenizer)
+        k = kernels_of(served.body)
+        store = k.store(served.body) if k is not None else None  # packed once, not at every request
+        return list(
+            embed(served.body, served.tokenizer, items, len(items), limit, max_tokens=None, store=store)
+        )
+    pairs = predict(served.model, served.tokenizer, items, len(items), **options)
+    return [prediction for _, prediction in pairs]
+
+
+# ---- request bodies (pydantic: /docs shows them, a bad field is a 422 that names it) ---------------
+
+
+class EmbeddingsRequest(BaseModel):
+    input: str | list[str] = Field(description="A text or a list of texts.")
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    truncate: bool = Field(False, description="Cut texts longer than the model's window instead of a 413.")
+
+
+class EmbedRequest(BaseModel):
+    inputs: str | list[str]
+    normalize: bool = True
+    truncate: bool = False
+
+
+class PredictRequest(BaseModel):
+    inputs: str | dict[str, Any] | list[str | dict[str, Any]] = Field(
+        description="A text, a record ({'text': ...}, {'question': ..., 'context': ...}) or a list of them."
+    )
+    truncate: bool = False
+    threshold: float | None = None
+    n_best: int | None = Field(None, ge=1)
+    max_answer_length: int | None = Field(None, ge=1)
+    null_threshold: float | None = None
+
+
+class TokenizeRequest(BaseModel):
+    input: str | list[str]
+    add_special_tokens: bool = True
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="One choice per request.")
+    truncate: bool = Field(
+        False, description="Keep the prompt's last tokens when it does not fit the window."
+    )
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+# ---- the ASGI gate: metrics, errors, API key, draining, body size ---------------------------------
+
+
+class Gate:
+    """Outermost layer: counts every request by endpoint and status, times it, and turns away what
+    must not reach the app (bad key 401, shutting down 503, body over the limit 413)."""
+
+    def __init__(self, app: Any, state: State) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = path if path in ENDPOINTS else "other"
+        status = {"code": 500}
+        started = time.perf_counter()
+
+        async def sending(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self.refuse(scope, path)
+            if refusal is None and not any(k == b"content-length" for k, _ in scope["headers"]):
+                receive, refusal = await self.buffered(receive)
+            await (refusal or self.app)(scope, receive, sending)
+        finally:
+            m = self.state.metrics
+            m.requests.labels(endpoint, str(status["code"])).inc()
+            m.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+    def too_large(self) -> Response:
+        limit = self.state.settings.max_body_bytes
+        return error(413, f"the request body is over the server's limit of {limit} bytes")
+
+    def refuse(self, scope: dict, path: str) -> Response | None:
+        s = self.state.settings
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.state.draining and path not in ("/health", "/metrics"):
+            return error(503, "the server is shutting down", headers={"Connection": "close"})
+        if s.api_key is not None and path not in OPEN:
+            given = headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else headers.get("x-api-key", "")
+            if not hmac.compare_digest(token.encode(), s.api_key.encode()):
+                message = "a valid API key is required: send 'Authorization: Bearer KEY'"
+                return error(401, message, headers={"WWW-Authenticate": "Bearer"})
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > s.max_body_bytes):
+            return self.too_large()
+        return None
+
+    async def buffered(self, receive: Callable) -> tuple[Callable, Response | None]:
+        """A body sent without Content-Length (chunked), read up to the limit: 413 beyond it."""
+        limit = self.state.settings.max_body_bytes
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return receive, None  # the client left: the app sees the disconnect
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return receive, self.too_large()
+            more = message.get("more_body", False)
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def receiving() -> dict:
+            return replay.pop() if replay else await receive()
+
+        return receiving, None
+
+
+# ---- the app ----------------------------------------------------------------------------------------
+
+
+def create_app(loader: Callable[[], Served], settings: Settings | None = None) -> FastAPI:
+    """The app; ``loader`` runs on a thread once the server is up (the model is ready when it returns)."""
+    state = State(settings or Settings())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        thread = threading.Thread(target=state.load, args=(loader,), name="graft-load", daemon=True)
+        thread.start()
+        yield
+        for worker in (state.queue, state.engine):
+            if worker is not None:
+                worker.close()
+
+    app = FastAPI(
+        title="graft serve",
+        description="One loaded model: OpenAI-compatible endpoints, graft's predict/embed, metrics.",
+        lifespan=lifespan,
+    )
+    app.state.graft = state
+
+    @app.exception_handler(HTTPError)
+    async def http_error(request: Request, e: HTTPError) -> JSONResponse:
+        return error(e.status, e.message, e.param)
+
+    @app.exception_handler(GraftError)
+    async def graft_error(request: Request, e: GraftError) -> JSONResponse:
+        return error(422, str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors() or [{"loc": ("body",), "msg": "invalid request"}]
+        # a union's branches each report: the one that got deepest into the value says most
+        first = max(errors, key=lambda x: len(x.get("loc", ())))
+        if first.get("type") == "json_invalid":
+            return error(
+                422, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
+            )
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # a union's branches add their type names to the path: keep the field's own names
+        loc = [p for p in loc if not any(c in p for c in "[]") and p not in ("str", "list", "dict")]
+        name = ".".join(loc) or "body"
+        return error(422, f"{name}: {first['msg']}", name)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.exception("graft serve: %s failed", request.url.path)
+        return error(500, f"internal error: {type(e).__name__}: {e}")
+
+    def served() -> Served:
+        return state.model()
+
+    async def on_queue(op: str, items: list[Any], lengths: list[int], options: dict[str, Any]) -> list[Any]:
+        if state.queue is None:
+            raise HTTPError(400, f"/{op} needs an encoder; this server's model generates text")
+        state.admit()
+        try:
+            return await asyncio.wrap_future(state.queue.submit(op, items, lengths, options))
+        finally:
+            state.release()
+
+    def lengths_of(texts: list[str], truncate: bool, field_name: str, limit: int) -> list[int]:
+        s = served()
+        ids = s.tokenizer.encode(texts, truncation=False, padding=False, return_tensors=None).input_ids
+        lengths = [len(row) for row in ids]
+        for i, n in enumerate(lengths):
+            if n > limit and not truncate:
+                raise HTTPError(
+                    413,
+                    f"{field_name}[{i}] has {n} tokens; the model takes at most {limit} "
+                    '(send "truncate": true to cut it)',
+                    field_name,
+                )
+        return [min(n, limit) for n in lengths]
+
+    async def embeddings(texts: list[str], truncate: bool, name: str) -> tuple[list[torch.Tensor], int]:
+        from graft.tasks.collate import window
+
+        s = served()
+        if s.generates:
+            raise HTTPError(400, f"{s.name} is a causal LM: embeddings are for encoder models")
+        if not texts:
+            raise HTTPError(422, f"{name}: at least one text", name)
+        lengths = lengths_of(texts, truncate, name, window(s.config, s.tokenizer))
+        return await on_queue("embed", texts, lengths, {}), sum(lengths)
+
+    @app.post("/v1/embeddings", tags=["OpenAI"])
+    async def openai_embeddings(body: EmbeddingsRequest) -> dict[str, Any]:
+        """OpenAI's embeddings: unit-length vectors, as floats or base64 float32."""
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        vectors, tokens = await embeddings(texts, body.truncate, "input")
+        data = []
+        for i, v in enumerate(vectors):
+            v = F.normalize(v, dim=-1)
+            value: Any = v.tolist()
+            if body.encoding_format == "base64":
+                value = base64.b64encode(struct.pack(f"<{len(value)}f", *value)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return {"object": "list", "data": data, "model": served().name, "usage": usage}
+
+    @app.post("/embed", tags=["graft"])
+    async def embed(body: EmbedRequest) -> list[list[float]]:
+        """Sentence embeddings (mean pooling), one list per text (text-embeddings-inference's shape)."""
+        texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+        vectors, _ = await embeddings(texts, body.truncate, "inputs")
+        return [(F.normalize(v, dim=-1) if body.normalize else v).tolist() for v in vectors]
+
+    @app.post("/predict", tags=["graft"])
+    async def predict(body: PredictRequest) -> dict[str, Any]:
+        """The task model's predictions, one per input: the JSON lines of ``graft predict``."""
+        from graft.tasks.collate import window
+        from graft.tasks.predict import prediction_row
+
+        s = served()
+        if s.task in ("base", "embedding", "causal-lm"):
+            use = "/v1/chat/completions" if s.generates else "/embed"
+            raise HTTPError(400, f"{s.name} has no prediction head ({s.task}); use {use}")
+        inputs = body.inputs if isinstance(body.inputs, list) else [body.inputs]
+        records = [{"text": r} if isinstance(r, str) else r for r in inputs]
+        if not records:
+            raise HTTPError(422, "inputs: at least one record", "inputs")
+        texts = []
+        for i, r in enumerate(records):
+            parts = [v for k, v in r.items() if k in ("text", "text_pair", "question", "context")]
+            if not parts or not all(isinstance(p, str) for p in parts):
+                expected = "'question' and 'context'" if s.task == "question-answering" else "'text'"
+                raise HTTPError(422, f"inputs[{i}]: a record needs {expected} as text", "inputs")
+            texts.append(" ".join(parts))
+        # classification reads one window; tagging and QA slide windows over long texts
+        limit = window(s.config, s.tokenizer) if s.task == "classification" else 10**9
+        lengths = lengths_of(texts, body.truncate, "inputs", limit)
+        options = {k: v for k, v in body.model_dump(exclude={"inputs", "truncate"}).items() if v is not None}
+        predictions = await on_queue("predict", records, lengths, options)
+        return {"predictions": [prediction_row(r, p) for r, p in zip(records, predictions, strict=True)]}
+
+    @app.post("/tokenize", tags=["graft"])
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        """Token ids and token strings of each text."""
+        s = served()
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        enc = s.tokenizer.encode(
+            texts,
+            truncation=False,
+            padding=False,
+            return_tensors=None,
+            add_special_tokens=body.add_special_tokens,
+        )
+        ids = [list(row) for row in enc.input_ids]
+        return {"ids": ids, "tokens": [s.tokenizer.convert_ids_to_tokens(row) for row in ids]}
+
+    # ---- generation ----
+
+    def generation(body: Sampling, max_tokens: int | None) -> Any:
+        from graft.generation import GenerationConfig
+
+        s = served()
+        config = GenerationConfig.for_model(s.model, s.generation_defaults)
+        if config.eos_token_id is None and s.tokenizer.eos_token_id is not None:
+            config = config.replace(eos_token_id=s.tokenizer.eos_token_id)
+        changes: dict[str, Any] = {"max_new_tokens": max_tokens or 16}
+        if body.temperature is not None:  # 0 = greedy
+            changes["do_sample"] = body.temperature > 0
+            if body.temperature > 0:
+                changes["temperature"] = body.temperature
+        elif any(v is not None for v in (body.top_k, body.top_p, body.min_p)):
+            changes["do_sample"] = True
+        for name in ("top_k", "top_p", "min_p", "repetition_penalty", "seed"):
+            if getattr(body, name) is not None:
+                changes[name] = getattr(body, name)
+        if body.stop:
+            changes["stop_strings"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
+        return config.replace(**changes)
+
+    def fit(prompt: list[int], config: Any, truncate: bool) -> tuple[list[int], Any]:
+        """The prompt and max_new_tokens within the window: 413, or the prompt's last tokens."""
+        window = served().max_length
+        if len(prompt) >= window:
+            if not truncate:
+                raise HTTPError(
+                    413,
+                    f"the prompt has {len(prompt)} tokens; the model's context holds {window} "
+                    '(send "truncate": true to keep its last tokens)',
+                    "prompt",
+                )
+            prompt = prompt[-max(1, window - config.max_new_tokens) :]
+        return prompt, config.replace(max_new_tokens=min(config.max_new_tokens, window - len(prompt)))
+
+    def start(prompt: list[int], config: Any) -> tuple[asyncio.Queue, Sequence]:
+        s = served()
+        if state.engine is None:
+            raise HTTPError(400, f"{s.name} is a {s.task} model: it does not generate text")
+        if not prompt:
+            raise HTTPError(422, "the prompt is empty", "prompt")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emit(event: tuple) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the server is stopping
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        state.admit()
+        seq = Sequence(prompt, config, s.tokenizer, emit)
+        state.engine.submit(seq)
+        return events, seq
+
+    async def pieces(events: asyncio.Queue, seq: Sequence) -> AsyncIterator[tuple]:
+        """The sequence's events until it is done; a client gone cancels it (its row leaves at the
+        next step). The request counts as in flight until its last byte is sent."""
+        try:
+            while True:
+                event = await events.get()
+                yield event
+                if event[0] != "text":
+                    return
+                await asyncio.sleep(0)  # a fast stream must not keep the loop from other requests
+        finally:
+            seq.cancelled = True
+            state.release()
+
+    def usage(event: tuple) -> dict[str, int]:
+        _, _, prompt_tokens, completion_tokens = event
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    async def respond(body: Sampling, prompt: list[int], max_tokens: int | None, chat: bool) -> Any:
+        config = generation(body, max_tokens)
+        prompt, config = fit(prompt, config, body.truncate)
+        events, seq = start(prompt, config)
+        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created, name = int(time.time()), served().name
+        kind = "chat.completion" if chat else "text_completion"
+
+        def choice(text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
+            if not chat:
+                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            delta = {} if text is None else {"content": text}
+            if first:
+                delta["role"] = "assistant"
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+
+        if not body.stream:
+            text = []
+            async for event in pieces(events, seq):
+                if event[0] == "error":
+                    raise HTTPError(500, event[1])
+                if event[0] == "text":
+                    text.append(event[1])
+            reply = "".join(text)
+            if chat:
+                first = {"index": 0, "message": {"role": "assistant", "content": reply}, "logprobs": None}
+            else:
+                first = {"index": 0, "text": reply, "logprobs": None}
+            first["finish_reason"] = event[1]
+            return {"id": ident, "object": kind, "created": created, "model": name, "choices": [first],
+                    "usage": usage(event)}  # fmt: skip
+
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def sse(choices: list, **extra: Any) -> str:
+            chunk = {"id": ident, "object": chunk_kind, "created": created, "model": name, "choices": choices}
+            return f"data: {json.dumps({**chunk, **extra}, ensure_ascii=False)}\n\n"
+
+        async def stream() -> AsyncIterator[str]:
+            if chat:
+                yield sse([choice("", None, first=True)])
+            async for event in pieces(events, seq):
+                if event[0] == "text":
+                    yield sse([choice(event[1], None)])
+                elif event[0] == "error":
+                    yield f"data: {json.dumps(error_body(event[1], 500))}\n\n"
+                else:
+                    yield sse([choice(None, event[1])])
+                    if include_usage:
+                        yield sse([], usage=usage(event))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    @app.post("/v1/completions", tags=["OpenAI"])
+    async def completions(body: CompletionRequest) -> Any:
+        """OpenAI's text completions; ``stream: true`` sends server-sent events ending with [DONE]."""
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise HTTPError(
+                422, "prompt: one prompt per request (send several requests: they batch)", "prompt"
+            )
+        s = served()
+        ids = s.tokenizer.encode(prompts[0], truncation=False, padding=False, return_tensors=None).input_ids[
+            0
+        ]
+        return await respond(body, list(ids), body.max_tokens, chat=False)
+
+    @app.post("/v1/chat/completions", tags=["OpenAI"])
+    async def chat_completions(body: ChatRequest) -> Any:
+        """OpenAI's chat completions, through the checkpoint's chat template."""
+        s = served()
+        if not getattr(s.tokenizer, "chat_template", None):
+            raise HTTPError(400, f"{s.name}: the tokenizer has no chat template; use /v1/completions")
+        messages = [m.model_dump() for m in body.messages]
+        ids = s.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return await respond(body, list(ids), body.max_completion_tokens or body.max_tokens, chat=True)
+
+    # ---- about the server ----
+
+    @app.get("/v1/models", tags=["OpenAI"])
+    async def models() -> dict[str, Any]:
+        s = served()
+        entry = {"id": s.name, "object": "model", "created": 0, "owned_by": "graft"}
+        return {"object": "list", "data": [entry]}
+
+    @app.get("/health", tags=["server"])
+    async def health() -> JSONResponse:
+        """200 once the model is loaded; 503 while it loads, after it failed, or while shutting down."""
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if state.served is None:
+            status = "loading" if state.failure is None else "failed"
+            return JSONResponse({"status": status, "error": state.failure}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/info", tags=["server"])
+    async def info() -> dict[str, Any]:
+        """The model (family, task, labels, window) and the server's batching settings."""
+        s = served()
+        st = state.settings
+        batching = {"enabled": st.batching, "max_batch_tokens": st.max_batch_tokens,
+                    "max_wait_ms": st.max_wait_ms, "max_concurrent": st.max_concurrent}  # fmt: skip
+        return {**s.info(), "batching": batching, "auth": st.api_key is not None}
+
+    @app.get("/metrics", tags=["server"])
+    async def metrics() -> Response:
+        return Response(state.metrics.text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        page = resources.files("graft.serve").joinpath("static/playground.html").read_text(encoding="utf-8")
+        return HTMLResponse(page)
+
+    return Gate(app, state)

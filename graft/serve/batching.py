@@ -1,0 +1,135 @@
+"""The token-budget queue of encoder requests (embeddings, classification, tagging, QA).
+
+Requests wait in one queue; a worker thread takes the oldest and the waiting requests of the
+same kind closest to it in length, as many as fit ``max_batch_tokens`` padded tokens, and runs
+them as one forward (text-embeddings-inference's dynamic batching). A batch that is not full
+waits up to ``max_wait_ms`` after its oldest request arrived for others to join it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from graft.serve.metrics import Metrics
+
+# run(op, items, options) -> one result per item
+Runner = Callable[[str, list[Any], dict[str, Any]], list[Any]]
+
+
+@dataclass
+class Job:
+    """One request: its items (texts or records) and each one's length in tokens."""
+
+    op: str
+    items: list[Any]
+    lengths: list[int]
+    options: dict[str, Any]
+    future: Future = field(default_factory=Future)
+    arrived: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> Hashable:
+        """Jobs batch together only when they ask for the same thing."""
+        return self.op, tuple(sorted(self.options.items()))
+
+    @property
+    def longest(self) -> int:
+        return max(self.lengths, default=1)
+
+
+def padded(jobs: list[Job]) -> int:
+    """Tokens a forward over ``jobs`` computes: every row padded to the longest."""
+    return sum(len(j.items) for j in jobs) * max(j.longest for j in jobs)
+
+
+class TokenBudgetQueue:
+    def __init__(
+        self,
+        run: Runner,
+        metrics: Metrics,
+        max_batch_tokens: int = 16384,
+        max_wait_ms: float = 5.0,
+        batching: bool = True,
+    ) -> None:
+        self.run, self.metrics = run, metrics
+        self.max_batch_tokens, self.max_wait = max_batch_tokens, max_wait_ms / 1000
+        self.batching = batching
+        self.jobs: list[Job] = []
+        self.closed = False
+        self.cond = threading.Condition()
+        self.worker = threading.Thread(target=self.serve, name="graft-encoder-queue", daemon=True)
+        self.worker.start()
+
+    def submit(self, op: str, items: list[Any], lengths: list[int], options: dict[str, Any]) -> Future:
+        job = Job(op, items, lengths, options)
+        with self.cond:
+            self.jobs.append(job)
+            self.metrics.queue.set(len(self.jobs))
+            self.cond.notify()
+        return job.future
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.worker.join()
+
+    def pick(self) -> list[Job]:
+        """The oldest job, then those of its kind nearest to it in length while they fit the budget."""
+        first = self.jobs[0]
+        if not self.batching:
+            return [first]
+        others = [j for j in self.jobs[1:] if j.key == first.key]
+        others.sort(key=lambda j: abs(j.longest - first.longest))
+        batch = [first]
+        for job in others:
+            if padded([*batch, job]) <= self.max_batch_tokens:
+                batch.append(job)
+        return batch
+
+    def full(self) -> bool:
+        first = self.jobs[0]
+        same = [j for j in self.jobs if j.key == first.key]
+        return padded(same) >= self.max_batch_tokens
+
+    def serve(self) -> None:
+        while True:
+            with self.cond:
+                while not self.jobs and not self.closed:
+                    self.cond.wait()
+                if not self.jobs:
+                    return
+                if self.batching:  # let a batch that is not full wait a moment for others
+                    while not self.closed and not self.full():
+                        left = self.jobs[0].arrived + self.max_wait - time.monotonic()
+                        if left <= 0:
+                            break
+                        self.cond.wait(left)
+                batch = self.pick()
+                taken = {id(j) for j in batch}
+                self.jobs = [j for j in self.jobs if id(j) not in taken]
+                self.metrics.queue.set(len(self.jobs))
+            self.forward(batch)
+
+    def forward(self, batch: list[Job]) -> None:
+        items = [item for job in batch for item in job.items]
+        try:
+            results = self.run(batch[0].op, items, batch[0].options)
+        except Exception as e:  # one bad request must not fail the ones batched with it
+            if len(batch) > 1:
+                for job in batch:
+                    self.forward([job])
+            else:
+                batch[0].future.set_exception(e)
+            return
+        self.metrics.batch_size.labels(batch[0].op).observe(len(items))
+        self.metrics.batch_tokens.labels(batch[0].op).observe(sum(sum(j.lengths) for j in batch))
+        start = 0
+        for job in batch:
+            job.future.set_result(results[start : start + len(job.items)])
+            start += len(job.items)

