@@ -98,6 +98,17 @@ CASES: dict[str, list[Case]] = {
         lambda t: (["train", t / "nowhere.yaml"], ["nowhere.yaml", "not found"]),
         lambda t: (["train", folder(t / "recipes")], ["recipes", "is a folder"]),
     ],
+    "pretrain": [
+        lambda t: (["pretrain", t / "nowhere.yaml"], ["nowhere.yaml", "not found"]),
+        lambda t: (
+            ["pretrain", file(t / "r.yaml", "pretrain:\n  objective: mlmm\n")],
+            ["pretrain.objective: unknown value 'mlmm'", "did you mean 'mlm'?"],
+        ),
+        lambda t: (
+            ["pretrain", file(t / "r.yaml", "model:\n  path: m\ntrain:\n  max_steps: 2\n")],
+            ["pretrain.files: no input files"],
+        ),
+    ],
     "distill": [
         lambda t: (["distill", t / "nowhere.yaml"], ["nowhere.yaml", "not found"]),
         lambda t: (

@@ -27,7 +27,13 @@ from graft.tasks import HEADS, EmbeddingHead, TaskModel
 TOL = 1e-4  # float32, as the issue states
 TASKS = ["base", *HEADS]
 # an encoder has no causal LM (test_an_encoder_has_no_causal_lm_to_export)
-CASES = [(f, task) for f in FAMILIES for task in TASKS if task != "causal-lm" or FAMILIES[f].decoder]
+# masked-lm is not exported yet: refused in one line (tests/test_masked_lm.py)
+CASES = [
+    (f, task)
+    for f in FAMILIES
+    for task in TASKS
+    if (task != "causal-lm" or FAMILIES[f].decoder) and task != "masked-lm"
+]
 
 
 def tiny_model(family: str, task: str, tmp_path) -> torch.nn.Module:

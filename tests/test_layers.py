@@ -27,6 +27,7 @@ LAYERS: list[set[str]] = [
     {"graft.loading"},
     {"graft.export"},
     {"graft.train"},
+    {"graft.pretrain"},
     {"graft.interpret"},
     {"graft.compress"},
     {"graft.serve"},

@@ -23,6 +23,7 @@ HF_CLASSES = {
     "classification": transformers.AutoModelForSequenceClassification,
     "token-classification": transformers.AutoModelForTokenClassification,
     "question-answering": transformers.AutoModelForQuestionAnswering,
+    "masked-lm": transformers.AutoModelForMaskedLM,
 }
 LABELS = ["negative", "neutral", "positive"]
 TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG"]
@@ -183,6 +184,8 @@ def test_every_registered_head_has_a_case():
 def fake_labels(task: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if task == "causal-lm":
         return ids.masked_fill(mask == 0, IGNORE)  # each real token is the next one's target
+    if task == "masked-lm":
+        return ids.masked_fill(mask == 0, IGNORE)  # every real token is a target
     if task == "classification":
         return torch.tensor([0, 2, 1])
     if task == "token-classification":

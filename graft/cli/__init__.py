@@ -18,6 +18,7 @@ from graft.cli import (  # noqa: F401  (each module registers its commands)
     export,
     generate,
     models,
+    pretrain,
     quantize,
     serve,
     speech,

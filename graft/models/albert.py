@@ -129,6 +129,7 @@ ALBERT = register(
             "classification": "AlbertForSequenceClassification",
             "token-classification": "AlbertForTokenClassification",
             "question-answering": "AlbertForQuestionAnswering",
+            "masked-lm": "AlbertForMaskedLM",
         },
     )
 )

@@ -109,6 +109,7 @@ BERT = register(
             "classification": "BertForSequenceClassification",
             "token-classification": "BertForTokenClassification",
             "question-answering": "BertForQuestionAnswering",
+            "masked-lm": "BertForMaskedLM",
         },
     )
 )
@@ -125,6 +126,7 @@ ROBERTA = register(
             "classification": "RobertaForSequenceClassification",
             "token-classification": "RobertaForTokenClassification",
             "question-answering": "RobertaForQuestionAnswering",
+            "masked-lm": "RobertaForMaskedLM",
         },
     )
 )

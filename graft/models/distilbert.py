@@ -89,6 +89,7 @@ DISTILBERT = register(
             "classification": "DistilBertForSequenceClassification",
             "token-classification": "DistilBertForTokenClassification",
             "question-answering": "DistilBertForQuestionAnswering",
+            "masked-lm": "DistilBertForMaskedLM",
         },
     )
 )

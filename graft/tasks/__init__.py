@@ -10,6 +10,7 @@ from graft.tasks.causal_lm import LMHead
 from graft.tasks.classification import ClassificationHead
 from graft.tasks.embedding import EmbeddingHead
 from graft.tasks.image import ImageClassificationHead
+from graft.tasks.masked_lm import MaskedLMHead
 from graft.tasks.question_answering import QuestionAnsweringHead
 from graft.tasks.seq2seq import Seq2SeqHead
 from graft.tasks.token_classification import TokenClassificationHead
@@ -19,6 +20,7 @@ HEADS: dict[str, type[Head]] = {
     head.task: head
     for head in (
         LMHead,
+        MaskedLMHead,
         ClassificationHead,
         TokenClassificationHead,
         QuestionAnsweringHead,
@@ -35,6 +37,7 @@ __all__ = [
     "Head",
     "ImageClassificationHead",
     "LMHead",
+    "MaskedLMHead",
     "QuestionAnsweringHead",
     "Seq2SeqHead",
     "TaskModel",

@@ -117,6 +117,56 @@ HF_HEADS["llama"] = HF_HEADS["qwen2"] = {
 }
 
 
+@dataclass(frozen=True)
+class HFMaskedLMHead:
+    """One HF *ForMaskedLM class's head: transform (dense, activation, LayerNorm), then a decoder whose
+    weight is the word embeddings' (when tied) and whose bias is its own tensor."""
+
+    dense: str
+    norm: str
+    decoder: str  # its weight is only in the checkpoint when not tied to the word embeddings
+    bias: str
+    activation: str | None = None  # None: the body's (config.json hidden_act); RoBERTa's is always gelu
+
+    def names(self, tied: bool) -> dict[str, str]:
+        """HF tensor name -> graft MaskedLMHead parameter name."""
+        names = {f"{self.dense}.{p}": f"dense.{p}" for p in ("weight", "bias")}
+        names |= {f"{self.norm}.{p}": f"norm.{p}" for p in ("weight", "bias")}
+        names[self.bias] = "decoder.bias"
+        if not tied:
+            names[f"{self.decoder}.weight"] = "decoder.weight"
+        return names
+
+
+# family -> its *ForMaskedLM head (the masked-lm task); families not listed have none
+HF_MLM_HEADS: dict[str, HFMaskedLMHead] = {
+    "bert": HFMaskedLMHead(
+        "cls.predictions.transform.dense",
+        "cls.predictions.transform.LayerNorm",
+        "cls.predictions.decoder",
+        "cls.predictions.bias",
+    ),
+    "roberta": HFMaskedLMHead(
+        "lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias", "gelu"
+    ),
+    "distilbert": HFMaskedLMHead(
+        "vocab_transform", "vocab_layer_norm", "vocab_projector", "vocab_projector.bias"
+    ),
+    "albert": HFMaskedLMHead(
+        "predictions.dense", "predictions.LayerNorm", "predictions.decoder", "predictions.bias"
+    ),
+}
+
+
+def hf_mlm_head(cfg: TransformerConfig) -> HFMaskedLMHead:
+    """The HF layout of the masked-lm head on a body of this config."""
+    if cfg.family not in HF_MLM_HEADS:
+        raise GraftError(
+            f"a {cfg.family} model has no masked-lm head (families with one: {', '.join(sorted(HF_MLM_HEADS))})"
+        )
+    return HF_MLM_HEADS[cfg.family]
+
+
 def hf_head(cfg: TransformerConfig, task: str) -> HFHead:
     """The HF layout of ``task``'s head on a body of this config."""
     table = HF_HEADS.get(cfg.family) or (GENERIC_DECODER if cfg.causal else GENERIC_ENCODER)

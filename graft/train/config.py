@@ -228,6 +228,20 @@ class DistillSection:
     transfer: str = ""  # unlabelled text: more training examples, labelled by the teacher
 
 
+OBJECTIVES = ("mlm", "clm")  # masked LM (encoders), causal LM (decoders)
+
+
+@dataclass
+class PretrainSection:
+    """graft pretrain: (continued) pretraining on raw text, streamed (graft.pretrain)."""
+
+    objective: str = one_of("mlm", OBJECTIVES)
+    files: list[str] = field(default_factory=list)  # .txt (a document per non-empty line) or .jsonl ("text")
+    mask_probability: float = ranged(0.15, above=0, below=1)  # mlm: the share of tokens (or words) masked
+    whole_word: bool = False  # mlm: mask every piece of a chosen word
+    pack: bool = True  # clm: several documents per row, each attending only to itself
+
+
 @dataclass
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
@@ -243,6 +257,7 @@ class Recipe:
     distributed: DistributedSection = field(default_factory=DistributedSection)
     tune: TuneSection = field(default_factory=TuneSection)
     distill: DistillSection = field(default_factory=DistillSection)
+    pretrain: PretrainSection = field(default_factory=PretrainSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,28 @@
+"""``graft pretrain``: masked or causal LM (continued) pretraining on text files, streamed."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from graft.cli.app import app
+from graft.cli.train import OverridesArg, RecipeArg
+
+
+@app.command()
+def pretrain(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the model folder train.output holds.")
+    ] = False,
+) -> None:
+    """Pretrain a model on raw text (pretrain.objective: mlm or clm); saves a HF folder to train.output."""
+    from graft.pretrain import run_pretrain
+    from graft.train.config import load_recipe
+
+    config = load_recipe(recipe, overrides or [])
+    summary = run_pretrain(config, source=str(recipe), overwrite=overwrite)
+    typer.echo(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}))

@@ -1,0 +1,92 @@
+"""Sequence packing: several documents in one row, each as if it were alone (chapter 4).
+
+Padding every document to the longest wastes the compute of the pad tokens; run_clm's answer,
+concatenating everything and cutting it into rows, lets a document attend to the one before it and
+numbers positions across both. Here documents are packed whole into rows (one longer than a row is
+cut into row-sized pieces, each its own document), positions restart at every document (from
+``first_position``: RoBERTa numbers from pad_token_id + 1), and the attention mask is
+block-diagonal (causal and within the sliding window for decoders), so every document's logits and
+loss are what they would be unpacked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+from graft.errors import GraftError
+
+IGNORE = -100  # label of padding and of each document's first token (nothing before it predicts it)
+
+
+def stream_rows(docs: Iterable[Sequence[int]], width: int) -> Iterator[list[list[int]]]:
+    """Documents -> rows of at most ``width`` tokens, each row a list of whole documents, in order
+    (a row is closed when the next document does not fit; a document longer than a row is cut),
+    one row at a time: the documents may be a stream larger than memory."""
+    if width < 1:
+        raise GraftError(f"packing: the row width must be at least 1, found {width}")
+    row: list[list[int]] = []
+    used = 0
+    for doc in docs:
+        for start in range(0, len(doc), width):
+            piece = list(doc[start : start + width])
+            if used + len(piece) > width:
+                yield row
+                row, used = [], 0
+            row.append(piece)
+            used += len(piece)
+    if row:
+        yield row
+
+
+def pack_rows(docs: Iterable[Sequence[int]], width: int) -> list[list[list[int]]]:
+    """``stream_rows`` as a list."""
+    return list(stream_rows(docs, width))
+
+
+def packed_batch(
+    rows: Sequence[Sequence[Sequence[int]]],
+    pad_id: int,
+    causal: bool,
+    first_position: int = 0,
+    sliding_window: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Rows of documents (from ``pack_rows``) -> the model's inputs.
+
+    input_ids, position_ids, labels and documents are (B, T) (documents: the index of each token's
+    document in its row, -1 on padding); attention_mask is (B, 1, T, T) bool, True where a query may
+    attend a key: its own document only (and, causal, no later key, none ``sliding_window`` or more
+    back).
+    """
+    width = max(sum(len(d) for d in row) for row in rows)
+    B = len(rows)
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    positions = torch.full((B, width), first_position, dtype=torch.long)
+    documents = torch.full((B, width), -1, dtype=torch.long)
+    labels = torch.full((B, width), IGNORE, dtype=torch.long)
+    for b, row in enumerate(rows):
+        start = 0
+        for d, doc in enumerate(row):
+            end = start + len(doc)
+            ids[b, start:end] = torch.tensor(doc, dtype=torch.long)
+            positions[b, start:end] = torch.arange(first_position, first_position + len(doc))
+            documents[b, start:end] = d
+            labels[b, start + 1 : end] = ids[b, start + 1 : end]  # the first token: nothing predicts it
+            start = end
+    same = (documents[:, :, None] == documents[:, None, :]) & (documents[:, :, None] >= 0)  # (B, T, T)
+    if causal:
+        q = torch.arange(width)[:, None]  # (T, 1)
+        k = torch.arange(width)[None, :]  # (1, T)
+        allowed = k <= q
+        if sliding_window is not None:
+            allowed &= k > q - sliding_window
+        same &= allowed[None]
+    same |= torch.eye(width, dtype=torch.bool)[None]  # a pad query sees itself: no all-masked (NaN) row
+    return {
+        "input_ids": ids,
+        "position_ids": positions,
+        "attention_mask": same[:, None],  # (B, 1, T, T)
+        "labels": labels,
+        "documents": documents,
+    }

@@ -1,0 +1,266 @@
+"""Pretraining's data: packed rows give every document exactly what it gets alone."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+import yaml
+from conftest import hf_model, tiny_hf_config
+
+from graft.data.packing import IGNORE, pack_rows, packed_batch
+from graft.errors import GraftError
+from graft.loading import load_model
+from graft.models import FAMILIES
+from graft.pretrain import documents as read_documents
+from graft.pretrain.stream import clm_batches
+from graft.tokenizer import Tokenizer
+
+TOL = 1e-5
+DECODERS = sorted(name for name, f in FAMILIES.items() if f.decoder)
+# encoder-only families (encoder-decoders pack their encoder's input only once span corruption lands)
+ENCODERS = sorted(
+    name for name, f in FAMILIES.items() if not f.decoder and f.inputs == "tokens" and not f.encoder_decoder
+)
+
+
+def documents(lengths=(7, 3, 12, 1, 5, 9, 4), seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 99, (n,), generator=g).tolist() for n in lengths]
+
+
+def first_position(model) -> int:
+    cfg = model.config
+    return cfg.pad_token_id + 1 if cfg.positions_from_padding else 0
+
+
+def test_rows_hold_whole_documents_in_order_and_cut_long_ones():
+    rows = pack_rows(documents(), 12)
+    assert [[len(d) for d in row] for row in rows] == [[7, 3], [12], [1, 5], [9], [4]]
+    assert [t for row in rows for d in row for t in d] == [t for d in documents() for t in d]
+    assert [[len(d) for d in row] for row in pack_rows([list(range(25))], 10)] == [[10], [10], [5]]
+    with pytest.raises(GraftError, match="^packing: the row width must be at least 1, found 0$"):
+        pack_rows(documents(), 0)
+
+
+def test_positions_restart_and_no_token_sees_another_document():
+    batch = packed_batch(pack_rows(documents(), 12), pad_id=1, causal=True, first_position=2)
+    assert batch["position_ids"][0].tolist() == [2, 3, 4, 5, 6, 7, 8, 2, 3, 4, 2, 2]  # RoBERTa-style offset
+    assert batch["labels"][0, 7].item() == IGNORE  # the 2nd document's first token: nothing predicts it
+    docs, mask = batch["documents"], batch["attention_mask"][:, 0]  # (B, T), (B, T, T)
+    cross = (docs[:, :, None] != docs[:, None, :]) & mask
+    assert not cross[docs >= 0].any()  # a real query never attends another document (or padding)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+@pytest.mark.parametrize("kernels", [False, True], ids=["reference", "kernels"])
+def test_packed_causal_lm_losses_equal_each_document_alone(family, kernels, tmp_path):
+    hf_model(family, "causal-lm").save_pretrained(tmp_path)
+    model = load_model(tmp_path, kernels=kernels)
+    docs = documents()
+    cfg = model.config
+    batch = packed_batch(pack_rows(docs, 16), 0, True, first_position(model), cfg.sliding_window)
+    with torch.no_grad():
+        logits = model(**batch).logits  # (B, T, V)
+        nll = F.cross_entropy(
+            logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE, reduction="none"
+        )  # (B, T - 1)
+        packed = []
+        for b in range(nll.shape[0]):
+            for d in range(int(batch["documents"][b].max()) + 1):
+                packed.append(nll[b][batch["documents"][b, 1:] == d].sum())
+        alone = []
+        for doc in docs:
+            ids = torch.tensor([doc])
+            out = model(input_ids=ids, labels=ids)
+            alone.append(out.loss * (len(doc) - 1) if len(doc) > 1 else torch.tensor(0.0))
+    assert len(packed) == len(alone)
+    for doc, p, a in zip(docs, packed, alone, strict=True):
+        assert abs(p - a) / max(len(doc) - 1, 1) <= TOL  # per-document mean loss
+
+
+@pytest.mark.parametrize("family", ENCODERS)
+def test_packed_encoder_outputs_equal_each_document_alone(family, tmp_path):
+    """Bidirectional within a document only, positions from each document's start (RoBERTa: pad + 1)."""
+    hf_model(family).save_pretrained(tmp_path)
+    model = load_model(tmp_path, task="base", kernels=False)
+    docs = documents()
+    batch = packed_batch(pack_rows(docs, 16), model.config.pad_token_id, False, first_position(model))
+    with torch.no_grad():
+        packed = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+        ).last_hidden_state  # (B, T, H)
+        i = 0
+        for b in range(packed.shape[0]):
+            for d in range(int(batch["documents"][b].max()) + 1):
+                alone = model(input_ids=torch.tensor([docs[i]])).last_hidden_state[0]  # (n, H)
+                assert (packed[b][batch["documents"][b] == d] - alone).abs().max() <= TOL
+                i += 1
+    assert i == len(docs)
+
+
+# ---- graft pretrain RECIPE: streamed text in, a HF folder transformers loads out ----
+LINES = [
+    "To be, or not to be, that is the question:",
+    "Whether 'tis nobler in the mind to suffer",
+    "The slings and arrows of outrageous fortune,",
+    "Or to take arms against a sea of troubles",
+]
+
+
+def tiny_folder(tmp_path, minilm, family: str):
+    """A random tiny transformers model of ``family`` (MLM for encoders, LM for decoders) with MiniLM's tokenizer."""
+    torch.manual_seed(0)
+    cfg = tiny_hf_config(family)
+    cfg.vocab_size = 30522
+    cls = transformers.AutoModelForCausalLM if FAMILIES[family].decoder else transformers.AutoModelForMaskedLM
+    folder = tmp_path / f"{family}-base"
+    cls.from_config(cfg).save_pretrained(folder)
+    Tokenizer.from_folder(minilm).save(folder)
+    return folder
+
+
+def write_recipe(tmp_path, model, objective: str, **train) -> Path:
+    (tmp_path / "plays.txt").write_text("\n".join(LINES[:2]) + "\n\n")
+    (tmp_path / "plays.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in LINES[2:]))
+    recipe = {
+        "model": {"path": str(model)},  # graft's kernels on, as users run it
+        "data": {"max_length": 16},
+        "optim": {"lr": 1e-3},
+        "pretrain": {
+            "objective": objective,
+            "files": [str(tmp_path / "plays.txt"), str(tmp_path / "plays.jsonl")],
+        },
+        "train": {"output": str(tmp_path / "out"), "max_steps": 3, "batch_size": 2, **train},
+    }
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("family", "objective", "cls"),
+    [
+        ("bert", "mlm", transformers.BertForMaskedLM),
+        ("gpt2", "clm", transformers.GPT2LMHeadModel),
+    ],
+)
+def test_pretrain_saves_a_folder_transformers_loads(family, objective, cls, cli, tmp_path, minilm):
+    base = tiny_folder(tmp_path, minilm, family)
+    recipe = write_recipe(tmp_path, base, objective)
+    summary = json.loads(cli("pretrain", recipe).ok().stdout)
+    assert summary["objective"] == objective and summary["steps"] == 3 and summary["tokens"] > 0
+    assert math.isfinite(summary["loss"])
+    before = cls.from_pretrained(base).eval()
+    after = cls.from_pretrained(tmp_path / "out").eval()  # the exact class, every tensor present
+    assert type(after) is cls
+    ids = torch.tensor([Tokenizer.from_folder(tmp_path / "out").encode(LINES[0]).input_ids[0].tolist()])
+    with torch.no_grad():
+        changed = (after(input_ids=ids).logits - before(input_ids=ids).logits).abs().max()
+        graft_logits = load_model(tmp_path / "out", kernels=False)(input_ids=ids).logits
+    assert changed > 1e-3  # it trained
+    assert (after(input_ids=ids).logits - graft_logits).abs().max() <= TOL
+    saved = json.loads((tmp_path / "out" / "pretrain.json").read_text())
+    assert saved["steps"] == 3 and saved["recipe"]["pretrain"]["objective"] == objective
+    # a second run into the same folder needs --overwrite
+    assert (
+        cli("pretrain", recipe).error_line()
+        == f"error: {tmp_path / 'out'}: folder is not empty (pass --overwrite to replace it)"
+    )
+
+
+def test_pretrain_refusals_are_one_line(cli, tmp_path, minilm):
+    bert = tiny_folder(tmp_path, minilm, "bert")
+    recipe = write_recipe(tmp_path, bert, "clm")
+    assert cli("pretrain", recipe).error_line() == (
+        f"error: {recipe}: pretrain.objective: clm needs a decoder; a bert model trains with mlm"
+    )
+    gpt2 = tiny_folder(tmp_path, minilm, "gpt2")
+    recipe = write_recipe(tmp_path, gpt2, "mlm")
+    assert cli("pretrain", recipe).error_line() == (
+        f"error: {recipe}: pretrain.objective: mlm needs a masked-LM family (albert, bert, distilbert, roberta);"
+        " a gpt2 model trains with clm"
+    )
+    assert cli("pretrain", recipe, "train.max_steps=0").error_line() == (
+        f"error: {recipe}: train.max_steps: must be > 0 for pretraining (a stream has no length),"
+        " e.g. train.max_steps=1000"
+    )
+    assert (
+        cli("pretrain", recipe, "eval.every=5")
+        .error_line()
+        .startswith(
+            f"error: {recipe}: eval.every: not used by graft pretrain (it reads model, optim, schedule, pretrain and"
+        )
+    )
+    assert cli("pretrain", recipe, "pretrain.mask_probability=1").error_line() == (
+        "error: override pretrain.mask_probability=1: pretrain.mask_probability: must be in (0, 1), got 1.0"
+    )
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    empty = f"pretrain.files=[{tmp_path / 'empty.txt'}]"
+    assert cli("pretrain", recipe, empty, "pretrain.objective=clm").error_line() == (
+        f"error: pretrain: the corpus has no text ({tmp_path / 'empty.txt'})"
+    )
+    assert cli("pretrain", recipe, f"pretrain.files=[{tmp_path / 'none.txt'}]").error_line() == (
+        f"error: {tmp_path / 'none.txt'}: file not found"
+    )
+
+
+def test_documents_are_read_lazily_and_bad_lines_named(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": "one"}\n\n{"text": "two"}\n{oops\n')
+    stream = read_documents([path])
+    assert [next(stream), next(stream)] == ["one", "two"]  # read before the bad line is reached
+    with pytest.raises(GraftError, match=rf"^{re.escape(str(path))}:4: not valid JSON \("):
+        next(stream)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_causal_batches_hold_every_document_in_order(pack, minilm):
+    tokenizer = Tokenizer.from_folder(minilm)
+    cfg = load_model(minilm, task="base", kernels=False).config
+    batches = list(clm_batches(iter(LINES), cfg, tokenizer, batch_size=2, max_length=32, pack=pack))
+    # no eos to append: MiniLM's tokenizer has none
+    docs = [tokenizer.encode(t, return_tensors=None).input_ids[0][:32] for t in LINES]
+    got, rows = [], 0
+    for b in batches:
+        for ids, document in zip(b["input_ids"], b["documents"], strict=True):
+            rows += 1
+            got += [ids[document == d].tolist() for d in range(int(document.max()) + 1)]
+    assert got == docs  # every document whole, in order
+    assert rows < len(docs) if pack else rows == len(docs)  # packed: several documents share a row
+    if not pack:  # a document longer than a row is cut at max_length
+        (short,) = list(clm_batches(iter(LINES[:1]), cfg, tokenizer, batch_size=2, max_length=8, pack=False))
+        assert short["input_ids"].tolist() == [docs[0][:8]]
+
+
+def test_graft_train_fine_tunes_a_masked_lm_task(cli, tmp_path, minilm):
+    """task.name: masked-lm in an ordinary recipe: dynamic masks per batch, evaluated as masked-token perplexity."""
+    base = tiny_folder(tmp_path, minilm, "bert")
+    data = tmp_path / "lines.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in LINES * 4))
+    recipe = {
+        "model": {"path": str(base)},
+        "data": {"train": str(data), "val_fraction": 0.25, "max_length": 16},
+        "task": {"name": "masked-lm"},
+        "optim": {"lr": 1e-3},
+        "train": {"output": str(tmp_path / "run"), "max_steps": 2, "batch_size": 4, "plots": False},
+        "eval": {"metric": "perplexity"},
+    }
+    path = tmp_path / "mlm.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = json.loads(cli("train", path, "-q").ok().stdout.splitlines()[-1])
+    # masked tokens of the held-out lines, scored: a random model's perplexity is near the vocabulary's size
+    assert result["eval/tokens"] > 0 and 1 < result["eval/perplexity"] < 2 * 30522
+    models = [p.parent for p in (tmp_path / "run").rglob("config.json")]
+    assert models and all(
+        type(transformers.AutoModelForMaskedLM.from_pretrained(m)) is transformers.BertForMaskedLM
+        for m in models
+    )
