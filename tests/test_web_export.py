@@ -155,3 +155,49 @@ def test_a_missing_npm_is_one_line_when_onnxruntime_web_is_not_cached(tmp_path, 
         "(apt-get install -y npm, or put its dist files there)"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_the_page_embeds_as_graft_does_and_shows_the_similarity_matrix(tmp_path, minilm, cli, page):  # noqa: F811
+    from graft.export import INT8_MIN_COSINE
+    from graft.loading import load_model
+    from graft.tasks.embedding import embed
+
+    out = tmp_path / "web"
+    cli(
+        "export", minilm, out, "--format", "web", "--task", "embedding", "--pooling", "mean", "--normalize"
+    ).ok()
+    expected = embed(load_model(minilm, task="base"), Tokenizer.from_folder(minilm), texts(), normalize=True)
+    server = StaticServer(out)
+    try:
+        page.goto(server.url + "/")
+        page.wait_for_selector("body[data-task=embedding]")
+        page.fill("#text", "\n".join(texts()))
+        page.click("#submit")
+        page.wait_for_selector("#output[data-ready=true]")
+        page.screenshot(path=str(tmp_path / "web-embeddings.png"), full_page=True)
+        vectors = page.evaluate(
+            "texts => window.graft.predict(texts).then(r => r.map(x => x.embedding))", texts()
+        )
+        cells = [[float(td.inner_text()) for td in tr.query_selector_all("td")] for tr in page.query_selector_all("#matrix tr")[1:]]  # fmt: skip
+    finally:
+        server.close()
+    got = torch.nn.functional.normalize(torch.tensor(vectors), dim=-1)  # (20, 384)
+    cosines = (got * expected).sum(-1)  # (20,) page vs graft, text by text
+    assert cosines.min() >= INT8_MIN_COSINE  # the int8 check the manifest states
+    assert torch.tensor(cells) == pytest.approx((got @ got.T).numpy().round(3), abs=1.01e-3)
+
+
+def test_a_tokenizer_the_page_cannot_run_is_refused_in_one_line(tmp_path, minilm, cli):
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    folder = tiny(tmp_path / "model", minilm, LABELS, "SequenceClassification")
+    bpe = Backend(models.BPE(vocab={"<unk>": 0, "a": 1, "b": 2}, merges=[], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.save(str(folder / "tokenizer.json"))
+    line = cli("export", folder, tmp_path / "out", "--format", "web").error_line()
+    assert line == (
+        "error: --format web: the page tokenizes BERT-style WordPiece only; this tokenizer is BPE "
+        "(normalizer None, pre-tokenizer ByteLevel); use --format onnx (runtime.py) or graft serve"
+    )
+    assert not (tmp_path / "out").exists()
