@@ -58,9 +58,13 @@ def serve_on_ray(
         raise GraftError("--ray needs Ray Serve: pip install 'graft[ray]'") from None
     from graft.serve.server import check_port
 
-    if not os.environ.get("RAY_ADDRESS"):
+    cluster = os.environ.get("RAY_ADDRESS")
+    if not cluster:
         check_port(host, port)  # on a cluster the proxy listens on every node: Ray says so itself
-    ray.init(include_dashboard=False, logging_level="warning", log_to_driver=False)
+    # without RAY_ADDRESS a Ray of our own, never another one that happens to run on this machine
+    ray.init(
+        address=cluster or "local", include_dashboard=False, logging_level="warning", log_to_driver=False
+    )
     signal.signal(signal.SIGTERM, interrupt)
     try:
         serve.start(http_options={"host": host, "port": port})
