@@ -154,7 +154,7 @@ def test_an_encoder_has_no_causal_lm_to_export(family, tmp_path, cli):
 def test_command_line_errors_come_before_loading(tmp_path, cli):
     missing = tmp_path / "no-such-model"  # never read: each flag is refused first
     assert cli("export", missing, tmp_path / "o", "--format", "tflite").error_line() == (
-        "error: --format tflite: not one of onnx"
+        "error: --format tflite: not one of onnx, web"
     )
     assert (
         cli("export", missing, tmp_path / "o", "--opset", "11")

@@ -45,7 +45,7 @@ def export(
     out: Annotated[
         Path, typer.Argument(help="The folder to write (model file, tokenizer, labels, manifest).")
     ],
-    fmt: Annotated[str, typer.Option("--format", help="onnx.")] = "onnx",
+    fmt: Annotated[str, typer.Option("--format", help="onnx, or web (a static in-browser page).")] = "onnx",
     opset: Annotated[int | None, typer.Option(help="ONNX opset (18 or newer; default 18).")] = None,
     task: Annotated[
         str | None, typer.Option(help="Export as this task (default: config.json's), e.g. embedding.")
@@ -72,13 +72,22 @@ def export(
     from graft.export.onnx import check_opset
     from graft.io.atomic import check_output
 
-    if fmt not in FORMATS:
-        raise GraftError(f"--format {fmt}: not one of {', '.join(FORMATS)}")
+    if fmt not in (*FORMATS, "web"):
+        raise GraftError(f"--format {fmt}: not one of {', '.join((*FORMATS, 'web'))}")
+    if fmt == "web" and optimize:
+        raise GraftError("--optimize: not with --format web (the page runs the int8 graph as exported)")
     if opset is not None:
         check_opset(opset)
     check_output(out, "OUT", folder=True, overwrite=overwrite)
     m, tokenizer = load_for_export(model, adapter, task, pooling, normalize)
-    check_request(m, fmt, opset)
-    manifest = export_model(m, out, tokenizer, fmt=fmt, opset=opset, optimize=optimize, int8=int8)
+    if fmt == "web":  # the int8 ONNX export, then the page and onnxruntime-web around it
+        from graft.export.web import check_web, export_web
+
+        check_request(m, "onnx", opset)
+        check_web(m, tokenizer)
+        manifest = export_web(m, out, tokenizer, opset=opset)
+    else:
+        check_request(m, fmt, opset)
+        manifest = export_model(m, out, tokenizer, fmt=fmt, opset=opset, optimize=optimize, int8=int8)
     summary = {k: manifest[k] for k in ("format", "family", "task", "file")}
     typer.echo(json.dumps({**summary, "out": str(out), "max_abs_diff": manifest["parity"]["max_abs_diff"]}))

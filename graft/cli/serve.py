@@ -53,6 +53,8 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body (413 above).")] = 4 << 20,
     dtype: Annotated[DType, typer.Option("--dtype", help="Weights in float32 or bfloat16.")] = DType.float32,
     reference: ReferenceOpt = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Run on Ray Serve (pip install 'graft[ray]').")] = False,
+    replicas: Annotated[int, typer.Option(min=1, help="--ray: copies of the model behind Ray's proxy.")] = 1,
 ) -> None:
     """Serve a model over HTTP: OpenAI-compatible endpoints, /predict, /embed, metrics, a playground at /."""
     import torch
@@ -74,4 +76,11 @@ def serve(
     def loader():
         return load_served(model, base, getattr(torch, dtype.value), reference)
 
+    if ray:
+        from graft.serve.ray import serve_on_ray
+
+        serve_on_ray(loader, settings, host, port, replicas)
+        return
+    if replicas != 1:
+        raise GraftError("--replicas: only with --ray (one process serves one copy of the model)")
     run(loader, settings, host, port)
