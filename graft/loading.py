@@ -22,21 +22,29 @@ from graft.io.atomic import write_json
 from graft.io.hf import read_config, read_json, read_weights, resolve, weight_shapes, write_weights
 from graft.models.registry import FAMILIES, Family, describe, family_for
 from graft.models.weights import WeightMap
-from graft.nn import Transformer, TransformerConfig
+from graft.nn import DualEncoder, DualEncoderConfig, Transformer, TransformerConfig
 from graft.strategies import apply_strategy, exportable
 from graft.strategies.checkpoint import META, WEIGHTS
 from graft.strategies.lora import HEAD_FILE, load_adapter
 from graft.tasks import HEADS, TaskModel
 from graft.tasks.hf_layout import body_prefix
+from graft.tasks.image_text import ImageTextProcessor
 from graft.tokenizer import Tokenizer
 from graft.vision import ImageProcessor
 
 log = logging.getLogger("graft")
 
-Model = Transformer | TaskModel
+Model = Transformer | DualEncoder | TaskModel
+Body = Transformer | DualEncoder
+AnyConfig = TransformerConfig | DualEncoderConfig
 
 
-def load_config(folder: Path) -> tuple[Family, TransformerConfig]:
+def build_body(family: Family, cfg: AnyConfig) -> Body:
+    """The family's body: one stack, or a text and an image tower (CLIP)."""
+    return DualEncoder(cfg) if family.dual_encoder else Transformer(cfg)
+
+
+def load_config(folder: Path) -> tuple[Family, AnyConfig]:
     path = folder / "config.json"
     hf = read_config(folder)
     try:
@@ -60,6 +68,8 @@ def load_processor(folder: str | Path) -> Any:
     _, cfg = load_config(folder)
     if cfg.inputs == "patches":
         return ImageProcessor.for_model(folder, cfg)
+    if isinstance(cfg, DualEncoderConfig):
+        return ImageTextProcessor(Tokenizer.from_folder(folder), ImageProcessor.for_model(folder, cfg.vision))
     return Tokenizer.from_folder(folder)
 
 
@@ -80,10 +90,10 @@ def task_from_architectures(hf: dict[str, Any], family: Family) -> str:
     return "causal-lm" if family.decoder else "base"
 
 
-def weight_map(family: Family, cfg: TransformerConfig, task: str) -> WeightMap:
+def weight_map(family: Family, cfg: AnyConfig, task: str) -> WeightMap:
     """The family's weight map, with the body prefix that ``task``'s HF class uses when it differs."""
     wmap = family.weight_map(cfg)
-    prefix = body_prefix(cfg, task)
+    prefix = None if family.dual_encoder else body_prefix(cfg, task)  # CLIPModel: one layout
     return dataclasses.replace(wmap, prefix=prefix) if prefix else wmap
 
 
@@ -96,19 +106,19 @@ def legacy_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def check_shapes(
-    family: Family, cfg: TransformerConfig, task: str, shapes: dict[str, tuple[int, ...]], source: Path
+    family: Family, cfg: AnyConfig, task: str, shapes: dict[str, tuple[int, ...]], source: Path
 ) -> None:
     """Every tensor the config implies is in the weights file, with its shape: checked from the
     file's header against a model built on the meta device, before any memory is allocated. A
     config.json saying hidden_size 200000 next to a small file is refused here, where building the
     model first would ask the allocator for 24 GB."""
     state = legacy_names({name: torch.empty(shape, device="meta") for name, shape in shapes.items()})
-    if cfg.pooler and not any(
+    if getattr(cfg, "pooler", False) and not any(
         k.startswith("pooler") for k in weight_map(family, cfg, task).split_prefix(state)[0]
     ):
         cfg.pooler = False  # saved from a task model built without the pooler
     with torch.device("meta"):
-        body = Transformer(cfg)
+        body = build_body(family, cfg)
     expected = {name: p.shape for name, p in body.state_dict().items()}
     weight_map(family, cfg, task).to_graft(state, expected, str(source))
 
@@ -139,7 +149,7 @@ def load_model(
     state, source = read_weights(folder)
     state = legacy_names(state)
 
-    body = Transformer(cfg)
+    body = build_body(family, cfg)
     expected = {name: p.shape for name, p in body.state_dict().items()}
     body_state, rest = weight_map(family, cfg, saved_task).to_graft(state, expected, str(source))
     body.load_state_dict(body_state, strict=True)

@@ -26,6 +26,8 @@ class Family:
     architectures: dict[str, str] = field(default_factory=dict)
     decoder: bool = False  # causal language model (has an LM head, can generate)
     inputs: str = "tokens"  # what its body reads (TransformerConfig.inputs): tokens, or patches (images)
+    # a text tower and an image tower (CLIP): the body is graft.nn.DualEncoder, its inputs "image-text"
+    dual_encoder: bool = False
 
 
 FAMILIES: dict[str, Family] = {}

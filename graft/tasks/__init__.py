@@ -10,6 +10,7 @@ from graft.tasks.causal_lm import LMHead
 from graft.tasks.classification import ClassificationHead
 from graft.tasks.embedding import EmbeddingHead
 from graft.tasks.image import ImageClassificationHead
+from graft.tasks.image_text import ImageTextHead
 from graft.tasks.question_answering import QuestionAnsweringHead
 from graft.tasks.token_classification import TokenClassificationHead
 
@@ -23,6 +24,7 @@ HEADS: dict[str, type[Head]] = {
         QuestionAnsweringHead,
         EmbeddingHead,
         ImageClassificationHead,
+        ImageTextHead,
     )
 }
 
@@ -32,6 +34,7 @@ __all__ = [
     "EmbeddingHead",
     "Head",
     "ImageClassificationHead",
+    "ImageTextHead",
     "LMHead",
     "QuestionAnsweringHead",
     "TaskModel",

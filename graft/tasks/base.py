@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graft.nn import Transformer, TransformerConfig, TransformerOutput
+from graft.nn import DualEncoder, Transformer, TransformerConfig, TransformerOutput
 from graft.tasks.pooling import set_pooler
 
 
@@ -108,7 +108,7 @@ class TaskModel(nn.Module):
 
     def __init__(self, body: Transformer, head: Head) -> None:
         super().__init__()
-        if body.pooler is not None and not head.reads_pooler:
+        if getattr(body, "pooler", None) is not None and not head.reads_pooler:
             set_pooler(body, False)
         self.body = body
         self.head = head
@@ -129,6 +129,6 @@ class TaskModel(nn.Module):
         return TaskOutput(logits, loss, out)
 
 
-def body_of(model: nn.Module) -> Transformer:
+def body_of(model: nn.Module) -> Transformer | DualEncoder:
     """The transformer body of a bare body, a TaskModel or a MultitaskModel."""
-    return model if isinstance(model, Transformer) else model.body
+    return model if isinstance(model, Transformer | DualEncoder) else model.body
