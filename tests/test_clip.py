@@ -321,3 +321,59 @@ def test_cli_refuses_a_model_without_towers(tmp_path, cli):
     assert cli("search", tmp_path, "--text", "a").error_line() == (
         f"error: {tmp_path}: not an index (index.json not found; graft index writes one)"
     )
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+def caption_data(tmp_path: Path, n: int = 12) -> Path:
+    """A CSV of (image_path, caption) rows, captions repeating as template-written ones do."""
+    files = write_images(tmp_path / "images", n)
+    captions = ["a red car", "a cat", "a blue shoe", "a green bag"]
+    rows = ["image_path,caption"] + [f"{f},{captions[i % 4]}" for i, f in enumerate(files)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "train.csv"
+
+
+@pytest.mark.parametrize("strategy", ["freeze:tower=text", "lora:pattern=vision\\..*\\.(q|v)"])
+def test_train_clip_on_captions_keeps_the_frozen_tower(tmp_path, cli, strategy):
+    clip_folder(tmp_path / "clip")
+    data = caption_data(tmp_path)
+    name, _, option = strategy.partition(":")
+    key, _, value = option.partition("=")
+    recipe = Path(__file__).parents[1] / "recipes" / "classification.yaml"
+    cli(
+        "train", recipe, f"model.path={tmp_path / 'clip'}", "task.name=image-text", f"data.train={data}",
+        "data.val_fraction=0.25", "data.test_fraction=0", "train.epochs=1", "train.batch_size=4",
+        "optim.lr=1e-2", f"train.output={tmp_path / 'run'}", "train.plots=false", "eval.metric=loss",
+        f"strategy.name={name}", f"strategy.options.{key}={value}", "-q",
+    ).ok()  # fmt: skip
+    before, after = load_model(tmp_path / "clip"), load_model(tmp_path / "run" / "model")
+    assert isinstance(after, TaskModel) and after.task == "image-text"
+    old, new = before.state_dict(), after.body.state_dict()
+    # the text tower never moves (frozen, or no LoRA target there); the image tower learned
+    assert all(torch.equal(old[k], new[k]) for k in old if k.startswith("text."))
+    assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("vision.layers."))
+    again = transformers.CLIPModel.from_pretrained(tmp_path / "run" / "model").eval()
+    ids, mask = texts_batch()
+    with torch.no_grad():
+        expected = again(input_ids=ids, attention_mask=mask, pixel_values=pixels()).logits_per_image
+        got = similarity(
+            after.body.encode_image(pixels()), after.body.encode_text(ids, mask), after.body.logit_scale
+        )
+    assert (expected - got).abs().max() <= TOL
+
+
+def test_strategies_that_do_not_apply_to_two_towers_are_one_line_errors(tmp_path):
+    from graft.strategies import STRATEGIES, apply_strategy
+
+    clip_folder(tmp_path)
+    applies = {name for name, s in STRATEGIES.items() if s.towers}
+    assert applies == {"full", "freeze", "bitfit", "lora"}
+    for name in sorted(set(STRATEGIES) - applies):
+        with pytest.raises(GraftError, match=f"^strategy '{name}' does not apply to a clip model"):
+            apply_strategy(load_model(tmp_path, task="image-text"), name)
+    with pytest.raises(
+        GraftError, match="^strategy 'freeze': option 'tower' names .*: tower=text or tower=vision"
+    ):
+        apply_strategy(load_model(tmp_path, task="image-text"), "freeze:tower=audio")

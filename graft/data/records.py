@@ -46,7 +46,17 @@ CANONICAL_KEYS = (
 # The user's column names that map to each canonical key when no explicit mapping says otherwise,
 # most specific first: a file with both 'text' and 'sentence' columns uses 'text'.
 DEFAULT_ALIASES: dict[str, tuple[str, ...]] = {
-    "text": ("text", "sentence", "content", "document", "review", "sentence1", "question1", "premise"),
+    "text": (
+        "text",
+        "sentence",
+        "content",
+        "document",
+        "review",
+        "sentence1",
+        "question1",
+        "premise",
+        "caption",
+    ),
     "text_pair": ("text_pair", "sentence2", "question2", "hypothesis"),
     "label": ("label", "labels", "category", "class", "target"),
     "tokens": ("tokens", "words"),
@@ -55,7 +65,7 @@ DEFAULT_ALIASES: dict[str, tuple[str, ...]] = {
     "context": ("context", "passage"),
     "answers": ("answers", "answer"),
     "id": ("id", "idx", "guid"),
-    "image": ("image", "img"),
+    "image": ("image", "img", "image_path", "file_name"),
 }
 
 # A record needs at least one of these to be an input to a model.

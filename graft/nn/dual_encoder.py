@@ -68,6 +68,11 @@ class DualEncoder(nn.Module):
         self.visual_projection = nn.Linear(cfg.vision.hidden_size, cfg.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
 
+    @property
+    def towers(self) -> dict[str, Transformer]:
+        """The two stacks by name (as their parameters are prefixed): what strategies walk."""
+        return {"text": self.text, "vision": self.vision}
+
     def eos_positions(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, 1)
         """Where each text is pooled: its first end-of-text token (position 0 when it has none,
         as transformers); with no usable eos id, its highest token id (CLIP's end-of-text)."""

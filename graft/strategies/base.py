@@ -69,6 +69,7 @@ class Strategy:
 
     name: ClassVar[str] = ""
     positional: ClassVar[str | None] = None
+    towers: ClassVar[bool] = False  # applies to a dual encoder (CLIP's text and image towers) too
 
     lr_decay: float = 1.0  # layer-wise learning-rate decay: layer l gets lr * lr_decay ** (depth above it)
     unfreeze: int = 0  # gradual unfreezing: head first, then one more layer from the top every N epochs
@@ -87,6 +88,12 @@ class Strategy:
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Freeze/wrap ``model`` in place; return the module to train (and log what trains)."""
+        body = body_of(model)
+        if getattr(body, "towers", None) and not self.towers:
+            raise GraftError(
+                f"strategy {self.name!r} does not apply to a {body.config.family} model (a text and an image "
+                "tower); use full, freeze:tower=text, bitfit or lora"
+            )
         for p in model.parameters():
             p.requires_grad_(False)
         trained = self.prepare(model)

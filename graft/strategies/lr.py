@@ -37,11 +37,15 @@ def no_decay_names(model: nn.Module) -> set[str]:
 def parameter_depths(model: nn.Module) -> dict[str, int]:
     """Parameter name -> depth (0 embeddings, 1..L blocks, L + 1 the rest)."""
     body = body_of(model)
-    top = len(body.layers) + 1
+    towers = getattr(body, "towers", None)  # a dual encoder (CLIP): each tower's depths side by side
+    top = max(len(stack.layers) for stack in (towers or {"": body}).values()) + 1
     in_body = "" if model is body else "body."
     depths = {}
     for name, _ in model.named_parameters():
         local = name[len(in_body) :] if name.startswith(in_body) else None
+        if local is not None and towers:  # "text.layers.3.attn.q.weight" -> "layers.3.attn.q.weight"
+            tower, _, rest = local.partition(".")
+            local = rest if tower in towers else "projection"
         if local is None:
             depths[name] = top
         elif local.startswith("embed."):  # a prompt too (embed.prompt)
