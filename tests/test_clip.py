@@ -214,6 +214,13 @@ def test_image_text_head_on_a_text_model_is_one_line_error(tmp_path):
 # ------------------------------------------------------------------------------------------- CLI
 
 
+def test_info_shows_both_towers(tmp_path, cli):
+    ref = clip_folder(tmp_path)
+    facts = json.loads(cli("info", tmp_path, "--json").ok().stdout)
+    assert facts["parameters"] == ref.num_parameters()
+    assert (facts["text_layers"], facts["vision_layers"], facts["projection_dim"]) == (2, 2, 16)
+
+
 def test_embed_images_and_texts(tmp_path, cli):
     clip_folder(tmp_path / "clip")
     files = write_images(tmp_path / "images", 3)

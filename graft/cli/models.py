@@ -30,18 +30,23 @@ def info(
 
     m = load_model(model, task="base", kernels=not reference)
     cfg = m.config
-    facts = {
-        "family": cfg.family,
-        "model_type": cfg.hf_config.get("model_type", cfg.family),
-        "layers": cfg.num_layers,
-        "hidden_size": cfg.hidden_size,
-        "heads": cfg.num_heads,
-        "kv_heads": cfg.num_kv_heads,
-        "intermediate_size": cfg.intermediate_size,
-        "vocab_size": cfg.vocab_size,
-        "max_positions": cfg.max_positions,
-        "parameters": sum(p.numel() for p in m.parameters()),
-    }
+    if hasattr(m, "towers"):  # a dual encoder (CLIP): each tower's shape
+        from graft.cli.vision import dual_encoder_facts
+
+        facts = dual_encoder_facts(m)
+    else:
+        facts = {
+            "family": cfg.family,
+            "model_type": cfg.hf_config.get("model_type", cfg.family),
+            "layers": cfg.num_layers,
+            "hidden_size": cfg.hidden_size,
+            "heads": cfg.num_heads,
+            "kv_heads": cfg.num_kv_heads,
+            "intermediate_size": cfg.intermediate_size,
+            "vocab_size": cfg.vocab_size,
+            "max_positions": cfg.max_positions,
+            "parameters": sum(p.numel() for p in m.parameters()),
+        }
     if as_json:
         typer.echo(json.dumps(facts))
         return

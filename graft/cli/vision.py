@@ -64,6 +64,29 @@ def load_clip(model: str, what: str, reference: bool = False) -> tuple[Any, Any,
     return load_model(folder, task="base", kernels=not reference), load_processor(folder), folder
 
 
+def dual_encoder_facts(model: Any) -> dict[str, Any]:
+    """``graft info`` of a dual encoder: each tower's shape, the shared space, the exact parameter count."""
+    cfg = model.config
+    facts: dict[str, Any] = {"family": cfg.family, "model_type": cfg.hf_config.get("model_type", cfg.family)}
+    for name, tower in model.towers.items():
+        t = tower.config
+        facts.update(
+            {
+                f"{name}_layers": t.num_layers,
+                f"{name}_hidden_size": t.hidden_size,
+                f"{name}_heads": t.num_heads,
+            }
+        )
+    facts.update(
+        vocab_size=cfg.text.vocab_size,
+        image_size=cfg.vision.image_size,
+        patch_size=cfg.vision.patch_size,
+        projection_dim=cfg.projection_dim,
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
+    return facts
+
+
 def clip_embeddings(
     model: str, texts: list[str], images: list[Path] | None, normalize: bool, reference: bool
 ) -> Any:
