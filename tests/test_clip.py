@@ -384,3 +384,36 @@ def test_strategies_that_do_not_apply_to_two_towers_are_one_line_errors(tmp_path
         GraftError, match="^strategy 'freeze': option 'tower' names .*: tower=text or tower=vision"
     ):
         apply_strategy(load_model(tmp_path, task="image-text"), "freeze:tower=audio")
+
+
+def test_a_sentence_encoder_as_text_tower_pools_by_mean_and_is_not_saved_as_clip(tmp_path, minilm):
+    """LiT-style (bench/lit.py): all-MiniLM-L6-v2 as the text tower, read as sentence-transformers reads it."""
+    from graft.nn import DualEncoderConfig, TransformerConfig
+    from graft.tasks.embedding import embed
+    from graft.tokenizer import Tokenizer
+
+    text = load_model(minilm, task="base", kernels=False)
+    vision = TransformerConfig(
+        family="vit", vocab_size=0, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=37,
+        max_positions=17, inputs="patches", image_size=28, patch_size=7, num_channels=1, prenorm=True,
+    )  # fmt: skip
+    cfg = DualEncoderConfig(
+        family="clip", text=text.config, vision=vision, projection_dim=16, text_pooling="mean"
+    )
+    body = DualEncoder(cfg).eval()
+    body.text = text
+    tokenizer = Tokenizer.from_folder(minilm)
+    texts = ["a photo of a sneaker.", "this is a bag, seen from above on a plain background."]
+    enc = tokenizer.encode(texts)
+    with torch.no_grad():
+        got = body.pool_text(enc.input_ids, enc.attention_mask)
+    assert (got - embed(text, tokenizer, texts)).abs().max() <= TOL
+    with pytest.raises(
+        GraftError, match="^CLIP's layout holds CLIP's towers only, not bert \\(pooled by mean\\) and vit"
+    ):
+        save_model(body, tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()
+    with pytest.raises(GraftError, match="^config: text_pooling='cls' is not one of eos, mean"):
+        DualEncoderConfig(
+            family="clip", text=text.config, vision=vision, projection_dim=16, text_pooling="cls"
+        )

@@ -145,7 +145,18 @@ def tower_to_hf(cfg: TransformerConfig) -> dict[str, Any]:
     }
 
 
+def check_towers(cfg: DualEncoderConfig) -> None:
+    """CLIP's layout holds CLIP's towers only (not a sentence encoder put in as the text tower)."""
+    text, vision = cfg.text, cfg.vision
+    if cfg.text_pooling != "eos" or text.family != "clip" or vision.family != "clip":
+        raise GraftError(
+            f"CLIP's layout holds CLIP's towers only, not {text.family} (pooled by {cfg.text_pooling}) and "
+            f"{vision.family}: transformers' CLIPModel cannot load them (save the state dict with torch instead)"
+        )
+
+
 def config_to_hf(cfg: DualEncoderConfig) -> dict[str, Any]:
+    check_towers(cfg)
     text, vision = cfg.text, cfg.vision
     saved = {k: cfg.hf_config.get(k) or {} for k in ("text_config", "vision_config")}
     return {
@@ -174,6 +185,7 @@ def config_to_hf(cfg: DualEncoderConfig) -> dict[str, Any]:
 
 
 def weight_map(cfg: DualEncoderConfig) -> WeightMap:
+    check_towers(cfg)
     text, vision = "text_model.", "vision_model."
     names = {
         f"{text}embeddings.token_embedding.weight": "text.embed.tokens.weight",

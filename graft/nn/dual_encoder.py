@@ -31,9 +31,14 @@ class DualEncoderConfig:
     # the text is pooled at its first eos_token_id; None (or CLIP's old configs' 2): at its highest id,
     # which is the end-of-text token in CLIP's vocabulary (as transformers reads those configs)
     eos_token_id: int | None = None
+    # how a text is pooled: "eos" (CLIP: its end-of-text token) or "mean" of its real tokens (a
+    # sentence encoder as the text tower, LiT-style: all-MiniLM-L6-v2 was trained with mean pooling)
+    text_pooling: str = "eos"
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.text_pooling not in ("eos", "mean"):
+            raise GraftError(f"config: text_pooling={self.text_pooling!r} is not one of eos, mean")
         if self.text.inputs != "tokens" or self.vision.inputs != "patches":
             raise GraftError(
                 f"config: a dual encoder needs text.inputs='tokens' and vision.inputs='patches', not "
@@ -87,9 +92,25 @@ class DualEncoder(nn.Module):
         attention_mask: torch.Tensor | None = None,  # (B, T), 1 = real token
         position_ids: torch.Tensor | None = None,  # (B, T)
     ) -> torch.Tensor:  # (B, P)
+        return self.text_projection(self.pool_text(input_ids, attention_mask, position_ids))  # (B, P)
+
+    def pool_text(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T)
+        position_ids: torch.Tensor | None = None,  # (B, T)
+    ) -> torch.Tensor:  # (B, H) the text tower's vector of each text, before the projection
+        if self.config.text_pooling == "mean":
+            hidden = self.text(
+                input_ids, attention_mask, position_ids=position_ids
+            ).last_hidden_state  # (B, T, H)
+            if attention_mask is None:
+                return hidden.mean(1)
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
         rows = self.eos_positions(input_ids)  # (B, 1): the last block computes only this row
         out = self.text(input_ids, attention_mask, position_ids=position_ids, rows=rows)
-        return self.text_projection(out.last_hidden_state[:, 0])  # (B, H) -> (B, P)
+        return out.last_hidden_state[:, 0]
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, P)
         cls = torch.zeros(pixel_values.shape[0], 1, dtype=torch.long, device=pixel_values.device)  # (B, 1)
