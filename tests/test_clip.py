@@ -334,10 +334,10 @@ def test_cli_refuses_a_model_without_towers(tmp_path, cli):
 
 
 def caption_data(tmp_path: Path, n: int = 12) -> Path:
-    """A CSV of (image_path, caption) rows, captions repeating as template-written ones do."""
+    """A CSV of (image_path, text) rows, captions repeating as template-written ones do."""
     files = write_images(tmp_path / "images", n)
     captions = ["a red car", "a cat", "a blue shoe", "a green bag"]
-    rows = ["image_path,caption"] + [f"{f},{captions[i % 4]}" for i, f in enumerate(files)]
+    rows = ["image_path,text"] + [f"{f},{captions[i % 4]}" for i, f in enumerate(files)]
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
     return tmp_path / "train.csv"
 

@@ -46,17 +46,7 @@ CANONICAL_KEYS = (
 # The user's column names that map to each canonical key when no explicit mapping says otherwise,
 # most specific first: a file with both 'text' and 'sentence' columns uses 'text'.
 DEFAULT_ALIASES: dict[str, tuple[str, ...]] = {
-    "text": (
-        "text",
-        "sentence",
-        "content",
-        "document",
-        "review",
-        "sentence1",
-        "question1",
-        "premise",
-        "caption",
-    ),
+    "text": ("text", "sentence", "content", "document", "review", "sentence1", "question1", "premise"),
     "text_pair": ("text_pair", "sentence2", "question2", "hypothesis"),
     "label": ("label", "labels", "category", "class", "target"),
     "tokens": ("tokens", "words"),
