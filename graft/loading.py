@@ -20,7 +20,7 @@ import graft.kernels
 from graft.errors import GraftError
 from graft.io.atomic import write_json
 from graft.io.hf import read_config, read_json, read_weights, resolve, weight_shapes, write_weights
-from graft.models.registry import FAMILIES, Family, describe, family_for
+from graft.models.registry import FAMILIES, Family, describe, family_for, pruning_from_hf, pruning_to_hf
 from graft.models.weights import WeightMap
 from graft.nn import DualEncoder, DualEncoderConfig, Transformer, TransformerConfig
 from graft.strategies import apply_strategy, exportable
@@ -50,6 +50,8 @@ def load_config(folder: Path) -> tuple[Family, AnyConfig]:
     try:
         family = family_for(hf.get("model_type"), source=str(path))
         cfg = family.config_from_hf(hf)
+        if isinstance(cfg, TransformerConfig):  # pruned heads and widths are one stack's
+            cfg = pruning_from_hf(hf, cfg)
         task_from_architectures(hf, family)  # checks architectures, with this message's path
         return family, cfg
     except GraftError as e:
@@ -229,7 +231,8 @@ def save_model(model: Model, folder: str | Path, tokenizer: Any = None) -> Path:
     dtype = next(body.parameters()).dtype
     # graft_* keys describe this model's head only, not one the checkpoint was read with
     kept = {k: v for k, v in cfg.hf_config.items() if not k.startswith("graft_")}
-    hf = {**kept, **family.config_to_hf(cfg), **extra}
+    pruned = pruning_to_hf(cfg) if isinstance(cfg, TransformerConfig) else {}
+    hf = {**kept, **family.config_to_hf(cfg), **pruned, **extra}
     hf["architectures"] = [arch]
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     write_weights(state, folder)

@@ -98,6 +98,31 @@ CASES: dict[str, list[Case]] = {
         lambda t: (["train", t / "nowhere.yaml"], ["nowhere.yaml", "not found"]),
         lambda t: (["train", folder(t / "recipes")], ["recipes", "is a folder"]),
     ],
+    "distill": [
+        lambda t: (["distill", t / "nowhere.yaml"], ["nowhere.yaml", "not found"]),
+        lambda t: (
+            ["distill", file(t / "r.yaml", "train:\n  output: x\n")],
+            ["distill.teacher: no teacher given"],
+        ),
+    ],
+    "prune": [
+        lambda t: (["prune", t / "no-model", t / "out", "--data", "d.csv"], ["nothing to remove", "--heads"]),
+        lambda t: (
+            ["prune", t / "no-model", file(t / "taken"), "--data", "d.csv", "--heads", "0.3"],
+            ["is a file"],
+        ),
+    ],
+    "export": [
+        lambda t: (["export", t / "nowhere", t / "out"], ["nowhere", "does not exist"]),
+        lambda t: (["export", t / "nowhere", t / "out", "--format", "tflite"], ["--format tflite"]),
+        lambda t: (["export", t / "nowhere", t / "out", "--opset", "9"], ["--opset 9", "too old"]),
+    ],
+    "heads": [
+        lambda t: (
+            ["heads", t / "no-model", "--data", "d.csv", "--out", file(t / "taken")],
+            ["is a file; --out"],
+        ),
+    ],
     "tune": [
         lambda t: (["tune", t / "nowhere.yaml"], ["nowhere.yaml", "not found"]),
         lambda t: (["tune", t / "nowhere.yaml", "--trials", "0"], ["--trials"]),
@@ -107,6 +132,30 @@ CASES: dict[str, list[Case]] = {
     ],
     "demo": [
         lambda t: (["demo", "--steps", "0"], ["--steps"]),
+    ],
+    "explain": [
+        lambda t: (["explain", t / "nowhere", "--text", "hi"], ["nowhere"]),
+        lambda t: (
+            ["explain", t / "nowhere", "--text", "hi", "--out", file(t / "taken")],
+            [f"{t / 'taken'}: is a file; --out takes a folder"],
+        ),
+        lambda t: (
+            ["explain", t / "nowhere", "--text", "hi", "--method", "gi"],
+            ["--method 'gi' is not one of"],
+        ),
+    ],
+    "probe": [
+        lambda t: (
+            ["probe", t / "nowhere", "--data", file(t / "d.csv", "text,kind\na,b\n"), "--property", "knd"],
+            ["column 'knd': no such column", "did you mean 'kind'"],
+        ),
+    ],
+    "fairness": [
+        lambda t: (
+            ["fairness", t / "nowhere", "--template", "No slot.", "--groups", "he,she"],
+            ["--template 'No slot.': no {} where the group word goes"],
+        ),
+        lambda t: (["fairness", t / "nowhere", "--template", "The {}.", "--groups", "he"], ["--groups 'he'"]),
     ],
     "index": [
         lambda t: (

@@ -204,7 +204,7 @@ def test_each_range_holds_the_default_and_refuses_what_is_outside(tmp_path, key,
     for x in default if isinstance(default, list) else [] if default is None else [default]:
         assert x in bounds, (key, x, str(bounds))
     hint = typing.get_type_hints(cls)[f.name]
-    integer = hint is int
+    integer = hint is int or hint == list[int]
     is_list = typing.get_origin(hint) is list or any(
         typing.get_origin(a) is list for a in typing.get_args(hint)
     )

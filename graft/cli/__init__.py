@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import typer
 
 # each module registers its commands on ``app`` when imported
-from graft.cli import generate, models, strategies, tasks, train, vision  # noqa: F401
+from graft.cli import distill, explain, export, generate, models, strategies, tasks, train, vision  # noqa: F401
 from graft.cli.app import app, os_error_line
 from graft.errors import GraftError
 

@@ -1,11 +1,12 @@
 """``graft predict`` and ``graft eval``: any saved task model, its task read from config.json.
 
     graft predict MODEL --input texts.jsonl [--output predictions.jsonl]
-    graft eval MODEL --data test.csv [--out results/]
+    graft eval MODEL --data test.csv [--out results/] [--groups COLUMN]
 
 Predictions are JSON lines (label and score, entity spans, answers, generated text...); eval
 prints the task's metrics as JSON and, with --out, writes metrics.json, predictions.jsonl and,
-for single-label classification, confusion_matrix.png.
+for single-label classification, confusion_matrix.png; with --groups COLUMN, every metric per
+group (the column's values) and the largest gap between groups.
 """
 
 from __future__ import annotations
@@ -184,6 +185,12 @@ def evaluate(
     skip_bad_rows: SkipBadRowsOpt = False,
     encoding: EncodingOpt = "auto",
     reference: ReferenceOpt = False,
+    groups: Annotated[
+        str | None,
+        typer.Option(
+            "--groups", help="A column of group names: every metric per group, and the largest gap."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate a task model on labelled data: prints the task's metrics as JSON."""
     from graft.io.atomic import atomic_path, check_output, write_json
@@ -192,11 +199,12 @@ def evaluate(
     if out is not None:
         check_output(out, "--out", folder=True)
     m, tokenizer = load_task_model(model, device, reference)
+    columns = [*(column or []), *([f"{groups}=group"] if groups else [])]  # the group column, read as "group"
     records, predictions = [], []
     for record, prediction in run(
         m,
         tokenizer,
-        read_records(data, fmt, column, m.head, True, skip_bad_rows, encoding),
+        read_records(data, fmt, columns, m.head, True, skip_bad_rows, encoding),
         batch_size,
         max_length,
     ):
@@ -206,6 +214,10 @@ def evaluate(
         raise GraftError(f"{data}: no records")
     metrics = m.head.evaluate(predictions, records)
     metrics["examples"] = len(records)
+    if groups:
+        from graft.interpret.fairness import group_metrics
+
+        metrics["groups"] = group_metrics(m.head, predictions, records, [r["group"] for r in records])
     typer.echo(json.dumps(metrics, ensure_ascii=False))
     if out is None:
         return

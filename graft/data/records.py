@@ -3,6 +3,7 @@
 A record is a plain dict with canonical keys (any subset):
 
     text, text_pair, question, context, id   str
+    group        str: the group a row belongs to (``graft eval --groups COLUMN``)
     label        str (one class), list[str] (multi-label) or float (regression)
     tokens, tags list[str] of equal length (token classification)
     answers      {"text": [str, ...], "answer_start": [int, ...]} as in SQuAD; empty lists when
@@ -41,6 +42,7 @@ CANONICAL_KEYS = (
     "answers",
     "id",
     "image",
+    "group",
 )
 
 # The user's column names that map to each canonical key when no explicit mapping says otherwise,
@@ -60,7 +62,7 @@ DEFAULT_ALIASES: dict[str, tuple[str, ...]] = {
 
 # A record needs at least one of these to be an input to a model.
 INPUT_KEYS = ("text", "tokens", "question", "image")
-TEXT_KEYS = ("text", "text_pair", "question", "context", "id")
+TEXT_KEYS = ("text", "text_pair", "question", "context", "id", "group")
 LABEL_KINDS = ("class", "multi", "float")
 
 _SURROGATE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by 'surrogateescape'

@@ -144,3 +144,63 @@ def activation_from_hf(name: Any, source: str = "config.json") -> str:
             f"{source}: hidden activation {describe(name)} is not supported ({', '.join(ACTIVATIONS_FROM_HF)})"
         )
     return ACTIVATIONS_FROM_HF[name]
+
+
+# ---- pruned models: per-block head counts and feed-forward widths ----
+# transformers writes the heads it removed as ``pruned_heads`` {"layer": [head, ...]} and prunes a
+# model it loads to match; feed-forward widths per block have no transformers key, so graft keeps
+# them as ``graft_intermediate_sizes``.
+
+
+def pruning_from_hf(hf: dict[str, Any], cfg: TransformerConfig) -> TransformerConfig:
+    """``cfg`` with the heads per block that config.json's pruned_heads leave, and its per-block widths."""
+    pruned = hf.get("pruned_heads") or {}
+    if not isinstance(pruned, dict):
+        raise GraftError(
+            f"config.json: pruned_heads must map layers to lists of heads, found {describe(pruned)}"
+        )
+    counts = [cfg.num_heads] * cfg.num_blocks
+    for layer, removed in pruned.items():
+        where = f"config.json: pruned_heads[{layer!r}]"
+        if not str(layer).isdigit() or int(layer) >= cfg.num_blocks:
+            raise GraftError(f"{where}: not a layer of this model (0 to {cfg.num_blocks - 1})")
+        ok = isinstance(removed, list) and all(type(h) is int and 0 <= h < cfg.num_heads for h in removed)
+        if not ok or len(set(removed)) != len(removed) or len(removed) >= cfg.num_heads:
+            raise GraftError(
+                f"{where} must list distinct heads from 0 to {cfg.num_heads - 1}, fewer than all,"
+                f" found {describe(removed)}"
+            )
+        counts[int(layer)] -= len(removed)
+    sizes = hf.get("graft_intermediate_sizes")
+    if sizes is not None and not (
+        isinstance(sizes, list)
+        and len(sizes) == cfg.num_blocks
+        and all(type(n) is int and 1 <= n <= cfg.intermediate_size for n in sizes)
+    ):
+        raise GraftError(
+            f"config.json: graft_intermediate_sizes must list {cfg.num_blocks} integers from 1 to"
+            f" {cfg.intermediate_size}, found {describe(sizes)}"
+        )
+    cfg.heads_per_layer = counts if pruned else None
+    cfg.intermediate_sizes = sizes
+    cfg.__post_init__()  # the combination checked as any config is (grouped-query, relative positions)
+    return cfg
+
+
+def pruning_to_hf(cfg: TransformerConfig) -> dict[str, Any]:
+    """config.json keys of a pruned model: pruned_heads (the original heads removed from each block,
+    as transformers reads them) and graft_intermediate_sizes."""
+    out: dict[str, Any] = {}
+    if cfg.heads_per_layer is not None:
+        known = cfg.hf_config.get("pruned_heads") or {}
+        pruned = {}
+        for layer, count in enumerate(cfg.heads_per_layer):
+            removed = sorted(known.get(str(layer), known.get(layer, [])))
+            if len(removed) != cfg.num_heads - count:  # which ones is unknown: the count is what matters
+                removed = list(range(count, cfg.num_heads))
+            if removed:
+                pruned[str(layer)] = removed
+        out["pruned_heads"] = pruned
+    if cfg.intermediate_sizes is not None:
+        out["graft_intermediate_sizes"] = list(cfg.intermediate_sizes)
+    return out

@@ -116,6 +116,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig, layer: int, cross: bool = False) -> None:
         super().__init__()
         h, nh, nkv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if not cross and cfg.heads_per_layer is not None:  # pruned: this block's heads (no grouped-query)
+            nh = nkv = cfg.heads(layer)
         self.layer, self.cross = layer, cross
         self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, hd
         self.q = nn.Linear(h, nh * hd, bias=cfg.qkv_bias)
@@ -204,6 +206,23 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal, scale=self.scale, enable_gqa=gqa
             )  # (B, nh, T, hd)
         return self.o(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)), probs
+
+
+class MaskedInput(nn.Module):
+    """A linear layer whose input is gated per unit: ``base(x * mask)``, the mask repeated over
+    each unit's ``x.shape[-1] / units`` features. Over attention's output projection (units =
+    heads) it is Michel et al.'s head mask (2019); over the feed-forward's down projection (units =
+    neurons) it masks neurons. A mask of ones changes nothing; its gradient says how much the loss
+    depends on each unit (graft.interpret.heads), and zeros remove units as pruning would."""
+
+    def __init__(self, base: nn.Module, units: int) -> None:
+        super().__init__()
+        self.base = base
+        self.mask = nn.Parameter(torch.ones(units, device=base.weight.device, dtype=base.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., units * width) -> base's output
+        gated = x.unflatten(-1, (self.mask.shape[0], -1)) * self.mask[:, None]  # (..., units, width)
+        return self.base(gated.flatten(-2))
 
 
 def attention_math(

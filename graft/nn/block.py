@@ -25,7 +25,7 @@ class Block(nn.Module):
         self.attn_norm = make_norm(cfg)
         self.cross_attn = Attention(cfg, layer, cross=True) if cross else None
         self.cross_norm = make_norm(cfg) if cross else None
-        self.ffn = FeedForward(cfg)
+        self.ffn = FeedForward(cfg, layer)
         self.ffn_norm = make_norm(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 

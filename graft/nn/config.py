@@ -66,6 +66,10 @@ class TransformerConfig:
     sliding_window: int | None = None
     layer_order: list[int] | None = None  # cross-layer sharing (ALBERT): unique block applied at each depth
     cross_attention: bool = False  # every block also attends to an encoder's output (encoder-decoder)
+    # Pruned models (graft.compress.prune): self-attention heads and feed-forward widths per block;
+    # None = num_heads / intermediate_size in every block
+    heads_per_layer: list[int] | None = None
+    intermediate_sizes: list[int] | None = None
 
     # Around the stack.
     pooler: bool = False  # dense + tanh on the first token (BERT, ALBERT)
@@ -102,6 +106,34 @@ class TransformerConfig:
                 f"config: num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
             )
         self.check_inputs()
+        for name, sizes, most in (
+            ("heads_per_layer", self.heads_per_layer, self.num_heads),
+            ("intermediate_sizes", self.intermediate_sizes, None),
+        ):
+            if sizes is None:
+                continue
+            if len(sizes) != self.num_blocks or not all(type(n) is int and n >= 1 for n in sizes):
+                raise GraftError(f"config: {name} must list {self.num_blocks} integers >= 1, one per block")
+            if most is not None and max(sizes) > most:
+                raise GraftError(f"config: {name} has {max(sizes)} heads in a block of {most}")
+        if self.heads_per_layer is not None and self.num_kv_heads != self.num_heads:
+            raise GraftError(
+                "config: heads_per_layer needs one key/value head per query head (no grouped-query)"
+            )
+        if self.heads_per_layer is not None and self.position == "relative":
+            raise GraftError(
+                "config: heads_per_layer does not go with position='relative' (one bias per head)"
+            )
+
+    def heads(self, layer: int) -> int:
+        """Self-attention heads of block ``layer`` (fewer than num_heads once pruned)."""
+        return self.heads_per_layer[layer] if self.heads_per_layer is not None else self.num_heads
+
+    def intermediate(self, layer: int) -> int:
+        """Feed-forward width of block ``layer`` (smaller than intermediate_size once pruned)."""
+        return (
+            self.intermediate_sizes[layer] if self.intermediate_sizes is not None else self.intermediate_size
+        )
 
     def check_inputs(self) -> None:
         """Patches and audio frames bring their own positions; token-only options stay off."""

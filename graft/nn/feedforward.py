@@ -38,9 +38,9 @@ def activation(name: str) -> nn.Module:
 class FeedForward(nn.Module):
     """down(act(up(x))), or down(act(gate(x)) * up(x)) when gated."""
 
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: TransformerConfig, layer: int = 0) -> None:
         super().__init__()
-        h, i = cfg.hidden_size, cfg.intermediate_size
+        h, i = cfg.hidden_size, cfg.intermediate(layer)
         self.gate = nn.Linear(h, i, bias=cfg.mlp_bias) if cfg.gated else None
         self.up = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down = nn.Linear(i, h, bias=cfg.mlp_bias)

@@ -163,7 +163,8 @@ class Transformer(nn.Module):
         # the embeddings' virtual tokens (see the class docstring): P positions before the caller's,
         # computed by the first call of a sequence (later ones find them in the cache)
         virtual = self.virtual_tokens
-        new = virtual if past == 0 else 0
+        # (past is tested only with virtual tokens: an exported graph's cache length is symbolic)
+        new = virtual if virtual and past == 0 else 0
         if position_ids is None:
             position_ids = self.position_ids(inputs, past + new, shape)
         elif virtual:  # the caller's positions count its own tokens

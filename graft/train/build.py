@@ -63,7 +63,16 @@ def token_lengths(records: Sequence[dict[str, Any]], tokenizer: Any, max_length:
     return lengths
 
 
-def build_trainer(recipe: Recipe, quiet: bool = False, callbacks=()) -> Trainer:
+def build_trainer(
+    recipe: Recipe,
+    quiet: bool = False,
+    callbacks=(),
+    model: torch.nn.Module | None = None,
+    extra_train: Sequence[dict[str, Any]] = (),
+) -> Trainer:
+    """The recipe's Trainer. ``model``: train this one (built by the caller: a distiller) instead of
+    loading model.path, whose tokenizer and head options still apply; ``extra_train``: records
+    added to the training split (a teacher's labelled transfer text)."""
     from graft.data import load_splits
     from graft.io.hf import resolve
     from graft.loading import load_model, load_processor
@@ -95,14 +104,15 @@ def build_trainer(recipe: Recipe, quiet: bool = False, callbacks=()) -> Trainer:
     dtype = getattr(torch, recipe.model.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise GraftError(f"model.dtype: {recipe.model.dtype!r} is not a torch dtype (float32, bfloat16...)")
-    model = load_model(
-        folder,
-        task=recipe.task.name,
-        dtype=dtype,
-        kernels=recipe.model.kernels,
-        to_train=True,
-        **head_options(recipe, label_map),
-    )
+    if model is None:
+        model = load_model(
+            folder,
+            task=recipe.task.name,
+            dtype=dtype,
+            kernels=recipe.model.kernels,
+            to_train=True,
+            **head_options(recipe, label_map),
+        )
     if recipe.strategy.name != "full" or recipe.strategy.options:
         from graft.strategies import apply_strategy
 
@@ -111,7 +121,7 @@ def build_trainer(recipe: Recipe, quiet: bool = False, callbacks=()) -> Trainer:
 
     # map-style datasets that read each record from disk when indexed (one int64 offset per row in
     # memory), so a data file larger than memory still trains; the OS page cache keeps it fast
-    train = train_set
+    train = train_set if not extra_train else Joined(train_set, list(extra_train))
     validation = splits.get("validation")
     max_length = recipe.data.max_length
     t = recipe.train
@@ -152,6 +162,19 @@ def build_trainer(recipe: Recipe, quiet: bool = False, callbacks=()) -> Trainer:
     if getattr(model, "unfreezing", None) is not None:  # gradual unfreezing follows the trainer's epoch
         model.unfreezing.attach(trainer)
     return trainer
+
+
+class Joined(Sequence):
+    """A training split followed by more records held in memory."""
+
+    def __init__(self, first: Sequence[Any], more: list[Any]) -> None:
+        self.first, self.more = first, more
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.more)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.first[i] if i < len(self.first) else self.more[i - len(self.first)]
 
 
 def run_recipe(

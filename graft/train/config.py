@@ -207,6 +207,25 @@ class TuneSection:
 
 
 @dataclass
+class DistillSection:
+    """graft distill: a student learns from a teacher (graft.compress.distill)."""
+
+    teacher: str = ""  # a fine-tuned task model folder or Hub id
+    # the student, one of: the teacher's layers kept (these, every k-th, or the first N), weights
+    # copied; a fresh config (keys of graft's TransformerConfig: num_layers, hidden_size...); model.path
+    layers: list[int] = ranged([], low=0)  # (and below the teacher's depth, checked when it loads)
+    every: int = ranged(0, low=0)
+    first: int = ranged(0, low=0)
+    student: dict[str, Any] = field(default_factory=dict)
+    temperature: float = ranged(2.0, above=0)
+    soft: float = ranged(0.5, low=0)  # weight of the KL to the teacher's soft targets (times T^2)
+    hard: float = ranged(0.5, low=0)  # weight of the data labels' loss
+    hidden: float = ranged(0.0, low=0)  # weight of the hidden-state MSE (TinyBERT)
+    attention: float = ranged(0.0, low=0)  # weight of the last layer's attention KL (MiniLM)
+    transfer: str = ""  # unlabelled text: more training examples, labelled by the teacher
+
+
+@dataclass
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -220,6 +239,7 @@ class Recipe:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
     tune: TuneSection = field(default_factory=TuneSection)
+    distill: DistillSection = field(default_factory=DistillSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -249,6 +269,11 @@ class Recipe:
         except GraftError as e:  # "strategy 'lora': option 'r' must be positive, got 0"
             where = origin("strategy.options", source, origins)
             raise GraftError(f"{origin('strategy.name', where, origins)}: {e}") from None
+        d = self.distill
+        if d.teacher and d.soft + d.hard + d.hidden + d.attention == 0:
+            fail(
+                "distill.soft", "every distillation loss weight is 0 (distill.soft, hard, hidden, attention)"
+            )
         if self.tune.space:
             check_space(self.tune.space, origin("tune.space", source, origins))
         return self

@@ -621,6 +621,7 @@ class Trainer:
         from graft.loading import save_model
         from graft.strategies import exportable
 
+        model = getattr(model, "trained", model)  # a training wrapper (a distiller) saves its student
         try:
             model = exportable(model)
         except GraftError as e:  # adapters, prompts: no place in a HF checkpoint

@@ -1,0 +1,84 @@
+"""``graft export``: a model as ONNX, parity-checked, in a folder of its own.
+
+graft export MODEL OUT/ [--format onnx] [--opset 18] [--optimize] [--int8] [--task embedding --pooling mean]
+graft export BASE OUT/ --adapter ADAPTER/      # a PEFT adapter merged into its base first
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from graft.cli.app import app
+from graft.cli.generate import model_folder
+from graft.errors import GraftError
+
+
+def load_for_export(
+    model: str, adapter: Path | None, task: str | None, pooling: str | None, normalize: bool | None
+):
+    """(model on the reference code, tokenizer or None) from a folder, Hub id or GGUF file (+ adapter)."""
+    from graft.loading import load_adapter_model, load_model
+    from graft.tokenizer import Tokenizer
+
+    options = {k: v for k, v in {"pooling": pooling, "normalize": normalize}.items() if v is not None}
+    if options and task != "embedding":
+        raise GraftError("--pooling and --normalize shape an embedding model: add --task embedding")
+    with model_folder(model) as folder:
+        if adapter is not None:
+            if task is not None:
+                raise GraftError("--task: an adapter folder brings its own task; drop --task")
+            m = load_adapter_model(folder, adapter)
+        else:
+            m = load_model(folder, task=task, kernels=False, **options)
+        tokenizer = None
+        if any((folder / name).exists() for name in ("tokenizer.json", "vocab.txt", "tokenizer.model")):
+            tokenizer = Tokenizer.from_folder(folder)
+    return m, tokenizer
+
+
+@app.command("export")
+def export(
+    model: Annotated[str, typer.Argument(help="A Hugging Face-format folder, a Hub id, or a .gguf file.")],
+    out: Annotated[
+        Path, typer.Argument(help="The folder to write (model file, tokenizer, labels, manifest).")
+    ],
+    fmt: Annotated[str, typer.Option("--format", help="onnx.")] = "onnx",
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (18 or newer; default 18).")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="Export as this task (default: config.json's), e.g. embedding.")
+    ] = None,
+    pooling: Annotated[str | None, typer.Option(help="--task embedding: cls, mean, last or pooler.")] = None,
+    normalize: Annotated[
+        bool | None, typer.Option("--normalize/--no-normalize", help="--task embedding: unit-length vectors.")
+    ] = None,
+    adapter: Annotated[
+        Path | None, typer.Option(help="A PEFT adapter folder on MODEL: LoRA is merged before export.")
+    ] = None,
+    optimize: Annotated[
+        bool, typer.Option("--optimize", help="ONNX Runtime's transformer fusions, checked again.")
+    ] = False,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="Dynamic int8 quantization, checked by cosine to float32.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT when it is not empty.")] = False,
+) -> None:
+    """Export a model to ONNX, checked against graft on shapes it was not traced with."""
+    import json
+
+    from graft.export import FORMATS, check_request, export_model
+    from graft.export.onnx import check_opset
+    from graft.io.atomic import check_output
+
+    if fmt not in FORMATS:
+        raise GraftError(f"--format {fmt}: not one of {', '.join(FORMATS)}")
+    if opset is not None:
+        check_opset(opset)
+    check_output(out, "OUT", folder=True, overwrite=overwrite)
+    m, tokenizer = load_for_export(model, adapter, task, pooling, normalize)
+    check_request(m, fmt, opset)
+    manifest = export_model(m, out, tokenizer, fmt=fmt, opset=opset, optimize=optimize, int8=int8)
+    summary = {k: manifest[k] for k in ("format", "family", "task", "file")}
+    typer.echo(json.dumps({**summary, "out": str(out), "max_abs_diff": manifest["parity"]["max_abs_diff"]}))

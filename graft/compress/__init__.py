@@ -1,0 +1,1 @@
+"""Compression: quantization, distillation and pruning (chapter 8)."""

@@ -1,0 +1,265 @@
+"""Export (chapter 8): a graft model leaves Python as ONNX (run by ONNX Runtime).
+
+    from graft.export import export_model
+    export_model(model, "out/", tokenizer, fmt="onnx")   # parity-checked, written atomically
+
+What OUT/ holds: ``model.onnx``, the tokenizer files, ``labels.json`` (the label map of a
+classifier or tagger), ``config.json`` (the model's HF config: the head is rebuilt from it) and
+``manifest.json``: the format, the task, every input and output with its dtype and shape (axis
+names for dynamic axes), graft's version and the parity measured at export.
+
+The graph is traced from graft.nn's plain reference code (``graft.kernels.reference``), LoRA
+merged first. Encoders and task heads: (input_ids, attention_mask[, token_type_ids]) -> one
+output. Decoders (causal LM) export ONE merged graph for the prompt and every step, with the
+KV cache as plain tensors:
+
+    inputs   input_ids (B, T), attention_mask (B, P + T), position_ids (B, T),
+             past_key_values.{i}.key / .value (B, kv_heads, P, head_dim) for every layer i
+    outputs  logits (B, T, V), present.{i}.key / .value (B, kv_heads, P + T, head_dim)
+
+The prompt runs with P = 0 (empty past tensors), each step feeds one token per row and the
+previous call's presents; positions count real tokens from 0 (left padding), as graft's
+generation does. One graph, so one file and one loop, and no shape mismatch between two graphs.
+
+The export is checked against graft's eager model on shapes that were not traced (padding
+included): max abs difference <= 1e-4 in float32, or the export stops, writing nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import graft
+import graft.kernels
+from graft.errors import GraftError
+from graft.export.check import (
+    CHECK_SHAPES,
+    FP32_TOLERANCE,
+    TRACE_SHAPE,
+    agreement,
+    max_abs_diff,
+    parity_cases,
+)
+from graft.export.graph import OUTPUTS, DecoderGraph, TaskGraph, Tensor, graph_for, task_of
+from graft.io.atomic import atomic_folder, write_json
+from graft.models import FAMILIES
+from graft.tasks import HEADS, TaskModel
+from graft.tasks.base import body_of
+
+log = logging.getLogger("graft")
+
+FORMATS = ("onnx",)
+MANIFEST = "manifest.json"
+MODEL_FILES = {"onnx": "model.onnx"}
+INT8_MIN_COSINE = 0.99  # int8 is checked by direction, not digits: every output row against float32
+
+
+def check_request(model: nn.Module, fmt: str, opset: int | None = None) -> None:
+    """Refuse, in one line and before any work, what cannot be exported."""
+    if fmt not in FORMATS:
+        raise GraftError(f"export: unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+    body = body_of(model)
+    cfg = body.config
+    task = task_of(model)
+    if cfg.family not in FAMILIES or cfg.inputs != "tokens" or cfg.cross_attention:
+        raise GraftError(
+            f"export: the {cfg.family} family cannot be exported (graft exports {', '.join(FAMILIES)})"
+        )
+    if task != "base" and task not in HEADS or task not in OUTPUTS:
+        raise GraftError(f"export: the {task} task cannot be exported (known: {', '.join(OUTPUTS)})")
+    if task == "causal-lm" and not cfg.causal:
+        raise GraftError(f"export: a {cfg.family} model has no causal LM to export")
+    hooked = [
+        name or "the model"
+        for name, m in model.named_modules()
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+    ]
+    if hooked:
+        raise GraftError(
+            f"export: {hooked[0]} has hooks, which an exported graph cannot run; remove them before exporting"
+        )
+    if body.virtual_tokens or any(n.endswith("prefix") for n, _ in body.named_modules()):
+        raise GraftError(
+            "export: prompt and prefix tuning cannot be exported (their virtual tokens change the "
+            "graph's positions); train with lora or adapters to export"
+        )
+    if opset is not None and fmt == "onnx":
+        from graft.export.onnx import check_opset
+
+        check_opset(opset)
+
+
+def prepared(model: nn.Module) -> nn.Module:
+    """A copy to trace: LoRA merged, on graft.nn's reference code, in float32 eval mode."""
+    import copy
+
+    from graft.strategies import merge_and_unload
+
+    kernels = graft.kernels.kernels_of(model)
+    model.__dict__.pop("kernels", None)  # not deep-copied: the copy runs the reference code
+    try:
+        copied = copy.deepcopy(model)
+    finally:
+        if kernels is not None:
+            model.kernels = kernels
+    copied = graft.kernels.reference(merge_and_unload(copied))
+    return copied.float().eval()
+
+
+def hf_config(model: nn.Module) -> dict[str, Any]:
+    """The config.json a loader reads to rebuild the head (as save_model writes it, without weights)."""
+    cfg = body_of(model).config
+    family = FAMILIES[cfg.family]
+    task = task_of(model)
+    kept = {k: v for k, v in cfg.hf_config.items() if not k.startswith("graft_")}
+    extra = model.head.hf_config() if isinstance(model, TaskModel) else {}
+    if task not in family.architectures:
+        extra = {**extra, "graft_task": task}
+    hf = {**kept, **family.config_to_hf(cfg), **extra}
+    hf["architectures"] = [family.architectures.get(task, family.architectures["base"])]
+    return hf
+
+
+def signature(graph: TaskGraph | DecoderGraph) -> tuple[list[Tensor], list[Tensor]]:
+    """The graph's inputs and outputs as the manifest lists them."""
+    cfg = graph.config
+    if isinstance(graph, DecoderGraph):
+        cache = ("batch", cfg.num_kv_heads, "past_sequence", cfg.head_dim)
+        present = ("batch", cfg.num_kv_heads, "total_sequence", cfg.head_dim)
+        inputs = [
+            Tensor("input_ids", "int64", ("batch", "sequence")),
+            Tensor("attention_mask", "int64", ("batch", "total_sequence")),
+            Tensor("position_ids", "int64", ("batch", "sequence")),
+        ] + [Tensor(name, "float32", cache) for name in graph.input_names()[3:]]
+        outputs = [Tensor("logits", "float32", ("batch", "sequence", cfg.vocab_size))] + [
+            Tensor(name, "float32", present) for name in graph.output_names()[1:]
+        ]
+        return inputs, outputs
+    inputs = [Tensor(name, "int64", ("batch", "sequence")) for name in graph.input_names()]
+    task = graph.task
+    width = {
+        "base": ("sequence", cfg.hidden_size),
+        "embedding": (cfg.hidden_size,),
+        "question-answering": ("sequence", 2),
+    }
+    if task in ("classification", "token-classification"):
+        labels = len(graph.model.head.id2label)
+        shape = ("sequence", labels) if task == "token-classification" else (labels,)
+    else:
+        shape = width[task]
+    return inputs, [Tensor(OUTPUTS[task], "float32", ("batch", *shape))]
+
+
+def export_model(
+    model: nn.Module,
+    out: str | Path,
+    tokenizer: Any = None,
+    fmt: str = "onnx",
+    opset: int | None = None,
+    tolerance: float = FP32_TOLERANCE,
+    optimize: bool = False,
+    int8: bool = False,
+) -> dict[str, Any]:
+    """Export ``model`` (a body or a task model) to the folder ``out``; its manifest.
+
+    The folder appears whole or not at all: a failed parity check raises a GraftError with the
+    measured difference and leaves ``out`` as it was.
+    """
+    from graft.export import onnx as onnx_export
+
+    opset = opset if opset is not None else onnx_export.DEFAULT_OPSET
+    check_request(model, fmt, opset)
+    model = prepared(model)
+    graph = graph_for(model).eval()
+    inputs, outputs = signature(graph)
+    with tempfile.TemporaryDirectory(prefix="graft-export-") as work:
+        path = Path(work) / MODEL_FILES[fmt]
+        onnx_export.export_onnx(graph, path, opset)
+        cases = parity_cases(graph)
+        diff = check_parity(path, cases, tolerance, "ONNX Runtime")
+        fused: list[str] = []
+        if optimize:
+            optimized = path.with_name("optimized.onnx")
+            fused = onnx_export.optimize_onnx(path, optimized, graph)
+            diff = max(diff, check_parity(optimized, cases, tolerance, "the optimized graph"))
+            path = optimized.replace(path)
+        quantized = None
+        if int8:
+            target = path.with_name("int8.onnx")
+            onnx_export.quantize_int8(path, target)
+            quantized = agreement(onnx_export.runner(target), onnx_export.runner(path), cases)
+            if not quantized["min_cosine"] >= INT8_MIN_COSINE:
+                raise GraftError(
+                    f"export: int8 check failed: an output row's cosine to float32 is {quantized['min_cosine']:.4f} "
+                    f"(at least {INT8_MIN_COSINE} wanted); export without --int8; nothing was written"
+                )
+            path = target.replace(path)
+        manifest = {
+            "format": fmt,
+            "file": path.name,
+            "graft_version": graft.__version__,
+            "torch_version": torch.__version__,
+            "exporter": "torch.onnx.export(dynamo=True)",
+            "opset": opset,
+            "family": graph.config.family,
+            "task": graph.task,
+            "inputs": [t.as_json() for t in inputs],
+            "outputs": [t.as_json() for t in outputs],
+            "parity": {
+                "max_abs_diff": diff,
+                "tolerance": tolerance,
+                "traced_shape": list(TRACE_SHAPE),
+                "checked_shapes": [list(s) for s in CHECK_SHAPES],
+            },
+            "optimized": {"fused": fused} if optimize else None,
+            "int8": {**quantized, "min_cosine_wanted": INT8_MIN_COSINE} if quantized else None,
+        }
+        if isinstance(graph, DecoderGraph):
+            manifest["cache"] = {
+                "layout": "merged",  # one graph: empty past for the prompt, then one token per step
+                "layers": graph.layers,
+                "kv_heads": graph.config.num_kv_heads,
+                "head_dim": graph.config.head_dim,
+                "positions": "count real tokens from 0 (left padding)",
+            }
+        with atomic_folder(out) as folder:
+            (folder / path.name).write_bytes(path.read_bytes())
+            write_files(folder, model, tokenizer, manifest)
+    return manifest
+
+
+def check_parity(path: Path, cases: list, tolerance: float, what: str) -> float:
+    """The measured max abs difference of the graph at ``path``; a GraftError past ``tolerance``."""
+    from graft.export.onnx import runner
+
+    diff = max_abs_diff(runner(path), cases)
+    if not diff <= tolerance:  # NaN fails too
+        raise GraftError(
+            f"export: parity check failed: {what} differs from graft by {diff:.3g} "
+            f"(tolerance {tolerance:g}); nothing was written"
+        )
+    return diff
+
+
+def write_files(folder: Path, model: nn.Module, tokenizer: Any, manifest: dict[str, Any]) -> None:
+    """The files around the graph: config, labels, tokenizer, manifest."""
+    write_json(folder / "config.json", hf_config(model))
+    labels = getattr(getattr(model, "head", None), "id2label", None)
+    if labels is not None:
+        write_json(folder / "labels.json", {"id2label": list(labels)})
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    if manifest["format"] == "onnx":  # runs the folder with onnxruntime, tokenizers and numpy alone
+        shutil.copyfile(Path(__file__).with_name("runtime.py"), folder / "runtime.py")
+    manifest["files"] = sorted(p.name for p in folder.iterdir()) + [MANIFEST]
+    write_json(folder / MANIFEST, manifest)
+
+
+__all__ = ["FORMATS", "MANIFEST", "check_request", "export_model"]

@@ -1,0 +1,134 @@
+"""ONNX through torch.onnx's dynamo exporter, run and checked with ONNX Runtime.
+
+Why the dynamo exporter (torch.onnx.export(dynamo=True)): with torch 2.13 the TorchScript-based
+exporter (dynamo=False) stops at ``aten::rms_norm`` (every Llama-family model) and would keep
+whatever branch its one traced example took; the dynamo exporter writes every family's graph,
+checks dynamic axes symbolically (a misspelled or inconsistent axis is an error, not a silent
+fix) and matched graft within 1e-7 on the tiny models of the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from graft.errors import GraftError
+from graft.export.check import Runner
+from graft.export.graph import DecoderGraph, TaskGraph, example_inputs
+
+log = logging.getLogger("graft")
+
+MIN_OPSET = 18  # the oldest opset the dynamo exporter writes
+DEFAULT_OPSET = 18
+
+
+def check_opset(opset: int) -> None:
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if opset < MIN_OPSET:
+        raise GraftError(
+            f"--opset {opset}: too old; torch.onnx's exporter writes opset {MIN_OPSET} to {newest}"
+        )
+    if opset > newest:
+        raise GraftError(f"--opset {opset}: newer than this onnx package knows ({newest})")
+
+
+def dynamic_shapes(graph: TaskGraph | DecoderGraph) -> tuple[dict[int, str], ...]:
+    """Axis names per input: batch and sequence everywhere; a decoder's mask spans past + sequence."""
+    if isinstance(graph, DecoderGraph):
+        past = {0: "batch", 2: "past_sequence"}
+        tokens = {0: "batch", 1: "sequence"}
+        return (tokens, {0: "batch", 1: "total_sequence"}, tokens, (past,) * (2 * graph.layers))
+    return tuple({0: "batch", 1: "sequence"} for _ in graph.input_names())
+
+
+def export_onnx(graph: TaskGraph | DecoderGraph, path: Path, opset: int) -> None:
+    """Write ``graph`` to ``path`` (weights inside the file, or next to it past 2 GB)."""
+    batch, length = 2, 7  # graft.export.check.TRACE_SHAPE
+    inputs = example_inputs(graph, batch, length, past=3 if isinstance(graph, DecoderGraph) else 0)
+    args = tuple(inputs[name] for name in graph.input_names())
+    outputs = graph.output_names() if isinstance(graph, DecoderGraph) else [output_name(graph)]
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's notes on axis names; errors still raise
+        try:
+            program = torch.onnx.export(
+                graph,
+                args,
+                dynamo=True,
+                input_names=graph.input_names(),
+                output_names=outputs,
+                dynamic_shapes=dynamic_shapes(graph),
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+            )
+        except Exception as e:  # the exporter's own errors are long: keep its first line
+            cause = e.__cause__ or e  # torch.onnx wraps torch.export's error in three paragraphs
+            reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            raise GraftError(
+                f"export: torch.onnx could not export this {graph.task} model ({reason})"
+            ) from None
+    program.save(str(path), external_data=path_too_big(graph))
+
+
+def path_too_big(graph: torch.nn.Module) -> bool:
+    """Protobuf files stop at 2 GB: larger models keep their weights in a file next to the graph."""
+    size = sum(p.numel() * p.element_size() for p in graph.parameters())
+    return size > 1_800_000_000
+
+
+def output_name(graph: TaskGraph) -> str:
+    from graft.export.graph import OUTPUTS
+
+    return OUTPUTS[graph.task]
+
+
+def session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # warnings about unused initializers are not the user's business
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def runner(path: Path) -> Runner:
+    """A function of numpy inputs -> the graph's outputs, run by ONNX Runtime."""
+    sess = session(path)
+    names = {i.name for i in sess.get_inputs()}
+
+    def run(inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return sess.run(None, {k: v for k, v in inputs.items() if k in names})
+
+    return run
+
+
+def optimize_onnx(source: Path, target: Path, graph: TaskGraph | DecoderGraph) -> list[str]:
+    """ONNX Runtime's transformer fusions (attention, skip-layer-norm, bias-GELU...) where they apply;
+    the names of the fused operators found in the result."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    cfg = graph.config
+    kind = "gpt2" if cfg.causal else "bert"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = optimize_model(
+            str(source), model_type=kind, num_heads=cfg.num_heads, hidden_size=cfg.hidden_size, opt_level=1
+        )
+    model.save_model_to_file(str(target))
+    fused = model.get_fused_operator_statistics()
+    return sorted(name for name, n in fused.items() if n)
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """ONNX Runtime's dynamic int8 quantization: int8 weights (a scale per output channel: per tensor
+    lost too much of MiniLM's direction), activations quantized per call."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)

@@ -1,0 +1,126 @@
+"""Token attributions (chapter 9): how much each input token moved the explained number.
+
+    from graft.interpret import subject, attribute
+    s = subject(model, tokenizer, "A fine film.")
+    a = attribute(s, "ig", steps=50)   # a.scores: one number per token; a.delta: IG's error
+
+Methods: integrated gradients through captum's LayerIntegratedGradients on the token
+embedding (the baseline: the same row with every non-special token replaced by the pad token;
+``steps`` points of Gauss-Legendre quadrature, ``batch_size`` of them per forward; completeness
+says the scores sum to f(input) - f(baseline), and ``delta`` is how far they are from it),
+gradient x input on the token embedding, occlusion (the drop when one token is replaced by the
+pad token), raw attention and attention rollout (graft.interpret.attention).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from graft.errors import GraftError, did_you_mean
+from graft.interpret.attention import attention_scores
+from graft.interpret.subject import Subject, token_embedding
+
+METHODS = ("ig", "grad-x-input", "occlusion", "attention", "rollout", "random")
+
+
+@dataclass
+class Attribution:
+    method: str
+    scores: list[float]  # one per token (IG and occlusion give special tokens 0: they are never replaced)
+    delta: float | None = None  # IG: sum(scores) - (f(input) - f(baseline))
+    maps: torch.Tensor | None = None  # (L, nh, T, T) attention probabilities, when they were computed
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[None]:
+    """The model's parameters stop asking for gradients for the duration (those that did ask get it back).
+
+    Attributions need gradients with respect to the inputs only; graft's CPU kernels (custom
+    autograd functions) would otherwise compute every weight's gradient too, a third of the work.
+    Only the parameters that required gradients are given them back, so overlapping calls from two
+    threads leave the model as it was.
+    """
+    asking = [p for p in model.parameters() if p.requires_grad]
+    for p in asking:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in asking:
+            p.requires_grad_(True)
+
+
+def integrated_gradients(
+    subject: Subject, steps: int = 50, batch_size: int | None = None
+) -> tuple[list[float], float]:
+    """(per-token IG attributions, convergence delta) on the token embedding, via captum."""
+    try:
+        from captum.attr import LayerIntegratedGradients
+    except ImportError:
+        raise GraftError("explain --method ig needs captum: pip install 'graft-ml[explain]'") from None
+    lig = LayerIntegratedGradients(subject.scores, token_embedding(subject.model))
+    with torch.enable_grad(), frozen(subject.model):
+        attributions, delta = lig.attribute(
+            subject.input_ids,
+            baselines=subject.baseline_ids,
+            n_steps=steps,
+            internal_batch_size=batch_size or steps,
+            return_convergence_delta=True,
+        )  # (1, T, E), (1,)
+    return attributions.sum(-1)[0].tolist(), float(delta[0])
+
+
+def gradient_x_input(subject: Subject) -> list[float]:
+    """d score / d embedding . embedding, per token (summed over the embedding's width)."""
+    embedding = token_embedding(subject.model)
+    with torch.enable_grad(), frozen(subject.model):
+        x = embedding(subject.input_ids).detach().requires_grad_(True)  # (1, T, E)
+        score = subject.scores(subject.input_ids, inputs_embeds=x)[0]
+        (grad,) = torch.autograd.grad(score, x)
+    return (grad * x).sum(-1)[0].tolist()
+
+
+@torch.no_grad()
+def occlusion(subject: Subject, batch_size: int = 32) -> list[float]:
+    """f(input) - f(input with token i replaced by the baseline token), per token (0 for special ones)."""
+    full = subject.score()
+    free = subject.free
+    scores = [0.0] * len(subject.tokens)
+    for start in range(0, len(free), batch_size):
+        chunk = free[start : start + batch_size]
+        ids = subject.input_ids.repeat(len(chunk), 1)  # (N, T)
+        rows = torch.arange(len(chunk), device=ids.device)
+        ids[rows, torch.tensor(chunk, device=ids.device)] = subject.baseline_id
+        for i, s in zip(chunk, subject.scores(ids).tolist(), strict=True):
+            scores[i] = full - s
+    return scores
+
+
+def attribute(
+    subject: Subject,
+    method: str = "ig",
+    steps: int = 50,
+    batch_size: int | None = None,
+    seed: int = 0,
+) -> Attribution:
+    """The ``method``'s attribution of the subject's target to each of its tokens."""
+    if method not in METHODS:
+        raise GraftError(
+            f"explain: --method {method!r} is not one of {', '.join(METHODS)}{did_you_mean(method, METHODS)}"
+        )
+    if method == "ig":
+        scores, delta = integrated_gradients(subject, steps, batch_size)
+        return Attribution(method, scores, delta)
+    if method == "grad-x-input":
+        return Attribution(method, gradient_x_input(subject))
+    if method == "occlusion":
+        return Attribution(method, occlusion(subject))
+    if method == "random":  # the floor a method must beat in faithfulness tables
+        g = torch.Generator().manual_seed(seed)
+        return Attribution(method, torch.rand(len(subject.tokens), generator=g).tolist())
+    scores, maps = attention_scores(subject, method)
+    return Attribution(method, scores, maps=maps)

@@ -1,0 +1,236 @@
+"""Export to ONNX: every family x task against graft's eager model, the manifest, the refusals.
+
+Each export checks itself at export time; these tests check again, on their own shapes (4 rows of
+13 tokens, padded), with ONNX Runtime against graft's eager model at the same 1e-4 (float32).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import hf_model
+from test_tasks import hf_task_model, task_options
+
+from graft.errors import GraftError
+from graft.export import MANIFEST, export_model
+from graft.export.graph import example_inputs, graph_for
+from graft.export.onnx import runner
+from graft.loading import load_model
+from graft.models import FAMILIES
+from graft.nn import Transformer
+from graft.strategies import apply_strategy
+from graft.tasks import HEADS, EmbeddingHead, TaskModel
+
+TOL = 1e-4  # float32, as the issue states
+TASKS = ["base", *HEADS]
+# an encoder has no causal LM (test_an_encoder_has_no_causal_lm_to_export)
+CASES = [(f, task) for f in FAMILIES for task in TASKS if task != "causal-lm" or FAMILIES[f].decoder]
+
+
+def tiny_model(family: str, task: str, tmp_path) -> torch.nn.Module:
+    """A random tiny graft model of ``family`` with ``task``'s head (saved by transformers, loaded by graft)."""
+    if task in ("base", "embedding"):
+        hf_model(family).save_pretrained(tmp_path / "hf")
+        body = load_model(tmp_path / "hf", task="base")
+        return body if task == "base" else TaskModel(body, EmbeddingHead(body, pooling="mean"))
+    hf_task_model(family, task, **task_options(task)).save_pretrained(tmp_path / "hf")
+    return load_model(tmp_path / "hf", task=task)
+
+
+def eager(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        if isinstance(model, Transformer):
+            return model(**inputs).last_hidden_state
+        return model(**inputs).logits
+
+
+def fresh_inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """4 rows of 13 tokens, 3 of them padded: a shape neither the export nor its check used."""
+    return example_inputs(graph_for(model), 4, 13, seed=7)
+
+
+@pytest.mark.parametrize(("family", "task"), CASES)
+def test_every_family_and_task_exports_to_onnx_with_parity(family, task, tmp_path):
+    model = tiny_model(family, task, tmp_path)
+    manifest = export_model(model, tmp_path / "out")
+    assert manifest["parity"]["max_abs_diff"] <= TOL
+    saved = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert saved["task"] == task and saved["family"] == family and saved["file"] == "model.onnx"
+    assert set(saved["files"]) >= {"model.onnx", "config.json", MANIFEST}
+    assert [i["name"] for i in saved["inputs"]][:2] == ["input_ids", "attention_mask"]
+
+    if task == "causal-lm":  # checked with its cache in test_export_decoder.py
+        return
+    inputs = fresh_inputs(model)
+    expected = eager(model, inputs).numpy()
+    got = runner(tmp_path / "out" / "model.onnx")({k: v.numpy() for k, v in inputs.items()})[0]
+    assert got.shape == expected.shape
+    if got.ndim == 3:  # per-token outputs: the real tokens
+        real = inputs["attention_mask"].bool().numpy()
+        got, expected = got[real], expected[real]
+    assert np.abs(expected).max() > 0.01  # a real comparison, not of zeros
+    assert np.abs(got - expected).max() <= TOL
+
+
+def test_the_manifest_lists_inputs_outputs_labels_and_parity(tmp_path):
+    model = tiny_model("bert", "token-classification", tmp_path)
+    manifest = export_model(model, tmp_path / "out")
+    assert manifest["inputs"] == [
+        {"name": name, "dtype": "int64", "shape": ["batch", "sequence"]}
+        for name in ("input_ids", "attention_mask", "token_type_ids")
+    ]
+    assert manifest["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", 5]}]
+    assert manifest["parity"]["traced_shape"] not in manifest["parity"]["checked_shapes"]
+    labels = json.loads((tmp_path / "out" / "labels.json").read_text())
+    assert labels == {"id2label": model.head.id2label}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["id2label"]
+
+
+def test_lora_is_merged_before_export(tmp_path):
+    model = tiny_model("bert", "classification", tmp_path)
+    model = apply_strategy(model, "lora:r=4")
+    with torch.no_grad():  # a trained-looking LoRA: its up projection is no longer zero
+        for name, p in model.named_parameters():
+            if "lora" in name:
+                p.normal_(std=0.2)
+    inputs = fresh_inputs(model)
+    expected = eager(model, inputs).numpy()
+    export_model(model, tmp_path / "out")
+    got = runner(tmp_path / "out" / "model.onnx")({k: v.numpy() for k, v in inputs.items()})[0]
+    assert np.abs(got - expected).max() <= TOL
+    assert any("lora" in n for n, _ in model.named_parameters())  # the user's model keeps its LoRA
+
+
+def test_a_failed_parity_check_writes_nothing_and_keeps_the_old_folder(tmp_path):
+    model = tiny_model("bert", "classification", tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(GraftError) as error:
+        export_model(model, out, tolerance=-1.0)  # no difference passes a negative tolerance
+    assert str(error.value).startswith("export: parity check failed: ONNX Runtime differs from graft by ")
+    assert str(error.value).endswith("(tolerance -1); nothing was written")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert not list(tmp_path.glob(".out.*"))
+
+
+# ---- refusals: one line, before any work ----
+
+
+def test_unsupported_requests_are_one_line_errors(tmp_path):
+    model = tiny_model("bert", "classification", tmp_path)
+    with pytest.raises(GraftError, match=r"^export: unknown format 'tflite' \(known: onnx\)$"):
+        export_model(model, tmp_path / "a", fmt="tflite")
+    with pytest.raises(
+        GraftError, match=r"^--opset 13: too old; torch.onnx's exporter writes opset 18 to \d+$"
+    ):
+        export_model(model, tmp_path / "a", opset=13)
+    prompt = apply_strategy(tiny_model("bert", "classification", tmp_path), "prompt:tokens=4")
+    with pytest.raises(GraftError, match=r"^export: prompt and prefix tuning cannot be exported"):
+        export_model(prompt, tmp_path / "a")
+    model.body.layers[0].register_forward_hook(lambda *args: None)
+    with pytest.raises(GraftError, match=r"^export: body.layers.0 has hooks, which an exported graph"):
+        export_model(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if not FAMILIES[f].decoder])
+def test_an_encoder_has_no_causal_lm_to_export(family, tmp_path, cli):
+    hf_model(family).save_pretrained(tmp_path / "hf")
+    line = cli("export", tmp_path / "hf", tmp_path / "out", "--task", "causal-lm").error_line()
+    assert line == f"error: export: a {family} model has no causal LM to export"
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_errors_come_before_loading(tmp_path, cli):
+    missing = tmp_path / "no-such-model"  # never read: each flag is refused first
+    assert cli("export", missing, tmp_path / "o", "--format", "tflite").error_line() == (
+        "error: --format tflite: not one of onnx"
+    )
+    assert (
+        cli("export", missing, tmp_path / "o", "--opset", "11")
+        .error_line()
+        .startswith("error: --opset 11: too old; torch.onnx's exporter writes opset 18 to ")
+    )
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert cli("export", missing, tmp_path / "full").error_line() == (
+        f"error: {tmp_path / 'full'}: folder is not empty (pass --overwrite to replace it)"
+    )
+    hf_model("bert").save_pretrained(tmp_path / "hf")
+    assert cli("export", tmp_path / "hf", tmp_path / "o", "--pooling", "cls").error_line() == (
+        "error: --pooling and --normalize shape an embedding model: add --task embedding"
+    )
+
+
+def test_minilm_embeddings_from_the_command_line_equal_graft(minilm, tmp_path, cli):
+    """all-MiniLM-L6-v2 as an embedding model (mean pooling, normalized in the graph) within 1e-5."""
+    from graft.tasks.embedding import embed
+    from graft.tokenizer import Tokenizer
+
+    out = tmp_path / "minilm-onnx"
+    cli("export", minilm, out, "--task", "embedding", "--pooling", "mean", "--normalize").ok()
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["outputs"] == [
+        {"name": "sentence_embedding", "dtype": "float32", "shape": ["batch", 384]}
+    ]
+    assert (out / "tokenizer.json").exists()
+
+    texts = ["A cat sat on the mat.", "Transfer learning reuses what a model learned.", "hi"]
+    tokenizer = Tokenizer.from_folder(out)
+    enc = tokenizer.encode(texts)
+    inputs = {
+        "input_ids": enc.input_ids.numpy(),
+        "attention_mask": enc.attention_mask.numpy(),
+        "token_type_ids": enc.token_type_ids.numpy(),
+    }
+    got = runner(out / "model.onnx")(inputs)[0]
+    expected = embed(load_model(minilm, task="base"), Tokenizer.from_folder(minilm), texts, normalize=True)
+    assert np.abs(got - expected.numpy()).max() <= 1e-5
+
+
+def book_texts(n: int = 48) -> list[str]:
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "bench" / "data" / "book-questions.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[:n]]
+    return [r["question"] for r in rows] + [r["answer"] for r in rows]
+
+
+def onnx_embeddings(folder, texts: list[str]) -> np.ndarray:
+    from graft.export.runtime import Exported
+
+    exported = Exported(folder)
+    return np.concatenate(
+        [exported.run(exported.encode(texts[i : i + 16]))[0] for i in range(0, len(texts), 16)]
+    )
+
+
+@pytest.mark.parametrize("flag", ["--optimize", "--int8"])
+def test_minilm_optimized_and_int8_against_graft_on_the_book_texts(flag, minilm, tmp_path, cli):
+    """--optimize stays within 1e-5 of graft; --int8 keeps the embeddings' mean cosine to graft's >= 0.99."""
+    from graft.tasks.embedding import embed
+    from graft.tokenizer import Tokenizer
+
+    out = tmp_path / "onnx"
+    cli("export", minilm, out, "--task", "embedding", "--pooling", "mean", "--normalize", flag).ok()
+    manifest = json.loads((out / MANIFEST).read_text())
+    texts = book_texts()
+    expected = embed(
+        load_model(minilm, task="base"), Tokenizer.from_folder(minilm), texts, normalize=True
+    ).numpy()
+    got = onnx_embeddings(out, texts)
+    if flag == "--optimize":
+        assert manifest["optimized"] is not None and manifest["int8"] is None
+        assert np.abs(got - expected).max() <= 1e-5
+    else:
+        assert manifest["int8"]["min_cosine"] >= 0.99
+        cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1)  # graft's rows are unit vectors
+        # the issue's figure holds on average; the worst text measured 0.987 (per-channel int8 weights)
+        assert cosine.mean() >= 0.99 and cosine.min() >= 0.98
+        assert (out / "model.onnx").stat().st_size < 0.4 * sum(
+            p.numel() * 4 for p in load_model(minilm, task="base").parameters()
+        )
