@@ -417,3 +417,18 @@ def test_a_sentence_encoder_as_text_tower_pools_by_mean_and_is_not_saved_as_clip
         DualEncoderConfig(
             family="clip", text=text.config, vision=vision, projection_dim=16, text_pooling="cls"
         )
+
+
+def test_commands_for_one_stack_refuse_clip_in_one_line(tmp_path, cli):
+    clip_folder(tmp_path / "hf")
+    save_model(
+        load_model(tmp_path / "hf", task="image-text"), tmp_path / "clip", load_processor(tmp_path / "hf")
+    )
+    data = caption_data(tmp_path, 4)
+    for args, start in (
+        (("prune", tmp_path / "clip", tmp_path / "out", "--data", data, "--ffn", "0.3"), "prune: a clip model has two towers"),
+        (("heads", tmp_path / "clip", "--data", data, "--out", tmp_path / "h"), "head importance: a clip model has two towers"),
+        (("explain", tmp_path / "clip", "--text", "a cat"), "explain: the image-text task is not supported"),
+        (("export", tmp_path / "clip", tmp_path / "onnx"), "export: the clip family cannot be exported"),
+    ):  # fmt: skip
+        assert cli(*args).error_line().startswith("error: " + start), args
