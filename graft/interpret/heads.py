@@ -74,7 +74,7 @@ def importance(model: TaskModel, batches: Iterable[Batch], normalize: bool = Tru
     """Michel et al.'s head (and neuron) importance: mean over ``batches`` (with labels) of
     |dL/d mask|. ``normalize``: each block's head scores divided by their L2 norm, as the paper
     does, so layers whose gradients are larger overall do not decide alone."""
-    if hasattr(model.body, "towers"):  # a dual encoder (CLIP): two stacks of heads
+    if hasattr(getattr(model, "body", None), "towers"):  # a dual encoder (CLIP): two stacks of heads
         raise GraftError(
             f"head importance: a {model.config.family} model has two towers; it scores one stack's heads"
         )
