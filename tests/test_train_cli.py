@@ -141,7 +141,7 @@ def test_the_demo_runs_again_in_the_same_folder(tmp_path, assets, cli):
         (
             "task.name=clasification",
             "task.name: unknown value 'clasification' (one of causal-lm, classification, "
-            "token-classification, question-answering, embedding, image-classification); did you mean 'classification'?",
+            "token-classification, question-answering, embedding, image-classification, image-text); did you mean 'classification'?",
         ),
     ],
 )
