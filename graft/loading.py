@@ -23,25 +23,36 @@ from graft.io.hf import read_config, read_json, read_weights, resolve, weight_sh
 from graft.kernels.int8 import METHODS, Int8Embedding, quantize_linears
 from graft.models.registry import FAMILIES, Family, describe, family_for, pruning_from_hf, pruning_to_hf
 from graft.models.weights import WeightMap
-from graft.nn import EncoderDecoder, EncoderDecoderConfig, Transformer, TransformerConfig
+from graft.nn import (
+    DualEncoder,
+    DualEncoderConfig,
+    EncoderDecoder,
+    EncoderDecoderConfig,
+    Transformer,
+    TransformerConfig,
+)
 from graft.strategies import apply_strategy, exportable
 from graft.strategies.checkpoint import META, WEIGHTS
 from graft.strategies.lora import HEAD_FILE, load_adapter
 from graft.tasks import HEADS, TaskModel
 from graft.tasks.hf_layout import body_prefix, hf_seq2seq_head
+from graft.tasks.image_text import ImageTextProcessor
 from graft.tokenizer import Tokenizer
 from graft.vision import ImageProcessor
 
 log = logging.getLogger("graft")
 
-Model = Transformer | EncoderDecoder | TaskModel
-Body = Transformer | EncoderDecoder
-AnyConfig = TransformerConfig | EncoderDecoderConfig
+Model = Transformer | EncoderDecoder | DualEncoder | TaskModel
+Body = Transformer | EncoderDecoder | DualEncoder
+AnyConfig = TransformerConfig | EncoderDecoderConfig | DualEncoderConfig
 
 
 def build_body(family: Family, cfg: AnyConfig) -> Body:
-    """The family's body: one stack, or an encoder and a decoder (T5, BART, Whisper)."""
-    return EncoderDecoder(cfg) if family.encoder_decoder else Transformer(cfg)
+    """The family's body: one stack, an encoder and a decoder (T5, BART, Whisper), or a text and an
+    image tower (CLIP)."""
+    if family.encoder_decoder:
+        return EncoderDecoder(cfg)
+    return DualEncoder(cfg) if family.dual_encoder else Transformer(cfg)
 
 
 def unique_shapes(body: nn.Module) -> dict[str, torch.Size]:
@@ -67,7 +78,7 @@ def load_config(folder: Path) -> tuple[Family, AnyConfig]:
     hf = read_config(folder)
     try:
         family = family_for(hf.get("model_type"), source=str(path))
-        cfg = pruning_from_hf(hf, family.config_from_hf(hf))
+        cfg = pruning_from_hf(hf, family.config_from_hf(hf))  # pruned heads and widths: one stack's
         quantization(hf)  # checks quantization_config, with this message's path
         task_from_architectures(hf, family)  # checks architectures, with this message's path
         return family, cfg
@@ -87,6 +98,8 @@ def load_processor(folder: str | Path) -> Any:
     _, cfg = load_config(folder)
     if cfg.inputs == "patches":
         return ImageProcessor.for_model(folder, cfg)
+    if isinstance(cfg, DualEncoderConfig):
+        return ImageTextProcessor(Tokenizer.from_folder(folder), ImageProcessor.for_model(folder, cfg.vision))
     return Tokenizer.from_folder(folder)
 
 
@@ -170,9 +183,8 @@ def with_scales(wmap: WeightMap, names: set[str] | dict[str, Any]) -> WeightMap:
 def weight_map(family: Family, cfg: AnyConfig, task: str) -> WeightMap:
     """The family's weight map, with the body prefix that ``task``'s HF class uses when it differs."""
     wmap = family.weight_map(cfg)
-    prefix = (
-        None if family.encoder_decoder else body_prefix(cfg, task)
-    )  # one prefix per encoder-decoder family
+    # one layout per encoder-decoder family, and CLIPModel's
+    prefix = None if family.encoder_decoder or family.dual_encoder else body_prefix(cfg, task)
     return dataclasses.replace(wmap, prefix=prefix) if prefix else wmap
 
 
@@ -329,7 +341,8 @@ def save_model(model: Model, folder: str | Path, tokenizer: Any = None) -> Path:
     dtype = next(body.parameters()).dtype
     # graft_* keys describe this model's head only, not one the checkpoint was read with
     kept = {k: v for k, v in cfg.hf_config.items() if not k.startswith("graft_")}
-    hf = {**kept, **family.config_to_hf(cfg), **pruning_to_hf(cfg), **extra}
+    pruned = pruning_to_hf(cfg) if isinstance(cfg, TransformerConfig) else {}
+    hf = {**kept, **family.config_to_hf(cfg), **pruned, **extra}
     hf["architectures"] = [arch]
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     write_weights(state, folder)

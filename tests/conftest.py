@@ -190,6 +190,14 @@ def tiny_hf_config(family: str):
             eos_token_id=2,
             decoder_start_token_id=3,
         ),
+        # CLIP: a causal text tower (pooled at its first eos, 98) and a 30 x 30 image tower
+        "clip": lambda: tr.CLIPConfig(
+            text_config=dict(
+                max_position_embeddings=20, bos_token_id=97, eos_token_id=98, **vision, **common
+            ),
+            vision_config=dict(image_size=30, patch_size=10, **vision),
+            projection_dim=16,
+        ),
     }
     return configs[family]()
 

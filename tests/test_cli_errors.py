@@ -187,6 +187,18 @@ CASES: dict[str, list[Case]] = {
             ["--method", "unknown method 'int4'"],
         ),
     ],
+    "index": [
+        lambda t: (
+            ["index", t / "no-model", "--texts", file(t / "texts.txt"), "--out", file(t / "taken")],
+            [f"{t / 'taken'}: is a file; --out takes a folder"],
+        ),
+    ],
+    "search": [
+        lambda t: (["search", folder(t / "empty"), "--text", "a"], ["empty: not an index"]),
+    ],
+    "zeroshot": [
+        lambda t: (["zeroshot", t / "no-model", "--labels", "", t / "x.png"], ["zero-shot: no labels given"]),
+    ],
 }
 
 

@@ -140,8 +140,9 @@ def test_the_demo_runs_again_in_the_same_folder(tmp_path, assets, cli):
         ),
         (
             "task.name=clasification",
-            "task.name: unknown value 'clasification' (one of causal-lm, classification, "
-            "token-classification, question-answering, embedding, image-classification, seq2seq); did you mean 'classification'?",
+            "task.name: unknown value 'clasification' (one of causal-lm, masked-lm, classification, "
+            "token-classification, question-answering, embedding, image-classification, seq2seq, image-text); "
+            "did you mean 'classification'?",
         ),
     ],
 )

@@ -25,6 +25,7 @@ from graft.cli import (  # noqa: F401  (each module registers its commands)
     strategies,
     tasks,
     train,
+    vision,
 )
 from graft.cli.app import app, os_error_line
 from graft.errors import GraftError

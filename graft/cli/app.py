@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from graft.errors import GraftError
 
 app = typer.Typer(
     name="graft",
@@ -75,3 +78,27 @@ def os_error_line(e: OSError) -> str:
     if e.filename2 is not None:
         return f"{e.filename} -> {e.filename2}: {reason}"
     return f"{e.filename}: {reason}"
+
+
+def read_lines(path: Path) -> list[str]:
+    """A UTF-8 file's lines (graft embed --file, graft index --texts), each error one line naming the file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise GraftError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise GraftError(f"{path}: is a folder, not a text file") from None
+    except OSError as e:  # no permission, a disk error...
+        raise GraftError(f"{path}: cannot read ({e.strerror or e})") from None
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    texts = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            texts.append(line.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as e:
+            raise GraftError(f"{path}: line {number}: not UTF-8 text (byte {e.start + 1})") from None
+    if not texts:
+        raise GraftError(f"{path}: file is empty")
+    return texts

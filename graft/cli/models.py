@@ -7,11 +7,11 @@ import json
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from graft.cli.app import ModelArg, ReferenceOpt, app
+from graft.cli.app import ModelArg, ReferenceOpt, app, read_lines
 from graft.errors import GraftError
 
 
@@ -30,22 +30,27 @@ def info(
 
     m = load_model(model, task="base", kernels=not reference)
     cfg = stack = m.config
-    layers: dict[str, int] = {"layers": cfg.num_layers} if not hasattr(cfg, "decoder") else {}
-    if not layers:  # an encoder-decoder: its decoder's shape, and both depths
-        stack = cfg.decoder
-        layers = {"encoder_layers": cfg.encoder.num_layers, "decoder_layers": stack.num_layers}
-    facts = {
-        "family": cfg.family,
-        "model_type": cfg.hf_config.get("model_type", cfg.family),
-        **layers,
-        "hidden_size": stack.hidden_size,
-        "heads": stack.num_heads,
-        "kv_heads": stack.num_kv_heads,
-        "intermediate_size": stack.intermediate_size,
-        "vocab_size": stack.vocab_size,
-        "max_positions": stack.max_positions,
-        "parameters": sum(p.numel() for p in m.parameters()),
-    }
+    if hasattr(m, "towers"):  # a dual encoder (CLIP): each tower's shape
+        from graft.cli.vision import dual_encoder_facts
+
+        facts = dual_encoder_facts(m)
+    else:
+        layers: dict[str, int] = {"layers": cfg.num_layers} if not hasattr(cfg, "decoder") else {}
+        if not layers:  # an encoder-decoder: its decoder's shape, and both depths
+            stack = cfg.decoder
+            layers = {"encoder_layers": cfg.encoder.num_layers, "decoder_layers": stack.num_layers}
+        facts = {
+            "family": cfg.family,
+            "model_type": cfg.hf_config.get("model_type", cfg.family),
+            **layers,
+            "hidden_size": stack.hidden_size,
+            "heads": stack.num_heads,
+            "kv_heads": stack.num_kv_heads,
+            "intermediate_size": stack.intermediate_size,
+            "vocab_size": stack.vocab_size,
+            "max_positions": stack.max_positions,
+            "parameters": sum(p.numel() for p in m.parameters()),
+        }
     if as_json:
         typer.echo(json.dumps(facts))
         return
@@ -57,29 +62,6 @@ def info(
 class EmbedFormat(StrEnum):
     json = "json"
     npy = "npy"
-
-
-def read_lines(path: Path) -> list[str]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise GraftError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise GraftError(f"{path}: is a folder, not a text file") from None
-    except OSError as e:  # no permission, a disk error...
-        raise GraftError(f"{path}: cannot read ({e.strerror or e})") from None
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    texts = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            texts.append(line.decode("utf-8").rstrip("\r"))
-        except UnicodeDecodeError as e:
-            raise GraftError(f"{path}: line {number}: not UTF-8 text (byte {e.start + 1})") from None
-    if not texts:
-        raise GraftError(f"{path}: file is empty")
-    return texts
 
 
 @app.command()
@@ -99,18 +81,30 @@ def embed(
     batch_size: Annotated[int, typer.Option(min=1, help="Most texts per batch.")] = 256,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most padded tokens per batch.")] = 1024,
     max_length: Annotated[int | None, typer.Option(min=1, help="Truncate texts to this many tokens.")] = None,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option("--image", "-i", help="An image or a folder of them, with a CLIP model (repeatable)."),
+    ] = None,
     reference: ReferenceOpt = False,
 ) -> None:
-    """Sentence embeddings: the mean of the last hidden states over real tokens."""
-    if (text is None) == (file is None):
-        raise GraftError("embed: give either --text (one or more) or --file, not both and not neither")
-    from graft.io.atomic import atomic_path, check_output
+    """Sentence embeddings: the mean of the last hidden states over real tokens (a CLIP model: its
+    text or image embeddings, projected)."""
+    if (text is None) + (file is None) + (image is None) != 2:
+        raise GraftError(
+            "embed: give one of --text (one or more), --file or --image, not several and not none"
+        )
+    from graft.io.atomic import check_output
 
     if out is not None:
         check_output(out, "--out", example=f"embeddings.{fmt.value}")
-    texts = text if text is not None else read_lines(file)
+    texts = text if text is not None else read_lines(file) if file is not None else []
 
-    import numpy as np
+    from graft.cli.vision import clip_embeddings
+
+    array = clip_embeddings(model, texts, image, normalize, reference)  # None: not a CLIP model
+    if array is not None:
+        write_embeddings(array, fmt, out)
+        return
 
     from graft.io.hf import resolve
     from graft.loading import load_model
@@ -129,7 +123,15 @@ def embed(
         normalize=normalize,
         max_tokens=max_tokens,
     )
-    array = vectors.numpy()
+    write_embeddings(vectors.numpy(), fmt, out)
+
+
+def write_embeddings(array: Any, fmt: EmbedFormat, out: Path | None) -> None:
+    """(N, D) rows as JSON lines or one .npy array, to ``out`` (atomically) or stdout."""
+    import numpy as np
+
+    from graft.io.atomic import atomic_path
+
     if fmt is EmbedFormat.json:
         payload = "".join(json.dumps(row.tolist()) + "\n" for row in array).encode()
     else:

@@ -32,7 +32,15 @@ def body_of(model: nn.Module) -> nn.Module:
     return model.body if isinstance(model, TaskModel) else model
 
 
+def check_one_stack(model: nn.Module) -> None:
+    if hasattr(body_of(model), "towers"):  # a dual encoder (CLIP): two stacks
+        raise GraftError(
+            f"prune: a {body_of(model).config.family} model has two towers; pruning is for one stack"
+        )
+
+
 def check_prunable(model: nn.Module) -> None:
+    check_one_stack(model)
     cfg = body_of(model).config
     if cfg.num_kv_heads != cfg.num_heads:
         raise GraftError(
@@ -170,6 +178,7 @@ def prune(
     for name, value in (("--heads", heads), ("--ffn", ffn)):
         if not 0.0 <= value < 1.0:
             raise GraftError(f"prune: {name} {value} must be a fraction from 0 to below 1")
+    check_one_stack(model)
     if heads:
         check_prunable(model)
     blocks = body_of(model).layers

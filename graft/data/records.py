@@ -57,7 +57,7 @@ DEFAULT_ALIASES: dict[str, tuple[str, ...]] = {
     "context": ("context", "passage"),
     "answers": ("answers", "answer"),
     "id": ("id", "idx", "guid"),
-    "image": ("image", "img"),
+    "image": ("image", "img", "image_path", "file_name"),
 }
 
 # A record needs at least one of these to be an input to a model.

@@ -74,6 +74,10 @@ def importance(model: TaskModel, batches: Iterable[Batch], normalize: bool = Tru
     """Michel et al.'s head (and neuron) importance: mean over ``batches`` (with labels) of
     |dL/d mask|. ``normalize``: each block's head scores divided by their L2 norm, as the paper
     does, so layers whose gradients are larger overall do not decide alone."""
+    if hasattr(getattr(model, "body", None), "towers"):  # a dual encoder (CLIP): two stacks of heads
+        raise GraftError(
+            f"head importance: a {model.config.family} model has two towers; it scores one stack's heads"
+        )
     training, params = model.training, [p for p in model.parameters()]
     wanted = [p.requires_grad for p in params]
     model.eval()  # no dropout: the gradient of the model as it predicts

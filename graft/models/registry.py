@@ -30,6 +30,8 @@ class Family:
     inputs: str = "tokens"  # what its body reads (TransformerConfig.inputs): tokens, or patches (images)
     # two stacks (T5, BART, Whisper): the body is graft.nn.EncoderDecoder, the generating task "seq2seq"
     encoder_decoder: bool = False
+    # a text tower and an image tower (CLIP): the body is graft.nn.DualEncoder, its inputs "image-text"
+    dual_encoder: bool = False
 
 
 FAMILIES: dict[str, Family] = {}

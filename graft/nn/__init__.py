@@ -3,6 +3,7 @@
 from graft.nn.attention import Attention, KVCache, build_mask
 from graft.nn.block import Block
 from graft.nn.config import EncoderDecoderConfig, TransformerConfig
+from graft.nn.dual_encoder import DualEncoder, DualEncoderConfig, DualEncoderOutput
 from graft.nn.embeddings import AudioFrameEmbeddings, InputEmbeddings, PatchEmbeddings
 from graft.nn.encoder_decoder import EncoderDecoder, Seq2SeqOutput
 from graft.nn.feedforward import FeedForward
@@ -14,6 +15,9 @@ __all__ = [
     "Attention",
     "AudioFrameEmbeddings",
     "Block",
+    "DualEncoder",
+    "DualEncoderConfig",
+    "DualEncoderOutput",
     "Embeddings",
     "EncoderDecoder",
     "EncoderDecoderConfig",

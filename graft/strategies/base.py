@@ -73,6 +73,7 @@ class Strategy:
     # False: the strategy works on one stack's embeddings or cache (prompts, prefixes, cached
     # features) and refuses an encoder-decoder (T5, BART) in one line
     encoder_decoders: ClassVar[bool] = True
+    towers: ClassVar[bool] = False  # applies to a dual encoder (CLIP's text and image towers) too
 
     lr_decay: float = 1.0  # layer-wise learning-rate decay: layer l gets lr * lr_decay ** (depth above it)
     unfreeze: int = 0  # gradual unfreezing: head first, then one more layer from the top every N epochs
@@ -96,6 +97,11 @@ class Strategy:
             usable = ", ".join(name for name, cls in STRATEGIES.items() if cls.encoder_decoders)
             raise GraftError(
                 f"strategy {self.name!r} does not apply to an encoder-decoder ({body.config.family}); use {usable}"
+            )
+        if getattr(body, "towers", None) and not self.towers:
+            raise GraftError(
+                f"strategy {self.name!r} does not apply to a {body.config.family} model (a text and an image "
+                "tower); use full, freeze:tower=text, bitfit or lora"
             )
         for p in model.parameters():
             p.requires_grad_(False)

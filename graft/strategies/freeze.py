@@ -21,6 +21,7 @@ class Full(Strategy):
     """Every parameter trains."""
 
     name = "full"
+    towers = True
 
     def prepare(self, model: nn.Module) -> nn.Module:
         for p in model.parameters():
@@ -35,18 +36,33 @@ class Freeze(Strategy):
 
     ``layers`` counts distinct blocks (ALBERT shares one block across several depths).
     A negative value counts from the top: ``freeze:-2`` trains only the top two blocks.
+    ``tower`` (a dual encoder, CLIP): that whole tower is frozen (``freeze:tower=text``, as LiT
+    locks a pretrained tower); the other tower, both projections and the temperature train.
     """
 
     name = "freeze"
     positional = "layers"
+    towers = True
 
     layers: int = 0
     embeddings: bool = True
+    tower: str = ""
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        for _, body in stacks(body_of(model)):  # an encoder-decoder: in each of its stacks
-            frozen = set(range(len(body.layers))[: self.layers])
+        body = body_of(model)
+        towers = getattr(body, "towers", None)
+        if towers or self.tower:
+            if self.tower not in (towers or {}) or self.layers:
+                raise GraftError(
+                    f"strategy 'freeze': option 'tower' names the tower of a dual encoder to freeze whole: "
+                    f"{' or '.join(f'tower={t}' for t in towers) if towers else 'this model has none'}"
+                )
             for name, p in body.named_parameters():
+                p.requires_grad_(not name.startswith(self.tower + "."))
+            return model
+        for _, stack in stacks(body):  # an encoder-decoder: in each of its stacks
+            frozen = set(range(len(stack.layers))[: self.layers])
+            for name, p in stack.named_parameters():
                 parts = name.split(".")
                 if parts[0] == "embed":
                     p.requires_grad_(not self.embeddings)
@@ -63,6 +79,7 @@ class BitFit(Strategy):
     """Only the bias terms of the body train (Ben Zaken et al., 2021), and the head."""
 
     name = "bitfit"
+    towers = True
 
     def prepare(self, model: nn.Module) -> nn.Module:
         body = body_of(model)

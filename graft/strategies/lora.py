@@ -188,6 +188,7 @@ class LoRA(Strategy):
 
     name = "lora"
     positional = "r"
+    towers = True
 
     r: int = 8
     alpha: float = 16.0

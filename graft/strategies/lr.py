@@ -37,16 +37,23 @@ def no_decay_names(model: nn.Module) -> set[str]:
 def parameter_depths(model: nn.Module) -> dict[str, int]:
     """Parameter name -> depth (0 embeddings, 1..L blocks, L + 1 the rest)."""
     body = body_of(model)
+    towers = getattr(body, "towers", None)  # a dual encoder (CLIP): each tower's depths side by side
     below, count = {}, 0  # stack prefix -> blocks below it (an encoder-decoder's decoder sits on its encoder)
-    for prefix, stack in stacks(body):
-        below[prefix], count = count, count + len(stack.layers)
-    top = count + 1
+    if towers:
+        below = {name + ".": 0 for name in towers}
+        top = max(len(stack.layers) for stack in towers.values()) + 1
+    else:
+        for prefix, stack in stacks(body):
+            below[prefix], count = count, count + len(stack.layers)
+        top = count + 1
     in_body = "" if model is body else "body."
     depths = {}
     for name, _ in model.named_parameters():
         local = name[len(in_body) :] if name.startswith(in_body) else None
         prefix = next((p for p in below if p and local is not None and local.startswith(p)), "")
         local = local[len(prefix) :] if local is not None else None
+        if towers and local is not None and not prefix:  # the projections and logit scale: on top
+            local = "projection"
         if local is None:
             depths[name] = top
         elif local.startswith("embed."):  # a prompt too (embed.prompt)

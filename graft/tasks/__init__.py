@@ -10,6 +10,7 @@ from graft.tasks.causal_lm import LMHead
 from graft.tasks.classification import ClassificationHead
 from graft.tasks.embedding import EmbeddingHead
 from graft.tasks.image import ImageClassificationHead
+from graft.tasks.image_text import ImageTextHead
 from graft.tasks.masked_lm import MaskedLMHead
 from graft.tasks.question_answering import QuestionAnsweringHead
 from graft.tasks.seq2seq import Seq2SeqHead
@@ -27,6 +28,7 @@ HEADS: dict[str, type[Head]] = {
         EmbeddingHead,
         ImageClassificationHead,
         Seq2SeqHead,
+        ImageTextHead,
     )
 }
 
@@ -36,6 +38,7 @@ __all__ = [
     "EmbeddingHead",
     "Head",
     "ImageClassificationHead",
+    "ImageTextHead",
     "LMHead",
     "MaskedLMHead",
     "QuestionAnsweringHead",

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graft.nn import EncoderDecoder, Transformer, TransformerConfig, TransformerOutput
+from graft.nn import DualEncoder, EncoderDecoder, Transformer, TransformerConfig, TransformerOutput
 from graft.tasks.pooling import set_pooler
 
 
@@ -139,9 +139,9 @@ class TaskModel(nn.Module):
         return TaskOutput(logits, loss, out)
 
 
-def body_of(model: nn.Module) -> Transformer | EncoderDecoder:
+def body_of(model: nn.Module) -> Transformer | EncoderDecoder | DualEncoder:
     """The transformer body of a bare body, a TaskModel or a MultitaskModel."""
-    return model if isinstance(model, Transformer | EncoderDecoder) else model.body
+    return model if isinstance(model, Transformer | EncoderDecoder | DualEncoder) else model.body
 
 
 def stacks(body: Transformer | EncoderDecoder) -> list[tuple[str, Transformer]]:
