@@ -96,10 +96,10 @@ def load_processor(folder: str | Path) -> Any:
     defaults at the model's image size) for an image model, else its Tokenizer."""
     folder = resolve(folder)
     _, cfg = load_config(folder)
-    if cfg.inputs == "patches":
-        return ImageProcessor.for_model(folder, cfg)
     if isinstance(cfg, DualEncoderConfig):
         return ImageTextProcessor(Tokenizer.from_folder(folder), ImageProcessor.for_model(folder, cfg.vision))
+    if isinstance(cfg, TransformerConfig) and cfg.inputs == "patches":
+        return ImageProcessor.for_model(folder, cfg)
     return Tokenizer.from_folder(folder)
 
 
@@ -148,10 +148,10 @@ def quantized(body: Body, method: str | None) -> Body:
     """``body`` with the linear layers of its blocks made int8 for ``method`` (in place), and its
     token embeddings unless a decoder's LM head shares them (the head stays float)."""
     if method is not None and METHODS[method] is not None:
-        if isinstance(body, EncoderDecoder):
+        if not isinstance(body, Transformer):  # an encoder-decoder or a dual encoder
             raise GraftError(
-                f"config.json: quantization_config: {method} is not available for encoder-decoders "
-                f"({body.config.family}) yet; use --method bf16"
+                f"quantize: {method} is for one stack of blocks; a {body.config.family} model has two "
+                "(--method bf16 works on it)"
             )
         names = quantize_linears(body.layers, METHODS[method], prefix="layers")
         cfg = body.config

@@ -28,6 +28,10 @@ LABELS = ["a", "b", "c"]
 HEADS_TO_CUT = {0: [1, 3], 1: [0]}  # of 4 heads per layer (tiny_hf_config)
 NEURONS_TO_CUT = {0: [0, 5, 7], 1: [2]}
 
+# one stack of blocks; the two-stack families (encoder-decoders, CLIP) are refused in one line: below
+ONE_STACK = sorted(n for n, f in FAMILIES.items() if not f.encoder_decoder and not f.dual_encoder)
+TWO_STACKS = sorted(set(FAMILIES) - set(ONE_STACK))
+
 
 def grouped(family: str) -> bool:
     cfg = tiny_hf_config(family)
@@ -78,9 +82,6 @@ def removed_parameters(model: TaskModel, heads: dict, neurons: dict) -> int:
     per_head = 3 * (h * hd + (hd if cfg.qkv_bias else 0)) + hd * h
     per_neuron = (2 + cfg.gated) * h + (1 + cfg.gated) * cfg.mlp_bias
     return sum(map(len, heads.values())) * per_head + sum(map(len, neurons.values())) * per_neuron
-
-
-ONE_STACK = sorted(f for f in FAMILIES if not FAMILIES[f].dual_encoder)  # CLIP refuses in one line: test_clip
 
 
 @pytest.mark.parametrize("family", ONE_STACK)
@@ -241,3 +242,16 @@ def test_a_fraction_that_would_empty_a_layer_is_one_line(tmp_path):
         match=r"^prune: --heads 0.9 asks for 7 of 8 heads, but each of the 2 layers keeps at least one \(6 at most\)$",
     ):
         prune(model, [batch()], heads=0.9)
+
+
+@pytest.mark.parametrize("family", [f for f in TWO_STACKS if not FAMILIES[f].dual_encoder])  # CLIP: test_clip
+def test_a_model_with_two_stacks_is_refused_in_one_line(family, tmp_path):
+    from conftest import hf_model
+
+    hf_model(family).save_pretrained(tmp_path)
+    body = load_model(tmp_path, task="base")  # an encoder and a decoder
+    message = (
+        rf"^prune: a {family} model has two stacks \(an encoder and a decoder\); prune works on one stack$"
+    )
+    with pytest.raises(GraftError, match=message):
+        remove(body, {0: [1]})

@@ -20,7 +20,8 @@ from torch import nn
 
 import graft.kernels
 from graft.errors import GraftError
-from graft.interpret.heads import Importance, importance
+from graft.interpret.heads import Importance, importance, one_stack
+from graft.nn import Transformer
 from graft.tasks import TaskModel
 
 Batch = dict[str, Any]
@@ -28,19 +29,13 @@ Batch = dict[str, Any]
 SPARSITY_METHODS = ("magnitude", "movement")
 
 
-def body_of(model: nn.Module) -> nn.Module:
-    return model.body if isinstance(model, TaskModel) else model
-
-
-def check_one_stack(model: nn.Module) -> None:
-    if hasattr(body_of(model), "towers"):  # a dual encoder (CLIP): two stacks
-        raise GraftError(
-            f"prune: a {body_of(model).config.family} model has two towers; pruning is for one stack"
-        )
+def body_of(model: nn.Module) -> Transformer:
+    """The one stack of blocks pruning works on (two stacks: a one-line error)."""
+    return one_stack(model, "prune")
 
 
 def check_prunable(model: nn.Module) -> None:
-    check_one_stack(model)
+    body_of(model)  # one stack
     cfg = body_of(model).config
     if cfg.num_kv_heads != cfg.num_heads:
         raise GraftError(
@@ -178,7 +173,7 @@ def prune(
     for name, value in (("--heads", heads), ("--ffn", ffn)):
         if not 0.0 <= value < 1.0:
             raise GraftError(f"prune: {name} {value} must be a fraction from 0 to below 1")
-    check_one_stack(model)
+    body_of(model)  # one stack
     if heads:
         check_prunable(model)
     blocks = body_of(model).layers

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from graft.errors import GraftError
+from graft.nn import Transformer
 from graft.nn.attention import MaskedInput
 from graft.tasks import TaskModel
 
@@ -67,17 +68,26 @@ def masks(model: nn.Module) -> Iterator[tuple[list[nn.Parameter], list[nn.Parame
 def body_of(model: nn.Module) -> nn.Module:
     if not isinstance(model, TaskModel):
         raise GraftError("head importance needs a task model (its loss); this is a bare model without a head")
-    return model.body
+    return one_stack(model, "head importance")
+
+
+def one_stack(model: nn.Module, what: str) -> Transformer:
+    """The model's one stack of blocks, or a one-line error naming ``what`` could not work on: an
+    encoder-decoder (T5, BART, Whisper) and a dual encoder (CLIP) have two."""
+    body = model.body if isinstance(model, TaskModel) else model
+    if not isinstance(body, Transformer):
+        kind = "a text and an image tower" if hasattr(body, "towers") else "an encoder and a decoder"
+        raise GraftError(
+            f"{what}: a {body.config.family} model has two stacks ({kind}); {what} works on one stack"
+        )
+    return body
 
 
 def importance(model: TaskModel, batches: Iterable[Batch], normalize: bool = True) -> Importance:
     """Michel et al.'s head (and neuron) importance: mean over ``batches`` (with labels) of
     |dL/d mask|. ``normalize``: each block's head scores divided by their L2 norm, as the paper
     does, so layers whose gradients are larger overall do not decide alone."""
-    if hasattr(getattr(model, "body", None), "towers"):  # a dual encoder (CLIP): two stacks of heads
-        raise GraftError(
-            f"head importance: a {model.config.family} model has two towers; it scores one stack's heads"
-        )
+    body_of(model)  # a task model with one stack of heads
     training, params = model.training, [p for p in model.parameters()]
     wanted = [p.requires_grad for p in params]
     model.eval()  # no dropout: the gradient of the model as it predicts
