@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -315,3 +316,34 @@ def whisper_base(whisper_base_ct2, tmp_path_factory) -> Path:
     from graft.io.ctranslate2 import convert_ctranslate2
 
     return convert_ctranslate2(whisper_base_ct2, tmp_path_factory.mktemp("whisper-base") / "model")
+
+
+# ---- a real browser: Debian's chromium, headless, driven by playwright's Python client ----
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture
+def page(tmp_path):
+    """A page of a fresh headless chromium (its own profile, no background networking)."""
+    from playwright.sync_api import sync_playwright
+
+    assert shutil.which(CHROMIUM), "apt-get install -y chromium (part of the test setup, see .ci/run)"
+    profile = tempfile.mkdtemp(prefix="graft-chromium-", dir=tmp_path)
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, headless=True, args=FLAGS
+        )
+        page = context.new_page()
+        page.set_default_timeout(300_000)  # a loaded machine; not a timing assertion
+        yield page
+        context.close()

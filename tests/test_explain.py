@@ -316,59 +316,38 @@ def test_graft_explain_errors_are_one_line(tmp_path, minilm, cli):
     assert line == "error: explain: --target 'middle' is not one of start, end"
 
 
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-def test_page_opens_in_headless_chromium_without_errors_and_shows_the_tokens(tmp_path, minilm, cli):
-    from playwright.sync_api import sync_playwright
-
+def test_page_opens_in_headless_chromium_without_errors_and_shows_the_tokens(tmp_path, minilm, cli, page):
     folder, _ = saved(tmp_path, minilm, "classification")
     out = tmp_path / "explained"
     cli("explain", folder, "--text", TEXT, "--method", "grad-x-input", "--out", out).ok()
     errors: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_FLAGS
-        )
-        try:
-            page = browser.new_page()
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto((out / "explanation.html").as_uri())
-            shown = page.locator("#attributed .tok").all_inner_texts()
-            assert [t.strip() for t in shown] == [
-                "[CLS]",
-                "a",
-                "fine",
-                "film",
-                ",",
-                "truly",
-                "a",
-                "delight",
-                "to",
-                "watch",
-                ".",
-                "[SEP]",
-            ]
-            assert page.locator("#grid canvas").count() == 2 * 4  # layers x heads
-            # hovering "fine" colours the tokens by where it attends (mean of the heads)
-            page.locator("#attributed .tok").nth(2).hover()
-            title = page.locator("#attends .tok").nth(0).get_attribute("title")
-            assert title.startswith("attention from fine: ")
-            s = subject_of(folder, "classification")
-            maps = attention_maps(s.model, s.batch)[:, 0]
-            # the page carries each probability to 1/255
-            assert float(title.split(": ")[1]) == pytest.approx(float(maps[:, :, 2, 0].mean()), abs=0.5 / 255)
-        finally:
-            browser.close()
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto((out / "explanation.html").as_uri())
+    shown = page.locator("#attributed .tok").all_inner_texts()
+    assert [t.strip() for t in shown] == [
+        "[CLS]",
+        "a",
+        "fine",
+        "film",
+        ",",
+        "truly",
+        "a",
+        "delight",
+        "to",
+        "watch",
+        ".",
+        "[SEP]",
+    ]
+    assert page.locator("#grid canvas").count() == 2 * 4  # layers x heads
+    # hovering "fine" colours the tokens by where it attends (mean of the heads)
+    page.locator("#attributed .tok").nth(2).hover()
+    title = page.locator("#attends .tok").nth(0).get_attribute("title")
+    assert title.startswith("attention from fine: ")
+    s = subject_of(folder, "classification")
+    maps = attention_maps(s.model, s.batch)[:, 0]
+    # the page carries each probability to 1/255
+    assert float(title.split(": ")[1]) == pytest.approx(float(maps[:, :, 2, 0].mean()), abs=0.5 / 255)
     assert errors == []
 
 

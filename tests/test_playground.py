@@ -5,8 +5,6 @@ and graft's embeddings. Each test writes a screenshot to its tmp folder."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 
 import pytest
 import torch
@@ -15,33 +13,6 @@ from conftest import tiny_hf_config
 from test_serve import LABELS, Server, chat_folder
 
 from graft.tokenizer import Tokenizer
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-@pytest.fixture
-def page(tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    assert shutil.which(CHROMIUM), "apt-get install -y chromium (part of the test setup, see .ci/run)"
-    profile = tempfile.mkdtemp(prefix="graft-chromium-", dir=tmp_path)
-    with sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, headless=True, args=FLAGS
-        )
-        page = context.new_page()
-        page.set_default_timeout(300_000)  # a loaded machine; not a timing assertion
-        yield page
-        context.close()
 
 
 def test_classification_shows_one_bar_per_label_with_graft_predicts_scores(tmp_path, minilm, cli, page):

@@ -16,7 +16,6 @@ import pytest
 import torch
 import transformers
 from conftest import tiny_hf_config
-from test_playground import page  # noqa: F401 (the headless chromium fixture)
 from test_serve import LABELS, TAGS
 
 from graft.tokenizer import Tokenizer
