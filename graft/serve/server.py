@@ -68,7 +68,12 @@ def serve(loader: Callable[[], Served], settings: Settings, host: str, port: int
     """Serve until stopped; a model that failed to load is a GraftError once the server is down."""
     check_port(host, port)
     gate = create_app(loader, settings)
-    config = uvicorn.Config(gate, host=host, port=port, log_level="warning", access_log=False)
+    # log_config=None: uvicorn leaves logging as it is (its default config would bind handlers to
+    # the sys.stderr of the moment, for the rest of the process); its warnings reach Python's
+    # last-resort handler, graft's own lines the "graft" logger
+    config = uvicorn.Config(
+        gate, host=host, port=port, log_level="warning", access_log=False, log_config=None
+    )
     Server(config, gate.state).run()
     if gate.state.failure is not None:
         raise GraftError(gate.state.failure)
