@@ -1,6 +1,6 @@
 """``graft export``: a model as ONNX, parity-checked, in a folder of its own.
 
-graft export MODEL OUT/ [--format onnx] [--opset 18] [--optimize] [--int8] [--task embedding --pooling mean]
+graft export MODEL OUT/ [--format onnx|torchscript|exported-program] [--opset 18] [--optimize] [--int8] [--task embedding --pooling mean]
 graft export BASE OUT/ --adapter ADAPTER/      # a PEFT adapter merged into its base first
 """
 
@@ -20,7 +20,7 @@ def load_for_export(
     model: str, adapter: Path | None, task: str | None, pooling: str | None, normalize: bool | None
 ):
     """(model on the reference code, tokenizer or None) from a folder, Hub id or GGUF file (+ adapter)."""
-    from graft.loading import load_adapter_model, load_model
+    from graft.loading import load_adapter_model, load_config, load_model
     from graft.tokenizer import Tokenizer
 
     options = {k: v for k, v in {"pooling": pooling, "normalize": normalize}.items() if v is not None}
@@ -32,6 +32,10 @@ def load_for_export(
                 raise GraftError("--task: an adapter folder brings its own task; drop --task")
             m = load_adapter_model(folder, adapter)
         else:
+            if task == "causal-lm" and not load_config(folder)[1].causal:  # refused before the weights load
+                raise GraftError(
+                    f"export: a {load_config(folder)[1].family} model has no causal LM to export"
+                )
             m = load_model(folder, task=task, kernels=False, **options)
         tokenizer = None
         if any((folder / name).exists() for name in ("tokenizer.json", "vocab.txt", "tokenizer.model")):
@@ -45,7 +49,7 @@ def export(
     out: Annotated[
         Path, typer.Argument(help="The folder to write (model file, tokenizer, labels, manifest).")
     ],
-    fmt: Annotated[str, typer.Option("--format", help="onnx.")] = "onnx",
+    fmt: Annotated[str, typer.Option("--format", help="onnx, torchscript or exported-program.")] = "onnx",
     opset: Annotated[int | None, typer.Option(help="ONNX opset (18 or newer; default 18).")] = None,
     task: Annotated[
         str | None, typer.Option(help="Export as this task (default: config.json's), e.g. embedding.")
@@ -65,7 +69,7 @@ def export(
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT when it is not empty.")] = False,
 ) -> None:
-    """Export a model to ONNX, checked against graft on shapes it was not traced with."""
+    """Export a model (ONNX, TorchScript or torch.export), checked against graft on shapes it was not traced with."""
     import json
 
     from graft.export import FORMATS, check_request, export_model
@@ -74,11 +78,14 @@ def export(
 
     if fmt not in FORMATS:
         raise GraftError(f"--format {fmt}: not one of {', '.join(FORMATS)}")
+    if fmt != "onnx" and (opset is not None or optimize or int8):
+        flag = "--opset" if opset is not None else "--optimize" if optimize else "--int8"
+        raise GraftError(f"{flag} is for --format onnx, not {fmt}")
     if opset is not None:
         check_opset(opset)
     check_output(out, "OUT", folder=True, overwrite=overwrite)
     m, tokenizer = load_for_export(model, adapter, task, pooling, normalize)
-    check_request(m, fmt, opset)
+    check_request(m, fmt, opset, optimize, int8)
     manifest = export_model(m, out, tokenizer, fmt=fmt, opset=opset, optimize=optimize, int8=int8)
     summary = {k: manifest[k] for k in ("format", "family", "task", "file")}
     typer.echo(json.dumps({**summary, "out": str(out), "max_abs_diff": manifest["parity"]["max_abs_diff"]}))
