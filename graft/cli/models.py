@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from graft.cli.app import ModelArg, ReferenceOpt, app
+from graft.cli.app import BackendOpt, ModelArg, ReferenceOpt, app
 from graft.errors import GraftError
 
 
@@ -96,6 +96,7 @@ def embed(
     max_tokens: Annotated[int, typer.Option(min=1, help="Most padded tokens per batch.")] = 1024,
     max_length: Annotated[int | None, typer.Option(min=1, help="Truncate texts to this many tokens.")] = None,
     reference: ReferenceOpt = False,
+    backend: BackendOpt = None,
 ) -> None:
     """Sentence embeddings: the mean of the last hidden states over real tokens."""
     if (text is None) == (file is None):
@@ -108,23 +109,28 @@ def embed(
 
     import numpy as np
 
+    from graft.export.backend import is_exported, load_exported
     from graft.io.hf import resolve
     from graft.loading import load_model
     from graft.tasks.embedding import embed as embed_texts
     from graft.tokenizer import Tokenizer
 
-    folder = resolve(model)
-    m = load_model(folder, task="base", kernels=not reference)
-    tokenizer = Tokenizer.from_folder(folder)
-    vectors = embed_texts(
-        m,
-        tokenizer,
-        texts,
-        batch_size=batch_size,
-        max_length=max_length,
-        normalize=normalize,
-        max_tokens=max_tokens,
-    )
+    if backend is not None or is_exported(model):  # a graft export folder, run by ONNX Runtime or torch
+        exported = load_exported(model, backend)
+        vectors = exported.embed(Tokenizer.from_folder(model), texts, batch_size, max_length, normalize)
+    else:
+        folder = resolve(model)
+        m = load_model(folder, task="base", kernels=not reference)
+        tokenizer = Tokenizer.from_folder(folder)
+        vectors = embed_texts(
+            m,
+            tokenizer,
+            texts,
+            batch_size=batch_size,
+            max_length=max_length,
+            normalize=normalize,
+            max_tokens=max_tokens,
+        )
     array = vectors.numpy()
     if fmt is EmbedFormat.json:
         payload = "".join(json.dumps(row.tolist()) + "\n" for row in array).encode()

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from graft.cli.app import ModelArg, ReferenceOpt, app
+from graft.cli.app import BackendOpt, ModelArg, ReferenceOpt, app
 from graft.errors import GraftError
 
 FormatOpt = Annotated[
@@ -64,12 +64,16 @@ def pick_device(device: str | None) -> str:
     return device
 
 
-def load_task_model(model: str, device: str | None, reference: bool = False):
-    """The task model and tokenizer of a model folder (or Hub id); ``reference``: without the kernels."""
+def load_task_model(model: str, device: str | None, reference: bool = False, backend: str | None = None):
+    """The task model and tokenizer of a model folder (or Hub id); ``reference``: without the kernels.
+    A graft export folder (or ``backend``) gives its ExportedModel, run by ONNX Runtime or torch."""
+    from graft.export.backend import is_exported, load_exported
     from graft.io.hf import resolve
     from graft.loading import load_model, load_processor
     from graft.tasks import TaskModel
 
+    if backend is not None or is_exported(model):
+        return load_exported(model, backend), load_processor(model)
     device = pick_device(device)
     folder = resolve(model)
     m = load_model(folder, device=device, kernels=not reference)
@@ -135,15 +139,19 @@ def predict(
     skip_bad_rows: SkipBadRowsOpt = False,
     encoding: EncodingOpt = "auto",
     reference: ReferenceOpt = False,
+    backend: BackendOpt = None,
 ) -> None:
     """Predict with a task model: one JSON line per input record."""
+    from graft.export.backend import ExportedModel, predictor
     from graft.generation.text import generate_records
     from graft.io.atomic import atomic_path, check_output
-    from graft.tasks.predict import predict as run
 
     if output is not None:
         check_output(output, "--output", example="predictions.jsonl")
-    m, tokenizer = load_task_model(model, device, reference)
+    m, tokenizer = load_task_model(model, device, reference, backend)
+    if m.task == "causal-lm" and isinstance(m, ExportedModel):
+        raise GraftError(f"{model}: an exported causal LM generates with graft generate, not predict")
+    run = predictor(m)
     records = read_records(input, fmt, column, m.head, skip_bad_rows=skip_bad_rows, encoding=encoding)
     if m.task == "causal-lm":
         pairs = generate_records(m, tokenizer, records, min(batch_size, 8), max_length, max_new_tokens)
@@ -154,7 +162,7 @@ def predict(
             max_answer_length=max_answer_length,
             null_threshold=null_threshold,
         )
-        pairs = run(m, tokenizer, records, batch_size, max_length, **extra)
+        pairs = run(tokenizer, records, batch_size, max_length, **extra)
     if output is None:
         for record, prediction in pairs:
             sys.stdout.write(jsonl_line(record, prediction))
@@ -184,17 +192,17 @@ def evaluate(
     skip_bad_rows: SkipBadRowsOpt = False,
     encoding: EncodingOpt = "auto",
     reference: ReferenceOpt = False,
+    backend: BackendOpt = None,
 ) -> None:
     """Evaluate a task model on labelled data: prints the task's metrics as JSON."""
+    from graft.export.backend import predictor
     from graft.io.atomic import atomic_path, check_output, write_json
-    from graft.tasks.predict import predict as run
 
     if out is not None:
         check_output(out, "--out", folder=True)
-    m, tokenizer = load_task_model(model, device, reference)
+    m, tokenizer = load_task_model(model, device, reference, backend)
     records, predictions = [], []
-    for record, prediction in run(
-        m,
+    for record, prediction in predictor(m)(
         tokenizer,
         read_records(data, fmt, column, m.head, True, skip_bad_rows, encoding),
         batch_size,

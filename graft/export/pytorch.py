@@ -58,7 +58,9 @@ def export_program(graph: TaskGraph | DecoderGraph, path: Path) -> None:
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
-            program = torch.export.export(graph, trace_args(graph), dynamic_shapes=dynamic(dynamic_shapes(graph)))
+            program = torch.export.export(
+                graph, trace_args(graph), dynamic_shapes=dynamic(dynamic_shapes(graph))
+            )
         except Exception as e:
             raise failed("torch.export", graph, e) from None
     torch.export.save(program, str(path))
