@@ -26,13 +26,26 @@ from graft.tasks import HEADS, EmbeddingHead, TaskModel
 
 TOL = 1e-4  # float32, as the issue states
 TASKS = ["base", *HEADS]
-CASES = [(f, task) for f in FAMILIES for task in TASKS]
 
 
 def exports(family: str, task: str) -> bool:
     """Whether graft exports ``family`` with ``task``'s head: every head the family has, a bare body
     and embeddings; every other pair is refused in one line (test_every_family_and_task...)."""
     return task in ("base", "embedding") or task in FAMILIES[family].architectures
+
+
+def representative(family: str) -> str:
+    """The one task of a family that runs on every test run; its other tasks are marked slow (an
+    export takes 5-10 s of CPU: 70 rows are several minutes)."""
+    f = FAMILIES[family]
+    return "causal-lm" if f.decoder else "image-classification" if f.inputs == "patches" else "classification"
+
+
+CASES = [
+    pytest.param(f, task, marks=pytest.mark.slow if exports(f, task) and task != representative(f) else ())
+    for f in FAMILIES
+    for task in TASKS
+]
 
 
 def tiny_model(family: str, task: str, tmp_path) -> torch.nn.Module:

@@ -47,7 +47,8 @@ print("ok", len(jobs))
 """
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "exported-program"])
+# torch.export takes twice the tracer's time on every family: the slow row
+@pytest.mark.parametrize("fmt", ["torchscript", pytest.param("exported-program", marks=pytest.mark.slow)])
 def test_torch_files_load_without_graft_and_equal_graft(fmt, tmp_path):
     jobs, expected = [], {}
     for family, task in FAMILY_TASKS:
