@@ -67,11 +67,12 @@ def finetune(out: Path, limit: int | None) -> Path:
 
 def encode(tokenizer, texts: list[str], length: int) -> dict[str, np.ndarray]:
     enc = tokenizer.encode(texts, max_length=length)
-    return {
-        "input_ids": enc.input_ids.numpy(),
-        "attention_mask": enc.attention_mask.numpy(),
-        "token_type_ids": enc.token_type_ids.numpy(),
+    arrays = {
+        "input_ids": enc.input_ids,
+        "attention_mask": enc.attention_mask,
+        "token_type_ids": enc.token_type_ids,
     }
+    return {k: np.atleast_2d(v.numpy()) for k, v in arrays.items()}  # (B, T), one text too
 
 
 def ort_session(path: Path):
@@ -253,7 +254,7 @@ def main() -> None:
         results: dict[str, dict] = {name: {"size_mb": sizes[name] / 1e6} for name in runs}
         for kind, source, length in (("short", short, SHORT), ("article", texts, LONG)):
             for batch in (1, 32):
-                n = 32 if batch == 1 else 128  # texts per round
+                n = min(32 if batch == 1 else 128, len(source))  # texts per round
                 batches = [encode(tokenizer, source[i : i + batch], length) for i in range(0, n, batch)]
                 seconds = measure(runs, batches, args.rounds)
                 for name, calls in seconds.items():
