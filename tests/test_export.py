@@ -153,7 +153,9 @@ def test_a_failed_parity_check_writes_nothing_and_keeps_the_old_folder(tmp_path)
 
 def test_unsupported_requests_are_one_line_errors(tmp_path):
     model = tiny_model("bert", "classification", tmp_path)
-    with pytest.raises(GraftError, match=r"^export: unknown format 'tflite' \(known: onnx\)$"):
+    with pytest.raises(
+        GraftError, match=r"^export: unknown format 'tflite' \(known: onnx, torchscript, exported-program\)$"
+    ):
         export_model(model, tmp_path / "a", fmt="tflite")
     with pytest.raises(
         GraftError, match=r"^--opset 13: too old; torch.onnx's exporter writes opset 18 to \d+$"
@@ -181,7 +183,7 @@ def test_an_encoder_has_no_causal_lm_to_export(family, tmp_path, cli):
 def test_command_line_errors_come_before_loading(tmp_path, cli):
     missing = tmp_path / "no-such-model"  # never read: each flag is refused first
     assert cli("export", missing, tmp_path / "o", "--format", "tflite").error_line() == (
-        "error: --format tflite: not one of onnx"
+        "error: --format tflite: not one of onnx, torchscript, exported-program"
     )
     assert (
         cli("export", missing, tmp_path / "o", "--opset", "11")
