@@ -98,6 +98,16 @@ CASES: dict[str, list[Case]] = {
         lambda t: (["train", t / "nowhere.yaml"], ["nowhere.yaml", "not found"]),
         lambda t: (["train", folder(t / "recipes")], ["recipes", "is a folder"]),
     ],
+    "export": [
+        lambda t: (
+            ["export", t / "no-model", t / "o", "--format", "tflite"],
+            ["--format tflite: not one of"],
+        ),
+        lambda t: (
+            ["export", t / "no-model", t / "o", "--format", "torchscript", "--int8"],
+            ["--int8 is for --format onnx, not torchscript"],
+        ),
+    ],
     "distill": [
         lambda t: (["distill", t / "nowhere.yaml"], ["nowhere.yaml", "not found"]),
         lambda t: (
