@@ -109,6 +109,18 @@ CASES: dict[str, list[Case]] = {
             ["pretrain.files: no input files"],
         ),
     ],
+    "export": [
+        lambda t: (
+            ["export", t / "no-model", t / "o", "--format", "tflite"],
+            ["--format tflite: not one of"],
+        ),
+        lambda t: (
+            ["export", t / "no-model", t / "o", "--format", "torchscript", "--int8"],
+            ["--int8 is for --format onnx, not torchscript"],
+        ),
+        lambda t: (["export", t / "nowhere", t / "out"], ["nowhere", "does not exist"]),
+        lambda t: (["export", t / "nowhere", t / "out", "--opset", "9"], ["--opset 9", "too old"]),
+    ],
     "distill": [
         lambda t: (["distill", t / "nowhere.yaml"], ["nowhere.yaml", "not found"]),
         lambda t: (
@@ -122,11 +134,6 @@ CASES: dict[str, list[Case]] = {
             ["prune", t / "no-model", file(t / "taken"), "--data", "d.csv", "--heads", "0.3"],
             ["is a file"],
         ),
-    ],
-    "export": [
-        lambda t: (["export", t / "nowhere", t / "out"], ["nowhere", "does not exist"]),
-        lambda t: (["export", t / "nowhere", t / "out", "--format", "tflite"], ["--format tflite"]),
-        lambda t: (["export", t / "nowhere", t / "out", "--opset", "9"], ["--opset 9", "too old"]),
     ],
     "serve": [
         lambda t: (["serve", t / "nowhere"], ["nowhere", "does not exist"]),

@@ -18,6 +18,12 @@ app = typer.Typer(
 )
 
 ModelArg = Annotated[str, typer.Argument(help="A Hugging Face-format folder or a Hub id.")]
+BackendOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="onnx or torchscript: run a graft export folder with it (default: the folder's format)."
+    ),
+]
 ReferenceOpt = Annotated[
     bool,
     typer.Option("--reference", help="Run graft.nn's plain reference code, without graft's CPU kernels."),

@@ -1,6 +1,6 @@
 """``graft export``: a model as ONNX, parity-checked, in a folder of its own.
 
-graft export MODEL OUT/ [--format onnx] [--opset 18] [--optimize] [--int8] [--task embedding --pooling mean]
+graft export MODEL OUT/ [--format onnx|torchscript|exported-program] [--opset 18] [--optimize] [--int8] [--task embedding --pooling mean]
 graft export BASE OUT/ --adapter ADAPTER/      # a PEFT adapter merged into its base first
 """
 
@@ -20,7 +20,7 @@ def load_for_export(
     model: str, adapter: Path | None, task: str | None, pooling: str | None, normalize: bool | None
 ):
     """(model on the reference code, tokenizer or None) from a folder, Hub id or GGUF file (+ adapter)."""
-    from graft.loading import load_adapter_model, load_model
+    from graft.loading import load_adapter_model, load_config, load_model
     from graft.tokenizer import Tokenizer
 
     options = {k: v for k, v in {"pooling": pooling, "normalize": normalize}.items() if v is not None}
@@ -32,6 +32,10 @@ def load_for_export(
                 raise GraftError("--task: an adapter folder brings its own task; drop --task")
             m = load_adapter_model(folder, adapter)
         else:
+            if task == "causal-lm" and not load_config(folder)[1].causal:  # refused before the weights load
+                raise GraftError(
+                    f"export: a {load_config(folder)[1].family} model has no causal LM to export"
+                )
             m = load_model(folder, task=task, kernels=False, **options)
         tokenizer = None
         if any((folder / name).exists() for name in ("tokenizer.json", "vocab.txt", "tokenizer.model")):
@@ -45,7 +49,12 @@ def export(
     out: Annotated[
         Path, typer.Argument(help="The folder to write (model file, tokenizer, labels, manifest).")
     ],
-    fmt: Annotated[str, typer.Option("--format", help="onnx, or web (a static in-browser page).")] = "onnx",
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format", help="onnx, torchscript, exported-program, or web (a static in-browser page)."
+        ),
+    ] = "onnx",
     opset: Annotated[int | None, typer.Option(help="ONNX opset (18 or newer; default 18).")] = None,
     task: Annotated[
         str | None, typer.Option(help="Export as this task (default: config.json's), e.g. embedding.")
@@ -65,7 +74,7 @@ def export(
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT when it is not empty.")] = False,
 ) -> None:
-    """Export a model to ONNX, checked against graft on shapes it was not traced with."""
+    """Export a model (ONNX, TorchScript or torch.export), checked against graft on shapes it was not traced with."""
     import json
 
     from graft.export import FORMATS, check_request, export_model
@@ -76,6 +85,9 @@ def export(
         raise GraftError(f"--format {fmt}: not one of {', '.join((*FORMATS, 'web'))}")
     if fmt == "web" and optimize:
         raise GraftError("--optimize: not with --format web (the page runs the int8 graph as exported)")
+    if fmt not in ("onnx", "web") and (opset is not None or optimize or int8):
+        flag = "--opset" if opset is not None else "--optimize" if optimize else "--int8"
+        raise GraftError(f"{flag} is for --format onnx, not {fmt}")
     if opset is not None:
         check_opset(opset)
     check_output(out, "OUT", folder=True, overwrite=overwrite)
@@ -83,11 +95,11 @@ def export(
     if fmt == "web":  # the int8 ONNX export, then the page and onnxruntime-web around it
         from graft.export.web import check_web, export_web
 
-        check_request(m, "onnx", opset)
+        check_request(m, "onnx", opset, False, True)
         check_web(m, tokenizer)
         manifest = export_web(m, out, tokenizer, opset=opset)
     else:
-        check_request(m, fmt, opset)
+        check_request(m, fmt, opset, optimize, int8)
         manifest = export_model(m, out, tokenizer, fmt=fmt, opset=opset, optimize=optimize, int8=int8)
     summary = {k: manifest[k] for k in ("format", "family", "task", "file")}
     typer.echo(json.dumps({**summary, "out": str(out), "max_abs_diff": manifest["parity"]["max_abs_diff"]}))

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from graft.cli.app import ReferenceOpt, app
+from graft.cli.app import BackendOpt, ReferenceOpt, app
 from graft.errors import GraftError
 
 ModelArg = Annotated[str, typer.Argument(help="A Hugging Face-format folder, a Hub id, or a .gguf file.")]
@@ -158,12 +158,20 @@ def generate(
     compile: Compile = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line per prompt instead.")] = False,
     reference: ReferenceOpt = False,
+    backend: BackendOpt = None,
 ) -> None:
     """Continue a prompt (or answer it, with --chat), streaming the new text to stdout."""
+    from graft.export.backend import is_exported, load_exported
     from graft.generation import encode_prompts
     from graft.generation import generate as run
 
-    lm, tokenizer, defaults = load(model, dtype, compile, reference)
+    exported = backend is not None or is_exported(model)
+    if exported:  # a graft export folder: greedy decoding with the KV cache, in ONNX Runtime or torch
+        from graft.tokenizer import Tokenizer
+
+        lm, tokenizer, defaults = load_exported(model, backend), Tokenizer.from_folder(model), {}
+    else:
+        lm, tokenizer, defaults = load(model, dtype, compile, reference)
     config = generation_config(
         lm, tokenizer, defaults, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         min_p=min_p, repetition_penalty=repetition_penalty, num_beams=num_beams, length_penalty=length_penalty,
@@ -174,15 +182,16 @@ def generate(
         prompts: list[Any] = [[*head, {"role": "user", "content": p}] for p in prompt]
     else:
         prompts = list(prompt)
-    seq2seq = (
-        lm.task == "seq2seq"
-    )  # the encoder reads the prompt (padded on the right); the decoder starts anew
+    seq2seq = getattr(lm, "task", None) == "seq2seq"  # the encoder reads the prompt (padded on the right)
     ids, mask = encode_prompts(tokenizer, prompts, chat=chat, side="right" if seq2seq else "left")
-    if len(prompt) == 1 and num_beams == 1 and not as_json:
+    if exported:
+        rows = lm.generate_greedy(ids, mask, config)
+    elif len(prompt) == 1 and num_beams == 1 and not as_json:
         reply(lm, tokenizer, ids, mask, config)
         return
-    out = run(lm, ids, mask, config, tokenizer)
-    for text, row in zip(prompt, out[:, 1 if seq2seq else ids.shape[1] :].tolist(), strict=True):
+    else:  # the decoder's new tokens: after its start token (seq2seq) or after the prompt
+        rows = run(lm, ids, mask, config, tokenizer)[:, 1 if seq2seq else ids.shape[1] :].tolist()
+    for text, row in zip(prompt, rows, strict=True):
         ends = [i for i, t in enumerate(row) if t in config.eos_ids]
         completion = tokenizer.decode(row[: ends[0]] if ends else row)
         write(json.dumps({"prompt": text, "completion": completion}) + "\n" if as_json else completion + "\n")

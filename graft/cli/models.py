@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from graft.cli.app import ModelArg, ReferenceOpt, app, read_lines
+from graft.cli.app import BackendOpt, ModelArg, ReferenceOpt, app, read_lines
 from graft.errors import GraftError
 
 
@@ -86,6 +86,7 @@ def embed(
         typer.Option("--image", "-i", help="An image or a folder of them, with a CLIP model (repeatable)."),
     ] = None,
     reference: ReferenceOpt = False,
+    backend: BackendOpt = None,
 ) -> None:
     """Sentence embeddings: the mean of the last hidden states over real tokens (a CLIP model: its
     text or image embeddings, projected)."""
@@ -106,23 +107,28 @@ def embed(
         write_embeddings(array, fmt, out)
         return
 
+    from graft.export.backend import is_exported, load_exported
     from graft.io.hf import resolve
     from graft.loading import load_model
     from graft.tasks.embedding import embed as embed_texts
     from graft.tokenizer import Tokenizer
 
-    folder = resolve(model)
-    m = load_model(folder, task="base", kernels=not reference)
-    tokenizer = Tokenizer.from_folder(folder)
-    vectors = embed_texts(
-        m,
-        tokenizer,
-        texts,
-        batch_size=batch_size,
-        max_length=max_length,
-        normalize=normalize,
-        max_tokens=max_tokens,
-    )
+    if backend is not None or is_exported(model):  # a graft export folder, run by ONNX Runtime or torch
+        exported = load_exported(model, backend)
+        vectors = exported.embed(Tokenizer.from_folder(model), texts, batch_size, max_length, normalize)
+    else:
+        folder = resolve(model)
+        m = load_model(folder, task="base", kernels=not reference)
+        tokenizer = Tokenizer.from_folder(folder)
+        vectors = embed_texts(
+            m,
+            tokenizer,
+            texts,
+            batch_size=batch_size,
+            max_length=max_length,
+            normalize=normalize,
+            max_tokens=max_tokens,
+        )
     write_embeddings(vectors.numpy(), fmt, out)
 
 

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from graft.cli.app import ModelArg, ReferenceOpt, app
+from graft.cli.app import BackendOpt, ModelArg, ReferenceOpt, app
 from graft.errors import GraftError
 
 FormatOpt = Annotated[
@@ -67,12 +67,16 @@ def pick_device(device: str | None) -> str:
     return device
 
 
-def load_task_model(model: str, device: str | None, reference: bool = False):
-    """The task model and tokenizer of a model folder (or Hub id); ``reference``: without the kernels."""
+def load_task_model(model: str, device: str | None, reference: bool = False, backend: str | None = None):
+    """The task model and tokenizer of a model folder (or Hub id); ``reference``: without the kernels.
+    A graft export folder (or ``backend``) gives its ExportedModel, run by ONNX Runtime or torch."""
+    from graft.export.backend import is_exported, load_exported
     from graft.io.hf import resolve
     from graft.loading import load_model, load_processor
     from graft.tasks import TaskModel
 
+    if backend is not None or is_exported(model):
+        return load_exported(model, backend), load_processor(model)
     device = pick_device(device)
     folder = resolve(model)
     m = load_model(folder, device=device, kernels=not reference)
@@ -150,15 +154,19 @@ def predict(
     skip_bad_rows: SkipBadRowsOpt = False,
     encoding: EncodingOpt = "auto",
     reference: ReferenceOpt = False,
+    backend: BackendOpt = None,
 ) -> None:
     """Predict with a task model: one JSON line per input record."""
+    from graft.export.backend import ExportedModel, predictor
     from graft.generation.text import generate_records, seq2seq_records
     from graft.io.atomic import atomic_path, check_output
-    from graft.tasks.predict import predict as run
 
     if output is not None:
         check_output(output, "--output", example="predictions.jsonl")
-    m, tokenizer = load_task_model(model, device, reference)
+    m, tokenizer = load_task_model(model, device, reference, backend)
+    if m.task == "causal-lm" and isinstance(m, ExportedModel):
+        raise GraftError(f"{model}: an exported causal LM generates with graft generate, not predict")
+    run = predictor(m)
     records = read_records(input, fmt, column, m.head, skip_bad_rows=skip_bad_rows, encoding=encoding)
     if m.task == "causal-lm":
         pairs = generate_records(m, tokenizer, records, min(batch_size, 8), max_length, max_new_tokens)
@@ -172,7 +180,7 @@ def predict(
             max_answer_length=max_answer_length,
             null_threshold=null_threshold,
         )
-        pairs = run(m, tokenizer, records, batch_size, max_length, **extra)
+        pairs = run(tokenizer, records, batch_size, max_length, **extra)
     if output is None:
         for record, prediction in pairs:
             sys.stdout.write(jsonl_line(record, prediction))
@@ -204,6 +212,7 @@ def evaluate(
     skip_bad_rows: SkipBadRowsOpt = False,
     encoding: EncodingOpt = "auto",
     reference: ReferenceOpt = False,
+    backend: BackendOpt = None,
     groups: Annotated[
         str | None,
         typer.Option(
@@ -213,15 +222,15 @@ def evaluate(
 ) -> None:
     """Evaluate a task model on labelled data: prints the task's metrics as JSON."""
     from graft.cli.speech import evaluate_speech, is_whisper
+    from graft.export.backend import predictor
     from graft.generation.text import seq2seq_records
     from graft.io.atomic import atomic_path, check_output, write_json
-    from graft.tasks.predict import predict as run
 
     if is_whisper(model):  # speech in: a data set of audio files and transcripts, WER and CER out
         return evaluate_speech(model, data, out, batch_size, reference, num_beams)
     if out is not None:
         check_output(out, "--out", folder=True)
-    m, tokenizer = load_task_model(model, device, reference)
+    m, tokenizer = load_task_model(model, device, reference, backend)
     columns = [*(column or []), *([f"{groups}=group"] if groups else [])]  # the group column, read as "group"
     records, predictions = [], []
     labelled = read_records(data, fmt, columns, m.head, True, skip_bad_rows, encoding)
@@ -229,7 +238,7 @@ def evaluate(
         config = seq2seq_generation(model, m, max_new_tokens, num_beams)
         pairs = seq2seq_records(m, tokenizer, labelled, min(batch_size, 8), max_length, config)
     else:
-        pairs = run(m, tokenizer, labelled, batch_size, max_length)
+        pairs = predictor(m)(tokenizer, labelled, batch_size, max_length)
     for record, prediction in pairs:
         records.append(record)
         predictions.append(prediction)

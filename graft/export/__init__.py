@@ -47,7 +47,7 @@ from graft.export.check import (
     max_abs_diff,
     parity_cases,
 )
-from graft.export.graph import OUTPUTS, DecoderGraph, TaskGraph, Tensor, graph_for, task_of
+from graft.export.graph import OUTPUTS, DecoderGraph, ImageGraph, TaskGraph, Tensor, graph_for, task_of
 from graft.io.atomic import atomic_folder, write_json
 from graft.models import FAMILIES
 from graft.tasks import HEADS, TaskModel
@@ -55,20 +55,34 @@ from graft.tasks.base import body_of
 
 log = logging.getLogger("graft")
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "torchscript", "exported-program")
 MANIFEST = "manifest.json"
-MODEL_FILES = {"onnx": "model.onnx"}
+MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt", "exported-program": "model.pt2"}
+EXPORTERS = {
+    "onnx": "torch.onnx.export(dynamo=True)",
+    "torchscript": "torch.jit.trace",
+    "exported-program": "torch.export.export",
+}
 INT8_MIN_COSINE = 0.99  # int8 is checked by direction, not digits: every output row against float32
 
 
-def check_request(model: nn.Module, fmt: str, opset: int | None = None) -> None:
+def check_request(
+    model: nn.Module, fmt: str, opset: int | None = None, optimize: bool = False, int8: bool = False
+) -> None:
     """Refuse, in one line and before any work, what cannot be exported."""
     if fmt not in FORMATS:
         raise GraftError(f"export: unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+    onnx_only = [
+        flag
+        for flag, on in (("--opset", opset is not None), ("--optimize", optimize), ("--int8", int8))
+        if on
+    ]
+    if fmt != "onnx" and onnx_only:
+        raise GraftError(f"export: {onnx_only[0]} is for --format onnx, not {fmt}")
     body = body_of(model)
     cfg = body.config
     task = task_of(model)
-    if cfg.family not in FAMILIES or cfg.inputs != "tokens" or cfg.cross_attention:
+    if cfg.family not in FAMILIES or cfg.inputs not in ("tokens", "patches") or cfg.cross_attention:
         raise GraftError(
             f"export: the {cfg.family} family cannot be exported (graft exports {', '.join(FAMILIES)})"
         )
@@ -142,14 +156,21 @@ def signature(graph: TaskGraph | DecoderGraph) -> tuple[list[Tensor], list[Tenso
             Tensor(name, "float32", present) for name in graph.output_names()[1:]
         ]
         return inputs, outputs
-    inputs = [Tensor(name, "int64", ("batch", "sequence")) for name in graph.input_names()]
     task = graph.task
+    if isinstance(graph, ImageGraph):
+        inputs = [
+            Tensor("pixel_values", "float32", ("batch", cfg.num_channels, cfg.image_size, cfg.image_size))
+        ]
+    else:
+        inputs = [Tensor(name, "int64", ("batch", "sequence")) for name in graph.input_names()]
     width = {
         "base": ("sequence", cfg.hidden_size),
         "embedding": (cfg.hidden_size,),
         "question-answering": ("sequence", 2),
     }
-    if task in ("classification", "token-classification"):
+    if isinstance(graph, ImageGraph):
+        width["base"] = (cfg.num_patches + cfg.prefix_tokens, cfg.hidden_size)
+    if task in ("classification", "token-classification", "image-classification"):
         labels = len(graph.model.head.id2label)
         shape = ("sequence", labels) if task == "token-classification" else (labels,)
     else:
@@ -173,17 +194,29 @@ def export_model(
     measured difference and leaves ``out`` as it was.
     """
     from graft.export import onnx as onnx_export
+    from graft.export import pytorch
 
-    opset = opset if opset is not None else onnx_export.DEFAULT_OPSET
-    check_request(model, fmt, opset)
+    check_request(model, fmt, opset, optimize, int8)
+    if fmt == "onnx":
+        opset = opset if opset is not None else onnx_export.DEFAULT_OPSET
     model = prepared(model)
     graph = graph_for(model).eval()
     inputs, outputs = signature(graph)
     with tempfile.TemporaryDirectory(prefix="graft-export-") as work:
         path = Path(work) / MODEL_FILES[fmt]
-        onnx_export.export_onnx(graph, path, opset)
+        if fmt == "onnx":
+            onnx_export.export_onnx(graph, path, opset)
+        elif fmt == "torchscript":
+            pytorch.export_torchscript(graph, path)
+        else:
+            pytorch.export_program(graph, path)
         cases = parity_cases(graph)
-        diff = check_parity(path, cases, tolerance, "ONNX Runtime")
+        what = {
+            "onnx": "ONNX Runtime",
+            "torchscript": "the TorchScript file",
+            "exported-program": "the exported program",
+        }
+        diff = check_parity(path, cases, tolerance, what[fmt], fmt, graph.input_names())
         fused: list[str] = []
         if optimize:
             optimized = path.with_name("optimized.onnx")
@@ -206,8 +239,8 @@ def export_model(
             "file": path.name,
             "graft_version": graft.__version__,
             "torch_version": torch.__version__,
-            "exporter": "torch.onnx.export(dynamo=True)",
-            "opset": opset,
+            "exporter": EXPORTERS[fmt],
+            "opset": opset,  # None but for onnx
             "family": graph.config.family,
             "task": graph.task,
             "inputs": [t.as_json() for t in inputs],
@@ -235,11 +268,19 @@ def export_model(
     return manifest
 
 
-def check_parity(path: Path, cases: list, tolerance: float, what: str) -> float:
-    """The measured max abs difference of the graph at ``path``; a GraftError past ``tolerance``."""
-    from graft.export.onnx import runner
+def file_runner(fmt: str, path: Path, names: list[str]):
+    """A function of numpy inputs -> the outputs of the exported file at ``path``."""
+    from graft.export import onnx as onnx_export
+    from graft.export import pytorch
 
-    diff = max_abs_diff(runner(path), cases)
+    return onnx_export.runner(path) if fmt == "onnx" else pytorch.runner(fmt, path, names)
+
+
+def check_parity(
+    path: Path, cases: list, tolerance: float, what: str, fmt: str = "onnx", names: list[str] = ()
+) -> float:
+    """The measured max abs difference of the graph at ``path``; a GraftError past ``tolerance``."""
+    diff = max_abs_diff(file_runner(fmt, path, list(names)), cases)
     if not diff <= tolerance:  # NaN fails too
         raise GraftError(
             f"export: parity check failed: {what} differs from graft by {diff:.3g} "

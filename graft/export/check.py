@@ -43,7 +43,8 @@ def task_cases(graph: TaskGraph) -> list[Case]:
             out = model(**inputs).last_hidden_state
         else:
             out = model(**inputs).logits
-        real = inputs["attention_mask"].bool() if graph.task in PER_TOKEN else None
+        mask = inputs.get("attention_mask")  # images have none: every patch is real
+        real = mask.bool() if graph.task in PER_TOKEN and mask is not None else None
         cases.append(Case(inputs, [out], real))
     return cases
 

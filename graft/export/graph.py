@@ -30,6 +30,7 @@ OUTPUTS = {
     "question-answering": "logits",
     "embedding": "sentence_embedding",  # "embedding" is taken: the exporter names the lookup so
     "causal-lm": "logits",
+    "image-classification": "logits",
 }
 PER_TOKEN = {"base", "token-classification", "question-answering", "causal-lm"}  # outputs (B, T, ...)
 
@@ -90,6 +91,19 @@ class TaskGraph(nn.Module):
         return head(out, batch)  # (B, L), (B, T, L), (B, T, 2) or (B, H)
 
 
+class ImageGraph(TaskGraph):
+    """An image body or classifier as pixel_values (B, C, H, W) -> one tensor. The image size is the
+    config's (positions are learned per patch), so only the batch axis is dynamic."""
+
+    def input_names(self) -> list[str]:
+        return ["pixel_values"]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
+        if isinstance(self.model, Transformer):
+            return self.model(pixel_values=pixel_values).last_hidden_state  # (B, T, H)
+        return self.model(pixel_values=pixel_values).logits  # (B, L) or (B, H)
+
+
 class GraphCache(KVCache):
     """The past keys and values as given tensors; each layer's update returns past + new (concatenated)
     and keeps it as the ``present`` output. No preallocated buffers: a graph has no state between calls."""
@@ -147,7 +161,9 @@ class DecoderGraph(nn.Module):
 
 
 def graph_for(model: nn.Module) -> TaskGraph | DecoderGraph:
-    return DecoderGraph(model) if task_of(model) == "causal-lm" else TaskGraph(model)
+    if task_of(model) == "causal-lm":
+        return DecoderGraph(model)
+    return ImageGraph(model) if body_of(model).config.inputs == "patches" else TaskGraph(model)
 
 
 def example_inputs(
@@ -157,6 +173,9 @@ def example_inputs(
     for encoders, left for decoders as generation pads), ids in the vocabulary past the special ones."""
     cfg = graph.config
     g = torch.Generator().manual_seed(seed)
+    if isinstance(graph, ImageGraph):  # images of the config's size; ``length`` does not apply
+        shape = (batch, cfg.num_channels, cfg.image_size, cfg.image_size)
+        return {"pixel_values": torch.randn(shape, generator=g)}  # (B, C, H, W)
     low = min(4, cfg.vocab_size - 1)
     ids = torch.randint(low, cfg.vocab_size, (batch, length), generator=g)  # (B, T)
     mask = torch.ones(batch, past + length, dtype=torch.long)  # (B, P + T)

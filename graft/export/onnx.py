@@ -18,7 +18,7 @@ import torch
 
 from graft.errors import GraftError
 from graft.export.check import Runner
-from graft.export.graph import DecoderGraph, TaskGraph, example_inputs
+from graft.export.graph import DecoderGraph, ImageGraph, TaskGraph, example_inputs
 
 log = logging.getLogger("graft")
 
@@ -44,6 +44,8 @@ def dynamic_shapes(graph: TaskGraph | DecoderGraph) -> tuple[dict[int, str], ...
         past = {0: "batch", 2: "past_sequence"}
         tokens = {0: "batch", 1: "sequence"}
         return (tokens, {0: "batch", 1: "total_sequence"}, tokens, (past,) * (2 * graph.layers))
+    if isinstance(graph, ImageGraph):
+        return ({0: "batch"},)  # the image size is the config's
     return tuple({0: "batch", 1: "sequence"} for _ in graph.input_names())
 
 

@@ -1,11 +1,32 @@
 """Run an exported graft folder with only onnxruntime, tokenizers and numpy (no torch, no graft).
 
-graft export copies this file into OUT/ as runtime.py:
+graft export copies this file into OUT/ as runtime.py. In a fresh environment:
 
-    python OUT/runtime.py OUT/ "first text" "second text"      # one JSON line per text
-    python OUT/runtime.py OUT/ --generate 32 "Once upon a time"   # a causal LM: greedy, KV cache
+    python -m venv env && env/bin/pip install onnxruntime tokenizers numpy
+    env/bin/python OUT/runtime.py OUT/ "first text" "second text"      # one JSON line per text
+    env/bin/python OUT/runtime.py OUT/ --generate 32 "Once upon a time"   # a causal LM: greedy, KV cache
 
-It reads manifest.json (inputs, outputs, the cache layout), tokenizer.json and labels.json.
+or from Python, next to the file (the whole API is the class Exported):
+
+    from runtime import Exported
+
+    model = Exported("OUT/")                   # reads manifest.json, config.json, labels.json
+    model.predict(["A fine film.", "Dull."])   # classifier: [{"label": ..., "score": ...}, ...]
+                                               # tagger: {"tags": [...]}; embeddings: {"embedding": [...]}
+    inputs = model.encode(["some text"])       # numpy int64 arrays named as the manifest's inputs
+    outputs = model.run(inputs)                # the graph's outputs, in the manifest's order
+
+    # a decoder: prompts as token ids, greedy tokens back (the end token kept, then the row stops)
+    ids = model.tokenizer.encode("The capital of France is").ids
+    new = model.generate([ids], max_new_tokens=32, eos=[model.config["eos_token_id"]])
+    print(model.tokenizer.decode(new[0]))
+
+What the folder holds: manifest.json lists every input and output (name, dtype, shape with axis
+names for the dynamic axes) and, for a decoder, the cache layout: one merged graph whose inputs
+are input_ids, attention_mask (past + new positions), position_ids and past_key_values.{i}.key /
+.value, and whose outputs are logits and present.{i}.key / .value. The prompt runs with empty past
+tensors (B, kv_heads, 0, head_dim); each step feeds one token per row and the previous presents.
+Prompts are left-padded and positions count real tokens from 0, as in graft's own generation.
 """
 
 from __future__ import annotations

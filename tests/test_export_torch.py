@@ -1,0 +1,112 @@
+"""TorchScript and torch.export files: parity-checked at export, then loaded by a fresh Python that
+never imports graft (torch.jit.load / torch.export.load) and compared with graft's eager model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_export import eager, fresh_inputs, tiny_model
+
+from graft.export import MANIFEST, export_model
+from graft.models import FAMILIES
+
+TOL = 1e-4
+
+# one task per family: its causal LM, its image head or a text classifier
+FAMILY_TASKS = [
+    (
+        f,
+        "causal-lm"
+        if FAMILIES[f].decoder
+        else "image-classification"
+        if FAMILIES[f].inputs == "patches"
+        else "classification",
+    )
+    for f in FAMILIES
+]
+
+# run by `python -I` (no PYTHONPATH, no user site): torch alone, and it checks graft stayed out
+LOADER = """
+import sys, json, numpy as np, torch
+fmt, jobs = sys.argv[1], json.loads(sys.argv[2])
+for folder in jobs:
+    manifest = json.load(open(folder + "/manifest.json"))
+    path = folder + "/" + manifest["file"]
+    module = torch.jit.load(path) if fmt == "torchscript" else torch.export.load(path).module()
+    inputs = np.load(folder + "/inputs.npz")
+    with torch.no_grad():
+        out = module(*(torch.from_numpy(inputs[i["name"]]) for i in manifest["inputs"]))
+    out = out if isinstance(out, (tuple, list)) else (out,)
+    np.savez(folder + "/outputs.npz", *[t.numpy() for t in out])
+assert not [m for m in sys.modules if m.split(".")[0] == "graft"], "graft was imported"
+print("ok", len(jobs))
+"""
+
+
+# torch.export takes twice the tracer's time on every family: the slow row
+@pytest.mark.parametrize("fmt", ["torchscript", pytest.param("exported-program", marks=pytest.mark.slow)])
+def test_torch_files_load_without_graft_and_equal_graft(fmt, tmp_path):
+    jobs, expected = [], {}
+    for family, task in FAMILY_TASKS:
+        model = tiny_model(family, task, tmp_path / family)
+        out = tmp_path / f"{family}-out"
+        manifest = export_model(model, out, fmt=fmt)
+        assert manifest["format"] == fmt and manifest["parity"]["max_abs_diff"] <= TOL
+        assert manifest["file"] == {"torchscript": "model.pt", "exported-program": "model.pt2"}[fmt]
+        assert set(json.loads((out / MANIFEST).read_text())["files"]) == {p.name for p in out.iterdir()}
+        assert not (out / "runtime.py").exists()  # the onnxruntime script is for ONNX folders
+        if task == "causal-lm":  # the prompt (an empty past) of a left-padded batch: logits and presents
+            from graft.export import prepared
+            from graft.export.check import decoder_cases
+            from graft.export.graph import graph_for
+
+            case = decoder_cases(graph_for(prepared(model)))[0]
+            inputs, want, real = case.inputs, [t.numpy() for t in case.expected], case.real.numpy()
+        else:
+            inputs = fresh_inputs(model)
+            want = [eager(model, inputs).numpy()]
+            real = (
+                inputs["attention_mask"].bool().numpy()
+                if want[0].ndim == 3 and "attention_mask" in inputs
+                else None
+            )
+        np.savez(out / "inputs.npz", **{k: v.numpy() for k, v in inputs.items()})
+        jobs.append(str(out))
+        expected[str(out)] = (want, real)
+
+    run = subprocess.run(
+        [sys.executable, "-I", "-c", LOADER, fmt, json.dumps(jobs)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["ok", str(len(jobs))]
+    for folder, (want, real) in expected.items():
+        got = np.load(f"{folder}/outputs.npz")
+        got = [got[f"arr_{i}"] for i in range(len(got.files))]
+        assert len(got) == len(want), folder
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert g.shape == w.shape, folder
+            if i == 0 and real is not None:  # per-token outputs: the real tokens
+                g, w = g[real], w[real]
+            assert np.abs(w).max() > 0.01 or i > 0
+            assert np.abs(g - w).max() <= TOL, folder
+
+
+def test_onnx_only_flags_are_refused_for_torch_formats(tmp_path, cli):
+    missing = tmp_path / "no-such-model"
+    assert cli("export", missing, tmp_path / "o", "--format", "torchscript", "--int8").error_line() == (
+        "error: --int8 is for --format onnx, not torchscript"
+    )
+    assert cli(
+        "export", missing, tmp_path / "o", "--format", "exported-program", "--opset", "18"
+    ).error_line() == ("error: --opset is for --format onnx, not exported-program")
+    model = tiny_model("bert", "classification", tmp_path)
+    with pytest.raises(Exception, match=r"^export: --optimize is for --format onnx, not torchscript$"):
+        export_model(model, tmp_path / "o", fmt="torchscript", optimize=True)
+    assert not (tmp_path / "o").exists()
