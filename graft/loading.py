@@ -266,6 +266,10 @@ def load_model(
             raise GraftError(
                 f"{task}: a {family.name} model is an encoder-decoder; load it as task seq2seq (or base)"
             )
+        if family.dual_encoder and task != "image-text":
+            raise GraftError(
+                f"{task}: a {family.name} model is a dual encoder; load it as task image-text (or base)"
+            )
         if family.encoder_decoder:
             untie_output(body, rest)
         try:

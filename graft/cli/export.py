@@ -32,7 +32,9 @@ def load_for_export(
                 raise GraftError("--task: an adapter folder brings its own task; drop --task")
             m = load_adapter_model(folder, adapter)
         else:
-            if task == "causal-lm" and not load_config(folder)[1].causal:  # refused before the weights load
+            if task == "causal-lm" and not getattr(
+                load_config(folder)[1], "causal", False
+            ):  # before the weights load
                 raise GraftError(
                     f"export: a {load_config(folder)[1].family} model has no causal LM to export"
                 )
@@ -77,7 +79,7 @@ def export(
     """Export a model (ONNX, TorchScript or torch.export), checked against graft on shapes it was not traced with."""
     import json
 
-    from graft.export import FORMATS, check_request, export_model
+    from graft.export import FORMATS, OUTPUTS, check_request, export_model
     from graft.export.onnx import check_opset
     from graft.io.atomic import check_output
 
@@ -90,6 +92,8 @@ def export(
         raise GraftError(f"{flag} is for --format onnx, not {fmt}")
     if opset is not None:
         check_opset(opset)
+    if task is not None and task != "base" and task not in OUTPUTS:  # before loading anything
+        raise GraftError(f"export: the {task} task cannot be exported (known: {', '.join(OUTPUTS)})")
     check_output(out, "OUT", folder=True, overwrite=overwrite)
     m, tokenizer = load_for_export(model, adapter, task, pooling, normalize)
     if fmt == "web":  # the int8 ONNX export, then the page and onnxruntime-web around it

@@ -20,9 +20,10 @@ from torch import nn
 
 import graft.kernels
 from graft.errors import GraftError
-from graft.interpret.heads import Importance, importance, one_stack
+from graft.interpret.heads import Importance, importance
 from graft.nn import Transformer
 from graft.tasks import TaskModel
+from graft.tasks.base import one_stack
 
 Batch = dict[str, Any]
 # unstructured sparsity: which weights count, and the two ways of choosing them

@@ -51,7 +51,7 @@ from graft.export.graph import OUTPUTS, DecoderGraph, ImageGraph, TaskGraph, Ten
 from graft.io.atomic import atomic_folder, write_json
 from graft.models import FAMILIES
 from graft.tasks import HEADS, TaskModel
-from graft.tasks.base import body_of
+from graft.tasks.base import body_of, one_stack
 
 log = logging.getLogger("graft")
 
@@ -79,7 +79,7 @@ def check_request(
     ]
     if fmt != "onnx" and onnx_only:
         raise GraftError(f"export: {onnx_only[0]} is for --format onnx, not {fmt}")
-    body = body_of(model)
+    body = one_stack(model, "export")  # two stacks (T5, BART, Whisper, CLIP): not exported yet
     cfg = body.config
     task = task_of(model)
     if cfg.family not in FAMILIES or cfg.inputs not in ("tokens", "patches") or cfg.cross_attention:

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from graft.errors import GraftError
-from graft.nn import Transformer
 from graft.nn.attention import MaskedInput
 from graft.tasks import TaskModel
+from graft.tasks.base import one_stack
 
 Batch = dict[str, Any]
 
@@ -69,18 +69,6 @@ def body_of(model: nn.Module) -> nn.Module:
     if not isinstance(model, TaskModel):
         raise GraftError("head importance needs a task model (its loss); this is a bare model without a head")
     return one_stack(model, "head importance")
-
-
-def one_stack(model: nn.Module, what: str) -> Transformer:
-    """The model's one stack of blocks, or a one-line error naming ``what`` could not work on: an
-    encoder-decoder (T5, BART, Whisper) and a dual encoder (CLIP) have two."""
-    body = model.body if isinstance(model, TaskModel) else model
-    if not isinstance(body, Transformer):
-        kind = "a text and an image tower" if hasattr(body, "towers") else "an encoder and a decoder"
-        raise GraftError(
-            f"{what}: a {body.config.family} model has two stacks ({kind}); {what} works on one stack"
-        )
-    return body
 
 
 def importance(model: TaskModel, batches: Iterable[Batch], normalize: bool = True) -> Importance:

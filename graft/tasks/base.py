@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from graft.errors import GraftError
 from graft.nn import DualEncoder, EncoderDecoder, Transformer, TransformerConfig, TransformerOutput
 from graft.tasks.pooling import set_pooler
 
@@ -150,3 +151,15 @@ def stacks(body: Transformer | EncoderDecoder) -> list[tuple[str, Transformer]]:
     if isinstance(body, EncoderDecoder):
         return [("encoder.", body.encoder), ("decoder.", body.decoder)]
     return [("", body)]
+
+
+def one_stack(model: nn.Module, what: str) -> Transformer:
+    """The model's one stack of blocks, or a one-line error naming ``what`` could not work on: an
+    encoder-decoder (T5, BART, Whisper) and a dual encoder (CLIP) have two."""
+    body = body_of(model)
+    if not isinstance(body, Transformer):
+        kind = "a text and an image tower" if hasattr(body, "towers") else "an encoder and a decoder"
+        raise GraftError(
+            f"{what}: a {body.config.family} model has two stacks ({kind}); {what} works on one stack"
+        )
+    return body
