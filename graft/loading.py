@@ -208,8 +208,14 @@ def check_shapes(
         k.startswith("pooler") for k in weight_map(family, cfg, task).split_prefix(state)[0]
     ):
         cfg.pooler = False  # saved from a task model built without the pooler
-    with torch.device("meta"):
-        body = quantized(build_body(family, cfg), quantization(cfg.hf_config))
+    try:
+        with torch.device("meta"):
+            body = quantized(build_body(family, cfg), quantization(cfg.hf_config))
+    except (RuntimeError, TypeError, OverflowError) as e:  # sizes beyond int64 or whose product overflows
+        reason = str(e).splitlines()[0]  # torch's own first line, without its C++ frames
+        raise GraftError(
+            f"{source.parent / 'config.json'}: its sizes describe no model that can be built ({reason})"
+        ) from None
     expected = unique_shapes(body)
     with_scales(weight_map(family, cfg, task), expected).to_graft(state, expected, str(source))
 
