@@ -20,9 +20,12 @@ from graft.tokenizer import Tokenizer
 
 TOL = 1e-5
 MLM_FAMILIES = sorted(name for name, f in FAMILIES.items() if "masked-lm" in f.architectures)
-# encoder-decoders are refused every task but seq2seq by load_model, before any head (their own tests)
+# two-stack families are refused every task but their own by load_model, before any head (their own
+# tests: encoder-decoders take seq2seq, CLIP image-text)
 OTHERS = sorted(
-    name for name, f in FAMILIES.items() if "masked-lm" not in f.architectures and not f.encoder_decoder
+    name
+    for name, f in FAMILIES.items()
+    if "masked-lm" not in f.architectures and not f.encoder_decoder and not f.dual_encoder
 )
 
 
