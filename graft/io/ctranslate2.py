@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from graft.errors import GraftError
 from graft.io.atomic import atomic_folder, atomic_path, write_json
+from graft.io.cursor import Cursor
 
 VERSIONS = (4, 5, 6)  # the layout above: dtype codes and byte counts since 4, aliases since 3
 # CTranslate2's DataType enum, in order
@@ -59,26 +60,10 @@ class CT2Model:
     aliases: dict[str, str]  # alias -> variable name
 
 
-class _Cursor:
+class _Cursor(Cursor):
     """Reads model.bin front to back; every read is checked against the bytes that remain."""
 
-    def __init__(self, buf: mmap.mmap | bytes, path: Path) -> None:
-        self.buf, self.path, self.pos = buf, path, 0
-
-    def need(self, n: int, what: str) -> None:
-        left = len(self.buf) - self.pos
-        if n > left:
-            raise GraftError(
-                f"{self.path}: truncated or corrupt CTranslate2 file: {what} needs {n:,} bytes at offset "
-                f"{self.pos:,}, but only {left:,} remain"
-            )
-
-    def unpack(self, fmt: str, what: str) -> int:
-        size = struct.calcsize(fmt)
-        self.need(size, what)
-        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += size
-        return value
+    kind = "CTranslate2"
 
     def string(self, what: str) -> str:
         n = self.unpack("<H", what)

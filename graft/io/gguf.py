@@ -15,7 +15,6 @@ import math
 import mmap
 import os
 import re
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from graft.errors import GraftError
 from graft.io.atomic import atomic_folder, atomic_path, write_json
+from graft.io.cursor import Cursor
 
 T = GGMLQuantizationType
 
@@ -174,26 +174,10 @@ class TensorInfo:
     nbytes: int
 
 
-class _Cursor:
+class _Cursor(Cursor):
     """Reads a GGUF header front to back; every read is checked against the bytes that remain."""
 
-    def __init__(self, buf: mmap.mmap, path: Path) -> None:
-        self.buf, self.path, self.pos = buf, path, 0
-
-    def need(self, n: int, what: str) -> None:
-        left = len(self.buf) - self.pos
-        if n > left:
-            raise GraftError(
-                f"{self.path}: truncated or corrupt GGUF file: {what} needs {n:,} bytes at offset "
-                f"{self.pos:,}, but only {left:,} remain"
-            )
-
-    def unpack(self, fmt: str, what: str) -> Any:
-        size = struct.calcsize(fmt)
-        self.need(size, what)
-        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += size
-        return value
+    kind = "GGUF"
 
     def string(self, what: str) -> str:
         n = self.unpack("<Q", what)
