@@ -20,7 +20,15 @@ from graft.cli.tasks import (
     load_task_model,
     read_records,
 )
-from graft.cli.train import OverridesArg, RecipeArg
+from graft.cli.train import (
+    OverridesArg,
+    OverwriteRunOpt,
+    QuietOpt,
+    RecipeArg,
+    ResumeOpt,
+    echo_result,
+    load_run,
+)
 from graft.errors import GraftError
 
 DataOpt = Annotated[Path, typer.Option("--data", "-d", help="Labelled records: CSV, JSON lines, CoNLL...")]
@@ -31,23 +39,15 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace what th
 def distill(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the run folder's last checkpoint.")
-    ] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Start afresh in a run folder that holds an earlier run.")
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteRunOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Distil the recipe's teacher (distill.teacher) into a smaller student; the student is train.output/model."""
     from graft.compress.distill import run_distill
-    from graft.train.config import load_recipe
 
-    config = load_recipe(recipe, overrides or [])
-    if resume and overwrite:
-        raise GraftError("--resume continues the run in train.output and --overwrite replaces it: pass one")
-    result = run_distill(config, resume=resume, quiet=quiet, overwrite=overwrite)
-    typer.echo(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    config = load_run(recipe, overrides, resume, overwrite)
+    echo_result(run_distill(config, resume=resume, quiet=quiet, overwrite=overwrite))
 
 
 def labelled_batches(
