@@ -203,6 +203,14 @@ def tiny_hf_config(family: str):
     return configs[family]()
 
 
+def stack_families() -> tuple[list[str], list[str]]:
+    """The registry's families with one stack of blocks, and those with two (encoder-decoders, CLIP)."""
+    from graft.models import FAMILIES
+
+    one = sorted(n for n, f in FAMILIES.items() if not f.encoder_decoder and not f.dual_encoder)
+    return one, sorted(set(FAMILIES) - set(one))
+
+
 def hf_model(family: str, task: str = "base"):
     """A random tiny transformers model of ``family`` (AutoModel, or the causal-LM class)."""
     import transformers as tr

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import padded_batch, tiny_hf_config
+from conftest import padded_batch, stack_families, tiny_hf_config
 
 from graft.compress.prune import (
     least_important,
@@ -29,8 +29,7 @@ HEADS_TO_CUT = {0: [1, 3], 1: [0]}  # of 4 heads per layer (tiny_hf_config)
 NEURONS_TO_CUT = {0: [0, 5, 7], 1: [2]}
 
 # one stack of blocks; the two-stack families (encoder-decoders, CLIP) are refused in one line: below
-ONE_STACK = sorted(n for n, f in FAMILIES.items() if not f.encoder_decoder and not f.dual_encoder)
-TWO_STACKS = sorted(set(FAMILIES) - set(ONE_STACK))
+ONE_STACK, TWO_STACKS = stack_families()
 
 
 def grouped(family: str) -> bool:

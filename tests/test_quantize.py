@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import hf_model, padded_batch, tiny_hf_config
+from conftest import hf_model, padded_batch, stack_families, tiny_hf_config
 from safetensors.torch import load_file
 from test_predict_cli import LABELS, task_folder, write_jsonl
 
@@ -24,8 +24,7 @@ INT8 = [m for m, activations in METHODS.items() if activations is not None]
 BF16_U = 2.0**-8  # bfloat16's unit roundoff (8 bits of significand)
 
 # one stack of blocks; the two-stack families (encoder-decoders, CLIP) are refused in one line: below
-ONE_STACK = sorted(n for n, f in FAMILIES.items() if not f.encoder_decoder and not f.dual_encoder)
-TWO_STACKS = sorted(set(FAMILIES) - set(ONE_STACK))
+ONE_STACK, TWO_STACKS = stack_families()
 
 
 def layer_and_input(
