@@ -376,5 +376,21 @@ def run_distill(
     return result
 
 
+def train_steps(model: nn.Module, batches: Sequence[dict[str, Any]], steps: int, lr: float) -> list[float]:
+    """``steps`` AdamW steps at ``lr`` on ``batches`` (cycled) of a task model or a Distiller: a short
+    fine-tune (prune's recovery, graft compress's students). Returns each step's loss; ends in eval mode."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for step in range(steps):
+        loss = model(**batches[step % len(batches)]).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
 def count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
