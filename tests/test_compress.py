@@ -11,12 +11,14 @@ import shutil
 import pytest
 import torch
 import transformers
+from conftest import hf_model
 
-from graft.compress.compare import pareto
+from graft.compress.compare import check_plan, pareto
 from graft.compress.plan import parse_plan
 from graft.compress.quantize import size_on_disk
 from graft.errors import GraftError
 from graft.loading import load_model
+from graft.tasks import TaskModel
 
 PLAN = "fp32,bf16,int8-dynamic,int8-weight,distill:layers=2,prune:heads=0.25,ffn=0.25"
 
@@ -83,6 +85,46 @@ def test_a_plan_reads_into_steps_with_their_options():
 def test_a_bad_plan_is_one_line(plan, message):
     with pytest.raises(GraftError) as e:
         parse_plan(plan)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize(
+    ("family", "task", "plan", "message"),
+    [
+        (
+            "llama",  # 4 query heads share 2 key/value heads
+            "classification",
+            "fp32,prune:heads=0.25",
+            "--plan: prune:heads=0.25: llama shares key/value heads between query heads (grouped-query attention);"
+            " prune:ffn=FRACTION alone prunes only the feed-forward",
+        ),
+        ("llama", "classification", "fp32,prune:ffn=0.5", None),  # the feed-forward alone: accepted
+        (
+            "t5",
+            "seq2seq",
+            "fp32,int8-dynamic",
+            "compress: a seq2seq model; graft compress compares classification and token-classification models",
+        ),
+        (
+            "bert",
+            "classification",
+            "fp32,distill:layers=3",
+            "--plan: distill:layers=3 is more than the model's 2 layers",
+        ),
+    ],
+)
+def test_what_a_family_or_model_cannot_do_is_refused_before_the_first_variant(
+    family, task, plan, message, tmp_path
+):
+    hf_model(family, "seq2seq" if task == "seq2seq" else "base").save_pretrained(tmp_path)
+    model = load_model(tmp_path, task=task, **({"id2label": ["a", "b"]} if task == "classification" else {}))
+    assert isinstance(model, TaskModel)
+    steps = parse_plan(plan)
+    if message is None:
+        check_plan(steps, model, [{"text": "x", "label": "a"}])
+        return
+    with pytest.raises(GraftError) as e:
+        check_plan(steps, model, [{"text": "x", "label": "a"}])
     assert str(e.value) == message
 
 
@@ -168,7 +210,8 @@ def test_compress_errors_are_one_line(assets, tmp_path, cli):
     assert deep.error_line() == "error: --plan: distill:layers=5 is more than the model's 4 layers"
     many = cli(*run_args(assets, out, "prune:heads=0.9"))
     assert many.error_line() == (
-        "error: prune: --heads 0.9 asks for 14 of 16 heads, but each of the 4 layers keeps at least one (12 at most)"
+        "error: --plan: prune:heads=0.9 asks for 14 of 16 heads, but each of the 4 layers keeps at least one"
+        " (12 at most)"
     )
     assert not out.exists()  # nothing written by a refused run
     (out / "x").mkdir(parents=True)

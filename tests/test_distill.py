@@ -255,7 +255,7 @@ def assets(tmp_path_factory, minilm):
     recipe.write_text(
         f"data:\n  train: {folder / 'train.csv'}\n  val_fraction: 0.25\n"
         f"train:\n  batch_size: 8\n  max_steps: 4\n  plots: false\n"
-        f"distill:\n  teacher: {folder / 'teacher'}\n  every: 2\n  hidden: 1.0\n  attention: 1.0\n"
+        f"distill:\n  teacher: {folder / 'teacher'}\n  every: 2\n  hidden: 1.0\n  attention: 1.0\n  value: 1.0\n"
     )
     return {"folder": folder, "teacher": folder / "teacher", "data": folder / "train.csv", "recipe": recipe}
 
@@ -311,6 +311,23 @@ def test_distill_from_a_student_with_another_vocabulary_is_one_line(assets, tmp_
     assert line.startswith(
         "error: distill: the student's vocabulary (99 tokens, model.path) differs from the teacher's (30522)"
     )
+
+
+def test_distill_into_a_student_folder_wider_than_the_teacher_is_one_line(assets, tmp_path, cli):
+    config = transformers.BertConfig(
+        vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    transformers.BertModel(config).save_pretrained(tmp_path / "wide")
+    line = cli(
+        "distill",
+        assets["recipe"],
+        "distill.every=0",
+        f"model.path={tmp_path / 'wide'}",
+        f"train.output={tmp_path / 'run'}",
+    ).error_line()
+    assert line == "error: distill: the student (hidden_size 64, model.path) is wider than the teacher (32)"
+    assert not (tmp_path / "run" / "model").exists()
 
 
 def test_graft_prune_and_graft_heads(assets, tmp_path, cli):

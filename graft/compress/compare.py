@@ -103,14 +103,22 @@ def check_plan(steps: Sequence[Step], model: TaskModel, train: Sequence[dict] | 
             )
         if step.kind == "prune":
             blocks = model.body.layers
+            for what, sizes in (
+                ("heads", [b.attn.num_heads for b in blocks]),
+                ("ffn", [b.ffn.down.in_features for b in blocks]),
+            ):
+                fraction = step.options.get(what, 0.0)
+                where = f"--plan: prune:{what}={fraction}"
+                least_important([torch.zeros(n) for n in sizes], fraction, what, where)
             if step.options.get("heads"):
-                check_prunable(model)
-            least_important(
-                [torch.zeros(b.attn.num_heads) for b in blocks], step.options.get("heads", 0.0), "heads"
-            )
-            least_important(
-                [torch.zeros(b.ffn.down.in_features) for b in blocks], step.options.get("ffn", 0.0), "ffn"
-            )
+                try:
+                    check_prunable(model)
+                except GraftError as e:  # graft prune's own hint names its flags, not the plan's keys
+                    reason = str(e).removeprefix("prune: ").split(";")[0]
+                    raise GraftError(
+                        f"--plan: prune:heads={step.options['heads']}: {reason}; prune:ffn=FRACTION alone prunes"
+                        " only the feed-forward"
+                    ) from None
 
 
 def shuffled_batches(head: Any, tokenizer: Any, records: Sequence[dict], settings: Settings) -> list[dict]:

@@ -334,11 +334,16 @@ def build_student(recipe: Any, teacher: TaskModel) -> tuple[TaskModel, list[int]
         return fresh_student(teacher, dict(d.student)), None
     else:  # a model of its own: its vocabulary checked before anything loads; the teacher's labels
         folder = resolve(recipe.model.path)
-        vocab, wanted = load_config(folder)[1].vocab_size, teacher.body.config.vocab_size
-        if vocab != wanted:
+        cfg, t = load_config(folder)[1], teacher.body.config
+        if cfg.vocab_size != t.vocab_size:
             raise GraftError(
-                f"distill: the student's vocabulary ({vocab} tokens, model.path) differs from the teacher's"
-                f" ({wanted}); a student reads the teacher's tokens"
+                f"distill: the student's vocabulary ({cfg.vocab_size} tokens, model.path) differs from the"
+                f" teacher's ({t.vocab_size}); a student reads the teacher's tokens"
+            )
+        if getattr(cfg, "hidden_size", 0) > t.hidden_size:
+            raise GraftError(
+                f"distill: the student (hidden_size {cfg.hidden_size}, model.path) is wider than the teacher"
+                f" ({t.hidden_size})"
             )
         options = HEADS[teacher.task].options_from_hf(teacher.head.hf_config())
         student = load_model(
