@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from graft.compress.distill import Distiller, train_steps, uniform_map
+from graft.compress.distill import Distiller, keep_layers, train_steps, uniform_map
 from graft.compress.plan import Step
 from graft.compress.prune import check_prunable, least_important
 from graft.compress.quantize import quantize_folder, size_on_disk
@@ -42,6 +42,7 @@ from graft.tasks import TaskModel
 # the metric each task's row is judged by (higher is better), from its head's evaluate()
 METRICS = {"classification": "accuracy", "token-classification": "f1"}
 BATCH = 32
+IMPORTANCE_BATCHES = 32  # prune scores heads and neurons on this many training batches at most
 
 
 @dataclass
@@ -156,18 +157,18 @@ def build(
     budget = f"{steps} steps at lr {lr:g}, batch {settings.batch_size}, T={settings.temperature:g}"
     if step.kind == "distill":
         layers = uniform_map(step.options["layers"], teacher.body.config.num_layers)
-        from graft.compress.distill import keep_layers
-
         model = keep_layers(teacher, layers)
         distiller = Distiller(model, teacher, settings.temperature, layer_map=layers)
         how = f"teacher layers {layers} kept, distilled from the model ({budget})"
     else:
         model = copy.deepcopy(teacher)
-        model, report = prune(model, batches, step.options.get("heads", 0.0), step.options.get("ffn", 0.0))
+        scoring = batches[:IMPORTANCE_BATCHES]
+        model, report = prune(model, scoring, step.options.get("heads", 0.0), step.options.get("ffn", 0.0))
         distiller = Distiller(model, teacher, settings.temperature)
+        scored = sum(len(b["input_ids"]) for b in scoring)
         how = (
             f"{report['heads_removed']} heads and {report['neurons_removed']} FFN neurons removed"
-            f" (Michel et al. importance), recovered by distillation ({budget})"
+            f" (Michel et al. importance over {scored} training examples), recovered by distillation ({budget})"
         )
     log(f"compress: {step.text}: training {steps} steps")
     train_steps(distiller, batches, steps, lr)
