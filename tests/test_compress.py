@@ -213,6 +213,8 @@ def test_compress_errors_are_one_line(assets, tmp_path, cli):
         "error: --plan: prune:heads=0.9 asks for 14 of 16 heads, but each of the 4 layers keeps at least one"
         " (12 at most)"
     )
+    zero = cli(*run_args(assets, out, "fp32"), "--lr", "0")
+    assert zero.error_line() == "error: --lr 0.0: must be above 0"
     assert not out.exists()  # nothing written by a refused run
     (out / "x").mkdir(parents=True)
     full = cli(*run_args(assets, out, "fp32"))
@@ -231,3 +233,15 @@ def test_onnx_adds_graft_exports_as_rows(assets, tmp_path, cli):
     assert int(rows["onnx-int8"]["bytes"]) < 0.5 * int(rows["onnx-fp32"]["bytes"])
     # the same records, the same eval path: the float graph scores as the float model does
     assert rows["onnx-fp32"]["score"] == rows["fp32"]["score"]
+
+
+def test_a_run_that_fails_half_way_leaves_no_output(assets, tmp_path, cli, monkeypatch):
+    import graft.compress.compare as compare
+
+    def broken(*args, **kwargs):
+        raise GraftError("timing failed")
+
+    monkeypatch.setattr(compare, "time_variants", broken)  # after the variants are built and scored
+    out = tmp_path / "out"
+    assert cli(*run_args(assets, out, "fp32,bf16")).error_line() == "error: timing failed"
+    assert list(tmp_path.iterdir()) == []  # neither OUT nor a temporary folder next to it

@@ -33,9 +33,9 @@ def compress(
         bool, typer.Option("--onnx", help="Add graft export's ONNX fp32 and int8 graphs as rows.")
     ] = False,
     steps: Annotated[int, typer.Option(min=0, help="Training steps of distill and prune's recovery.")] = 200,
-    lr: Annotated[float, typer.Option(min=1e-12, help="Their learning rate.")] = 5e-5,
+    lr: Annotated[float, typer.Option(min=0.0, help="Their learning rate.")] = 5e-5,
     batch_size: Annotated[int, typer.Option(min=1, help="Their batch size.")] = 16,
-    temperature: Annotated[float, typer.Option(min=1e-12, help="Soft targets' temperature.")] = 2.0,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Soft targets' temperature.")] = 2.0,
     texts: Annotated[int, typer.Option(min=1, help="Examples timed at batch 32.")] = 256,
     latency: Annotated[int, typer.Option(min=1, help="Single examples timed at batch 1 (p50).")] = 50,
     rounds: Annotated[int, typer.Option(min=1, help="Timing rounds; the variants take turns in each.")] = 3,
@@ -55,6 +55,9 @@ def compress(
     from graft.loading import load_model
     from graft.tasks import TaskModel
 
+    for flag, value in (("--lr", lr), ("--temperature", temperature)):
+        if not value > 0:
+            raise GraftError(f"{flag} {value}: must be above 0")
     steps_ = parse_plan(plan)
     check_output(out, "--out", folder=True, overwrite=overwrite)
     folder = resolve(str(model))
