@@ -245,3 +245,37 @@ def test_a_run_that_fails_half_way_leaves_no_output(assets, tmp_path, cli, monke
     out = tmp_path / "out"
     assert cli(*run_args(assets, out, "fp32,bf16")).error_line() == "error: timing failed"
     assert list(tmp_path.iterdir()) == []  # neither OUT nor a temporary folder next to it
+
+
+def test_a_token_classifier_is_compared_on_entity_f1_as_graft_eval_scores_it(tmp_path, minilm, cli):
+    import json
+
+    from conftest import tiny_hf_config
+
+    from graft.compress.compare import Settings, compress
+    from graft.data import load_records
+    from graft.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    cfg = tiny_hf_config("bert")
+    cfg.vocab_size, cfg.id2label = 30522, dict(enumerate(["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]))
+    hf = transformers.AutoModelForTokenClassification.from_config(cfg)
+    with torch.no_grad():
+        hf.classifier.bias[0] = 10.0  # "O" everywhere: half the tokens right, no entity found
+    hf.save_pretrained(tmp_path / "ner")
+    Tokenizer.from_folder(minilm).save(tmp_path / "ner")
+    data = tmp_path / "test.conll"
+    data.write_text(
+        "Shahin B-PER\nSiadati I-PER\nlives O\nin O\nReykjavik B-LOC\n\nHello O\n", encoding="utf-8"
+    )
+    records = list(load_records(data))
+    settings = Settings(texts=4, latency=2, rounds=1)
+    variants = compress(
+        tmp_path / "ner", parse_plan("fp32,int8-weight"), tmp_path / "out", records, settings=settings
+    )
+    expected = json.loads(cli("eval", tmp_path / "ner", "--data", data).ok().stdout)
+    del expected["examples"]
+    assert variants[0].metrics == expected and expected["accuracy"] == 0.5  # every metric, not only F1
+    assert variants[0].score == expected["f1"] and variants[1].name == "int8-weight"
+    with open(tmp_path / "out" / "report.csv", newline="") as f:
+        assert [r["metric"] for r in csv.DictReader(f)] == ["f1", "f1"]
