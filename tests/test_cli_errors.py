@@ -194,6 +194,16 @@ CASES: dict[str, list[Case]] = {
             ["--method", "unknown method 'int4'"],
         ),
     ],
+    "compress": [
+        lambda t: (
+            ["compress", t / "nowhere", "--data", file(t / "d.csv"), "--plan", "fp32,int9", "--out", t / "o"],
+            ["--plan: unknown step 'int9'"],
+        ),
+        lambda t: (
+            ["compress", t / "nowhere", "--data", file(t / "d.csv"), "--plan", "fp32", "--out", t / "o"],
+            ["nowhere", "does not exist"],
+        ),
+    ],
     "index": [
         lambda t: (
             ["index", t / "no-model", "--texts", file(t / "texts.txt"), "--out", file(t / "taken")],

@@ -12,7 +12,17 @@ import torch
 import transformers
 from conftest import padded_batch, tiny_hf_config
 
-from graft.compress.distill import Distiller, fresh_student, keep_layers, soft_loss, uniform_map
+import graft.kernels
+from graft.compress.distill import (
+    Distiller,
+    attention_loss,
+    fresh_student,
+    keep_layers,
+    last_values,
+    soft_loss,
+    uniform_map,
+    value_relation,
+)
 from graft.errors import GraftError
 from graft.loading import load_model, save_model
 from graft.tasks import TaskModel
@@ -63,6 +73,50 @@ def test_soft_target_loss_equals_the_hand_computation():
     )
 
 
+def test_value_relation_loss_equals_the_hand_computation():
+    # one example, one head, three tokens of which the last is padding, head_dim 2
+    vs = torch.tensor([[[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]]])  # (B, nh, T, hd)
+    vt = torch.tensor([[[[1.0, 1.0], [2.0, 0.0], [-3.0, 7.0]]]])
+    mask = torch.tensor([[True, True, False]])
+
+    def relation(v: list[list[float]]) -> list[list[float]]:  # MiniLM eq. 4 over the two real tokens
+        rows = []
+        for i in range(2):
+            e = [
+                math.exp(sum(a * b for a, b in zip(v[i], v[j], strict=True)) / math.sqrt(2)) for j in range(2)
+            ]
+            rows.append([x / sum(e) for x in e])
+        return rows
+
+    s, t = relation(vs[0, 0].tolist()), relation(vt[0, 0].tolist())
+    # eq. 5: KL(teacher || student) per query, averaged over the real queries (and the one head)
+    expected = sum(sum(t[i][j] * math.log(t[i][j] / s[i][j]) for j in range(2)) for i in range(2)) / 2
+    rs, rt = value_relation(vs, mask), value_relation(vt, mask)
+    assert torch.equal(rs[0, 0, :, 2], torch.zeros(3))  # the padding key gets nothing
+    assert abs(float(attention_loss(rs, rt, mask)) - expected) < 1e-6
+    assert float(attention_loss(rt, rt, mask)) == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])  # post-LN and pre-LN with a final norm
+def test_last_values_are_the_values_the_last_attention_computes(family, tmp_path):
+    model = teacher_model(family, "classification" if family == "bert" else "causal-lm", tmp_path)
+    graft.kernels.reference(model)  # the reference calls attn.v itself (the kernels fuse Q/K/V)
+    seen = []
+    attn = model.body.layers[-1].attn
+    hook = attn.v.register_forward_hook(lambda module, args, out: seen.append(out))
+    b = batch(model.task)
+    with torch.no_grad():
+        out = model.body(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True
+        )
+        values = last_values(model, out.hidden_states)  # (B, nkv, T, hd)
+    hook.remove()
+    B, T = b["input_ids"].shape
+    assert values.shape == (B, attn.num_kv_heads, T, attn.head_dim)
+    assert len(seen) == 2  # the forward's own call, then last_values' one
+    assert torch.equal(values.transpose(1, 2).reshape(B, T, -1), seen[0])
+
+
 @pytest.mark.parametrize(
     ("family", "task", "how"),
     [
@@ -81,7 +135,15 @@ def test_the_student_loss_decreases_with_every_loss_on(family, task, how, tmp_pa
             None,
         )
     distiller = Distiller(
-        student, teacher, temperature=2.0, soft=1.0, hard=0.5, hidden=1.0, attention=1.0, layer_map=layer_map
+        student,
+        teacher,
+        temperature=2.0,
+        soft=1.0,
+        hard=0.5,
+        hidden=1.0,
+        attention=1.0,
+        layer_map=layer_map,
+        value=1.0,
     )
     assert (distiller.projection is None) == (how == "layers")
     before = [p.clone() for p in teacher.parameters()]
@@ -193,7 +255,7 @@ def assets(tmp_path_factory, minilm):
     recipe.write_text(
         f"data:\n  train: {folder / 'train.csv'}\n  val_fraction: 0.25\n"
         f"train:\n  batch_size: 8\n  max_steps: 4\n  plots: false\n"
-        f"distill:\n  teacher: {folder / 'teacher'}\n  every: 2\n  hidden: 1.0\n  attention: 1.0\n"
+        f"distill:\n  teacher: {folder / 'teacher'}\n  every: 2\n  hidden: 1.0\n  attention: 1.0\n  value: 1.0\n"
     )
     return {"folder": folder, "teacher": folder / "teacher", "data": folder / "train.csv", "recipe": recipe}
 
@@ -249,6 +311,23 @@ def test_distill_from_a_student_with_another_vocabulary_is_one_line(assets, tmp_
     assert line.startswith(
         "error: distill: the student's vocabulary (99 tokens, model.path) differs from the teacher's (30522)"
     )
+
+
+def test_distill_into_a_student_folder_wider_than_the_teacher_is_one_line(assets, tmp_path, cli):
+    config = transformers.BertConfig(
+        vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    transformers.BertModel(config).save_pretrained(tmp_path / "wide")
+    line = cli(
+        "distill",
+        assets["recipe"],
+        "distill.every=0",
+        f"model.path={tmp_path / 'wide'}",
+        f"train.output={tmp_path / 'run'}",
+    ).error_line()
+    assert line == "error: distill: the student (hidden_size 64, model.path) is wider than the teacher (32)"
+    assert not (tmp_path / "run" / "model").exists()
 
 
 def test_graft_prune_and_graft_heads(assets, tmp_path, cli):

@@ -74,22 +74,9 @@ def recover(
 ) -> list[float]:
     """A short fine-tune of a pruned model on ``batches`` (cycled): on the labels, or distilled from
     ``teacher`` (the unpruned model) when given. Returns the loss of each step."""
-    import torch
+    from graft.compress.distill import Distiller, train_steps
 
-    from graft.compress.distill import Distiller
-
-    trained = Distiller(model, teacher) if teacher is not None else model
-    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=lr)
-    trained.train()
-    losses = []
-    for step in range(steps):
-        loss = trained(**batches[step % len(batches)]).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    model.eval()
-    return losses
+    return train_steps(Distiller(model, teacher) if teacher is not None else model, batches, steps, lr)
 
 
 @app.command()

@@ -11,7 +11,9 @@ section says:
 - hidden states (TinyBERT): MSE between each student layer and the teacher layer it maps to,
   through a learned projection when the widths differ;
 - attention (MiniLM): KL between the last layer's self-attention distributions of teacher and
-  student (per head when both have as many heads, else of the heads' average).
+  student (per head when both have as many heads, else of the heads' average);
+- value relation (MiniLM's eq. 4-5): the same KL between the last layer's value-value relations,
+  softmax(V V^T / sqrt(d)) per head, which carries what attention's values hold whatever the widths.
 
 Unlabelled text (``distill.transfer``) adds training examples that the teacher labels (its
 predictions, the same ones ``graft predict`` writes) before training starts. Training is graft's
@@ -24,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,30 @@ def attention_loss(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Ten
     return kl.mean()
 
 
+def value_relation(
+    values: torch.Tensor,  # (B, nh, T, hd)
+    mask: torch.Tensor | None,  # (B, T) bool: the real tokens
+) -> torch.Tensor:  # (B, nh, T, T), rows sum to 1 over the real tokens
+    """MiniLM's value relation (eq. 4): softmax(V V^T / sqrt(hd)) per head, padding keys left out."""
+    v = values.float()
+    scores = v @ v.transpose(-1, -2) / math.sqrt(v.shape[-1])  # (B, nh, T, T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return scores.softmax(-1)
+
+
+def last_values(model: TaskModel, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The values (B, nkv, T, hd) of the last block's self-attention, from its input (the hidden
+    states before the last entry; a model's final norm is applied to the last entry only)."""
+    body = model.body
+    block = body.layers[body.layer_order[-1]]
+    x = hidden_states[-2]  # (B, T, H): the last block's input
+    pre = block.attn_norm(x) if block.prenorm else x
+    attn = block.attn
+    B, T = x.shape[:2]
+    return attn.v(pre).view(B, T, attn.num_kv_heads, attn.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+
+
 class Distiller(nn.Module):
     """The student, trained on the distillation loss against a frozen ``teacher``.
 
@@ -87,6 +114,7 @@ class Distiller(nn.Module):
         hidden: float = 0.0,
         attention: float = 0.0,
         layer_map: Sequence[int] | None = None,
+        value: float = 0.0,
     ) -> None:
         super().__init__()
         check_pair(student, teacher)
@@ -95,7 +123,7 @@ class Distiller(nn.Module):
         for p in teacher.parameters():
             p.requires_grad_(False)
         self.temperature, self.weights = temperature, {"soft": soft, "hard": hard, "hidden": hidden}
-        self.weights["attention"] = attention
+        self.weights["attention"], self.weights["value"] = attention, value
         s, t = student.body.config, teacher.body.config
         self.layer_map = list(layer_map) if layer_map is not None else uniform_map(s.num_layers, t.num_layers)
         self.projection = (
@@ -115,7 +143,8 @@ class Distiller(nn.Module):
         return super()._apply(fn, recurse)
 
     def outputs(self, model: TaskModel, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
-        hidden, attention = self.weights["hidden"] > 0, self.weights["attention"] > 0
+        hidden = self.weights["hidden"] > 0 or self.weights["value"] > 0  # values come from the last input
+        attention = self.weights["attention"] > 0
         inputs = body_inputs(model.head, batch)
         out = model.body(**inputs, output_hidden_states=hidden, output_attentions=attention)
         return model.head(out, batch), out
@@ -144,6 +173,12 @@ class Distiller(nn.Module):
             loss = loss + w["hidden"] * torch.stack(mse).mean()
         if w["attention"]:
             loss = loss + w["attention"] * attention_loss(out.attentions[-1], t_out.attentions[-1], tokens)
+        if w["value"]:
+            relations = [
+                value_relation(last_values(m, o.hidden_states), tokens)
+                for m, o in ((self.student, out), (self.teacher, t_out))
+            ]
+            loss = loss + w["value"] * attention_loss(*relations, tokens)
         return TaskOutput(logits, loss, out)
 
 
@@ -299,11 +334,16 @@ def build_student(recipe: Any, teacher: TaskModel) -> tuple[TaskModel, list[int]
         return fresh_student(teacher, dict(d.student)), None
     else:  # a model of its own: its vocabulary checked before anything loads; the teacher's labels
         folder = resolve(recipe.model.path)
-        vocab, wanted = load_config(folder)[1].vocab_size, teacher.body.config.vocab_size
-        if vocab != wanted:
+        cfg, t = load_config(folder)[1], teacher.body.config
+        if cfg.vocab_size != t.vocab_size:
             raise GraftError(
-                f"distill: the student's vocabulary ({vocab} tokens, model.path) differs from the teacher's"
-                f" ({wanted}); a student reads the teacher's tokens"
+                f"distill: the student's vocabulary ({cfg.vocab_size} tokens, model.path) differs from the"
+                f" teacher's ({t.vocab_size}); a student reads the teacher's tokens"
+            )
+        if getattr(cfg, "hidden_size", 0) > t.hidden_size:
+            raise GraftError(
+                f"distill: the student (hidden_size {cfg.hidden_size}, model.path) is wider than the teacher"
+                f" ({t.hidden_size})"
             )
         options = HEADS[teacher.task].options_from_hf(teacher.head.hf_config())
         student = load_model(
@@ -356,7 +396,9 @@ def run_distill(
         raise GraftError(f"task.name: the teacher is a {teacher.task} model; set task.name={teacher.task}")
     torch.manual_seed(recipe.train.seed)
     student, layers = build_student(recipe, teacher)
-    distiller = Distiller(student, teacher, d.temperature, d.soft, d.hard, d.hidden, d.attention, layers)
+    distiller = Distiller(
+        student, teacher, d.temperature, d.soft, d.hard, d.hidden, d.attention, layers, value=d.value
+    )
     extra = []
     if d.transfer:
         extra = label_transfer(
@@ -374,6 +416,22 @@ def run_distill(
     if trainer.rank == 0:
         write_json(trainer.out / "result.json", result)
     return result
+
+
+def train_steps(model: nn.Module, batches: Sequence[dict[str, Any]], steps: int, lr: float) -> list[float]:
+    """``steps`` AdamW steps at ``lr`` on ``batches`` (cycled) of a task model or a Distiller: a short
+    fine-tune (prune's recovery, graft compress's students). Returns each step's loss; ends in eval mode."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for step in range(steps):
+        loss = model(**batches[step % len(batches)]).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
 
 
 def count(model: nn.Module) -> int:

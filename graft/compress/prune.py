@@ -137,14 +137,16 @@ def remove(
 
 
 def least_important(
-    scores: Sequence[torch.Tensor], fraction: float, what: str = "heads"
+    scores: Sequence[torch.Tensor], fraction: float, what: str = "heads", where: str | None = None
 ) -> dict[int, list[int]]:
-    """The ``fraction`` of all units with the lowest scores, across blocks (each block keeps one)."""
+    """The ``fraction`` of all units with the lowest scores, across blocks (each block keeps one);
+    ``where`` names the setting in the error (default: graft prune's --heads/--ffn)."""
     total = sum(len(s) for s in scores)
     wanted = math.floor(fraction * total + 1e-9)
     if wanted > total - len(scores):
+        where = where or f"prune: --{what} {fraction}"
         raise GraftError(
-            f"prune: --{what} {fraction} asks for {wanted} of {total} {'heads' if what == 'heads' else 'neurons'},"
+            f"{where} asks for {wanted} of {total} {'heads' if what == 'heads' else 'neurons'},"
             f" but each of the {len(scores)} layers keeps at least one ({total - len(scores)} at most)"
         )
     flat = torch.cat([s.float() for s in scores])

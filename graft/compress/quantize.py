@@ -112,9 +112,16 @@ def quantize_folder(model: str | Path, out: str | Path, method: str, overwrite: 
 
 
 def is_weights(file: Path) -> bool:
-    return file.name in WEIGHT_FILES or file.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+    return file.name in WEIGHT_FILES or file.suffix in (
+        ".safetensors",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".gguf",
+        ".onnx",
+    )
 
 
 def size_on_disk(folder: str | Path) -> int:
-    """Bytes of a checkpoint's weight files."""
+    """Bytes of a checkpoint's weight files (an exported folder's graph included)."""
     return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file() and is_weights(f))

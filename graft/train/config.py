@@ -225,6 +225,7 @@ class DistillSection:
     hard: float = ranged(0.5, low=0)  # weight of the data labels' loss
     hidden: float = ranged(0.0, low=0)  # weight of the hidden-state MSE (TinyBERT)
     attention: float = ranged(0.0, low=0)  # weight of the last layer's attention KL (MiniLM)
+    value: float = ranged(0.0, low=0)  # weight of the last layer's value-relation KL (MiniLM)
     transfer: str = ""  # unlabelled text: more training examples, labelled by the teacher
 
 
@@ -288,9 +289,10 @@ class Recipe:
             where = origin("strategy.options", source, origins)
             raise GraftError(f"{origin('strategy.name', where, origins)}: {e}") from None
         d = self.distill
-        if d.teacher and d.soft + d.hard + d.hidden + d.attention == 0:
+        if d.teacher and d.soft + d.hard + d.hidden + d.attention + d.value == 0:
             fail(
-                "distill.soft", "every distillation loss weight is 0 (distill.soft, hard, hidden, attention)"
+                "distill.soft",
+                "every distillation loss weight is 0 (distill.soft, hard, hidden, attention, value)",
             )
         if self.tune.space:
             check_space(self.tune.space, origin("tune.space", source, origins))
