@@ -189,3 +189,61 @@ def test_pairs_are_positive_within_a_class_and_negative_across():
     assert records != pairs(texts, labels, iterations=3, seed=6)
     with pytest.raises(GraftError, match="at least two classes"):
         pairs(texts, ["x"] * 7)
+
+
+SPORT = ["The striker scored twice in the final.", "The team won the league on Sunday.",
+         "She ran the marathon in record time.", "The coach praised his defenders after the match."]  # fmt: skip
+FOOD = ["Simmer the onions in butter until soft.", "This soup needs more salt and pepper.",
+        "Bake the bread for forty minutes.", "Whisk the eggs with sugar and flour."]  # fmt: skip
+
+
+def setfit_recipe(model, output, **train):
+    from graft.train.config import Recipe
+
+    recipe = Recipe()
+    recipe.model.path = str(model)
+    recipe.data.max_length = 32
+    recipe.optim.lr = 2e-5
+    recipe.train.output = str(output)
+    recipe.train.batch_size = 8
+    recipe.train.plots = False
+    recipe.checkpoint.keep = 0
+    recipe.checkpoint.save_model = False
+    for key, value in train.items():
+        setattr(recipe.train, key, value)
+    return recipe
+
+
+def test_setfit_loss_falls_and_predictions_survive_save_and_load(minilm, tmp_path):
+    from graft.fewshot import SetFit, train_setfit
+    from graft.fewshot.setfit import pair_loss
+
+    texts, labels = SPORT + FOOD, ["sport"] * 4 + ["food"] * 4
+    recipe = setfit_recipe(minilm, tmp_path / "run", epochs=2, seed=0)
+    records = pairs(texts, labels, iterations=2, seed=0)  # the pairs train_setfit trains on
+    tokenizer = Tokenizer.from_folder(minilm)
+    before = pair_loss(load_model(minilm, task="embedding"), records, tokenizer, 32)
+    tuned = train_setfit(recipe, texts, labels, iterations=2)
+    after = pair_loss(tuned.encoder, records, tokenizer, 32)
+    assert after < 0.5 * before, (before, after)
+    assert tuned.classes == ["food", "sport"]
+    queries = ["The goalkeeper saved a penalty.", "Fry the garlic and add the tomatoes."]
+    assert tuned.predict(queries) == ["sport", "food"]
+    logits = tuned.logits(queries)
+    loaded = SetFit.load(tuned.save(tmp_path / "setfit"))
+    torch.testing.assert_close(loaded.logits(queries), logits, atol=1e-5, rtol=0)
+    assert loaded.classes == tuned.classes and loaded.max_length == 32
+
+
+def test_setfit_head_equals_a_hand_fitted_logistic_regression():
+    """The head minimizes sum CE + ||W||^2 / 2C: its gradient there is zero (scikit-learn's objective)."""
+    from graft.fewshot.setfit import fit_logistic
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 5, generator=g)
+    y = torch.randint(0, 3, (30,), generator=g)
+    weight, bias = fit_logistic(x, y, 3)
+    w, b = weight.double().requires_grad_(), bias.double().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(x.double() @ w.T + b, y, reduction="sum") + w.square().sum() / 2
+    loss.backward()
+    assert float(w.grad.abs().max()) < 1e-4 and float(b.grad.abs().max()) < 1e-4
