@@ -22,20 +22,19 @@ from typing import Any
 import torch
 
 from graft.errors import GraftError
-from graft.fewshot.verbalizer import CONTENT_FREE, calibrate, clip_text, continuation_scores, token_ids
+from graft.fewshot.verbalizer import (
+    CONTENT_FREE,
+    calibrate,
+    check_chat_template,
+    clip_text,
+    continuation_scores,
+    token_ids,
+)
 
 SELECTIONS = ("random", "similar")
 DEFAULT_INSTRUCTION = (
     "Classify the text into one of these categories: {labels}. Answer with the category only."
 )
-
-
-def check_chat(tokenizer: Any, model: str) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        raise GraftError(
-            f"{model}: the tokenizer has no chat template (tokenizer_config.json chat_template); "
-            "in-context learning needs a chat model (e.g. SmolLM2-135M-Instruct)"
-        )
 
 
 def by_class(labels: Sequence[str], classes: Sequence[str]) -> dict[str, list[int]]:
@@ -109,7 +108,7 @@ def icl_scores(
         raise GraftError(f"icl: example selection {select!r} is not one of {', '.join(SELECTIONS)}")
     if k < 1:
         raise GraftError(f"icl: k must be at least 1 example per class, got {k}")
-    check_chat(tokenizer, "icl")
+    check_chat_template(tokenizer, "icl")
     answers = dict(zip(classes, verbalizers, strict=True))
     rule = instruction.replace("{labels}", ", ".join(verbalizers))
     # the assistant's reply starts right after the generation prompt: no leading space

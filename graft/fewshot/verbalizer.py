@@ -26,9 +26,12 @@ DEFAULT_TEMPLATE = "Text: {text}\nTopic:"  # a causal LM's prompt; the verbalize
 CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al.'s content-free inputs
 
 
-def label_texts(labels: Sequence[str], given: Sequence[str] | None, option: str, what: str) -> list[str]:
+def label_texts(
+    labels: Sequence[str], given: Sequence[str] | None, option: str, what: str, every: bool = True
+) -> list[str]:
     """Each label's text from ``LABEL=TEXT`` pairs (``option``: the flag's name), or the label itself
-    when none are given. Given ones must cover every label, once, and name no other."""
+    when none are given. Given ones name each label once and no other; with ``every`` (verbalizers)
+    they must cover every label, else a label without one stands for itself (descriptions)."""
     if not given:
         return list(labels)
     texts: dict[str, str] = {}
@@ -45,9 +48,9 @@ def label_texts(labels: Sequence[str], given: Sequence[str] | None, option: str,
             raise GraftError(f"{option}: label {label!r} is given twice")
         texts[label] = text.strip()
     missing = [label for label in labels if label not in texts]
-    if missing:
+    if missing and every:
         raise GraftError(f"{option}: label {missing[0]!r} has no {what} (add {option} {missing[0]}=...)")
-    return [texts[label] for label in labels]
+    return [texts.get(label, label) for label in labels]
 
 
 def check_template(template: str, option: str = "--template") -> None:
@@ -55,6 +58,14 @@ def check_template(template: str, option: str = "--template") -> None:
         raise GraftError(
             f"{option} {template!r}: must hold the input's place once as {{text}} "
             '(e.g. "Text: {text}\\nTopic:")'
+        )
+
+
+def check_chat_template(tokenizer: Any, what: str = "zeroshot --chat") -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise GraftError(
+            f"{what}: the tokenizer has no chat template (tokenizer_config.json chat_template); "
+            "use a chat model (e.g. SmolLM2-135M-Instruct)"
         )
 
 
@@ -140,14 +151,25 @@ def causal_lm_scores(
     calibrated: bool = True,
     max_tokens: int | None = None,
     batch_size: int = 8,
+    chat: bool = False,
 ) -> torch.Tensor:  # -> (N, L)
     """(N, L) a causal LM's label scores for each text: the verbalizers' summed log-likelihoods after
-    the prompt ``template`` (``{text}``: the text, cut to ``max_tokens`` tokens), calibrated."""
+    the prompt ``template`` (``{text}``: the text, cut to ``max_tokens`` tokens), calibrated.
+    ``chat``: the prompt is a user message in the model's chat template and the verbalizer the
+    assistant's reply."""
     check_template(template)
-    continuations = verbalizer_ids(tokenizer, verbalizers)
+    if chat:
+        check_chat_template(tokenizer)
+        continuations = [token_ids(tokenizer, v, special=False) for v in verbalizers]  # no leading space
+    else:
+        continuations = verbalizer_ids(tokenizer, verbalizers)
 
     def prompt_ids(text: str) -> list[int]:
-        return token_ids(tokenizer, template.replace("{text}", text), special=True)
+        prompt = template.replace("{text}", text)
+        if chat:
+            messages = [{"role": "user", "content": prompt}]
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return token_ids(tokenizer, prompt, special=True)
 
     prompts = [prompt_ids(clip_text(tokenizer, t, max_tokens)) for t in texts]
     pad_id = tokenizer.pad_token_id or 0
