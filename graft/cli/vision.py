@@ -233,21 +233,35 @@ def zeroshot(
     ] = None,
     batch_size: BatchOpt = 64,
     reference: ReferenceOpt = False,
-    text: Annotated[list[str] | None, typer.Option("--text", "-t", help="A text to classify (repeatable).")] = None,
-    data: Annotated[Path | None, typer.Option(help="Texts to classify: CSV, JSON lines... (a text column).")] = None,
-    fmt: Annotated[str | None, typer.Option("--format", help="--data's format (default: from the name).")] = None,
+    text: Annotated[
+        list[str] | None, typer.Option("--text", "-t", help="A text to classify (repeatable).")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Texts to classify: CSV, JSON lines... (a text column).")
+    ] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="--data's format (default: from the name).")
+    ] = None,
     column: Annotated[list[str] | None, typer.Option(help="YOUR_COLUMN=text (repeatable).")] = None,
     descriptions: Annotated[
-        list[str] | None, typer.Option(help="Sentence encoder: LABEL=TEXT, what a label means (repeatable; default: the label).")
+        list[str] | None,
+        typer.Option(
+            help="Sentence encoder: LABEL=TEXT, what a label means (repeatable; default: the label)."
+        ),
     ] = None,
     verbalizers: Annotated[
         list[str] | None, typer.Option(help="Causal LM: LABEL=WORDS, the label's answer (repeatable).")
     ] = None,
     prompt: Annotated[
-        str | None, typer.Option(help='Causal LM: the prompt, {text} for the text (default "Text: {text}\\nTopic:").')
+        str | None,
+        typer.Option(help='Causal LM: the prompt, {text} for the text (default "Text: {text}\\nTopic:").'),
     ] = None,
-    calibrate: Annotated[bool, typer.Option(help="Causal LM: contextual calibration of the label prior.")] = True,
-    chat: Annotated[bool, typer.Option("--chat", help="Causal LM: the prompt as a user message, in the chat template.")] = False,
+    calibrate: Annotated[
+        bool, typer.Option(help="Causal LM: contextual calibration of the label prior.")
+    ] = True,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="Causal LM: the prompt as a user message, in the chat template.")
+    ] = False,
     max_length: Annotated[int | None, typer.Option(min=1, help="Texts: tokens of each text kept.")] = None,
 ) -> None:
     """Classify images (a CLIP model) or texts (--text/--data: a sentence encoder or a causal LM) into
