@@ -13,6 +13,7 @@ import typer
 
 # each module registers its commands on ``app`` when imported
 from graft.cli import (  # noqa: F401  (each module registers its commands)
+    curve,
     distill,
     explain,
     export,

@@ -190,10 +190,12 @@ def train_setfit(
     classes: Sequence[str] | None = None,
     iterations: int = 20,
     quiet: bool = True,
+    max_pairs: int | None = None,
 ) -> SetFit:
     """SetFit on the few labelled ``texts``: the recipe's model, optimizer, schedule, strategy and
     train.* (output, epochs, batch size, seed) tune the encoder on pairs; then the head is fitted.
 
+    ``max_pairs``: at most this many pairs, a seeded sample (SetFit's max_steps for larger sets).
     The run folder train.output keeps the log (no checkpoints: the recipe's checkpoint section is
     the caller's; curve turns them off)."""
     from graft.io.hf import resolve
@@ -215,6 +217,8 @@ def train_setfit(
         model = apply_strategy(model, recipe.strategy.name, recipe.strategy.options)
     max_length = recipe.data.max_length
     records = pairs(texts, labels, iterations, recipe.train.seed)
+    if max_pairs is not None and len(records) > max_pairs:  # many labels: a seeded sample of the pairs
+        records = random.Random(recipe.train.seed).sample(records, max_pairs)
     trainer = Trainer(
         model,
         recipe,
