@@ -105,3 +105,36 @@ def test_a_recipe_without_a_test_split_is_refused(minilm, tmp_path):
         GraftError, match=r"^curve: the recipe has no test split \(data.test, or data.test_fraction > 0\)$"
     ):
         run_curve(recipe, [0], ["zeroshot"], 1, tmp_path / "c")
+
+
+@pytest.mark.slow  # trains MiniLM
+def test_graft_setfit_writes_a_folder_that_predicts_as_it_scored(minilm, cli, tmp_path):
+    from graft.fewshot import SetFit
+    from graft.fewshot.curve import accuracy
+
+    recipe = recipe_file(tmp_path, minilm)
+    out = tmp_path / "setfit"
+    args = [
+        "setfit",
+        recipe,
+        f"train.output={tmp_path / 'run'}",
+        "--out",
+        out,
+        "--per-class",
+        "3",
+        "--iterations",
+        "2",
+    ]
+    result = json.loads(cli(*args).ok().stdout)
+    assert result["examples"] == 6
+    test = [json.loads(line) for line in (tmp_path / "news.jsonl").read_text().splitlines()]
+    loaded = SetFit.load(out)
+    # the stratified 30% test split: recompute it from the data as the recipe cuts it
+    from graft.data import load_splits
+    from graft.train.config import load_recipe
+
+    split = load_splits(load_recipe(recipe).data)["test"]
+    texts, gold = [r["text"] for r in split], [r["label"] for r in split]
+    assert result["test/accuracy"] == round(accuracy(loaded.predict(texts), gold), 4)
+    assert len(test) == 20 and len(texts) == 6
+    assert "folder is not empty (pass --overwrite to replace it)" in cli(*args).error_line()

@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
+from test_llama import smollm  # noqa: F401  (a fixture: SmolLM2-135M-Instruct converted from GGUF)
 from test_serve import chat_folder
 
 from graft.errors import GraftError
@@ -214,6 +215,7 @@ def setfit_recipe(model, output, **train):
     return recipe
 
 
+@pytest.mark.slow  # trains MiniLM
 def test_setfit_loss_falls_and_predictions_survive_save_and_load(minilm, tmp_path):
     from graft.fewshot import SetFit, train_setfit
     from graft.fewshot.setfit import pair_loss
@@ -247,3 +249,25 @@ def test_setfit_head_equals_a_hand_fitted_logistic_regression():
     loss = torch.nn.functional.cross_entropy(x.double() @ w.T + b, y, reduction="sum") + w.square().sum() / 2
     loss.backward()
     assert float(w.grad.abs().max()) < 1e-4 and float(b.grad.abs().max()) < 1e-4
+
+
+@pytest.mark.slow  # SmolLM2-135M-Instruct from its GGUF file
+def test_smollm2_in_context_names_obvious_topics(smollm, minilm):  # noqa: F811
+    """The real chat model, one example per class (drawn, or the nearest by MiniLM): each text of a
+    clear topic gets its class."""
+    tokenizer = Tokenizer.from_folder(smollm)
+    model = load_model(smollm).eval()
+    pool = SPORT[:2] + FOOD[:2]
+    labels = ["sport", "sport", "cooking", "cooking"]
+    queries = ["The goalkeeper saved a penalty in the last minute.", "Fry the garlic, then add the tomatoes."]
+    from graft.tasks.embedding import embed
+
+    encoder, encoder_tokens = load_model(minilm, task="base"), Tokenizer.from_folder(minilm)
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        return embed(encoder, encoder_tokens, texts, normalize=True)
+
+    for select in ("random", "similar"):
+        scores = icl_scores(model, tokenizer, queries, pool, labels, ["cooking", "sport"], ["cooking", "sport"],
+                            k=1, select=select, encode=encode)  # fmt: skip
+        assert scores.argmax(-1).tolist() == [1, 0], (select, scores)

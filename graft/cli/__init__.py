@@ -17,6 +17,7 @@ from graft.cli import (  # noqa: F401  (each module registers its commands)
     distill,
     explain,
     export,
+    fewshot,
     generate,
     models,
     pretrain,

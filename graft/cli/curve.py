@@ -55,6 +55,7 @@ def curve(
 ) -> None:  # fmt: skip
     """The transfer curve: test accuracy against labelled examples per class for each method."""
     from graft.fewshot.curve import parse_labels, parse_methods, run_curve
+    from graft.io.atomic import check_output
     from graft.train.config import load_recipe
 
     counts, chosen = parse_labels(labels), parse_methods(methods)
@@ -65,8 +66,7 @@ def curve(
         raise GraftError(
             f"{out}: holds a curve (curve.csv); pass --resume to continue it or --overwrite to replace it"
         )
-    if out.exists() and not out.is_dir():
-        raise GraftError(f"--out {out}: is a file, not a folder")
+    check_output(out, "--out", folder=True)
     config = load_recipe(recipe, overrides or [])
     rows = run_curve(
         config, counts, chosen, seeds, out, chat_model, icl_limit or None, icl_max, icl_tokens,

@@ -1,6 +1,7 @@
 """``graft zeroshot MODEL --labels a,b --text ...`` for texts (graft/cli/vision.py holds the command;
 images go to CLIP there): a sentence encoder compares each text to the labels' descriptions, a
-causal LM scores the labels' verbalizers after a prompt, calibrated (graft.fewshot.verbalizer).
+causal LM scores the labels' verbalizers after a prompt, calibrated (graft.fewshot.verbalizer);
+and ``graft setfit RECIPE --out FOLDER``: SetFit on the recipe's data (graft.fewshot.setfit).
 
     graft zeroshot all-MiniLM-L6-v2 --labels sport,tech --descriptions "tech=computers and phones" --text "..."
     graft zeroshot SmolLM2 --labels sport,tech --verbalizers sport=football --data news.csv --chat
@@ -11,8 +12,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import typer
+
+from graft.cli.app import app
 from graft.errors import GraftError
 
 
@@ -97,3 +101,44 @@ def zeroshot_texts(
     for record, prediction in zip(records, predictions(scores, labels), strict=True):
         row = {"text": record["text"], **prediction} if texts else prediction_row(record, prediction)
         sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+@app.command()
+def setfit(
+    recipe: Annotated[Path, typer.Argument(help="A classification recipe: its model (a sentence encoder), data, optimizer.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="Recipe keys to change, e.g. optim.lr=2e-5.")] = None,
+    out: Annotated[Path, typer.Option(help="The SetFit folder to write: the tuned encoder and its head.")] = Path("setfit"),
+    per_class: Annotated[int | None, typer.Option(min=1, help="Train on this many examples of each class (seeded by train.seed).")] = None,
+    iterations: Annotated[int, typer.Option(min=1, help="Rounds of one positive and one negative pair per example.")] = 20,
+    max_pairs: Annotated[int | None, typer.Option(min=2, help="At most this many pairs (a seeded sample).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = False,
+) -> None:  # fmt: skip
+    """SetFit: contrastive fine-tuning of a sentence encoder on pairs of the training split, then a
+    logistic-regression head; prints the test accuracy (when the recipe has a test split) as JSON."""
+    from graft.data import load_splits
+    from graft.fewshot.curve import accuracy
+    from graft.fewshot.curve import per_class as draw
+    from graft.fewshot.setfit import train_setfit
+    from graft.io.atomic import check_output
+    from graft.train.config import load_recipe, with_overrides
+
+    check_output(out, "--out", folder=True, overwrite=overwrite)
+    config = load_recipe(recipe, overrides or [])
+    if config.task.name != "classification" or config.data.label_kind != "class":
+        raise GraftError(f"setfit: the recipe's task is {config.task.name} ({config.data.label_kind} labels); SetFit needs single-label classification")  # fmt: skip
+    splits = load_splits(config.data)
+    train = [(r["text"], str(r["label"])) for r in splits["train"]]
+    train = [train[i] for i in draw([label for _, label in train], per_class, config.train.seed)]
+    classes = sorted({label for _, label in train})
+    run = with_overrides(config, {"checkpoint.keep": 0, "checkpoint.save_model": False, "train.plots": False})
+    tuned = train_setfit(
+        run, [t for t, _ in train], [label for _, label in train], classes, iterations, False, max_pairs
+    )
+    tuned.save(out)
+    result: dict[str, Any] = {"examples": len(train), "out": str(out)}
+    if "test" in splits:
+        test = [(r["text"], str(r["label"])) for r in splits["test"]]
+        result["test/accuracy"] = round(
+            accuracy(tuned.predict([t for t, _ in test]), [label for _, label in test]), 4
+        )
+    typer.echo(json.dumps(result))

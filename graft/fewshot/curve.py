@@ -16,7 +16,8 @@ data.test_fraction). The methods:
   split (a few-shot learner has none to spare): the final model is scored.
 
 ``overrides`` are recipe keys per method ({"lora": {"optim.lr": 1e-3}}). curve.csv (one row per run)
-is rewritten after every run, so a stopped curve resumes; curve.md (mean +- standard deviation
+is rewritten after every run, so a stopped curve resumes (a call with --resume may add other counts
+or methods; the table and plot show every run in curve.csv); curve.md (mean +- standard deviation
 over the seeds) and curve.png (mean lines, bands of +- one standard deviation) at the end. Every
 file is written atomically.
 """
@@ -243,8 +244,12 @@ def run_curve(
         log(f"curve: {method} {shown(k)}/class seed {seed}: accuracy {rows[-1]['accuracy']:.4f}")
         write_csv(out / "curve.csv", rows)
     write_csv(out / "curve.csv", rows)
-    write_text(out / "curve.md", markdown(rows, counts, methods))
-    plot(rows, counts, methods, out / "curve.png")
+    # the whole curve: runs kept from earlier calls (--resume) with other counts or methods too
+    seen = {shown(k) for k in counts} | {r["labels"] for r in rows}
+    all_counts = parse_labels(",".join(sorted(seen)))
+    all_methods = [m for m in METHODS if m in methods or any(r["method"] == m for r in rows)]
+    write_text(out / "curve.md", markdown(rows, all_counts, all_methods))
+    plot(rows, all_counts, all_methods, out / "curve.png")
     return rows
 
 
