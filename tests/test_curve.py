@@ -34,11 +34,11 @@ def recipe_file(tmp_path, model) -> str:
     return str(recipe)
 
 
-@pytest.mark.slow  # 13 short trainings of MiniLM
+@pytest.mark.slow  # 17 short trainings of MiniLM
 def test_the_curve_runs_every_point_once_and_resumes(minilm, cli, tmp_path):
     recipe = recipe_file(tmp_path, minilm)
     out = tmp_path / "curve"
-    args = ["curve", recipe, "--labels", "0,2,all", "--methods", "zeroshot,setfit,lora,full", "--seeds", "2",
+    args = ["curve", recipe, "--labels", "0,2,all", "--methods", "zeroshot,setfit,features,lora,full", "--seeds", "2",
             "--out", out, "--min-steps", "2", "--setfit-pairs", "16", "--set", "lora:optim.lr=1e-3", "--quiet"]  # fmt: skip
     result = cli(*args).ok()
     rows = list(csv.DictReader((out / "curve.csv").open()))
@@ -138,3 +138,17 @@ def test_graft_setfit_writes_a_folder_that_predicts_as_it_scored(minilm, cli, tm
     assert result["test/accuracy"] == round(accuracy(loaded.predict(texts), gold), 4)
     assert len(test) == 20 and len(texts) == 6
     assert "folder is not empty (pass --overwrite to replace it)" in cli(*args).error_line()
+
+
+def test_icl_points_score_the_chat_model_on_a_test_subset(minilm, cli, tmp_path):
+    from test_serve import chat_folder
+
+    chat = chat_folder(tmp_path / "chat")
+    out = tmp_path / "curve"
+    args = ["curve", recipe_file(tmp_path, minilm), "--labels", "1,2", "--methods", "icl", "--seeds", "2",
+            "--chat-model", chat, "--icl-limit", "4", "--icl-max", "1", "--out", out, "--quiet"]  # fmt: skip
+    cli(*args).ok()
+    rows = list(csv.DictReader((out / "curve.csv").open()))
+    assert [(r["method"], r["labels"], r["seed"], r["examples"], r["test"]) for r in rows] == [
+        ("icl", "1", "0", "2", "4"), ("icl", "1", "1", "2", "4")
+    ]  # fmt: skip

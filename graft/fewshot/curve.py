@@ -369,9 +369,11 @@ def eval_batches(trainer: Any, size: int = 32):
     """(records, batch) over the trainer's test split, in evaluation mode."""
     import torch
 
+    from graft.tasks.collate import to_device
+
     trainer.module.eval()
     data = trainer.test_data
     with torch.inference_mode():
         for start in range(0, len(data), size):
             records = [data[i] for i in range(start, min(start + size, len(data)))]
-            yield records, trainer.collate(records)
+            yield records, to_device(trainer.collate(records), trainer.device)

@@ -232,7 +232,7 @@ def train_setfit(
         quiet=quiet,
     )
     trainer.fit(overwrite=True)
-    model = trainer.module
+    model = trainer.module.cpu()  # embedding for the head runs where graft.tasks.embedding.embed does
     tuned = SetFit(model, tokenizer, classes, torch.zeros(0), torch.zeros(0), max_length)
     x = tuned.embed(texts)  # (N, P)
     y = torch.tensor([classes.index(label) for label in labels])
