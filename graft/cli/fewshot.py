@@ -70,6 +70,7 @@ def zeroshot_texts(
     from graft.tokenizer import Tokenizer
 
     check_prompts(labels, templates or ["{}"])
+    records = read_texts(texts, data, fmt, columns)  # before the model loads
     folder = resolve(model)
     family, _ = load_config(folder)
     kind = text_model_kind(family, model)
@@ -87,7 +88,6 @@ def zeroshot_texts(
         check_template(prompt or DEFAULT_TEMPLATE, "--prompt")
     else:
         words = label_texts(labels, descriptions, "--descriptions", "description", every=False)
-    records = read_texts(texts, data, fmt, columns)  # before the model loads
     tokenizer = Tokenizer.from_folder(folder)
     m = load_model(folder, task="causal-lm" if kind == "causal-lm" else "base", kernels=not reference).eval()
     inputs = [r["text"] for r in records]
