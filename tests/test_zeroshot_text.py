@@ -10,8 +10,10 @@ import pytest
 import torch
 from test_fewshot import chat_model, hand_logprob  # noqa: F401  (chat_model: a fixture)
 
-from graft.fewshot.verbalizer import CONTENT_FREE
+from graft.errors import GraftError
+from graft.fewshot.verbalizer import CONTENT_FREE, text_model_kind
 from graft.loading import load_model
+from graft.models import FAMILIES
 from graft.tasks.embedding import embed
 from graft.tokenizer import Tokenizer
 
@@ -98,3 +100,15 @@ def test_texts_and_a_data_file_are_one_or_the_other(minilm, cli, tmp_path):
     assert line == "error: zeroshot: give texts with --text (one or more) or --data FILE, not both"
     line = cli("zeroshot", minilm, "--labels", "a,b", "--verbalizers", "a=x", "--text", "x").error_line()
     assert "is a sentence encoder, which compares texts to --descriptions" in line
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_family_is_a_text_scorer_or_refused_in_one_line(name):
+    family = FAMILIES[name]
+    if family.encoder_decoder or family.dual_encoder or family.inputs != "tokens":
+        with pytest.raises(
+            GraftError, match=rf"^zeroshot --text: M is a {name} model; texts need a sentence encoder"
+        ):
+            text_model_kind(family, "M")
+    else:
+        assert text_model_kind(family, "M") == ("causal-lm" if family.decoder else "encoder")
