@@ -44,7 +44,7 @@ def test_the_curve_runs_every_point_once_and_resumes(minilm, cli, tmp_path):
     rows = list(csv.DictReader((out / "curve.csv").open()))
     runs = [(r["method"], r["labels"], r["seed"]) for r in rows]
     expected = [("zeroshot", "0", "0")] + [
-        (m, k, s) for m in ("setfit", "lora", "full") for k in ("2", "all") for s in ("0", "1")
+        (m, k, s) for m in ("setfit", "features", "lora", "full") for k in ("2", "all") for s in ("0", "1")
     ]
     assert runs == expected
     assert {r["test"] for r in rows} == {"6"}  # 30% of 20, stratified: one test split for all
