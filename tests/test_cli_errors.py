@@ -215,6 +215,26 @@ CASES: dict[str, list[Case]] = {
     ],
     "zeroshot": [
         lambda t: (["zeroshot", t / "no-model", "--labels", "", t / "x.png"], ["zero-shot: no labels given"]),
+        lambda t: (
+            ["zeroshot", t / "no-model", "--labels", "a,b", "--text", "x", "--data", file(t / "d.jsonl")],
+            ["zeroshot: give texts with --text (one or more) or --data FILE, not both"],
+        ),  # fmt: skip
+    ],
+    "curve": [
+        lambda t: (
+            ["curve", t / "no-recipe.yaml", "--labels", "0,few"],
+            ["'few' is not a count of labels per class"],
+        ),
+        lambda t: (
+            ["curve", t / "no-recipe.yaml", "--out", file(t / "taken")],
+            [f"{t / 'taken'}: is a file; --out takes a folder"],
+        ),  # fmt: skip
+    ],
+    "setfit": [
+        lambda t: (
+            ["setfit", t / "no-recipe.yaml", "--out", file(t / "taken")],
+            [f"{t / 'taken'}: is a file; --out takes a folder"],
+        ),  # fmt: skip
     ],
 }
 

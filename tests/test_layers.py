@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"graft.loading"},
     {"graft.export"},
     {"graft.train"},
-    {"graft.pretrain"},
+    {"graft.pretrain", "graft.fewshot"},
     {"graft.interpret"},
     {"graft.compress"},
     {"graft.serve"},

@@ -14,9 +14,11 @@ import typer
 # each module registers its commands on ``app`` when imported
 from graft.cli import (  # noqa: F401  (each module registers its commands)
     compress,
+    curve,
     distill,
     explain,
     export,
+    fewshot,
     generate,
     models,
     pretrain,

@@ -233,11 +233,50 @@ def zeroshot(
     ] = None,
     batch_size: BatchOpt = 64,
     reference: ReferenceOpt = False,
+    text: Annotated[
+        list[str] | None, typer.Option("--text", "-t", help="A text to classify (repeatable).")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Texts to classify: CSV, JSON lines... (a text column).")
+    ] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="--data's format (default: from the name).")
+    ] = None,
+    column: Annotated[list[str] | None, typer.Option(help="YOUR_COLUMN=text (repeatable).")] = None,
+    descriptions: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Sentence encoder: LABEL=TEXT, what a label means (repeatable; default: the label)."
+        ),
+    ] = None,
+    verbalizers: Annotated[
+        list[str] | None, typer.Option(help="Causal LM: LABEL=WORDS, the label's answer (repeatable).")
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(help='Causal LM: the prompt, {text} for the text (default "Text: {text}\\nTopic:").'),
+    ] = None,
+    calibrate: Annotated[
+        bool, typer.Option(help="Causal LM: contextual calibration of the label prior.")
+    ] = True,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="Causal LM: the prompt as a user message, in the chat template.")
+    ] = False,
+    max_length: Annotated[int | None, typer.Option(min=1, help="Texts: tokens of each text kept.")] = None,
 ) -> None:
-    """Classify images into --labels with a CLIP model and no training: JSON lines like graft predict."""
+    """Classify images (a CLIP model) or texts (--text/--data: a sentence encoder or a causal LM) into
+    --labels with no training: JSON lines like graft predict."""
     from graft.tasks.zeroshot import DEFAULT_TEMPLATES, check_prompts, predictions, zero_shot_images
 
     names = [label.strip() for label in labels.split(",")] if labels.strip() else []
+    if text or data is not None:
+        from graft.cli.fewshot import zeroshot_texts
+
+        if images:
+            raise GraftError("zeroshot: give images or texts (--text/--data), not both")
+        zeroshot_texts(model, names, text, data, fmt, column, descriptions, verbalizers, templates, prompt,
+                       calibrate, chat, max_length, batch_size, reference)  # fmt: skip
+        return
     prompts = templates or list(DEFAULT_TEMPLATES)
     check_prompts(names, prompts)  # before the model loads
     files = image_files(images, "zeroshot")
