@@ -8,8 +8,7 @@ A record is a plain dict with canonical keys (any subset):
     tokens, tags list[str] of equal length (token classification)
     answers      {"text": [str, ...], "answer_start": [int, ...]} as in SQuAD; empty lists when
                  the question has no answer (SQuAD v2 ``is_impossible``)
-    image        numpy uint8 array, (H, W) for grayscale or (H, W, C) for colour; or an image file's
-                 path (a relative one starts from the data file's folder)
+    image        numpy uint8 array, (H, W) for grayscale or (H, W, C) for colour
 
 Class labels are always strings (a CSV gives "3", a JSON line 3: both become "3"), so a label
 map is the same whichever file format the labels came from.
