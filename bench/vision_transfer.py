@@ -147,7 +147,7 @@ def pretrain(args, folder: Path) -> dict[str, Any]:
     torch.manual_seed(0)
     model = apply_strategy(fresh_model(args.dim, SOURCE), "full")
     processor = ImageProcessor(
-        size=(28, 28), channels=1, mean=(0.5,), std=(0.5,), image_size=28, augment=False
+        size=(28, 28), channels=1, mean=(0.5,), std=(0.5,), image_size=28, augment="none"
     )
     train = records("train", SOURCE)[: args.pretrain_limit or None]
     test = records("test", SOURCE)
@@ -178,7 +178,7 @@ def transfer(args, folder: Path, method: str, per_class: int, seed: int, pool, t
     else:
         model = fresh_model(args.dim, TARGET)
     model = apply_strategy(model, spec)
-    processor = dataclasses.replace(ImageProcessor.for_model(folder, model.config), augment=False)
+    processor = dataclasses.replace(ImageProcessor.for_model(folder, model.config), augment="none")
     train = labelled(pool, per_class, seed)
     batch = min(args.batch_size, len(train))
     with tempfile.TemporaryDirectory() as out:

@@ -419,6 +419,59 @@ def test_a_sentence_encoder_as_text_tower_pools_by_mean_and_is_not_saved_as_clip
         )
 
 
+def mixed_clip(tmp_path: Path, vision: str) -> DualEncoder:
+    """A tiny LiT-style CLIP: BERT as the text tower (mean-pooled), and a ViT or CLIP image tower."""
+    from graft.nn import DualEncoderConfig
+
+    hf_model("bert").save_pretrained(tmp_path / "bert")
+    text = load_model(tmp_path / "bert", task="base")
+    if vision == "clip":
+        clip_folder(tmp_path / "clip")
+        image = load_model(tmp_path / "clip", task="base").vision
+    else:
+        hf_model("vit").save_pretrained(tmp_path / "vit")
+        image = load_model(tmp_path / "vit", task="base")
+    cfg = DualEncoderConfig(
+        family="clip", text=text.config, vision=image.config, projection_dim=16, text_pooling="mean"
+    )
+    body = DualEncoder(cfg)
+    body.text, body.vision = text, image  # the pretrained towers, in place of random ones
+    return body
+
+
+@pytest.mark.parametrize("vision", ["vit", "clip"])
+def test_lora_on_a_clip_with_a_sentence_encoder_text_tower_wraps_both_towers(tmp_path, vision):
+    from graft.strategies import apply_strategy
+    from graft.strategies.lora import lora_modules
+    from graft.tasks.image_text import ImageTextHead
+
+    body = mixed_clip(tmp_path, vision)
+    model = apply_strategy(TaskModel(body, ImageTextHead(body)), "lora:targets=q+v")
+    wrapped = set(lora_modules(model))
+    assert wrapped == {f"{t}.layers.{i}.attn.{m}" for t in ("text", "vision") for i in range(2) for m in "qv"}
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {f"body.{w}.lora_{ab}.weight" for w in wrapped for ab in "AB"}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):  # lora_B starts at zero, so lora_A moves from the second step
+        logits = similarity(body.encode_image(pixels()), body.encode_text(ids), body.logit_scale)  # (2, 2)
+        torch.nn.functional.cross_entropy(logits, torch.arange(2)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == trained  # every adapter weight, in both towers, and nothing else
+    # an HF name selects by the tower's own family: BERT's and ViT's 'query', CLIP's 'q_proj'
+    hf_names = {"query": {"text", "vision"} if vision == "vit" else {"text"}, "q_proj": {"vision"}}
+    for targets, towers in hf_names.items():
+        if vision == "vit" and targets == "q_proj":
+            with pytest.raises(GraftError, match="^strategy 'lora': no Linear layer matches targets"):
+                apply_strategy(mixed_clip(tmp_path, vision), f"lora:targets={targets}")
+            continue
+        model = apply_strategy(mixed_clip(tmp_path, vision), f"lora:targets={targets}")
+        assert set(lora_modules(model)) == {f"{t}.layers.{i}.attn.q" for t in towers for i in range(2)}
+
+
 def test_commands_for_one_stack_refuse_clip_in_one_line(tmp_path, cli):
     clip_folder(tmp_path / "hf")
     save_model(

@@ -128,6 +128,52 @@ def test_augmentation_crops_and_flips_reproducibly_and_only_in_training(images):
     assert torch.equal(flipped, processor([images[4].resize((24, 24))]).flip(-1))  # the whole image, mirrored
 
 
+def test_augment_none_is_the_evaluation_preprocessing_and_flip_only_mirrors_it(images):
+    evaluation = ImageProcessor(size=(24, 24), crop=(20, 20))
+    none = ImageProcessor(size=(24, 24), crop=(20, 20), augment="none")
+    torch.manual_seed(0)
+    assert torch.equal(none(images, train=True), evaluation(images))
+    always = ImageProcessor(size=(24, 24), crop=(20, 20), augment="flip", flip=1.0)
+    assert torch.equal(always(images, train=True), evaluation(images).flip(-1))  # resized, cropped, mirrored
+    never = ImageProcessor(size=(24, 24), crop=(20, 20), augment="flip", flip=0.0)
+    assert torch.equal(never(images, train=True), evaluation(images))
+
+
+def test_the_random_crop_covers_the_crop_scale_share_of_the_image(monkeypatch):
+    boxes = []
+    resize = Image.Image.resize
+
+    def spy(self, size, resample=None, box=None, reducing_gap=None):
+        boxes.append(box)
+        return resize(self, size, resample, box, reducing_gap)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    image = Image.fromarray(np.zeros((100, 100, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    for scale in ((0.25, 0.36), (0.08, 1.0)):
+        boxes.clear()
+        processor = ImageProcessor(size=(16, 16), scale=scale, ratio=(1.0, 1.0))
+        processor([image] * 40, train=True)
+        sides = [right - left for left, _, right, _ in boxes]
+        assert [bottom - top for _, top, _, bottom in boxes] == sides  # ratio 1: squares
+        assert all(round(100 * scale[0] ** 0.5) <= side <= round(100 * scale[1] ** 0.5) for side in sides)
+        if scale == (0.08, 1.0):
+            assert min(sides) < 50 < max(sides)  # the default range does reach outside [0.25, 0.36]
+
+
+def test_bad_augmentation_values_name_the_key():
+    with pytest.raises(GraftError) as error:
+        ImageProcessor(augment="crop")
+    assert str(error.value) == (
+        "augment: unknown value 'crop' (one of crop+flip, flip, none); did you mean 'crop+flip'?"
+    )
+    with pytest.raises(GraftError) as error:
+        ImageProcessor(scale=(0.5, 0.2))
+    assert str(error.value) == (
+        "crop_scale: expected [low, high] with 0 < low <= high <= 1 (shares of the image's area), got [0.5, 0.2]"
+    )
+
+
 def test_image_classifier_collates_fashion_mnist_idx_records(tmp_path):
     hf_model("vit").save_pretrained(tmp_path)
     body = load_model(tmp_path, task="base")
@@ -161,9 +207,9 @@ def test_predict_and_eval_read_image_folders_and_csv_paths(cli, tmp_path):
     metrics = json.loads(cli("eval", tmp_path / "model", "-d", tmp_path / "data").ok().stdout)
     assert metrics["examples"] == 4 and metrics["confusion_matrix"]["labels"] == ["bag", "shirt"]
     listed = tmp_path / "list.csv"
-    listed.write_text(f"image,label\n{tmp_path}/data/nope.png,bag\n")
+    listed.write_text(f"image,label\n{tmp_path}/data/bag/0.png,bag\n{tmp_path}/data/nope.png,bag\n")
     assert cli("predict", tmp_path / "model", "-i", listed).error_line() == (
-        f"error: {tmp_path}/data/nope.png: no such file or folder"
+        f"error: {listed}, line 3, column 'image': no such image file {tmp_path}/data/nope.png"
     )
 
 
@@ -188,3 +234,71 @@ def test_train_fine_tunes_an_image_classifier_and_saves_its_preprocessing(cli, t
         0: "0",
         1: "1",
     }
+
+
+@pytest.fixture
+def image_run(tmp_path):
+    """A tiny ViT, 12 Fashion-MNIST images listed in a CSV with paths relative to the CSV's
+    folder, and the train arguments of a one-epoch run on them."""
+    hf_model("vit").save_pretrained(tmp_path / "model")
+    gray = read_idx(FASHION / "t10k-images-idx3-ubyte.gz")
+    (tmp_path / "data" / "pics").mkdir(parents=True)
+    rows = ["image,label"]
+    for i in range(12):
+        Image.fromarray(np.array(gray[i])).save(tmp_path / "data" / "pics" / f"{i}.png")
+        rows.append(f"pics/{i}.png,{i % 2}")
+    (tmp_path / "data" / "train.csv").write_text("\n".join(rows) + "\n")
+    recipe = Path(__file__).parents[1] / "recipes" / "classification.yaml"
+    return [
+        "train", recipe, f"model.path={tmp_path / 'model'}", "task.name=image-classification",
+        f"data.train={tmp_path / 'data' / 'train.csv'}", "data.val_fraction=0.25", "data.test_fraction=0",
+        "train.epochs=1", "train.batch_size=4", f"train.output={tmp_path / 'run'}", "train.plots=false", "-q",
+    ]  # fmt: skip
+
+
+def test_csv_image_paths_start_from_the_csv_folder_wherever_graft_runs(cli, image_run, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # pics/0.png is not here, but beside train.csv
+    cli(*image_run).ok()
+    records = list(load_records(tmp_path / "data" / "train.csv"))
+    assert records[3]["image"] == str(tmp_path / "data" / "pics" / "3.png")
+    absolute = tmp_path / "absolute.jsonl"
+    absolute.write_text(json.dumps({"image": records[3]["image"], "label": "1"}) + "\n")
+    assert [r["image"] for r in load_records(absolute)] == [records[3]["image"]]  # absolute: as written
+    (tmp_path / "data" / "pics" / "5.png").unlink()
+    assert cli(*image_run, "--overwrite").error_line() == (
+        f"error: {tmp_path / 'data' / 'train.csv'}, line 7, column 'image': no such image file "
+        f"{tmp_path / 'data' / 'pics' / '5.png'}; did you mean '9.png'?"
+    )
+
+
+def test_the_recipe_sets_the_training_augmentation(cli, image_run):
+    from graft.train.build import build_trainer
+    from graft.train.config import load_recipe
+
+    overrides = [str(a) for a in image_run[2:-1]]
+    trainer = build_trainer(load_recipe(image_run[1], [*overrides, "data.augment=none"]), quiet=True)
+    assert trainer.tokenizer.augment == "none"
+    trainer = build_trainer(load_recipe(image_run[1], [*overrides, "data.crop_scale=[0.5, 1.0]"]), quiet=True)
+    assert (trainer.tokenizer.augment, trainer.tokenizer.scale) == ("crop+flip", (0.5, 1.0))
+    assert build_trainer(load_recipe(image_run[1], overrides), quiet=True).tokenizer.scale == (0.08, 1.0)
+    assert cli(*image_run, "data.augment=crop").error_line() == (
+        "error: override data.augment=crop: data.augment: unknown value 'crop' (one of crop+flip, flip, none);"
+        " did you mean 'crop+flip'?"
+    )
+    assert cli(*image_run, "data.crop_scale=[0.9, 0.5]").error_line() == (
+        "error: override data.crop_scale=[0.9, 0.5]: data.crop_scale: expected [low, high] with low <= high, got [0.9, 0.5]"
+    )
+
+
+def test_augmentation_asked_of_a_text_model_is_refused():
+    from graft.tasks.image_text import with_augmentation
+
+    tokenizer = object()  # what a text model loads: anything but an image processor
+    assert with_augmentation(tokenizer, "crop+flip", [0.08, 1.0]) is tokenizer  # the defaults: nothing asked
+    with pytest.raises(GraftError) as error:
+        with_augmentation(tokenizer, "none", [0.08, 1.0])
+    assert str(error.value) == (
+        "data.augment, data.crop_scale: augmentation is for images, and this model reads text; remove them"
+    )

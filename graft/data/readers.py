@@ -52,6 +52,11 @@ class Source:
         """The record at ``key``, as scan() yielded it (scan() must have run first)."""
         raise NotImplementedError
 
+    @property
+    def folder(self) -> str:
+        """The data file's folder, where relative paths in it start."""
+        return str(Path(self.path).parent)
+
     def column(self, key: str) -> str:
         """The file's column name for canonical ``key``, for error messages."""
         return self.rows.column(key) if self.rows else key
@@ -174,7 +179,9 @@ class CsvSource(Source):
                         continue
                     if not self.header:
                         self.header = [name.strip() for name in fields]
-                        self.rows = self.options.resolve(self.header, f"{self.path}, line {number}")
+                        self.rows = self.options.resolve(
+                            self.header, f"{self.path}, line {number}", self.folder
+                        )
                         continue
                     seen += 1
                     where = f"{self.path}, line {number}"
@@ -274,7 +281,7 @@ class JsonlSource(Source):
         if not isinstance(row, dict):
             raise BadRow("malformed JSON", f"{where}: expected a JSON object, got {type(row).__name__}")
         if self.rows is None:
-            self.rows = self.options.resolve(row, where)
+            self.rows = self.options.resolve(row, where, self.folder)
         if bad is not None:
             for column in self.rows.mapping:
                 if has_bad_utf8(row.get(column)):
@@ -421,7 +428,7 @@ class ParquetSource(Source):
     def scan(self, stats: LoadStats) -> Iterator[tuple[int, str, Record]]:
         check_file(self.path)
         parquet = self._file()
-        self.rows = self.options.resolve(parquet.schema_arrow.names, f"{self.path}, schema")
+        self.rows = self.options.resolve(parquet.schema_arrow.names, f"{self.path}, schema", self.folder)
         sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
         self._starts = [0, *accumulate(sizes)][:-1]
         if not sum(sizes):

@@ -23,6 +23,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from graft.errors import GraftError, did_you_mean
@@ -191,8 +192,9 @@ class ReadOptions:
                 f"{did_you_mean(self.label_kind, LABEL_KINDS)}"
             )
 
-    def resolve(self, available: Iterable[str], where: str) -> RowBuilder:
-        """Map the columns a file has to canonical keys; ``where`` names the header, e.g. 'a.csv, line 1'.
+    def resolve(self, available: Iterable[str], where: str, folder: str | None = None) -> RowBuilder:
+        """Map the columns a file has to canonical keys; ``where`` names the header, e.g. 'a.csv, line 1';
+        ``folder`` (the data file's) is where relative image paths start.
 
         A column named twice is an error when it is read (which one holds the data?), and harmless
         when it is not (spreadsheets export empty trailing header cells).
@@ -238,12 +240,12 @@ class ReadOptions:
                     f"{' and '.join(map(str, positions))}), so which one holds the data is ambiguous; "
                     "rename one in the header"
                 )
-        return self.builder(mapping)
+        return self.builder(mapping, folder)
 
-    def builder(self, mapping: dict[str, str]) -> RowBuilder:
+    def builder(self, mapping: dict[str, str], folder: str | None = None) -> RowBuilder:
         """The RowBuilder for ``mapping`` (file column -> record key) under these options."""
         labels = None if self.labels is None or self.label_kind == "float" else list(self.labels)
-        return RowBuilder(mapping, self.label_kind, self.label_delimiter, labels)
+        return RowBuilder(mapping, self.label_kind, self.label_delimiter, labels, folder)
 
 
 def name_it(key: str) -> str:
@@ -274,6 +276,7 @@ class RowBuilder:
     label_kind: str = "class"
     label_delimiter: str = ","
     labels: list[str] | None = None  # the only class names allowed (label or tags); None allows any
+    folder: str | None = None  # where relative image paths start (the data file's folder); None: here
 
     def __post_init__(self) -> None:
         self._allowed = None if self.labels is None else set(self.labels)
@@ -335,6 +338,8 @@ class RowBuilder:
             return [str(item) for item in value]
         if key == "answers":
             return _answers(value, where)
+        if key == "image" and isinstance(value, str):
+            return image_path(value, self.folder, where)
         return value
 
     def _label(self, value: Any, where: str) -> str | list[str] | float:
@@ -362,6 +367,20 @@ class RowBuilder:
         if value is None or value == "":
             raise BadRow("missing label", f"{where}: empty label")
         return _class_name(value)
+
+
+def image_path(written: str, folder: str | None, where: str) -> str:
+    """The file an image column names: a relative path starts from the data file's ``folder`` (as
+    audio paths do), wherever graft runs; an absolute one is kept. A missing file is a bad row."""
+    if not written.strip():
+        raise BadRow("missing value", f"{where}: no image path (empty)")
+    path = Path(folder or "") / written.strip()
+    if not path.is_file():
+        siblings = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
+        raise BadRow(
+            "missing image", f"{where}: no such image file {path}{did_you_mean(path.name, siblings)}"
+        )
+    return str(path)
 
 
 def _class_name(value: Any) -> str:

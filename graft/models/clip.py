@@ -184,20 +184,39 @@ def config_to_hf(cfg: DualEncoderConfig) -> dict[str, Any]:
     }
 
 
-def weight_map(cfg: DualEncoderConfig) -> WeightMap:
+def tower_names(cfg: TransformerConfig, into: str = "") -> dict[str, str]:
+    """One tower's HF names (as CLIPTextModel / CLIPVisionModel hold them: text_model.*,
+    vision_model.*) -> graft names under ``into`` ("text." in a DualEncoder, "" in the tower alone)."""
+    if cfg.inputs == "patches":
+        at = "vision_model."
+        names = {
+            "embeddings.class_embedding": "embed.cls",
+            "embeddings.patch_embedding.weight": "embed.patches.weight",
+            "embeddings.position_embedding.weight": "embed.positions.weight",
+            **pair("pre_layrnorm", "embed.norm"),
+            **per_layer(LAYER, cfg.num_layers),
+            **pair("post_layernorm", "norm"),
+        }
+    else:
+        at = "text_model."
+        names = {
+            "embeddings.token_embedding.weight": "embed.tokens.weight",
+            "embeddings.position_embedding.weight": "embed.positions.weight",
+            **per_layer(LAYER, cfg.num_layers),
+            **pair("final_layer_norm", "norm"),
+        }
+    return {at + hf: into + graft for hf, graft in names.items()}
+
+
+def weight_map(cfg: DualEncoderConfig | TransformerConfig) -> WeightMap:
+    """The whole CLIPModel's names; for one CLIP tower (in a dual encoder whose other tower is of
+    another family), that tower's own."""
+    if isinstance(cfg, TransformerConfig):
+        return WeightMap(tower_names(cfg), ignored=("position_ids",))
     check_towers(cfg)
-    text, vision = "text_model.", "vision_model."
     names = {
-        f"{text}embeddings.token_embedding.weight": "text.embed.tokens.weight",
-        f"{text}embeddings.position_embedding.weight": "text.embed.positions.weight",
-        **{text + k: "text." + v for k, v in per_layer(LAYER, cfg.text.num_layers).items()},
-        **pair(f"{text}final_layer_norm", "text.norm"),
-        f"{vision}embeddings.class_embedding": "vision.embed.cls",
-        f"{vision}embeddings.patch_embedding.weight": "vision.embed.patches.weight",
-        f"{vision}embeddings.position_embedding.weight": "vision.embed.positions.weight",
-        **pair(f"{vision}pre_layrnorm", "vision.embed.norm"),
-        **{vision + k: "vision." + v for k, v in per_layer(LAYER, cfg.vision.num_layers).items()},
-        **pair(f"{vision}post_layernorm", "vision.norm"),
+        **tower_names(cfg.text, "text."),
+        **tower_names(cfg.vision, "vision."),
         "text_projection.weight": "text_projection.weight",
         "visual_projection.weight": "visual_projection.weight",
         "logit_scale": "logit_scale",

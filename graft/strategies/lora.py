@@ -154,14 +154,25 @@ def matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
+def hf_names_of(body: nn.Module) -> dict[str, str]:
+    """graft module name -> HF module name. A dual encoder's towers are named each by its own
+    family, as the tower's own HF model names them: a sentence encoder put in as CLIP's text tower
+    keeps BERT's names ('encoder.layer.0.attention.self.query'), a CLIP tower CLIP's."""
+    towers = getattr(body, "towers", None)
+    maps = (
+        [(f"{name}.", FAMILIES[t.config.family].weight_map(t.config)) for name, t in towers.items()]
+        if towers
+        else [("", weight_map(body))]
+    )
+    return {into + n: hf for into, wmap in maps for hf, names in hf_module_names(wmap).items() for n in names}
+
+
 def select_targets(model: nn.Module, targets: list[str], pattern: str | None) -> list[str]:
-    """graft names of the body's Linear layers that ``targets`` / ``pattern`` select."""
+    """graft names of the body's Linear layers that ``targets`` / ``pattern`` select, by their graft
+    names or their HF names."""
     body = body_of(model)
     linear = {n for n, m in body.named_modules() if isinstance(m, nn.Linear)}
-    hf_of: dict[str, str] = {}
-    for hf, names in hf_module_names(weight_map(model)).items():
-        for n in names:
-            hf_of[n] = hf
+    hf_of = hf_names_of(body)
     regex = re.compile(pattern) if pattern else None
     chosen = []
     for name in sorted(linear, key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")]):

@@ -12,6 +12,7 @@ symmetric InfoNCE loss of CLIP, as transformers' ``CLIPModel(return_loss=True)``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,24 @@ class ImageTextProcessor:
     def save(self, folder: str | Path) -> None:
         self.tokenizer.save(folder)
         self.images.save(folder)
+
+
+def with_augmentation(processor: Any, augment: str, crop_scale: Sequence[float]) -> Any:
+    """``processor`` with a recipe's training augmentation (data.augment, data.crop_scale) for its
+    images; a text model's tokenizer as it is, unless the recipe asked it for augmentation."""
+    if isinstance(processor, ImageTextProcessor):
+        return dataclasses.replace(processor, images=with_augmentation(processor.images, augment, crop_scale))
+    if isinstance(processor, ImageProcessor):
+        try:
+            return dataclasses.replace(processor, augment=augment, scale=tuple(crop_scale))
+        except GraftError as error:  # "augment: ..." or "crop_scale: ..." as the recipe names them
+            raise GraftError(f"data.{error}") from None
+    default = ImageProcessor()
+    if augment != default.augment or tuple(crop_scale) != default.scale:
+        raise GraftError(
+            "data.augment, data.crop_scale: augmentation is for images, and this model reads text; remove them"
+        )
+    return processor
 
 
 def dual_encoder(model: Any, what: str) -> DualEncoder:

@@ -77,6 +77,7 @@ def build_trainer(
     from graft.io.hf import resolve
     from graft.loading import load_model, load_processor
     from graft.tasks import HEADS
+    from graft.tasks.image_text import with_augmentation
     from graft.train.losses import make_loss
 
     if not recipe.model.path:
@@ -99,6 +100,7 @@ def build_trainer(
     label_map = train_set.label_map
     folder = resolve(recipe.model.path)
     tokenizer = load_processor(folder)  # an image model's ImageProcessor, saved with it the same way
+    tokenizer = with_augmentation(tokenizer, recipe.data.augment, recipe.data.crop_scale)
 
     torch.manual_seed(recipe.train.seed)  # a new head starts from the same weights in every run
     dtype = getattr(torch, recipe.model.dtype, None)

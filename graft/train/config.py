@@ -25,6 +25,7 @@ from graft.data.records import LABEL_KINDS
 from graft.errors import GraftError, closest, coerce, did_you_mean, shown
 from graft.strategies import parse_strategy
 from graft.tasks import HEADS
+from graft.vision import AUGMENTS
 
 # graft.train.build still imports the hint under its old name; graft.errors.did_you_mean is the one to use.
 suggest = did_you_mean
@@ -96,6 +97,9 @@ class ModelSection:
 @dataclass
 class DataSection(DataSpec):
     max_length: int = ranged(128, low=1, high=TOKENS_MAX)  # tokens per example after truncation
+    # images in training: a random resized crop over crop_scale of the area and a flip, a flip, or none
+    augment: str = one_of("crop+flip", AUGMENTS)
+    crop_scale: list[float] = ranged([0.08, 1.0], above=0, high=1)
 
     # The fields DataSpec declares (graft.data knows nothing of recipes).
     checks: ClassVar[dict[str, dict[str, Any]]] = {
@@ -281,6 +285,10 @@ class Recipe:
             fail("optim.betas", f"expected two numbers [beta1, beta2], got {shown(self.optim.betas)}")
         if self.optim.name == "sgd" and self.optim.nesterov and self.optim.momentum == 0:
             fail("optim.nesterov", "Nesterov momentum needs optim.momentum > 0")
+        if len(self.data.crop_scale) != 2 or self.data.crop_scale[0] > self.data.crop_scale[1]:
+            fail(
+                "data.crop_scale", f"expected [low, high] with low <= high, got {shown(self.data.crop_scale)}"
+            )
         if not self.data.label_delimiter:
             fail("data.label_delimiter", "must not be empty")
         try:

@@ -7,6 +7,6 @@ pixels = processor(["cat.png", record["image"]])   # (B, 3, 224, 224)
 """
 
 from graft.vision.images import open_image, to_mode
-from graft.vision.preprocess import PREPROCESSOR_FILE, ImageProcessor
+from graft.vision.preprocess import AUGMENTS, PREPROCESSOR_FILE, ImageProcessor
 
-__all__ = ["PREPROCESSOR_FILE", "ImageProcessor", "open_image", "to_mode"]
+__all__ = ["AUGMENTS", "PREPROCESSOR_FILE", "ImageProcessor", "open_image", "to_mode"]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from graft.errors import GraftError
+from graft.errors import GraftError, did_you_mean
 from graft.io.atomic import write_json
 from graft.io.hf import read_json
 from graft.vision.images import open_image, to_mode
@@ -26,6 +26,8 @@ from graft.vision.images import open_image, to_mode
 log = logging.getLogger("graft")
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
+# Training augmentation: a random resized crop and a flip (timm's and torchvision's), a flip alone, none
+AUGMENTS = ("crop+flip", "flip", "none")
 RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}  # Pillow's codes
 
 
@@ -34,10 +36,11 @@ class ImageProcessor:
     """Images -> (B, C, H, W) pixel values for one model.
 
     ``size``: (height, width) to resize to, or ``shortest_edge`` (keep the aspect ratio), then
-    ``crop`` (height, width) from the center. ``augment``: in training (``train=True``), a random
-    resized crop (``scale``, ``ratio`` as torchvision's RandomResizedCrop) to the output size and a
-    horizontal flip with probability ``flip``, drawn from torch's global generator (seeded, and
-    resumed, with the rest of training).
+    ``crop`` (height, width) from the center. ``augment`` (one of AUGMENTS), in training
+    (``train=True``): "crop+flip" is a random resized crop (``scale``, ``ratio`` as torchvision's
+    RandomResizedCrop) to the output size and a horizontal flip with probability ``flip``; "flip"
+    is the evaluation preprocessing and that flip; "none" is the evaluation preprocessing. Draws
+    come from torch's global generator (seeded, and resumed, with the rest of training).
     """
 
     size: tuple[int, int] | None = (224, 224)
@@ -51,11 +54,23 @@ class ImageProcessor:
     channels: int = 3
     image_size: int | None = None  # what the model takes, checked when do_resize is false
     source: str = PREPROCESSOR_FILE  # where these values came from, for messages
-    augment: bool = True
+    augment: str = "crop+flip"
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: float = 0.5
     _converted: bool = field(default=False, repr=False, compare=False)  # the mode note was said
+
+    def __post_init__(self) -> None:
+        if self.augment not in AUGMENTS:
+            raise GraftError(
+                f"augment: unknown value {self.augment!r} (one of {', '.join(AUGMENTS)})"
+                f"{did_you_mean(str(self.augment), AUGMENTS)}"
+            )
+        low, high = self.scale
+        if not 0 < low <= high <= 1:
+            raise GraftError(
+                f"crop_scale: expected [low, high] with 0 < low <= high <= 1 (shares of the image's area), got {list(self.scale)}"
+            )
 
     @classmethod
     def for_model(cls, folder: str | Path | None, cfg: Any) -> ImageProcessor:
@@ -171,7 +186,7 @@ class ImageProcessor:
                 )
                 self._converted = True
             pil = to_mode(pil, self.channels)
-        if train and self.augment and self.output_size is not None:
+        if train and self.augment == "crop+flip" and self.output_size is not None:
             pil = self.random_resized_crop(pil)
             if torch.rand(()).item() < self.flip:
                 pil = pil.transpose(0)  # Image.FLIP_LEFT_RIGHT
@@ -182,6 +197,8 @@ class ImageProcessor:
             x = np.asarray(pil)
             if self.crop:
                 x = center_crop(x, *self.crop)
+            if train and self.augment == "flip" and torch.rand(()).item() < self.flip:
+                x = x[:, ::-1]  # (H, W[, C]) mirrored left to right
         if x.ndim == 2:
             x = x[:, :, None]  # (H, W, 1)
         side = self.image_size
