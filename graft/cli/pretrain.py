@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from graft.cli.app import app
-from graft.cli.train import OverridesArg, RecipeArg
+from graft.cli.train import OverridesArg, RecipeArg, ResumeOpt
 
 
 @app.command()
@@ -18,11 +18,15 @@ def pretrain(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the model folder train.output holds.")
     ] = False,
+    resume: ResumeOpt = False,
 ) -> None:
-    """Pretrain a model on raw text (pretrain.objective: mlm or clm); saves a HF folder to train.output."""
+    """Pretrain a model on raw text (pretrain.objective: mlm or clm); saves a HF folder to train.output.
+
+    checkpoint.every=N writes a checkpoint every N steps; --resume continues from the newest, exactly.
+    """
     from graft.pretrain import run_pretrain
     from graft.train.config import load_recipe
 
     config = load_recipe(recipe, overrides or [])
-    summary = run_pretrain(config, source=str(recipe), overwrite=overwrite)
+    summary = run_pretrain(config, source=str(recipe), overwrite=overwrite, resume=resume)
     typer.echo(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}))
