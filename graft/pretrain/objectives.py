@@ -18,10 +18,12 @@ from graft.data.spans import corrupt_spans, input_and_target_lengths, span_lengt
 from graft.errors import GraftError
 from graft.loading import load_config, load_model, save_model
 from graft.models import FAMILIES
+from graft.pretrain.electra import Electra, load_electra
 from graft.pretrain.stream import Batches, Position, clm_batches, mlm_batches, tokens
 from graft.tasks.seq2seq import shift_right
 from graft.train.config import Recipe
 
+GENERATOR = "generator"  # ELECTRA's generator folder, inside the discriminator's
 TASKS = {"mlm": "masked-lm", "clm": "causal-lm", "span-corruption": "seq2seq", "electra": "masked-lm"}
 
 
@@ -109,6 +111,28 @@ class SpanCorruption(Objective):
         return Batches(rows, self.recipe.train.batch_size, self.collate, start)
 
 
+class ElectraObjective(Objective):
+    """ELECTRA (graft.pretrain.electra): the generator's masked batches, the summed loss; the
+    discriminator saved as the model, the generator in generator/."""
+
+    def __init__(self, model: Electra, tokenizer: Any, recipe: Recipe) -> None:
+        self.model, self.tokenizer, self.recipe = model, tokenizer, recipe
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"masking": self.model.generator.head.generator, "sampling": self.model.sampler}
+
+    def batches(self, texts: Iterator[str], start: Position) -> Batches:
+        size, width = self.recipe.train.batch_size, self.recipe.data.max_length
+        return mlm_batches(texts, self.model.generator.head, self.tokenizer, size, width, start)
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        return self.model(**batch)
+
+    def save(self, folder: Path, tokenizer: Any) -> None:
+        save_model(self.model.discriminator, folder, tokenizer)
+        save_model(self.model.generator, folder / GENERATOR, tokenizer)
+
+
 def check_objective(path: Path, objective: str, source: str) -> None:
     """The objective fits the model's family (checked from config.json, before the weights load)."""
     family, cfg = load_config(path)
@@ -137,6 +161,8 @@ def build_objective(path: Path, recipe: Recipe, tokenizer: Any, source: str) -> 
     """The objective of ``recipe.pretrain.objective`` around the model at ``path``, loaded to train."""
     p, t = recipe.pretrain, recipe.train
     check_objective(path, p.objective, source)
+    if p.objective == "electra":
+        return ElectraObjective(load_electra(path, recipe), tokenizer, recipe)
     options: dict[str, Any] = {}
     if TASKS[p.objective] == "masked-lm":
         options = {"mask_probability": p.mask_probability, "whole_word": p.whole_word, "seed": t.seed}
