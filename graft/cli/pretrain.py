@@ -1,4 +1,5 @@
-"""``graft pretrain``: masked or causal LM (continued) pretraining on text files, streamed."""
+"""``graft pretrain``: masked LM, causal LM, T5 span corruption or ELECTRA (continued) pretraining on text
+files, streamed."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def pretrain(
     ] = False,
     resume: ResumeOpt = False,
 ) -> None:
-    """Pretrain a model on raw text (pretrain.objective: mlm or clm); saves a HF folder to train.output.
+    """Pretrain a model on raw text (pretrain.objective: mlm, clm, span-corruption or electra); saves a HF folder
+    to train.output.
 
     checkpoint.every=N writes a checkpoint every N steps; --resume continues from the newest, exactly.
     """
