@@ -9,6 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from test_pretrain import LINES, tiny_folder, write_recipe
+from test_pretrain_spans import t5_folder, write_corpus
 
 from graft.pretrain import objectives, run
 from graft.train import checkpoint as ckpt
@@ -51,6 +52,8 @@ CASES = {
     "clm": ("gpt2", {"pack": True}, 6),
     # the generator's samples resume too
     "electra": ("bert", {}, 8),
+    # rows of documents end to end (17 tokens before corruption): the spans' generator and a position
+    "span-corruption": ("t5", {}, 16),
 }
 
 
@@ -59,10 +62,13 @@ def test_resume_gives_the_losses_and_weights_of_an_uninterrupted_run(
     objective, monkeypatch, cli, tmp_path, minilm
 ):
     family, options, width = CASES[objective]
-    base = tiny_folder(tmp_path, minilm, family)
+    base = t5_folder(tmp_path) if family == "t5" else tiny_folder(tmp_path, minilm, family)
     recipe = write_recipe(tmp_path, base, objective, max_steps=4, accumulate=2)
     data = yaml.safe_load(recipe.read_text())
     data["pretrain"] |= options
+    if family == "t5":  # documents in the tiny T5's words
+        write_corpus(tmp_path / "corpus.txt", 16)
+        data["pretrain"]["files"] = [str(tmp_path / "corpus.txt")]
     data["data"]["max_length"] = width
     data["checkpoint"] = {"every": 2}
     recipe.write_text(yaml.safe_dump(data))
@@ -91,7 +97,7 @@ def test_resume_gives_the_losses_and_weights_of_an_uninterrupted_run(
     }
     a, b = load_file(whole / "model.safetensors"), load_file(stopped / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    if objective == "clm":
+    if objective in ("clm", "span-corruption"):
         assert saved["position"][1] > 0  # the checkpoint stood inside a document cut across rows
     assert [p.name for _, p in ckpt.list_checkpoints(stopped / "checkpoints")] == [
         "step-00000002",

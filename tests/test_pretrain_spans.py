@@ -100,6 +100,7 @@ def write_corpus(path, n: int = 64) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.slow
 def test_a_tiny_t5_learns_span_corruption(monkeypatch, cli, tmp_path):
     folder = t5_folder(tmp_path)
     write_corpus(tmp_path / "corpus.txt")
