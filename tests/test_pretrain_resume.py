@@ -117,6 +117,10 @@ def test_resume_refusals_are_one_line(cli, tmp_path, minilm):
         "error: --resume continues the run in train.output and --overwrite replaces it: pass one"
     )
     assert cli("pretrain", recipe, "checkpoint.every=2").code == 0
+    assert cli("pretrain", recipe).error_line() == (
+        f"error: {out}: holds checkpoints of an earlier run; pass --resume to continue it,"
+        " --overwrite to start afresh, or set train.output to a new folder"
+    )
     assert cli("pretrain", recipe, "checkpoint.every=2", "--resume", "optim.lr=0.5").error_line() == (
         f"error: {out / 'checkpoints' / 'step-00000003'}: --resume continues a run with the recipe it"
         " started with, and these differ: optim.lr 0.001 -> 0.5; change them back, or start a new run"

@@ -73,6 +73,11 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool) -> Path | None:
     if resume and overwrite:
         raise GraftError("--resume continues the run in train.output and --overwrite replaces it: pass one")
     if not resume:
+        if not overwrite and any(why is None for _, _, why in ckpt.scan(out / CHECKPOINTS)):
+            raise GraftError(
+                f"{out}: holds checkpoints of an earlier run; pass --resume to continue it,"
+                " --overwrite to start afresh, or set train.output to a new folder"
+            )
         check_output(out, "train.output", folder=True, overwrite=overwrite)
         return None
     if out.exists() and not out.is_dir():
