@@ -27,6 +27,7 @@ from graft.cli import (  # noqa: F401  (each module registers its commands)
     speech,
     strategies,
     tasks,
+    tokenizer,
     train,
     vision,
 )

@@ -24,20 +24,52 @@ def stream_rows(docs: Iterable[Sequence[int]], width: int) -> Iterator[list[list
     """Documents -> rows of at most ``width`` tokens, each row a list of whole documents, in order
     (a row is closed when the next document does not fit; a document longer than a row is cut),
     one row at a time: the documents may be a stream larger than memory."""
+    return (row for row, _ in rows_at(docs, width))
+
+
+def rows_at(
+    docs: Iterable[Sequence[int]], width: int, start: tuple[int, int] = (0, 0)
+) -> Iterator[tuple[list[list[int]], tuple[int, int]]]:
+    """``stream_rows`` with, after each row, where the stream stands: (document, token) of the first
+    token no row has taken yet, counted from ``start`` (the first document begins ``start[1]`` tokens
+    in: a document cut across rows is resumed where it was cut, in the same row-sized pieces)."""
     if width < 1:
         raise GraftError(f"packing: the row width must be at least 1, found {width}")
     row: list[list[int]] = []
     used = 0
-    for doc in docs:
-        for start in range(0, len(doc), width):
-            piece = list(doc[start : start + width])
+    d = start[0] - 1
+    for d, doc in enumerate(docs, start[0]):
+        skip = start[1] if d == start[0] else 0
+        for begin in range(0, len(doc), width):
+            piece = list(doc[begin : begin + width])
             if used + len(piece) > width:
-                yield row
+                yield row, (d, skip + begin)
                 row, used = [], 0
             row.append(piece)
             used += len(piece)
     if row:
-        yield row
+        yield row, (d + 1, 0)
+
+
+def chunks_at(
+    docs: Iterable[Sequence[int]], width: int, start: tuple[int, int] = (0, 0)
+) -> Iterator[tuple[list[int], tuple[int, int]]]:
+    """The documents end to end, cut into rows of exactly ``width`` tokens (run_clm's grouping, which
+    T5's span corruption pretrains on), each with where the stream stands after it, as ``rows_at``
+    says it; the last tokens, short of a row, are dropped."""
+    if width < 1:
+        raise GraftError(f"packing: the row width must be at least 1, found {width}")
+    row: list[int] = []
+    for d, doc in enumerate(docs, start[0]):
+        skip = start[1] if d == start[0] else 0
+        begin = 0
+        while begin < len(doc):
+            take = list(doc[begin : begin + width - len(row)])
+            row += take
+            begin += len(take)
+            if len(row) == width:
+                yield row, (d, skip + begin) if begin < len(doc) else (d + 1, 0)
+                row = []
 
 
 def pack_rows(docs: Iterable[Sequence[int]], width: int) -> list[list[list[int]]]:

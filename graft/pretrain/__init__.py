@@ -1,4 +1,5 @@
-"""Pretraining on raw text (chapter 4): masked or causal LM over files streamed from disk.
+"""Pretraining on raw text (chapter 4): masked LM, causal LM, T5 span corruption or ELECTRA over
+files streamed from disk, resumable exactly; new and extended vocabularies (graft.pretrain.vocab).
 
 run_pretrain(load_recipe("recipes/pretrain-mlm.yaml"))  # what ``graft pretrain RECIPE`` runs
 """

@@ -8,9 +8,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from graft.data.packing import packed_batch, stream_rows
+from graft.data.packing import packed_batch, rows_at
 from graft.errors import GraftError
 
 SUFFIXES = (".txt", ".jsonl")
@@ -52,43 +50,89 @@ def documents(files: Sequence[Path]) -> Iterator[str]:
                     yield text
 
 
-def forever(files: Sequence[Path]) -> Iterator[str]:
-    """The documents again and again (a stream has no length: training stops at train.max_steps)."""
+def forever(files: Sequence[Path], skip: int = 0) -> Iterator[str]:
+    """The documents again and again (a stream has no length: training stops at train.max_steps),
+    less the first ``skip`` (counted over every pass: a resumed run's position)."""
     while True:
-        seen = False
+        seen = 0
         for text in documents(files):
-            seen = True
+            seen += 1
+            if skip:
+                skip -= 1
+                continue
             yield text
         if not seen:
             raise GraftError(f"pretrain: the corpus has no text ({', '.join(map(str, files))})")
+        if skip >= seen:  # a resumed run far into the stream: whole passes need no reading
+            skip %= seen
+
+
+Position = tuple[int, int]  # (document, token): where a stream of documents stands
+
+
+class Batches:
+    """Batches of ``size`` rows, and after each one, in ``position``, where the stream stands: the
+    (document, token) of the first token no batch has taken, which a checkpoint saves and a
+    resumed run starts from (``forever(files, skip=document)``, the document ``token`` tokens in)."""
+
+    def __init__(
+        self, rows: Iterator[tuple[Any, Position]], size: int, make: Any, start: Position = (0, 0)
+    ) -> None:
+        self.rows, self.size, self.make, self.position = rows, size, make, start
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        chunk = list(islice(self.rows, self.size))
+        if not chunk:
+            raise StopIteration
+        self.position = chunk[-1][1]
+        return self.make([row for row, _ in chunk])
+
+
+def tokens(
+    texts: Iterator[str], tokenizer: Any, start: Position = (0, 0), eos: bool = True
+) -> Iterator[list[int]]:
+    """Token ids of each document (+ eos when the tokenizer has one and ``eos``), the first one from
+    token ``start[1]`` on."""
+    end = [tokenizer.eos_token_id] if eos and tokenizer.eos_token_id is not None else []
+    for i, text in enumerate(texts):
+        ids = tokenizer.encode(text, truncation=False, padding=False, return_tensors=None).input_ids[0] + end
+        yield ids[start[1] :] if i == 0 else ids
 
 
 def mlm_batches(
-    texts: Iterator[str], head: Any, tokenizer: Any, batch_size: int, max_length: int
-) -> Iterator[dict]:
+    texts: Iterator[str],
+    head: Any,
+    tokenizer: Any,
+    batch_size: int,
+    max_length: int,
+    start: Position = (0, 0),
+) -> Batches:
     """Batches of ``batch_size`` documents, each truncated to ``max_length``, masked afresh by the head."""
-    while True:
-        records = [{"text": t} for t in islice(texts, batch_size)]
-        if not records:
-            return
-        yield head.collate(records, tokenizer, max_length)
+    rows = (({"text": t}, (d + 1, 0)) for d, t in enumerate(texts, start[0]))
+    return Batches(rows, batch_size, lambda records: head.collate(records, tokenizer, max_length), start)
 
 
 def clm_batches(
-    texts: Iterator[str], cfg: Any, tokenizer: Any, batch_size: int, max_length: int, pack: bool
-) -> Iterator[dict[str, torch.Tensor]]:
+    texts: Iterator[str],
+    cfg: Any,
+    tokenizer: Any,
+    batch_size: int,
+    max_length: int,
+    pack: bool,
+    start: Position = (0, 0),
+) -> Batches:
     """Rows of ``max_length`` tokens; packed, each holds whole documents (+ eos) attending only to
     themselves, with their own positions; unpacked, a document per row (cut at max_length), padded."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = (
-        tokenizer.encode(t, truncation=False, padding=False, return_tensors=None).input_ids[0] + eos
-        for t in texts
-    )
-    rows = stream_rows(ids, max_length) if pack else ([doc[:max_length]] for doc in ids)
+    ids = tokens(texts, tokenizer, start)
+    if pack:
+        rows = rows_at(ids, max_length, start)
+    else:
+        rows = (([doc[:max_length]], (d + 1, 0)) for d, doc in enumerate(ids, start[0]))
     first = cfg.pad_token_id + 1 if cfg.positions_from_padding else 0
     pad = tokenizer.pad_token_id or 0
-    while True:
-        chunk = list(islice(rows, batch_size))
-        if not chunk:
-            return
-        yield packed_batch(chunk, pad, True, first, cfg.sliding_window)
+    return Batches(
+        rows, batch_size, lambda chunk: packed_batch(chunk, pad, True, first, cfg.sliding_window), start
+    )

@@ -60,7 +60,10 @@ class MaskedLMHead(Head):
         return self.decoder(x)  # (B, T, V)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        """Mean cross-entropy over the masked positions (label -100 elsewhere)."""
+        """Mean cross-entropy over the masked positions (label -100 elsewhere); 0 when none is masked
+        (a batch of short texts may draw no mask: no signal, rather than a NaN that ends the run)."""
+        if not bool((labels != IGNORE).any()):
+            return logits.float().sum() * 0.0
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE
         )

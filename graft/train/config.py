@@ -233,7 +233,9 @@ class DistillSection:
     transfer: str = ""  # unlabelled text: more training examples, labelled by the teacher
 
 
-OBJECTIVES = ("mlm", "clm")  # masked LM (encoders), causal LM (decoders)
+# masked LM (encoders), causal LM (decoders), T5's span corruption (encoder-decoders), ELECTRA's
+# replaced-token detection (encoders: a small generator and the discriminator)
+OBJECTIVES = ("mlm", "clm", "span-corruption", "electra")
 
 
 @dataclass
@@ -245,6 +247,10 @@ class PretrainSection:
     mask_probability: float = ranged(0.15, above=0, below=1)  # mlm: the share of tokens (or words) masked
     whole_word: bool = False  # mlm: mask every piece of a chosen word
     pack: bool = True  # clm: several documents per row, each attending only to itself
+    noise_density: float = ranged(0.15, above=0, below=1)  # span-corruption: the share of tokens in spans
+    mean_span_length: float = ranged(3.0, low=1)  # span-corruption: the mean length of a dropped span
+    generator_layers: int = ranged(0, low=0)  # electra: the generator's depth (0: a third of the model's)
+    disc_weight: float = ranged(50.0, above=0)  # electra: loss = generator MLM + disc_weight x RTD BCE
 
 
 @dataclass
