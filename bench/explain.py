@@ -168,15 +168,27 @@ def main() -> None:
     )
     mean = {m: {k: statistics.fmean(r[k] for r in rows) for k in rows[0]} for m, rows in table.items()}
     random_area = mean["random"]["deletion_area"]
+    # per article, how far below random's each method's deletion area is: the mean, and how often
+    gaps = {
+        m: [r["deletion_area"] - o["deletion_area"] for r, o in zip(table["random"], rows, strict=True)]
+        for m, rows in table.items()
+    }
     print(
         f"\nfaithfulness over {len(held)} articles (target: the predicted label; {correct} predicted right)"
     )
-    print(f"  {'method':14}{'deletion':>10}{'vs random':>11}{'insertion':>11}{'compreh.':>10}{'suffic.':>10}")
+    print("  deletion area: the target probability as the top-ranked tokens become [PAD]; lower is better")
+    header = f"  {'method':14}{'deletion':>10}{'below random':>14}{'relative':>10}{'wins':>8}"
+    print(header + f"{'insertion':>11}{'compreh.':>10}{'suffic.':>10}")
     for m, r in mean.items():
+        wins = sum(g > 0 for g in gaps[m])
         print(
-            f"  {m:14}{r['deletion_area']:10.4f}{random_area - r['deletion_area']:+11.4f}"
+            f"  {m:14}{r['deletion_area']:10.4f}{random_area - r['deletion_area']:+14.4f}"
+            f"{(random_area - r['deletion_area']) / random_area:+10.1%}{wins:>5}/{len(held):<2}"
             f"{r['insertion_area']:11.4f}{r['comprehensiveness']:10.4f}{r['sufficiency']:10.4f}"
         )
+    beaten = [m for m in ("ig", "grad-x-input") if mean[m]["deletion_area"] >= random_area]
+    if beaten:
+        print(f"  NOT met: {', '.join(beaten)} did not beat random on deletion area")
     emit(
         {
             "bench": "explain",
@@ -192,6 +204,12 @@ def main() -> None:
             "deletion_area": {m: r["deletion_area"] for m, r in mean.items()},
             "deletion_beats_random_by": {
                 m: random_area - r["deletion_area"] for m, r in mean.items() if m != "random"
+            },
+            "deletion_beats_random_relative": {
+                m: (random_area - r["deletion_area"]) / random_area for m, r in mean.items() if m != "random"
+            },
+            "deletion_wins_over_random": {
+                m: sum(g > 0 for g in gaps[m]) / len(held) for m in mean if m != "random"
             },
             "insertion_area": {m: r["insertion_area"] for m, r in mean.items()},
             "comprehensiveness": {m: r["comprehensiveness"] for m, r in mean.items()},
