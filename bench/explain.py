@@ -44,8 +44,17 @@ def articles() -> list[tuple[str, str]]:
     return mixed
 
 
-def train_classifier(train: list[tuple[str, str]], labels: list[str], folder: Path) -> float:
-    """Train the head on frozen [CLS] features, save the classifier to ``folder``; its train accuracy."""
+def train_classifier(
+    train: list[tuple[str, str]], labels: list[str], folder: Path, finetune_epochs: int = 1
+) -> float:
+    """Train the head on frozen [CLS] features, then (``finetune_epochs``) the whole model; save the
+    classifier to ``folder``; its train accuracy.
+
+    all-MiniLM-L6-v2 was trained for mean pooling, so its [CLS] state is a poor summary: a head on
+    it alone leaves a classifier whose probability swings on tokens in ways no first-order method
+    (gradient x input: Spearman -0.34..0.29 against occlusion on 4 articles) can follow. Fine-tuning
+    the whole model makes the [CLS] state carry the label, as a real BBC classifier would.
+    """
     from graft.loading import load_model, save_model
     from graft.tasks.collate import model_inputs
     from graft.tokenizer import Tokenizer
@@ -67,10 +76,26 @@ def train_classifier(train: list[tuple[str, str]], labels: list[str], folder: Pa
         logits = model.head.out(torch.tanh(model.body.pooler(x)))
         torch.nn.functional.cross_entropy(logits, y).backward()
         opt.step()
-    with torch.no_grad():
-        accuracy = float((model.head.out(torch.tanh(model.body.pooler(x))).argmax(-1) == y).float().mean())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-5)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(finetune_epochs):
+        order = torch.randperm(len(train), generator=g).tolist()
+        for i in range(0, len(order), 16):
+            rows = order[i : i + 16]
+            enc = tokenizer.encode([train[j][0] for j in rows], max_length=MAX_LENGTH)
+            logits = model(**model_inputs(enc, model.config)).logits  # (B, C)
+            loss = torch.nn.functional.cross_entropy(logits, y[rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.inference_mode():
+        right = 0
+        for i in range(0, len(train), 32):
+            enc = tokenizer.encode([t for t, _ in train[i : i + 32]], max_length=MAX_LENGTH)
+            right += int((model(**model_inputs(enc, model.config)).logits.argmax(-1) == y[i : i + 32]).sum())
     save_model(model, folder, tokenizer)
-    return accuracy
+    return right / len(train)
 
 
 def captum_side(folder: Path, frozen: bool = False):

@@ -394,3 +394,8 @@ def test_a_chat_model_without_a_chat_template_is_refused(built, smollm, tmp_path
         f"error: {plain}: the tokenizer has no chat template, so graft rag cannot prompt it with sources "
         "(use a chat or instruct model)"
     )
+
+
+def test_graft_rag_alone_prints_its_commands(cli):
+    out = cli("rag").ok().stdout
+    assert all(command in out for command in ("index", "ask", "eval"))

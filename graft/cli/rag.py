@@ -19,10 +19,18 @@ from graft.cli.generate import DType, DTypeOpt, MaxNew, Seed, Temperature, write
 from graft.errors import GraftError
 
 rag = typer.Typer(
-    help="Retrieval-augmented generation: index documents, answer questions citing them, evaluate both.",
-    no_args_is_help=True,
+    help="Retrieval-augmented generation: index documents, answer questions citing them, evaluate both."
 )
 app.add_typer(rag, name="rag")
+
+
+@rag.callback(invoke_without_command=True)
+def rag_root(ctx: typer.Context) -> None:
+    """Retrieval-augmented generation: index documents, answer questions citing them, evaluate both."""
+    if ctx.invoked_subcommand is None:  # `graft rag` alone: the help, and success
+        typer.echo(ctx.get_help())
+        raise typer.Exit()
+
 
 IndexArg = Annotated[Path, typer.Argument(metavar="INDEX", help="A folder written by graft rag index.")]
 K = Annotated[int, typer.Option("--k", min=1, help="How many chunks to retrieve.")]
