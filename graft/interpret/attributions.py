@@ -97,7 +97,15 @@ def embeddings(subject: Subject, ids: torch.Tensor) -> torch.Tensor:
 
 
 def gradient_x_input(subject: Subject) -> list[float]:
-    """d score / d embedding . embedding, per token (summed over the embedding's width)."""
+    """d score / d embedding . embedding, per token (summed over the embedding's width): captum's
+    InputXGradient on the token embeddings.
+
+    Where a LayerNorm follows the sum of token, position and type embeddings (BERT, MiniLM,
+    RoBERTa...), its scale invariance makes this exactly -(d score / d embedding . the position and
+    type embeddings) (checked to 1e-8): it says little about the token itself, and on the BBC
+    classifier of bench/explain.py it ranks tokens worse than random for deletion, whether deleted
+    tokens become [PAD], [MASK] or are removed (integrated gradients, which follow the whole path
+    from the baseline, rank them far better). Kept as the common definition, for comparison."""
     embedding = token_embedding(subject.model)
     with torch.enable_grad(), frozen(subject.model):
         x = embedding(subject.input_ids).detach().requires_grad_(True)  # (1, T, E)
