@@ -162,6 +162,25 @@ def test_gradient_x_input_and_occlusion_equal_hand_computations(task, tmp_path, 
             assert occluded[i] == pytest.approx(expected_i, abs=1e-5)
 
 
+def test_gradient_x_input_after_a_layernorm_is_minus_the_position_terms(tmp_path, minilm):
+    """Why gradient x input ranks BERT-family tokens poorly (bench/explain.py): the embeddings'
+    LayerNorm is scale-invariant, so its input's gradient is orthogonal to its input, and the token
+    term equals minus the position and type terms."""
+    from graft.interpret.attributions import embeddings, frozen
+
+    folder, _ = saved(tmp_path, minilm, "classification")
+    s = subject_of(folder, "classification")
+    with torch.enable_grad(), frozen(s.model):
+        x = embeddings(s, s.input_ids).requires_grad_(True)
+        (grad,) = torch.autograd.grad(s.scores(s.input_ids, inputs_embeds=x)[0], x)
+    embed = s.model.body.embed
+    rest = embed.positions(s.batch["position_ids"]) + embed.token_types(s.batch["token_type_ids"])
+    token_term = torch.tensor(attribute(s, "grad-x-input").scores)  # (T,)
+    rest_term = (grad * rest).sum(-1)[0]  # (T,)
+    assert float(token_term.abs().max()) > 0
+    torch.testing.assert_close(token_term, -rest_term, atol=1e-4 * float(token_term.abs().max()), rtol=0)
+
+
 # one stack over tokens (CLIP: test_clip; image and seq2seq tasks are refused: test_every_head_is_explained_or_refused)
 @pytest.fixture(
     params=sorted(n for n, f in FAMILIES.items() if f.inputs == "tokens" and not f.encoder_decoder)

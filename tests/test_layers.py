@@ -25,6 +25,7 @@ LAYERS: list[set[str]] = [
     {"graft.generation"},
     {"graft.strategies"},
     {"graft.loading"},
+    {"graft.rag"},
     {"graft.export"},
     {"graft.train"},
     {"graft.pretrain", "graft.fewshot"},

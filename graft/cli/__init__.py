@@ -23,6 +23,7 @@ from graft.cli import (  # noqa: F401  (each module registers its commands)
     models,
     pretrain,
     quantize,
+    rag,
     serve,
     speech,
     strategies,

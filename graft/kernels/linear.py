@@ -3,8 +3,10 @@
 On the CPUs graft runs on, oneDNN's fp32 matmul is 5-15% faster than the default BLAS call,
 and at inference it applies GELU/ReLU to the output tile while it is still in cache instead of
 in a second pass over memory. oneDNN's op has no backward: when gradients are needed, an
-autograd function runs oneDNN forward and torch's matrix multiplies backward (fp32 on CPU;
-autocast, torch.compile and other devices take torch's ordinary F.linear). Layers that a
+autograd function runs oneDNN forward and, backward, the input's gradient as oneDNN's linear
+layer of weight.T where that measured faster than torch's matmul (2-3x on large rows: integrated
+gradients, adapters over frozen weights), the weight's by torch's matmul (fp32 on CPU; autocast,
+torch.compile and other devices take torch's ordinary F.linear). Layers that a
 strategy wrapped or hooked are always called as modules, so the wrapper or hook sees every call.
 
 Which of oneDNN on packed weights, oneDNN and torch's F.linear runs a call is chosen per shape
@@ -78,28 +80,35 @@ def use_onednn_training(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 class _TrainingLinear(torch.autograd.Function):
-    """x @ weight.T + bias: oneDNN forward, torch's matrix multiplies backward."""
+    """x @ weight.T + bias: oneDNN forward; backward, the x gradient by oneDNN or torch (``dx_onednn``:
+    the route measured for its shape) and the weight's by torch."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dx_onednn: bool = False
+    ) -> torch.Tensor:
         # only what backward reads: a frozen weight needs no input saved (adapters, LoRA)
         wants_dx, wants_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.save_for_backward(x if wants_dw else None, weight if wants_dx else None)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.dx_onednn = bias is not None, dx_onednn
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # grad: (..., out)
         x, weight = ctx.saved_tensors
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.dx_onednn:  # a linear layer of weight.T: 2-3x torch's mm
+            dx = torch.ops.mkldnn._linear_pointwise(
+                grad.contiguous(), weight.t().contiguous(), None, "none", [], ""
+            )
+        elif ctx.needs_input_grad[0]:
             dx = grad @ weight  # (..., in)
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         if ctx.needs_input_grad[1]:
             dw = g.t() @ x.reshape(-1, x.shape[-1])  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = g.sum(0)
-        return dx, dw, db
+        return dx, dw, db, None
 
 
 def weights_signature(model: nn.Module) -> tuple:
@@ -182,7 +191,10 @@ def linear(
     w = whole(parts)  # not kept: torch.compile's graph, or a store that must stay empty, holds it
     if use_onednn_training(x, w, bias):
         if choose(routes, x, parts, "none", ("onednn", "torch")) == "onednn":
-            y = _TrainingLinear.apply(x, w, bias)
+            # backward's x gradient is a linear layer of weight.T (rows x out -> in): its own route
+            rows, (out, inp) = x.numel() // w.shape[1], w.shape
+            back = routes.route(x.dtype, rows, inp, out, "none", ("onednn", "torch")) if routes else "onednn"
+            y = _TrainingLinear.apply(x, w, bias, back == "onednn")
             if activation in GELU and y.requires_grad and not torch.compiler.is_compiling():
                 return _Gelu.apply(y, GELU[activation])
             return y if activation is None else ACTIVATIONS[activation](y)
