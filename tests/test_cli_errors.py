@@ -236,6 +236,26 @@ CASES: dict[str, list[Case]] = {
             [f"{t / 'taken'}: is a file; --out takes a folder"],
         ),  # fmt: skip
     ],
+    "tokenizer": [
+        lambda t: (
+            ["tokenizer", "train", t / "none.txt", "--out", t / "tok"],
+            [f"{t / 'none.txt'}: file not found"],
+        ),
+        lambda t: (
+            ["tokenizer", "extend", t / "nowhere", "word", "--out", t / "m"],
+            [f"{t / 'nowhere'}: model folder does not exist"],
+        ),
+    ],
+    "rag": [
+        lambda t: (
+            ["rag", "index", t / "nowhere", "--model", t / "no-model", "--out", t / "idx"],
+            [f"{t / 'nowhere'}: file not found"],
+        ),
+        lambda t: (
+            ["rag", "ask", folder(t / "empty"), "q", "--model", t / "no-model"],
+            ["empty: not a graft rag index (manifest.json not found"],
+        ),
+    ],
 }
 
 
