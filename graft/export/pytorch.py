@@ -19,37 +19,28 @@ import numpy as np
 import torch
 
 from graft.errors import GraftError
-from graft.export.check import TRACE_SHAPE, Runner
-from graft.export.graph import DecoderGraph, TaskGraph, example_inputs
+from graft.export.check import Runner
+from graft.export.graph import Graph
+from graft.export.onnx import dynamic_shapes, trace_inputs
 
 
-def trace_args(graph: TaskGraph | DecoderGraph) -> tuple[torch.Tensor, ...]:
-    """The traced example, positionally: TRACE_SHAPE (a decoder with 3 past positions)."""
-    batch, length = TRACE_SHAPE
-    inputs = example_inputs(graph, batch, length, past=3 if isinstance(graph, DecoderGraph) else 0)
-    # clones: a view (position_ids is a slice) would make torch.export guard on its base tensor
-    return tuple(inputs[name].clone() for name in graph.input_names())
-
-
-def failed(what: str, graph: TaskGraph | DecoderGraph, e: Exception) -> GraftError:
+def failed(what: str, graph: Graph, e: Exception) -> GraftError:
     cause = e.__cause__ or e
     reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     return GraftError(f"export: {what} could not export this {graph.task} model ({reason})")
 
 
-def export_torchscript(graph: TaskGraph | DecoderGraph, path: Path) -> None:
+def export_torchscript(graph: Graph, path: Path) -> None:
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # the tracer's notes on Python values; the parity check decides
         try:
-            traced = torch.jit.trace(graph, trace_args(graph), check_trace=False)
+            traced = torch.jit.trace(graph, trace_inputs(graph), check_trace=False)
         except Exception as e:
             raise failed("torch.jit.trace", graph, e) from None
     torch.jit.save(traced, str(path))
 
 
-def export_program(graph: TaskGraph | DecoderGraph, path: Path) -> None:
-    from graft.export.onnx import dynamic_shapes
-
+def export_program(graph: Graph, path: Path) -> None:
     def dynamic(axes):  # torch.export finds how the named axes relate (mask = past + sequence)
         if isinstance(axes, tuple):
             return tuple(dynamic(a) for a in axes)
@@ -59,7 +50,7 @@ def export_program(graph: TaskGraph | DecoderGraph, path: Path) -> None:
         warnings.simplefilter("ignore")
         try:
             program = torch.export.export(
-                graph, trace_args(graph), dynamic_shapes=dynamic(dynamic_shapes(graph))
+                graph, trace_inputs(graph), dynamic_shapes=dynamic(dynamic_shapes(graph))
             )
         except Exception as e:
             raise failed("torch.export", graph, e) from None
