@@ -213,6 +213,7 @@ def signature(graph: Graph) -> tuple[list[Tensor], list[Tensor]]:
         "base": ("sequence", cfg.hidden_size),
         "embedding": (cfg.hidden_size,),
         "question-answering": ("sequence", 2),
+        "masked-lm": ("sequence", cfg.vocab_size),
     }
     if isinstance(graph, ImageGraph):
         width["base"] = (cfg.num_patches + cfg.prefix_tokens, cfg.hidden_size)

@@ -31,9 +31,16 @@ OUTPUTS = {
     "embedding": "sentence_embedding",  # "embedding" is taken: the exporter names the lookup so
     "causal-lm": "logits",
     "image-classification": "logits",
+    "masked-lm": "logits",
     "seq2seq": "logits",  # the decoder graph's; its encoder graph gives encoder_hidden_states
 }
-PER_TOKEN = {"base", "token-classification", "question-answering", "causal-lm"}  # outputs (B, T, ...)
+PER_TOKEN = {
+    "base",
+    "token-classification",
+    "question-answering",
+    "causal-lm",
+    "masked-lm",
+}  # outputs (B, T, ...)
 
 
 @dataclass(frozen=True)
