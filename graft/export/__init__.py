@@ -54,13 +54,15 @@ from graft.export.graph import (
     Graph,
     ImageGraph,
     Seq2SeqDecoderGraph,
+    SimilarityGraph,
     Tensor,
+    TowerGraph,
     graphs_for,
     task_of,
 )
 from graft.io.atomic import atomic_folder, write_json
 from graft.models import FAMILIES
-from graft.nn import EncoderDecoder
+from graft.nn import DualEncoder, EncoderDecoder
 from graft.tasks import HEADS, TaskModel
 from graft.tasks.base import body_of, one_stack
 
@@ -75,6 +77,7 @@ EXPORTERS = {
     "exported-program": "torch.export.export",
 }
 SEQ2SEQ_TASKS = ("base", "seq2seq")  # an encoder-decoder's: the bare body, or with its LM head
+DUAL_TASKS = ("base", "image-text")  # a dual encoder's: its towers, and with the task their logits
 INT8_MIN_COSINE = 0.99  # int8 is checked by direction, not digits: every output row against float32
 
 
@@ -98,8 +101,14 @@ def check_request(
                 f"export: the {task} task of a {body.config.family} model cannot be exported "
                 f"(known: {', '.join(SEQ2SEQ_TASKS)})"
             )
+    elif isinstance(body, DualEncoder):  # a graph per tower
+        if task not in DUAL_TASKS:
+            raise GraftError(
+                f"export: the {task} task of a {body.config.family} model cannot be exported "
+                f"(known: {', '.join(DUAL_TASKS)})"
+            )
     else:
-        body = one_stack(model, "export")  # CLIP's two towers: not exported yet
+        body = one_stack(model, "export")
         cfg = body.config
         if cfg.family not in FAMILIES or cfg.inputs not in ("tokens", "patches") or cfg.cross_attention:
             raise GraftError(
@@ -185,10 +194,27 @@ def seq2seq_signature(graph: EncoderGraph | Seq2SeqDecoderGraph) -> tuple[list[T
     return inputs, [Tensor(first, "float32", ("batch", "sequence", width)), *map(cache, present)]
 
 
+def tower_signature(graph: TowerGraph) -> tuple[list[Tensor], list[Tensor]]:
+    """A dual encoder's graphs: texts and images, each batch of its own in the similarity graph."""
+    vision, dim = graph.body.config.vision, graph.body.config.projection_dim
+    image = ("batch", vision.num_channels, vision.image_size, vision.image_size)
+    if isinstance(graph, SimilarityGraph):
+        texts = [Tensor(name, "int64", ("texts", "sequence")) for name in ("input_ids", "attention_mask")]
+        pixels = Tensor("pixel_values", "float32", ("images", *image[1:]))
+        return [pixels, *texts], [Tensor("logits_per_image", "float32", ("images", "texts"))]
+    if graph.tower == "image":
+        inputs = [Tensor("pixel_values", "float32", image)]
+    else:
+        inputs = [Tensor(name, "int64", ("batch", "sequence")) for name in graph.input_names()]
+    return inputs, [Tensor(graph.output_names()[0], "float32", ("batch", dim))]
+
+
 def signature(graph: Graph) -> tuple[list[Tensor], list[Tensor]]:
     """The graph's inputs and outputs as the manifest lists them."""
     if isinstance(graph, EncoderGraph | Seq2SeqDecoderGraph):
         return seq2seq_signature(graph)
+    if isinstance(graph, TowerGraph):
+        return tower_signature(graph)
     cfg = graph.config
     if isinstance(graph, DecoderGraph):
         cache = ("batch", cfg.num_kv_heads, "past_sequence", cfg.head_dim)

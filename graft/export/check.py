@@ -22,6 +22,7 @@ from graft.export.graph import (
     Graph,
     Seq2SeqDecoderGraph,
     TaskGraph,
+    TowerGraph,
     example_inputs,
 )
 from graft.nn import KVCache, Transformer
@@ -119,8 +120,29 @@ def seq2seq_cases(encoder: EncoderGraph, decoder: Seq2SeqDecoderGraph) -> dict[s
     return {"encoder": [encoder_case], "decoder": [prompt, step]}
 
 
+@torch.inference_mode()
+def tower_cases(graph: TowerGraph) -> list[Case]:
+    """A dual encoder's graph against graft's encode_text / encode_image (and their similarity)."""
+    from graft.tasks.image_text import similarity
+
+    body, cases = graph.body, []
+    for batch, length in CHECK_SHAPES:
+        inputs = example_inputs(graph, batch, length, seed=1)
+        text = (
+            body.encode_text(inputs["input_ids"], inputs["attention_mask"]) if "input_ids" in inputs else None
+        )
+        image = body.encode_image(inputs["pixel_values"]) if "pixel_values" in inputs else None
+        if text is not None and image is not None:
+            cases.append(Case(inputs, [similarity(image, text, body.logit_scale)], None))  # (N, M)
+        else:
+            cases.append(Case(inputs, [text if text is not None else image], None))  # (B, P)
+    return cases
+
+
 def parity_cases(graphs: dict[str, Graph]) -> dict[str, list[Case]]:
     """The cases each graph of an export is checked on, by graph name."""
+    if "text" in graphs:
+        return {name: tower_cases(graph) for name, graph in graphs.items()}
     if "encoder" in graphs:
         return seq2seq_cases(graphs["encoder"], graphs["decoder"])
     graph = graphs["model"]

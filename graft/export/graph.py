@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from graft.nn import EncoderDecoder, KVCache, Transformer
+from graft.nn import DualEncoder, EncoderDecoder, KVCache, Transformer
 from graft.nn.attention import build_mask
 from graft.tasks import TaskModel
 from graft.tasks.base import body_inputs, body_of
+from graft.tasks.pooling import mean_pool
 
 # the task -> the name of the graph's output (a bare body gives its hidden states)
 OUTPUTS = {
@@ -33,6 +34,7 @@ OUTPUTS = {
     "image-classification": "logits",
     "masked-lm": "logits",
     "seq2seq": "logits",  # the decoder graph's; its encoder graph gives encoder_hidden_states
+    "image-text": "logits_per_image",  # CLIP's "logits" graph; its "text" and "image" graphs give embeddings
 }
 PER_TOKEN = {
     "base",
@@ -261,13 +263,75 @@ class Seq2SeqDecoderGraph(nn.Module):
         return (first, *[t for kv in cache.present for t in kv])
 
 
-Graph = TaskGraph | DecoderGraph | EncoderGraph | Seq2SeqDecoderGraph
+class TowerGraph(nn.Module):
+    """One tower of a dual encoder (CLIP), projected into the shared space, not normalized (as
+    graft's encode_text / encode_image): texts (input_ids, attention_mask) -> text_embeds (B, P), or
+    pixel_values (B, C, H, W) -> image_embeds (B, P). The text tower gets the 4-D mask, as TaskGraph."""
+
+    def __init__(self, model: nn.Module, tower: str) -> None:
+        super().__init__()
+        self.model = model
+        self.body: DualEncoder = body_of(model)
+        self.task = task_of(model)
+        self.tower = tower
+        self.config = self.body.config.text if tower == "text" else self.body.config.vision
+
+    def input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask"] if self.tower == "text" else ["pixel_values"]
+
+    def output_names(self) -> list[str]:
+        return ["text_embeds" if self.tower == "text" else "image_embeds"]
+
+    def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """DualEncoder.encode_text with the mask built here (its pooling: eos token, or mean)."""
+        body, cfg = self.body, self.config
+        mask = attention_mask_4d(attention_mask, input_ids.shape[1], cfg.causal, cfg.sliding_window)
+        if body.config.text_pooling == "mean":
+            pooled = mean_pool(body.text(input_ids, mask).last_hidden_state, attention_mask)  # (B, H)
+        else:
+            rows = body.eos_positions(input_ids)  # (B, 1)
+            pooled = body.text(input_ids, mask, rows=rows).last_hidden_state[:, 0]  # (B, H)
+        return body.text_projection(pooled)  # (B, P)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.tower == "text":
+            return self.embed_text(*inputs)
+        return self.body.encode_image(inputs[0])  # (B, P)
+
+
+class SimilarityGraph(TowerGraph):
+    """CLIP's image-text logits: (pixel_values (N, C, H, W), input_ids and attention_mask (M, T)) ->
+    logits_per_image (N, M), the cosine similarities times the learned temperature."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model, "text")
+
+    def input_names(self) -> list[str]:
+        return ["pixel_values", "input_ids", "attention_mask"]
+
+    def output_names(self) -> list[str]:
+        return ["logits_per_image"]
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        from graft.tasks.image_text import similarity
+
+        pixel_values, input_ids, attention_mask = inputs
+        images = self.body.encode_image(pixel_values)  # (N, P)
+        return similarity(images, self.embed_text(input_ids, attention_mask), self.body.logit_scale)
+
+
+Graph = TaskGraph | DecoderGraph | EncoderGraph | Seq2SeqDecoderGraph | TowerGraph
 
 
 def graphs_for(model: nn.Module) -> dict[str, Graph]:
-    """The graphs an export writes, by name: one ("model"), or an encoder-decoder's two."""
-    if isinstance(body_of(model), EncoderDecoder):
+    """The graphs an export writes, by name: one ("model"), an encoder-decoder's two, or a dual
+    encoder's towers (and, for the image-text task, their similarity logits)."""
+    body = body_of(model)
+    if isinstance(body, EncoderDecoder):
         return {"encoder": EncoderGraph(model), "decoder": Seq2SeqDecoderGraph(model)}
+    if isinstance(body, DualEncoder):
+        towers: dict[str, Graph] = {"text": TowerGraph(model, "text"), "image": TowerGraph(model, "image")}
+        return towers | ({"logits": SimilarityGraph(model)} if task_of(model) == "image-text" else {})
     return {"model": graph_for(model)}
 
 
@@ -286,6 +350,8 @@ def example_inputs(
     g = torch.Generator().manual_seed(seed)
     if isinstance(graph, Seq2SeqDecoderGraph):
         return seq2seq_decoder_inputs(graph, batch, length, past, length + 2, g)
+    if isinstance(graph, TowerGraph):
+        return tower_inputs(graph, batch, length, g)
     if isinstance(graph, EncoderGraph) and graph.audio:  # whole windows: the config's frames
         shape = (batch, cfg.num_mel_bins, 2 * cfg.max_positions)
         return {"input_features": torch.randn(shape, generator=g)}  # (B, M, F)
@@ -339,4 +405,29 @@ def seq2seq_decoder_inputs(
             for kv in ("key", "value"):
                 shape = (batch, cfg.num_kv_heads, n, cfg.head_dim)
                 inputs[f"{kind}.{i}.{kv}"] = torch.randn(shape, generator=g).to(dtype)
+    return inputs
+
+
+def tower_inputs(graph: TowerGraph, batch: int, length: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random images (batch + 1 of them, for the similarity graph: not as many as texts) and texts of
+    ``length`` tokens padded on the right as a tokenizer pads them, each ending in the end token."""
+    body = graph.body
+    vision, text = body.config.vision, body.config.text
+    inputs = {}
+    if "pixel_values" in graph.input_names():
+        images = batch + 1 if isinstance(graph, SimilarityGraph) else batch
+        inputs["pixel_values"] = torch.randn(
+            images, vision.num_channels, vision.image_size, vision.image_size, generator=g
+        )
+    if "input_ids" in graph.input_names():
+        eos = body.config.eos_token_id
+        eos = text.vocab_size - 1 if eos is None or eos == 2 else eos  # what eos_positions looks for
+        ids = torch.randint(min(4, text.vocab_size - 2), text.vocab_size - 1, (batch, length), generator=g)
+        mask = torch.ones(batch, length, dtype=torch.long)  # (B, T)
+        for row in range(batch):
+            real = max(2, length // (row + 1))
+            mask[row, real:] = 0
+            ids[row, real - 1] = eos
+        pad = text.pad_token_id if text.pad_token_id is not None else 0
+        inputs["input_ids"], inputs["attention_mask"] = ids.masked_fill(mask == 0, pad), mask
     return inputs

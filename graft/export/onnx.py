@@ -24,6 +24,8 @@ from graft.export.graph import (
     Graph,
     ImageGraph,
     Seq2SeqDecoderGraph,
+    SimilarityGraph,
+    TowerGraph,
     example_inputs,
 )
 
@@ -56,6 +58,12 @@ def dynamic_shapes(graph: Graph) -> tuple[dict[int, str], ...]:
             "cross": {0: "batch", 2: "source"},
         }
         return (tuple(axes[name.split(".")[0]] for name in graph.input_names()),)
+    if isinstance(graph, SimilarityGraph):  # N images against M texts
+        texts = {0: "texts", 1: "sequence"}
+        return (({0: "images"}, texts, texts),)
+    if isinstance(graph, TowerGraph):
+        tokens = {0: "batch", 1: "sequence"}
+        return ((tokens, tokens) if graph.tower == "text" else ({0: "batch"},),)
     if isinstance(graph, EncoderGraph):
         if graph.audio:
             return (({0: "batch"},),)  # whole windows of the config's frames
