@@ -128,6 +128,8 @@ class ExportedModel(Exported):
         tokens (a bare body's export), or the graph's own sentence embedding (an embedding export)."""
         from graft.tasks.pooling import mean_pool
 
+        if "text" in self.sessions:  # a dual encoder (CLIP): its text graph, tokenized as graft does
+            return self.embed_text(tokenizer, texts, batch_size, max_length, normalize)
         if self.task not in ("base", "embedding"):
             raise GraftError(
                 f"{self.folder}: an exported {self.task} model gives no embeddings (export the base model)"
@@ -144,6 +146,19 @@ class ExportedModel(Exported):
             hidden = self(**batch).logits  # (B, T, H) or (B, H)
             out.append(mean_pool(hidden, enc.attention_mask) if self.task == "base" else hidden)
         vectors = torch.cat(out).float()
+        return torch.nn.functional.normalize(vectors, dim=-1) if normalize else vectors
+
+    def embed_text(
+        self, tokenizer: Any, texts: list[str], batch_size: int, max_length: int | None, normalize: bool
+    ) -> torch.Tensor:
+        """(N, P) a dual encoder's text embeddings, as graft.tasks.image_text.encode_texts."""
+        from graft.tasks.image_text import text_inputs
+
+        out = []
+        for start in range(0, len(texts), batch_size):
+            inputs = text_inputs(self.config, tokenizer, texts[start : start + batch_size], max_length)
+            out.append(torch.from_numpy(self.run({k: v.numpy() for k, v in inputs.items()}, "text")[0]))
+        vectors = torch.cat(out).float()  # (N, P)
         return torch.nn.functional.normalize(vectors, dim=-1) if normalize else vectors
 
     def generate_greedy(self, ids: torch.Tensor, mask: torch.Tensor, config: Any) -> list[list[int]]:
