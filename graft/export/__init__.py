@@ -40,7 +40,9 @@ import graft
 import graft.kernels
 from graft.errors import GraftError
 from graft.export.check import (
+    BF16_TOLERANCE,
     CHECK_SHAPES,
+    DTYPES,
     FP32_TOLERANCE,
     TRACE_SHAPE,
     agreement,
@@ -82,11 +84,17 @@ INT8_MIN_COSINE = 0.99  # int8 is checked by direction, not digits: every output
 
 
 def check_request(
-    model: nn.Module, fmt: str, opset: int | None = None, optimize: bool = False, int8: bool = False
+    model: nn.Module,
+    fmt: str,
+    opset: int | None = None,
+    optimize: bool = False,
+    int8: bool = False,
+    dtype: str = "float32",
 ) -> None:
     """Refuse, in one line and before any work, what cannot be exported."""
     if fmt not in FORMATS:
         raise GraftError(f"export: unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+    check_dtype(fmt, dtype, int8)
     onnx_only = [
         flag
         for flag, on in (("--opset", opset is not None), ("--optimize", optimize), ("--int8", int8))
@@ -138,8 +146,18 @@ def check_request(
         check_opset(opset)
 
 
-def prepared(model: nn.Module) -> nn.Module:
-    """A copy to trace: LoRA merged, on graft.nn's reference code, in float32 eval mode."""
+def check_dtype(fmt: str, dtype: str, int8: bool = False) -> None:
+    if dtype not in DTYPES:
+        raise GraftError(f"--dtype {dtype}: not one of {', '.join(DTYPES)}")
+    if dtype == "bfloat16" and (fmt != "torchscript" and fmt != "exported-program" or int8):
+        raise GraftError(
+            "--dtype bfloat16: ONNX Runtime's CPU provider has no bfloat16 kernels (MatMul); export "
+            "bfloat16 with --format torchscript or exported-program, or a smaller ONNX file with --int8"
+        )
+
+
+def prepared(model: nn.Module, dtype: str = "float32") -> nn.Module:
+    """A copy to trace: LoRA merged, on graft.nn's reference code, in eval mode and ``dtype``."""
     import copy
 
     from graft.strategies import merge_and_unload
@@ -152,7 +170,7 @@ def prepared(model: nn.Module) -> nn.Module:
         if kernels is not None:
             model.kernels = kernels
     copied = graft.kernels.reference(merge_and_unload(copied))
-    return copied.float().eval()
+    return copied.to(DTYPES[dtype]).eval()
 
 
 def hf_config(model: nn.Module) -> dict[str, Any]:
@@ -257,21 +275,28 @@ def export_model(
     tokenizer: Any = None,
     fmt: str = "onnx",
     opset: int | None = None,
-    tolerance: float = FP32_TOLERANCE,
+    tolerance: float | None = None,
     optimize: bool = False,
     int8: bool = False,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Export ``model`` (a body or a task model) to the folder ``out``; its manifest.
+
+    ``dtype`` bfloat16 (torchscript and exported-program): the weights and the computation in
+    bfloat16, behind float32 inputs and outputs (graph.Float32Interface), checked against graft's
+    eager model in bfloat16 at BF16_TOLERANCE; ``tolerance`` defaults to the dtype's.
 
     The folder appears whole or not at all: a failed parity check raises a GraftError with the
     measured difference and leaves ``out`` as it was.
     """
     from graft.export import onnx as onnx_export
 
-    check_request(model, fmt, opset, optimize, int8)
+    check_request(model, fmt, opset, optimize, int8, dtype)
     if fmt == "onnx":
         opset = opset if opset is not None else onnx_export.DEFAULT_OPSET
-    model = prepared(model)
+    if tolerance is None:
+        tolerance = BF16_TOLERANCE if dtype == "bfloat16" else FP32_TOLERANCE
+    model = prepared(model, dtype)
     graphs = {name: graph.eval() for name, graph in graphs_for(model).items()}
     cases = parity_cases(graphs)
     with tempfile.TemporaryDirectory(prefix="graft-export-") as work:
@@ -291,6 +316,7 @@ def export_model(
             "torch_version": torch.__version__,
             "exporter": EXPORTERS[fmt],
             "opset": opset,  # None but for onnx
+            "dtype": dtype,  # of the weights and the computation; inputs and outputs are float32
             "family": body_of(model).config.family,
             "task": first.task,
             "inputs": written[next(iter(graphs))][1]["inputs"],

@@ -24,6 +24,7 @@ from graft.export.graph import (
     TaskGraph,
     TowerGraph,
     example_inputs,
+    typed,
 )
 from graft.nn import KVCache, Transformer
 
@@ -41,19 +42,25 @@ class Case:
     real: torch.Tensor | None  # (B, T) bool: the query positions compared in per-token outputs
 
 
+BF16_TOLERANCE = 1e-2  # bfloat16 keeps 8 bits of mantissa: 2 steps of it at magnitude 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def numpy_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in inputs.items()}
+    """numpy has no bfloat16: floats go as float32 (exact), as the graphs' interface takes them."""
+    return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in inputs.items()}
 
 
 @torch.inference_mode()
 def task_cases(graph: TaskGraph) -> list[Case]:
     model, cases = graph.model, []
+    dtype = next(graph.parameters()).dtype
     for batch, length in CHECK_SHAPES:
         inputs = example_inputs(graph, batch, length, seed=1)
         if isinstance(model, Transformer):
-            out = model(**inputs).last_hidden_state
+            out = model(**typed(inputs, dtype)).last_hidden_state
         else:
-            out = model(**inputs).logits
+            out = model(**typed(inputs, dtype)).logits
         mask = inputs.get("attention_mask")  # images have none: every patch is real
         real = mask.bool() if graph.task in PER_TOKEN and mask is not None else None
         cases.append(Case(inputs, [out], real))
@@ -90,7 +97,7 @@ def seq2seq_cases(encoder: EncoderGraph, decoder: Seq2SeqDecoderGraph) -> dict[s
     model, body, layers = encoder.model, encoder.body, encoder.layers
     batch, length = CHECK_SHAPES[0]
     source = example_inputs(encoder, batch, length, seed=1)
-    encoded = body.encode(**source)
+    encoded = body.encode(**typed(source, next(body.parameters()).dtype))
     mask = source.get("attention_mask")  # (B, S); Whisper's windows have none
     cache = body.new_cache(capacity=4)
     g = torch.Generator().manual_seed(2)
@@ -126,12 +133,13 @@ def tower_cases(graph: TowerGraph) -> list[Case]:
     from graft.tasks.image_text import similarity
 
     body, cases = graph.body, []
+    dtype = next(body.parameters()).dtype
     for batch, length in CHECK_SHAPES:
         inputs = example_inputs(graph, batch, length, seed=1)
         text = (
             body.encode_text(inputs["input_ids"], inputs["attention_mask"]) if "input_ids" in inputs else None
         )
-        image = body.encode_image(inputs["pixel_values"]) if "pixel_values" in inputs else None
+        image = body.encode_image(inputs["pixel_values"].to(dtype)) if "pixel_values" in inputs else None
         if text is not None and image is not None:
             cases.append(Case(inputs, [similarity(image, text, body.logit_scale)], None))  # (N, M)
         else:

@@ -323,6 +323,24 @@ class SimilarityGraph(TowerGraph):
 Graph = TaskGraph | DecoderGraph | EncoderGraph | Seq2SeqDecoderGraph | TowerGraph
 
 
+class Float32Interface(nn.Module):
+    """A bfloat16 graph behind float32 inputs and outputs: float inputs (pixels, audio frames, past
+    keys and values) are cast to bfloat16 on the way in, float outputs to float32 on the way out.
+    numpy has no bfloat16, and the cast is exact both ways for what the graph itself returned (its
+    presents fed back as the next step's past). Token ids and masks pass as they are."""
+
+    def __init__(self, graph: nn.Module) -> None:
+        super().__init__()
+        self.inner = graph  # not "graph": an exported program's module has its own .graph
+        self.dtype = next(graph.parameters()).dtype
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        out = self.inner(*(x.to(self.dtype) if x.is_floating_point() else x for x in inputs))
+        if isinstance(out, tuple):
+            return tuple(t.float() for t in out)
+        return out.float()
+
+
 def graphs_for(model: nn.Module) -> dict[str, Graph]:
     """The graphs an export writes, by name: one ("model"), an encoder-decoder's two, or a dual
     encoder's towers (and, for the image-text task, their similarity logits)."""
@@ -372,15 +390,19 @@ def example_inputs(
     inputs = {"input_ids": ids, "attention_mask": mask}
     if isinstance(graph, DecoderGraph):
         inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
-        dtype = next(graph.parameters()).dtype
         shape = (batch, cfg.num_kv_heads, past, cfg.head_dim)
         for i in range(graph.layers):
             for kv in ("key", "value"):
-                inputs[f"past_key_values.{i}.{kv}"] = torch.randn(shape, generator=g).to(dtype)
+                inputs[f"past_key_values.{i}.{kv}"] = torch.randn(shape, generator=g)
     elif isinstance(graph, TaskGraph) and graph.segments:
         inputs["token_type_ids"] = torch.zeros_like(ids)
         inputs["token_type_ids"][:, length // 2 :] = 1  # a second segment, as a text pair has
     return inputs
+
+
+def typed(inputs: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Float inputs in ``dtype`` (a bfloat16 model's eager run); ids and masks as they are."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
 
 
 def seq2seq_decoder_inputs(
@@ -399,12 +421,11 @@ def seq2seq_decoder_inputs(
         for row in range(1, batch):
             mask[row, max(1, source // (row + 1)) :] = 0
         inputs["encoder_attention_mask"] = mask
-    dtype = next(graph.parameters()).dtype
     for kind, n in (("past_key_values", past), ("cross", source)):
         for i in range(graph.layers):
             for kv in ("key", "value"):
                 shape = (batch, cfg.num_kv_heads, n, cfg.head_dim)
-                inputs[f"{kind}.{i}.{kv}"] = torch.randn(shape, generator=g).to(dtype)
+                inputs[f"{kind}.{i}.{kv}"] = torch.randn(shape, generator=g)
     return inputs
 
 
