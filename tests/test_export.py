@@ -256,7 +256,7 @@ def onnx_embeddings(folder, texts: list[str]) -> np.ndarray:
 
 @pytest.mark.parametrize("flag", ["--optimize", "--int8"])
 def test_minilm_optimized_and_int8_against_graft_on_the_book_texts(flag, minilm, tmp_path, cli):
-    """--optimize stays within 1e-5 of graft; --int8 keeps the embeddings' mean cosine to graft's >= 0.99."""
+    """--optimize stays within 1e-5 of graft; --int8 keeps every text's cosine to graft's >= 0.99."""
     from graft.tasks.embedding import embed
     from graft.tokenizer import Tokenizer
 
@@ -273,9 +273,9 @@ def test_minilm_optimized_and_int8_against_graft_on_the_book_texts(flag, minilm,
         assert np.abs(got - expected).max() <= 1e-5
     else:
         assert manifest["int8"]["min_cosine"] >= 0.99
+        assert manifest["int8"]["float32_nodes"] == 2  # blocks 0 and 1's down projections (onnx.py)
         cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1)  # graft's rows are unit vectors
-        # the issue's figure holds on average; the worst text measured 0.987 (per-channel int8 weights)
-        assert cosine.mean() >= 0.99 and cosine.min() >= 0.98
+        assert cosine.min() >= 0.99  # every text (measured: 0.9936; all int8 gave 0.9866)
         assert (out / "model.onnx").stat().st_size < 0.4 * sum(
             p.numel() * 4 for p in load_model(minilm, task="base").parameters()
         )

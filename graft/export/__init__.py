@@ -335,6 +335,7 @@ def export_model(
                 "min_cosine": min(cosines),
                 "argmax_agreement": min(i["int8"]["argmax_agreement"] for _, i in written.values()),
                 "min_cosine_wanted": INT8_MIN_COSINE,
+                "float32_nodes": sum(i["int8"]["float32_nodes"] for _, i in written.values()),
             }
             if int8
             else None,
@@ -401,8 +402,9 @@ def export_graph(
     quantized = None
     if int8:
         target = path.with_name("int8.onnx")
-        onnx_export.quantize_int8(path, target)
+        kept = onnx_export.quantize_int8(path, target)
         quantized = agreement(onnx_export.runner(target), onnx_export.runner(path), cases)
+        quantized["float32_nodes"] = len(kept)
         if not quantized["min_cosine"] >= INT8_MIN_COSINE:
             raise GraftError(
                 f"export: int8 check failed: an output row's cosine to float32 is {quantized['min_cosine']:.4f} "
