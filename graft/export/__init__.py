@@ -21,8 +21,30 @@ The prompt runs with P = 0 (empty past tensors), each step feeds one token per r
 previous call's presents; positions count real tokens from 0 (left padding), as graft's
 generation does. One graph, so one file and one loop, and no shape mismatch between two graphs.
 
+Two-stack models export one graph per stack, each a file of its own, listed in the manifest's
+``graphs`` (name -> file, inputs, outputs, max_abs_diff); ``file``/``inputs``/``outputs`` are the
+first graph's. An encoder-decoder (T5, mT5, BART, mBART, Whisper; seq2seq or the bare body) is
+``encoder`` + ``decoder`` (manifest cache layout "encoder + decoder-with-past"):
+
+    encoder  input_ids, attention_mask (B, S) or Whisper's input_features (B, mel bins, frames)
+             -> encoder_hidden_states (B, S, H), cross.{i}.key / .value (B, kv_heads, S, head_dim)
+    decoder  decoder_input_ids (B, T), encoder_attention_mask (B, S) (not Whisper's),
+             past_key_values.{i}.key / .value (B, kv_heads, P, head_dim), cross.{i}.key / .value
+             -> logits (B, T, V) (the bare body: last_hidden_state), present.{i}.key / .value
+
+The cross-attention keys and values are computed once, by the encoder graph; the decoder graph
+runs the start token(s) with an empty past (P = 0), then one token per step with the presents fed
+back. Decoder rows are not padded (as graft's generation). CLIP exports ``text`` (input_ids,
+attention_mask -> text_embeds) and ``image`` (pixel_values -> image_embeds), projected and not
+normalized, and for the image-text task ``logits`` (pixel_values (N, ...), input_ids (M, T) ->
+logits_per_image (N, M)).
+
 The export is checked against graft's eager model on shapes that were not traced (padding
 included): max abs difference <= 1e-4 in float32, or the export stops, writing nothing.
+``dtype="bfloat16"`` (torchscript and exported-program only: ONNX Runtime's CPU provider has no
+bfloat16 MatMul) keeps the weights and the computation in bfloat16 behind float32 inputs and
+outputs, checked against graft's bfloat16 model at 1e-2. ``--int8`` keeps blocks 0 and 1's
+feed-forward down projections in float32 (graft/export/onnx.py says why).
 """
 
 from __future__ import annotations
