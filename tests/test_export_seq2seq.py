@@ -126,3 +126,19 @@ def test_generate_on_an_exported_seq2seq_folder_equals_the_torch_path(tmp_path, 
     assert [
         json.loads(line) for line in cli("generate", out, *args, "--backend", "onnx").ok().stdout.splitlines()
     ] == want
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", pytest.param("exported-program", marks=pytest.mark.slow)])
+def test_torch_formats_of_an_encoder_decoder_generate_graft_tokens(fmt, tmp_path):
+    """The same two graphs as TorchScript / torch.export files, run through the runtime switch."""
+    from graft.export.backend import load_exported
+
+    lively("t5").save_pretrained(tmp_path / "hf")
+    model = load_model(tmp_path / "hf", task="seq2seq")
+    manifest = export_model(model, tmp_path / "out", fmt=fmt)
+    suffix = {"torchscript": ".pt", "exported-program": ".pt2"}[fmt]
+    assert {g["file"] for g in manifest["graphs"].values()} == {"encoder" + suffix, "decoder" + suffix}
+    inputs = source(model, "t5")
+    expected = graft_tokens(model, inputs, 10, [])
+    numpy = {k: v.numpy() for k, v in inputs.items()}
+    assert load_exported(tmp_path / "out", "torchscript").generate_seq2seq(numpy, 10) == expected
