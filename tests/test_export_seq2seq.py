@@ -126,6 +126,14 @@ def test_generate_on_an_exported_seq2seq_folder_equals_the_torch_path(tmp_path, 
     assert [
         json.loads(line) for line in cli("generate", out, *args, "--backend", "onnx").ok().stdout.splitlines()
     ] == want
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"text": "Once", "text_pair": "upon"}) + "\n")
+    assert cli("predict", out, "--input", data).error_line() == (
+        f"error: {out}: an exported seq2seq model generates with graft generate, not predict"
+    )
+    assert cli("eval", out, "--data", data).error_line() == (
+        f"error: {out}: an exported seq2seq model generates with graft generate, not eval"
+    )
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", pytest.param("exported-program", marks=pytest.mark.slow)])
