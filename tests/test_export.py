@@ -29,12 +29,15 @@ TASKS = ["base", *HEADS]
 
 
 def exports(family: str, task: str) -> bool:
-    """Whether graft exports ``family`` with ``task``'s head: every head a one-stack family has, a bare
-    body and embeddings; every other pair is refused in one line (test_every_family_and_task...):
-    two stacks (encoder-decoders, CLIP) and masked-lm are not exported yet."""
+    """Whether graft exports ``family`` with ``task``'s head: every head a one-stack family has
+    (masked-lm included), a bare body and embeddings; an encoder-decoder's body and seq2seq head
+    (as two graphs: tests/test_export_seq2seq.py); a dual encoder's towers; every other pair is refused in one line
+    (test_every_family_and_task...)."""
     f = FAMILIES[family]
-    if f.encoder_decoder or f.dual_encoder or task == "masked-lm":
-        return False
+    if f.encoder_decoder:
+        return task in ("base", "seq2seq")
+    if f.dual_encoder:  # a graph per tower: tests/test_export_clip.py
+        return task in ("base", "image-text")
     return task in ("base", "embedding") or task in f.architectures
 
 
@@ -49,6 +52,8 @@ CASES = [
     pytest.param(f, task, marks=pytest.mark.slow if exports(f, task) and task != representative(f) else ())
     for f in FAMILIES
     for task in TASKS
+    # two stacks, two graphs or more: test_export_seq2seq.py, test_export_clip.py
+    if not ((FAMILIES[f].encoder_decoder or FAMILIES[f].dual_encoder) and exports(f, task))
 ]
 
 
@@ -251,7 +256,7 @@ def onnx_embeddings(folder, texts: list[str]) -> np.ndarray:
 
 @pytest.mark.parametrize("flag", ["--optimize", "--int8"])
 def test_minilm_optimized_and_int8_against_graft_on_the_book_texts(flag, minilm, tmp_path, cli):
-    """--optimize stays within 1e-5 of graft; --int8 keeps the embeddings' mean cosine to graft's >= 0.99."""
+    """--optimize stays within 1e-5 of graft; --int8 keeps every text's cosine to graft's >= 0.99."""
     from graft.tasks.embedding import embed
     from graft.tokenizer import Tokenizer
 
@@ -268,9 +273,9 @@ def test_minilm_optimized_and_int8_against_graft_on_the_book_texts(flag, minilm,
         assert np.abs(got - expected).max() <= 1e-5
     else:
         assert manifest["int8"]["min_cosine"] >= 0.99
+        assert manifest["int8"]["float32_nodes"] == 2  # blocks 0 and 1's down projections (onnx.py)
         cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1)  # graft's rows are unit vectors
-        # the issue's figure holds on average; the worst text measured 0.987 (per-channel int8 weights)
-        assert cosine.mean() >= 0.99 and cosine.min() >= 0.98
+        assert cosine.min() >= 0.99  # every text (measured: 0.9936; all int8 gave 0.9866)
         assert (out / "model.onnx").stat().st_size < 0.4 * sum(
             p.numel() * 4 for p in load_model(minilm, task="base").parameters()
         )

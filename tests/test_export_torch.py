@@ -16,9 +16,13 @@ from graft.models import FAMILIES
 
 TOL = 1e-4
 
-# one task per exported family (two stacks are refused: test_export.py): its causal LM, its image
-# head or a text classifier
-FAMILY_TASKS = [(f, representative(f)) for f in FAMILIES if exports(f, "base")]
+# one task per one-stack family (two stacks: test_export_seq2seq.py, test_export_clip.py): its causal
+# LM, its image head or a text classifier
+FAMILY_TASKS = [
+    (f, representative(f))
+    for f, family in FAMILIES.items()
+    if exports(f, "base") and not (family.encoder_decoder or family.dual_encoder)
+]
 
 # run by `python -I` (no PYTHONPATH, no user site): torch alone, and it checks graft stayed out
 LOADER = """
@@ -100,4 +104,56 @@ def test_onnx_only_flags_are_refused_for_torch_formats(tmp_path, cli):
     model = tiny_model("bert", "classification", tmp_path)
     with pytest.raises(Exception, match=r"^export: --optimize is for --format onnx, not torchscript$"):
         export_model(model, tmp_path / "o", fmt="torchscript", optimize=True)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "family", "task"),
+    [
+        ("torchscript", "bert", "classification"),
+        ("torchscript", "llama", "causal-lm"),
+        pytest.param("exported-program", "bert", "classification", marks=pytest.mark.slow),
+    ],
+)
+def test_bfloat16_exports_behind_a_float32_interface(fmt, family, task, tmp_path):
+    """bfloat16 weights and computation: within BF16_TOLERANCE of graft's eager bfloat16 model (checked at
+    export), close to float32 graft by direction, every weight in the file bfloat16."""
+    import torch
+
+    from graft.export.check import BF16_TOLERANCE
+    from graft.export.pytorch import load, runner
+
+    model = tiny_model(family, task, tmp_path)
+    manifest = export_model(model, tmp_path / "bf16", fmt=fmt, dtype="bfloat16")
+    assert manifest["dtype"] == "bfloat16" and manifest["parity"]["tolerance"] == BF16_TOLERANCE
+    assert manifest["parity"]["max_abs_diff"] <= BF16_TOLERANCE
+    assert all(t["dtype"] in ("int64", "float32") for t in manifest["inputs"] + manifest["outputs"])
+    file = manifest["file"]
+    weights = load(fmt, tmp_path / "bf16" / file).state_dict().values()
+    assert {t.dtype for t in weights if t.is_floating_point()} == {torch.bfloat16}
+    inputs = fresh_inputs(model)
+    names = [i["name"] for i in manifest["inputs"]]
+    numpy = {k: v.numpy() for k, v in inputs.items()}
+    if task == "causal-lm":  # the prompt, with an empty past
+        from graft.export.graph import DecoderGraph, example_inputs
+
+        numpy = {k: v.numpy() for k, v in example_inputs(DecoderGraph(model), 4, 13, seed=7).items()}
+        inputs = {k: torch.from_numpy(numpy[k]) for k in ("input_ids", "attention_mask", "position_ids")}
+    got = runner(fmt, tmp_path / "bf16" / file, names)(numpy)[0]
+    want = eager(model, inputs).numpy()
+    real = inputs["attention_mask"].bool().numpy() if want.ndim == 3 else slice(None)
+    got, want = got[real].reshape(-1, want.shape[-1]), want[real].reshape(-1, want.shape[-1])
+    cosine = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+    assert got.dtype == np.float32 and cosine.min() >= 0.99
+
+
+def test_bfloat16_onnx_is_one_line(tmp_path, cli):
+    missing = tmp_path / "no-such-model"  # refused before loading
+    assert cli("export", missing, tmp_path / "o", "--dtype", "bfloat16").error_line() == (
+        "error: --dtype bfloat16: ONNX Runtime's CPU provider has no bfloat16 kernels (MatMul); export "
+        "bfloat16 with --format torchscript or exported-program, or a smaller ONNX file with --int8"
+    )
+    assert cli(
+        "export", missing, tmp_path / "o", "--format", "torchscript", "--dtype", "float16"
+    ).error_line() == ("error: --dtype float16: not one of float32, bfloat16")
     assert not (tmp_path / "o").exists()

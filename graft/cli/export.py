@@ -1,6 +1,7 @@
 """``graft export``: a model as ONNX, parity-checked, in a folder of its own.
 
 graft export MODEL OUT/ [--format onnx|torchscript|exported-program] [--opset 18] [--optimize] [--int8] [--task embedding --pooling mean]
+graft export MODEL OUT/ --format torchscript --dtype bfloat16   # bfloat16 weights, float32 inputs/outputs
 graft export BASE OUT/ --adapter ADAPTER/      # a PEFT adapter merged into its base first
 """
 
@@ -74,12 +75,18 @@ def export(
     int8: Annotated[
         bool, typer.Option("--int8", help="Dynamic int8 quantization, checked by cosine to float32.")
     ] = False,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="float32, or bfloat16 (weights and computation; torchscript and exported-program)."
+        ),
+    ] = "float32",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT when it is not empty.")] = False,
 ) -> None:
     """Export a model (ONNX, TorchScript or torch.export), checked against graft on shapes it was not traced with."""
     import json
 
-    from graft.export import FORMATS, OUTPUTS, check_request, export_model
+    from graft.export import FORMATS, OUTPUTS, check_dtype, check_request, export_model
     from graft.export.onnx import check_opset
     from graft.io.atomic import check_output
 
@@ -92,6 +99,7 @@ def export(
         raise GraftError(f"{flag} is for --format onnx, not {fmt}")
     if opset is not None:
         check_opset(opset)
+    check_dtype("onnx" if fmt == "web" else fmt, dtype, int8)
     if task is not None and task != "base" and task not in OUTPUTS:  # before loading anything
         raise GraftError(f"export: the {task} task cannot be exported (known: {', '.join(OUTPUTS)})")
     check_output(out, "OUT", folder=True, overwrite=overwrite)
@@ -103,7 +111,9 @@ def export(
         check_web(m, tokenizer)
         manifest = export_web(m, out, tokenizer, opset=opset)
     else:
-        check_request(m, fmt, opset, optimize, int8)
-        manifest = export_model(m, out, tokenizer, fmt=fmt, opset=opset, optimize=optimize, int8=int8)
+        check_request(m, fmt, opset, optimize, int8, dtype)
+        manifest = export_model(
+            m, out, tokenizer, fmt=fmt, opset=opset, optimize=optimize, int8=int8, dtype=dtype
+        )
     summary = {k: manifest[k] for k in ("format", "family", "task", "file")}
     typer.echo(json.dumps({**summary, "out": str(out), "max_abs_diff": manifest["parity"]["max_abs_diff"]}))

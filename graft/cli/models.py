@@ -101,21 +101,24 @@ def embed(
     texts = text if text is not None else read_lines(file) if file is not None else []
 
     from graft.cli.vision import clip_embeddings
+    from graft.export.backend import is_exported, load_exported
 
-    array = clip_embeddings(model, texts, image, normalize, reference)  # None: not a CLIP model
+    exported = backend is not None or is_exported(model)
+    array = None if exported else clip_embeddings(model, texts, image, normalize, reference)  # None: not CLIP
     if array is not None:
         write_embeddings(array, fmt, out)
         return
 
-    from graft.export.backend import is_exported, load_exported
     from graft.io.hf import resolve
     from graft.loading import load_model
     from graft.tasks.embedding import embed as embed_texts
     from graft.tokenizer import Tokenizer
 
-    if backend is not None or is_exported(model):  # a graft export folder, run by ONNX Runtime or torch
-        exported = load_exported(model, backend)
-        vectors = exported.embed(Tokenizer.from_folder(model), texts, batch_size, max_length, normalize)
+    if exported:  # a graft export folder, run by ONNX Runtime or torch
+        if image is not None:
+            raise GraftError(f"embed --image: {model} is an exported folder; give the CLIP model folder")
+        runner = load_exported(model, backend)
+        vectors = runner.embed(Tokenizer.from_folder(model), texts, batch_size, max_length, normalize)
     else:
         folder = resolve(model)
         m = load_model(folder, task="base", kernels=not reference)

@@ -164,8 +164,9 @@ def predict(
     if output is not None:
         check_output(output, "--output", example="predictions.jsonl")
     m, tokenizer = load_task_model(model, device, reference, backend)
-    if m.task == "causal-lm" and isinstance(m, ExportedModel):
-        raise GraftError(f"{model}: an exported causal LM generates with graft generate, not predict")
+    if m.task in ("causal-lm", "seq2seq") and isinstance(m, ExportedModel):
+        what = "causal LM" if m.task == "causal-lm" else "seq2seq model"
+        raise GraftError(f"{model}: an exported {what} generates with graft generate, not predict")
     run = predictor(m)
     records = read_records(input, fmt, column, m.head, skip_bad_rows=skip_bad_rows, encoding=encoding)
     if m.task == "causal-lm":
@@ -222,7 +223,7 @@ def evaluate(
 ) -> None:
     """Evaluate a task model on labelled data: prints the task's metrics as JSON."""
     from graft.cli.speech import evaluate_speech, is_whisper
-    from graft.export.backend import predictor
+    from graft.export.backend import ExportedModel, predictor
     from graft.generation.text import seq2seq_records
     from graft.io.atomic import atomic_path, check_output, write_json
 
@@ -233,6 +234,8 @@ def evaluate(
     m, tokenizer = load_task_model(model, device, reference, backend)
     columns = [*(column or []), *([f"{groups}=group"] if groups else [])]  # the group column, read as "group"
     records, predictions = [], []
+    if m.task == "seq2seq" and isinstance(m, ExportedModel):
+        raise GraftError(f"{model}: an exported seq2seq model generates with graft generate, not eval")
     labelled = read_records(data, fmt, columns, m.head, True, skip_bad_rows, encoding)
     if m.task == "seq2seq":  # generated texts (ROUGE, BLEU, chrF) and the targets' loss
         config = seq2seq_generation(model, m, max_new_tokens, num_beams)

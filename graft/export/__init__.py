@@ -21,8 +21,30 @@ The prompt runs with P = 0 (empty past tensors), each step feeds one token per r
 previous call's presents; positions count real tokens from 0 (left padding), as graft's
 generation does. One graph, so one file and one loop, and no shape mismatch between two graphs.
 
+Two-stack models export one graph per stack, each a file of its own, listed in the manifest's
+``graphs`` (name -> file, inputs, outputs, max_abs_diff); ``file``/``inputs``/``outputs`` are the
+first graph's. An encoder-decoder (T5, mT5, BART, mBART, Whisper; seq2seq or the bare body) is
+``encoder`` + ``decoder`` (manifest cache layout "encoder + decoder-with-past"):
+
+    encoder  input_ids, attention_mask (B, S) or Whisper's input_features (B, mel bins, frames)
+             -> encoder_hidden_states (B, S, H), cross.{i}.key / .value (B, kv_heads, S, head_dim)
+    decoder  decoder_input_ids (B, T), encoder_attention_mask (B, S) (not Whisper's),
+             past_key_values.{i}.key / .value (B, kv_heads, P, head_dim), cross.{i}.key / .value
+             -> logits (B, T, V) (the bare body: last_hidden_state), present.{i}.key / .value
+
+The cross-attention keys and values are computed once, by the encoder graph; the decoder graph
+runs the start token(s) with an empty past (P = 0), then one token per step with the presents fed
+back. Decoder rows are not padded (as graft's generation). CLIP exports ``text`` (input_ids,
+attention_mask -> text_embeds) and ``image`` (pixel_values -> image_embeds), projected and not
+normalized, and for the image-text task ``logits`` (pixel_values (N, ...), input_ids (M, T) ->
+logits_per_image (N, M)).
+
 The export is checked against graft's eager model on shapes that were not traced (padding
 included): max abs difference <= 1e-4 in float32, or the export stops, writing nothing.
+``dtype="bfloat16"`` (torchscript and exported-program only: ONNX Runtime's CPU provider has no
+bfloat16 MatMul) keeps the weights and the computation in bfloat16 behind float32 inputs and
+outputs, checked against graft's bfloat16 model at 1e-2. ``--int8`` keeps blocks 0 and 1's
+feed-forward down projections in float32 (graft/export/onnx.py says why).
 """
 
 from __future__ import annotations
@@ -40,16 +62,31 @@ import graft
 import graft.kernels
 from graft.errors import GraftError
 from graft.export.check import (
+    BF16_TOLERANCE,
     CHECK_SHAPES,
+    DTYPES,
     FP32_TOLERANCE,
     TRACE_SHAPE,
     agreement,
     max_abs_diff,
     parity_cases,
 )
-from graft.export.graph import OUTPUTS, DecoderGraph, ImageGraph, TaskGraph, Tensor, graph_for, task_of
+from graft.export.graph import (
+    OUTPUTS,
+    DecoderGraph,
+    EncoderGraph,
+    Graph,
+    ImageGraph,
+    Seq2SeqDecoderGraph,
+    SimilarityGraph,
+    Tensor,
+    TowerGraph,
+    graphs_for,
+    task_of,
+)
 from graft.io.atomic import atomic_folder, write_json
 from graft.models import FAMILIES
+from graft.nn import DualEncoder, EncoderDecoder
 from graft.tasks import HEADS, TaskModel
 from graft.tasks.base import body_of, one_stack
 
@@ -63,15 +100,23 @@ EXPORTERS = {
     "torchscript": "torch.jit.trace",
     "exported-program": "torch.export.export",
 }
+SEQ2SEQ_TASKS = ("base", "seq2seq")  # an encoder-decoder's: the bare body, or with its LM head
+DUAL_TASKS = ("base", "image-text")  # a dual encoder's: its towers, and with the task their logits
 INT8_MIN_COSINE = 0.99  # int8 is checked by direction, not digits: every output row against float32
 
 
 def check_request(
-    model: nn.Module, fmt: str, opset: int | None = None, optimize: bool = False, int8: bool = False
+    model: nn.Module,
+    fmt: str,
+    opset: int | None = None,
+    optimize: bool = False,
+    int8: bool = False,
+    dtype: str = "float32",
 ) -> None:
     """Refuse, in one line and before any work, what cannot be exported."""
     if fmt not in FORMATS:
         raise GraftError(f"export: unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+    check_dtype(fmt, dtype, int8)
     onnx_only = [
         flag
         for flag, on in (("--opset", opset is not None), ("--optimize", optimize), ("--int8", int8))
@@ -79,17 +124,30 @@ def check_request(
     ]
     if fmt != "onnx" and onnx_only:
         raise GraftError(f"export: {onnx_only[0]} is for --format onnx, not {fmt}")
-    body = one_stack(model, "export")  # two stacks (T5, BART, Whisper, CLIP): not exported yet
-    cfg = body.config
-    task = task_of(model)
-    if cfg.family not in FAMILIES or cfg.inputs not in ("tokens", "patches") or cfg.cross_attention:
-        raise GraftError(
-            f"export: the {cfg.family} family cannot be exported (graft exports {', '.join(FAMILIES)})"
-        )
-    if task != "base" and task not in HEADS or task not in OUTPUTS:
-        raise GraftError(f"export: the {task} task cannot be exported (known: {', '.join(OUTPUTS)})")
-    if task == "causal-lm" and not cfg.causal:
-        raise GraftError(f"export: a {cfg.family} model has no causal LM to export")
+    body, task = body_of(model), task_of(model)
+    if isinstance(body, EncoderDecoder):  # two graphs: the encoder, and the decoder with its cache
+        if task not in SEQ2SEQ_TASKS:
+            raise GraftError(
+                f"export: the {task} task of a {body.config.family} model cannot be exported "
+                f"(known: {', '.join(SEQ2SEQ_TASKS)})"
+            )
+    elif isinstance(body, DualEncoder):  # a graph per tower
+        if task not in DUAL_TASKS:
+            raise GraftError(
+                f"export: the {task} task of a {body.config.family} model cannot be exported "
+                f"(known: {', '.join(DUAL_TASKS)})"
+            )
+    else:
+        body = one_stack(model, "export")
+        cfg = body.config
+        if cfg.family not in FAMILIES or cfg.inputs not in ("tokens", "patches") or cfg.cross_attention:
+            raise GraftError(
+                f"export: the {cfg.family} family cannot be exported (graft exports {', '.join(FAMILIES)})"
+            )
+        if task == "seq2seq" or task != "base" and task not in HEADS or task not in OUTPUTS:
+            raise GraftError(f"export: the {task} task cannot be exported (known: {', '.join(OUTPUTS)})")
+        if task == "causal-lm" and not cfg.causal:
+            raise GraftError(f"export: a {cfg.family} model has no causal LM to export")
     hooked = [
         name or "the model"
         for name, m in model.named_modules()
@@ -99,7 +157,7 @@ def check_request(
         raise GraftError(
             f"export: {hooked[0]} has hooks, which an exported graph cannot run; remove them before exporting"
         )
-    if body.virtual_tokens or any(n.endswith("prefix") for n, _ in body.named_modules()):
+    if getattr(body, "virtual_tokens", 0) or any(n.endswith("prefix") for n, _ in body.named_modules()):
         raise GraftError(
             "export: prompt and prefix tuning cannot be exported (their virtual tokens change the "
             "graph's positions); train with lora or adapters to export"
@@ -110,8 +168,18 @@ def check_request(
         check_opset(opset)
 
 
-def prepared(model: nn.Module) -> nn.Module:
-    """A copy to trace: LoRA merged, on graft.nn's reference code, in float32 eval mode."""
+def check_dtype(fmt: str, dtype: str, int8: bool = False) -> None:
+    if dtype not in DTYPES:
+        raise GraftError(f"--dtype {dtype}: not one of {', '.join(DTYPES)}")
+    if dtype == "bfloat16" and (fmt != "torchscript" and fmt != "exported-program" or int8):
+        raise GraftError(
+            "--dtype bfloat16: ONNX Runtime's CPU provider has no bfloat16 kernels (MatMul); export "
+            "bfloat16 with --format torchscript or exported-program, or a smaller ONNX file with --int8"
+        )
+
+
+def prepared(model: nn.Module, dtype: str = "float32") -> nn.Module:
+    """A copy to trace: LoRA merged, on graft.nn's reference code, in eval mode and ``dtype``."""
     import copy
 
     from graft.strategies import merge_and_unload
@@ -124,7 +192,7 @@ def prepared(model: nn.Module) -> nn.Module:
         if kernels is not None:
             model.kernels = kernels
     copied = graft.kernels.reference(merge_and_unload(copied))
-    return copied.float().eval()
+    return copied.to(DTYPES[dtype]).eval()
 
 
 def hf_config(model: nn.Module) -> dict[str, Any]:
@@ -141,8 +209,52 @@ def hf_config(model: nn.Module) -> dict[str, Any]:
     return hf
 
 
-def signature(graph: TaskGraph | DecoderGraph) -> tuple[list[Tensor], list[Tensor]]:
+def seq2seq_signature(graph: EncoderGraph | Seq2SeqDecoderGraph) -> tuple[list[Tensor], list[Tensor]]:
+    """An encoder-decoder's graphs: the encoder's source axis, the decoder's cache axes."""
+    enc, dec = graph.body.config.encoder, graph.body.config.decoder
+
+    def cache(name: str) -> Tensor:  # cross keys/values span the source; past and present the decoder's
+        axis = {"cross": "source", "past_key_values": "past_sequence", "present": "total_sequence"}
+        return Tensor(name, "float32", ("batch", dec.num_kv_heads, axis[name.split(".")[0]], dec.head_dim))
+
+    if isinstance(graph, EncoderGraph):
+        if graph.audio:  # whole windows of the config's frames
+            inputs = [Tensor("input_features", "float32", ("batch", enc.num_mel_bins, 2 * enc.max_positions))]
+        else:
+            inputs = [Tensor(name, "int64", ("batch", "source")) for name in graph.input_names()]
+        hidden = Tensor("encoder_hidden_states", "float32", ("batch", "source", enc.hidden_size))
+        return inputs, [hidden, *map(cache, graph.output_names()[1:])]
+    tokens = {
+        "decoder_input_ids": Tensor("decoder_input_ids", "int64", ("batch", "sequence")),
+        "encoder_attention_mask": Tensor("encoder_attention_mask", "int64", ("batch", "source")),
+    }
+    inputs = [tokens[name] if name in tokens else cache(name) for name in graph.input_names()]
+    first, *present = graph.output_names()
+    width = dec.vocab_size if graph.task == "seq2seq" else dec.hidden_size
+    return inputs, [Tensor(first, "float32", ("batch", "sequence", width)), *map(cache, present)]
+
+
+def tower_signature(graph: TowerGraph) -> tuple[list[Tensor], list[Tensor]]:
+    """A dual encoder's graphs: texts and images, each batch of its own in the similarity graph."""
+    vision, dim = graph.body.config.vision, graph.body.config.projection_dim
+    image = ("batch", vision.num_channels, vision.image_size, vision.image_size)
+    if isinstance(graph, SimilarityGraph):
+        texts = [Tensor(name, "int64", ("texts", "sequence")) for name in ("input_ids", "attention_mask")]
+        pixels = Tensor("pixel_values", "float32", ("images", *image[1:]))
+        return [pixels, *texts], [Tensor("logits_per_image", "float32", ("images", "texts"))]
+    if graph.tower == "image":
+        inputs = [Tensor("pixel_values", "float32", image)]
+    else:
+        inputs = [Tensor(name, "int64", ("batch", "sequence")) for name in graph.input_names()]
+    return inputs, [Tensor(graph.output_names()[0], "float32", ("batch", dim))]
+
+
+def signature(graph: Graph) -> tuple[list[Tensor], list[Tensor]]:
     """The graph's inputs and outputs as the manifest lists them."""
+    if isinstance(graph, EncoderGraph | Seq2SeqDecoderGraph):
+        return seq2seq_signature(graph)
+    if isinstance(graph, TowerGraph):
+        return tower_signature(graph)
     cfg = graph.config
     if isinstance(graph, DecoderGraph):
         cache = ("batch", cfg.num_kv_heads, "past_sequence", cfg.head_dim)
@@ -167,6 +279,7 @@ def signature(graph: TaskGraph | DecoderGraph) -> tuple[list[Tensor], list[Tenso
         "base": ("sequence", cfg.hidden_size),
         "embedding": (cfg.hidden_size,),
         "question-answering": ("sequence", 2),
+        "masked-lm": ("sequence", cfg.vocab_size),
     }
     if isinstance(graph, ImageGraph):
         width["base"] = (cfg.num_patches + cfg.prefix_tokens, cfg.hidden_size)
@@ -184,88 +297,152 @@ def export_model(
     tokenizer: Any = None,
     fmt: str = "onnx",
     opset: int | None = None,
-    tolerance: float = FP32_TOLERANCE,
+    tolerance: float | None = None,
     optimize: bool = False,
     int8: bool = False,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Export ``model`` (a body or a task model) to the folder ``out``; its manifest.
+
+    ``dtype`` bfloat16 (torchscript and exported-program): the weights and the computation in
+    bfloat16, behind float32 inputs and outputs (graph.Float32Interface), checked against graft's
+    eager model in bfloat16 at BF16_TOLERANCE; ``tolerance`` defaults to the dtype's.
 
     The folder appears whole or not at all: a failed parity check raises a GraftError with the
     measured difference and leaves ``out`` as it was.
     """
     from graft.export import onnx as onnx_export
-    from graft.export import pytorch
 
-    check_request(model, fmt, opset, optimize, int8)
+    check_request(model, fmt, opset, optimize, int8, dtype)
     if fmt == "onnx":
         opset = opset if opset is not None else onnx_export.DEFAULT_OPSET
-    model = prepared(model)
-    graph = graph_for(model).eval()
-    inputs, outputs = signature(graph)
+    if tolerance is None:
+        tolerance = BF16_TOLERANCE if dtype == "bfloat16" else FP32_TOLERANCE
+    model = prepared(model, dtype)
+    graphs = {name: graph.eval() for name, graph in graphs_for(model).items()}
+    cases = parity_cases(graphs)
     with tempfile.TemporaryDirectory(prefix="graft-export-") as work:
-        path = Path(work) / MODEL_FILES[fmt]
-        if fmt == "onnx":
-            onnx_export.export_onnx(graph, path, opset)
-        elif fmt == "torchscript":
-            pytorch.export_torchscript(graph, path)
-        else:
-            pytorch.export_program(graph, path)
-        cases = parity_cases(graph)
-        what = {
-            "onnx": "ONNX Runtime",
-            "torchscript": "the TorchScript file",
-            "exported-program": "the exported program",
-        }
-        diff = check_parity(path, cases, tolerance, what[fmt], fmt, graph.input_names())
-        fused: list[str] = []
-        if optimize:
-            optimized = path.with_name("optimized.onnx")
-            fused = onnx_export.optimize_onnx(path, optimized, graph)
-            diff = max(diff, check_parity(optimized, cases, tolerance, "the optimized graph"))
-            path = optimized.replace(path)
-        quantized = None
-        if int8:
-            target = path.with_name("int8.onnx")
-            onnx_export.quantize_int8(path, target)
-            quantized = agreement(onnx_export.runner(target), onnx_export.runner(path), cases)
-            if not quantized["min_cosine"] >= INT8_MIN_COSINE:
-                raise GraftError(
-                    f"export: int8 check failed: an output row's cosine to float32 is {quantized['min_cosine']:.4f} "
-                    f"(at least {INT8_MIN_COSINE} wanted); export without --int8; nothing was written"
-                )
-            path = target.replace(path)
+        written = {}
+        for name, graph in graphs.items():  # one file each: model.onnx, or encoder.onnx + decoder.onnx
+            file = MODEL_FILES[fmt] if name == "model" else name + Path(MODEL_FILES[fmt]).suffix
+            written[name] = export_graph(
+                graph, Path(work) / file, fmt, opset, cases[name], tolerance, optimize, int8
+            )
+        first = next(iter(graphs.values()))
+        worst = max(info["max_abs_diff"] for _, info in written.values())
+        cosines = [info["int8"]["min_cosine"] for _, info in written.values() if info["int8"]]
         manifest = {
             "format": fmt,
-            "file": path.name,
+            "file": written[next(iter(graphs))][0].name,  # the first graph's (the encoder's)
             "graft_version": graft.__version__,
             "torch_version": torch.__version__,
             "exporter": EXPORTERS[fmt],
             "opset": opset,  # None but for onnx
-            "family": graph.config.family,
-            "task": graph.task,
-            "inputs": [t.as_json() for t in inputs],
-            "outputs": [t.as_json() for t in outputs],
+            "dtype": dtype,  # of the weights and the computation; inputs and outputs are float32
+            "family": body_of(model).config.family,
+            "task": first.task,
+            "inputs": written[next(iter(graphs))][1]["inputs"],
+            "outputs": written[next(iter(graphs))][1]["outputs"],
+            "graphs": {name: info for name, (_, info) in written.items()},
             "parity": {
-                "max_abs_diff": diff,
+                "max_abs_diff": worst,
                 "tolerance": tolerance,
                 "traced_shape": list(TRACE_SHAPE),
                 "checked_shapes": [list(s) for s in CHECK_SHAPES],
             },
-            "optimized": {"fused": fused} if optimize else None,
-            "int8": {**quantized, "min_cosine_wanted": INT8_MIN_COSINE} if quantized else None,
+            "optimized": {"fused": sorted({f for _, i in written.values() for f in i["fused"]})}
+            if optimize
+            else None,
+            "int8": {
+                "min_cosine": min(cosines),
+                "argmax_agreement": min(i["int8"]["argmax_agreement"] for _, i in written.values()),
+                "min_cosine_wanted": INT8_MIN_COSINE,
+                "float32_nodes": sum(i["int8"]["float32_nodes"] for _, i in written.values()),
+            }
+            if int8
+            else None,
         }
-        if isinstance(graph, DecoderGraph):
+        if isinstance(first, DecoderGraph):
             manifest["cache"] = {
                 "layout": "merged",  # one graph: empty past for the prompt, then one token per step
-                "layers": graph.layers,
-                "kv_heads": graph.config.num_kv_heads,
-                "head_dim": graph.config.head_dim,
+                "layers": first.layers,
+                "kv_heads": first.config.num_kv_heads,
+                "head_dim": first.config.head_dim,
                 "positions": "count real tokens from 0 (left padding)",
             }
+        if "decoder" in graphs:
+            body = graphs["decoder"].body
+            manifest["cache"] = {
+                # the encoder graph once (with every layer's cross keys and values), then the decoder
+                # graph for the start tokens (empty past) and one token per step
+                "layout": "encoder + decoder-with-past",
+                "layers": graphs["decoder"].layers,
+                "kv_heads": body.config.decoder.num_kv_heads,
+                "head_dim": body.config.decoder.head_dim,
+                "decoder_start_token_id": body.config.decoder_start_token_id,
+            }
         with atomic_folder(out) as folder:
-            (folder / path.name).write_bytes(path.read_bytes())
+            for path, _ in written.values():
+                (folder / path.name).write_bytes(path.read_bytes())
             write_files(folder, model, tokenizer, manifest)
     return manifest
+
+
+def export_graph(
+    graph: Graph,
+    path: Path,
+    fmt: str,
+    opset: int | None,
+    cases: list,
+    tolerance: float,
+    optimize: bool,
+    int8: bool,
+) -> tuple[Path, dict[str, Any]]:
+    """Write one graph to ``path``, check it (then its optimized and int8 forms) on ``cases``; the
+    final file and what the manifest says of it."""
+    from graft.export import onnx as onnx_export
+    from graft.export import pytorch
+
+    if fmt == "onnx":
+        onnx_export.export_onnx(graph, path, opset)
+    elif fmt == "torchscript":
+        pytorch.export_torchscript(graph, path)
+    else:
+        pytorch.export_program(graph, path)
+    what = {
+        "onnx": "ONNX Runtime",
+        "torchscript": "the TorchScript file",
+        "exported-program": "the exported program",
+    }
+    diff = check_parity(path, cases, tolerance, what[fmt], fmt, graph.input_names())
+    fused: list[str] = []
+    if optimize:
+        optimized = path.with_name("optimized.onnx")
+        fused = onnx_export.optimize_onnx(path, optimized, graph)
+        diff = max(diff, check_parity(optimized, cases, tolerance, "the optimized graph"))
+        path = optimized.replace(path)
+    quantized = None
+    if int8:
+        target = path.with_name("int8.onnx")
+        kept = onnx_export.quantize_int8(path, target)
+        quantized = agreement(onnx_export.runner(target), onnx_export.runner(path), cases)
+        quantized["float32_nodes"] = len(kept)
+        if not quantized["min_cosine"] >= INT8_MIN_COSINE:
+            raise GraftError(
+                f"export: int8 check failed: an output row's cosine to float32 is {quantized['min_cosine']:.4f} "
+                f"(at least {INT8_MIN_COSINE} wanted); export without --int8; nothing was written"
+            )
+        path = target.replace(path)
+    inputs, outputs = signature(graph)
+    info = {
+        "file": path.name,
+        "inputs": [t.as_json() for t in inputs],
+        "outputs": [t.as_json() for t in outputs],
+        "max_abs_diff": diff,
+        "fused": fused,
+        "int8": quantized,
+    }
+    return path, info
 
 
 def file_runner(fmt: str, path: Path, names: list[str]):

@@ -49,8 +49,7 @@ class ExportedModel(Exported):
 
     def __init__(self, folder: str | Path, backend: str | None = None) -> None:
         from graft.export.pytorch import runner
-        from graft.loading import load_config
-        from graft.nn import Transformer
+        from graft.loading import build_body, load_config
 
         self.folder = Path(folder)
         try:
@@ -60,7 +59,8 @@ class ExportedModel(Exported):
             raise GraftError(f"{self.folder / MANIFEST}: not a graft export manifest ({e})") from None
         check_backend(self.folder, fmt, backend)
         self.format = fmt
-        family, self.config = load_config(self.folder)
+        family, config = load_config(self.folder)
+        self.config = config
         self.hf = self.config.hf_config
         self.task = self.manifest["task"]
         self.inputs = [i["name"] for i in self.manifest["inputs"]]
@@ -69,19 +69,23 @@ class ExportedModel(Exported):
         self.head = None
         if self.task in HEADS:
             with torch.device("meta"):  # no weights: the file holds them
-                body = Transformer(self.config)
+                body = build_body(family, config)
                 head_class = HEADS[self.task]
                 self.head = head_class(body, **head_class.options_from_hf(self.hf)).eval()
-        path = self.folder / file
-        if fmt == "onnx":
-            from graft.export.onnx import runner as onnx_runner
+        graphs = self.manifest.get("graphs") or {"model": {"file": file, "inputs": self.manifest["inputs"]}}
+        self.sessions = {}  # graph name -> a function of numpy inputs, in ONNX Runtime or torch
+        for name, graph in graphs.items():
+            path, names = self.folder / graph["file"], [i["name"] for i in graph["inputs"]]
+            if fmt == "onnx":
+                from graft.export.onnx import runner as onnx_runner
 
-            self.runner = onnx_runner(path)
-        else:
-            self.runner = runner(fmt, path, self.inputs)
+                self.sessions[name] = onnx_runner(path)
+            else:
+                self.sessions[name] = runner(fmt, path, names)
 
-    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.runner(inputs)
+    def run(self, inputs: dict[str, np.ndarray], graph: str | None = None) -> list[np.ndarray]:
+        run = self.sessions[graph] if graph is not None else next(iter(self.sessions.values()))
+        return run(inputs)
 
     def __call__(self, **batch: Any) -> TaskOutput:
         inputs = {}
@@ -124,6 +128,8 @@ class ExportedModel(Exported):
         tokens (a bare body's export), or the graph's own sentence embedding (an embedding export)."""
         from graft.tasks.pooling import mean_pool
 
+        if "text" in self.sessions:  # a dual encoder (CLIP): its text graph, tokenized as graft does
+            return self.embed_text(tokenizer, texts, batch_size, max_length, normalize)
         if self.task not in ("base", "embedding"):
             raise GraftError(
                 f"{self.folder}: an exported {self.task} model gives no embeddings (export the base model)"
@@ -142,10 +148,24 @@ class ExportedModel(Exported):
         vectors = torch.cat(out).float()
         return torch.nn.functional.normalize(vectors, dim=-1) if normalize else vectors
 
+    def embed_text(
+        self, tokenizer: Any, texts: list[str], batch_size: int, max_length: int | None, normalize: bool
+    ) -> torch.Tensor:
+        """(N, P) a dual encoder's text embeddings, as graft.tasks.image_text.encode_texts."""
+        from graft.tasks.image_text import text_inputs
+
+        out = []
+        for start in range(0, len(texts), batch_size):
+            inputs = text_inputs(self.config, tokenizer, texts[start : start + batch_size], max_length)
+            out.append(torch.from_numpy(self.run({k: v.numpy() for k, v in inputs.items()}, "text")[0]))
+        vectors = torch.cat(out).float()  # (N, P)
+        return torch.nn.functional.normalize(vectors, dim=-1) if normalize else vectors
+
     def generate_greedy(self, ids: torch.Tensor, mask: torch.Tensor, config: Any) -> list[list[int]]:
         """New tokens per row of a left-padded prompt batch (ids, mask), greedy, the end token kept;
-        a GenerationConfig asking for more than greedy decoding is refused in one line."""
-        if self.task != "causal-lm":
+        a GenerationConfig asking for more than greedy decoding is refused in one line. An
+        encoder-decoder reads the (right-padded) batch as its source: the tokens after its start token."""
+        if self.task not in ("causal-lm", "seq2seq"):
             raise GraftError(f"{self.folder}: an exported {self.task} model cannot generate text")
         asked = [
             flag
@@ -154,6 +174,9 @@ class ExportedModel(Exported):
                 ("--num-beams", config.num_beams > 1),
                 ("--repetition-penalty", config.repetition_penalty not in (None, 1.0)),
                 ("--stop", bool(config.stop_strings)),
+                ("no_repeat_ngram_size", bool(config.no_repeat_ngram_size)),
+                ("min_new_tokens", bool(config.min_new_tokens)),
+                ("suppress_tokens", bool(config.suppress_tokens or config.begin_suppress_tokens)),
             )
             if on
         ]
@@ -161,6 +184,10 @@ class ExportedModel(Exported):
             raise GraftError(
                 f"{asked[0]}: an exported model generates greedily; run the model folder for that"
             )
+        if self.task == "seq2seq":
+            source = {"input_ids": ids.numpy(), "attention_mask": mask.long().numpy()}
+            forced = {"forced_bos": config.forced_bos_token_id, "forced_eos": config.forced_eos_token_id}
+            return self.generate_seq2seq(source, config.max_new_tokens, config.eos_ids, **forced)
         prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
         return self.generate(prompts, config.max_new_tokens, config.eos_ids)
 

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from graft.nn import KVCache, Transformer
+from graft.nn import DualEncoder, EncoderDecoder, KVCache, Transformer
 from graft.nn.attention import build_mask
 from graft.tasks import TaskModel
 from graft.tasks.base import body_inputs, body_of
+from graft.tasks.pooling import mean_pool
 
 # the task -> the name of the graph's output (a bare body gives its hidden states)
 OUTPUTS = {
@@ -31,8 +32,17 @@ OUTPUTS = {
     "embedding": "sentence_embedding",  # "embedding" is taken: the exporter names the lookup so
     "causal-lm": "logits",
     "image-classification": "logits",
+    "masked-lm": "logits",
+    "seq2seq": "logits",  # the decoder graph's; its encoder graph gives encoder_hidden_states
+    "image-text": "logits_per_image",  # CLIP's "logits" graph; its "text" and "image" graphs give embeddings
 }
-PER_TOKEN = {"base", "token-classification", "question-answering", "causal-lm"}  # outputs (B, T, ...)
+PER_TOKEN = {
+    "base",
+    "token-classification",
+    "question-answering",
+    "causal-lm",
+    "masked-lm",
+}  # outputs (B, T, ...)
 
 
 @dataclass(frozen=True)
@@ -106,12 +116,20 @@ class ImageGraph(TaskGraph):
 
 class GraphCache(KVCache):
     """The past keys and values as given tensors; each layer's update returns past + new (concatenated)
-    and keeps it as the ``present`` output. No preallocated buffers: a graph has no state between calls."""
+    and keeps it as the ``present`` output. No preallocated buffers: a graph has no state between calls.
+    ``cross``: an encoder-decoder's cross-attention keys and values, given (the encoder graph made them)."""
 
-    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(
+        self,
+        past: list[tuple[torch.Tensor, torch.Tensor]],
+        cross: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
         super().__init__(len(past))
         self.past = past  # (B, nkv, P, hd) each
         self.present: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(past)  # type: ignore[list-item]
+        if cross is not None:  # (B, nkv, S, hd) each: read by every step, never projected again
+            self.cross_keys = [k for k, _ in cross]
+            self.cross_values = [v for _, v in cross]
 
     @property
     def length(self) -> int:
@@ -160,6 +178,181 @@ class DecoderGraph(nn.Module):
         return (logits, *[t for kv in cache.present for t in kv])
 
 
+def cross_names(layers: int) -> list[str]:
+    return [f"cross.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+class EncoderGraph(nn.Module):
+    """An encoder-decoder's encoder, run once per input: (input_ids, attention_mask), or Whisper's
+    input_features (B, mel bins, frames) -> (encoder_hidden_states (B, S, He), cross.{i}.key / .value
+    (B, nkv, S, hd) for every decoder layer i). The keys and values every decoder step's
+    cross-attention reads are projected here, once, from the (projected) encoder output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.body: EncoderDecoder = body_of(model)
+        self.task = task_of(model)
+        self.config = self.body.config.encoder
+        self.audio = self.config.inputs == "audio_frames"
+        self.layers = self.body.config.decoder.num_blocks
+
+    def input_names(self) -> list[str]:
+        return ["input_features"] if self.audio else ["input_ids", "attention_mask"]
+
+    def output_names(self) -> list[str]:
+        return ["encoder_hidden_states", *cross_names(self.layers)]
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        body = self.body
+        if self.audio:
+            hidden = body.encode(input_features=inputs[0]).last_hidden_state  # (B, S, He)
+        else:
+            ids, mask = inputs  # (B, S) each
+            hidden = body.encoder(ids, attention_mask_4d(mask, ids.shape[1], False, None)).last_hidden_state
+        context = body.project(hidden) if body.project is not None else hidden  # (B, S, H)
+        B, S = context.shape[:2]
+        cross = []
+        for block in body.decoder.layers:  # as Attention.forward projects them at the first step
+            attn = block.cross_attn
+            for proj in (attn.k, attn.v):
+                cross.append(proj(context).view(B, S, attn.num_kv_heads, attn.head_dim).transpose(1, 2))
+        return (hidden, *cross)
+
+
+class Seq2SeqDecoderGraph(nn.Module):
+    """An encoder-decoder's decoder as one graph for the start tokens and every step (an empty past
+    for the first call): (decoder_input_ids (B, T), encoder_attention_mask (B, S) (not Whisper's: its
+    windows have no padding), past_key_values.{i}.key/value (B, nkv, P, hd), cross.{i}.key/value
+    (B, nkv, S, hd)) -> (logits (B, T, V), or a bare body's last_hidden_state (B, T, H),
+    present.{i}.key/value (B, nkv, P + T, hd)). Decoder rows are not padded (as in graft's generation)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.body: EncoderDecoder = body_of(model)
+        self.task = task_of(model)
+        self.config = self.body.config.decoder
+        self.audio = self.body.config.encoder.inputs == "audio_frames"
+        self.layers = self.config.num_blocks
+
+    def input_names(self) -> list[str]:
+        mask = [] if self.audio else ["encoder_attention_mask"]
+        past = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        return ["decoder_input_ids", *mask, *past, *cross_names(self.layers)]
+
+    def output_names(self) -> list[str]:
+        first = "logits" if self.task == "seq2seq" else "last_hidden_state"
+        return [first] + [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        named = dict(zip(self.input_names(), inputs, strict=True))
+        ids = named["decoder_input_ids"]  # (B, T)
+        pairs = [
+            [(named[f"{kind}.{i}.key"], named[f"{kind}.{i}.value"]) for i in range(self.layers)]
+            for kind in ("past_key_values", "cross")
+        ]
+        cache = GraphCache(*pairs)
+        T, P = ids.shape[1], cache.length
+        mask = build_mask(None, T, P + T, True, device=ids.device)  # (1, 1, T, P + T)
+        source = named.get("encoder_attention_mask")  # (B, S)
+        context_mask = source[:, None, None, :].bool() if source is not None else None  # (B, 1, 1, S)
+        # no context: every layer's cross-attention finds its keys and values in the cache
+        out = self.body.decoder(ids, mask, cache=cache, context_mask=context_mask)
+        first = self.model.head(out, {}) if self.task == "seq2seq" else out.last_hidden_state
+        return (first, *[t for kv in cache.present for t in kv])
+
+
+class TowerGraph(nn.Module):
+    """One tower of a dual encoder (CLIP), projected into the shared space, not normalized (as
+    graft's encode_text / encode_image): texts (input_ids, attention_mask) -> text_embeds (B, P), or
+    pixel_values (B, C, H, W) -> image_embeds (B, P). The text tower gets the 4-D mask, as TaskGraph."""
+
+    def __init__(self, model: nn.Module, tower: str) -> None:
+        super().__init__()
+        self.model = model
+        self.body: DualEncoder = body_of(model)
+        self.task = task_of(model)
+        self.tower = tower
+        self.config = self.body.config.text if tower == "text" else self.body.config.vision
+
+    def input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask"] if self.tower == "text" else ["pixel_values"]
+
+    def output_names(self) -> list[str]:
+        return ["text_embeds" if self.tower == "text" else "image_embeds"]
+
+    def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """DualEncoder.encode_text with the mask built here (its pooling: eos token, or mean)."""
+        body, cfg = self.body, self.config
+        mask = attention_mask_4d(attention_mask, input_ids.shape[1], cfg.causal, cfg.sliding_window)
+        if body.config.text_pooling == "mean":
+            pooled = mean_pool(body.text(input_ids, mask).last_hidden_state, attention_mask)  # (B, H)
+        else:
+            rows = body.eos_positions(input_ids)  # (B, 1)
+            pooled = body.text(input_ids, mask, rows=rows).last_hidden_state[:, 0]  # (B, H)
+        return body.text_projection(pooled)  # (B, P)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.tower == "text":
+            return self.embed_text(*inputs)
+        return self.body.encode_image(inputs[0])  # (B, P)
+
+
+class SimilarityGraph(TowerGraph):
+    """CLIP's image-text logits: (pixel_values (N, C, H, W), input_ids and attention_mask (M, T)) ->
+    logits_per_image (N, M), the cosine similarities times the learned temperature."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model, "text")
+
+    def input_names(self) -> list[str]:
+        return ["pixel_values", "input_ids", "attention_mask"]
+
+    def output_names(self) -> list[str]:
+        return ["logits_per_image"]
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        from graft.tasks.image_text import similarity
+
+        pixel_values, input_ids, attention_mask = inputs
+        images = self.body.encode_image(pixel_values)  # (N, P)
+        return similarity(images, self.embed_text(input_ids, attention_mask), self.body.logit_scale)
+
+
+Graph = TaskGraph | DecoderGraph | EncoderGraph | Seq2SeqDecoderGraph | TowerGraph
+
+
+class Float32Interface(nn.Module):
+    """A bfloat16 graph behind float32 inputs and outputs: float inputs (pixels, audio frames, past
+    keys and values) are cast to bfloat16 on the way in, float outputs to float32 on the way out.
+    numpy has no bfloat16, and the cast is exact both ways for what the graph itself returned (its
+    presents fed back as the next step's past). Token ids and masks pass as they are."""
+
+    def __init__(self, graph: nn.Module) -> None:
+        super().__init__()
+        self.inner = graph  # not "graph": an exported program's module has its own .graph
+        self.dtype = next(graph.parameters()).dtype
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        out = self.inner(*(x.to(self.dtype) if x.is_floating_point() else x for x in inputs))
+        if isinstance(out, tuple):
+            return tuple(t.float() for t in out)
+        return out.float()
+
+
+def graphs_for(model: nn.Module) -> dict[str, Graph]:
+    """The graphs an export writes, by name: one ("model"), an encoder-decoder's two, or a dual
+    encoder's towers (and, for the image-text task, their similarity logits)."""
+    body = body_of(model)
+    if isinstance(body, EncoderDecoder):
+        return {"encoder": EncoderGraph(model), "decoder": Seq2SeqDecoderGraph(model)}
+    if isinstance(body, DualEncoder):
+        towers: dict[str, Graph] = {"text": TowerGraph(model, "text"), "image": TowerGraph(model, "image")}
+        return towers | ({"logits": SimilarityGraph(model)} if task_of(model) == "image-text" else {})
+    return {"model": graph_for(model)}
+
+
 def graph_for(model: nn.Module) -> TaskGraph | DecoderGraph:
     if task_of(model) == "causal-lm":
         return DecoderGraph(model)
@@ -173,6 +366,13 @@ def example_inputs(
     for encoders, left for decoders as generation pads), ids in the vocabulary past the special ones."""
     cfg = graph.config
     g = torch.Generator().manual_seed(seed)
+    if isinstance(graph, Seq2SeqDecoderGraph):
+        return seq2seq_decoder_inputs(graph, batch, length, past, length + 2, g)
+    if isinstance(graph, TowerGraph):
+        return tower_inputs(graph, batch, length, g)
+    if isinstance(graph, EncoderGraph) and graph.audio:  # whole windows: the config's frames
+        shape = (batch, cfg.num_mel_bins, 2 * cfg.max_positions)
+        return {"input_features": torch.randn(shape, generator=g)}  # (B, M, F)
     if isinstance(graph, ImageGraph):  # images of the config's size; ``length`` does not apply
         shape = (batch, cfg.num_channels, cfg.image_size, cfg.image_size)
         return {"pixel_values": torch.randn(shape, generator=g)}  # (B, C, H, W)
@@ -190,12 +390,65 @@ def example_inputs(
     inputs = {"input_ids": ids, "attention_mask": mask}
     if isinstance(graph, DecoderGraph):
         inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
-        dtype = next(graph.parameters()).dtype
         shape = (batch, cfg.num_kv_heads, past, cfg.head_dim)
         for i in range(graph.layers):
             for kv in ("key", "value"):
-                inputs[f"past_key_values.{i}.{kv}"] = torch.randn(shape, generator=g).to(dtype)
-    elif graph.segments:
+                inputs[f"past_key_values.{i}.{kv}"] = torch.randn(shape, generator=g)
+    elif isinstance(graph, TaskGraph) and graph.segments:
         inputs["token_type_ids"] = torch.zeros_like(ids)
         inputs["token_type_ids"][:, length // 2 :] = 1  # a second segment, as a text pair has
+    return inputs
+
+
+def typed(inputs: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Float inputs in ``dtype`` (a bfloat16 model's eager run); ids and masks as they are."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def seq2seq_decoder_inputs(
+    graph: Seq2SeqDecoderGraph, batch: int, length: int, past: int, source: int, g: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Random decoder inputs: ``length`` new tokens after ``past`` cached ones, and the cross keys and
+    values of ``source`` encoder positions (the later rows' source padded on the right)."""
+    cfg = graph.config
+    inputs = {
+        "decoder_input_ids": torch.randint(
+            min(4, cfg.vocab_size - 1), cfg.vocab_size, (batch, length), generator=g
+        )
+    }
+    if not graph.audio:
+        mask = torch.ones(batch, source, dtype=torch.long)  # (B, S)
+        for row in range(1, batch):
+            mask[row, max(1, source // (row + 1)) :] = 0
+        inputs["encoder_attention_mask"] = mask
+    for kind, n in (("past_key_values", past), ("cross", source)):
+        for i in range(graph.layers):
+            for kv in ("key", "value"):
+                shape = (batch, cfg.num_kv_heads, n, cfg.head_dim)
+                inputs[f"{kind}.{i}.{kv}"] = torch.randn(shape, generator=g)
+    return inputs
+
+
+def tower_inputs(graph: TowerGraph, batch: int, length: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random images (batch + 1 of them, for the similarity graph: not as many as texts) and texts of
+    ``length`` tokens padded on the right as a tokenizer pads them, each ending in the end token."""
+    body = graph.body
+    vision, text = body.config.vision, body.config.text
+    inputs = {}
+    if "pixel_values" in graph.input_names():
+        images = batch + 1 if isinstance(graph, SimilarityGraph) else batch
+        inputs["pixel_values"] = torch.randn(
+            images, vision.num_channels, vision.image_size, vision.image_size, generator=g
+        )
+    if "input_ids" in graph.input_names():
+        eos = body.config.eos_token_id
+        eos = text.vocab_size - 1 if eos is None or eos == 2 else eos  # what eos_positions looks for
+        ids = torch.randint(min(4, text.vocab_size - 2), text.vocab_size - 1, (batch, length), generator=g)
+        mask = torch.ones(batch, length, dtype=torch.long)  # (B, T)
+        for row in range(batch):
+            real = max(2, length // (row + 1))
+            mask[row, real:] = 0
+            ids[row, real - 1] = eos
+        pad = text.pad_token_id if text.pad_token_id is not None else 0
+        inputs["input_ids"], inputs["attention_mask"] = ids.masked_fill(mask == 0, pad), mask
     return inputs

@@ -19,37 +19,38 @@ import numpy as np
 import torch
 
 from graft.errors import GraftError
-from graft.export.check import TRACE_SHAPE, Runner
-from graft.export.graph import DecoderGraph, TaskGraph, example_inputs
+from graft.export.check import Runner
+from graft.export.graph import Float32Interface, Graph
+from graft.export.onnx import dynamic_shapes, trace_inputs
 
 
-def trace_args(graph: TaskGraph | DecoderGraph) -> tuple[torch.Tensor, ...]:
-    """The traced example, positionally: TRACE_SHAPE (a decoder with 3 past positions)."""
-    batch, length = TRACE_SHAPE
-    inputs = example_inputs(graph, batch, length, past=3 if isinstance(graph, DecoderGraph) else 0)
-    # clones: a view (position_ids is a slice) would make torch.export guard on its base tensor
-    return tuple(inputs[name].clone() for name in graph.input_names())
-
-
-def failed(what: str, graph: TaskGraph | DecoderGraph, e: Exception) -> GraftError:
+def failed(what: str, graph: Graph, e: Exception) -> GraftError:
     cause = e.__cause__ or e
     reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     return GraftError(f"export: {what} could not export this {graph.task} model ({reason})")
 
 
-def export_torchscript(graph: TaskGraph | DecoderGraph, path: Path) -> None:
+def traced_module(graph: Graph) -> torch.nn.Module:
+    """What the file holds: the graph, or a bfloat16 graph behind its float32 interface."""
+    return graph if next(graph.parameters()).dtype == torch.float32 else Float32Interface(graph)
+
+
+def flat(axes: tuple) -> list[dict[int, str]]:
+    """Per-input axes in input order (a graph's *past come as one nested tuple)."""
+    return [a for item in axes for a in (flat(item) if isinstance(item, tuple) else [item])]
+
+
+def export_torchscript(graph: Graph, path: Path) -> None:
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # the tracer's notes on Python values; the parity check decides
         try:
-            traced = torch.jit.trace(graph, trace_args(graph), check_trace=False)
+            traced = torch.jit.trace(traced_module(graph), trace_inputs(graph), check_trace=False)
         except Exception as e:
             raise failed("torch.jit.trace", graph, e) from None
     torch.jit.save(traced, str(path))
 
 
-def export_program(graph: TaskGraph | DecoderGraph, path: Path) -> None:
-    from graft.export.onnx import dynamic_shapes
-
+def export_program(graph: Graph, path: Path) -> None:
     def dynamic(axes):  # torch.export finds how the named axes relate (mask = past + sequence)
         if isinstance(axes, tuple):
             return tuple(dynamic(a) for a in axes)
@@ -58,9 +59,10 @@ def export_program(graph: TaskGraph | DecoderGraph, path: Path) -> None:
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
-            program = torch.export.export(
-                graph, trace_args(graph), dynamic_shapes=dynamic(dynamic_shapes(graph))
-            )
+            module, axes = traced_module(graph), dynamic_shapes(graph)
+            if module is not graph:  # forward(*inputs): one tuple for them all
+                axes = (tuple(flat(axes)),)
+            program = torch.export.export(module, trace_inputs(graph), dynamic_shapes=dynamic(axes))
         except Exception as e:
             raise failed("torch.export", graph, e) from None
     torch.export.save(program, str(path))

@@ -21,12 +21,22 @@ or from Python, next to the file (the whole API is the class Exported):
     new = model.generate([ids], max_new_tokens=32, eos=[model.config["eos_token_id"]])
     print(model.tokenizer.decode(new[0]))
 
+    # an encoder-decoder (T5, BART, Whisper): the source's inputs, greedy tokens after the start token
+    new = model.generate_seq2seq(model.encode(["translate: a cat"]), 32, eos=[model.config["eos_token_id"]])
+    new = model.generate_seq2seq({"input_features": features}, 32)    # Whisper: (B, mel bins, frames)
+
 What the folder holds: manifest.json lists every input and output (name, dtype, shape with axis
 names for the dynamic axes) and, for a decoder, the cache layout: one merged graph whose inputs
 are input_ids, attention_mask (past + new positions), position_ids and past_key_values.{i}.key /
 .value, and whose outputs are logits and present.{i}.key / .value. The prompt runs with empty past
 tensors (B, kv_heads, 0, head_dim); each step feeds one token per row and the previous presents.
 Prompts are left-padded and positions count real tokens from 0, as in graft's own generation.
+
+An encoder-decoder's folder holds two graphs (manifest "graphs"): encoder.onnx, run once per
+source, gives encoder_hidden_states and every decoder layer's cross-attention keys and values
+(cross.{i}.key / .value); decoder.onnx takes decoder_input_ids, encoder_attention_mask (not
+Whisper's), past_key_values.{i}.* (empty for the first call: the start token) and the cross.{i}.*
+tensors, and gives logits and present.{i}.*. The decoder's rows are never padded.
 """
 
 from __future__ import annotations
@@ -47,9 +57,11 @@ class Exported:
         self.folder = Path(folder)
         self.manifest = json.loads((self.folder / "manifest.json").read_text(encoding="utf-8"))
         self.config = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))
-        self.session = ort.InferenceSession(
-            str(self.folder / self.manifest["file"]), providers=["CPUExecutionProvider"]
-        )
+        graphs = self.manifest.get("graphs") or {"model": {"file": self.manifest["file"]}}
+        self.sessions = {
+            name: ort.InferenceSession(str(self.folder / g["file"]), providers=["CPUExecutionProvider"])
+            for name, g in graphs.items()
+        }
         self.inputs = [i["name"] for i in self.manifest["inputs"]]
         labels = self.folder / "labels.json"
         self.labels = json.loads(labels.read_text(encoding="utf-8"))["id2label"] if labels.exists() else None
@@ -75,8 +87,13 @@ class Exported:
         inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         return {k: v for k, v in inputs.items() if k in self.inputs}
 
-    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None, inputs)
+    def run(self, inputs: dict[str, np.ndarray], graph: str | None = None) -> list[np.ndarray]:
+        """The outputs of ``graph`` (the first one by default: the only one, or the encoder)."""
+        session = self.sessions[graph] if graph is not None else next(iter(self.sessions.values()))
+        return session.run(None, inputs)
+
+    def graph_names(self, graph: str, side: str = "outputs") -> list[str]:
+        return [t["name"] for t in self.manifest["graphs"][graph][side]]
 
     def predict(self, texts: list[str]) -> list[dict]:
         """One JSON-ready dict per text: label and score, tags per token, or the embedding."""
@@ -126,6 +143,53 @@ class Exported:
             positions = positions[:, -1:] + 1
         return new
 
+    def generate_seq2seq(
+        self,
+        source: dict[str, np.ndarray],
+        max_new_tokens: int,
+        eos: list[int] = (),
+        start: list[int] | None = None,
+        forced_bos: int | None = None,
+        forced_eos: int | list[int] | None = None,
+    ) -> list[list[int]]:
+        """An encoder-decoder's greedy tokens for each row of ``source`` (input_ids and attention_mask,
+        or input_features): the encoder once, then the decoder from ``start`` (default: the config's
+        decoder_start_token_id) with its cache; the end token kept, then the row stops. ``forced_bos``
+        is the first new token, ``forced_eos`` (one of) the last, as config.json's
+        forced_bos_token_id / forced_eos_token_id ask (mBART's language, BART's end)."""
+        cache = self.manifest["cache"]
+        encoded = dict(zip(self.graph_names("encoder"), self.run(source, "encoder"), strict=True))
+        fixed = {k: v for k, v in encoded.items() if k.startswith("cross.")}
+        if "encoder_attention_mask" in self.graph_names("decoder", "inputs"):
+            fixed["encoder_attention_mask"] = source["attention_mask"]
+        B = next(iter(source.values())).shape[0]
+        first = start if start is not None else [cache["decoder_start_token_id"]]
+        ids = np.array([first] * B, dtype=np.int64)  # (B, T)
+        empty = np.zeros((B, cache["kv_heads"], 0, cache["head_dim"]), dtype=np.float32)
+        past = {f"past_key_values.{i}.{kv}": empty for i in range(cache["layers"]) for kv in ("key", "value")}
+        new: list[list[int]] = [[] for _ in range(B)]
+        done = np.zeros(B, dtype=bool)
+        for step in range(max_new_tokens):
+            logits, *present = self.run({"decoder_input_ids": ids, **fixed, **past}, "decoder")
+            scores = logits[:, -1]  # (B, V)
+            allowed = None
+            if step == 0 and forced_bos is not None and len(first) == 1:
+                allowed = [forced_bos]
+            elif step == max_new_tokens - 1 and forced_eos is not None:
+                allowed = forced_eos if isinstance(forced_eos, list) else [forced_eos]
+            if allowed is None:
+                token = scores.argmax(-1)  # (B,)
+            else:  # the best of the forced tokens
+                token = np.asarray(allowed)[scores[:, allowed].argmax(-1)]
+            for row in np.flatnonzero(~done):
+                new[row].append(int(token[row]))
+            done |= np.isin(token, list(eos))
+            if done.all():
+                break
+            past = dict(zip(past, present, strict=True))
+            ids = token[:, None].astype(np.int64)  # (B, 1)
+        return new
+
 
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(-1, keepdims=True))
@@ -137,10 +201,17 @@ def main(argv: list[str]) -> None:
     model = Exported(folder)
     if rest[:1] == ["--generate"]:
         steps, texts = int(rest[1]), rest[2:]
-        prompts = [model.tokenizer.encode(t).ids for t in texts]
         eos = model.config.get("eos_token_id")
         eos = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
-        for text, tokens in zip(texts, model.generate(prompts, steps, eos), strict=True):
+        if "decoder" in model.sessions:  # an encoder-decoder: the texts are the sources
+            forced = {
+                "forced_bos": model.config.get("forced_bos_token_id"),
+                "forced_eos": model.config.get("forced_eos_token_id"),
+            }
+            generated = model.generate_seq2seq(model.encode(texts), steps, eos, **forced)
+        else:
+            generated = model.generate([model.tokenizer.encode(t).ids for t in texts], steps, eos)
+        for text, tokens in zip(texts, generated, strict=True):
             print(json.dumps({"text": text, "tokens": tokens, "generated": model.tokenizer.decode(tokens)}))
         return
     for text, prediction in zip(rest, model.predict(rest), strict=True):

@@ -141,7 +141,8 @@ class Transformer(nn.Module):
         rows: torch.Tensor | None = None,  # (B, K)
         output_attentions: bool = False,
         context: torch.Tensor | None = None,  # (B, S, H) the encoder's output, with cfg.cross_attention
-        context_mask: torch.Tensor | None = None,  # (B, S), 1 = real token of the encoder's input
+        context_mask: torch.Tensor
+        | None = None,  # (B, S), 1 = real token of the encoder's input; or (B, 1, 1, S) bool
         pixel_values: torch.Tensor | None = None,  # (B, C, height, width), with cfg.inputs="patches"
         input_features: torch.Tensor | None = None,  # (B, mel bins, frames), with cfg.inputs="audio_frames"
     ) -> TransformerOutput:
@@ -198,7 +199,7 @@ class Transformer(nn.Module):
                 mask, is_causal = build_mask(None, T, T, True, device=x.device), False
             bias = self.relative(T, past + T, offset=past).to(x.dtype)  # (1, nh, T, S)
             mask = bias if mask is None else torch.where(mask, bias, float("-inf"))  # (B|1, nh, T, S)
-        if context_mask is not None:
+        if context_mask is not None and context_mask.dim() == 2:  # (B, 1, 1, S) bool: used as given
             context_mask = build_mask(context_mask, T, context_mask.shape[1], causal=False)  # (B, 1, 1, S)
         if output_hidden_states or cache is not None or new:
             rows = None
