@@ -127,19 +127,21 @@ class State:
 
 def run_encoder(served: Served, op: str, items: list[Any], options: dict[str, Any]) -> list[Any]:
     """One forward over a batch of texts (embed) or records (predict), on the queue's thread."""
+    from graft.export.backend import predictor
     from graft.kernels import kernels_of
     from graft.tasks.collate import window
     from graft.tasks.embedding import embed
-    from graft.tasks.predict import predict
 
     if op == "embed":
         limit = window(served.config, served.tokenizer)
+        if served.exported:  # the export's runtime: graft embed's mean pooling (or the graph's own)
+            return list(served.model.embed(served.tokenizer, items, len(items), limit))
         k = kernels_of(served.body)
         store = k.store(served.body) if k is not None else None  # packed once, not at every request
         return list(
             embed(served.body, served.tokenizer, items, len(items), limit, max_tokens=None, store=store)
         )
-    pairs = predict(served.model, served.tokenizer, items, len(items), **options)
+    pairs = predictor(served.model)(served.tokenizer, items, len(items), **options)
     return [prediction for _, prediction in pairs]
 
 
@@ -591,6 +593,8 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
     async def chat_completions(body: ChatRequest) -> Any:
         """OpenAI's chat completions, through the checkpoint's chat template."""
         s = served()
+        if not s.generates:  # before the template: an encoder's tokenizer has none either
+            raise HTTPError(400, f"{s.name} is a {s.task} model: it does not generate text")
         if not getattr(s.tokenizer, "chat_template", None):
             raise HTTPError(400, f"{s.name}: the tokenizer has no chat template; use /v1/completions")
         messages = [m.model_dump() for m in body.messages]
