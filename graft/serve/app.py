@@ -32,13 +32,16 @@ from pydantic import BaseModel, Field
 from graft.errors import GraftError
 from graft.serve.batching import TokenBudgetQueue
 from graft.serve.continuous import ContinuousBatcher, Sequence
+from graft.serve.explain import explainable
+from graft.serve.explain import register as register_explain
+from graft.serve.http import HTTPError, error, error_body
 from graft.serve.metrics import Metrics
 from graft.serve.model import Served
 
 log = logging.getLogger("graft")
 
 ENDPOINTS = (
-    "/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/models", "/predict", "/embed",
+    "/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/models", "/predict", "/embed", "/explain",
     "/tokenize", "/health", "/info", "/metrics", "/docs", "/openapi.json", "/",
 )  # fmt: skip
 OPEN = ("/health", "/", "/docs", "/openapi.json")  # no API key needed (the page asks for one)
@@ -52,21 +55,6 @@ class Settings:
     max_concurrent: int = 256
     max_body_bytes: int = 4 * 1024 * 1024
     batching: bool = True
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-
-def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
-
-
-def error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, status, param), status_code=status, headers=headers)
 
 
 @dataclass
@@ -124,6 +112,18 @@ class State:
             raise HTTPError(503, "the model is still loading" if self.failure is None else self.failure)
         return self.served
 
+    async def on_queue(
+        self, op: str, items: list[Any], lengths: list[int], options: dict[str, Any]
+    ) -> list[Any]:
+        """``op`` run on ``items`` by the encoder queue's thread (admitted first: 429 when full)."""
+        if self.queue is None:
+            raise HTTPError(400, f"/{op} needs an encoder; this server's model generates text")
+        self.admit()
+        try:
+            return await asyncio.wrap_future(self.queue.submit(op, items, lengths, options))
+        finally:
+            self.release()
+
 
 def run_encoder(served: Served, op: str, items: list[Any], options: dict[str, Any]) -> list[Any]:
     """One forward over a batch of texts (embed) or records (predict), on the queue's thread."""
@@ -132,6 +132,10 @@ def run_encoder(served: Served, op: str, items: list[Any], options: dict[str, An
     from graft.tasks.collate import window
     from graft.tasks.embedding import embed
 
+    if op == "explain":  # graft/serve/explain.py: attributions, one item at a time, on this thread
+        from graft.serve.explain import explain_items
+
+        return explain_items(served, items, options)
     if op == "embed":
         limit = window(served.config, served.tokenizer)
         if served.exported:  # the export's runtime: graft embed's mean pooling (or the graph's own)
@@ -342,15 +346,6 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
     def served() -> Served:
         return state.model()
 
-    async def on_queue(op: str, items: list[Any], lengths: list[int], options: dict[str, Any]) -> list[Any]:
-        if state.queue is None:
-            raise HTTPError(400, f"/{op} needs an encoder; this server's model generates text")
-        state.admit()
-        try:
-            return await asyncio.wrap_future(state.queue.submit(op, items, lengths, options))
-        finally:
-            state.release()
-
     def lengths_of(texts: list[str], truncate: bool, field_name: str, limit: int) -> list[int]:
         s = served()
         ids = s.tokenizer.encode(texts, truncation=False, padding=False, return_tensors=None).input_ids
@@ -374,7 +369,7 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         if not texts:
             raise HTTPError(422, f"{name}: at least one text", name)
         lengths = lengths_of(texts, truncate, name, window(s.config, s.tokenizer))
-        return await on_queue("embed", texts, lengths, {}), sum(lengths)
+        return await state.on_queue("embed", texts, lengths, {}), sum(lengths)
 
     @app.post("/v1/embeddings", tags=["OpenAI"])
     async def openai_embeddings(body: EmbeddingsRequest) -> dict[str, Any]:
@@ -423,7 +418,7 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         limit = window(s.config, s.tokenizer) if s.task == "classification" else 10**9
         lengths = lengths_of(texts, body.truncate, "inputs", limit)
         options = {k: v for k, v in body.model_dump(exclude={"inputs", "truncate"}).items() if v is not None}
-        predictions = await on_queue("predict", records, lengths, options)
+        predictions = await state.on_queue("predict", records, lengths, options)
         return {"predictions": [prediction_row(r, p) for r, p in zip(records, predictions, strict=True)]}
 
     @app.post("/tokenize", tags=["graft"])
@@ -626,11 +621,13 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         st = state.settings
         batching = {"enabled": st.batching, "max_batch_tokens": st.max_batch_tokens,
                     "max_wait_ms": st.max_wait_ms, "max_concurrent": st.max_concurrent}  # fmt: skip
-        return {**s.info(), "batching": batching, "auth": st.api_key is not None}
+        return {**s.info(), "batching": batching, "auth": st.api_key is not None, "explain": explainable(s)}
 
     @app.get("/metrics", tags=["server"])
     async def metrics() -> Response:
         return Response(state.metrics.text(), media_type="text/plain; version=0.0.4")
+
+    register_explain(app, state)  # POST /explain (graft/serve/explain.py)
 
     @app.get("/", include_in_schema=False)
     async def playground() -> HTMLResponse:
