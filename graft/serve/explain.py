@@ -10,17 +10,14 @@ forward; the playground at / colours the tokens with it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
 from graft.errors import GraftError
 from graft.serve.http import HTTPError
-
-if TYPE_CHECKING:
-    from graft.serve.app import State
-    from graft.serve.model import Served
+from graft.serve.model import Served
 
 TASKS = ("classification", "token-classification", "question-answering")  # served by the encoder queue
 
@@ -54,7 +51,9 @@ def explain_items(
     return out
 
 
-def register(app: FastAPI, state: State) -> None:
+def register(app: FastAPI, state: Any) -> None:
+    """Add POST /explain to ``app``; ``state`` is the app's graft.serve.app.State (its model and queue)."""
+
     @app.post("/explain", tags=["graft"])
     async def explain(body: ExplainRequest) -> dict[str, Any]:
         """Token attributions (grad x input, integrated gradients, occlusion, attention, rollout) for
