@@ -1,7 +1,7 @@
 """``graft serve``: one model behind an HTTP API (chapter 8).
 
     graft serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch-tokens N]
-                      [--max-wait-ms N] [--max-concurrent N] [--no-batching] [--base BASE]
+                      [--max-wait-ms N] [--forward-overhead-tokens N] [--max-concurrent N] [--no-batching] [--base BASE]
                       [--backend torch|onnx|torchscript]
 
 OpenAI-compatible /v1/embeddings, /v1/completions and /v1/chat/completions, graft's /predict,
@@ -44,6 +44,14 @@ def serve(
     max_wait_ms: Annotated[
         float, typer.Option(min=0.0, help="Encoders: how long a batch that is not full waits for more.")
     ] = 5.0,
+    forward_overhead_tokens: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Encoders: split a batch into forwards of similar lengths where a forward costs this many "
+            "padded tokens (about 30 for MiniLM; 0: one forward per batch).",
+        ),
+    ] = 0,
     max_concurrent: Annotated[
         int, typer.Option(min=1, help="Requests on the model at once (queued or running); more get 429.")
     ] = 256,
@@ -83,6 +91,7 @@ def serve(
         api_key=api_key,
         max_batch_tokens=max_batch_tokens,
         max_wait_ms=max_wait_ms,
+        forward_overhead_tokens=forward_overhead_tokens,
         max_concurrent=max_concurrent,
         max_body_bytes=max_body_bytes,
         batching=batching,

@@ -13,7 +13,6 @@ import contextlib
 import hmac
 import json
 import logging
-import struct
 import threading
 import time
 import uuid
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
+import orjson
 import torch
 import torch.nn.functional as F
 from fastapi import FastAPI, Request
@@ -52,6 +52,7 @@ class Settings:
     api_key: str | None = None
     max_batch_tokens: int = 16384
     max_wait_ms: float = 5.0
+    forward_overhead_tokens: int = 0  # > 0: a batch runs as forwards of similar lengths (batching.split)
     max_concurrent: int = 256
     max_body_bytes: int = 4 * 1024 * 1024
     batching: bool = True
@@ -104,6 +105,7 @@ class State:
                 s.max_batch_tokens,
                 s.max_wait_ms,
                 s.batching,
+                s.forward_overhead_tokens,
             )
         self.served = served
 
@@ -147,6 +149,12 @@ def run_encoder(served: Served, op: str, items: list[Any], options: dict[str, An
         )
     pairs = predictor(served.model)(served.tokenizer, items, len(items), **options)
     return [prediction for _, prediction in pairs]
+
+
+def json_response(content: Any) -> Response:
+    """JSON written by orjson, numpy arrays included: the vectors' numbers are most of an answer's
+    bytes, and FastAPI's own path (validate the returned value, then serialize) costs per number."""
+    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
 
 # ---- request bodies (pydantic: /docs shows them, a bad field is a 422 that names it) ---------------
@@ -371,27 +379,27 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         lengths = lengths_of(texts, truncate, name, window(s.config, s.tokenizer))
         return await state.on_queue("embed", texts, lengths, {}), sum(lengths)
 
-    @app.post("/v1/embeddings", tags=["OpenAI"])
-    async def openai_embeddings(body: EmbeddingsRequest) -> dict[str, Any]:
+    @app.post("/v1/embeddings", tags=["OpenAI"], response_model=None)
+    async def openai_embeddings(body: EmbeddingsRequest) -> Response:
         """OpenAI's embeddings: unit-length vectors, as floats or base64 float32."""
         texts = [body.input] if isinstance(body.input, str) else body.input
         vectors, tokens = await embeddings(texts, body.truncate, "input")
-        data = []
-        for i, v in enumerate(vectors):
-            v = F.normalize(v, dim=-1)
-            value: Any = v.tolist()
-            if body.encoding_format == "base64":
-                value = base64.b64encode(struct.pack(f"<{len(value)}f", *value)).decode()
-            data.append({"object": "embedding", "index": i, "embedding": value})
+        unit = F.normalize(torch.stack(vectors), dim=-1).numpy()  # (N, H) float32
+        if body.encoding_format == "base64":
+            values: list[Any] = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in unit]
+        else:  # float32 values written as the float64 numbers they are (what .tolist() gives)
+            values = list(unit.astype("float64"))
+        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(values)]
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-        return {"object": "list", "data": data, "model": served().name, "usage": usage}
+        return json_response({"object": "list", "data": data, "model": served().name, "usage": usage})
 
-    @app.post("/embed", tags=["graft"])
-    async def embed(body: EmbedRequest) -> list[list[float]]:
+    @app.post("/embed", tags=["graft"], response_model=None)
+    async def embed(body: EmbedRequest) -> Response:
         """Sentence embeddings (mean pooling), one list per text (text-embeddings-inference's shape)."""
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         vectors, _ = await embeddings(texts, body.truncate, "inputs")
-        return [(F.normalize(v, dim=-1) if body.normalize else v).tolist() for v in vectors]
+        matrix = torch.stack(vectors)
+        return json_response((F.normalize(matrix, dim=-1) if body.normalize else matrix).double().numpy())
 
     @app.post("/predict", tags=["graft"])
     async def predict(body: PredictRequest) -> dict[str, Any]:
@@ -620,7 +628,8 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         s = served()
         st = state.settings
         batching = {"enabled": st.batching, "max_batch_tokens": st.max_batch_tokens,
-                    "max_wait_ms": st.max_wait_ms, "max_concurrent": st.max_concurrent}  # fmt: skip
+                    "max_wait_ms": st.max_wait_ms, "max_concurrent": st.max_concurrent,
+                    "forward_overhead_tokens": st.forward_overhead_tokens}  # fmt: skip
         return {**s.info(), "batching": batching, "auth": st.api_key is not None, "explain": explainable(s)}
 
     @app.get("/metrics", tags=["server"])
