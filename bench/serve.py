@@ -91,17 +91,22 @@ class Connection:
     that the load generator, which shares the CPU with the server, takes little of it (httpx spends
     several times the server's own HTTP work per request)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str) -> None:
-        self.reader, self.writer, self.host = reader, writer, host.encode()
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int
+    ) -> None:
+        self.reader, self.writer, self.host, self.port = reader, writer, host.encode(), port
 
     @classmethod
     async def open(cls, url: str) -> Connection:
         host, port = url.removeprefix("http://").rstrip("/").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
-        return cls(reader, writer, host)
+        return cls(reader, writer, host, int(port))
 
     async def post(self, path: str, body: bytes) -> bytes:
         """The response body of a POST of ``body`` (JSON); anything but 200 stops the run."""
+        if self.reader.at_eof():  # the server closed it while it was idle (uvicorn: after 5 s)
+            self.writer.close()
+            self.reader, self.writer = await asyncio.open_connection(self.host.decode(), self.port)
         self.writer.write(
             b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
             % (path.encode(), self.host, len(body), body)
