@@ -12,7 +12,7 @@ from conftest import hf_model
 from graft.generation import GenerationConfig, generate
 from graft.loading import load_model
 from graft.models import FAMILIES
-from graft.serve.batching import TokenBudgetQueue
+from graft.serve.batching import TokenBudgetQueue, split
 from graft.serve.continuous import ContinuousBatcher, Sequence, held_back
 from graft.serve.metrics import Metrics
 
@@ -136,3 +136,45 @@ def test_token_budget_queue_batches_by_length_within_the_budget():
     queue.close()
     # after the blocker: the oldest (10 tokens) with its nearest lengths while 4 x 10 <= 40; predict apart
     assert calls[1] == ["a", "ccc", "dddd", "bb"] and calls[2] == ["e"]
+
+
+def cost(groups, lengths, overhead):
+    return sum(overhead + len(g) * max(lengths[i] for i in g) for g in groups)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_split_is_the_cheapest_grouping(seed):
+    """Against every split of the length-sorted rows into runs (the best grouping is one of those)."""
+    import itertools
+    import random
+
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 9))]
+    overhead = rng.choice([0, 4, 32, 500])
+    groups = split(lengths, overhead)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(g == sorted(g) for g in groups)  # each group keeps the requests' order
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best = min(
+        cost([order[a:b] for a, b in itertools.pairwise([0, *cuts, len(order)])], lengths, overhead)
+        for k in range(len(order))
+        for cuts in itertools.combinations(range(1, len(order)), k)
+    )
+    assert cost(groups, lengths, overhead) == best
+
+
+def test_a_batch_of_mixed_lengths_runs_as_forwards_of_similar_lengths():
+    calls = []
+
+    def run(op, items, options):
+        calls.append(list(items))
+        return [f"<{x}>" for x in items]
+
+    queue = TokenBudgetQueue(run, Metrics(), max_batch_tokens=1000, max_wait_ms=200, overhead_tokens=4)
+    jobs = [(["long", "s1"], [50, 2]), (["s2"], [3]), (["s3", "l2"], [2, 48])]
+    futures = [queue.submit("embed", items, lengths, {}) for items, lengths in jobs]
+    results = [f.result(timeout=600) for f in futures]
+    queue.close()
+    assert results == [["<long>", "<s1>"], ["<s2>"], ["<s3>", "<l2>"]]  # back to each request, in order
+    forwards = sorted(sorted(call) for call in calls)
+    assert forwards == [["l2", "long"], ["s1", "s2", "s3"]]  # 2 forwards: 2 x 50 + 3 x 3 tokens

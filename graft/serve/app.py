@@ -13,7 +13,6 @@ import contextlib
 import hmac
 import json
 import logging
-import struct
 import threading
 import time
 import uuid
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
+import orjson
 import torch
 import torch.nn.functional as F
 from fastapi import FastAPI, Request
@@ -32,13 +32,16 @@ from pydantic import BaseModel, Field
 from graft.errors import GraftError
 from graft.serve.batching import TokenBudgetQueue
 from graft.serve.continuous import ContinuousBatcher, Sequence
+from graft.serve.explain import explainable
+from graft.serve.explain import register as register_explain
+from graft.serve.http import HTTPError, error, error_body
 from graft.serve.metrics import Metrics
 from graft.serve.model import Served
 
 log = logging.getLogger("graft")
 
 ENDPOINTS = (
-    "/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/models", "/predict", "/embed",
+    "/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/models", "/predict", "/embed", "/explain",
     "/tokenize", "/health", "/info", "/metrics", "/docs", "/openapi.json", "/",
 )  # fmt: skip
 OPEN = ("/health", "/", "/docs", "/openapi.json")  # no API key needed (the page asks for one)
@@ -49,24 +52,10 @@ class Settings:
     api_key: str | None = None
     max_batch_tokens: int = 16384
     max_wait_ms: float = 5.0
+    forward_overhead_tokens: int = 0  # > 0: a batch runs as forwards of similar lengths (batching.split)
     max_concurrent: int = 256
     max_body_bytes: int = 4 * 1024 * 1024
     batching: bool = True
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-
-def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
-
-
-def error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, status, param), status_code=status, headers=headers)
 
 
 @dataclass
@@ -116,6 +105,7 @@ class State:
                 s.max_batch_tokens,
                 s.max_wait_ms,
                 s.batching,
+                s.forward_overhead_tokens,
             )
         self.served = served
 
@@ -124,23 +114,47 @@ class State:
             raise HTTPError(503, "the model is still loading" if self.failure is None else self.failure)
         return self.served
 
+    async def on_queue(
+        self, op: str, items: list[Any], lengths: list[int], options: dict[str, Any]
+    ) -> list[Any]:
+        """``op`` run on ``items`` by the encoder queue's thread (admitted first: 429 when full)."""
+        if self.queue is None:
+            raise HTTPError(400, f"/{op} needs an encoder; this server's model generates text")
+        self.admit()
+        try:
+            return await asyncio.wrap_future(self.queue.submit(op, items, lengths, options))
+        finally:
+            self.release()
+
 
 def run_encoder(served: Served, op: str, items: list[Any], options: dict[str, Any]) -> list[Any]:
     """One forward over a batch of texts (embed) or records (predict), on the queue's thread."""
+    from graft.export.backend import predictor
     from graft.kernels import kernels_of
     from graft.tasks.collate import window
     from graft.tasks.embedding import embed
-    from graft.tasks.predict import predict
 
+    if op == "explain":  # graft/serve/explain.py: attributions, one item at a time, on this thread
+        from graft.serve.explain import explain_items
+
+        return explain_items(served, items, options)
     if op == "embed":
         limit = window(served.config, served.tokenizer)
+        if served.exported:  # the export's runtime: graft embed's mean pooling (or the graph's own)
+            return list(served.model.embed(served.tokenizer, items, len(items), limit))
         k = kernels_of(served.body)
         store = k.store(served.body) if k is not None else None  # packed once, not at every request
         return list(
             embed(served.body, served.tokenizer, items, len(items), limit, max_tokens=None, store=store)
         )
-    pairs = predict(served.model, served.tokenizer, items, len(items), **options)
+    pairs = predictor(served.model)(served.tokenizer, items, len(items), **options)
     return [prediction for _, prediction in pairs]
+
+
+def json_response(content: Any) -> Response:
+    """JSON written by orjson, numpy arrays included: the vectors' numbers are most of an answer's
+    bytes, and FastAPI's own path (validate the returned value, then serialize) costs per number."""
+    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
 
 # ---- request bodies (pydantic: /docs shows them, a bad field is a 422 that names it) ---------------
@@ -340,15 +354,6 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
     def served() -> Served:
         return state.model()
 
-    async def on_queue(op: str, items: list[Any], lengths: list[int], options: dict[str, Any]) -> list[Any]:
-        if state.queue is None:
-            raise HTTPError(400, f"/{op} needs an encoder; this server's model generates text")
-        state.admit()
-        try:
-            return await asyncio.wrap_future(state.queue.submit(op, items, lengths, options))
-        finally:
-            state.release()
-
     def lengths_of(texts: list[str], truncate: bool, field_name: str, limit: int) -> list[int]:
         s = served()
         ids = s.tokenizer.encode(texts, truncation=False, padding=False, return_tensors=None).input_ids
@@ -372,29 +377,29 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         if not texts:
             raise HTTPError(422, f"{name}: at least one text", name)
         lengths = lengths_of(texts, truncate, name, window(s.config, s.tokenizer))
-        return await on_queue("embed", texts, lengths, {}), sum(lengths)
+        return await state.on_queue("embed", texts, lengths, {}), sum(lengths)
 
-    @app.post("/v1/embeddings", tags=["OpenAI"])
-    async def openai_embeddings(body: EmbeddingsRequest) -> dict[str, Any]:
+    @app.post("/v1/embeddings", tags=["OpenAI"], response_model=None)
+    async def openai_embeddings(body: EmbeddingsRequest) -> Response:
         """OpenAI's embeddings: unit-length vectors, as floats or base64 float32."""
         texts = [body.input] if isinstance(body.input, str) else body.input
         vectors, tokens = await embeddings(texts, body.truncate, "input")
-        data = []
-        for i, v in enumerate(vectors):
-            v = F.normalize(v, dim=-1)
-            value: Any = v.tolist()
-            if body.encoding_format == "base64":
-                value = base64.b64encode(struct.pack(f"<{len(value)}f", *value)).decode()
-            data.append({"object": "embedding", "index": i, "embedding": value})
+        unit = F.normalize(torch.stack(vectors), dim=-1).numpy()  # (N, H) float32
+        if body.encoding_format == "base64":
+            values: list[Any] = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in unit]
+        else:  # float32 values written as the float64 numbers they are (what .tolist() gives)
+            values = list(unit.astype("float64"))
+        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(values)]
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-        return {"object": "list", "data": data, "model": served().name, "usage": usage}
+        return json_response({"object": "list", "data": data, "model": served().name, "usage": usage})
 
-    @app.post("/embed", tags=["graft"])
-    async def embed(body: EmbedRequest) -> list[list[float]]:
+    @app.post("/embed", tags=["graft"], response_model=None)
+    async def embed(body: EmbedRequest) -> Response:
         """Sentence embeddings (mean pooling), one list per text (text-embeddings-inference's shape)."""
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         vectors, _ = await embeddings(texts, body.truncate, "inputs")
-        return [(F.normalize(v, dim=-1) if body.normalize else v).tolist() for v in vectors]
+        matrix = torch.stack(vectors)
+        return json_response((F.normalize(matrix, dim=-1) if body.normalize else matrix).double().numpy())
 
     @app.post("/predict", tags=["graft"])
     async def predict(body: PredictRequest) -> dict[str, Any]:
@@ -421,7 +426,7 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         limit = window(s.config, s.tokenizer) if s.task == "classification" else 10**9
         lengths = lengths_of(texts, body.truncate, "inputs", limit)
         options = {k: v for k, v in body.model_dump(exclude={"inputs", "truncate"}).items() if v is not None}
-        predictions = await on_queue("predict", records, lengths, options)
+        predictions = await state.on_queue("predict", records, lengths, options)
         return {"predictions": [prediction_row(r, p) for r, p in zip(records, predictions, strict=True)]}
 
     @app.post("/tokenize", tags=["graft"])
@@ -591,6 +596,8 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
     async def chat_completions(body: ChatRequest) -> Any:
         """OpenAI's chat completions, through the checkpoint's chat template."""
         s = served()
+        if not s.generates:  # before the template: an encoder's tokenizer has none either
+            raise HTTPError(400, f"{s.name} is a {s.task} model: it does not generate text")
         if not getattr(s.tokenizer, "chat_template", None):
             raise HTTPError(400, f"{s.name}: the tokenizer has no chat template; use /v1/completions")
         messages = [m.model_dump() for m in body.messages]
@@ -621,12 +628,15 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         s = served()
         st = state.settings
         batching = {"enabled": st.batching, "max_batch_tokens": st.max_batch_tokens,
-                    "max_wait_ms": st.max_wait_ms, "max_concurrent": st.max_concurrent}  # fmt: skip
-        return {**s.info(), "batching": batching, "auth": st.api_key is not None}
+                    "max_wait_ms": st.max_wait_ms, "max_concurrent": st.max_concurrent,
+                    "forward_overhead_tokens": st.forward_overhead_tokens}  # fmt: skip
+        return {**s.info(), "batching": batching, "auth": st.api_key is not None, "explain": explainable(s)}
 
     @app.get("/metrics", tags=["server"])
     async def metrics() -> Response:
         return Response(state.metrics.text(), media_type="text/plain; version=0.0.4")
+
+    register_explain(app, state)  # POST /explain (graft/serve/explain.py)
 
     @app.get("/", include_in_schema=False)
     async def playground() -> HTMLResponse:

@@ -1,4 +1,9 @@
-"""The model a server holds: loaded once from whatever graft loads, with its tokenizer and task."""
+"""The model a server holds: loaded once from whatever graft loads, with its tokenizer and task.
+
+The backend is torch (a model folder, run folder, adapter or GGUF file) or the runtime of a graft
+export folder (ONNX Runtime, or torch for TorchScript), chosen as ``graft predict`` chooses it: a
+folder with a manifest.json is an export, unless ``--backend`` says otherwise.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graft.errors import GraftError
+from graft.errors import GraftError, did_you_mean
 from graft.tasks import TaskModel
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -20,23 +25,30 @@ ADAPTER_CONFIG = "adapter_config.json"
 class Served:
     """One loaded model shared by every request: the model, its tokenizer, what it does."""
 
-    model: nn.Module  # a bare Transformer (task "base") or a TaskModel
+    model: Any  # a bare Transformer (task "base"), a TaskModel, or an ExportedModel (an export folder)
     tokenizer: Any
     name: str
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     keep: Any = None  # a temporary folder (a converted GGUF file) that lives as long as the model
+    backend: str = "torch"  # or the export's format: onnx, torchscript, exported-program
+
+    @property
+    def exported(self) -> bool:
+        return self.backend != "torch"
 
     @property
     def task(self) -> str:
-        return self.model.task if isinstance(self.model, TaskModel) else "base"
+        return self.model.task if isinstance(self.model, TaskModel) or self.exported else "base"
 
     @property
     def body(self) -> nn.Module:
+        if self.exported:
+            raise GraftError(f"{self.name}: an exported model has no torch body")
         return self.model.body if isinstance(self.model, TaskModel) else self.model
 
     @property
     def config(self):
-        return self.body.config
+        return self.model.config if self.exported else self.body.config
 
     @property
     def generates(self) -> bool:
@@ -46,7 +58,7 @@ class Served:
     @property
     def max_length(self) -> int:
         """Tokens one input may hold: the model's window."""
-        return self.config.max_positions - getattr(self.body, "virtual_tokens", 0)
+        return self.config.max_positions - (0 if self.exported else getattr(self.body, "virtual_tokens", 0))
 
     @property
     def labels(self) -> list[str] | None:
@@ -58,15 +70,23 @@ class Served:
 
     def info(self) -> dict[str, Any]:
         cfg = self.config
+        if self.exported:  # the weights are in the file: the manifest says what it holds
+            manifest = self.model.manifest
+            parameters = None
+            dtype = "int8" if manifest.get("int8") else manifest["outputs"][0]["dtype"]
+        else:
+            parameters = sum(p.numel() for p in self.model.parameters())
+            dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         return {
             "model": self.name,
             "family": cfg.family,
             "task": self.task,
+            "backend": self.backend,
             "labels": self.labels,
             "max_length": self.max_length,
             "hidden_size": cfg.hidden_size,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "parameters": parameters,
+            "dtype": dtype,
             "chat": bool(getattr(self.tokenizer, "chat_template", None)),
         }
 
@@ -78,19 +98,34 @@ def model_folder(path: Path) -> Path:
     return path
 
 
+BACKENDS = ("torch", "onnx", "torchscript")
+
+
 def load_served(
     model: str,
     base: str | None = None,
     dtype: torch.dtype | None = None,
     reference: bool = False,
+    backend: str | None = None,
 ) -> Served:
-    """Load MODEL as ``graft serve`` does: a HF folder or Hub id, a run folder, a .gguf file, or an
-    adapter (or strategy checkpoint) folder on top of ``base``."""
+    """Load MODEL as ``graft serve`` does: a HF folder or Hub id, a run folder, a .gguf file, an
+    adapter (or strategy checkpoint) folder on top of ``base``, or a graft export folder (``backend``
+    None: a folder with a manifest.json is run by its export's runtime; torch: never)."""
+    from graft.export.backend import is_exported
     from graft.io.hf import read_json, resolve
     from graft.loading import load_adapter_model, load_model, load_trained
     from graft.strategies.checkpoint import META
     from graft.tokenizer import Tokenizer
 
+    check_backend(backend)
+    local = Path(model)
+    if backend not in (None, "torch") or (backend is None and local.is_dir() and is_exported(local)):
+        return load_export(model, backend, base, dtype, reference)
+    if backend == "torch" and local.is_dir() and is_exported(local):
+        raise GraftError(
+            f"--backend torch: {model} is a graft export folder (no torch weights); drop --backend "
+            "to run it with its runtime, or serve the model folder it was exported from"
+        )
     keep = None
     if model.endswith(".gguf"):
         from graft.io.gguf import convert_gguf
@@ -127,6 +162,37 @@ def load_served(
     if (folder / "generation_config.json").exists():
         defaults = read_json(folder / "generation_config.json")
     return Served(m.eval(), tokenizer, served_name(model), defaults, keep)
+
+
+def check_backend(backend: str | None) -> None:
+    if backend is not None and backend not in BACKENDS:
+        raise GraftError(
+            f"--backend {backend}: not one of {', '.join(BACKENDS)}{did_you_mean(backend, BACKENDS)}"
+        )
+
+
+def load_export(
+    model: str, backend: str | None, base: str | None, dtype: torch.dtype | None, reference: bool
+) -> Served:
+    """A graft export folder, run by ONNX Runtime (or torch, for TorchScript): encoders only."""
+    from graft.export.backend import load_exported
+    from graft.tokenizer import Tokenizer
+
+    flag = f"--backend {backend}" if backend else f"{model} (a graft export folder)"
+    for given, option in (
+        (base is not None, "--base"),
+        (dtype not in (None, torch.float32), "--dtype"),
+        (reference, "--reference"),
+    ):
+        if given:
+            raise GraftError(f"{option}: for the torch backend; {flag} runs the exported file as it is")
+    exported = load_exported(model, backend)
+    if exported.task == "causal-lm":
+        raise GraftError(
+            f"{flag}: an exported causal LM generates greedily, one batch at a time, and cannot join "
+            "graft serve's continuous batching; serve the model folder it was exported from"
+        )
+    return Served(exported, Tokenizer.from_folder(model), served_name(model), backend=exported.format)
 
 
 def served_name(model: str) -> str:
