@@ -37,7 +37,7 @@ def fit_context(
     if config.truncation == "error" or room < 1:
         raise GraftError(
             f"generation: the prompt has {length} tokens and {config.max_new_tokens} new ones were asked for, "
-            f"but the context window holds {window} (use truncation='left' or fewer new tokens)"
+            f"but the context window holds {window} (use --truncation left, or fewer new tokens)"
         )
     log.warning(
         "generation: prompt of %d tokens + %d new ones exceeds the context window (%d); keeping its last %d tokens",
