@@ -401,6 +401,33 @@ def test_two_stack_families_quantize_save_and_load_back_bitwise(family, method, 
     assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
 
 
+@pytest.mark.parametrize("family", ENCODER_DECODERS)
+def test_an_untied_output_layer_leaves_the_token_table_int8(family, tmp_path):
+    """With its own output layer (tie_word_embeddings false: mT5's, or a T5 whose config.json says
+    true over a separate lm_head, as transformers 5 writes), the token table is int8, one table
+    where the stacks share it, and the output layer stays float."""
+    import transformers as tr
+
+    config = tiny_hf_config(family)
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    cls = tr.AutoModelForSpeechSeq2Seq if family == "whisper" else tr.AutoModelForSeq2SeqLM
+    cls.from_config(config).eval().save_pretrained(tmp_path / "f")
+    saved = json.loads((tmp_path / "f" / "config.json").read_text())
+    (tmp_path / "f" / "config.json").write_text(json.dumps({**saved, "tie_word_embeddings": True}))
+    quantize_folder(tmp_path / "f", tmp_path / "q", "int8-dynamic")
+    float_model, model = load_model(tmp_path / "f"), load_model(tmp_path / "q")
+    body = model.body
+    assert isinstance(body.decoder.embed.tokens, Int8Embedding) and not model.head.tied
+    assert isinstance(model.head.proj, torch.nn.Linear) and model.head.proj.weight.dtype == torch.float32
+    if body.config.share_embeddings:
+        assert body.encoder.embed.tokens is body.decoder.embed.tokens
+    cos = F.cosine_similarity(
+        two_stack_outputs(float_model, family), two_stack_outputs(model, family), dim=-1
+    )
+    assert cos.min() >= 0.998, cos.min()
+
+
 @pytest.mark.parametrize("method", INT8)
 @pytest.mark.parametrize("family", ENCODER_DECODERS)
 def test_int8_encoder_decoder_generates_the_float_models_tokens_where_the_margin_allows(
