@@ -45,7 +45,10 @@ from graft.loading import (
 from graft.models import FAMILIES
 from graft.tasks import TaskModel
 
-FLOAT = "position embeddings, layer norms, pooler, task head (LM head included; token embeddings too when tied to it)"
+FLOAT = (
+    "position embeddings, layer norms, pooler (and CLIP's projections), task head (LM head included; "
+    "token embeddings too when tied to it)"
+)
 
 
 def check_method(method: str) -> str:
