@@ -20,7 +20,7 @@ import graft.kernels
 from graft.errors import GraftError, did_you_mean
 from graft.io.atomic import write_json
 from graft.io.hf import read_config, read_json, read_weights, resolve, weight_shapes, write_weights
-from graft.kernels.int8 import METHODS, Int8Embedding, quantize_linears
+from graft.kernels.int8 import METHODS, Int8Embedding, Int8Linear, quantize_linears
 from graft.models.registry import FAMILIES, Family, describe, family_for, pruning_from_hf, pruning_to_hf
 from graft.models.weights import WeightMap
 from graft.nn import (
@@ -145,26 +145,38 @@ DYNAMIC_FLOAT_INPUTS = (".attn.o",)  # decoders' int8-dynamic layers that keep f
 
 
 def quantized(body: Body, method: str | None) -> Body:
-    """``body`` with the linear layers of its blocks made int8 for ``method`` (in place), and its
-    token embeddings unless a decoder's LM head shares them (the head stays float)."""
-    if method is not None and METHODS[method] is not None:
-        if not isinstance(body, Transformer):  # an encoder-decoder or a dual encoder
-            raise GraftError(
-                f"quantize: {method} is for one stack of blocks; a {body.config.family} model has two "
-                "(--method bf16 works on it)"
-            )
-        names = quantize_linears(body.layers, METHODS[method], prefix="layers")
-        cfg = body.config
-        decoder = FAMILIES[cfg.family].decoder
-        if decoder and METHODS[method] == "dynamic":
+    """``body`` with the linear layers of its blocks made int8 for ``method`` (in place): every stack's
+    (an encoder-decoder's two, cross-attention included, and its context projection; CLIP's two
+    towers), and the token embeddings unless an LM head shares them (the head stays float)."""
+    if method is None or METHODS[method] is None:
+        return body
+    activations = METHODS[method]
+    if isinstance(body, EncoderDecoder):
+        stacks = {"encoder": body.encoder, "decoder": body.decoder}
+        tied = body.config.decoder.tie_word_embeddings  # the output layer is the decoder's table
+    elif isinstance(body, DualEncoder):
+        stacks = dict(body.towers)  # the projections into the shared space stay float, as a pooler
+        tied = False
+    else:
+        stacks = {"": body}
+        tied = FAMILIES[body.config.family].decoder and body.config.tie_word_embeddings
+    # one-stack decoders: see DYNAMIC_FLOAT_INPUTS
+    float_inputs = isinstance(body, Transformer) and FAMILIES[body.config.family].decoder
+    tables: dict[int, Int8Embedding] = {}  # a table two stacks share (T5, BART) stays one table
+    for prefix, stack in stacks.items():
+        names = quantize_linears(stack.layers, activations, prefix=f"{prefix}.layers".lstrip("."))
+        if float_inputs and activations == "dynamic":
             # the attention output's input (the heads side by side) has outlier channels that one
             # scale per row flattens: SmolLM2's perplexity +8.7% with it int8, +0.9% with it float
             for name in names:
                 if name.endswith(DYNAMIC_FLOAT_INPUTS):
                     body.get_submodule(name).activations = "weight"
-        tied = decoder and cfg.tie_word_embeddings
-        if not tied and isinstance(getattr(body.embed, "tokens", None), nn.Embedding):
-            body.embed.tokens = Int8Embedding.from_embedding(body.embed.tokens)
+        tokens = getattr(stack.embed, "tokens", None)
+        if not tied and isinstance(tokens, nn.Embedding):
+            tables.setdefault(id(tokens), Int8Embedding.from_embedding(tokens))
+            stack.embed.tokens = tables[id(tokens)]
+    if isinstance(body, EncoderDecoder) and body.project is not None:  # the encoder -> decoder projection
+        body.project = Int8Linear.from_linear(body.project, activations)
     return body
 
 

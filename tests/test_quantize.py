@@ -12,7 +12,10 @@ import torch.nn.functional as F
 import transformers
 from conftest import hf_model, padded_batch, stack_families, tiny_hf_config
 from safetensors.torch import load_file
+from test_clip import clip_folder, write_images
 from test_predict_cli import LABELS, task_folder, write_jsonl
+from test_seq2seq_training import t5_folder, words  # noqa: F401  (t5_folder: a fixture)
+from test_whisper import tiny_window_folder  # noqa: F401  (a fixture)
 
 from graft.compress.quantize import quantize, quantize_folder, size_on_disk
 from graft.errors import GraftError
@@ -23,7 +26,7 @@ from graft.models import FAMILIES
 INT8 = [m for m, activations in METHODS.items() if activations is not None]
 BF16_U = 2.0**-8  # bfloat16's unit roundoff (8 bits of significand)
 
-# one stack of blocks; the two-stack families (encoder-decoders, CLIP) are refused in one line: below
+# one stack of blocks; and two (encoder-decoders: both stacks, cross-attention included; CLIP: both towers)
 ONE_STACK, TWO_STACKS = stack_families()
 
 
@@ -319,11 +322,191 @@ def test_smollm2_decodes_from_int8_weights(method, tmp_path, cli):
     assert "Paris" in result.stdout
 
 
+# ---- two stacks: encoder-decoders (both stacks, cross-attention included) and CLIP (both towers) ----
+
+ENCODER_DECODERS = [f for f in TWO_STACKS if FAMILIES[f].encoder_decoder]
+
+
+def two_stack_inputs(family: str) -> dict[str, torch.Tensor]:
+    """The encoder's inputs (3 padded texts, or Whisper's 3 random spectrograms) and 6 decoder ids."""
+    ids, mask = padded_batch()
+    cfg = tiny_hf_config(family)
+    if family == "whisper":
+        torch.manual_seed(1)
+        frames = 2 * cfg.max_source_positions  # (the conv stride halves them)
+        return {"input_features": torch.randn(3, cfg.num_mel_bins, frames), "decoder_input_ids": ids[:, :6]}
+    return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids[:, :6]}
+
+
+def two_stack_outputs(model, family: str) -> torch.Tensor:
+    """Rows to compare: an encoder-decoder's logits at every decoder position (N, V), CLIP's text
+    and image embeddings (N, P)."""
+    with torch.inference_mode():
+        if FAMILIES[family].dual_encoder:
+            cfg = tiny_hf_config(family).vision_config
+            torch.manual_seed(1)
+            images = torch.randn(2, cfg.num_channels, cfg.image_size, cfg.image_size)
+            ids, mask = padded_batch()
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=images)
+            return torch.cat([out.text_embeds, out.image_embeds]).float()
+        return model(**two_stack_inputs(family)).logits.flatten(0, 1).float()
+
+
+def two_stack_folder(family: str, tmp_path):
+    folder = tmp_path / f"{family}-float"
+    hf_model(family, "base" if FAMILIES[family].dual_encoder else "seq2seq").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", INT8)
 @pytest.mark.parametrize("family", TWO_STACKS)
-def test_int8_on_a_model_with_two_stacks_is_one_line_and_bf16_works(family, tmp_path):
-    hf_model(family).save_pretrained(tmp_path)
-    message = rf"^quantize: int8-dynamic is for one stack of blocks; a {family} model has two \(--method bf16"
-    with pytest.raises(GraftError, match=message):
-        quantize(load_model(tmp_path), "int8-dynamic")
-    model = quantize(load_model(tmp_path), "bf16")
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+def test_two_stack_families_quantize_save_and_load_back_bitwise(family, method, tmp_path):
+    folder = two_stack_folder(family, tmp_path)
+    float_model = load_model(folder)
+    model = quantize(load_model(folder), method)
+    save_model(model, tmp_path / "q")
+    again = load_model(tmp_path / "q")
+    state, loaded = model.state_dict(), again.state_dict()
+    assert state.keys() == loaded.keys()
+    for name, tensor in state.items():
+        assert tensor.dtype == loaded[name].dtype and torch.equal(tensor, loaded[name]), name
+
+    # every linear of both stacks is int8 (an encoder-decoder's cross-attention too), nothing else is
+    saved = load_file(tmp_path / "q" / "model.safetensors")
+    int8 = {k for k, v in saved.items() if v.dtype == torch.int8}
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    layers = [n for n, m in again.named_modules() if isinstance(m, (Int8Linear, Int8Embedding))]
+    assert len(layers) == config["int8_layers"] and {k + "_scale" for k in int8} <= set(saved)
+    body = again.body if hasattr(again, "body") else again
+    stacks = [body.text, body.vision] if FAMILIES[family].dual_encoder else [body.encoder, body.decoder]
+    for stack in stacks:
+        linears = [m for m in stack.layers.modules() if isinstance(m, torch.nn.Linear)]
+        assert not linears and any(isinstance(m, Int8Linear) for m in stack.layers.modules())
+    if FAMILIES[family].encoder_decoder:
+        assert any(".cross_attn." in n for n in layers)
+        # the token table is int8 unless it is the output layer too (which stays float)
+        tied = body.config.decoder.tie_word_embeddings
+        assert isinstance(body.decoder.embed.tokens, Int8Embedding) != tied
+        assert not isinstance(again.head.proj, Int8Linear)
+    else:
+        assert isinstance(body.text.embed.tokens, Int8Embedding)
+        assert not isinstance(body.text_projection, Int8Linear)  # as a pooler: float
+    assert not any("norm" in k.lower() or "position" in k for k in int8)
+
+    # the int8 model agrees with the float one: each row's direction to 2e-3, every value to 5% of
+    # the largest (T5's random tiny logits are the furthest: cosine 0.9993, 2.5%)
+    expected, got = two_stack_outputs(float_model, family), two_stack_outputs(again, family)
+    cos = F.cosine_similarity(expected, got, dim=-1)
+    assert cos.min() >= 0.998, cos.min()
+    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
+
+
+@pytest.mark.parametrize("family", ENCODER_DECODERS)
+def test_an_untied_output_layer_leaves_the_token_table_int8(family, tmp_path):
+    """With its own output layer (tie_word_embeddings false: mT5's, or a T5 whose config.json says
+    true over a separate lm_head, as transformers 5 writes), the token table is int8, one table
+    where the stacks share it, and the output layer stays float."""
+    import transformers as tr
+
+    config = tiny_hf_config(family)
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    cls = tr.AutoModelForSpeechSeq2Seq if family == "whisper" else tr.AutoModelForSeq2SeqLM
+    cls.from_config(config).eval().save_pretrained(tmp_path / "f")
+    saved = json.loads((tmp_path / "f" / "config.json").read_text())
+    (tmp_path / "f" / "config.json").write_text(json.dumps({**saved, "tie_word_embeddings": True}))
+    quantize_folder(tmp_path / "f", tmp_path / "q", "int8-dynamic")
+    float_model, model = load_model(tmp_path / "f"), load_model(tmp_path / "q")
+    body = model.body
+    assert isinstance(body.decoder.embed.tokens, Int8Embedding) and not model.head.tied
+    assert isinstance(model.head.proj, torch.nn.Linear) and model.head.proj.weight.dtype == torch.float32
+    if body.config.share_embeddings:
+        assert body.encoder.embed.tokens is body.decoder.embed.tokens
+    cos = F.cosine_similarity(
+        two_stack_outputs(float_model, family), two_stack_outputs(model, family), dim=-1
+    )
+    assert cos.min() >= 0.998, cos.min()
+
+
+@pytest.mark.parametrize("method", INT8)
+@pytest.mark.parametrize("family", ENCODER_DECODERS)
+def test_int8_encoder_decoder_generates_the_float_models_tokens_where_the_margin_allows(
+    family, method, tmp_path
+):
+    """Greedy tokens from the int8 model equal the float model's up to the first step where the
+    float model's top-two margin is within twice the two models' largest logit difference there
+    (where rounding may legitimately flip the choice); on these tiny models that is every step."""
+    from graft.generation import generate
+
+    folder = two_stack_folder(family, tmp_path)
+    float_model, model = load_model(folder), quantize(load_model(folder), method)
+    inputs = two_stack_inputs(family)
+    inputs.pop("decoder_input_ids")
+    encoder = {"input_features": inputs.get("input_features"), "max_new_tokens": 8}
+    expected = generate(float_model, inputs.get("input_ids"), inputs.get("attention_mask"), **encoder)
+    got = generate(model, inputs.get("input_ids"), inputs.get("attention_mask"), **encoder)
+    assert got.shape[0] == expected.shape[0]
+    n = min(got.shape[1], expected.shape[1])
+    same = got[:, :n].eq(expected[:, :n]).all(0)  # (n,)
+    if bool(same.all()) and got.shape == expected.shape:
+        return
+    first = int((~same).nonzero()[0]) if not bool(same.all()) else n  # the first step that differs
+    with torch.inference_mode():  # both models on the float model's tokens before that step
+        a = float_model(**inputs, decoder_input_ids=expected[:, :first]).logits[:, -1].float()  # (B, V)
+        b = model(**inputs, decoder_input_ids=expected[:, :first]).logits[:, -1].float()
+    top = a.topk(2, dim=-1).values  # (B, 2)
+    margin = (top[:, 0] - top[:, 1]).min()
+    assert margin <= 2 * (a - b).abs().max(), (first, margin)
+
+
+@pytest.mark.parametrize("method", INT8)
+def test_int8_t5_folder_generates_through_the_cli(method, t5_folder, tmp_path, cli):  # noqa: F811
+    from graft.generation import generate
+    from graft.generation.text import decode_new, encode_prompts
+    from graft.tokenizer import Tokenizer
+
+    cli("quantize", t5_folder, tmp_path / "q", "--method", method).ok()
+    prompts = [words(5, 6, 7), words(8)]
+    done = cli("generate", tmp_path / "q", "-p", prompts[0], "-p", prompts[1], "-n", "5", "--json").ok()
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    model, tok = load_model(tmp_path / "q"), Tokenizer.from_folder(tmp_path / "q")
+    assert any(isinstance(m, Int8Linear) for m in model.modules())
+    ids, mask = encode_prompts(tok, prompts, side="right")
+    expected = decode_new(tok, generate(model, ids, mask, max_new_tokens=5)[:, 1:], [1])
+    assert [line["completion"] for line in lines] == expected
+
+
+@pytest.mark.parametrize("method", INT8)
+def test_int8_whisper_transcribes(method, tiny_window_folder, tmp_path, cli):  # noqa: F811
+    import numpy as np
+    import soundfile
+
+    soundfile.write(
+        tmp_path / "a.wav", np.random.default_rng(0).standard_normal(8000).astype(np.float32), 16000
+    )
+    cli("quantize", tiny_window_folder, tmp_path / "q", "--method", method).ok()
+    float_text = cli("transcribe", tiny_window_folder, tmp_path / "a.wav", "--format", "jsonl").ok().stdout
+    int8_text = cli("transcribe", tmp_path / "q", tmp_path / "a.wav", "--format", "jsonl").ok().stdout
+    # the tiny random model's greedy tokens: the same as the float model's (its margins allow it: above)
+    assert int8_text == float_text and float_text.strip()
+
+
+@pytest.mark.parametrize("method", INT8)
+def test_int8_clip_embeds_and_classifies_zero_shot(method, tmp_path, cli):
+    clip_folder(tmp_path / "clip")
+    files = write_images(tmp_path / "images", 2)
+    cli("quantize", tmp_path / "clip", tmp_path / "q", "--method", method).ok()
+    for flags in (("--image", tmp_path / "images"), ("--text", "a red car", "--text", "a cat")):
+        rows = [cli("embed", folder, *flags).ok().stdout for folder in (tmp_path / "clip", tmp_path / "q")]
+        expected, got = (torch.tensor([json.loads(line) for line in r.splitlines()]) for r in rows)
+        assert F.cosine_similarity(expected, got, dim=-1).min() >= 0.998
+    args = ("--labels", "car,cat,shoe", "--templates", "a photo of a {}.")
+    rows = [cli("zeroshot", tmp_path / "q", *args, *files).ok().stdout.splitlines()]
+    assert [json.loads(line)["image"] for line in rows[0]] == [str(f) for f in files]
+
+
+def test_bf16_works_on_two_stacks_too(tmp_path):
+    for family in TWO_STACKS:
+        hf_model(family).save_pretrained(tmp_path / family)
+        model = quantize(load_model(tmp_path / family), "bf16")
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters()), family

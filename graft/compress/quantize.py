@@ -9,10 +9,13 @@ Methods (graft.kernels.int8.METHODS):
   the bytes; many rows dequantize the weight per call).
 - ``bf16``: every weight in bfloat16.
 
-The token embeddings become int8 too (one scale per token; they are half of MiniLM's bytes).
+Every stack is quantized: an encoder-decoder's two (T5, BART, Whisper: cross-attention and the
+context projection included) and CLIP's two towers (its projections into the shared space stay
+float, as a pooler). The token embeddings become int8 too (one scale per token; they are half of
+MiniLM's bytes), one table where two stacks share it.
 What stays float, and why: the position embeddings and layer norms (few numbers, and
 sensitive), BERT's pooler and every task head, the LM head included (it decides the next token),
-and with it the token embeddings of a decoder whose LM head shares them (SmolLM2, GPT-2). The saved
+and with it the token embeddings of a decoder whose LM head shares them (SmolLM2, GPT-2, T5, BART). The saved
 config.json says so under "quantization_config" (quant_method "graft", so transformers does not
 mistake it for a format it reads). Weights go into model.safetensors as int8 ("X.weight") next to
 fp32 scales ("X.weight_scale"), written atomically; ``graft.loading.load_model`` reads them back.
@@ -42,7 +45,10 @@ from graft.loading import (
 from graft.models import FAMILIES
 from graft.tasks import TaskModel
 
-FLOAT = "position embeddings, layer norms, pooler, task head (LM head included; token embeddings too when tied to it)"
+FLOAT = (
+    "position embeddings, layer norms, pooler (and CLIP's projections), task head (LM head included; "
+    "token embeddings too when tied to it)"
+)
 
 
 def check_method(method: str) -> str:
