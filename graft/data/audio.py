@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 
 from graft.data.readers import CsvSource, JsonlSource, Source, TsvSource, check_file, missing_path_error
-from graft.data.records import BadRow, LoadStats, ReadOptions, Record, quoted
+from graft.data.records import DEFAULT_ALIASES, BadRow, LoadStats, ReadOptions, Record, quoted
 from graft.errors import GraftError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 METADATA = ("metadata.csv", "metadata.jsonl", "metadata.tsv")
-AUDIO_COLUMNS = ("audio", "audio_path", "audio_file")  # audio whatever the values look like
+AUDIO_COLUMNS = DEFAULT_ALIASES["audio"]  # audio whatever the values look like
 PATH_COLUMNS = ("path", "file_name", "file")  # audio when the first value names an audio file
 TABLES: dict[str, type[Source]] = {".csv": CsvSource, ".tsv": TsvSource, ".tab": TsvSource,
                                    ".jsonl": JsonlSource, ".ndjson": JsonlSource, ".json": JsonlSource}  # fmt: skip

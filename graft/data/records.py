@@ -71,6 +71,7 @@ DEFAULT_ALIASES: dict[str, tuple[str, ...]] = {
     "answers": ("answers", "answer"),
     "id": ("id", "idx", "guid"),
     "image": ("image", "img", "image_path", "file_name"),
+    "audio": ("audio", "audio_path", "audio_file"),  # paths, read by graft.data.audio
 }
 
 # A record needs at least one of these to be an input to a model.
