@@ -152,9 +152,14 @@ def test_speech_training_errors_name_the_file_and_column(whisper, speech_csv, tm
         "does not exist"
     )
     untranscribed = speech_csv.parent / "untranscribed.csv"
-    untranscribed.write_text("audio\nclips/0.wav\n")
+    untranscribed.write_text("audio\n" + "".join(f"clips/{i}.wav\n" for i in range(8)))
     line = cli(
         "train", ROOT / "recipes" / "speech.yaml", f"model.path={whisper}", f"data.train={untranscribed}",
         f"train.output={tmp_path / 'run2'}",
     ).error_line()  # fmt: skip
     assert line.startswith(f"error: {untranscribed}: no 'text' column, which training a seq2seq model needs")
+    line = cli("eval", whisper, "--data", speech_csv, "--format", "csv").error_line()
+    assert (
+        line
+        == "error: --format csv: a Whisper model reads speech data (--format audio: audio paths and texts)"
+    )

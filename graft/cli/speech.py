@@ -117,14 +117,19 @@ def evaluate_speech(
     CSV/JSON lines file of path,text or an audio folder), print WER and CER (as written, and
     normalized), write metrics.json and predictions.jsonl to --out."""
     from graft.data import load_records
+    from graft.errors import GraftError
     from graft.generation.speech import Transcriber
     from graft.io.atomic import atomic_path, check_output, write_json
     from graft.loading import load_model
     from graft.metrics import compute_metrics
 
+    if fmt not in (None, "audio"):
+        raise GraftError(
+            f"--format {fmt}: a Whisper model reads speech data (--format audio: audio paths and texts)"
+        )
     if out is not None:
         check_output(out, "--out", folder=True)
-    stream = load_records(data, fmt or "audio", columns, skip_bad_rows, required=("text",), encoding=encoding)
+    stream = load_records(data, "audio", columns, skip_bad_rows, required=("text",), encoding=encoding)
     records = list(stream)  # every file is read (and checked) before the model loads
     with whisper_folder(model) as folder:
         whisper = load_model(folder, task="seq2seq", kernels=not reference)
