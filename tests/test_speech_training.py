@@ -59,7 +59,7 @@ def loss_on(model: TaskModel, folder: Path, data: Path) -> float:
         return float(model.eval()(**batch).loss)
 
 
-@pytest.mark.parametrize("strategy", ["full", "lora"])
+@pytest.mark.parametrize("strategy", ["full", pytest.param("lora", marks=pytest.mark.slow)])
 def test_graft_train_fine_tunes_whisper_on_audio_files(whisper, speech_csv, tmp_path, cli, strategy):
     """graft train on a CSV of audio paths: the training loss goes down, evaluation transcribes the
     held-out clips (WER, CER), and the saved model loads and transcribes like its base."""
