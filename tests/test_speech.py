@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import soundfile
 
+from graft.data import detect_format, load_records
 from graft.errors import GraftError
 from graft.metrics import cer, compute_metrics, normalize_transcript, wer
-from graft.speech import WhisperFeatures, read_audio, read_speech_records, resample
+from graft.speech import WhisperFeatures, read_audio, resample
 from graft.speech.features import mel_filters
 
 
@@ -100,54 +101,102 @@ def test_features_from_a_model_folder(tmp_path) -> None:
         WhisperFeatures.from_folder(tmp_path)
 
 
-# ---- speech data sets ------------------------------------------------------------------------
+# ---- speech data sets (graft.data's audio format) --------------------------------------------
 
 
-def test_speech_records_from_csv_and_folders(tmp_path) -> None:
-    audio = tmp_path / "clips"
-    audio.mkdir()
+def write_clips(folder, names=("a", "b"), rate: int = 16000) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        soundfile.write(folder / f"{name}.wav", tone(rate, 0.1 + 0.05 * i), rate)
+
+
+def plain(records) -> list[dict]:
+    """Records with their samples as lists, for equality."""
+    return [{**r, "audio": np.round(r["audio"], 6).tolist()} for r in records]
+
+
+def test_speech_records_from_tables_and_folders(tmp_path, monkeypatch) -> None:
+    """Every layout gives the same records: 16 kHz samples, the transcript, the path as written;
+    relative paths start from the data file's folder, not from where graft runs."""
+    write_clips(tmp_path / "clips", rate=22050)
+    clip = {name: read_audio(tmp_path / "clips" / f"{name}.wav") for name in ("a", "b")}
+    expected = [{"audio": clip["a"], "text": "text a", "id": "clips/a.wav"},
+                {"audio": clip["b"], "text": "text b", "id": "clips/b.wav"}]  # fmt: skip
+    (tmp_path / "data.csv").write_text('audio,text\nclips/a.wav,text a\nclips/b.wav,"text b"\n')
+    (tmp_path / "data.jsonl").write_text(
+        '{"path": "clips/a.wav", "transcript": "text a"}\n{"path": "clips/b.wav", "transcript": "text b"}\n'
+    )
+    (tmp_path / "data.tsv").write_text("file_name\tsentence\nclips/a.wav\ttext a\nclips/b.wav\ttext b\n")
+    monkeypatch.chdir(tmp_path / "clips")  # elsewhere: the paths still resolve
+    for name in ("data.csv", "data.jsonl", "data.tsv"):
+        assert detect_format(tmp_path / name) == "audio"
+        assert plain(load_records(tmp_path / name)) == plain(expected), name
     for name in ("a", "b"):
-        soundfile.write(audio / f"{name}.wav", tone(16000, 0.1), 16000)
-        (audio / f"{name}.txt").write_text(f"text {name}\n")
-    expected = [{"audio": audio / "a.wav", "text": "text a"}, {"audio": audio / "b.wav", "text": "text b"}]
-    assert read_speech_records(audio) == expected
-    (tmp_path / "data.csv").write_text('path,text\nclips/a.wav,text a\nclips/b.wav,"text b"\n')
-    assert read_speech_records(tmp_path / "data.csv") == expected
-    (audio / "metadata.csv").write_text("file_name,text\na.wav,first\n")
-    assert read_speech_records(audio) == [{"audio": audio / "a.wav", "text": "first"}]
+        (tmp_path / "clips" / f"{name}.txt").write_text(f"text {name}\n")
+    folder = [{**r, "id": r["id"].removeprefix("clips/")} for r in expected]
+    assert detect_format(tmp_path / "clips") == "audio"
+    assert plain(load_records(tmp_path / "clips")) == plain(folder)  # transcripts beside the files
+    (tmp_path / "clips" / "metadata.csv").write_text("file_name,text\nb.wav,second\n")
+    assert plain(load_records(tmp_path / "clips")) == plain([{**folder[1], "text": "second"}])
+    # a path column is audio only when it names audio files; a plain text CSV stays text
+    (tmp_path / "text.csv").write_text("path,text\nnotes/a.txt,hello\n")
+    assert detect_format(tmp_path / "text.csv") == "csv"
 
 
-@pytest.mark.parametrize(
-    "csv, message",
-    [
-        (
-            "path,txt\nclips/a.wav,x\n",
-            "line 1: no 'text' column (the header has ['path', 'txt']); did you mean 'txt'?",
-        ),
-        ("audio,text\nclips/a.wav,x\n", "line 1: no 'path' column (the header has ['audio', 'text'])"),
-        ("path,text\nclips/a.wav,x\nclips/c.wav,y\n", "line 3: audio file"),
-        ("path,text\nclips/a.wav\n", "line 2: 1 fields, but the header has 2"),
-        ("path,text\n", "has a header but no rows"),
-        ("", "is empty (expected a header line: path,text)"),
-    ],
-)
-def test_speech_csv_errors(tmp_path, csv: str, message: str) -> None:
-    (tmp_path / "clips").mkdir()
-    soundfile.write(tmp_path / "clips" / "a.wav", tone(16000, 0.1), 16000)
-    (tmp_path / "data.csv").write_text(csv)
-    with pytest.raises(GraftError) as e:
-        read_speech_records(tmp_path / "data.csv")
-    assert str(e.value).startswith(f"{tmp_path / 'data.csv'}: ") and message in str(e.value)
+def test_speech_records_name_the_column_the_user_maps(tmp_path) -> None:
+    write_clips(tmp_path)
+    (tmp_path / "data.csv").write_text("wav,words\na.wav,x\n")
+    (record,) = load_records(tmp_path / "data.csv", "audio", columns={"wav": "audio", "words": "text"})
+    assert record["text"] == "x" and len(record["audio"]) == 1600
+
+
+def test_speech_data_errors_name_the_file_row_and_column(tmp_path) -> None:
+    write_clips(tmp_path, ("a",))
+    good = (tmp_path / "a.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(good[: len(good) // 2])  # a WAV cut short: soundfile reads half
+    (tmp_path / "junk.wav").write_bytes(b"RIFF0000WAVEjunk")
+    data = tmp_path / "data.csv"
+
+    def error(csv: str, **options) -> str:
+        data.write_text(csv)
+        with pytest.raises(GraftError) as e:
+            list(load_records(data, "audio", **options))
+        return str(e.value)
+
+    assert error("audio,text\na.wav,x\nnope.wav,y\n") == (
+        f"{data}, line 3, column 'audio': audio file {tmp_path / 'nope.wav'} does not exist"
+    )
+    assert error("audio,text\na.wav,x\ncut.wav,y\n") == (
+        f"{data}, line 3, column 'audio': {tmp_path / 'cut.wav'}: is truncated (its header promises 3200 "
+        "bytes of samples, the file holds 1578)"
+    )
+    assert error("audio,text\njunk.wav,y\n").startswith(
+        f"{data}, line 2, column 'audio': {tmp_path / 'junk.wav'}: not an audio file soundfile can read"
+    )
+    assert error("wav,text\na.wav,x\n") == (
+        f"{data}, line 1, column 'audio': no column of audio file paths (looked for 'audio', 'audio_path', "
+        "'audio_file', 'path', 'file_name', 'file'; available: 'wav', 'text'); name it with --column "
+        "COL=audio (data.columns: {COL: audio} in a recipe)"
+    )
+    assert error("audio,words\na.wav,x\n", required=("text",)).startswith(
+        f"{data}, line 1, column 'text': no such column (available: 'audio', 'words')"
+    )
+    data.write_text("audio,text\na.wav,x\nnope.wav,y\ncut.wav,z\n")
+    stream = load_records(data, "audio", skip_bad_rows=True)
+    assert [r["text"] for r in stream] == ["x"]
+    assert stream.stats.skipped == {"missing audio": 1, "unreadable audio": 1}
 
 
 def test_speech_folder_errors(tmp_path) -> None:
     with pytest.raises(GraftError, match="holds no audio files"):
-        read_speech_records(tmp_path)
-    soundfile.write(tmp_path / "a.wav", tone(16000, 0.1), 16000)
-    with pytest.raises(
-        GraftError, match=r"a.wav: has no transcript a.txt beside it \(or give a metadata.csv\)$"
-    ):
-        read_speech_records(tmp_path)
+        list(load_records(tmp_path, "audio"))
+    write_clips(tmp_path, ("a",))
+    with pytest.raises(GraftError) as e:
+        list(load_records(tmp_path))
+    assert str(e.value) == (
+        f"{tmp_path / 'a.wav'}, row 0, column 'text': no transcript a.txt beside it (or give the folder a "
+        "metadata.csv of file_name,text)"
+    )
 
 
 # ---- WER and CER against jiwer ---------------------------------------------------------------

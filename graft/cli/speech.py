@@ -102,23 +102,39 @@ def is_whisper(model: str) -> bool:
 
 
 def evaluate_speech(
-    model: str, data: Path, out: Path | None, batch_size: int, reference: bool, num_beams: int = 1
+    model: str,
+    data: Path,
+    out: Path | None,
+    batch_size: int,
+    reference: bool,
+    num_beams: int = 1,
+    fmt: str | None = None,
+    columns: dict[str, str] | None = None,
+    skip_bad_rows: bool = False,
+    encoding: str = "auto",
 ) -> None:
-    """``graft eval`` for a Whisper model: transcribe a speech data set (a CSV of path,text or an audio
-    folder), print WER and CER (as written, and normalized), write metrics.json and predictions.jsonl to --out."""
+    """``graft eval`` for a Whisper model: transcribe a speech data set (graft.data's audio format: a
+    CSV/JSON lines file of path,text or an audio folder), print WER and CER (as written, and
+    normalized), write metrics.json and predictions.jsonl to --out."""
+    from graft.data import load_records
+    from graft.errors import GraftError
     from graft.generation.speech import Transcriber
     from graft.io.atomic import atomic_path, check_output, write_json
     from graft.loading import load_model
     from graft.metrics import compute_metrics
-    from graft.speech import read_audio, read_speech_records
 
+    if fmt not in (None, "audio"):
+        raise GraftError(
+            f"--format {fmt}: a Whisper model reads speech data (--format audio: audio paths and texts)"
+        )
     if out is not None:
         check_output(out, "--out", folder=True)
-    records = read_speech_records(data)
+    stream = load_records(data, "audio", columns, skip_bad_rows, required=("text",), encoding=encoding)
+    records = list(stream)  # every file is read (and checked) before the model loads
     with whisper_folder(model) as folder:
         whisper = load_model(folder, task="seq2seq", kernels=not reference)
         transcriber = Transcriber(whisper, folder, num_beams=num_beams)
-    texts = transcriber([read_audio(r["audio"]) for r in records], batch_size=min(batch_size, 8))
+    texts = transcriber([r["audio"] for r in records], batch_size=min(batch_size, 8))
     metrics = {**compute_metrics("speech", texts, [r["text"] for r in records]), "examples": len(records)}
     typer.echo(json.dumps(metrics))
     if out is None:
@@ -127,5 +143,5 @@ def evaluate_speech(
     write_json(out / "metrics.json", metrics)
     with atomic_path(out / "predictions.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
         for record, text in zip(records, texts, strict=True):
-            line = {"audio": str(record["audio"]), "text": record["text"], "prediction": text}
+            line = {"audio": record["id"], "text": record["text"], "prediction": text}
             f.write(json.dumps(line, ensure_ascii=False) + "\n")

@@ -228,7 +228,18 @@ def evaluate(
     from graft.io.atomic import atomic_path, check_output, write_json
 
     if is_whisper(model):  # speech in: a data set of audio files and transcripts, WER and CER out
-        return evaluate_speech(model, data, out, batch_size, reference, num_beams)
+        return evaluate_speech(
+            model,
+            data,
+            out,
+            batch_size,
+            reference,
+            num_beams,
+            fmt,
+            parse_columns(column),
+            skip_bad_rows,
+            encoding,
+        )
     if out is not None:
         check_output(out, "--out", folder=True)
     m, tokenizer = load_task_model(model, device, reference, backend)

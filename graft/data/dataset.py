@@ -31,7 +31,7 @@ class DataSpec:
     train: str | None = None
     validation: str | None = None
     test: str | None = None
-    format: str | None = None  # csv, tsv, jsonl, parquet, textfolder, imagefolder, idx, conll, squad, hf
+    format: str | None = None  # csv, tsv, jsonl, parquet, textfolder, imagefolder, idx, conll, squad, hf...
     columns: dict[str, str] = field(default_factory=dict)  # your column name -> record key
     required: list[str] = field(default_factory=list)  # record keys that must be present
     label_kind: str = "class"  # class | multi | float

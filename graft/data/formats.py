@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+from graft.data.audio import AudioSource, is_audio_data
 from graft.data.folders import IMAGE_SUFFIXES, IdxSource, ImageFolderSource, TextFolderSource, class_folders
 from graft.data.hub import HubSource
 from graft.data.readers import (
@@ -34,6 +35,7 @@ FORMATS: dict[str, type[Source]] = {
         ConllSource,
         SquadSource,
         HubSource,
+        AudioSource,
     )
 }
 
@@ -62,6 +64,8 @@ def detect_format(path: str | Path) -> str:
     if path.is_dir():
         if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
             return "hf"  # saved with datasets' save_to_disk
+        if is_audio_data(path):  # audio files (and a metadata.csv)
+            return "audio"
         for folder in class_folders(path):
             for file in folder.rglob("*"):
                 if file.is_file() and not file.name.startswith("."):
@@ -71,9 +75,10 @@ def detect_format(path: str | Path) -> str:
         return "idx"
     suffix = path.suffix.lower()
     if suffix in _SUFFIXES:
-        return _SUFFIXES[suffix]
+        return "audio" if is_audio_data(path) else _SUFFIXES[suffix]
     if suffix == ".json":
-        return _json_kind(path)
+        kind = _json_kind(path)
+        return "audio" if kind == "jsonl" and is_audio_data(path) else kind
     raise GraftError(
         f"{path}: cannot tell the format from the name; pass --format (data.format in a recipe), "
         f"one of {quoted(FORMATS)} (or prefix a datasets name with 'hf:')"

@@ -9,6 +9,7 @@ A record is a plain dict with canonical keys (any subset):
     answers      {"text": [str, ...], "answer_start": [int, ...]} as in SQuAD; empty lists when
                  the question has no answer (SQuAD v2 ``is_impossible``)
     image        numpy uint8 array, (H, W) for grayscale or (H, W, C) for colour
+    audio        numpy float32 array, (N,) samples at 16 kHz (graft.data.audio reads the files)
 
 Class labels are always strings (a CSV gives "3", a JSON line 3: both become "3"), so a label
 map is the same whichever file format the labels came from.
@@ -44,12 +45,24 @@ CANONICAL_KEYS = (
     "id",
     "image",
     "group",
+    "audio",
 )
 
 # The user's column names that map to each canonical key when no explicit mapping says otherwise,
 # most specific first: a file with both 'text' and 'sentence' columns uses 'text'.
 DEFAULT_ALIASES: dict[str, tuple[str, ...]] = {
-    "text": ("text", "sentence", "content", "document", "review", "sentence1", "question1", "premise"),
+    "text": (
+        "text",
+        "sentence",
+        "content",
+        "document",
+        "review",
+        "sentence1",
+        "question1",
+        "premise",
+        "transcript",
+        "transcription",
+    ),
     "text_pair": ("text_pair", "sentence2", "question2", "hypothesis"),
     "label": ("label", "labels", "category", "class", "target"),
     "tokens": ("tokens", "words"),
@@ -59,10 +72,11 @@ DEFAULT_ALIASES: dict[str, tuple[str, ...]] = {
     "answers": ("answers", "answer"),
     "id": ("id", "idx", "guid"),
     "image": ("image", "img", "image_path", "file_name"),
+    "audio": ("audio", "audio_path", "audio_file"),  # paths, read by graft.data.audio
 }
 
 # A record needs at least one of these to be an input to a model.
-INPUT_KEYS = ("text", "tokens", "question", "image")
+INPUT_KEYS = ("text", "tokens", "question", "image", "audio")
 TEXT_KEYS = ("text", "text_pair", "question", "context", "id", "group")
 LABEL_KINDS = ("class", "multi", "float")
 

@@ -37,7 +37,14 @@ class Transcriber:
     """A Whisper model with what it needs around it: its tokenizer, feature extractor, prompt and
     generation settings (all read from the model's folder; the tokenizer can be given)."""
 
-    def __init__(self, model: Any, folder: str | Path, tokenizer: Any = None, **options: Any) -> None:
+    def __init__(
+        self,
+        model: Any,
+        folder: str | Path,
+        tokenizer: Any = None,
+        max_new_tokens: int | None = None,
+        **options: Any,
+    ) -> None:
         if getattr(model.config, "family", None) != "whisper" or getattr(model, "task", None) != "seq2seq":
             family = getattr(model.config, "family", "?")
             raise GraftError(
@@ -52,6 +59,7 @@ class Transcriber:
         self.prompt = WhisperPrompt.from_generation_config(defaults, str(path))
         max_length = defaults.get("max_length") or model.config.decoder.max_positions
         self.max_length = min(int(max_length), model.config.decoder.max_positions)
+        self.max_new_tokens = max_new_tokens  # a cap below max_length (training's evaluation)
         self.config = GenerationConfig.for_model(model, defaults, **options)
 
     def tokens(
@@ -62,17 +70,28 @@ class Transcriber:
         batch_size: int = 8,
     ) -> list[list[list[int]]]:
         """Each clip's windows' new tokens, up to (not including) the end of the text."""
-        start = self.prompt.tokens(language, task)
-        config = self.config.replace(max_new_tokens=self.max_length - len(start))
         pieces = [(i, w) for i, clip in enumerate(clips) for w in windows(clip, self.features.n_samples)]
         out: list[list[list[int]]] = [[] for _ in clips]
         for batch in _chunks(pieces, batch_size):
             features = self.features([w for _, w in batch])  # (B, M, frames)
-            prompt = torch.tensor([start] * len(batch))  # (B, P)
-            ids = generate(self.model, None, config=config, decoder_input_ids=prompt, input_features=features)
-            for (i, _), row in zip(batch, ids[:, len(start) :].tolist(), strict=True):
-                out[i].append(_until_eos(row, config.eos_ids))
+            for (i, _), row in zip(batch, self.from_features(features, language, task), strict=True):
+                out[i].append(row)
         return out
+
+    def from_features(
+        self, features: torch.Tensor, language: str | None = "en", task: str = "transcribe"
+    ) -> list[list[int]]:
+        """(B, M, frames) windows' features -> each window's new tokens, up to the end of the text."""
+        start = self.prompt.tokens(language, task)
+        new = self.max_length - len(start)
+        config = self.config.replace(max_new_tokens=min(new, self.max_new_tokens or new))
+        prompt = torch.tensor([start] * features.shape[0])  # (B, P)
+        ids = generate(self.model, None, config=config, decoder_input_ids=prompt, input_features=features)
+        return [_until_eos(row, config.eos_ids) for row in ids[:, len(start) :].tolist()]
+
+    def texts(self, tokens: Sequence[Sequence[int]]) -> list[str]:
+        """Token rows -> texts, special tokens skipped."""
+        return [self.tokenizer.decode(list(ids), skip_special_tokens=True).strip() for ids in tokens]
 
     def __call__(
         self,
@@ -84,8 +103,7 @@ class Transcriber:
         """Each clip's text."""
         texts = []
         for parts in self.tokens(clips, language, task, batch_size):
-            pieces = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in parts]
-            texts.append(" ".join(p for p in pieces if p))
+            texts.append(" ".join(p for p in self.texts(parts) if p))
         return texts
 
 

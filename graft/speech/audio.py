@@ -9,6 +9,7 @@ samples' neighbourhood, so the whole signal is one strided convolution.
 from __future__ import annotations
 
 import math
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from graft.errors import GraftError
 SAMPLING_RATE = 16000  # Whisper's
 ZERO_CROSSINGS = 6  # the sinc's width on each side, in periods of the lower rate
 ROLLOFF = 0.99  # the cut-off, as a fraction of the lower rate's Nyquist frequency
+# libsndfile reads a WAV cut short without complaint, and logs "data : 32000 (should be 15978)"
+_TRUNCATED = re.compile(r"^data\s*:\s*(\d+) \(should be (\d+)\)", re.MULTILINE)
+STREAMING = 0x7FFF0000  # a data size this large is a placeholder written by a stream, not a promise
 
 
 def read_audio(path: str | Path, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
@@ -38,6 +42,11 @@ def read_audio(path: str | Path, sampling_rate: int = SAMPLING_RATE) -> np.ndarr
         raise GraftError(f"{path}: not an audio file soundfile can read (WAV, FLAC, OGG...): {e}") from None
     if data.shape[0] == 0:
         raise GraftError(f"{path}: holds no audio samples")
+    truncated = _TRUNCATED.search(soundfile.info(str(path)).extra_info)
+    if truncated and int(truncated[2]) < int(truncated[1]) < STREAMING:
+        raise GraftError(
+            f"{path}: is truncated (its header promises {truncated[1]} bytes of samples, the file holds {truncated[2]})"
+        )
     return resample(data.mean(axis=1), rate, sampling_rate)
 
 

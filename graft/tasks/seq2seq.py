@@ -46,6 +46,7 @@ class Seq2SeqHead(Head):
             )
         cfg = body.config
         self.config = cfg
+        self.inputs = cfg.encoder.inputs  # tokens, or audio_frames (Whisper: graft.tasks.speech)
         self.layout = hf_seq2seq_head(cfg.family)
         dec = cfg.decoder
         self.proj = nn.Linear(dec.hidden_size, dec.vocab_size, bias=False)
@@ -109,7 +110,7 @@ class Seq2SeqHead(Head):
     ) -> dict[str, Any]:
         """Sources (``text``) -> input_ids, attention_mask; targets (``text_pair``, when every record has
         one) -> labels (padding -100) and decoder_input_ids (labels shifted right behind the start token)."""
-        if self.config.encoder.inputs == "audio_frames":
+        if self.inputs == "audio_frames":
             return collate_speech(self.config, records, tokenizer)  # Whisper (graft.tasks.speech)
         enc_limit = window(self.config.encoder, tokenizer, max_length)
         sources = field(records, "text", self.task)
@@ -157,7 +158,7 @@ class Seq2SeqHead(Head):
             tokens = sum(p["tokens"] for p in predictions)
             loss = sum(p["nll"] for p in predictions) / max(tokens, 1)
             metrics |= {"loss": loss, "perplexity": perplexity(loss)}
-        if predictions and "generated" in predictions[0] and self.config.encoder.inputs == "audio_frames":
+        if predictions and "generated" in predictions[0] and self.inputs == "audio_frames":
             metrics |= speech_metrics(predictions, records)  # WER and CER
         elif predictions and "generated" in predictions[0]:
             references = field(records, "text_pair", self.task)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,11 @@ def build_trainer(
     splits = load_splits(recipe.data)
     train_set = splits["train"]
     key = LABEL_KEYS.get(recipe.task.name)
-    if key and len(train_set) and train_set[0].get(key) is None:  # before the model loads
-        shown = ", ".join(k for k in train_set[0] if not k.startswith("_"))
+    first = train_set[0] if len(train_set) else {}
+    if key == "text_pair" and "audio" in first:  # speech (graft.data.audio): the transcript is the target
+        key = "text"
+    if key and first and first.get(key) is None:  # before the model loads
+        shown = ", ".join(k for k in first if not k.startswith("_"))
         raise GraftError(
             f"{recipe.data.train}: no {key!r} column, which training a {recipe.task.name} model needs "
             f"(read: {shown}); name yours with data.columns, e.g. data.columns={{YOUR_COLUMN: {key}}}"
@@ -150,7 +154,29 @@ def build_trainer(
     def eval_step(logits: torch.Tensor, batch: dict[str, Any], records: list[dict[str, Any]]) -> Any:
         return head.postprocess(logits, batch), records
 
-    if recipe.task.name == "seq2seq":  # the loss, and ROUGE/BLEU/chrF of texts generated as task.* says
+    extra_files = None
+    if recipe.task.name == "seq2seq" and head.inputs == "audio_frames":  # Whisper: the loss, WER and CER
+        from graft.generation.speech import Transcriber
+
+        transcriber = Transcriber(
+            model,
+            folder,
+            tokenizer,
+            max_new_tokens=recipe.task.max_new_tokens,
+            num_beams=recipe.task.num_beams,
+        )
+
+        def eval_step(logits: torch.Tensor, batch: dict[str, Any], records: list[dict[str, Any]]) -> Any:
+            texts = transcriber.texts(transcriber.from_features(batch["input_features"]))
+            scored = head.postprocess(logits, batch)
+            return [{**p, "generated": t} for p, t in zip(scored, texts, strict=True)], records
+
+        def extra_files(out: Path) -> None:  # what transcribing with the trained model reads
+            for name in ("generation_config.json", "preprocessor_config.json"):
+                if (folder / name).is_file():
+                    shutil.copyfile(folder / name, out / name)
+
+    elif recipe.task.name == "seq2seq":  # the loss, and ROUGE/BLEU/chrF of texts generated as task.* says
         from graft.generation import GenerationConfig, generate
         from graft.generation.text import decode_new
 
@@ -172,7 +198,7 @@ def build_trainer(
     trainer = Trainer(
         model, recipe, train, collate, validation,
         lengths=lengths, eval_step=eval_step, compute_metrics=compute_metrics, loss=loss,
-        tokenizer=tokenizer, callbacks=callbacks, quiet=quiet,
+        tokenizer=tokenizer, callbacks=callbacks, quiet=quiet, extra_files=extra_files,
     )  # fmt: skip
     trainer.test_data = splits.get("test")
     if getattr(model, "unfreezing", None) is not None:  # gradual unfreezing follows the trainer's epoch
