@@ -482,6 +482,5 @@ def test_commands_for_one_stack_refuse_clip_in_one_line(tmp_path, cli):
         (("prune", tmp_path / "clip", tmp_path / "out", "--data", data, "--ffn", "0.3"), "prune: a clip model has two stacks (a text and an image tower)"),
         (("heads", tmp_path / "clip", "--data", data, "--out", tmp_path / "h"), "head importance: a clip model has two stacks (a text and an image tower)"),
         (("explain", tmp_path / "clip", "--text", "a cat"), "explain: the image-text task is not supported"),
-        (("export", tmp_path / "clip", tmp_path / "onnx"), "export: a clip model has two stacks (a text and an image tower); export works on one stack"),
     ):  # fmt: skip
         assert cli(*args).error_line().startswith("error: " + start), args
