@@ -67,10 +67,13 @@ def pick_device(device: str | None) -> str:
     return device
 
 
-def load_task_model(model: str, device: str | None, reference: bool = False, backend: str | None = None):
+def load_task_model(
+    model: str, device: str | None, reference: bool = False, backend: str | None = None, setfit: bool = False
+):
     """The task model and tokenizer of a model folder (or Hub id); ``reference``: without the kernels.
-    A graft export folder (or ``backend``) gives its ExportedModel, run by ONNX Runtime or torch; a
-    SetFit folder (graft setfit) its SetFitTask, a classification model."""
+    A graft export folder (or ``backend``) gives its ExportedModel, run by ONNX Runtime or torch;
+    with ``setfit`` (predict, eval), a SetFit folder (graft setfit) its SetFitTask, a classification
+    model that only ``runner`` runs."""
     from graft.export.backend import is_exported, load_exported
     from graft.fewshot.setfit import SetFitTask, is_setfit
     from graft.io.hf import resolve
@@ -81,7 +84,7 @@ def load_task_model(model: str, device: str | None, reference: bool = False, bac
         return load_exported(model, backend), load_processor(model)
     chosen = pick_device(device)  # checked first, as for any model
     folder = resolve(model)
-    if is_setfit(folder):  # the CPU unless --device says otherwise (refused there)
+    if setfit and is_setfit(folder):  # the CPU unless --device says otherwise (refused there)
         return SetFitTask.load(folder, device), load_processor(folder)
     device = chosen
     m = load_model(folder, device=device, kernels=not reference)
@@ -176,7 +179,7 @@ def predict(
 
     if output is not None:
         check_output(output, "--output", example="predictions.jsonl")
-    m, tokenizer = load_task_model(model, device, reference, backend)
+    m, tokenizer = load_task_model(model, device, reference, backend, setfit=True)
     if m.task in ("causal-lm", "seq2seq") and isinstance(m, ExportedModel):
         what = "causal LM" if m.task == "causal-lm" else "seq2seq model"
         raise GraftError(f"{model}: an exported {what} generates with graft generate, not predict")
@@ -244,7 +247,7 @@ def evaluate(
         return evaluate_speech(model, data, out, batch_size, reference, num_beams)
     if out is not None:
         check_output(out, "--out", folder=True)
-    m, tokenizer = load_task_model(model, device, reference, backend)
+    m, tokenizer = load_task_model(model, device, reference, backend, setfit=True)
     columns = [*(column or []), *([f"{groups}=group"] if groups else [])]  # the group column, read as "group"
     records, predictions = [], []
     if m.task == "seq2seq" and isinstance(m, ExportedModel):
