@@ -251,6 +251,53 @@ def test_setfit_head_equals_a_hand_fitted_logistic_regression():
     assert float(w.grad.abs().max()) < 1e-4 and float(b.grad.abs().max()) < 1e-4
 
 
+def test_predict_and_eval_read_a_setfit_folder_as_a_classification_model(minilm, tmp_path, cli):
+    """graft predict and graft eval on a SetFit folder: SetFit.predict's labels, the softmax of its
+    logits as scores, the classification metrics; a bad --device and half a SetFit folder, one line."""
+    from graft.fewshot import SetFit
+    from graft.fewshot.setfit import HEAD_WEIGHTS, fit_logistic
+
+    texts, labels = SPORT + FOOD, ["sport"] * 4 + ["food"] * 4
+    classes = ["food", "sport"]
+    untuned = SetFit(load_model(minilm, task="embedding"), Tokenizer.from_folder(minilm), classes,
+                     torch.zeros(0), torch.zeros(0), 32)  # fmt: skip
+    y = torch.tensor([classes.index(label) for label in labels])
+    untuned.weight, untuned.bias = fit_logistic(untuned.embed(texts), y, 2)
+    folder = untuned.save(tmp_path / "setfit")
+    setfit = SetFit.load(folder)
+    queries = ["The goalkeeper saved a penalty.", "Fry the garlic and add the tomatoes.", *texts]
+    truth = ["sport", "food", *labels[:2], "food", *labels[3:6], "sport", *labels[7:]]  # two wrong on purpose
+    data = tmp_path / "test.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": t, "label": a}) + "\n" for t, a in zip(queries, truth, strict=True))
+    )
+
+    out = cli("predict", folder, "--input", data, "--batch-size", "3").ok().stdout
+    rows = [json.loads(line) for line in out.splitlines()]
+    expected = setfit.predict(queries)
+    probs = setfit.logits(queries).softmax(-1)  # (N, C)
+    assert [r["label"] for r in rows] == expected
+    for row, p in zip(rows, probs, strict=True):
+        assert row.keys() == {"label", "score", "scores"}
+        assert row["scores"] == pytest.approx(dict(zip(classes, p.tolist(), strict=True)), abs=1e-6)
+        assert row["score"] == pytest.approx(float(p.max()), abs=1e-6)
+
+    metrics = json.loads(cli("eval", folder, "--data", data).ok().stdout)
+    right = sum(a == b for a, b in zip(expected, truth, strict=True))
+    assert metrics["examples"] == len(queries) and metrics["accuracy"] == pytest.approx(right / len(queries))
+    assert metrics["confusion_matrix"]["labels"] == classes
+
+    assert cli("eval", folder, "--data", data, "--device", "cpu").ok()
+    # a device torch knows (meta: on every machine) that is not the CPU
+    assert cli("predict", folder, "--input", data, "--device", "meta").error_line() == (
+        f"error: --device meta: a SetFit folder ({folder}) predicts on the CPU; pass --device cpu"
+    )
+    (folder / HEAD_WEIGHTS).unlink()
+    assert (
+        cli("eval", folder, "--data", data).error_line().startswith(f"error: {folder}: not a SetFit folder")
+    )
+
+
 @pytest.mark.slow  # SmolLM2-135M-Instruct from its GGUF file
 def test_smollm2_in_context_names_obvious_topics(smollm, minilm):  # noqa: F811
     """The real chat model, one example per class (drawn, or the nearest by MiniLM): each text of a

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from graft.errors import GraftError
 from graft.loading import load_model
 from graft.models import FAMILIES
 from graft.pretrain import documents as read_documents
-from graft.pretrain.stream import clm_batches
+from graft.pretrain.stream import clm_batches, mlm_batches, mlm_windows
 from graft.tokenizer import Tokenizer
 
 TOL = 1e-5
@@ -203,6 +204,16 @@ def test_pretrain_refusals_are_one_line(cli, tmp_path, minilm):
     assert cli("pretrain", recipe, "pretrain.mask_probability=1").error_line() == (
         "error: override pretrain.mask_probability=1: pretrain.mask_probability: must be in (0, 1), got 1.0"
     )
+    # pack is clm's alone: another objective's explicit false is refused, not ignored
+    assert cli("pretrain", recipe, "pretrain.pack=false").error_line() == (
+        "error: override pretrain.pack=false: pretrain.pack: only clm packs documents;"
+        " mlm does not read it (remove it)"
+    )
+    unpacked = tmp_path / "unpacked.yaml"
+    unpacked.write_text(recipe.read_text().replace("objective: mlm", "objective: electra\n  pack: false"))
+    assert cli("pretrain", unpacked).error_line() == (
+        f"error: {unpacked}: pretrain.pack: only clm packs documents; electra does not read it (remove it)"
+    )
     (tmp_path / "empty.txt").write_text("\n  \n")
     empty = f"pretrain.files=[{tmp_path / 'empty.txt'}]"
     assert cli("pretrain", recipe, empty, "pretrain.objective=clm").error_line() == (
@@ -239,6 +250,48 @@ def test_causal_batches_hold_every_document_in_order(pack, minilm):
     if not pack:  # a document longer than a row is cut at max_length
         (short,) = list(clm_batches(iter(LINES[:1]), cfg, tokenizer, batch_size=2, max_length=8, pack=False))
         assert short["input_ids"].tolist() == [docs[0][:8]]
+
+
+LONG = (
+    "Supercalifragilisticexpialidocious, said the unstoppable Mary Poppins to the astonished chimney sweeps."
+)
+
+
+@pytest.mark.parametrize("whole_word", [True, False])
+def test_masked_lm_rows_cover_every_token_of_long_documents(whole_word, tmp_path, minilm):
+    tokenizer = Tokenizer.from_folder(minilm)
+    model = load_model(tiny_folder(tmp_path, minilm, "bert"), task="masked-lm", whole_word=whole_word)
+    texts = [LONG, *LINES]
+    docs = [tokenizer.encode(t, add_special_tokens=False, return_tensors=None).input_ids[0] for t in texts]
+    pieces = tokenizer.convert_ids_to_tokens(docs[0])
+    assert len(docs[0]) > 3 * 8 and sum(p.startswith("##") for p in pieces[:6]) >= 4  # a word of 5+ pieces
+    batches = mlm_batches(iter(texts), model.head, tokenizer, batch_size=3, max_length=6)
+    rows, positions = [], []
+    for batch in batches:
+        positions.append(batches.position)
+        original = torch.where(batch["labels"] != IGNORE, batch["labels"], batch["input_ids"])  # (B, T)
+        for ids, labels, mask in zip(original, batch["labels"], batch["attention_mask"], strict=True):
+            n = int(mask.sum())
+            assert n <= 6 and ids[0] == tokenizer.cls_token_id and ids[n - 1] == tokenizer.sep_token_id
+            assert labels[0] == IGNORE and labels[n - 1] == IGNORE  # special tokens are never masked
+            rows.append(ids[1 : n - 1].tolist())
+    assert [t for row in rows for t in row] == [t for doc in docs for t in doc]  # every token, once
+    # a row starts inside a word only when the word is longer than a row (4 tokens between [CLS] and [SEP])
+    # with whole words; without, rows are cut every 4 tokens
+    inside = [tokenizer.convert_ids_to_tokens(row)[0].startswith("##") for row in rows]
+    if whole_word:
+        assert inside[:3] == [False, True, True] and not any(inside[3:])  # 11 pieces: 3 rows
+        assert tokenizer.convert_ids_to_tokens(rows[3]) == ["said", "the"]  # "un##sto##ppa##ble" waits
+    else:
+        assert [len(row) for row in rows[:7]] == [4, 4, 4, 4, 4, 4, 3]
+    assert positions[0] == (0, 12)  # 3 rows of the long document: the stream stands inside it
+    # resumed at any position, the windows are those the uninterrupted stream cut there
+    straight = list(islice(mlm_windows(iter(texts), tokenizer, 4, whole_word), 40))
+    for k, (_, (d, token)) in enumerate(straight[:-1]):
+        resumed = islice(mlm_windows(iter(texts[d:]), tokenizer, 4, whole_word, (d, token)), 3)
+        assert list(resumed) == straight[k + 1 : k + 4]
+    with pytest.raises(GraftError, match="^data.max_length: 2 leaves no room for text between the 2 special"):
+        mlm_batches(iter(texts), model.head, tokenizer, batch_size=3, max_length=2)
 
 
 def test_graft_train_fine_tunes_a_masked_lm_task(cli, tmp_path, minilm):

@@ -67,24 +67,40 @@ def pick_device(device: str | None) -> str:
     return device
 
 
-def load_task_model(model: str, device: str | None, reference: bool = False, backend: str | None = None):
+def load_task_model(
+    model: str, device: str | None, reference: bool = False, backend: str | None = None, setfit: bool = False
+):
     """The task model and tokenizer of a model folder (or Hub id); ``reference``: without the kernels.
-    A graft export folder (or ``backend``) gives its ExportedModel, run by ONNX Runtime or torch."""
+    A graft export folder (or ``backend``) gives its ExportedModel, run by ONNX Runtime or torch;
+    with ``setfit`` (predict, eval), a SetFit folder (graft setfit) its SetFitTask, a classification
+    model that only ``runner`` runs."""
     from graft.export.backend import is_exported, load_exported
+    from graft.fewshot.setfit import SetFitTask, is_setfit
     from graft.io.hf import resolve
     from graft.loading import load_model, load_processor
     from graft.tasks import TaskModel
 
     if backend is not None or is_exported(model):
         return load_exported(model, backend), load_processor(model)
-    device = pick_device(device)
+    chosen = pick_device(device)  # checked first, as for any model
     folder = resolve(model)
+    if setfit and is_setfit(folder):  # the CPU unless --device says otherwise (refused there)
+        return SetFitTask.load(folder, device), load_processor(folder)
+    device = chosen
     m = load_model(folder, device=device, kernels=not reference)
     if not isinstance(m, TaskModel):
         raise GraftError(
             f"{folder}: a bare {m.config.family} model has no task head; predict/eval need a task model"
         )
     return m, load_processor(folder)  # a tokenizer, or an image model's ImageProcessor
+
+
+def runner(m: Any):
+    """The predict loop of a model load_task_model gave: a SetFitTask's own, else ``predictor``'s."""
+    from graft.export.backend import predictor
+    from graft.fewshot.setfit import SetFitTask
+
+    return m.predict if isinstance(m, SetFitTask) else predictor(m)
 
 
 def seq2seq_generation(model: str, m: Any, max_new_tokens: int, num_beams: int) -> Any:
@@ -157,17 +173,17 @@ def predict(
     backend: BackendOpt = None,
 ) -> None:
     """Predict with a task model: one JSON line per input record."""
-    from graft.export.backend import ExportedModel, predictor
+    from graft.export.backend import ExportedModel
     from graft.generation.text import generate_records, seq2seq_records
     from graft.io.atomic import atomic_path, check_output
 
     if output is not None:
         check_output(output, "--output", example="predictions.jsonl")
-    m, tokenizer = load_task_model(model, device, reference, backend)
+    m, tokenizer = load_task_model(model, device, reference, backend, setfit=True)
     if m.task in ("causal-lm", "seq2seq") and isinstance(m, ExportedModel):
         what = "causal LM" if m.task == "causal-lm" else "seq2seq model"
         raise GraftError(f"{model}: an exported {what} generates with graft generate, not predict")
-    run = predictor(m)
+    run = runner(m)
     records = read_records(input, fmt, column, m.head, skip_bad_rows=skip_bad_rows, encoding=encoding)
     if m.task == "causal-lm":
         pairs = generate_records(m, tokenizer, records, min(batch_size, 8), max_length, max_new_tokens)
@@ -223,7 +239,7 @@ def evaluate(
 ) -> None:
     """Evaluate a task model on labelled data: prints the task's metrics as JSON."""
     from graft.cli.speech import evaluate_speech, is_whisper
-    from graft.export.backend import ExportedModel, predictor
+    from graft.export.backend import ExportedModel
     from graft.generation.text import seq2seq_records
     from graft.io.atomic import atomic_path, check_output, write_json
 
@@ -242,7 +258,7 @@ def evaluate(
         )
     if out is not None:
         check_output(out, "--out", folder=True)
-    m, tokenizer = load_task_model(model, device, reference, backend)
+    m, tokenizer = load_task_model(model, device, reference, backend, setfit=True)
     columns = [*(column or []), *([f"{groups}=group"] if groups else [])]  # the group column, read as "group"
     records, predictions = [], []
     if m.task == "seq2seq" and isinstance(m, ExportedModel):
@@ -252,7 +268,7 @@ def evaluate(
         config = seq2seq_generation(model, m, max_new_tokens, num_beams)
         pairs = seq2seq_records(m, tokenizer, labelled, min(batch_size, 8), max_length, config)
     else:
-        pairs = predictor(m)(tokenizer, labelled, batch_size, max_length)
+        pairs = runner(m)(tokenizer, labelled, batch_size, max_length)
     for record, prediction in pairs:
         records.append(record)
         predictions.append(prediction)

@@ -10,13 +10,14 @@
 
 A SetFit folder is the encoder in HF layout (the embedding task, graft/tasks/embedding.py) plus
 setfit_head.json (the classes) and setfit_head.safetensors (the head's weight and bias).
+``graft predict`` and ``graft eval`` read it as a classification model (``SetFitTask``).
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,60 @@ class SetFit:
                 f"{folder / HEAD_WEIGHTS}: weight has {weight.shape[1]} inputs, the encoder gives {encoder.config.hidden_size}"
             )
         return cls(encoder, Tokenizer.from_folder(folder), classes, weight, bias, meta.get("max_length"))
+
+
+def is_setfit(folder: str | Path) -> bool:
+    """Whether ``folder`` was written by SetFit.save (``graft setfit``): its head files are there (one
+    without the other is SetFit.load's error, not another kind of model)."""
+    folder = Path(folder)
+    return (folder / HEAD_FILE).exists() or (folder / HEAD_WEIGHTS).exists()
+
+
+class SetFitTask:
+    """A SetFit folder as ``graft predict`` and ``graft eval`` see a classification model: its ``task``,
+    a ``head`` that reads the records, writes each prediction ({label, score, scores}: the softmax of
+    the logistic regression's logits, scikit-learn's predict_proba) and computes the metrics, and
+    ``predict``. It runs on the CPU, where SetFit.embed does."""
+
+    task = "classification"
+
+    def __init__(self, setfit: SetFit) -> None:
+        from graft.tasks.classification import ClassificationHead
+
+        self.setfit = setfit
+        # a single-label classification head with the SetFit classes, for what it does with records
+        # and predictions (label checks, postprocess, evaluate) only: its layers are never run
+        self.head = ClassificationHead(setfit.encoder.body, id2label=setfit.classes)
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | None = None) -> SetFitTask:
+        if device not in (None, "cpu"):
+            raise GraftError(
+                f"--device {device}: a SetFit folder ({folder}) predicts on the CPU; pass --device cpu"
+            )
+        return cls(SetFit.load(folder))
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        tokenizer: Any,
+        records: Iterable[dict[str, Any]],
+        batch_size: int = 32,
+        max_length: int | None = None,
+        **options: Any,
+    ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        """(record, prediction) pairs in the order of ``records``, as graft.tasks.predict.predict gives
+        them; the SetFit folder's own tokenizer reads the texts (``tokenizer`` is the same one)."""
+        from graft.tasks.collate import field
+        from graft.tasks.predict import batches
+
+        if max_length is not None:
+            self.setfit.max_length = max_length
+        for chunk in batches(records, batch_size):
+            if any(r.get("text_pair") for r in chunk):
+                raise GraftError("setfit: the model classifies single texts; these records have a text_pair")
+            logits = self.setfit.logits(field(chunk, "text", self.task))  # (B, C)
+            yield from zip(chunk, self.head.postprocess(logits, {}, **options), strict=True)
 
 
 def train_setfit(

@@ -8,8 +8,12 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from graft.data.masking import mask_tokens
 from graft.data.packing import packed_batch, rows_at
 from graft.errors import GraftError
+from graft.tasks.collate import window
 
 SUFFIXES = (".txt", ".jsonl")
 
@@ -102,6 +106,36 @@ def tokens(
         yield ids[start[1] :] if i == 0 else ids
 
 
+def mlm_windows(
+    texts: Iterator[str], tokenizer: Any, width: int, whole_word: bool, start: Position = (0, 0)
+) -> Iterator[tuple[tuple[list[int], list[int]], Position]]:
+    """Each document's tokens (no special tokens) in consecutive windows of at most ``width``, with
+    their word index in the window (-1: none) and, after each, where the stream stands: every token
+    is in one window, none is cut off. A window ends between two words when ``whole_word`` (a word
+    longer than a window is cut between its tokens), else at ``width`` tokens. The cuts depend only
+    on where the document's windowing began, so a run resumed at (document, token) cuts the same."""
+    for d, text in enumerate(texts, start[0]):
+        enc = tokenizer.encode(
+            text, add_special_tokens=False, truncation=False, padding=False, return_tensors=None
+        )
+        ids, words = enc.input_ids[0], enc.word_ids[0]
+        begin = start[1] if d == start[0] else 0
+        while True:  # a document of no tokens still gives one row (its special tokens), as before
+            end = min(begin + width, len(ids))
+            if whole_word and end < len(ids) and words[end] is not None and words[end] == words[end - 1]:
+                first = end  # back to where the word cut at ``end`` begins, unless it fills the window
+                while first > begin and words[first - 1] == words[end]:
+                    first -= 1
+                end = first if first > begin else end
+            known = [w for w in words[begin:end] if w is not None]
+            low = min(known, default=0)
+            row = [-1 if w is None else w - low for w in words[begin:end]]  # words from 0 in each window
+            yield (ids[begin:end], row), (d, end) if end < len(ids) else (d + 1, 0)
+            if end >= len(ids):
+                break
+            begin = end
+
+
 def mlm_batches(
     texts: Iterator[str],
     head: Any,
@@ -110,9 +144,55 @@ def mlm_batches(
     max_length: int,
     start: Position = (0, 0),
 ) -> Batches:
-    """Batches of ``batch_size`` documents, each truncated to ``max_length``, masked afresh by the head."""
-    rows = (({"text": t}, (d + 1, 0)) for d, t in enumerate(texts, start[0]))
-    return Batches(rows, batch_size, lambda records: head.collate(records, tokenizer, max_length), start)
+    """Batches of ``batch_size`` rows, each a window of a document (``mlm_windows``) between the
+    tokenizer's special tokens, ``max_length`` tokens at most in all (a long document fills several
+    rows, none is truncated), masked afresh by the head as its collate does (80/10/10, whole words)."""
+    if tokenizer.mask_token_id is None:
+        raise GraftError("masked-lm: the tokenizer has no mask token (mask_token in tokenizer_config.json)")
+    # the special tokens around a text: the leading ones of an encoding of "a", and the trailing ones
+    one = tokenizer.encode("a", truncation=False, padding=False, return_tensors=None)
+    ids, special = one.input_ids[0], one.special_tokens_mask[0]
+    lead = next(i for i, s in enumerate(special) if not s)
+    trail = next(i for i, s in enumerate(reversed(special)) if not s)
+    prefix, suffix = ids[:lead], ids[len(ids) - trail :]
+    width = window(head.config, tokenizer, max_length) - len(prefix) - len(suffix)
+    if width < 1:
+        raise GraftError(
+            f"data.max_length: {max_length} leaves no room for text between the {len(prefix) + len(suffix)}"
+            " special tokens of an MLM row"
+        )
+    pad = tokenizer.pad_token_id or 0
+    vocab = min(len(tokenizer), head.config.vocab_size)  # random replacements: ids the model has
+
+    def make(rows: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
+        T = max(len(ids) for ids, _ in rows) + len(prefix) + len(suffix)
+        B = len(rows)
+        ids = torch.full((B, T), pad, dtype=torch.long)
+        maskable = torch.zeros((B, T), dtype=torch.bool)
+        words = torch.full((B, T), -1, dtype=torch.long)
+        attention = torch.zeros((B, T), dtype=torch.long)
+        for b, (window_ids, window_words) in enumerate(rows):
+            n, k = len(window_ids), len(prefix)
+            ids[b, : k + n + len(suffix)] = torch.tensor(prefix + window_ids + suffix, dtype=torch.long)
+            maskable[b, k : k + n] = True  # special tokens and padding are never masked
+            words[b, k : k + n] = torch.tensor(window_words, dtype=torch.long)
+            attention[b, : k + n + len(suffix)] = 1
+        inputs, labels = mask_tokens(
+            ids,
+            maskable,
+            tokenizer.mask_token_id,
+            vocab,
+            head.generator,
+            head.mask_probability,
+            words if head.whole_word else None,
+        )  # (B, T) each
+        batch: dict[str, Any] = {"input_ids": inputs, "attention_mask": attention, "labels": labels}
+        if head.config.type_vocab_size:  # as model_inputs: segment 0 throughout, none for families without
+            batch["token_type_ids"] = torch.zeros_like(ids)
+        return batch
+
+    rows = mlm_windows(texts, tokenizer, width, head.whole_word, start)
+    return Batches(rows, batch_size, make, start)
 
 
 def clm_batches(

@@ -246,7 +246,9 @@ class PretrainSection:
     files: list[str] = field(default_factory=list)  # .txt (a document per non-empty line) or .jsonl ("text")
     mask_probability: float = ranged(0.15, above=0, below=1)  # mlm: the share of tokens (or words) masked
     whole_word: bool = False  # mlm: mask every piece of a chosen word
-    pack: bool = True  # clm: several documents per row, each attending only to itself
+    # clm only: several documents per row, each attending only to itself (false: a document per row);
+    # other objectives refuse false (mlm cuts long documents into rows, span corruption joins them)
+    pack: bool = True
     noise_density: float = ranged(0.15, above=0, below=1)  # span-corruption: the share of tokens in spans
     mean_span_length: float = ranged(3.0, low=1)  # span-corruption: the mean length of a dropped span
     generator_layers: int = ranged(0, low=0)  # electra: the generator's depth (0: a third of the model's)
@@ -307,6 +309,11 @@ class Recipe:
             fail(
                 "distill.soft",
                 "every distillation loss weight is 0 (distill.soft, hard, hidden, attention, value)",
+            )
+        if not self.pretrain.pack and self.pretrain.objective != "clm":
+            fail(
+                "pretrain.pack",
+                f"only clm packs documents; {self.pretrain.objective} does not read it (remove it)",
             )
         if self.tune.space:
             check_space(self.tune.space, origin("tune.space", source, origins))
