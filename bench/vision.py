@@ -31,10 +31,17 @@ from pathlib import Path
 
 import torch
 
-from bench.common import book_questions_and_answers, emit, fail, minilm_folder, timed
+from bench.common import (
+    FASHION,
+    FASHION_CLASSES,
+    book_questions_and_answers,
+    emit,
+    fail,
+    minilm_folder,
+    timed,
+)
 
 BATCH = 32
-FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 EOS = 49407  # CLIP's <|endoftext|>, also its padding
 
 
@@ -86,18 +93,7 @@ def vit_config(small: bool):
     size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
     if not small:  # ViT-Tiny's width and heads, 6 blocks, over 32 x 32 images in 4 x 4 patches (65 tokens)
         size = dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768)
-    labels = [
-        "T-shirt",
-        "trouser",
-        "pullover",
-        "dress",
-        "coat",
-        "sandal",
-        "shirt",
-        "sneaker",
-        "bag",
-        "ankle boot",
-    ]
+    labels = FASHION_CLASSES
     return transformers.ViTConfig(
         **size, image_size=32, patch_size=4, num_channels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)},

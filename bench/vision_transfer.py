@@ -36,21 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import emit, fail
+from bench.common import FASHION, FASHION_CLASSES, emit, fail
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
-CLASSES = [
-    "T-shirt",
-    "trouser",
-    "pullover",
-    "dress",
-    "coat",
-    "sandal",
-    "shirt",
-    "sneaker",
-    "bag",
-    "ankle boot",
-]
+CLASSES = FASHION_CLASSES
 SOURCE, TARGET = CLASSES[:5], CLASSES[5:]
 # method -> (strategy, learning rate, whether the body starts from the pretrained weights)
 METHODS = {
