@@ -4,6 +4,11 @@ Records hold the source in ``text`` and the target in ``text_pair``. The decoder
 shifted right behind the decoder start token and learns to predict it token by token; padding is
 -100 in the labels, out of the loss, which is the mean over target tokens (``count`` says how
 many, so that gradient accumulation weighs every target token alike).
+
+Training (train mode, gradients on, labels given) computes the output layer only at the labelled
+positions: the vocabulary-wide matrix multiplies are most of a small model's step, and padding adds
+nothing to the loss either way, so the loss and every gradient are the same (the logits are then
+(N, V), one row per label that is not -100, in the labels' row-major order).
 """
 
 from __future__ import annotations
@@ -60,17 +65,24 @@ class Seq2SeqHead(Head):
             self.bias = None
 
     def forward(self, out: Seq2SeqOutput, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, T, V) logits; (N, V) at the N labels that are not -100 when training (see the module)."""
         hidden = out.last_hidden_state  # (B, T, H)
         keep = batch.get("logits_to_keep")
+        labels = batch.get("labels")
         if keep:  # generation only needs the last position(s)
             hidden = hidden[:, -keep:]
+        elif self.training and torch.is_grad_enabled() and labels is not None:
+            hidden = hidden[labels != IGNORE]  # (N, H): the rows the loss reads
         if self.scale is not None:  # T5 rescales before its tied output layer
             hidden = hidden * self.scale
         logits = self.proj(hidden)  # (B, T, V)
         return logits + self.bias if self.bias is not None else logits
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        """Mean cross-entropy over target tokens (labels are aligned with the decoder's positions)."""
+        """Mean cross-entropy over target tokens: logits (B, T, V) aligned with the labels, or (N, V)
+        at the labels that are not -100 (forward's training path)."""
+        if logits.shape[:-1] != labels.shape:
+            labels = labels[labels != IGNORE]  # (N,)
         return F.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE
         )

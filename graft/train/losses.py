@@ -26,8 +26,10 @@ def class_loss(
     logits = logits.reshape(-1, logits.shape[-1]).float()
     labels = labels.reshape(-1)
     keep = labels != IGNORE
-    logp = F.log_softmax(logits[keep], dim=-1)  # (N, C)
-    target = labels[keep]
+    target = labels[keep]  # (N,)
+    # a head may give logits at the kept labels only (Seq2SeqHead while training): (N, C) already
+    kept = logits if logits.shape[0] == target.shape[0] != labels.shape[0] else logits[keep]
+    logp = F.log_softmax(kept, dim=-1)  # (N, C)
     nll = -logp.gather(1, target[:, None]).squeeze(1)  # (N,)
     loss = (1 - smoothing) * nll - smoothing * logp.mean(-1) if smoothing else nll
     if gamma:
