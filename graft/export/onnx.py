@@ -165,6 +165,14 @@ def optimize_onnx(source: Path, target: Path, graph: Graph) -> list[str]:
         model = optimize_model(
             str(source), model_type=kind, num_heads=cfg.num_heads, hidden_size=cfg.hidden_size, opt_level=1
         )
+    # optimize_model drops every node's metadata, the module paths --int8 picks its float32 nodes by
+    # (kept_in_float): give them back to the nodes it kept by name
+    import onnx
+
+    scopes = {n.name: n.metadata_props for n in onnx.load(str(source), load_external_data=False).graph.node}
+    for node in model.model.graph.node:
+        if node.name in scopes and not node.metadata_props:
+            node.metadata_props.extend(scopes[node.name])
     fused = {name for name, n in model.get_fused_operator_statistics().items() if n}
     if not cfg.causal and fuse_attention(model.model, cfg.num_heads):
         fused.add("MultiHeadAttention")
