@@ -314,7 +314,8 @@ def test_minilm_optimized_and_int8_against_graft_on_the_book_texts(flag, minilm,
     got = onnx_embeddings(out, texts)
     if flag == "--optimize":
         assert manifest["optimized"] is not None and manifest["int8"] is None
-        assert {"SkipLayerNormalization", "MultiHeadAttention"} <= set(manifest["optimized"]["fused"])
+        # no SkipLayerNormalization here: ORT's shape inference stops at the in-graph normalization
+        assert "MultiHeadAttention" in manifest["optimized"]["fused"]
         assert np.abs(got - expected).max() <= 1e-5
     else:
         assert manifest["int8"]["min_cosine"] >= 0.99
