@@ -13,6 +13,7 @@ import logging
 import re
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from graft.export.graph import (
     TowerGraph,
     example_inputs,
 )
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger("graft")
 
@@ -150,8 +154,8 @@ def runner(path: Path) -> Runner:
 
 
 def optimize_onnx(source: Path, target: Path, graph: Graph) -> list[str]:
-    """ONNX Runtime's transformer fusions (attention, skip-layer-norm, bias-GELU...) where they apply;
-    the names of the fused operators found in the result."""
+    """ONNX Runtime's transformer fusions (skip-layer-norm, bias-GELU...) where they apply, then
+    graft's own attention fusion for encoders (fuse_attention); the names of the fused operators."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     cfg = graph.config
@@ -161,9 +165,19 @@ def optimize_onnx(source: Path, target: Path, graph: Graph) -> list[str]:
         model = optimize_model(
             str(source), model_type=kind, num_heads=cfg.num_heads, hidden_size=cfg.hidden_size, opt_level=1
         )
+    # optimize_model drops every node's metadata, the module paths --int8 picks its float32 nodes by
+    # (kept_in_float): give them back to the nodes it kept by name
+    import onnx
+
+    scopes = {n.name: n.metadata_props for n in onnx.load(str(source), load_external_data=False).graph.node}
+    for node in model.model.graph.node:
+        if node.name in scopes and not node.metadata_props:
+            node.metadata_props.extend(scopes[node.name])
+    fused = {name for name, n in model.get_fused_operator_statistics().items() if n}
+    if not cfg.causal and fuse_attention(model.model, cfg.num_heads):
+        fused.add("MultiHeadAttention")
     model.save_model_to_file(str(target))
-    fused = model.get_fused_operator_statistics()
-    return sorted(name for name, n in fused.items() if n)
+    return sorted(fused)
 
 
 # The feed-forward down projections of the first two blocks stay float32 under --int8. Their input
@@ -198,3 +212,153 @@ def quantize_int8(source: Path, target: Path) -> list[str]:
         str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=kept
     )
     return kept
+
+
+def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
+    """Replace each self-attention block of an encoder's dynamo graph with ONNX Runtime's
+    MultiHeadAttention; the number replaced.
+
+    Why graft does it: ONNX Runtime's own attention fusion looks for the TorchScript exporter's
+    pattern and finds none in the dynamo exporter's (scores scaled on both Q and K, K transposed in
+    two steps through a 3-D reshape, a NaN guard after the softmax), so --optimize left the
+    attention unfused. The pattern matched here, per block, with (B, S, D) projections q, k, v:
+
+        Softmax(MatMul(Mul(Transpose(Reshape(q)), c), Mul(Reshape(Transpose(Reshape(Transpose(
+            Reshape(k))))), c)) + Where(attention_mask[:, None, None, :], 0, min))
+        -> Where(IsNaN(p), 0, p) -> MatMul(., Transpose(Reshape(v))) -> Transpose -> Reshape (B, S, D)
+
+    The mask must be the padding mask straight from the ``attention_mask`` input (key padding: no
+    causal or windowed mask is matched). A block that differs in any node is left as it was; the
+    export's parity check then runs on the result.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    made = {o: n for n in graph.node for o in n.output}
+    used: dict[str, list] = {}
+    for n in graph.node:
+        for name in n.input:
+            used.setdefault(name, []).append(n)
+    # the small ones only: scales, axes, fill values (the weights need not be copied out)
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer if np.prod(i.dims) <= 8}
+
+    def node(name: str, op: str, perm: list[int] | None = None):
+        """The node making ``name`` if it is an ``op`` (with ``perm``) whose output only one node reads
+        (besides Shape nodes: the exporter reads a shape to build the next reshape's target)."""
+        n = made.get(name)
+        readers = [r for r in used.get(name, []) if r.op_type != "Shape"]
+        if n is None or n.op_type != op or len(readers) != 1:
+            return None
+        if perm is not None:
+            attr = next((a for a in n.attribute if a.name == "perm"), None)
+            if attr is None or list(attr.ints) != perm:
+                return None
+        return n
+
+    def scalar(name: str) -> float | None:
+        value = constants.get(name)
+        return float(value) if value is not None and value.size == 1 else None
+
+    def padding_mask(name: str) -> bool:
+        """``name`` = Where(Cast(Unsqueeze(attention_mask, [1, 2])), 0, a large negative)."""
+        where = made.get(name)
+        if where is None or where.op_type != "Where" or scalar(where.input[1]) != 0.0:
+            return False
+        if (scalar(where.input[2]) or 0.0) > -1e30:
+            return False
+        cast = made.get(where.input[0])
+        unsqueeze = made.get(cast.input[0]) if cast is not None and cast.op_type == "Cast" else None
+        if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or unsqueeze.input[0] != "attention_mask":
+            return False
+        axes = constants.get(unsqueeze.input[1])
+        return axes is not None and axes.tolist() == [1, 2]
+
+    def projection(name: str, steps: list[tuple[str, list[int] | None]]) -> str | None:
+        """Walk ``steps`` up from ``name`` (op, perm); the (B, S, D) tensor the last Reshape reads."""
+        for op, perm in steps:
+            n = node(name, op, perm)
+            if n is None:
+                return None
+            name = n.input[0]
+        return name
+
+    fused = []  # (the output Reshape, the MultiHeadAttention node)
+    for softmax in graph.node:
+        if softmax.op_type != "Softmax":
+            continue
+        add = node(softmax.input[0], "Add")
+        if add is None or not padding_mask(add.input[1]):
+            continue
+        scores = node(add.input[0], "MatMul")
+        if scores is None:
+            continue
+        q_scale, k_scale = node(scores.input[0], "Mul"), node(scores.input[1], "Mul")
+        if q_scale is None or k_scale is None:
+            continue
+        c_q, c_k = scalar(q_scale.input[1]), scalar(k_scale.input[1])
+        q = projection(q_scale.input[0], [("Transpose", [0, 2, 1, 3]), ("Reshape", None)])
+        k = projection(
+            k_scale.input[0],
+            [
+                ("Reshape", None),
+                ("Transpose", [0, 2, 1]),
+                ("Reshape", None),
+                ("Transpose", [0, 2, 1, 3]),
+                ("Reshape", None),
+            ],
+        )
+        readers = used.get(softmax.output[0], [])
+        guard = next((n for n in readers if n.op_type == "Where"), None)
+        isnan = next((n for n in readers if n.op_type == "IsNaN"), None)
+        if None in (c_q, c_k, q, k, guard, isnan) or len(readers) != 2:
+            continue
+        if list(guard.input) != [isnan.output[0], guard.input[1], softmax.output[0]]:
+            continue
+        if scalar(guard.input[1]) != 0.0 or len(used.get(guard.output[0], [])) != 1:
+            continue
+        mixed = used[guard.output[0]][0]
+        if mixed.op_type != "MatMul" or mixed.input[0] != guard.output[0]:
+            continue
+        v = projection(mixed.input[1], [("Transpose", [0, 2, 1, 3]), ("Reshape", None)])
+        heads = used.get(mixed.output[0], [])
+        back = heads[0] if len(heads) == 1 else None
+        if v is None or back is None or node(back.output[0], "Transpose", [0, 2, 1, 3]) is None:
+            continue
+        out = used.get(back.output[0], [])
+        if len(out) != 1 or out[0].op_type != "Reshape":
+            continue
+        mha = helper.make_node(
+            "MultiHeadAttention",
+            [q, k, v, "", "attention_mask_int32"],
+            [out[0].output[0]],
+            name=f"MultiHeadAttention_{len(fused)}",
+            domain="com.microsoft",
+            num_heads=num_heads,
+            scale=c_q * c_k,
+        )
+        fused.append((out[0], mha))
+    if not fused:
+        return 0
+    replace = {id(old): new for old, new in fused}
+    nodes = [replace.get(id(n), n) for n in graph.node]
+    cast = helper.make_node("Cast", ["attention_mask"], ["attention_mask_int32"], to=onnx.TensorProto.INT32)
+    del graph.node[:]
+    graph.node.extend([cast, *prune(nodes, {o.name for o in graph.output})])
+    keep = {name for n in graph.node for name in n.input}
+    live = [i for i in graph.initializer if i.name in keep]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(fused)
+
+
+def prune(nodes: list, outputs: set[str]) -> list:
+    """``nodes`` less those whose outputs nothing reads (repeated: a removal can orphan its inputs)."""
+    while True:
+        read = outputs | {name for n in nodes for name in n.input}
+        alive = [n for n in nodes if any(o in read for o in n.output)]
+        if len(alive) == len(nodes):
+            return alive
+        nodes = alive
