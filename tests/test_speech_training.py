@@ -64,7 +64,7 @@ def test_graft_train_fine_tunes_whisper_on_audio_files(whisper, speech_csv, tmp_
     """graft train on a CSV of audio paths: the training loss goes down, evaluation transcribes the
     held-out clips (WER, CER), and the saved model loads and transcribes like its base."""
     done = cli(
-        "train", ROOT / "recipes" / "speech.yaml", f"model.path={whisper}", f"data.train={speech_csv}",
+        "train", ROOT / "recipes" / "seq2seq-speech.yaml", f"model.path={whisper}", f"data.train={speech_csv}",
         f"train.output={tmp_path / 'run'}", f"strategy.name={strategy}", "train.epochs=3", "train.batch_size=2",
         "optim.lr=3e-3", "schedule.name=constant", "schedule.warmup_ratio=0", "data.val_fraction=0.25",
         "task.max_new_tokens=4", "train.plots=false", "-q",
@@ -144,7 +144,7 @@ def test_speech_training_errors_name_the_file_and_column(whisper, speech_csv, tm
     good = speech_csv.read_text().splitlines()
     broken.write_text("\n".join([*good[:3], "clips/missing.wav,x", *good[3:]]) + "\n")
     line = cli(
-        "train", ROOT / "recipes" / "speech.yaml", f"model.path={whisper}", f"data.train={broken}",
+        "train", ROOT / "recipes" / "seq2seq-speech.yaml", f"model.path={whisper}", f"data.train={broken}",
         f"train.output={tmp_path / 'run'}",
     ).error_line()  # fmt: skip
     assert line == (
@@ -154,7 +154,7 @@ def test_speech_training_errors_name_the_file_and_column(whisper, speech_csv, tm
     untranscribed = speech_csv.parent / "untranscribed.csv"
     untranscribed.write_text("audio\n" + "".join(f"clips/{i}.wav\n" for i in range(8)))
     line = cli(
-        "train", ROOT / "recipes" / "speech.yaml", f"model.path={whisper}", f"data.train={untranscribed}",
+        "train", ROOT / "recipes" / "seq2seq-speech.yaml", f"model.path={whisper}", f"data.train={untranscribed}",
         f"train.output={tmp_path / 'run2'}",
     ).error_line()  # fmt: skip
     assert line.startswith(f"error: {untranscribed}: no 'text' column, which training a seq2seq model needs")
