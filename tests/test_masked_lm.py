@@ -119,16 +119,6 @@ def test_families_without_a_masked_lm_class_refuse_the_task(family, tmp_path):
     )
 
 
-def test_export_refuses_a_masked_lm_in_one_line(tmp_path):
-    from graft.export import export_model
-
-    hf_mlm("bert").save_pretrained(tmp_path / "hf")
-    with pytest.raises(GraftError) as e:
-        export_model(load_model(tmp_path / "hf"), tmp_path / "out")
-    assert str(e.value).startswith("export: the masked-lm task cannot be exported (known: base, ")
-    assert not (tmp_path / "out").exists()
-
-
 # ---- dynamic masking: 80/10/10, whole words, specials never masked ----
 MASK, VOCAB = 4, 1000
 
