@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from graft.errors import GraftError
+from graft.rag.corpus import read_file
 from graft.rag.index import Embedder, Hit, Index
 
 SYSTEM = (
@@ -107,12 +108,7 @@ class Question:
 
 def read_questions(path: Path) -> list[Question]:
     """QA.jsonl: {"question": ..., "answer": ..., "source": FILE or [FILES], "chunk": ID or [IDS]} a line."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise GraftError(f"{path}: file not found") from None
-    except OSError as e:
-        raise GraftError(f"{path}: cannot read ({e.strerror or e})") from None
+    data = read_file(path)
     questions = []
     for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():

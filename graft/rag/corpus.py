@@ -55,12 +55,19 @@ def document_files(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
     return files, others
 
 
-def read_documents(path: Path) -> list[Document]:
-    """The documents in one file: the whole text, or one per JSON line."""
+def read_file(path: Path, missing: str = "file not found") -> bytes:
+    """The bytes of ``path``, or a one-line GraftError naming it (``missing`` when it is not there)."""
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise GraftError(f"{path}: {missing}") from None
     except OSError as e:
         raise GraftError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def read_documents(path: Path) -> list[Document]:
+    """The documents in one file: the whole text, or one per JSON line."""
+    data = read_file(path)
     if path.suffix.lower() != ".jsonl":
         try:
             return [Document(str(path), data.decode("utf-8"))]

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from graft.errors import GraftError
-from graft.rag.corpus import Chunk, Document, chunk
+from graft.rag.corpus import Chunk, Document, chunk, read_file
 
 MANIFEST, CHUNKS, EMBEDDINGS = "manifest.json", "chunks.jsonl", "embeddings.npy"
 FORMAT = 1
@@ -200,12 +200,7 @@ def load(folder: Path) -> Index:
 
 
 def read_chunks(path: Path) -> list[Chunk]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise GraftError(f"{path}: file not found (rebuild the index with graft rag index)") from None
-    except OSError as e:
-        raise GraftError(f"{path}: cannot read ({e.strerror or e})") from None
+    data = read_file(path, "file not found (rebuild the index with graft rag index)")
     chunks = []
     for number, line in enumerate(data.splitlines(), start=1):
         try:
