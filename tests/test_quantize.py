@@ -140,18 +140,24 @@ def outputs(model, task: str, family: str = "bert") -> torch.Tensor:
     return (out.logits if task == "causal-lm" else out.last_hidden_state)[mask.bool()].float()  # (N, H|V)
 
 
+def saved_and_loaded_bitwise(model, out):
+    """``model`` saved to ``out`` and loaded back, asserting every tensor and dtype comes back exactly."""
+    save_model(model, out)
+    again = load_model(out)
+    state, loaded = model.state_dict(), again.state_dict()
+    assert state.keys() == loaded.keys()
+    for name, tensor in state.items():
+        assert tensor.dtype == loaded[name].dtype and torch.equal(tensor, loaded[name]), name
+    return again
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("family", ONE_STACK)
 def test_every_family_quantizes_saves_and_loads_back_bitwise(family, method, tmp_path):
     task, folder = family_folder(family, tmp_path)
     float_model = load_model(folder)
     model = quantize(load_model(folder), method)
-    save_model(model, tmp_path / "q")
-    again = load_model(tmp_path / "q")
-    state, loaded = model.state_dict(), again.state_dict()
-    assert state.keys() == loaded.keys()
-    for name, tensor in state.items():
-        assert tensor.dtype == loaded[name].dtype and torch.equal(tensor, loaded[name]), name
+    again = saved_and_loaded_bitwise(model, tmp_path / "q")
 
     config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "graft" and config["method"] == method
@@ -364,12 +370,7 @@ def test_two_stack_families_quantize_save_and_load_back_bitwise(family, method, 
     folder = two_stack_folder(family, tmp_path)
     float_model = load_model(folder)
     model = quantize(load_model(folder), method)
-    save_model(model, tmp_path / "q")
-    again = load_model(tmp_path / "q")
-    state, loaded = model.state_dict(), again.state_dict()
-    assert state.keys() == loaded.keys()
-    for name, tensor in state.items():
-        assert tensor.dtype == loaded[name].dtype and torch.equal(tensor, loaded[name]), name
+    again = saved_and_loaded_bitwise(model, tmp_path / "q")
 
     # every linear of both stacks is int8 (an encoder-decoder's cross-attention too), nothing else is
     saved = load_file(tmp_path / "q" / "model.safetensors")
