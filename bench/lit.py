@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from bench.common import FASHION, FASHION_CLASSES, emit, fail, minilm_folder
+from bench.common import FASHION, FASHION_CLASSES, emit, fail, minilm_folder, require_fashion_mnist
 
 CLASSES = FASHION_CLASSES
 TRAIN_TEMPLATES = [
@@ -66,8 +66,7 @@ def main() -> None:
         from graft.tokenizer import Tokenizer
     except ImportError as e:
         fail(f"missing package: {e.name} (pip install -e '.[test]')")
-    if not (FASHION / "train-images-idx3-ubyte.gz").exists():
-        fail(f"{FASHION}: Fashion-MNIST not found (apt-get install dataset-fashion-mnist)")
+    require_fashion_mnist()
     if args.small:
         args.train, args.test, args.epochs = 512, 256, 1
 

@@ -38,6 +38,7 @@ from bench.common import (
     emit,
     fail,
     minilm_folder,
+    require_fashion_mnist,
     timed,
 )
 
@@ -234,8 +235,7 @@ def main() -> None:
         from graft.loading import load_model
     except ImportError as e:
         fail(f"missing package: {e.name} (pip install -e '.[test]')")
-    if not (FASHION / "t10k-images-idx3-ubyte.gz").exists():
-        fail(f"{FASHION}: Fashion-MNIST not found (apt-get install dataset-fashion-mnist)")
+    require_fashion_mnist()
     if args.small:
         args.images, args.texts, args.repeats = min(args.images, 64), min(args.texts, 64), 1
         args.train, args.test, args.epochs = min(args.train, 128), min(args.test, 128), 1

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import FASHION, FASHION_CLASSES, emit, fail
+from bench.common import FASHION, FASHION_CLASSES, emit, fail, require_fashion_mnist
 
 CLASSES = FASHION_CLASSES
 SOURCE, TARGET = CLASSES[:5], CLASSES[5:]
@@ -264,8 +264,7 @@ def main() -> None:
         import graft  # noqa: F401
     except ImportError as e:
         fail(f"missing package: {e.name} (pip install -e '.[test]')")
-    if not (FASHION / "train-images-idx3-ubyte.gz").exists():
-        fail(f"{FASHION}: Fashion-MNIST not found (apt-get install dataset-fashion-mnist)")
+    require_fashion_mnist()
     sizes = [int(n) for n in args.labels.split(",")]
     methods = args.methods.split(",")
     if unknown := [m for m in methods if m not in METHODS]:
