@@ -3,12 +3,12 @@
 The data: the book's 200 questions, each to the first paragraph of its answer (source -> target),
 tokenized by all-MiniLM-L6-v2's WordPiece tokenizer on both sides, sources and targets cut at 128
 tokens. The models: random T5 (v1.1 layout: gated GELU) and BART of the same small shape, written
-by transformers into a folder that both sides load. Batch 16, 1 epoch, AdamW (lr 3e-4, weight
+by transformers into a folder that both sides load. Batch 16, 3 epochs (--epochs), AdamW (lr 3e-4, weight
 decay 0.01), linear schedule, no warm-up, clipping at 1.0, fp32, seed 0, dropout as configured.
 For each family it prints examples/s of both, the ratio and both final training losses; it ends
 with one JSON line.
 
-    python bench/seq2seq.py [--families t5 bart] [--limit N] [--small] [--step]
+    python bench/seq2seq.py [--families t5 bart] [--limit N] [--epochs N] [--small] [--step]
 
 ``--small``: a tiny model and 32 examples, to check that the script runs (not for figures).
 Throughput is examples trained per second of the training loop (model loading excluded; graft
@@ -57,7 +57,7 @@ def write_model(family: str, folder: Path, small: bool) -> None:
             shutil.copy(minilm_folder() / name, folder / name)
 
 
-def graft_side(folder: Path, records: list[dict], out: Path) -> tuple[float, float]:
+def graft_side(folder: Path, records: list[dict], out: Path, epochs: int) -> tuple[float, float]:
     """(seconds, last logged loss) of graft's Trainer."""
     from graft.loading import load_model
     from graft.tokenizer import Tokenizer
@@ -73,7 +73,7 @@ def graft_side(folder: Path, records: list[dict], out: Path) -> tuple[float, flo
             "task": {"name": "seq2seq"},
             "optim": {"name": "adamw", "lr": LR, "weight_decay": WEIGHT_DECAY},
             "schedule": {"name": "linear", "warmup_steps": 0},
-            "train": {"output": str(out), "epochs": 1, "batch_size": BATCH, "precision": "fp32", "seed": SEED,
+            "train": {"output": str(out), "epochs": epochs, "batch_size": BATCH, "precision": "fp32", "seed": SEED,
                       "clip_norm": 1.0, "plots": False, "log_every": 1},
             "checkpoint": {"keep": 0, "save_model": False},
         },
@@ -94,7 +94,7 @@ def graft_side(folder: Path, records: list[dict], out: Path) -> tuple[float, flo
     return seconds, losses[-1]
 
 
-def transformers_side(folder: Path, records: list[dict], out: Path) -> tuple[float, float]:
+def transformers_side(folder: Path, records: list[dict], out: Path, epochs: int) -> tuple[float, float]:
     """(seconds, last logged loss) of transformers' Seq2SeqTrainer."""
     import transformers as tr
 
@@ -110,7 +110,7 @@ def transformers_side(folder: Path, records: list[dict], out: Path) -> tuple[flo
         ]
         rows.append(dict(row))
     args = tr.Seq2SeqTrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR,
+        output_dir=str(out), per_device_train_batch_size=BATCH, num_train_epochs=epochs, learning_rate=LR,
         weight_decay=WEIGHT_DECAY, lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0, seed=SEED,
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
         dataloader_num_workers=0,
@@ -158,6 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=["t5", "bart"], choices=["t5", "bart"])
     parser.add_argument("--limit", type=int, default=None, help="Train on the first N pairs.")
+    parser.add_argument("--epochs", type=int, default=3, help="Epochs each side trains (default 3).")
     parser.add_argument("--small", action="store_true", help="A tiny model and 32 pairs: a smoke run.")
     parser.add_argument(
         "--step", action="store_true", help="Also one training step's CPU time per side, on one thread."
@@ -166,16 +167,24 @@ def main() -> None:
     questions, answers = book_questions_and_answers()
     records = [{"text": q, "text_pair": a} for q, a in zip(questions, answers, strict=True)]
     records = records[: 32 if args.small else args.limit]
-    figures: dict = {"examples": len(records), "batch": BATCH, "max_length": MAX_LENGTH}
+    figures: dict = {
+        "examples": len(records),
+        "epochs": args.epochs,
+        "batch": BATCH,
+        "max_length": MAX_LENGTH,
+    }
     with tempfile.TemporaryDirectory(prefix="graft-bench-seq2seq-") as tmp:
         for family in args.families:
             folder = Path(tmp) / family
             write_model(family, folder, args.small)
-            ours, ours_loss = graft_side(folder, records, Path(tmp) / f"{family}-graft")
-            theirs, theirs_loss = transformers_side(folder, records, Path(tmp) / f"{family}-transformers")
+            ours, ours_loss = graft_side(folder, records, Path(tmp) / f"{family}-graft", args.epochs)
+            theirs, theirs_loss = transformers_side(
+                folder, records, Path(tmp) / f"{family}-transformers", args.epochs
+            )
             if ours <= 0 or theirs <= 0:
                 fail(f"{family}: a side did not train")
-            ours_rate, theirs_rate = len(records) / ours, len(records) / theirs
+            seen = len(records) * args.epochs
+            ours_rate, theirs_rate = seen / ours, seen / theirs
             print(
                 f"{family}: graft {ours_rate:.1f} examples/s (last loss {ours_loss:.3f}), transformers "
                 f"{theirs_rate:.1f} examples/s (last loss {theirs_loss:.3f}): {ours_rate / theirs_rate:.2f}x"
