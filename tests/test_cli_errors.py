@@ -220,6 +220,12 @@ CASES: dict[str, list[Case]] = {
             ["zeroshot: give texts with --text (one or more) or --data FILE, not both"],
         ),  # fmt: skip
     ],
+    "icl": [
+        lambda t: (
+            ["icl", t / "m", "--examples", file(t / "ex.jsonl"), "--labels", "a,b", "--select", "similar"],
+            ["icl --select similar: needs a sentence encoder", "--encoder MODEL"],
+        ),
+    ],
     "curve": [
         lambda t: (
             ["curve", t / "no-recipe.yaml", "--labels", "0,few"],

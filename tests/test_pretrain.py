@@ -239,7 +239,7 @@ def test_causal_batches_hold_every_document_in_order(pack, minilm):
     cfg = load_model(minilm, task="base", kernels=False).config
     batches = list(clm_batches(iter(LINES), cfg, tokenizer, batch_size=2, max_length=32, pack=pack))
     # no eos to append: MiniLM's tokenizer has none
-    docs = [tokenizer.encode(t, return_tensors=None).input_ids[0][:32] for t in LINES]
+    docs = [tokenizer.encode(t, return_tensors=None).input_ids[0] for t in LINES]
     got, rows = [], 0
     for b in batches:
         for ids, document in zip(b["input_ids"], b["documents"], strict=True):
@@ -247,9 +247,34 @@ def test_causal_batches_hold_every_document_in_order(pack, minilm):
             got += [ids[document == d].tolist() for d in range(int(document.max()) + 1)]
     assert got == docs  # every document whole, in order
     assert rows < len(docs) if pack else rows == len(docs)  # packed: several documents share a row
-    if not pack:  # a document longer than a row is cut at max_length
-        (short,) = list(clm_batches(iter(LINES[:1]), cfg, tokenizer, batch_size=2, max_length=8, pack=False))
-        assert short["input_ids"].tolist() == [docs[0][:8]]
+
+
+def test_unpacked_causal_rows_cut_a_long_document_into_windows_and_lose_no_token(minilm):
+    """pretrain.pack: false: a document of 2.5 rows gives 3 rows (8, 8 and 4 tokens), each its own
+    document with positions from 0, whose tokens end to end are the document's; a stream resumed at
+    any batch's position gives the rows that followed it."""
+    tokenizer = Tokenizer.from_folder(minilm)
+    cfg = load_model(minilm, task="base", kernels=False).config
+    long = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen"  # fmt: skip
+    texts = [long, LINES[0]]
+    docs = [tokenizer.encode(t, return_tensors=None).input_ids[0] for t in texts]  # [CLS] ... [SEP], no eos
+    assert len(docs[0]) == 20 and len(docs[1]) <= 16  # 2.5 rows of 8; the second document: 2 rows
+    batches = clm_batches(iter(texts), cfg, tokenizer, batch_size=1, max_length=8, pack=False)
+    rows, positions = [], []
+    for batch in batches:
+        (ids,), (documents,), (where,), (labels,) = (batch[k] for k in ("input_ids", "documents", "position_ids", "labels"))  # fmt: skip
+        n = int((documents >= 0).sum())
+        assert documents[:n].tolist() == [0] * n  # one document per row
+        assert where[:n].tolist() == list(range(n))  # positions from 0 in every window
+        assert labels[0] == IGNORE and labels[1:n].tolist() == ids[1:n].tolist()
+        rows.append(ids[:n].tolist())
+        positions.append(batches.position)
+    assert [len(r) for r in rows[:3]] == [8, 8, 4]
+    assert [t for r in rows[:3] for t in r] == docs[0] and [t for r in rows[3:] for t in r] == docs[1]
+    assert positions[:3] == [(0, 8), (0, 16), (1, 0)]
+    for k, (d, token) in enumerate(positions[:-1]):
+        resumed = clm_batches(iter(texts[d:]), cfg, tokenizer, batch_size=1, max_length=8, pack=False, start=(d, token))  # fmt: skip
+        assert [b["input_ids"][0][b["documents"][0] >= 0].tolist() for b in resumed] == rows[k + 1 :]
 
 
 LONG = (

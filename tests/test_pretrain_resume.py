@@ -48,21 +48,23 @@ def stop_after(monkeypatch, step: int) -> None:
 CASES = {
     # whole words, dropout on: the masks and the dropout draws both resume where they were; documents
     # longer than a row are cut into windows: step 2 ends inside a document
-    "mlm": ("bert", {"whole_word": True}, 8),
+    "mlm": ("mlm", "bert", {"whole_word": True}, 8),
     # documents longer than a row (max_length 6) are cut across rows: step 2 ends inside a document
-    "clm": ("gpt2", {"pack": True}, 6),
+    "clm": ("clm", "gpt2", {"pack": True}, 6),
+    # unpacked, a document per row, a long one in windows of 6: step 2 ends inside a document too
+    "clm-unpacked": ("clm", "gpt2", {"pack": False}, 6),
     # the generator's samples resume too
-    "electra": ("bert", {}, 8),
+    "electra": ("electra", "bert", {}, 8),
     # rows of documents end to end (17 tokens before corruption): the spans' generator and a position
-    "span-corruption": ("t5", {}, 16),
+    "span-corruption": ("span-corruption", "t5", {}, 16),
 }
 
 
-@pytest.mark.parametrize("objective", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(CASES))
 def test_resume_gives_the_losses_and_weights_of_an_uninterrupted_run(
-    objective, monkeypatch, cli, tmp_path, minilm
+    case, monkeypatch, cli, tmp_path, minilm
 ):
-    family, options, width = CASES[objective]
+    objective, family, options, width = CASES[case]
     base = t5_folder(tmp_path) if family == "t5" else tiny_folder(tmp_path, minilm, family)
     recipe = write_recipe(tmp_path, base, objective, max_steps=4, accumulate=2)
     data = yaml.safe_load(recipe.read_text())

@@ -28,11 +28,13 @@ def stream_rows(docs: Iterable[Sequence[int]], width: int) -> Iterator[list[list
 
 
 def rows_at(
-    docs: Iterable[Sequence[int]], width: int, start: tuple[int, int] = (0, 0)
+    docs: Iterable[Sequence[int]], width: int, start: tuple[int, int] = (0, 0), pack: bool = True
 ) -> Iterator[tuple[list[list[int]], tuple[int, int]]]:
     """``stream_rows`` with, after each row, where the stream stands: (document, token) of the first
     token no row has taken yet, counted from ``start`` (the first document begins ``start[1]`` tokens
-    in: a document cut across rows is resumed where it was cut, in the same row-sized pieces)."""
+    in: a document cut across rows is resumed where it was cut, in the same row-sized pieces).
+    Without ``pack``, every row holds one piece: a document, or one of the consecutive ``width``-token
+    windows of a longer one (each its own document, as a cut piece is packed), so no token is lost."""
     if width < 1:
         raise GraftError(f"packing: the row width must be at least 1, found {width}")
     row: list[list[int]] = []
@@ -42,7 +44,7 @@ def rows_at(
         skip = start[1] if d == start[0] else 0
         for begin in range(0, len(doc), width):
             piece = list(doc[begin : begin + width])
-            if used + len(piece) > width:
+            if row and (not pack or used + len(piece) > width):
                 yield row, (d, skip + begin)
                 row, used = [], 0
             row.append(piece)

@@ -205,12 +205,10 @@ def clm_batches(
     start: Position = (0, 0),
 ) -> Batches:
     """Rows of ``max_length`` tokens; packed, each holds whole documents (+ eos) attending only to
-    themselves, with their own positions; unpacked, a document per row (cut at max_length), padded."""
-    ids = tokens(texts, tokenizer, start)
-    if pack:
-        rows = rows_at(ids, max_length, start)
-    else:
-        rows = (([doc[:max_length]], (d + 1, 0)) for d, doc in enumerate(ids, start[0]))
+    themselves, with their own positions; unpacked, a document per row, padded, a longer one in
+    consecutive windows of max_length (each a row with positions from the first, as a document
+    alone): every token is in a row either way."""
+    rows = rows_at(tokens(texts, tokenizer, start), max_length, start, pack)
     first = cfg.pad_token_id + 1 if cfg.positions_from_padding else 0
     pad = tokenizer.pad_token_id or 0
     return Batches(

@@ -246,7 +246,8 @@ class PretrainSection:
     files: list[str] = field(default_factory=list)  # .txt (a document per non-empty line) or .jsonl ("text")
     mask_probability: float = ranged(0.15, above=0, below=1)  # mlm: the share of tokens (or words) masked
     whole_word: bool = False  # mlm: mask every piece of a chosen word
-    # clm only: several documents per row, each attending only to itself (false: a document per row);
+    # clm only: several documents per row, each attending only to itself (false: a document per row,
+    # a long one in consecutive windows of max_length);
     # other objectives refuse false (mlm cuts long documents into rows, span corruption joins them)
     pack: bool = True
     noise_density: float = ranged(0.15, above=0, below=1)  # span-corruption: the share of tokens in spans
