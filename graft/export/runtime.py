@@ -151,12 +151,17 @@ class Exported:
         start: list[int] | None = None,
         forced_bos: int | None = None,
         forced_eos: int | list[int] | None = None,
+        suppress: list[int] = (),
+        begin_suppress: list[int] = (),
     ) -> list[list[int]]:
         """An encoder-decoder's greedy tokens for each row of ``source`` (input_ids and attention_mask,
         or input_features): the encoder once, then the decoder from ``start`` (default: the config's
-        decoder_start_token_id) with its cache; the end token kept, then the row stops. ``forced_bos``
+        decoder_start_token_id; Whisper's: its prompt, <|startoftranscript|> <|en|> <|transcribe|>
+        <|notimestamps|>) with its cache; the end token kept, then the row stops. ``forced_bos``
         is the first new token, ``forced_eos`` (one of) the last, as config.json's
-        forced_bos_token_id / forced_eos_token_id ask (mBART's language, BART's end)."""
+        forced_bos_token_id / forced_eos_token_id ask (mBART's language, BART's end). ``suppress``:
+        tokens never generated, ``begin_suppress``: not as the first new token (Whisper's
+        generation_config.json: suppress_tokens, begin_suppress_tokens)."""
         cache = self.manifest["cache"]
         encoded = dict(zip(self.graph_names("encoder"), self.run(source, "encoder"), strict=True))
         fixed = {k: v for k, v in encoded.items() if k.startswith("cross.")}
@@ -172,6 +177,10 @@ class Exported:
         for step in range(max_new_tokens):
             logits, *present = self.run({"decoder_input_ids": ids, **fixed, **past}, "decoder")
             scores = logits[:, -1]  # (B, V)
+            banned = [*suppress, *(begin_suppress if step == 0 else ())]
+            if banned:
+                scores = scores.copy()
+                scores[:, banned] = -np.inf
             allowed = None
             if step == 0 and forced_bos is not None and len(first) == 1:
                 allowed = [forced_bos]
