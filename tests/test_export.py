@@ -147,6 +147,26 @@ def test_unit_length_is_f_normalize():
     assert (unit_length(x) - torch.nn.functional.normalize(x, dim=-1)).abs().max() <= 1e-7
 
 
+def test_an_all_zero_attention_mask_row_is_refused_by_every_runtime(tmp_path):
+    """A row with no real token: graft's model gives it zero attention, the fused MultiHeadAttention of
+    --optimize (and transformers' eager attention) uniform attention over its padding. Both runtimes refuse
+    it in one line."""
+    from graft.export.backend import load_exported
+    from graft.export.runtime import Exported
+
+    model = tiny_model("bert", "classification", tmp_path)
+    export_model(model, tmp_path / "out", optimize=True)
+    inputs = fresh_inputs(model)
+    inputs["attention_mask"][2] = 0
+    with pytest.raises(GraftError) as error:
+        load_exported(tmp_path / "out")(**inputs)
+    assert str(error.value) == (
+        f"{tmp_path / 'out'}: attention_mask row 2 is all zeros: an input with no real token has no output"
+    )
+    with pytest.raises(ValueError, match=r"^attention_mask row 2 is all zeros: an input with no real token"):
+        Exported(tmp_path / "out").run({k: v.numpy() for k, v in inputs.items()})
+
+
 def test_optimize_keeps_the_module_paths_int8_picks_its_float32_nodes_by(tmp_path):
     """optimize_model drops node metadata: without it --optimize --int8 quantized every MatMul
     (kept_in_float found none; MiniLM's min cosine fell to 0.9851 and the export stopped)."""

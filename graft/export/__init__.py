@@ -46,6 +46,13 @@ bfloat16 MatMul) keeps the weights and the computation in bfloat16 behind float3
 outputs, checked against graft's bfloat16 model at 1e-2. ``--int8`` keeps blocks 0 and 1's
 feed-forward down projections in float32 (graft/export/onnx.py says why).
 
+An exported folder refuses an input row whose attention_mask is all zeros (runtime.py empty_row),
+in every format, with one line naming the row. Such a row has no real token and its output means
+nothing, and the runtimes disagree on it: graft's model gives it zero attention (as transformers'
+sdpa attention does under torch 2.13), ONNX Runtime's fused MultiHeadAttention (--optimize) uniform
+attention over the padding (as transformers' eager attention does).
+A tokenizer gives even an empty text its special tokens, so only a hand-made mask has such a row.
+
 An embedding model normalized in the graph divides by the norm written as ReduceSum -> Sqrt -> Max
 (graph.unit_length), not F.normalize: ONNX Runtime's shape inference stops at F.normalize's Expand,
 and --optimize then fuses no layer norm in the whole graph.

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from graft.errors import GraftError
-from graft.export.runtime import Exported
+from graft.export.runtime import Exported, empty_row
 from graft.generation.speech import Transcriber
 from graft.tasks import HEADS
 from graft.tasks.base import TaskOutput
@@ -86,6 +86,11 @@ class ExportedModel(Exported):
                 self.sessions[name] = runner(fmt, path, names)
 
     def run(self, inputs: dict[str, np.ndarray], graph: str | None = None) -> list[np.ndarray]:
+        row = empty_row(inputs)  # the same refusal as runtime.py's, in graft's words
+        if row is not None:
+            raise GraftError(
+                f"{self.folder}: attention_mask row {row} is all zeros: an input with no real token has no output"
+            )
         run = self.sessions[graph] if graph is not None else next(iter(self.sessions.values()))
         return run(inputs)
 

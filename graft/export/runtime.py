@@ -89,6 +89,11 @@ class Exported:
 
     def run(self, inputs: dict[str, np.ndarray], graph: str | None = None) -> list[np.ndarray]:
         """The outputs of ``graph`` (the first one by default: the only one, or the encoder)."""
+        row = empty_row(inputs)
+        if row is not None:
+            raise ValueError(
+                f"attention_mask row {row} is all zeros: an input with no real token has no output"
+            )
         session = self.sessions[graph] if graph is not None else next(iter(self.sessions.values()))
         return session.run(None, inputs)
 
@@ -198,6 +203,18 @@ class Exported:
             past = dict(zip(past, present, strict=True))
             ids = token[:, None].astype(np.int64)  # (B, 1)
         return new
+
+
+def empty_row(inputs: dict[str, np.ndarray]) -> int | None:
+    """The first row of ``attention_mask`` with no real token, if any: refused, as it means nothing.
+    graft's model (and transformers' sdpa attention) gives such a row zero attention, ONNX Runtime's
+    fused attention (--optimize) and transformers' eager attention uniform attention over its padding;
+    a tokenizer gives even an empty text its special tokens, so only a hand-made mask has one."""
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.ndim != 2:
+        return None
+    empty = np.flatnonzero(~mask.astype(bool).any(1))
+    return int(empty[0]) if empty.size else None
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
