@@ -186,6 +186,9 @@ def test_transcribe_on_an_exported_whisper_folder_equals_the_torch_path(tmp_path
         soundfile.write(path, clip, 16000, subtype="FLOAT")
     want = cli("transcribe", folder, *wavs, "--format", "jsonl").ok().stdout
     expected = Transcriber(model, folder).tokens(clips)
+    data = tmp_path / "speech.csv"  # graft eval: the same transcripts, scored against these texts
+    data.write_text("path,text\n" + "".join(f"{path},a b c\n" for path in wavs))
+    scores = cli("eval", folder, "--data", data).ok().stdout
 
     (folder / "preprocessor_config.json").unlink()  # the torch path read it; the export must write it
     out = tmp_path / "out"
@@ -198,6 +201,7 @@ def test_transcribe_on_an_exported_whisper_folder_equals_the_torch_path(tmp_path
     assert all(generation["suppress_tokens"][0] not in tokens for windows in got for tokens in windows)
     assert cli("transcribe", out, *wavs, "--format", "jsonl").ok().stdout == want
     assert cli("transcribe", out, *wavs, "--format", "jsonl", "--backend", "onnx").ok().stdout == want
+    assert cli("eval", out, "--data", data, "--backend", "onnx").ok().stdout == scores
     assert cli("transcribe", out, wavs[0], "--backend", "torchscript").error_line() == (
         f"error: --backend torchscript: {out} holds a onnx export (drop --backend to run it as exported)"
     )
