@@ -115,12 +115,15 @@ def test_every_family_and_task_exports_to_onnx_with_parity(family, task, tmp_pat
     assert np.abs(got - expected).max() <= TOL
 
 
-def test_optimize_fuses_an_encoders_layer_norms_and_attention_with_parity(tmp_path):
+@pytest.mark.parametrize("task", ["classification", "embedding"])
+def test_optimize_fuses_an_encoders_layer_norms_and_attention_with_parity(task, tmp_path):
     """--optimize on a tiny BERT: ONNX Runtime's skip-layer-norm fusion and graft's attention fusion
-    (graft/export/onnx.py fuse_attention) apply, and the fused graph still matches graft at 1e-4."""
+    (graft/export/onnx.py fuse_attention) apply, and the fused graph still matches graft at 1e-4; an
+    embedder normalized in the graph too (graph.unit_length: F.normalize stopped ORT's shape inference)."""
     import onnx
 
-    model = tiny_model("bert", "classification", tmp_path)
+    model = tiny_model("bert", task, tmp_path)
+    assert task != "embedding" or model.head.normalize
     manifest = export_model(model, tmp_path / "out", optimize=True)
     ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node]
     assert ops.count("SkipLayerNormalization") >= 1
@@ -132,6 +135,36 @@ def test_optimize_fuses_an_encoders_layer_norms_and_attention_with_parity(tmp_pa
     got = runner(tmp_path / "out" / "model.onnx")({k: v.numpy() for k, v in inputs.items()})[0]
     assert np.abs(expected).max() > 0.01
     assert np.abs(got - expected).max() <= TOL
+
+
+def test_unit_length_is_f_normalize():
+    """The exported graph's normalization gives F.normalize's numbers, a zero row included."""
+    from graft.export.graph import unit_length
+
+    x = torch.randn(5, 384, generator=torch.Generator().manual_seed(0)) * torch.tensor(
+        [[1], [1e-3], [1e3], [0], [1]]
+    )
+    assert (unit_length(x) - torch.nn.functional.normalize(x, dim=-1)).abs().max() <= 1e-7
+
+
+def test_an_all_zero_attention_mask_row_is_refused_by_every_runtime(tmp_path):
+    """A row with no real token: graft's model gives it zero attention, the fused MultiHeadAttention of
+    --optimize (and transformers' eager attention) uniform attention over its padding. Both runtimes refuse
+    it in one line."""
+    from graft.export.backend import load_exported
+    from graft.export.runtime import Exported
+
+    model = tiny_model("bert", "classification", tmp_path)
+    export_model(model, tmp_path / "out", optimize=True)
+    inputs = fresh_inputs(model)
+    inputs["attention_mask"][2] = 0
+    with pytest.raises(GraftError) as error:
+        load_exported(tmp_path / "out")(**inputs)
+    assert str(error.value) == (
+        f"{tmp_path / 'out'}: attention_mask row 2 is all zeros: an input with no real token has no output"
+    )
+    with pytest.raises(ValueError, match=r"^attention_mask row 2 is all zeros: an input with no real token"):
+        Exported(tmp_path / "out").run({k: v.numpy() for k, v in inputs.items()})
 
 
 def test_optimize_keeps_the_module_paths_int8_picks_its_float32_nodes_by(tmp_path):
@@ -314,8 +347,7 @@ def test_minilm_optimized_and_int8_against_graft_on_the_book_texts(flag, minilm,
     got = onnx_embeddings(out, texts)
     if flag == "--optimize":
         assert manifest["optimized"] is not None and manifest["int8"] is None
-        # no SkipLayerNormalization here: ORT's shape inference stops at the in-graph normalization
-        assert "MultiHeadAttention" in manifest["optimized"]["fused"]
+        assert {"SkipLayerNormalization", "MultiHeadAttention"} <= set(manifest["optimized"]["fused"])
         assert np.abs(got - expected).max() <= 1e-5
     else:
         assert manifest["int8"]["min_cosine"] >= 0.99

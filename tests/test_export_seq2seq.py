@@ -150,3 +150,61 @@ def test_torch_formats_of_an_encoder_decoder_generate_graft_tokens(fmt, tmp_path
     expected = graft_tokens(model, inputs, 10, [])
     numpy = {k: v.numpy() for k, v in inputs.items()}
     assert load_exported(tmp_path / "out", "torchscript").generate_seq2seq(numpy, 10) == expected
+
+
+def test_transcribe_on_an_exported_whisper_folder_equals_the_torch_path(tmp_path, cli):
+    """graft transcribe on an exported tiny Whisper reading 30-second windows: the torch path's greedy
+    tokens and text, with the token the model likes most suppressed (generation_config.json, copied by
+    export) and a 40 s clip in two windows; export writes the feature extractor's settings the source
+    folder lacks, so the folder needs nothing else."""
+    import soundfile
+    from test_ctranslate2 import tiny_whisper
+    from test_whisper import converted
+
+    from graft.export.backend import ExportedTranscriber, load_exported
+    from graft.generation.speech import Transcriber
+    from graft.speech import WhisperFeatures
+
+    folder = converted(tmp_path, tiny_whisper(max_source_positions=1500, biases=False))
+    model = load_model(folder)
+    rng = np.random.default_rng(0)
+    clips = [rng.standard_normal(n).astype(np.float32) * s for n, s in ((16000, 0.1), (640000, 0.5))]
+    with torch.no_grad():
+        favourite = (
+            model(
+                input_features=WhisperFeatures(n_mels=8)(clips),
+                decoder_input_ids=torch.tensor([[21, 22, 25, 29]] * 2),
+            )
+            .logits[:, -1]
+            .argmax(-1)
+        )  # (2,)
+    generation = json.loads((folder / "generation_config.json").read_text())
+    generation["suppress_tokens"] = [int(favourite[0])]
+    (folder / "generation_config.json").write_text(json.dumps(generation))
+    wavs = [tmp_path / f"{i}.wav" for i in range(len(clips))]
+    for path, clip in zip(wavs, clips, strict=True):
+        soundfile.write(path, clip, 16000, subtype="FLOAT")
+    want = cli("transcribe", folder, *wavs, "--format", "jsonl").ok().stdout
+    expected = Transcriber(model, folder).tokens(clips)
+    data = tmp_path / "speech.csv"  # graft eval: the same transcripts, scored against these texts
+    data.write_text("path,text\n" + "".join(f"{path},a b c\n" for path in wavs))
+    scores = cli("eval", folder, "--data", data).ok().stdout
+
+    (folder / "preprocessor_config.json").unlink()  # the torch path read it; the export must write it
+    out = tmp_path / "out"
+    cli("export", folder, out).ok()
+    assert WhisperFeatures.from_folder(out) == WhisperFeatures(n_mels=8)
+    assert json.loads((out / "generation_config.json").read_text()) == generation
+    got = ExportedTranscriber(load_exported(out), out).tokens(clips)
+    assert got == expected and [len(windows) for windows in got] == [1, 2]
+    assert any(len(tokens) > 2 for windows in got for tokens in windows)  # not a bare end token
+    assert all(generation["suppress_tokens"][0] not in tokens for windows in got for tokens in windows)
+    assert cli("transcribe", out, *wavs, "--format", "jsonl").ok().stdout == want
+    assert cli("transcribe", out, *wavs, "--format", "jsonl", "--backend", "onnx").ok().stdout == want
+    assert cli("eval", out, "--data", data, "--backend", "onnx").ok().stdout == scores
+    assert cli("transcribe", out, wavs[0], "--backend", "torchscript").error_line() == (
+        f"error: --backend torchscript: {out} holds a onnx export (drop --backend to run it as exported)"
+    )
+    assert cli("transcribe", out, wavs[0], "--num-beams", "2").error_line() == (
+        "error: --num-beams: an exported model generates greedily; run the model folder for that"
+    )

@@ -18,31 +18,24 @@ from graft.errors import GraftError
 
 
 def load_for_export(
-    model: str, adapter: Path | None, task: str | None, pooling: str | None, normalize: bool | None
+    folder: Path, adapter: Path | None, task: str | None, pooling: str | None, normalize: bool | None
 ):
-    """(model on the reference code, tokenizer or None) from a folder, Hub id or GGUF file (+ adapter)."""
+    """(model on the reference code, tokenizer or None) from a model folder (+ adapter)."""
     from graft.loading import load_adapter_model, load_config, load_model
     from graft.tokenizer import Tokenizer
 
     options = {k: v for k, v in {"pooling": pooling, "normalize": normalize}.items() if v is not None}
-    if options and task != "embedding":
-        raise GraftError("--pooling and --normalize shape an embedding model: add --task embedding")
-    with model_folder(model) as folder:
-        if adapter is not None:
-            if task is not None:
-                raise GraftError("--task: an adapter folder brings its own task; drop --task")
-            m = load_adapter_model(folder, adapter)
-        else:
-            if task == "causal-lm" and not getattr(
-                load_config(folder)[1], "causal", False
-            ):  # before the weights load
-                raise GraftError(
-                    f"export: a {load_config(folder)[1].family} model has no causal LM to export"
-                )
-            m = load_model(folder, task=task, kernels=False, **options)
-        tokenizer = None
-        if any((folder / name).exists() for name in ("tokenizer.json", "vocab.txt", "tokenizer.model")):
-            tokenizer = Tokenizer.from_folder(folder)
+    if adapter is not None:
+        if task is not None:
+            raise GraftError("--task: an adapter folder brings its own task; drop --task")
+        m = load_adapter_model(folder, adapter)
+    else:
+        if task == "causal-lm" and not getattr(load_config(folder)[1], "causal", False):  # before the weights
+            raise GraftError(f"export: a {load_config(folder)[1].family} model has no causal LM to export")
+        m = load_model(folder, task=task, kernels=False, **options)
+    tokenizer = None
+    if any((folder / name).exists() for name in ("tokenizer.json", "vocab.txt", "tokenizer.model")):
+        tokenizer = Tokenizer.from_folder(folder)
     return m, tokenizer
 
 
@@ -102,18 +95,29 @@ def export(
     check_dtype("onnx" if fmt == "web" else fmt, dtype, int8)
     if task is not None and task != "base" and task not in OUTPUTS:  # before loading anything
         raise GraftError(f"export: the {task} task cannot be exported (known: {', '.join(OUTPUTS)})")
+    if (pooling is not None or normalize is not None) and task != "embedding":
+        raise GraftError("--pooling and --normalize shape an embedding model: add --task embedding")
     check_output(out, "OUT", folder=True, overwrite=overwrite)
-    m, tokenizer = load_for_export(model, adapter, task, pooling, normalize)
-    if fmt == "web":  # the int8 ONNX export, then the page and onnxruntime-web around it
-        from graft.export.web import check_web, export_web
+    with model_folder(model) as folder:  # a GGUF file's converted folder lasts until the export is written
+        m, tokenizer = load_for_export(folder, adapter, task, pooling, normalize)
+        if fmt == "web":  # the int8 ONNX export, then the page and onnxruntime-web around it
+            from graft.export.web import check_web, export_web
 
-        check_request(m, "onnx", opset, False, True)
-        check_web(m, tokenizer)
-        manifest = export_web(m, out, tokenizer, opset=opset)
-    else:
-        check_request(m, fmt, opset, optimize, int8, dtype)
-        manifest = export_model(
-            m, out, tokenizer, fmt=fmt, opset=opset, optimize=optimize, int8=int8, dtype=dtype
-        )
+            check_request(m, "onnx", opset, False, True)
+            check_web(m, tokenizer)
+            manifest = export_web(m, out, tokenizer, opset=opset)
+        else:
+            check_request(m, fmt, opset, optimize, int8, dtype)
+            manifest = export_model(
+                m,
+                out,
+                tokenizer,
+                fmt=fmt,
+                opset=opset,
+                optimize=optimize,
+                int8=int8,
+                dtype=dtype,
+                source=folder,
+            )
     summary = {k: manifest[k] for k in ("format", "family", "task", "file")}
     typer.echo(json.dumps({**summary, "out": str(out), "max_abs_diff": manifest["parity"]["max_abs_diff"]}))

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from graft.cli.app import ReferenceOpt, app
+from graft.cli.app import BackendOpt, ReferenceOpt, app
 
 
 class Task(StrEnum):
@@ -43,11 +43,28 @@ def whisper_folder(model: str) -> Iterator[Path]:
     yield resolve(model)
 
 
+def load_transcriber(model: str, reference: bool, backend: str | None, num_beams: int = 1):
+    """graft's Transcriber on MODEL: a Whisper folder, Hub id or CTranslate2 model, or a graft export
+    folder (its encoder and decoder graphs, in ONNX Runtime or torch: ``backend``, or its own format)."""
+    from graft.export.backend import ExportedTranscriber, is_exported, load_exported
+
+    if backend is not None or is_exported(model):
+        return ExportedTranscriber(load_exported(model, backend), model, num_beams=num_beams)
+    from graft.generation.speech import Transcriber
+    from graft.loading import load_model
+
+    with whisper_folder(model) as folder:
+        whisper = load_model(folder, task="seq2seq", kernels=not reference)
+        return Transcriber(whisper, folder, num_beams=num_beams)
+
+
 @app.command()
 def transcribe(
     model: Annotated[
         str,
-        typer.Argument(help="A Whisper model: a Hugging Face folder, a Hub id, or a CTranslate2 model.bin."),
+        typer.Argument(
+            help="A Whisper model: a Hugging Face folder, a Hub id, a CTranslate2 model.bin, or a graft export folder."
+        ),
     ],
     audio: Annotated[
         list[Path], typer.Argument(help="Audio files (WAV, FLAC, OGG...); long ones go in 30 s windows.")
@@ -60,6 +77,7 @@ def transcribe(
         Format, typer.Option(help="text: one line per file; jsonl: {audio, text} per file.")
     ] = Format.text,
     reference: ReferenceOpt = False,
+    backend: BackendOpt = None,
 ) -> None:
     """Write what each audio file says, one line per file, in order."""
     from graft.errors import GraftError
@@ -67,13 +85,9 @@ def transcribe(
     for path in audio:  # before the model loads: a typo should not cost a minute
         if not path.is_file():
             raise GraftError(f"{path}: no such audio file")
-    from graft.generation.speech import Transcriber
-    from graft.loading import load_model
     from graft.speech import read_audio
 
-    with whisper_folder(model) as folder:
-        whisper = load_model(folder, task="seq2seq", kernels=not reference)
-        transcriber = Transcriber(whisper, folder, num_beams=num_beams)
+    transcriber = load_transcriber(model, reference, backend, num_beams)
     clips = [read_audio(path) for path in audio]
     texts = transcriber(clips, language=language, task=task.value, batch_size=batch_size)
     for path, text in zip(audio, texts, strict=True):
@@ -112,15 +126,14 @@ def evaluate_speech(
     columns: dict[str, str] | None = None,
     skip_bad_rows: bool = False,
     encoding: str = "auto",
+    backend: str | None = None,
 ) -> None:
     """``graft eval`` for a Whisper model: transcribe a speech data set (graft.data's audio format: a
     CSV/JSON lines file of path,text or an audio folder), print WER and CER (as written, and
     normalized), write metrics.json and predictions.jsonl to --out."""
     from graft.data import load_records
     from graft.errors import GraftError
-    from graft.generation.speech import Transcriber
     from graft.io.atomic import atomic_path, check_output, write_json
-    from graft.loading import load_model
     from graft.metrics import compute_metrics
 
     if fmt not in (None, "audio"):
@@ -131,9 +144,7 @@ def evaluate_speech(
         check_output(out, "--out", folder=True)
     stream = load_records(data, "audio", columns, skip_bad_rows, required=("text",), encoding=encoding)
     records = list(stream)  # every file is read (and checked) before the model loads
-    with whisper_folder(model) as folder:
-        whisper = load_model(folder, task="seq2seq", kernels=not reference)
-        transcriber = Transcriber(whisper, folder, num_beams=num_beams)
+    transcriber = load_transcriber(model, reference, backend, num_beams)
     texts = transcriber([r["audio"] for r in records], batch_size=min(batch_size, 8))
     metrics = {**compute_metrics("speech", texts, [r["text"] for r in records]), "examples": len(records)}
     typer.echo(json.dumps(metrics))

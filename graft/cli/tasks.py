@@ -255,6 +255,7 @@ def evaluate(
             parse_columns(column),
             skip_bad_rows,
             encoding,
+            backend,
         )
     if out is not None:
         check_output(out, "--out", folder=True)

@@ -45,6 +45,21 @@ included): max abs difference <= 1e-4 in float32, or the export stops, writing n
 bfloat16 MatMul) keeps the weights and the computation in bfloat16 behind float32 inputs and
 outputs, checked against graft's bfloat16 model at 1e-2. ``--int8`` keeps blocks 0 and 1's
 feed-forward down projections in float32 (graft/export/onnx.py says why).
+
+An exported folder refuses an input row whose attention_mask is all zeros (runtime.py empty_row),
+in every format, with one line naming the row. Such a row has no real token and its output means
+nothing, and the runtimes disagree on it: graft's model gives it zero attention (as transformers'
+sdpa attention does under torch 2.13), ONNX Runtime's fused MultiHeadAttention (--optimize) uniform
+attention over the padding (as transformers' eager attention does).
+A tokenizer gives even an empty text its special tokens, so only a hand-made mask has such a row.
+
+An embedding model normalized in the graph divides by the norm written as ReduceSum -> Sqrt -> Max
+(graph.unit_length), not F.normalize: ONNX Runtime's shape inference stops at F.normalize's Expand,
+and --optimize then fuses no layer norm in the whole graph.
+
+A Whisper export holds what ``graft transcribe OUT/ audio.wav`` reads besides the graphs: the
+source folder's generation_config.json (the prompt tokens and suppressed tokens) and
+preprocessor_config.json (the feature extractor's, written when the source has none).
 """
 
 from __future__ import annotations
@@ -102,6 +117,8 @@ EXPORTERS = {
 }
 SEQ2SEQ_TASKS = ("base", "seq2seq")  # an encoder-decoder's: the bare body, or with its LM head
 DUAL_TASKS = ("base", "image-text")  # a dual encoder's: its towers, and with the task their logits
+# what graft generate and transcribe read from a model's folder besides config.json and the weights
+RUN_FILES = ("generation_config.json", "preprocessor_config.json")
 INT8_MIN_COSINE = 0.99  # int8 is checked by direction, not digits: every output row against float32
 
 
@@ -301,8 +318,13 @@ def export_model(
     optimize: bool = False,
     int8: bool = False,
     dtype: str = "float32",
+    source: str | Path | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` (a body or a task model) to the folder ``out``; its manifest.
+
+    ``source``: the model's folder, whose RUN_FILES (what generate and transcribe read besides the
+    weights) are copied into ``out``; an audio model's export without a preprocessor_config.json gets
+    the default feature extractor's, at the model's mel bins.
 
     ``dtype`` bfloat16 (torchscript and exported-program): the weights and the computation in
     bfloat16, behind float32 inputs and outputs (graph.Float32Interface), checked against graft's
@@ -384,7 +406,7 @@ def export_model(
         with atomic_folder(out) as folder:
             for path, _ in written.values():
                 (folder / path.name).write_bytes(path.read_bytes())
-            write_files(folder, model, tokenizer, manifest)
+            write_files(folder, model, tokenizer, manifest, source)
     return manifest
 
 
@@ -466,9 +488,24 @@ def check_parity(
     return diff
 
 
-def write_files(folder: Path, model: nn.Module, tokenizer: Any, manifest: dict[str, Any]) -> None:
-    """The files around the graph: config, labels, tokenizer, manifest."""
+def write_files(
+    folder: Path, model: nn.Module, tokenizer: Any, manifest: dict[str, Any], source: str | Path | None = None
+) -> None:
+    """The files around the graph: config, labels, the source's RUN_FILES, tokenizer (or image
+    processor), manifest."""
     write_json(folder / "config.json", hf_config(model))
+    for name in RUN_FILES:
+        if source is not None and (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, folder / name)
+    body = body_of(model)
+    audio = isinstance(body, EncoderDecoder) and body.config.encoder.inputs == "audio_frames"
+    if audio and not (folder / "preprocessor_config.json").exists():  # transcribe reads it
+        from graft.speech import WhisperFeatures
+
+        write_json(
+            folder / "preprocessor_config.json",
+            WhisperFeatures(n_mels=body.config.encoder.num_mel_bins).to_dict(),
+        )
     labels = getattr(getattr(model, "head", None), "id2label", None)
     if labels is not None:
         write_json(folder / "labels.json", {"id2label": list(labels)})

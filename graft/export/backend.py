@@ -1,4 +1,5 @@
-"""The runtime switch: an exported folder runs ``graft predict``, ``eval``, ``embed`` and ``generate``.
+"""The runtime switch: an exported folder runs ``graft predict``, ``eval``, ``embed``, ``generate`` and
+``transcribe``.
 
     model = load_exported("out/", backend="onnx")      # None: the folder's own format
     model(**batch).logits                               # as a TaskModel's forward, from the file
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 
 from graft.errors import GraftError
-from graft.export.runtime import Exported
+from graft.export.runtime import Exported, empty_row
+from graft.generation.speech import Transcriber
 from graft.tasks import HEADS
 from graft.tasks.base import TaskOutput
 
@@ -84,6 +86,11 @@ class ExportedModel(Exported):
                 self.sessions[name] = runner(fmt, path, names)
 
     def run(self, inputs: dict[str, np.ndarray], graph: str | None = None) -> list[np.ndarray]:
+        row = empty_row(inputs)  # the same refusal as runtime.py's, in graft's words
+        if row is not None:
+            raise GraftError(
+                f"{self.folder}: attention_mask row {row} is all zeros: an input with no real token has no output"
+            )
         run = self.sessions[graph] if graph is not None else next(iter(self.sessions.values()))
         return run(inputs)
 
@@ -161,35 +168,75 @@ class ExportedModel(Exported):
         vectors = torch.cat(out).float()  # (N, P)
         return torch.nn.functional.normalize(vectors, dim=-1) if normalize else vectors
 
-    def generate_greedy(self, ids: torch.Tensor, mask: torch.Tensor, config: Any) -> list[list[int]]:
+    def generate_greedy(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        config: Any,
+        input_features: torch.Tensor | None = None,
+    ) -> list[list[int]]:
         """New tokens per row of a left-padded prompt batch (ids, mask), greedy, the end token kept;
         a GenerationConfig asking for more than greedy decoding is refused in one line. An
-        encoder-decoder reads the (right-padded) batch as its source: the tokens after its start token."""
+        encoder-decoder reads the (right-padded) batch as its source: the tokens after its start token.
+        Whisper reads ``input_features`` (B, mel bins, frames), and ``ids`` (B, P) are the decoder's
+        first tokens (its prompt, the same in every row): the tokens after them."""
         if self.task not in ("causal-lm", "seq2seq"):
             raise GraftError(f"{self.folder}: an exported {self.task} model cannot generate text")
-        asked = [
-            flag
-            for flag, on in (
-                ("--temperature/--top-k/--top-p/--min-p (sampling)", config.do_sample),
-                ("--num-beams", config.num_beams > 1),
-                ("--repetition-penalty", config.repetition_penalty not in (None, 1.0)),
-                ("--stop", bool(config.stop_strings)),
-                ("no_repeat_ngram_size", bool(config.no_repeat_ngram_size)),
-                ("min_new_tokens", bool(config.min_new_tokens)),
-                ("suppress_tokens", bool(config.suppress_tokens or config.begin_suppress_tokens)),
-            )
-            if on
-        ]
-        if asked:
-            raise GraftError(
-                f"{asked[0]}: an exported model generates greedily; run the model folder for that"
-            )
+        check_greedy(config, self.task)
         if self.task == "seq2seq":
-            source = {"input_ids": ids.numpy(), "attention_mask": mask.long().numpy()}
-            forced = {"forced_bos": config.forced_bos_token_id, "forced_eos": config.forced_eos_token_id}
-            return self.generate_seq2seq(source, config.max_new_tokens, config.eos_ids, **forced)
+            if input_features is not None:
+                source, start = {"input_features": input_features.numpy()}, ids[0].tolist()
+            else:
+                source, start = {"input_ids": ids.numpy(), "attention_mask": mask.long().numpy()}, None
+            return self.generate_seq2seq(
+                source,
+                config.max_new_tokens,
+                config.eos_ids,
+                start=start,
+                forced_bos=config.forced_bos_token_id,
+                forced_eos=config.forced_eos_token_id,
+                suppress=config.suppress_tokens or [],
+                begin_suppress=config.begin_suppress_tokens or [],
+            )
         prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
         return self.generate(prompts, config.max_new_tokens, config.eos_ids)
+
+
+def check_greedy(config: Any, task: str) -> None:
+    """Refuse, in one line, a GenerationConfig asking an exported ``task`` model for more than greedy
+    decoding (an encoder-decoder's loop also suppresses tokens, as Whisper's generation_config.json asks)."""
+    asked = [
+        flag
+        for flag, on in (
+            ("--temperature/--top-k/--top-p/--min-p (sampling)", config.do_sample),
+            ("--num-beams", config.num_beams > 1),
+            ("--repetition-penalty", config.repetition_penalty not in (None, 1.0)),
+            ("--stop", bool(config.stop_strings)),
+            ("no_repeat_ngram_size", bool(config.no_repeat_ngram_size)),
+            ("min_new_tokens", bool(config.min_new_tokens)),
+            (
+                "suppress_tokens",
+                task != "seq2seq" and bool(config.suppress_tokens or config.begin_suppress_tokens),
+            ),
+        )
+        if on
+    ]
+    if asked:
+        raise GraftError(f"{asked[0]}: an exported model generates greedily; run the model folder for that")
+
+
+class ExportedTranscriber(Transcriber):
+    """graft's Transcriber (30-second windows, log-mel features, the language and task prompt, the
+    folder's generation_config.json) on an exported Whisper folder: its encoder and decoder graphs
+    decode each window greedily, with the KV cache. The folder is the export's: graft export copies
+    generation_config.json and preprocessor_config.json into it (or writes the feature extractor's)."""
+
+    def __init__(self, model: ExportedModel, folder: str | Path, **options: Any) -> None:
+        super().__init__(model, folder, **options)
+        check_greedy(self.config, model.task)  # before any audio is read
+
+    def decode(self, prompt: torch.Tensor, features: torch.Tensor, config: Any) -> list[list[int]]:
+        return self.model.generate_greedy(prompt, None, config, input_features=features)
 
 
 def load_exported(folder: str | Path, backend: str | None = None) -> ExportedModel:
@@ -210,4 +257,4 @@ def predictor(model: Any):
     return lambda tokenizer, records, *args, **kw: predict(model, tokenizer, records, *args, **kw)
 
 
-__all__ = ["BACKENDS", "ExportedModel", "is_exported", "load_exported", "predictor"]
+__all__ = ["BACKENDS", "ExportedModel", "ExportedTranscriber", "is_exported", "load_exported", "predictor"]

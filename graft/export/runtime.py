@@ -89,6 +89,11 @@ class Exported:
 
     def run(self, inputs: dict[str, np.ndarray], graph: str | None = None) -> list[np.ndarray]:
         """The outputs of ``graph`` (the first one by default: the only one, or the encoder)."""
+        row = empty_row(inputs)
+        if row is not None:
+            raise ValueError(
+                f"attention_mask row {row} is all zeros: an input with no real token has no output"
+            )
         session = self.sessions[graph] if graph is not None else next(iter(self.sessions.values()))
         return session.run(None, inputs)
 
@@ -151,12 +156,17 @@ class Exported:
         start: list[int] | None = None,
         forced_bos: int | None = None,
         forced_eos: int | list[int] | None = None,
+        suppress: list[int] = (),
+        begin_suppress: list[int] = (),
     ) -> list[list[int]]:
         """An encoder-decoder's greedy tokens for each row of ``source`` (input_ids and attention_mask,
         or input_features): the encoder once, then the decoder from ``start`` (default: the config's
-        decoder_start_token_id) with its cache; the end token kept, then the row stops. ``forced_bos``
+        decoder_start_token_id; Whisper's: its prompt, <|startoftranscript|> <|en|> <|transcribe|>
+        <|notimestamps|>) with its cache; the end token kept, then the row stops. ``forced_bos``
         is the first new token, ``forced_eos`` (one of) the last, as config.json's
-        forced_bos_token_id / forced_eos_token_id ask (mBART's language, BART's end)."""
+        forced_bos_token_id / forced_eos_token_id ask (mBART's language, BART's end). ``suppress``:
+        tokens never generated, ``begin_suppress``: not as the first new token (Whisper's
+        generation_config.json: suppress_tokens, begin_suppress_tokens)."""
         cache = self.manifest["cache"]
         encoded = dict(zip(self.graph_names("encoder"), self.run(source, "encoder"), strict=True))
         fixed = {k: v for k, v in encoded.items() if k.startswith("cross.")}
@@ -172,6 +182,10 @@ class Exported:
         for step in range(max_new_tokens):
             logits, *present = self.run({"decoder_input_ids": ids, **fixed, **past}, "decoder")
             scores = logits[:, -1]  # (B, V)
+            banned = [*suppress, *(begin_suppress if step == 0 else ())]
+            if banned:
+                scores = scores.copy()
+                scores[:, banned] = -np.inf
             allowed = None
             if step == 0 and forced_bos is not None and len(first) == 1:
                 allowed = [forced_bos]
@@ -189,6 +203,18 @@ class Exported:
             past = dict(zip(past, present, strict=True))
             ids = token[:, None].astype(np.int64)  # (B, 1)
         return new
+
+
+def empty_row(inputs: dict[str, np.ndarray]) -> int | None:
+    """The first row of ``attention_mask`` with no real token, if any: refused, as it means nothing.
+    graft's model (and transformers' sdpa attention) gives such a row zero attention, ONNX Runtime's
+    fused attention (--optimize) and transformers' eager attention uniform attention over its padding;
+    a tokenizer gives even an empty text its special tokens, so only a hand-made mask has one."""
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.ndim != 2:
+        return None
+    empty = np.flatnonzero(~mask.astype(bool).any(1))
+    return int(empty[0]) if empty.size else None
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

@@ -86,8 +86,15 @@ class Transcriber:
         new = self.max_length - len(start)
         config = self.config.replace(max_new_tokens=min(new, self.max_new_tokens or new))
         prompt = torch.tensor([start] * features.shape[0])  # (B, P)
+        return [_until_eos(row, config.eos_ids) for row in self.decode(prompt, features, config)]
+
+    def decode(
+        self, prompt: torch.Tensor, features: torch.Tensor, config: GenerationConfig
+    ) -> list[list[int]]:
+        """Each window's new tokens after ``prompt`` (B, P). (An exported folder's transcriber,
+        graft.export.backend.ExportedTranscriber, runs its graphs here instead.)"""
         ids = generate(self.model, None, config=config, decoder_input_ids=prompt, input_features=features)
-        return [_until_eos(row, config.eos_ids) for row in ids[:, len(start) :].tolist()]
+        return ids[:, prompt.shape[1] :].tolist()
 
     def texts(self, tokens: Sequence[Sequence[int]]) -> list[str]:
         """Token rows -> texts, special tokens skipped."""

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,6 +88,23 @@ class WhisperFeatures:
                     raise GraftError(f"{path}: {key} must be a positive integer, not {d[key]!r}")
                 values[name] = d[key]
         return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """preprocessor_config.json's keys (transformers' WhisperFeatureExtractor's), for a saved model."""
+        return {
+            "feature_extractor_type": "WhisperFeatureExtractor",
+            "processor_class": "WhisperProcessor",
+            "feature_size": self.n_mels,
+            "sampling_rate": self.sampling_rate,
+            "hop_length": self.hop_length,
+            "chunk_length": self.chunk_length,
+            "n_fft": self.n_fft,
+            "n_samples": self.n_samples,
+            "nb_max_frames": self.n_frames,
+            "padding_side": "right",
+            "padding_value": 0.0,
+            "return_attention_mask": False,
+        }
 
     def __call__(self, clips: list[np.ndarray]) -> torch.Tensor:
         """(B, n_mels, n_frames) log-mel features of each clip, padded with silence or cut to one window."""
