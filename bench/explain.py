@@ -12,9 +12,9 @@ The classifier: all-MiniLM-L6-v2 with a classification head (pooler + linear) tr
 (b) the deletion-curve area (the target probability as the top-ranked tokens are removed: lower
     is better) for IG, gradient x input, last-layer attention, rollout and random ranks, and how
     much each beats random by (absolute, relative, and on how many articles); insertion areas,
-    comprehensiveness and sufficiency alongside. Gradient x input is expected to lose to random
-    here: after the embeddings' LayerNorm it measures the position embeddings more than the token
-    (graft.interpret.attributions.gradient_x_input); the table says so rather than hide it.
+    comprehensiveness and sufficiency alongside. Gradient x input is each token's L2 norm: its
+    signed sum lost to random here, because after the embeddings' LayerNorm it measures the
+    position embeddings more than the token (graft.interpret.attributions.gradient_x_input).
 
     python bench/explain.py [--articles N] [--train N] [--finetune-epochs N] [--small]
 """

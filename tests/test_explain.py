@@ -148,7 +148,7 @@ def test_gradient_x_input_and_occlusion_equal_hand_computations(task, tmp_path, 
     finally:
         handle.remove()
     assert captured["hit"]
-    expected = (grad * x).sum(-1)[0].detach()
+    expected = (grad * x).norm(dim=-1)[0].detach()
     got = torch.tensor(attribute(s, "grad-x-input").scores)
     torch.testing.assert_close(got, expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-4)
 
@@ -162,10 +162,10 @@ def test_gradient_x_input_and_occlusion_equal_hand_computations(task, tmp_path, 
             assert occluded[i] == pytest.approx(expected_i, abs=1e-5)
 
 
-def test_gradient_x_input_after_a_layernorm_is_minus_the_position_terms(tmp_path, minilm):
-    """Why gradient x input ranks BERT-family tokens poorly (bench/explain.py): the embeddings'
-    LayerNorm is scale-invariant, so its input's gradient is orthogonal to its input, and the token
-    term equals minus the position and type terms."""
+def test_signed_gradient_x_input_after_a_layernorm_is_minus_the_position_terms(tmp_path, minilm):
+    """Why gradient x input is the norm of each token's product, not its sum (bench/explain.py): the
+    embeddings' LayerNorm is scale-invariant, so its input's gradient is orthogonal to its input, and
+    the summed token term equals minus the position and type terms."""
     from graft.interpret.attributions import embeddings, frozen
 
     folder, _ = saved(tmp_path, minilm, "classification")
@@ -175,8 +175,10 @@ def test_gradient_x_input_after_a_layernorm_is_minus_the_position_terms(tmp_path
         (grad,) = torch.autograd.grad(s.scores(s.input_ids, inputs_embeds=x)[0], x)
     embed = s.model.body.embed
     rest = embed.positions(s.batch["position_ids"]) + embed.token_types(s.batch["token_type_ids"])
-    token_term = torch.tensor(attribute(s, "grad-x-input").scores)  # (T,)
+    token_term = (grad * x).sum(-1)[0].detach()  # (T,) the signed sum
     rest_term = (grad * rest).sum(-1)[0]  # (T,)
+    norms = torch.tensor(attribute(s, "grad-x-input").scores)  # (T,) what the method gives
+    torch.testing.assert_close(norms, (grad * x).norm(dim=-1)[0].detach(), atol=1e-6, rtol=1e-5)
     assert float(token_term.abs().max()) > 0
     torch.testing.assert_close(token_term, -rest_term, atol=1e-4 * float(token_term.abs().max()), rtol=0)
 
