@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from graft.serve.metrics import Metrics
@@ -40,7 +41,7 @@ class Job:
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
 
-    @property
+    @cached_property
     def key(self) -> Hashable:
         """Jobs batch together only when they ask for the same thing."""
         return self.op, tuple(sorted(self.options.items()))
@@ -94,6 +95,7 @@ class TokenBudgetQueue:
         self.batching = batching
         self.jobs: list[Job] = []
         self.closed = False
+        self.expected = 1  # requests the last batch held (worth_waiting)
         self.cond = threading.Condition()
         self.worker = threading.Thread(target=self.serve, name="graft-encoder-queue", daemon=True)
         self.worker.start()
@@ -119,16 +121,28 @@ class TokenBudgetQueue:
             return [first]
         others = [j for j in self.jobs[1:] if j.key == first.key]
         others.sort(key=lambda j: abs(j.longest - first.longest))
-        batch = [first]
+        batch, rows, width = [first], len(first.items), first.longest  # padded(batch) = rows * width
         for job in others:
-            if padded([*batch, job]) <= self.max_batch_tokens:
+            more, wider = rows + len(job.items), max(width, job.longest)
+            if more * wider <= self.max_batch_tokens:
                 batch.append(job)
+                rows, width = more, wider
         return batch
 
-    def full(self) -> bool:
+    def worth_waiting(self) -> float:
+        """Seconds the next batch should still wait for company (0: run it now).
+
+        It waits only while fewer requests of its kind are queued than the last batch held: under
+        load, the clients just answered are expected back, and a forward holding all of them
+        costs little more than one holding a few; a lone client (or the first request after a
+        quiet spell) runs at once. And never past ``max_wait`` after its oldest request arrived,
+        nor once the batch is full.
+        """
         first = self.jobs[0]
         same = [j for j in self.jobs if j.key == first.key]
-        return padded(same) >= self.max_batch_tokens
+        if len(same) >= self.expected or padded(same) >= self.max_batch_tokens:
+            return 0.0
+        return max(0.0, first.arrived + self.max_wait - time.monotonic())
 
     def serve(self) -> None:
         while True:
@@ -137,15 +151,12 @@ class TokenBudgetQueue:
                     self.cond.wait()
                 if not self.jobs:
                     return
-                if self.batching:  # let a batch that is not full wait a moment for others
-                    while not self.closed and not self.full():
-                        left = self.jobs[0].arrived + self.max_wait - time.monotonic()
-                        if left <= 0:
-                            break
-                        self.cond.wait(left)
+                while self.batching and not self.closed and (left := self.worth_waiting()) > 0:
+                    self.cond.wait(left)  # an arrival wakes it
                 batch = self.pick()
                 taken = {id(j) for j in batch}
                 self.jobs = [j for j in self.jobs if id(j) not in taken]
+                self.expected = len(batch)
                 self.metrics.queue.set(len(self.jobs))
             self.forward(batch)
 
