@@ -200,16 +200,17 @@ def test_a_batch_of_mixed_lengths_runs_as_forwards_of_similar_lengths():
     assert forwards == [["l2", "long"], ["s1", "s2", "s3"]]  # 2 forwards: 2 x 50 + 3 x 3 tokens
 
 
-def test_a_batch_waits_for_company_only_when_the_last_batch_had_more():
-    """A lone request runs at once; after a batch of 3, the next waits (up to max_wait) for 3 of its kind."""
+def test_a_batch_waits_for_company_only_while_more_requests_are_known():
+    """A lone request runs at once; after a batch of 3, the next waits (up to max_wait) for 3."""
     run = Held()
     run.gate.set()
-    queue = TokenBudgetQueue(run, Metrics(), max_wait_ms=3_600_000)  # an hour: only company ends a wait
+    queue = TokenBudgetQueue(run, Metrics(), max_wait_ms=10)
     assert queue.submit("embed", ["alone"], [3], {}).result(timeout=600) == ["<alone>"]
     run.hold(queue)
     three = [queue.submit("embed", [t], [3], {}) for t in ("a", "b", "c")]
-    run.gate.set()
+    run.gate.set()  # 4 requests known (the held one and these): 3 wait up to 10 ms for a 4th, then run
     assert [f.result(timeout=600) for f in three] == [["<a>"], ["<b>"], ["<c>"]]
+    queue.max_wait = 3600  # an hour: only company ends the wait now
     futures = [queue.submit("embed", ["d"], [3], {})]  # the last batch held 3: "d" waits for 2 more
     futures += [queue.submit("embed", [t], [3], {}) for t in ("e", "f")]
     assert [f.result(timeout=600) for f in futures] == [["<d>"], ["<e>"], ["<f>"]]
