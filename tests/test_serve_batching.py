@@ -163,18 +163,58 @@ def test_split_is_the_cheapest_grouping(seed):
     assert cost(groups, lengths, overhead) == best
 
 
-def test_a_batch_of_mixed_lengths_runs_as_forwards_of_similar_lengths():
-    calls = []
+class Held:
+    """A runner that records each forward, and holds the worker inside the one of a "hold" job until
+    ``gate`` opens (so that the jobs submitted meanwhile are all queued when it picks the next batch)."""
 
-    def run(op, items, options):
-        calls.append(list(items))
+    def __init__(self) -> None:
+        self.calls: list[list] = []
+        self.holding, self.gate = threading.Event(), threading.Event()
+
+    def __call__(self, op, items, options):
+        if op == "hold":
+            self.holding.set()
+            self.gate.wait()
+        else:
+            self.calls.append(list(items))
         return [f"<{x}>" for x in items]
 
+    def hold(self, queue: TokenBudgetQueue) -> None:
+        self.holding.clear()
+        self.gate.clear()
+        queue.submit("hold", ["blocker"], [1], {})
+        assert self.holding.wait(timeout=600)
+
+
+def test_a_batch_of_mixed_lengths_runs_as_forwards_of_similar_lengths():
+    run = Held()
     queue = TokenBudgetQueue(run, Metrics(), max_batch_tokens=1000, max_wait_ms=200, overhead_tokens=4)
+    run.hold(queue)
     jobs = [(["long", "s1"], [50, 2]), (["s2"], [3]), (["s3", "l2"], [2, 48])]
     futures = [queue.submit("embed", items, lengths, {}) for items, lengths in jobs]
+    run.gate.set()
     results = [f.result(timeout=600) for f in futures]
     queue.close()
     assert results == [["<long>", "<s1>"], ["<s2>"], ["<s3>", "<l2>"]]  # back to each request, in order
-    forwards = sorted(sorted(call) for call in calls)
+    forwards = sorted(sorted(call) for call in run.calls)
     assert forwards == [["l2", "long"], ["s1", "s2", "s3"]]  # 2 forwards: 2 x 50 + 3 x 3 tokens
+
+
+def test_a_batch_waits_for_company_only_while_more_requests_are_known():
+    """A lone request runs at once; after a batch of 3, the next waits (up to max_wait) for 3."""
+    run = Held()
+    run.gate.set()
+    queue = TokenBudgetQueue(run, Metrics(), max_wait_ms=10)
+    assert queue.submit("embed", ["alone"], [3], {}).result(timeout=600) == ["<alone>"]
+    run.hold(queue)
+    three = [queue.submit("embed", [t], [3], {}) for t in ("a", "b", "c")]
+    run.gate.set()  # 4 requests known (the held one and these): 3 wait up to 10 ms for a 4th, then run
+    assert [f.result(timeout=600) for f in three] == [["<a>"], ["<b>"], ["<c>"]]
+    queue.max_wait = 3600  # an hour: only company ends the wait now
+    futures = [queue.submit("embed", ["d"], [3], {})]  # the last batch held 3: "d" waits for 2 more
+    futures += [queue.submit("embed", [t], [3], {}) for t in ("e", "f")]
+    assert [f.result(timeout=600) for f in futures] == [["<d>"], ["<e>"], ["<f>"]]
+    queue.max_wait = 0.01  # and no longer than max_wait when they do not come
+    assert queue.submit("embed", ["g"], [3], {}).result(timeout=600) == ["<g>"]
+    queue.close()
+    assert run.calls == [["alone"], ["a", "b", "c"], ["d", "e", "f"], ["g"]]

@@ -2,8 +2,11 @@
 
 Requests wait in one queue; a worker thread takes the oldest and the waiting requests of the
 same kind closest to it in length, as many as fit ``max_batch_tokens`` padded tokens, and runs
-them (text-embeddings-inference's dynamic batching). A batch that is not full waits up to
-``max_wait_ms`` after its oldest request arrived for others to join it.
+them (text-embeddings-inference's dynamic batching). A batch waits for company only when more
+requests are known than are queued (``worth_waiting``: the clients just answered are expected
+back), and then at most ``max_wait_ms`` after the last forward ended: a lone client never waits.
+Embeddings run packed, not padded (packing.py), so a batch of mixed lengths costs about what its
+real tokens do.
 
 With ``overhead_tokens`` > 0 a batch runs as one or more forwards of texts of similar length
 (``split``): padding every row to the batch's longest wastes about half the work on short texts of
@@ -11,22 +14,26 @@ mixed lengths (BBC titles and first sentences: 44% of a 32-text forward is real 
 the split), while each extra forward costs a fixed overhead, ``overhead_tokens`` padded tokens'
 worth (about 30 for all-MiniLM-L6-v2 in one thread's CPU time). Off by default: with two torch
 threads on cores the server shares with its clients, an extra forward cost more than it saved in
-a run on a loaded machine; bench/serve.py measures both.
+a run on a loaded machine; bench/serve.py measures both. Packed embeddings gain nothing from it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from graft.serve.metrics import Metrics
 
 # run(op, items, options) -> one result per item
 Runner = Callable[[str, list[Any], dict[str, Any]], list[Any]]
+Outcome = tuple["Job", Any, BaseException | None]  # a job, and its results or its error
 
 
 @dataclass
@@ -37,10 +44,14 @@ class Job:
     items: list[Any]
     lengths: list[int]
     options: dict[str, Any]
-    future: Future = field(default_factory=Future)
+    loop: asyncio.AbstractEventLoop | None = None  # the future is this loop's (else a thread's Future)
+    future: Future | asyncio.Future = field(init=False)
     arrived: float = field(default_factory=time.monotonic)
 
-    @property
+    def __post_init__(self) -> None:
+        self.future = Future() if self.loop is None else self.loop.create_future()
+
+    @cached_property
     def key(self) -> Hashable:
         """Jobs batch together only when they ask for the same thing."""
         return self.op, tuple(sorted(self.options.items()))
@@ -94,12 +105,22 @@ class TokenBudgetQueue:
         self.batching = batching
         self.jobs: list[Job] = []
         self.closed = False
+        # worth_waiting: the requests known when the last forward ended, and when that was
+        self.expected, self.free_since = 1, time.monotonic()
         self.cond = threading.Condition()
         self.worker = threading.Thread(target=self.serve, name="graft-encoder-queue", daemon=True)
         self.worker.start()
 
-    def submit(self, op: str, items: list[Any], lengths: list[int], options: dict[str, Any]) -> Future:
-        job = Job(op, items, lengths, options)
+    def submit(
+        self,
+        op: str,
+        items: list[Any],
+        lengths: list[int],
+        options: dict[str, Any],
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Future | asyncio.Future:
+        """The job's future: an asyncio one of ``loop`` (called from that loop), else a thread's."""
+        job = Job(op, items, lengths, options, loop)
         with self.cond:
             self.jobs.append(job)
             self.metrics.queue.set(len(self.jobs))
@@ -119,16 +140,28 @@ class TokenBudgetQueue:
             return [first]
         others = [j for j in self.jobs[1:] if j.key == first.key]
         others.sort(key=lambda j: abs(j.longest - first.longest))
-        batch = [first]
+        batch, rows, width = [first], len(first.items), first.longest  # padded(batch) = rows * width
         for job in others:
-            if padded([*batch, job]) <= self.max_batch_tokens:
+            more, wider = rows + len(job.items), max(width, job.longest)
+            if more * wider <= self.max_batch_tokens:
                 batch.append(job)
+                rows, width = more, wider
         return batch
 
-    def full(self) -> bool:
+    def worth_waiting(self) -> float:
+        """Seconds the next batch should still wait for company (0: run it now).
+
+        After a forward the worker waits, at most ``max_wait``, while fewer requests of the batch's
+        kind are queued than the server knows of: those it just answered (under load, their
+        clients come straight back, and one forward holding all of them costs far less than
+        several holding a few) and those that were already waiting. A lone client, or the first
+        request after a quiet spell, runs at once; so does a full batch.
+        """
         first = self.jobs[0]
         same = [j for j in self.jobs if j.key == first.key]
-        return padded(same) >= self.max_batch_tokens
+        if len(same) >= self.expected or padded(same) >= self.max_batch_tokens:
+            return 0.0
+        return max(0.0, self.free_since + self.max_wait - time.monotonic())
 
     def serve(self) -> None:
         while True:
@@ -137,12 +170,8 @@ class TokenBudgetQueue:
                     self.cond.wait()
                 if not self.jobs:
                     return
-                if self.batching:  # let a batch that is not full wait a moment for others
-                    while not self.closed and not self.full():
-                        left = self.jobs[0].arrived + self.max_wait - time.monotonic()
-                        if left <= 0:
-                            break
-                        self.cond.wait(left)
+                while self.batching and not self.closed and (left := self.worth_waiting()) > 0:
+                    self.cond.wait(left)  # an arrival wakes it
                 batch = self.pick()
                 taken = {id(j) for j in batch}
                 self.jobs = [j for j in self.jobs if id(j) not in taken]
@@ -150,6 +179,23 @@ class TokenBudgetQueue:
             self.forward(batch)
 
     def forward(self, batch: list[Job]) -> None:
+        """Run the batch and answer its jobs: those of an event loop with one call into that loop
+        per batch (a call per request took 4% of the worker's time at 32 clients)."""
+        outcomes = self.outcomes(batch)
+        with self.cond:  # before any answer, so that a client that comes straight back is counted
+            self.expected, self.free_since = len(batch) + len(self.jobs), time.monotonic()
+        answers: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
+        for outcome in outcomes:
+            job = outcome[0]
+            if job.loop is None:
+                settle([outcome])
+            else:
+                answers.setdefault(job.loop, []).append(outcome)
+        for loop, answered in answers.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
+                loop.call_soon_threadsafe(settle, answered)
+
+    def outcomes(self, batch: list[Job]) -> list[Outcome]:
         items = [item for job in batch for item in job.items]
         lengths = [n for job in batch for n in job.lengths]
         op, options = batch[0].op, batch[0].options
@@ -165,12 +211,21 @@ class TokenBudgetQueue:
                 self.metrics.batch_tokens.labels(op).observe(sum(lengths[i] for i in rows))
         except Exception as e:  # one bad request must not fail the ones batched with it
             if len(batch) > 1:
-                for job in batch:
-                    self.forward([job])
-            else:
-                batch[0].future.set_exception(e)
-            return
-        start = 0
+                return [outcome for job in batch for outcome in self.outcomes([job])]
+            return [(batch[0], None, e)]
+        outcomes, start = [], 0
         for job in batch:
-            job.future.set_result(results[start : start + len(job.items)])
+            outcomes.append((job, results[start : start + len(job.items)], None))
             start += len(job.items)
+        return outcomes
+
+
+def settle(outcomes: list[Outcome]) -> None:
+    """Each job's result or error on its future (on the future's event loop, for an asyncio one)."""
+    for job, result, error in outcomes:
+        if job.future.done():  # cancelled: the client went away
+            continue
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
