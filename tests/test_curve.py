@@ -152,3 +152,18 @@ def test_icl_points_score_the_chat_model_on_a_test_subset(minilm, cli, tmp_path)
     assert [(r["method"], r["labels"], r["seed"], r["examples"], r["test"]) for r in rows] == [
         ("icl", "1", "0", "2", "4"), ("icl", "1", "1", "2", "4")
     ]  # fmt: skip
+
+
+def test_lora_trains_at_its_own_learning_rate_unless_set(tmp_path):
+    """A recipe's learning rate is a full fine-tuning one: the curve gives LoRA 1e-3 (METHOD_DEFAULTS),
+    --set lora:optim.lr=... wins over it, and the other methods keep the recipe's."""
+    from graft.fewshot.curve import run_recipe_for
+    from graft.train.config import load_recipe
+
+    recipe = load_recipe(recipe_file(tmp_path, "unused-model"), [])
+    run = {"k": 8, "seed": 0, "n": 16, "out": tmp_path, "min_steps": 2}
+    assert run_recipe_for(recipe, "lora", overrides={}, strategy="lora", **run).optim.lr == 1e-3
+    assert (
+        run_recipe_for(recipe, "lora", overrides={"optim.lr": 3e-4}, strategy="lora", **run).optim.lr == 3e-4
+    )
+    assert run_recipe_for(recipe, "full", overrides={}, strategy="full", **run).optim.lr == 5e-5
