@@ -119,7 +119,7 @@ def test_every_family_and_task_exports_to_onnx_with_parity(family, task, tmp_pat
 def test_optimize_fuses_an_encoders_layer_norms_and_attention_with_parity(task, tmp_path):
     """--optimize on a tiny BERT: ONNX Runtime's skip-layer-norm fusion and graft's attention fusion
     (graft/export/onnx.py fuse_attention) apply, and the fused graph still matches graft at 1e-4; an
-    embedder normalized in the graph too (graph.unit_length: F.normalize stopped ORT's shape inference)."""
+    embedder normalized in the graph too (the head's unit_length: F.normalize stopped ORT's shape inference)."""
     import onnx
 
     model = tiny_model("bert", task, tmp_path)
@@ -139,7 +139,7 @@ def test_optimize_fuses_an_encoders_layer_norms_and_attention_with_parity(task, 
 
 def test_unit_length_is_f_normalize():
     """The exported graph's normalization gives F.normalize's numbers, a zero row included."""
-    from graft.export.graph import unit_length
+    from graft.tasks.embedding import unit_length
 
     x = torch.randn(5, 384, generator=torch.Generator().manual_seed(0)) * torch.tensor(
         [[1], [1e-3], [1e3], [0], [1]]

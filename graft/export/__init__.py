@@ -54,7 +54,7 @@ attention over the padding (as transformers' eager attention does).
 A tokenizer gives even an empty text its special tokens, so only a hand-made mask has such a row.
 
 An embedding model normalized in the graph divides by the norm written as ReduceSum -> Sqrt -> Max
-(graph.unit_length), not F.normalize: ONNX Runtime's shape inference stops at F.normalize's Expand,
+(graft.tasks.embedding.unit_length), not F.normalize: ONNX Runtime's shape inference stops at F.normalize's Expand,
 and --optimize then fuses no layer norm in the whole graph.
 
 A Whisper export holds what ``graft transcribe OUT/ audio.wav`` reads besides the graphs: the

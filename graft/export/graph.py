@@ -19,9 +19,9 @@ from torch import nn
 
 from graft.nn import DualEncoder, EncoderDecoder, KVCache, Transformer
 from graft.nn.attention import build_mask
-from graft.tasks import EmbeddingHead, TaskModel
+from graft.tasks import TaskModel
 from graft.tasks.base import body_inputs, body_of
-from graft.tasks.pooling import mean_pool, pool
+from graft.tasks.pooling import mean_pool
 
 # the task -> the name of the graph's output (a bare body gives its hidden states)
 OUTPUTS = {
@@ -61,13 +61,6 @@ def task_of(model: nn.Module) -> str:
     return model.task if isinstance(model, TaskModel) else "base"
 
 
-def unit_length(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """F.normalize(x, dim=-1) (the same numbers within 1e-7) in operators ONNX Runtime's symbolic shape
-    inference follows: ReduceSum, Sqrt, Max, Div. F.normalize's Expand, and torch.norm's ReduceL2, stop
-    that inference on the whole graph, and with it --optimize's skip-layer-norm fusion."""
-    return x / (x * x).sum(-1, keepdim=True).sqrt().clamp_min(eps)  # (N, H)
-
-
 def attention_mask_4d(
     attention_mask: torch.Tensor, q_len: int, causal: bool, window: int | None
 ) -> torch.Tensor:
@@ -105,8 +98,6 @@ class TaskGraph(nn.Module):
             return self.model(input_ids, mask, token_type_ids).last_hidden_state  # (B, T, H)
         head = self.model.head
         out = self.model.body(**{**body_inputs(head, batch), "attention_mask": mask})
-        if isinstance(head, EmbeddingHead) and head.normalize:  # EmbeddingHead.forward, exportable
-            return unit_length(pool(head.pooling, out, batch, self.config))  # (B, H)
         return head(out, batch)  # (B, L), (B, T, L), (B, T, 2) or (B, H)
 
 

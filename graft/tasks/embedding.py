@@ -24,6 +24,13 @@ from graft.tasks.pooling import POOLINGS, mean_pool, pool
 __all__ = ["EmbeddingHead", "embed", "mean_pool", "pad"]
 
 
+def unit_length(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """F.normalize(x, dim=-1) (the same numbers within 1e-7) in operators ONNX Runtime's symbolic shape
+    inference follows: ReduceSum, Sqrt, Max, Div. F.normalize's Expand, and torch.norm's ReduceL2, stop
+    that inference on the whole exported graph, and with it --optimize's skip-layer-norm fusion."""
+    return x / (x * x).sum(-1, keepdim=True).sqrt().clamp_min(eps)  # (N, H)
+
+
 class EmbeddingHead(Head):
     """No weights: pool the body's output into one (optionally unit-length) vector per text."""
 
@@ -43,7 +50,7 @@ class EmbeddingHead(Head):
 
     def forward(self, out: TransformerOutput, batch: dict[str, Any]) -> torch.Tensor:
         x = pool(self.pooling, out, batch, self.config)  # (N, H)
-        return F.normalize(x, dim=-1) if self.normalize else x
+        return unit_length(x) if self.normalize else x
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """Rows 0..B-1 are the texts, rows B.. their pairs; labels[i] is the pair row of text i, minus B.
