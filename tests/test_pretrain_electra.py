@@ -12,6 +12,7 @@ from test_pretrain import LINES, tiny_folder, write_recipe
 
 from graft.data.masking import IGNORE
 from graft.pretrain.electra import load_electra, rtd_labels
+from graft.pretrain.stream import mlm_batches
 from graft.tokenizer import Tokenizer
 from graft.train.config import load_recipe
 
@@ -47,6 +48,18 @@ def test_labels_are_exactly_the_replaced_positions(tmp_path, minilm):
     fake, _ = model.replace(batch, model.generator(**batch).logits)
     labels = rtd_labels(fake, original, batch["attention_mask"])
     assert torch.equal(labels[real] == 1, (fake != original)[real])
+
+
+def test_packed_rows_label_every_real_token_and_no_padding(tmp_path, minilm):
+    """pretrain.pack: the discriminator judges each packed document's tokens, never the row's padding."""
+    model, tokenizer = electra(tmp_path, minilm, mask_probability=0.5)
+    texts = [*LINES, "Ay.", "Farewell, my lord."]
+    batch = next(mlm_batches(iter(texts), model.generator.head, tokenizer, batch_size=3, max_length=32))
+    documents = batch["documents"]  # (B, T): -1 on padding
+    assert int(documents.max()) >= 1 and (documents < 0).any()  # rows of several documents, padded
+    with torch.no_grad():
+        loss, count = model(**batch)
+    assert count == int((documents >= 0).sum()) and torch.isfinite(loss)
 
 
 def test_generator_is_smaller_and_shares_the_embeddings(tmp_path, minilm):

@@ -45,10 +45,19 @@ def stop_after(monkeypatch, step: int) -> None:
     monkeypatch.setattr(run.ckpt, "save_checkpoint", save_then_crash)
 
 
+# short speeches and long ones: packed masked-LM rows hold several documents, and long ones go on
+# in the next row
+SPEECHES = ["Ay.", LINES[0], "No, my lord.", LINES[1] + " " + LINES[2], "Farewell.", LINES[3], "Away!"]
+
 CASES = {
     # whole words, dropout on: the masks and the dropout draws both resume where they were; documents
     # longer than a row are cut into windows: step 2 ends inside a document
     "mlm": ("mlm", "bert", {"whole_word": True}, 8),
+    # packed (the default): rows of up to three short speeches, and windows of long ones (step 2 ends
+    # inside one)
+    "mlm-packed": ("mlm", "bert", {"whole_word": True, "files": SPEECHES}, 20),
+    # a window per row, padded (as before packing)
+    "mlm-unpacked": ("mlm", "bert", {"pack": False}, 8),
     # documents longer than a row (max_length 6) are cut across rows: step 2 ends inside a document
     "clm": ("clm", "gpt2", {"pack": True}, 6),
     # unpacked, a document per row, a long one in windows of 6: step 2 ends inside a document too
@@ -72,6 +81,9 @@ def test_resume_gives_the_losses_and_weights_of_an_uninterrupted_run(
     if family == "t5":  # documents in the tiny T5's words
         write_corpus(tmp_path / "corpus.txt", 16)
         data["pretrain"]["files"] = [str(tmp_path / "corpus.txt")]
+    if "files" in options:  # the case's own documents
+        (tmp_path / "speeches.txt").write_text("\n".join(options["files"]) + "\n")
+        data["pretrain"]["files"] = [str(tmp_path / "speeches.txt")]
     data["data"]["max_length"] = width
     data["checkpoint"] = {"every": 2}
     recipe.write_text(yaml.safe_dump(data))

@@ -211,7 +211,7 @@ def icl(
     from graft.tokenizer import Tokenizer
 
     names = [label.strip() for label in labels.split(",")] if labels.strip() else []
-    check_prompts(names, ["{}"])
+    check_prompts(names, ["{}"], "icl")
     if select not in SELECTIONS:
         raise GraftError(
             f"--select {select!r}: one of {', '.join(SELECTIONS)}{did_you_mean(select, SELECTIONS)}"

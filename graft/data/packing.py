@@ -6,12 +6,16 @@ numbers positions across both. Here documents are packed whole into rows (one lo
 cut into row-sized pieces, each its own document), positions restart at every document (from
 ``first_position``: RoBERTa numbers from pad_token_id + 1), and the attention mask is
 block-diagonal (causal and within the sliding window for decoders), so every document's logits and
-loss are what they would be unpacked.
+loss are what they would be unpacked. Causal LM packs documents cut to row-sized pieces
+(``rows_at``); masked LM packs windows of documents, each between its own special tokens
+(graft.pretrain.stream), through the same ``pack_pieces``; ``packable`` says which models' outputs
+stay exact.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -35,22 +39,45 @@ def rows_at(
     in: a document cut across rows is resumed where it was cut, in the same row-sized pieces).
     Without ``pack``, every row holds one piece: a document, or one of the consecutive ``width``-token
     windows of a longer one (each its own document, as a cut piece is packed), so no token is lost."""
+    return pack_pieces(pieces_at(docs, width, start), width, pack)
+
+
+def pieces_at(
+    docs: Iterable[Sequence[int]], width: int, start: tuple[int, int] = (0, 0)
+) -> Iterator[tuple[list[int], tuple[int, int]]]:
+    """Each document whole, or cut into consecutive ``width``-token pieces when longer, each piece
+    with where the stream stands after it (as ``rows_at`` counts)."""
     if width < 1:
         raise GraftError(f"packing: the row width must be at least 1, found {width}")
-    row: list[list[int]] = []
-    used = 0
-    d = start[0] - 1
     for d, doc in enumerate(docs, start[0]):
         skip = start[1] if d == start[0] else 0
         for begin in range(0, len(doc), width):
-            piece = list(doc[begin : begin + width])
-            if row and (not pack or used + len(piece) > width):
-                yield row, (d, skip + begin)
-                row, used = [], 0
-            row.append(piece)
-            used += len(piece)
+            end = begin + width
+            yield list(doc[begin:end]), (d, skip + end) if end < len(doc) else (d + 1, 0)
+
+
+def pack_pieces(
+    pieces: Iterable[tuple[Any, tuple[int, int]]],
+    width: int,
+    pack: bool = True,
+    length: Callable[[Any], int] = len,
+) -> Iterator[tuple[list[Any], tuple[int, int]]]:
+    """Pieces of at most ``width`` tokens (each with where the stream stands after it) -> rows of
+    whole pieces in order, a row closed when the next piece does not fit (without ``pack``: a piece
+    per row), each with where the stream stands after its last piece. ``length``: a piece's tokens
+    (masked LM's pieces carry their word indices beside their ids)."""
+    row: list[Any] = []
+    used, after = 0, (0, 0)
+    for piece, position in pieces:
+        n = length(piece)
+        if row and (not pack or used + n > width):
+            yield row, after
+            row, used = [], 0
+        row.append(piece)
+        used += n
+        after = position
     if row:
-        yield row, (d + 1, 0)
+        yield row, after
 
 
 def chunks_at(
@@ -124,3 +151,20 @@ def packed_batch(
         "labels": labels,
         "documents": documents,
     }
+
+
+def packable(body: Any) -> bool:
+    """Whether a text's output in a packed row is exactly its output alone (a ``graft.nn.Transformer``
+    body): token inputs, each position attending only where the block-diagonal mask lets it, with
+    positions it is given; not so with a relative position bias (it spans the row), a causal mask or
+    sliding window (serving packs encoders only), cross-attention or virtual tokens (prompt tuning's,
+    which open the row, not each text)."""
+    cfg = body.config
+    return (
+        cfg.inputs == "tokens"
+        and not cfg.causal
+        and cfg.sliding_window is None
+        and not cfg.cross_attention
+        and body.relative is None
+        and not body.virtual_tokens
+    )

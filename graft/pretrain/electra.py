@@ -65,7 +65,9 @@ class Electra(nn.Module):
         fake, original = self.replace(batch, gen.logits)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         logits = self.discriminator(**{**inputs, "input_ids": fake}).logits[..., 0]  # (B, T)
-        labels = rtd_labels(fake, original, batch["attention_mask"])
+        # real tokens: a packed batch's documents (its attention mask is (B, 1, T, T)), else the mask's ones
+        real = batch["documents"] >= 0 if "documents" in batch else batch["attention_mask"] == 1  # (B, T)
+        labels = rtd_labels(fake, original, real.long())
         real = labels != IGNORE
         disc = F.binary_cross_entropy_with_logits(logits[real].float(), labels[real])
         return gen.loss + self.disc_weight * disc, int(real.sum())

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graft.data.packing import chunks_at
+from graft.data.packing import chunks_at, packable
 from graft.data.spans import corrupt_spans, input_and_target_lengths, span_lengths
 from graft.errors import GraftError
 from graft.loading import load_config, load_model, save_model
@@ -58,10 +58,10 @@ class LanguageModel(Objective):
         return {"masking": self.model.head.generator} if self.model.task == "masked-lm" else {}
 
     def batches(self, texts: Iterator[str], start: Position) -> Batches:
-        size, width = self.recipe.train.batch_size, self.recipe.data.max_length
+        t, pack = self.recipe.train, self.recipe.pretrain.pack
+        size, width = t.batch_size, self.recipe.data.max_length
         if self.model.task == "masked-lm":
-            return mlm_batches(texts, self.model.head, self.tokenizer, size, width, start)
-        pack = self.recipe.pretrain.pack
+            return mlm_batches(texts, self.model.head, self.tokenizer, size, width, pack, start)
         return clm_batches(texts, self.model.config, self.tokenizer, size, width, pack, start)
 
 
@@ -122,8 +122,9 @@ class ElectraObjective(Objective):
         return {"masking": self.model.generator.head.generator, "sampling": self.model.sampler}
 
     def batches(self, texts: Iterator[str], start: Position) -> Batches:
-        size, width = self.recipe.train.batch_size, self.recipe.data.max_length
-        return mlm_batches(texts, self.model.generator.head, self.tokenizer, size, width, start)
+        t, pack = self.recipe.train, self.recipe.pretrain.pack
+        size, width = t.batch_size, self.recipe.data.max_length
+        return mlm_batches(texts, self.model.generator.head, self.tokenizer, size, width, pack, start)
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         return self.model(**batch)
@@ -157,12 +158,24 @@ def check_objective(path: Path, objective: str, source: str) -> None:
         )
 
 
+def check_packable(body: nn.Module, source: str) -> None:
+    """Packed masked-LM rows need each document's output to be what it is alone (graft.data.packing)."""
+    if not packable(body):
+        raise GraftError(
+            f"{source}: pretrain.pack: a {body.config.family} model's attention would mix the documents"
+            " packed in a row (relative positions, a sliding window or virtual tokens); set pretrain.pack=false"
+        )
+
+
 def build_objective(path: Path, recipe: Recipe, tokenizer: Any, source: str) -> Objective:
     """The objective of ``recipe.pretrain.objective`` around the model at ``path``, loaded to train."""
     p, t = recipe.pretrain, recipe.train
     check_objective(path, p.objective, source)
     if p.objective == "electra":
-        return ElectraObjective(load_electra(path, recipe), tokenizer, recipe)
+        electra = load_electra(path, recipe)
+        if p.pack:
+            check_packable(electra.discriminator.body, source)
+        return ElectraObjective(electra, tokenizer, recipe)
     options: dict[str, Any] = {}
     if TASKS[p.objective] == "masked-lm":
         options = {"mask_probability": p.mask_probability, "whole_word": p.whole_word, "seed": t.seed}
@@ -176,4 +189,6 @@ def build_objective(path: Path, recipe: Recipe, tokenizer: Any, source: str) -> 
     )
     if p.objective == "span-corruption":
         return SpanCorruption(model, tokenizer, recipe)
+    if p.pack and model.task == "masked-lm":
+        check_packable(model.body, source)
     return LanguageModel(model, tokenizer, recipe)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from graft.data.masking import mask_tokens
-from graft.data.packing import packed_batch, rows_at
+from graft.data.packing import pack_pieces, packed_batch, rows_at
 from graft.errors import GraftError
 from graft.tasks.collate import window
 
@@ -136,17 +136,27 @@ def mlm_windows(
             begin = end
 
 
+def first_position(cfg: Any) -> int:
+    """The position of a document's first token, as the body numbers an unpadded one (RoBERTa's
+    from pad_token_id + 1): packed rows restart it at every document."""
+    return cfg.pad_token_id + 1 if cfg.positions_from_padding else cfg.position_offset
+
+
 def mlm_batches(
     texts: Iterator[str],
     head: Any,
     tokenizer: Any,
     batch_size: int,
     max_length: int,
+    pack: bool = True,
     start: Position = (0, 0),
 ) -> Batches:
-    """Batches of ``batch_size`` rows, each a window of a document (``mlm_windows``) between the
-    tokenizer's special tokens, ``max_length`` tokens at most in all (a long document fills several
-    rows, none is truncated), masked afresh by the head as its collate does (80/10/10, whole words)."""
+    """Batches of ``batch_size`` rows of ``max_length`` tokens at most, made of windows of documents
+    (``mlm_windows``), each between the tokenizer's special tokens (a long document fills several
+    windows, none is truncated), masked afresh by the head as its collate does (80/10/10, whole
+    words). Packed, a row holds as many whole windows as fit, each attending only to itself with its
+    own positions (as clm's rows); unpacked, a window per row, padded to the batch's longest.
+    Either way the masks are drawn over the batch's real tokens alone: never a special token or a pad."""
     if tokenizer.mask_token_id is None:
         raise GraftError("masked-lm: the tokenizer has no mask token (mask_token in tokenizer_config.json)")
     # the special tokens around a text: the leading ones of an encoding of "a", and the trailing ones
@@ -155,7 +165,8 @@ def mlm_batches(
     lead = next(i for i, s in enumerate(special) if not s)
     trail = next(i for i, s in enumerate(reversed(special)) if not s)
     prefix, suffix = ids[:lead], ids[len(ids) - trail :]
-    width = window(head.config, tokenizer, max_length) - len(prefix) - len(suffix)
+    row_width = window(head.config, tokenizer, max_length)
+    width = row_width - len(prefix) - len(suffix)
     if width < 1:
         raise GraftError(
             f"data.max_length: {max_length} leaves no room for text between the {len(prefix) + len(suffix)}"
@@ -163,20 +174,20 @@ def mlm_batches(
         )
     pad = tokenizer.pad_token_id or 0
     vocab = min(len(tokenizer), head.config.vocab_size)  # random replacements: ids the model has
+    first = first_position(head.config)
 
-    def make(rows: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
-        T = max(len(ids) for ids, _ in rows) + len(prefix) + len(suffix)
-        B = len(rows)
-        ids = torch.full((B, T), pad, dtype=torch.long)
-        maskable = torch.zeros((B, T), dtype=torch.bool)
-        words = torch.full((B, T), -1, dtype=torch.long)
-        attention = torch.zeros((B, T), dtype=torch.long)
-        for b, (window_ids, window_words) in enumerate(rows):
-            n, k = len(window_ids), len(prefix)
-            ids[b, : k + n + len(suffix)] = torch.tensor(prefix + window_ids + suffix, dtype=torch.long)
-            maskable[b, k : k + n] = True  # special tokens and padding are never masked
-            words[b, k : k + n] = torch.tensor(window_words, dtype=torch.long)
-            attention[b, : k + n + len(suffix)] = 1
+    def make(rows: list[list[tuple[list[int], list[int]]]]) -> dict[str, Any]:
+        batch = packed_batch([[prefix + ids + suffix for ids, _ in row] for row in rows], pad, False, first)
+        ids, documents = batch["input_ids"], batch["documents"]  # (B, T) each
+        maskable = torch.zeros(ids.shape, dtype=torch.bool)
+        words = torch.full(ids.shape, -1, dtype=torch.long)
+        for b, row in enumerate(rows):
+            at, word = 0, 0  # each window's words follow the row's earlier ones: one draw per word
+            for window_ids, window_words in row:
+                k, n = at + len(prefix), len(window_ids)
+                maskable[b, k : k + n] = True  # special tokens and padding are never masked
+                words[b, k : k + n] = torch.tensor([w + word if w >= 0 else -1 for w in window_words])
+                at, word = k + n + len(suffix), word + max(window_words, default=-1) + 1
         inputs, labels = mask_tokens(
             ids,
             maskable,
@@ -186,12 +197,16 @@ def mlm_batches(
             head.mask_probability,
             words if head.whole_word else None,
         )  # (B, T) each
-        batch: dict[str, Any] = {"input_ids": inputs, "attention_mask": attention, "labels": labels}
+        if pack:  # block-diagonal attention, positions restarting per window
+            batch |= {"input_ids": inputs, "labels": labels}
+        else:  # as before packing: a window per row, a padding mask
+            batch = {"input_ids": inputs, "attention_mask": (documents >= 0).long(), "labels": labels}
         if head.config.type_vocab_size:  # as model_inputs: segment 0 throughout, none for families without
             batch["token_type_ids"] = torch.zeros_like(ids)
         return batch
 
-    rows = mlm_windows(texts, tokenizer, width, head.whole_word, start)
+    windows = mlm_windows(texts, tokenizer, width, head.whole_word, start)
+    rows = pack_pieces(windows, row_width, pack, length=lambda w: len(prefix) + len(w[0]) + len(suffix))
     return Batches(rows, batch_size, make, start)
 
 
@@ -209,7 +224,7 @@ def clm_batches(
     consecutive windows of max_length (each a row with positions from the first, as a document
     alone): every token is in a row either way."""
     rows = rows_at(tokens(texts, tokenizer, start), max_length, start, pack)
-    first = cfg.pad_token_id + 1 if cfg.positions_from_padding else 0
+    first = first_position(cfg)
     pad = tokenizer.pad_token_id or 0
     return Batches(
         rows, batch_size, lambda chunk: packed_batch(chunk, pad, True, first, cfg.sliding_window), start

@@ -18,21 +18,8 @@ from __future__ import annotations
 import torch
 
 from graft import kernels
+from graft.data.packing import packable  # noqa: F401  (app.py and its tests import it from here)
 from graft.nn import Transformer
-
-
-def packable(body: Transformer) -> bool:
-    """Whether a text's output depends only on its own tokens and positions (no relative position
-    bias, causal mask, sliding window or virtual tokens that packing would change)."""
-    cfg = body.config
-    return (
-        cfg.inputs == "tokens"
-        and not cfg.causal
-        and cfg.sliding_window is None
-        and not cfg.cross_attention
-        and body.relative is None
-        and not body.virtual_tokens
-    )
 
 
 def bins(lengths: list[int], width: int) -> list[list[int]]:

@@ -21,24 +21,25 @@ from graft.tasks.image_text import dual_encoder, encode_images, encode_texts
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
-def check_prompts(labels: Sequence[str], templates: Sequence[str]) -> None:
-    """Labels non-empty and distinct, every template with one {} for the label."""
+def check_prompts(labels: Sequence[str], templates: Sequence[str], command: str = "zero-shot") -> None:
+    """Labels non-empty and distinct, every template with one {} for the label; errors begin with
+    ``command`` (graft icl checks its labels here too)."""
     if not labels:
-        raise GraftError("zero-shot: no labels given (--labels a,b,c)")
+        raise GraftError(f"{command}: no labels given (--labels a,b,c)")
     blank = [i for i, label in enumerate(labels) if not label.strip()]
     if blank:
-        raise GraftError(f"zero-shot: label {blank[0] + 1} is empty (--labels a,b,c)")
+        raise GraftError(f"{command}: label {blank[0] + 1} is empty (--labels a,b,c)")
     seen = set()
     for label in labels:
         if label in seen:
-            raise GraftError(f"zero-shot: label {label!r} is given twice")
+            raise GraftError(f"{command}: label {label!r} is given twice")
         seen.add(label)
     if not templates:
-        raise GraftError('zero-shot: no templates given (--templates "a photo of a {}.")')
+        raise GraftError(f'{command}: no templates given (--templates "a photo of a {{}}.")')
     for template in templates:
         if template.count("{}") != 1 or template.replace("{}", "").count("{") or template.count("}") != 1:
             raise GraftError(
-                f"zero-shot: template {template!r} must hold the label's place once as {{}} "
+                f"{command}: template {template!r} must hold the label's place once as {{}} "
                 '(e.g. --templates "a photo of a {}.")'
             )
 

@@ -246,9 +246,9 @@ class PretrainSection:
     files: list[str] = field(default_factory=list)  # .txt (a document per non-empty line) or .jsonl ("text")
     mask_probability: float = ranged(0.15, above=0, below=1)  # mlm: the share of tokens (or words) masked
     whole_word: bool = False  # mlm: mask every piece of a chosen word
-    # clm only: several documents per row, each attending only to itself (false: a document per row,
-    # a long one in consecutive windows of max_length);
-    # other objectives refuse false (mlm cuts long documents into rows, span corruption joins them)
+    # clm, mlm, electra: several documents per row, each attending only to itself (false: a document
+    # per row, padded, a long one in consecutive windows of max_length); span corruption refuses false
+    # (it joins documents end to end)
     pack: bool = True
     noise_density: float = ranged(0.15, above=0, below=1)  # span-corruption: the share of tokens in spans
     mean_span_length: float = ranged(3.0, low=1)  # span-corruption: the mean length of a dropped span
@@ -311,10 +311,10 @@ class Recipe:
                 "distill.soft",
                 "every distillation loss weight is 0 (distill.soft, hard, hidden, attention, value)",
             )
-        if not self.pretrain.pack and self.pretrain.objective != "clm":
+        if not self.pretrain.pack and self.pretrain.objective == "span-corruption":
             fail(
                 "pretrain.pack",
-                f"only clm packs documents; {self.pretrain.objective} does not read it (remove it)",
+                "span-corruption joins documents end to end and does not read it (remove it)",
             )
         if self.tune.space:
             check_space(self.tune.space, origin("tune.space", source, origins))
