@@ -21,10 +21,11 @@ one machine (a training run and its resumption, say) take the same routes.
 
 Attention at inference (float32, CPU) is chosen the same way, per class of shapes: torch's SDPA
 or matmul-softmax-matmul written out (graft.kernels.attention.matmul_attention). SDPA's flash
-kernel has a fixed cost per block of queries and keys that short sequences do not earn back: on an
-AMD EPYC at MiniLM's (32 texts, 12 heads, 24 tokens, head size 32) SDPA takes 1.6-1.8 ms a layer
-and the written-out math 0.9-1.1 ms, while at 128 tokens SDPA wins. Where the crossover lies
-depends on the CPU, so graft times both at the first call of each class: batch 1, up to 8 or more
+kernel has a fixed cost per block of queries and keys that some short lengths do not earn back:
+on an AMD EPYC at MiniLM's (32 texts, 12 heads, 24 tokens, head size 32), one thread, SDPA took
+1.70 ms a layer and the written-out math 1.35 ms (another run of the same CPU kind: 1.6-1.8 and
+0.9-1.1 ms), but at 16 tokens they were even and from 32 tokens on SDPA won by 2-3x. No fixed
+threshold fits every CPU, so graft times both at the first call of each class: batch 1, up to 8 or more
 (timed at 1, 8, 32), query and key counts rounded up to the next of LENGTHS, the heads, head size
 and mask (none, causal, bool or an added float bias); longer than LENGTHS, SDPA without timing.
 The figures go into the same file, under "attention".
