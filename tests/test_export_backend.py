@@ -97,3 +97,43 @@ def test_backend_on_a_model_folder_is_one_line(tmp_path, minilm, cli):
     assert cli("embed", minilm, "--text", "hi", "--backend", "onnx").error_line() == (
         f"error: --backend onnx: {minilm} is not an exported folder (no manifest.json); graft export it first"
     )
+
+
+def test_generate_on_an_exported_decoder_honours_its_generation_config(tmp_path, minilm, cli):
+    """graft export copies generation_config.json; graft generate reads it from the exported folder
+    as from the model folder: its eos token ends a row, its max_new_tokens bounds the others."""
+    from graft.generation import GenerationConfig, encode_prompts, generate
+    from graft.loading import load_model
+    from graft.tokenizer import Tokenizer
+
+    folder = task_folder(tmp_path, minilm, transformers.AutoModelForCausalLM, family="llama")
+    prompts = ["The capital of France is", "Once"]
+    tokenizer = Tokenizer.from_folder(folder)
+    ids, mask = encode_prompts(tokenizer, prompts)
+    greedy = GenerationConfig(max_new_tokens=8, eos_token_id=[], pad_token_id=tokenizer.pad_token_id)
+    rows = generate(load_model(folder, task="causal-lm"), ids, mask, greedy)[:, ids.shape[1] :].tolist()
+    first = rows[0]
+    # an eos token that ends row 0 after its first token (and before max_new_tokens) and never row 1
+    end = next(i for i in range(1, 5) if first[i] not in first[:i] and first[i] not in rows[1])
+    (folder / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": first[end], "max_new_tokens": 5})
+    )
+    out = tmp_path / "out"
+    cli("export", folder, out).ok()
+    assert json.loads((out / "generation_config.json").read_text())["max_new_tokens"] == 5
+
+    args = [a for p in prompts for a in ("--prompt", p)] + ["--json"]
+    want = [
+        {"prompt": prompts[0], "completion": tokenizer.decode(first[:end])},
+        {"prompt": prompts[1], "completion": tokenizer.decode(rows[1][:5])},
+    ]
+    assert lines(cli("generate", folder, *args)) == want
+    assert lines(cli("generate", out, *args)) == want
+    assert lines(cli("generate", out, *args, "-n", "8"))[1]["completion"] == tokenizer.decode(rows[1])
+
+    (out / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.7}))
+    assert cli("generate", out, *args).error_line() == (
+        f"error: {out / 'generation_config.json'}: do_sample is true, and an exported model generates "
+        "greedily: add --temperature 0"
+    )
+    assert len(lines(cli("generate", out, *args, "--temperature", "0"))) == 2

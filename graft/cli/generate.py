@@ -54,6 +54,7 @@ def load(model: str, dtype: DType, compile: bool = False, reference: bool = Fals
         )
     import torch
 
+    from graft.generation import folder_defaults
     from graft.loading import load_config, load_model
     from graft.tasks import TaskModel
     from graft.tokenizer import Tokenizer
@@ -63,11 +64,7 @@ def load(model: str, dtype: DType, compile: bool = False, reference: bool = Fals
         task = "seq2seq" if family.encoder_decoder else "causal-lm"  # T5, BART: the encoder reads the prompt
         lm = load_model(folder, task=task, dtype=getattr(torch, dtype.value), kernels=not reference)
         tokenizer = Tokenizer.from_folder(folder)
-        defaults: dict[str, Any] = {}
-        if (folder / "generation_config.json").exists():
-            from graft.io.hf import read_json
-
-            defaults = read_json(folder / "generation_config.json")
+        defaults = folder_defaults(folder)
     if not isinstance(lm, TaskModel) or not (family.encoder_decoder or lm.config.causal):
         raise GraftError(f"{model}: a {lm.config.family} model cannot generate text (it is not a decoder)")
     return lm, tokenizer, defaults
@@ -110,6 +107,7 @@ def reply(lm, tokenizer, ids, mask, config) -> str:
     return "".join(pieces)
 
 
+MAX_NEW_TOKENS = 64  # graft generate's, when neither -n nor generation_config.json says
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="How many tokens to add at most.")]
 Temperature = Annotated[float | None, typer.Option(min=0.0, help="Sample at this temperature; 0 = greedy.")]
 TopK = Annotated[int | None, typer.Option(min=0, help="Sample among the k most likely tokens.")]
@@ -143,7 +141,15 @@ def generate(
         bool, typer.Option(help="Format the prompt with the checkpoint's chat template.")
     ] = False,
     system: System = None,
-    max_new_tokens: MaxNew = 64,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--max-new-tokens",
+            "-n",
+            min=1,
+            help=f"How many tokens to add at most (default: generation_config.json's max_new_tokens, else {MAX_NEW_TOKENS}).",
+        ),
+    ] = None,
     temperature: Temperature = None,
     top_k: TopK = None,
     top_p: TopP = None,
@@ -162,16 +168,25 @@ def generate(
 ) -> None:
     """Continue a prompt (or answer it, with --chat), streaming the new text to stdout."""
     from graft.export.backend import is_exported, load_exported
-    from graft.generation import encode_prompts
+    from graft.generation import encode_prompts, folder_defaults
     from graft.generation import generate as run
 
     exported = backend is not None or is_exported(model)
     if exported:  # a graft export folder: greedy decoding with the KV cache, in ONNX Runtime or torch
         from graft.tokenizer import Tokenizer
 
-        lm, tokenizer, defaults = load_exported(model, backend), Tokenizer.from_folder(model), {}
+        lm, tokenizer = load_exported(model, backend), Tokenizer.from_folder(model)
+        defaults = folder_defaults(model)  # the source's generation_config.json, copied by graft export
+        sampling = temperature is not None or any(v is not None for v in (top_k, top_p, min_p))
+        if defaults.get("do_sample") and not sampling:
+            raise GraftError(
+                f"{Path(model) / 'generation_config.json'}: do_sample is true, and an exported model "
+                "generates greedily: add --temperature 0"
+            )
     else:
         lm, tokenizer, defaults = load(model, dtype, compile, reference)
+    if max_new_tokens is None:  # the checkpoint's own limit, else graft's
+        max_new_tokens = defaults.get("max_new_tokens") or MAX_NEW_TOKENS
     config = generation_config(
         lm, tokenizer, defaults, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         min_p=min_p, repetition_penalty=repetition_penalty, num_beams=num_beams, length_penalty=length_penalty,

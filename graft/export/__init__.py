@@ -44,7 +44,9 @@ included): max abs difference <= 1e-4 in float32, or the export stops, writing n
 ``dtype="bfloat16"`` (torchscript and exported-program only: ONNX Runtime's CPU provider has no
 bfloat16 MatMul) keeps the weights and the computation in bfloat16 behind float32 inputs and
 outputs, checked against graft's bfloat16 model at 1e-2. ``--int8`` keeps blocks 0 and 1's
-feed-forward down projections in float32 (graft/export/onnx.py says why).
+feed-forward down projections in float32 (graft/export/onnx.py says why); the int8 graph is judged
+against the float32 one: a label head by argmax agreement on real rows (``--check-data``), anything
+else, and a label head without them, by every row's cosine (check.py int8_verdict, docs/export.md).
 
 An exported folder refuses an input row whose attention_mask is all zeros (runtime.py empty_row),
 in every format, with one line naming the row. Such a row has no real token and its output means
@@ -81,8 +83,14 @@ from graft.export.check import (
     CHECK_SHAPES,
     DTYPES,
     FP32_TOLERANCE,
+    INT8_MIN_AGREEMENT,
+    INT8_MIN_COSINE,
+    LABEL_TASKS,
     TRACE_SHAPE,
+    Int8Check,
     agreement,
+    check_int8_data,
+    int8_verdict,
     max_abs_diff,
     parity_cases,
 )
@@ -119,7 +127,6 @@ SEQ2SEQ_TASKS = ("base", "seq2seq")  # an encoder-decoder's: the bare body, or w
 DUAL_TASKS = ("base", "image-text")  # a dual encoder's: its towers, and with the task their logits
 # what graft generate and transcribe read from a model's folder besides config.json and the weights
 RUN_FILES = ("generation_config.json", "preprocessor_config.json")
-INT8_MIN_COSINE = 0.99  # int8 is checked by direction, not digits: every output row against float32
 
 
 def check_request(
@@ -129,6 +136,7 @@ def check_request(
     optimize: bool = False,
     int8: bool = False,
     dtype: str = "float32",
+    int8_check: Int8Check | None = None,
 ) -> None:
     """Refuse, in one line and before any work, what cannot be exported."""
     if fmt not in FORMATS:
@@ -183,6 +191,12 @@ def check_request(
         from graft.export.onnx import check_opset
 
         check_opset(opset)
+    if int8_check is not None:
+        if not int8:
+            raise GraftError(
+                "export: --check-data, --min-agreement and --min-cosine judge the --int8 graph: add --int8"
+            )
+        check_int8_data(task, int8_check)
 
 
 def check_dtype(fmt: str, dtype: str, int8: bool = False) -> None:
@@ -319,6 +333,7 @@ def export_model(
     int8: bool = False,
     dtype: str = "float32",
     source: str | Path | None = None,
+    int8_check: Int8Check | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` (a body or a task model) to the folder ``out``; its manifest.
 
@@ -330,12 +345,17 @@ def export_model(
     bfloat16, behind float32 inputs and outputs (graph.Float32Interface), checked against graft's
     eager model in bfloat16 at BF16_TOLERANCE; ``tolerance`` defaults to the dtype's.
 
-    The folder appears whole or not at all: a failed parity check raises a GraftError with the
-    measured difference and leaves ``out`` as it was.
+    ``int8``: the quantized graph is judged against the float32 one by ``int8_check`` (default
+    Int8Check(): a label head's argmax agreement on its ``cases``, real rows from record_cases, else
+    every row's cosine on the parity check's random-token rows; graft/export/check.py says why).
+
+    The folder appears whole or not at all: a failed parity or int8 check raises a GraftError with
+    the measured figures and leaves ``out`` as it was.
     """
     from graft.export import onnx as onnx_export
 
-    check_request(model, fmt, opset, optimize, int8, dtype)
+    check_request(model, fmt, opset, optimize, int8, dtype, int8_check)
+    int8_check = int8_check or Int8Check()
     if fmt == "onnx":
         opset = opset if opset is not None else onnx_export.DEFAULT_OPSET
     if tolerance is None:
@@ -348,11 +368,10 @@ def export_model(
         for name, graph in graphs.items():  # one file each: model.onnx, or encoder.onnx + decoder.onnx
             file = MODEL_FILES[fmt] if name == "model" else name + Path(MODEL_FILES[fmt]).suffix
             written[name] = export_graph(
-                graph, Path(work) / file, fmt, opset, cases[name], tolerance, optimize, int8
+                graph, Path(work) / file, fmt, opset, cases[name], tolerance, optimize, int8 and int8_check
             )
         first = next(iter(graphs.values()))
         worst = max(info["max_abs_diff"] for _, info in written.values())
-        cosines = [info["int8"]["min_cosine"] for _, info in written.values() if info["int8"]]
         manifest = {
             "format": fmt,
             "file": written[next(iter(graphs))][0].name,  # the first graph's (the encoder's)
@@ -375,12 +394,7 @@ def export_model(
             "optimized": {"fused": sorted({f for _, i in written.values() for f in i["fused"]})}
             if optimize
             else None,
-            "int8": {
-                "min_cosine": min(cosines),
-                "argmax_agreement": min(i["int8"]["argmax_agreement"] for _, i in written.values()),
-                "min_cosine_wanted": INT8_MIN_COSINE,
-                "float32_nodes": sum(i["int8"]["float32_nodes"] for _, i in written.values()),
-            }
+            "int8": int8_summary([info["int8"] for _, info in written.values()], int8_check)
             if int8
             else None,
         }
@@ -418,10 +432,10 @@ def export_graph(
     cases: list,
     tolerance: float,
     optimize: bool,
-    int8: bool,
+    int8: Int8Check | bool,
 ) -> tuple[Path, dict[str, Any]]:
     """Write one graph to ``path``, check it (then its optimized and int8 forms) on ``cases``; the
-    final file and what the manifest says of it."""
+    final file and what the manifest says of it. ``int8``: the int8 check (int8_verdict), or False."""
     from graft.export import onnx as onnx_export
     from graft.export import pytorch
 
@@ -447,13 +461,13 @@ def export_graph(
     if int8:
         target = path.with_name("int8.onnx")
         kept = onnx_export.quantize_int8(path, target)
-        quantized = agreement(onnx_export.runner(target), onnx_export.runner(path), cases)
+        rows = int8.cases if int8.cases is not None else cases
+        problem = getattr(getattr(getattr(graph, "model", None), "head", None), "problem_type", None)
+        task = "base" if problem == "regression" else graph.task  # values, not choices: by cosine
+        multi = problem == "multi_label"
+        quantized = agreement(onnx_export.runner(target), onnx_export.runner(path), rows, task, multi)
+        quantized["checked"] = int8_verdict(quantized, task, int8, multi)
         quantized["float32_nodes"] = len(kept)
-        if not quantized["min_cosine"] >= INT8_MIN_COSINE:
-            raise GraftError(
-                f"export: int8 check failed: an output row's cosine to float32 is {quantized['min_cosine']:.4f} "
-                f"(at least {INT8_MIN_COSINE} wanted); export without --int8; nothing was written"
-            )
         path = target.replace(path)
     inputs, outputs = signature(graph)
     info = {
@@ -465,6 +479,24 @@ def export_graph(
         "int8": quantized,
     }
     return path, info
+
+
+def int8_summary(graphs: list[dict[str, Any]], check: Int8Check) -> dict[str, Any]:
+    """The manifest's ``int8``: each figure at its worst over the graphs, what was checked and how."""
+    summary = {
+        "checked": "; ".join(g["checked"] for g in graphs),  # as the int8_verdict lines say it
+        "check_data": check.data,  # None: the parity check's random-token rows
+        "rows": sum(g["rows"] for g in graphs),
+        "min_cosine": min(g["min_cosine"] for g in graphs),
+        "argmax_agreement": min(g["argmax_agreement"] for g in graphs),
+        "min_agreement_wanted": check.min_agreement,
+        "min_cosine_wanted": check.min_cosine,
+        "float32_nodes": sum(g["float32_nodes"] for g in graphs),
+    }
+    shifts = [g["max_probability_shift"] for g in graphs if "max_probability_shift" in g]
+    if shifts:  # a label head's: the largest total-variation distance of a row's probabilities
+        summary["max_probability_shift"] = max(shifts)
+    return summary
 
 
 def file_runner(fmt: str, path: Path, names: list[str]):
@@ -517,4 +549,13 @@ def write_files(
     write_json(folder / MANIFEST, manifest)
 
 
-__all__ = ["FORMATS", "MANIFEST", "check_request", "export_model"]
+__all__ = [
+    "FORMATS",
+    "INT8_MIN_AGREEMENT",
+    "INT8_MIN_COSINE",
+    "LABEL_TASKS",
+    "MANIFEST",
+    "Int8Check",
+    "check_request",
+    "export_model",
+]

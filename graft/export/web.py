@@ -31,6 +31,7 @@ from typing import Any
 from torch import nn
 
 from graft.errors import GraftError
+from graft.export.check import Int8Check
 from graft.export.graph import task_of
 from graft.io.atomic import atomic_folder, write_json
 
@@ -104,11 +105,18 @@ def onnxruntime_web() -> Path:
     return cached
 
 
-def export_web(model: nn.Module, out: str | Path, tokenizer: Any, opset: int | None = None) -> dict[str, Any]:
+def export_web(
+    model: nn.Module,
+    out: str | Path,
+    tokenizer: Any,
+    opset: int | None = None,
+    int8_check: Int8Check | None = None,
+) -> dict[str, Any]:
     """Export ``model`` as a static in-browser folder at ``out``; its manifest.
 
-    The graph is ``export_model(..., fmt="onnx", int8=True)``'s, parity- and int8-checked; the
-    folder appears whole or not at all.
+    The graph is ``export_model(..., fmt="onnx", int8=True)``'s, parity- and int8-checked (by
+    ``int8_check``, a graft.export.Int8Check: --check-data's rows); the folder appears whole or not
+    at all.
     """
     from graft.export import MANIFEST, export_model
 
@@ -116,7 +124,9 @@ def export_web(model: nn.Module, out: str | Path, tokenizer: Any, opset: int | N
     runtime = onnxruntime_web()  # before the export's minutes: a missing npm fails first
     with tempfile.TemporaryDirectory(prefix="graft-web-") as work:
         onnx_out = Path(work) / "onnx"
-        manifest = export_model(model, onnx_out, tokenizer, fmt="onnx", opset=opset, int8=True)
+        manifest = export_model(
+            model, onnx_out, tokenizer, fmt="onnx", opset=opset, int8=True, int8_check=int8_check
+        )
         with atomic_folder(out) as folder:
             for file in onnx_out.iterdir():
                 if file.name not in (MANIFEST, "runtime.py"):  # runtime.py needs Python: not for a page

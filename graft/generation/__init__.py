@@ -11,7 +11,7 @@ Compiled decoding steps are one of graft's kernels (graft/kernels/decode.py).
 """
 
 from graft.generation.beam import beam_search
-from graft.generation.config import GenerationConfig
+from graft.generation.config import GenerationConfig, folder_defaults
 from graft.generation.decoder import Decoder, fit_context, positions_from_mask
 from graft.generation.loop import generate, greedy, stream
 from graft.generation.processors import min_p_filter, penalize_repetition, process, top_k_filter, top_p_filter
@@ -23,6 +23,7 @@ __all__ = [
     "beam_search",
     "encode_prompts",
     "fit_context",
+    "folder_defaults",
     "generate",
     "greedy",
     "min_p_filter",

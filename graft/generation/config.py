@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from graft.errors import GraftError, did_you_mean
+from graft.io.hf import read_json
 
 TRUNCATION = ("left", "error")
 
@@ -104,3 +106,9 @@ class GenerationConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in (defaults or {}).items() if k in names and v is not None}
         return base.replace(**known).replace(**changes)
+
+
+def folder_defaults(folder: str | Path) -> dict[str, Any]:
+    """A model folder's generation_config.json ({} without one): the settings GenerationConfig.for_model
+    takes as ``defaults``. A graft export copies the file, so an exported folder reads the same."""
+    return read_json(Path(folder) / "generation_config.json", missing_ok=True)
