@@ -134,6 +134,10 @@ CASES: dict[str, list[Case]] = {
             ["prune", t / "no-model", file(t / "taken"), "--data", "d.csv", "--heads", "0.3"],
             ["is a file"],
         ),
+        lambda t: (
+            ["prune", t / "no-model", t / "out", "--data", "d.csv", "--heads", "0.3", "--scope", "local"],
+            ["--scope local: not one of global, layer", "did you mean 'layer'"],
+        ),
     ],
     "serve": [
         lambda t: (["serve", t / "nowhere"], ["nowhere", "does not exist"]),

@@ -39,12 +39,19 @@ def test_the_pareto_front_of_hand_made_points():
 
 
 def test_a_plan_reads_into_steps_with_their_options():
-    steps = parse_plan(PLAN.replace("layers=2", "layers=3,steps=10,lr=1e-4"))
-    assert [s.kind for s in steps] == ["fp32", "bf16", "int8-dynamic", "int8-weight", "distill", "prune"]
+    steps = parse_plan(PLAN.replace("layers=2", "layers=3,steps=10,lr=1e-4") + ",prune:heads=0.5,scope=layer")
+    kinds = ["fp32", "bf16", "int8-dynamic", "int8-weight", "distill", "prune", "prune"]
+    assert [s.kind for s in steps] == kinds
     assert steps[4].options == {"layers": 3, "steps": 10, "lr": 1e-4}
     assert steps[5].options == {"heads": 0.25, "ffn": 0.25}
-    assert [s.text for s in steps[4:]] == ["distill:layers=3,steps=10,lr=0.0001", "prune:heads=0.25,ffn=0.25"]
+    assert [s.text for s in steps[4:6]] == [
+        "distill:layers=3,steps=10,lr=0.0001",
+        "prune:heads=0.25,ffn=0.25",
+    ]
     assert steps[5].slug == "prune-heads0.25-ffn0.25" and steps[5].trained and not steps[0].trained
+    assert (
+        steps[6].options == {"heads": 0.5, "scope": "layer"} and steps[6].slug == "prune-heads0.5-scopelayer"
+    )
 
 
 @pytest.mark.parametrize(
@@ -79,6 +86,10 @@ def test_a_plan_reads_into_steps_with_their_options():
         ),
         ("prune:heads=1.5", "--plan: prune:heads=1.5: expected a fraction from 0 to below 1"),
         ("prune:heads=0.3,lr=0", "--plan: prune:lr=0.0: expected a learning rate above 0"),
+        (
+            "prune:heads=0.3,scope=local",
+            "--plan: prune:scope=local: not one of global, layer; did you mean 'layer'?",
+        ),
         ("fp32,bf16,fp32", "--plan: step 'fp32' appears twice"),
     ],
 )

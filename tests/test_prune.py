@@ -4,6 +4,8 @@ unstructured sparsity by magnitude and movement; head importance of a silenced h
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import transformers
@@ -254,3 +256,41 @@ def test_a_model_with_two_stacks_is_refused_in_one_line(family, tmp_path):
     )
     with pytest.raises(GraftError, match=message):
         remove(body, {0: [1]})
+
+
+def test_layer_scope_takes_the_same_share_of_each_layer_and_equals_the_masked_model(tmp_path):
+    model = tiny_classifier("bert", tmp_path)
+    data = [batch(), batch()]
+    scores = importance(model, data)
+    b = batch(labels=False)
+    # each layer's own lowest: 2 of its 4 heads, 9 of its 37 neurons (floor of 0.25 * 37)
+    lowest = lambda s, k: sorted(torch.argsort(s, stable=True)[:k].tolist())  # noqa: E731
+    heads = {i: lowest(s, 2) for i, s in enumerate(scores.heads)}
+    neurons = {i: lowest(s, 9) for i, s in enumerate(scores.neurons)}
+    assert least_important(scores.heads, 0.5, scope="layer") == heads
+    assert least_important(scores.neurons, 0.25, "ffn", scope="layer") == neurons
+    assert least_important(scores.heads, 0.99, scope="layer") == {
+        i: lowest(s, 3) for i, s in enumerate(scores.heads)
+    }
+    with masks(model) as (head_masks, neuron_masks), torch.no_grad():
+        for i in range(2):
+            head_masks[i][heads[i]] = 0.0
+            neuron_masks[i][neurons[i]] = 0.0
+        masked = logits(model, b)
+    pruned, report = prune(model, data, heads=0.5, ffn=0.25, scores=scores, scope="layer")
+    assert report["scope"] == "layer"
+    assert report["heads_per_layer"] == [2, 2] and report["intermediate_sizes"] == [28, 28]
+    assert (logits(pruned, b) - masked).abs().max() <= TOL
+
+
+@pytest.mark.parametrize(
+    ("scope", "message"),
+    [
+        ("local", "prune: --scope local: not one of global, layer; did you mean 'layer'?"),
+        ("globl", "prune: --scope globl: not one of global, layer; did you mean 'global'?"),
+    ],
+)
+def test_an_unknown_scope_is_one_line(scope, message, tmp_path):
+    model = tiny_classifier("bert", tmp_path)
+    with pytest.raises(GraftError, match=f"^{re.escape(message)}$"):
+        prune(model, [batch()], heads=0.25, scope=scope)

@@ -93,6 +93,12 @@ def prune(
     sparsity: Annotated[
         float, typer.Option(min=0.0, max=0.99, help="Then zero this fraction of each block weight matrix.")
     ] = 0.0,
+    scope: Annotated[
+        str,
+        typer.Option(
+            help="Rank heads and neurons across all layers (global) or take the same share of each layer (layer)."
+        ),
+    ] = "global",
     method: Annotated[str, typer.Option(help="Unstructured sparsity: magnitude or movement.")] = "magnitude",
     recover_steps: Annotated[int, typer.Option(min=0, help="Fine-tune this many steps after pruning.")] = 0,
     recover_lr: Annotated[
@@ -110,7 +116,7 @@ def prune(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Remove the least important heads and feed-forward neurons (scored on --data); optionally sparsify and recover."""
-    from graft.compress.prune import SPARSITY_METHODS, movement_scores, sparsify, sparsity_report
+    from graft.compress.prune import SPARSITY_METHODS, check_scope, movement_scores, sparsify, sparsity_report
     from graft.compress.prune import prune as run
     from graft.interpret.heads import quality
     from graft.io.atomic import atomic_folder, check_output, write_json
@@ -118,6 +124,7 @@ def prune(
 
     if method not in SPARSITY_METHODS:
         raise GraftError(f"--method {method}: not one of {', '.join(SPARSITY_METHODS)}")
+    check_scope(scope, "--scope ")
     if not (heads or ffn or sparsity):
         raise GraftError(
             "prune: nothing to remove; give --heads, --ffn or --sparsity (fractions, e.g. --heads 0.33)"
@@ -127,7 +134,7 @@ def prune(
     batches = labelled_batches(m, tokenizer, data, fmt, column, batch_size, max_length)
     teacher = copy.deepcopy(m) if distill and recover_steps else None
     before = quality(m, batches)
-    m, report = run(m, batches, heads, ffn)
+    m, report = run(m, batches, heads, ffn, scope=scope)
     if sparsity:
         # movement scores come from a short fine-tune of a copy: the model itself is not changed
         scores = movement_scores(copy.deepcopy(m), batches) if method == "movement" else None

@@ -110,7 +110,8 @@ def check_plan(steps: Sequence[Step], model: TaskModel, train: Sequence[dict] | 
             ):
                 fraction = step.options.get(what, 0.0)
                 where = f"--plan: prune:{what}={fraction}"
-                least_important([torch.zeros(n) for n in sizes], fraction, what, where)
+                scope = step.options.get("scope", "global")
+                least_important([torch.zeros(n) for n in sizes], fraction, what, where, scope)
             if step.options.get("heads"):
                 try:
                     check_prunable(model)
@@ -163,12 +164,15 @@ def build(
     else:
         model = copy.deepcopy(teacher)
         scoring = batches[:IMPORTANCE_BATCHES]
-        model, report = prune(model, scoring, step.options.get("heads", 0.0), step.options.get("ffn", 0.0))
+        options = step.options
+        scope = options.get("scope", "global")
+        model, report = prune(model, scoring, options.get("heads", 0.0), options.get("ffn", 0.0), scope=scope)
         distiller = Distiller(model, teacher, settings.temperature)
         scored = sum(len(b["input_ids"]) for b in scoring)
         how = (
             f"{report['heads_removed']} heads and {report['neurons_removed']} FFN neurons removed"
-            f" (Michel et al. importance over {scored} training examples), recovered by distillation ({budget})"
+            f" ({'the same share of each layer' if scope == 'layer' else 'ranked across layers'},"
+            f" Michel et al. importance over {scored} training examples), recovered by distillation ({budget})"
         )
     log(f"compress: {step.text}: training {steps} steps")
     train_steps(distiller, batches, steps, lr)

@@ -8,8 +8,9 @@ an item with ``=`` but no colon is one more option of the step before it:
 Steps: ``fp32`` (the model as given), the quantization methods of graft.kernels.int8 (bf16,
 int8-dynamic, int8-weight), ``distill`` (a student keeping ``layers`` of the teacher's layers,
 evenly spread as DistilBERT kept every other one, trained against the teacher) and ``prune``
-(``heads`` and ``ffn``: the fractions of all heads and feed-forward neurons removed, then a
-recovery distilled from the unpruned model). Training steps take ``steps`` and ``lr`` too, which
+(``heads`` and ``ffn``: the fractions of all heads and feed-forward neurons removed; ``scope``:
+global, ranked across blocks, or layer, the same share of each block; then a recovery distilled
+from the unpruned model). Training steps take ``steps`` and ``lr`` too, which
 default to graft compress's --steps and --lr. Every mistake is one line naming the step and key.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from graft.compress.prune import check_scope
 from graft.errors import GraftError, coerce, did_you_mean
 from graft.kernels.int8 import METHODS
 
@@ -26,7 +28,7 @@ KEYS: dict[str, dict[str, type]] = {
     "fp32": {},
     **{method: {} for method in METHODS},
     "distill": {"layers": int, "steps": int, "lr": float},
-    "prune": {"heads": float, "ffn": float, "steps": int, "lr": float},
+    "prune": {"heads": float, "ffn": float, "scope": str, "steps": int, "lr": float},
 }
 TRAINED = ("distill", "prune")
 
@@ -113,6 +115,8 @@ def check_step(step: Step) -> None:
     for key in ("heads", "ffn"):
         if key in o and not 0.0 <= o[key] < 1.0:
             raise GraftError(f"{where}:{key}={o[key]}: expected a fraction from 0 to below 1")
+    if "scope" in o:
+        check_scope(o["scope"], f"{where}:scope=")
     for key in ("layers", "steps"):
         if key in o and o[key] < (1 if key == "layers" else 0):
             raise GraftError(
