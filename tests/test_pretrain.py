@@ -24,6 +24,7 @@ from graft.models import FAMILIES
 from graft.pretrain import documents as read_documents
 from graft.pretrain.objectives import check_packable
 from graft.pretrain.stream import clm_batches, mlm_batches, mlm_windows
+from graft.tasks.base import body_inputs
 from graft.tokenizer import Tokenizer
 
 TOL = 1e-5
@@ -466,3 +467,34 @@ def test_graft_train_fine_tunes_a_masked_lm_task(cli, tmp_path, minilm):
         type(transformers.AutoModelForMaskedLM.from_pretrained(m)) is transformers.BertForMaskedLM
         for m in models
     )
+
+
+@pytest.mark.parametrize("family", MASKED_LM)
+def test_training_runs_the_head_at_masked_positions_only_with_the_same_loss_and_gradients(
+    family, tmp_path, minilm
+):
+    """In training the masked-LM head projects only the masked positions onto the vocabulary (N, V):
+    the loss and every parameter's gradient equal those of the full (B, T, V) logits."""
+    tokenizer = Tokenizer.from_folder(minilm)
+    model = load_model(tiny_folder(tmp_path, minilm, family), task="masked-lm", mask_probability=0.3)
+    batch = next(mlm_batches(iter([LONG, *LINES]), model.head, tokenizer, batch_size=4, max_length=32))
+    masked = int((batch["labels"] != IGNORE).sum())
+    model.train()
+    torch.manual_seed(0)  # both passes draw the body's same dropout masks (the head has none)
+    out = model(**batch)
+    assert out.logits.shape == (masked, model.config.vocab_size)
+    out.loss.backward()
+    rows = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    # the same training pass, the head given no labels: every position's logits, (B, T, V)
+    torch.manual_seed(0)
+    logits = model.head(model.body(**body_inputs(model.head, batch)), {})
+    assert logits.shape[:-1] == batch["labels"].shape
+    assert (logits[batch["labels"] != IGNORE] - out.logits).abs().max() <= TOL
+    loss = model.head.loss(logits, batch["labels"], batch)
+    assert abs(loss - out.loss) <= TOL
+    loss.backward()
+    full = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(full) == set(rows)
+    for name, grad in full.items():
+        assert (grad - rows[name]).abs().max() <= TOL, name

@@ -52,7 +52,8 @@ class Electra(nn.Module):
         labels = batch["labels"]
         masked = labels != IGNORE  # (B, T)
         original = torch.where(masked, labels, batch["input_ids"])
-        probs = logits.detach()[masked].float().softmax(-1).cpu()  # (M, V): sampled on the CPU generator
+        rows = logits if logits.dim() == 2 else logits[masked]  # (M, V): training gives masked rows only
+        probs = rows.detach().float().softmax(-1).cpu()  # (M, V): sampled on the CPU generator
         sampled = (
             torch.multinomial(probs, 1, generator=self.sampler)[:, 0] if len(probs) else probs.new_zeros(0)
         )
