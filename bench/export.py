@@ -153,12 +153,14 @@ def unchecked_int8(model, work: Path, tokenizer) -> Path:
     return out / "int8.onnx"
 
 
-def runtimes(folder: Path, work: Path) -> tuple[dict, dict[str, int]]:
-    """name -> run(batch of numpy inputs) -> (B, C) logits, and name -> bytes on disk."""
+def runtimes(folder: Path, work: Path, check: list[dict]) -> tuple[dict, dict[str, int]]:
+    """name -> run(batch of numpy inputs) -> (B, C) logits, and name -> bytes on disk. graft's int8
+    export is checked on ``check``'s real texts, as `graft export --int8 --check-data FILE` does."""
     import transformers
 
     from graft.errors import GraftError
     from graft.export import export_model
+    from graft.export.check import Int8Check, record_cases
     from graft.export.pytorch import load as load_torch_file
     from graft.loading import load_model
 
@@ -171,6 +173,9 @@ def runtimes(folder: Path, work: Path) -> tuple[dict, dict[str, int]]:
         ("opt", {"optimize": True}),
         ("int8", {"optimize": True, "int8": True}),
     ):
+        if name == "int8":
+            rows = record_cases(load_model(folder, kernels=False), tokenizer, check, "BBC train")
+            flags["int8_check"] = Int8Check(data=f"{len(check)} BBC training articles", cases=rows)
         out = work / f"graft-{name}"
         try:
             export_model(load_model(folder, kernels=False), out, tokenizer, **flags)
@@ -270,10 +275,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
         work = Path(tmp)
         folder = args.model or finetune(work, args.train_limit)
-        _, test, label_map = load_data()
+        train, test, label_map = load_data()
         test = test[: args.test_limit] if args.test_limit else test
         tokenizer = load_tokenizer(folder)
-        runs, sizes = runtimes(folder, work)
+        runs, sizes = runtimes(folder, work, train[: 32 if args.quick else 200])
         texts = [r["text"] for r in test]
         short = [" ".join(t.split()[:24]) for t in texts]
 

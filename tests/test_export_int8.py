@@ -133,6 +133,7 @@ def test_check_data_figures_land_in_the_manifest_and_a_higher_bound_refuses_with
     q, f = (ort.InferenceSession(str(d / "model.onnx")).run(None, feed)[0] for d in (out, plain))  # (32, 2)
     cosine = (q * f).sum(1) / np.linalg.norm(q, axis=1) / np.linalg.norm(f, axis=1)
     assert int8["check_data"] == f"--check-data {data}" and int8["rows"] == len(records)
+    assert int8["float32_nodes"] == 0  # judged by its decisions on real rows: quantized whole (onnx.py)
     assert int8["argmax_agreement"] == (q.argmax(1) == f.argmax(1)).mean()
     assert int8["min_cosine"] == pytest.approx(cosine.min(), abs=1e-6)
     assert int8["max_probability_shift"] == pytest.approx(
@@ -166,6 +167,7 @@ def test_a_label_head_without_check_data_is_checked_by_cosine_and_says_so(tmp_pa
         "on real texts needs --check-data FILE"
     )
     assert int8["check_data"] is None and int8["rows"] == 4 and int8["checked"] == said
+    assert int8["float32_nodes"] == 2  # judged by cosine: blocks 0 and 1's down projections stay float32
     assert result.stderr.splitlines()[-1] == f"int8: {said}"
     line = cli("export", classifier, tmp_path / "no", "--int8", "--min-cosine", "1").error_line()
     assert re.fullmatch(

@@ -460,10 +460,11 @@ def export_graph(
     quantized = None
     if int8:
         target = path.with_name("int8.onnx")
-        kept = onnx_export.quantize_int8(path, target)
-        rows = int8.cases if int8.cases is not None else cases
         problem = getattr(getattr(getattr(graph, "model", None), "head", None), "problem_type", None)
         task = "base" if problem == "regression" else graph.task  # values, not choices: by cosine
+        by_decisions = task in LABEL_TASKS and int8.cases is not None  # judged on real rows' argmaxes
+        kept = onnx_export.quantize_int8(path, target, keep_float=not by_decisions)
+        rows = int8.cases if int8.cases is not None else cases
         multi = problem == "multi_label"
         quantized = agreement(onnx_export.runner(target), onnx_export.runner(path), rows, task, multi)
         quantized["checked"] = int8_verdict(quantized, task, int8, multi)
