@@ -9,9 +9,12 @@ serve --forward-overhead-tokens 32 (a batch split into forwards of similar lengt
 request; this script runs it as a subprocess with --hand-written PORT). The ceiling is graft's
 offline batched throughput of the same texts. For graft, requests also arrive open-loop
 (Poisson) at half of the best closed-loop rate: p99 / p50 there is the tail at half of
-saturation. Then SmolLM2-135M (GGUF) under graft serve: 8 concurrent streaming chats against one,
-tokens/s and time to first token. Prints each figure and the ratios, ends with one JSON line;
-every server is stopped at the end (the run stops by itself).
+saturation. Each run also reads the CPU time per request of the client and of the server (its
+event loop thread and its model threads, from /proc): the client shares the cores, so the figure
+to set beside offline is also given per server CPU second. Then SmolLM2-135M (GGUF) under graft
+serve: 8 concurrent streaming chats against one, tokens/s and time to first token. Prints each
+figure and the ratios, ends with one JSON line; every server is stopped at the end (the run stops
+by itself).
 
     python -m bench.serve [--requests N] [--clients 1,8,32,64] [--small]
 """
@@ -29,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import bbc_articles, book_questions_and_answers, emit, fail, minilm_folder
 
@@ -45,6 +49,16 @@ def texts(limit: int) -> list[str]:
             out.append(re.split(r"(?<=[.!?])\s", lines[1])[0])
     questions, _ = book_questions_and_answers()
     return (out + questions)[:limit]
+
+
+def run(coroutine: Any) -> Any:
+    """asyncio.run, on uvloop where it is installed (as uvicorn's servers run): the load generator
+    shares the cores with the server it measures, and uvloop's sockets cost it less CPU a request."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
 
 
 def free_port() -> int:
@@ -79,6 +93,19 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def cpu_of(pid: int) -> tuple[float, float]:
+    """CPU seconds process ``pid`` has used so far: all its threads (ended ones too), and its main
+    thread's alone. A server's main thread runs uvicorn's event loop (HTTP, validation, tokenizing,
+    JSON); the others are the model's: graft's queue worker and torch's threads."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def seconds(stat: str) -> float:  # utime + stime, the 14th and 15th fields (after the name)
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    return seconds(f"/proc/{pid}/stat"), seconds(f"/proc/{pid}/task/{pid}/stat")
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -140,9 +167,11 @@ async def check(url: str, body: bytes) -> None:
     assert len(answer["data"]) == 1 and len(answer["data"][0]["embedding"]) == 384, answer
 
 
-async def load(url: str, requests: list[bytes], clients: int, per_client: int) -> dict:
+async def load(url: str, requests: list[bytes], clients: int, per_client: int, server: int) -> dict:
     """``clients`` concurrent clients, each on its own keep-alive connection, sending ``per_client``
-    requests of one text in turn (a closed loop: throughput at that concurrency)."""
+    requests of one text in turn (a closed loop: throughput at that concurrency), and the CPU time
+    per request of this client (the whole process: it runs nothing else meanwhile) and of the
+    ``server`` process (its event loop thread and the rest), all sharing the machine's cores."""
     latencies: list[float] = []
     connections = [await Connection.open(url) for _ in range(clients)]
 
@@ -157,13 +186,20 @@ async def load(url: str, requests: list[bytes], clients: int, per_client: int) -
     try:
         await one(0)  # warm-up outside the timed run
         latencies.clear()
+        server_before, client_before = cpu_of(server), time.process_time()
         start = time.perf_counter()
         await asyncio.gather(*(one(c) for c in range(clients)))
         seconds = time.perf_counter() - start
+        client, (total, loop) = time.process_time() - client_before, cpu_of(server)
     finally:
         for connection in connections:
             connection.close()
-    return {"requests_per_s": len(latencies) / seconds, **percentiles(latencies)}
+    n = len(latencies)
+    total, loop = total - server_before[0], loop - server_before[1]
+    cpu = {"client_cpu_ms": 1000 * client / n, "loop_cpu_ms": 1000 * loop / n,
+           "model_cpu_ms": 1000 * (total - loop) / n, "server_cpu_ms": 1000 * total / n,
+           "client_cpu_share": client / (client + total), "cores_busy": (client + total) / seconds}  # fmt: skip
+    return {"requests_per_s": n / seconds, **percentiles(latencies), **cpu}
 
 
 async def open_loop(url: str, requests: list[bytes], rate: float, count: int, seed: int = 0) -> dict:
@@ -246,17 +282,19 @@ async def chats(url: str, streams: int, max_tokens: int) -> dict:
     return {"tokens_per_s": tokens / seconds, "ttft_p95_ms": 1000 * percentile(first, 95), "tokens": tokens}
 
 
-def offline(corpus: list[str]) -> float:
-    """graft's own batched embedding of the whole corpus, texts/s (the ceiling)."""
+def offline(corpus: list[str]) -> tuple[float, float]:
+    """graft's own batched embedding of the whole corpus (the ceiling): texts/s, and CPU ms per text
+    (every thread of this process: torch's own included)."""
     from graft.loading import load_model
     from graft.tasks.embedding import embed
     from graft.tokenizer import Tokenizer
 
     model, tokenizer = load_model(minilm_folder(), task="base"), Tokenizer.from_folder(minilm_folder())
     embed(model, tokenizer, corpus[:64])  # warm-up: the kernels' routes
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     embed(model, tokenizer, corpus, normalize=True)
-    return len(corpus) / (time.perf_counter() - start)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return len(corpus) / seconds, 1000 * cpu / len(corpus)
 
 
 def hand_written(port: int) -> None:
@@ -318,26 +356,29 @@ def main() -> None:
         "hand_written": [sys.executable, "-m", "bench.serve", "--hand-written"],
     }
     figures: dict = {"requests": args.requests, "clients": levels}
-    figures["offline_texts_per_s"] = ceiling = offline(corpus)
-    print(f"offline batched (graft embed): {ceiling:,.0f} texts/s")
+    ceiling, offline_cpu = offline(corpus)
+    figures.update(offline_texts_per_s=ceiling, offline_cpu_ms=offline_cpu)
+    print(f"offline batched (graft embed): {ceiling:,.0f} texts/s, {offline_cpu:.2f} ms CPU per text")
     for name, command in systems.items():
         port = free_port()
         args_port = ["--port", str(port)] if name != "hand_written" else [str(port)]
         proc = start([*command, *args_port], port, tmp / f"{name}.log")
         url = f"http://127.0.0.1:{port}"
         try:
-            asyncio.run(check(url, requests[0]))
+            run(check(url, requests[0]))
             for clients in levels:
                 per_client = max(1, args.requests // clients)
-                result = asyncio.run(load(url, requests, clients, per_client))
+                result = run(load(url, requests, clients, per_client, proc.pid))
                 figures[f"{name}_{clients}"] = result
                 print(
                     f"{name:>18} {clients:>3} clients: {result['requests_per_s']:8.1f} req/s  "
                     f"p50 {result['p50_ms']:7.1f} ms  p95 {result['p95_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms"
+                    f"  CPU ms/request: client {result['client_cpu_ms']:.2f}, server loop {result['loop_cpu_ms']:.2f} "
+                    f"+ model {result['model_cpu_ms']:.2f}; {result['cores_busy']:.2f} cores busy"
                 )
             if name == "graft":  # latency at half of saturation: the best closed-loop rate, halved
                 saturation = max(figures[f"graft_{c}"]["requests_per_s"] for c in levels)
-                half = asyncio.run(open_loop(url, requests, saturation / 2, args.requests))
+                half = run(open_loop(url, requests, saturation / 2, args.requests))
                 figures["graft_half_saturation"] = half
                 print(
                     f"{name:>18} at half of saturation ({half['offered_per_s']:.1f} req/s offered, Poisson): "
@@ -350,8 +391,15 @@ def main() -> None:
         g, h = figures[f"graft_{clients}"], figures[f"hand_written_{clients}"]
         ratio = g["requests_per_s"] / h["requests_per_s"]
         figures[f"ratio_vs_hand_written_{clients}"] = ratio
+        # the load generator shares the cores: per CPU second, and the most the server could reach
+        # with that client beside it (every request costing the offline CPU per text and no more)
+        per_cpu = offline_cpu / g["server_cpu_ms"]
+        reachable = offline_cpu / (offline_cpu + g["client_cpu_ms"])
+        figures[f"per_cpu_vs_offline_{clients}"], figures[f"reachable_{clients}"] = per_cpu, reachable
         print(f"{clients:>3} clients: graft / hand-written {ratio:.2f}x, graft / offline "
-              f"{g['requests_per_s'] / ceiling:.0%}, graft p99 / p50 {g['p99_ms'] / g['p50_ms']:.1f}")  # fmt: skip
+              f"{g['requests_per_s'] / ceiling:.0%} (goal 85%), per server CPU second {per_cpu:.0%}; the client "
+              f"took {g['client_cpu_share']:.0%} of the CPU (beside it, a server at offline's CPU per text "
+              f"reaches {reachable:.0%} of offline); graft p99 / p50 {g['p99_ms'] / g['p50_ms']:.1f}")  # fmt: skip
 
     import importlib.util
 
@@ -365,8 +413,8 @@ def main() -> None:
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        asyncio.run(chats(url, 1, 4))  # warm-up
-        one, eight = (asyncio.run(chats(url, n, args.chat_tokens)) for n in (1, 8))
+        run(chats(url, 1, 4))  # warm-up
+        one, eight = (run(chats(url, n, args.chat_tokens)) for n in (1, 8))
     finally:
         stop(proc)
     figures.update(chat_1=one, chat_8=eight, chat_ratio=eight["tokens_per_s"] / one["tokens_per_s"])

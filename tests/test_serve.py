@@ -165,6 +165,65 @@ def test_embeddings_equal_graft_embed(minilm_server, minilm):
     )
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"input": TEXTS},
+        {"input": TEXTS[0], "encoding_format": "base64", "model": "any"},
+        {"input": "word " * 600},  # 413
+        {"input": "word " * 600, "truncate": True},
+        {"input": []},  # 422 from the handler
+        {"input": 5},  # 422 from validation
+    ],
+)
+def test_the_embeddings_shortcut_answers_what_the_app_answers(minilm_server, body):
+    """A JSON body to /v1/embeddings is answered by the Gate's shortcut; another JSON content type
+    (application/x+json) by FastAPI's route, as before it: the same status and bytes."""
+    c, content = minilm_server.client, json.dumps(body).encode()
+    quick = c.post("/v1/embeddings", content=content, headers={"content-type": "application/json"})
+    routed = c.post("/v1/embeddings", content=content, headers={"content-type": "application/x+json"})
+    assert (quick.status_code, quick.content) == (routed.status_code, routed.content)
+
+
+def test_the_gate_answers_by_its_shortcut_or_leaves_the_same_body_to_the_app():
+    from fastapi.responses import Response
+
+    from graft.serve.app import Gate, Settings, State
+
+    async def app(scope, receive, send):  # what it read of the body
+        message = await receive()
+        await Response(b"app " + message["body"])(scope, receive, send)
+
+    async def shortcut(scope, body):
+        return None if body == b"pass" else Response(b"quick " + body)
+
+    gate = Gate(app, State(Settings(max_body_bytes=10)), {"/x": shortcut})
+
+    async def chunks():
+        yield b"pa"
+        yield b"ss"
+
+    async def answers():
+        transport = httpx.ASGITransport(app=gate)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return [
+                (r.status_code, r.content)
+                for r in [
+                    await client.post("/x", content=b"body"),
+                    await client.post("/x", content=b"pass"),
+                    await client.post("/x", content=chunks()),  # chunked: no Content-Length
+                    await client.post("/y", content=b"body"),
+                    await client.post("/x", content=b"x" * 11),
+                ]
+            ]
+
+    import asyncio
+
+    got = asyncio.run(answers())
+    assert got[:4] == [(200, b"quick body"), (200, b"app pass"), (200, b"app pass"), (200, b"app body")]
+    assert got[4][0] == 413
+
+
 def test_concurrent_embeddings_batch_together_and_equal_one_at_a_time(minilm_server):
     c = minilm_server.client
     texts = [f"{t} (request {i})" for i in range(4) for t in TEXTS]

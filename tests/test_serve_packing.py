@@ -11,7 +11,7 @@ from conftest import hf_model
 
 from graft.loading import load_model
 from graft.models import FAMILIES
-from graft.serve.packing import bins, embed_packed, packable
+from graft.serve.packing import bins, embed_packed, packable, row_width
 from graft.tasks.collate import pad
 from graft.tasks.pooling import mean_pool
 
@@ -40,6 +40,13 @@ def test_packed_embeddings_equal_padded_ones(tmp_path, family, kernels):
     torch.testing.assert_close(embed_packed(body, ids, types, 0), expected, atol=1e-5, rtol=0)
     one = embed_packed(body, ids[1:2], types[1:2], 0)  # a lone text: one row, no mask
     torch.testing.assert_close(one, expected[1:2], atol=1e-5, rtol=0)
+    wide = [16] + [9] * 6  # rows wider than the longest text (row_width): [16], then [9, 9] in rows of 18
+    ids = [torch.randint(3, 99, (n,), generator=g).tolist() for n in wide]
+    padded_ids, mask = pad(ids, 0)
+    with torch.inference_mode():
+        expected = mean_pool(body(padded_ids, mask).last_hidden_state, mask)
+    got = embed_packed(body, ids, [[0] * n for n in wide], 0)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -51,3 +58,11 @@ def test_bins_hold_every_text_once_within_the_width(seed):
     assert all(sum(lengths[i] for i in row) <= max(lengths) for row in rows)
     # first fit: a row at most half full would have taken the items of any later such row
     assert sum(2 * sum(lengths[i] for i in row) <= max(lengths) for row in rows) <= 1
+
+
+def test_rows_are_widened_only_where_fewer_rows_fill_better_and_never_beyond_the_limit():
+    lengths = [16] + [9] * 6  # width 16: each 9 alone, 7 rows of 16 (112 slots); 18: pairs, 4 rows (72)
+    assert row_width(lengths, 512) == 18
+    assert row_width(lengths, 16) == 16  # the limit holds
+    assert row_width([600, 3], 256) == 600  # a text over the limit keeps its own width
+    assert row_width([10, 10, 10, 11], 512) == 11  # wider rows would hold no fewer slots
