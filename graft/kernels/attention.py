@@ -169,8 +169,9 @@ def matmul_attention(
     padding) and this 1.35 ms (1.57), yet at 16 tokens SDPA took 0.60 ms and at 32 it was 2.6x
     faster, 3x at 128: which wins depends on the length class and the CPU, so it is timed
     (graft.kernels.calibrate). A bool mask is added as a bias (masked_fill over the scores costs
-    as much as a matrix multiply); an all-masked row gives zeros, as SDPA's does. The softmax runs in float32, rounded to v's dtype after (as
-    transformers' eager attention rounds a bfloat16 model's, in a compiled decoding step).
+    as much as a matrix multiply); an all-masked row gives zeros, as SDPA's does. The softmax runs
+    in float32, rounded to v's dtype after (as transformers' eager attention rounds a bfloat16
+    model's, in a compiled decoding step).
     """
     if is_causal:
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
