@@ -51,8 +51,7 @@ def random_blocks(out_features: int, in_features: int, seed: int = 0):
 
 
 def test_layer_equals_the_dequantized_linear():
-    """fp32 inputs: the same products summed in another order (1e-5 of the largest output); bf16
-    inputs: bf16's rounding of the input and the output (1e-2)."""
+    """The kernel multiplies bf16 inputs (its fast path): bf16's rounding of input and output (1e-2)."""
     q, d, m = random_blocks(96, 160)
     layer = Int4Linear.from_q4_1(q, d, m)
     w = float_weight(q, d, m)
@@ -62,8 +61,9 @@ def test_layer_equals_the_dequantized_linear():
     want = x @ w.T  # (2, 5, 96)
     with torch.inference_mode():
         assert layer(x).shape == (2, 5, 96)
-        assert relative_error(layer(x), want) < 1e-5
-        assert relative_error(layer(x[0, :1]), want[0, :1]) < 1e-5  # one row: decoding
+        assert layer(x).dtype == torch.float32
+        assert relative_error(layer(x), want) < 1e-2
+        assert relative_error(layer(x[0, :1]), want[0, :1]) < 1e-2  # one row: decoding
         assert relative_error(layer(x.bfloat16()), want) < 1e-2
     x.requires_grad_(True)  # the kernel has no backward: the float weight carries the gradient
     layer(x).sum().backward()
@@ -91,7 +91,7 @@ def test_smollm2_blocks_equal_what_read_gguf_dequantizes():
         xi = x[:, : layer.in_features]
         with torch.inference_mode():
             worst = max(worst, relative_error(layer(xi), xi @ floats[name].T))
-    assert worst < 1e-5, worst
+    assert worst < 1e-2, worst
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_only_4bit_types_are_kept_and_the_rest_stay_float(tiny):
     ids = torch.tensor([[1, 5, 9, 2, 7]])
     with torch.inference_mode():
         want, got = ref(input_ids=ids).logits, lm(input_ids=ids).logits
-    assert relative_error(got, want) < 1e-5
+    assert relative_error(got, want) < 2e-2
 
 
 def test_a_model_that_is_not_llama_is_refused(tmp_path):

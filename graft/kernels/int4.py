@@ -7,9 +7,9 @@ w = (q - 8) * scale + zero, so a Q4_1 block maps onto one group exactly: scale =
 The layer keeps the packed codes (half a byte per weight, an eighth of fp32's) and one (scale, zero)
 pair per block, never a float copy of the weight.
 
-Measured on SmolLM2-135M's Q4_1 layers with fp32 inputs (torch 2.13, AMD EPYC): the output equals
-x @ dequantized(W).T within 1e-4 (the largest |y| about 36): the same numbers summed in another order.
-bfloat16 inputs run too, at bfloat16's rounding.
+The kernel runs on bfloat16 inputs: with fp32 inputs it takes a generic loop (one row of 576 -> 1536,
+1 thread, AMD EPYC: fp32 F.linear 85 us, int4 on fp32 inputs 1662 us, int4 on bf16 inputs 43 us), so
+the layer's output is within bfloat16's rounding of x @ dequantized(W).T (fp32 inputs: 3e-5 of 36).
 """
 
 from __future__ import annotations
@@ -64,5 +64,6 @@ class Int4Linear(nn.Module):
             # a gradient to the input (the kernel has no backward): the same weight, in float
             return F.linear(x, self.dequantized().to(x.device, x.dtype))
         rows = x.numel() // self.in_features
-        y = self.int4_mm(x.reshape(rows, self.in_features).contiguous())  # (rows, out)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        # bf16 inputs: the kernel's fast path (fp32 inputs take a generic loop, 40x slower at one row)
+        y = self.int4_mm(x.reshape(rows, self.in_features).bfloat16())  # (rows, out)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
