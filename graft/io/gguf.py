@@ -772,6 +772,44 @@ def read_gguf(path: str | os.PathLike) -> GGUFModel:
     return GGUFModel(config, state_dict, tokenizer, tokenizer_config)
 
 
+# 4-bit types whose blocks graft.kernels.int4 keeps as they are: (block bytes, has a minimum)
+FOUR_BIT = {T.Q4_0: (18, False), T.Q4_1: (20, True)}
+
+
+def read_4bit_blocks(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The Q4_0 / Q4_1 matrices of a llama GGUF file as they are stored, by Hugging Face name:
+    codes (out, in) uint8 in 0..15, scales d and minimums m (out, in / 32) fp32, w = d * q + m
+    (Q4_0: m = -8d). attn_q / attn_k rows are reordered as ``read_gguf`` reorders them; other
+    types are left out (``read_gguf`` dequantizes them). The file is checked as ``read_gguf`` checks it.
+    """
+    model = read_gguf(path)  # every check (header against size, names, shapes, metadata)
+    buf = _open(Path(path))
+    _, tensors = _parse(Path(path), buf)
+    heads = {
+        "attn_q.weight": model.config["num_attention_heads"],
+        "attn_k.weight": model.config["num_key_value_heads"],
+    }
+    blocks = {}
+    for t in tensors.values():
+        if t.ggml_type not in FOUR_BIT:
+            continue
+        size, has_min = FOUR_BIT[t.ggml_type]
+        out_features, in_features = t.shape
+        b = np.frombuffer(buf, np.uint8, t.nbytes, t.offset).reshape(out_features * in_features // 32, size)
+        d = _f16(b[:, 0:2])  # (n, 1)
+        m = _f16(b[:, 2:4]) if has_min else -8 * d  # (n, 1)
+        q = _nibbles(b[:, size - 16 :])  # (n, 32)
+        q, d, m = (
+            q.reshape(out_features, in_features),
+            d.reshape(out_features, -1),
+            m.reshape(out_features, -1),
+        )
+        if n_head := next((h for k, h in heads.items() if t.name.endswith(k)), None):
+            q, d, m = (_unpermute(a, n_head) for a in (q, d, m))
+        blocks[_hf_name(t.name)] = (np.ascontiguousarray(q), np.ascontiguousarray(d), np.ascontiguousarray(m))
+    return blocks
+
+
 def convert_gguf(
     path: str | os.PathLike,
     out_dir: str | os.PathLike,
