@@ -26,7 +26,8 @@ class Int4Linear(nn.Module):
     """A bias-free linear layer with a packed int4 weight and a (scale, zero) per block of 32 inputs.
 
     State dict: ``weight`` (out, in / 2) uint8 in the CPU int4 matmul's layout, ``scale_zeros``
-    (in / 32, out, 2) fp32. CPU only (the packing is the CPU kernel's).
+    (in / 32, out, 2) fp32 (its bf16 copy is derived by ``from_q4_1``, the one constructor that fills
+    the layer: it is load-time only). CPU only (the packing is the CPU kernel's).
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
@@ -36,6 +37,8 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scale_zeros", torch.zeros(in_features // GROUP, out_features, 2))
+        # the bf16 copy forward's kernel reads, made once rather than at every call (derived: not saved)
+        self.register_buffer("scale_zeros_bf16", self.scale_zeros.bfloat16(), persistent=False)
 
     @classmethod
     def from_q4_1(cls, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> Int4Linear:
@@ -46,6 +49,7 @@ class Int4Linear(nn.Module):
         d, m = d.float(), m.float()
         # (in/32, out, 2): the kernel's w = (q - 8) * scale + zero is Q4_1's d * q + m
         layer.scale_zeros = torch.stack([d, m + 8 * d], dim=-1).transpose(0, 1).contiguous()
+        layer.scale_zeros_bf16 = layer.scale_zeros.bfloat16()
         return layer
 
     def extra_repr(self) -> str:
@@ -57,7 +61,8 @@ class Int4Linear(nn.Module):
         return self.int4_mm(eye).t().contiguous()  # (out, in)
 
     def int4_mm(self, x: torch.Tensor) -> torch.Tensor:  # (rows, in) -> (rows, out)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, GROUP, self.scale_zeros.to(x.dtype))
+        scale_zeros = self.scale_zeros_bf16 if x.dtype == torch.bfloat16 else self.scale_zeros.to(x.dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, GROUP, scale_zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         if x.requires_grad or x.dtype not in (torch.float32, torch.bfloat16):
