@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import hf_model
 
+from graft.data.packing import packable
 from graft.loading import load_model
 from graft.models import FAMILIES
-from graft.serve.packing import bins, embed_packed, packable, row_width
+from graft.serve.packing import bins, embed_packed, row_width
 from graft.tasks.collate import pad
 from graft.tasks.pooling import mean_pool
 

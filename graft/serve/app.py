@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
+from graft.data.packing import packable
 from graft.errors import GraftError
 from graft.serve.batching import TokenBudgetQueue
 from graft.serve.continuous import ContinuousBatcher, Sequence
@@ -37,7 +38,7 @@ from graft.serve.explain import register as register_explain
 from graft.serve.http import HTTPError, error, error_body
 from graft.serve.metrics import Metrics
 from graft.serve.model import Served
-from graft.serve.packing import embed_packed, packable
+from graft.serve.packing import embed_packed
 
 log = logging.getLogger("graft")
 

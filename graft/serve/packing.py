@@ -10,7 +10,7 @@ attending only to itself (a block-diagonal mask), so nearly every position is a 
 rows' attention is a little wider than each text's own, a small part of the work at these lengths.
 
 Only where that gives each text exactly what it gets alone: an encoder reading token ids with
-absolute or rotary positions (``packable``); other models get the padded forward.
+absolute or rotary positions (graft.data.packing's ``packable``); other models get the padded forward.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from graft import kernels
-from graft.data.packing import packable  # noqa: F401  (app.py and its tests import it from here)
 from graft.nn import Transformer
 
 
