@@ -174,6 +174,12 @@ class TransformerConfig:
         return 1 + self.distillation_token
 
     @property
+    def first_position(self) -> int:
+        """The position of an unpadded sequence's first token: RoBERTa numbers from pad_token_id + 1,
+        BART's table from position_offset, the rest from 0."""
+        return self.pad_token_id + 1 if self.positions_from_padding else self.position_offset
+
+    @property
     def num_blocks(self) -> int:
         """Number of distinct blocks holding weights (fewer than num_layers when layers are shared)."""
         return max(self.layer_order) + 1 if self.layer_order else self.num_layers

@@ -125,7 +125,7 @@ class Transformer(nn.Module):
             # RoBERTa: real tokens are numbered pad+1, pad+2, ...; padding keeps pad's id.
             real = input_ids.ne(cfg.pad_token_id).long()
             return (torch.cumsum(real, dim=1) + past) * real + cfg.pad_token_id
-        start = cfg.pad_token_id + 1 if cfg.positions_from_padding else cfg.position_offset
+        start = cfg.first_position
         device = input_ids.device if input_ids is not None else None
         return torch.arange(start + past, start + past + shape[1], device=device).expand(shape[0], -1)
 

@@ -136,12 +136,6 @@ def mlm_windows(
             begin = end
 
 
-def first_position(cfg: Any) -> int:
-    """The position of a document's first token, as the body numbers an unpadded one (RoBERTa's
-    from pad_token_id + 1): packed rows restart it at every document."""
-    return cfg.pad_token_id + 1 if cfg.positions_from_padding else cfg.position_offset
-
-
 def mlm_batches(
     texts: Iterator[str],
     head: Any,
@@ -174,7 +168,7 @@ def mlm_batches(
         )
     pad = tokenizer.pad_token_id or 0
     vocab = min(len(tokenizer), head.config.vocab_size)  # random replacements: ids the model has
-    first = first_position(head.config)
+    first = head.config.first_position
 
     def make(rows: list[list[tuple[list[int], list[int]]]]) -> dict[str, Any]:
         batch = packed_batch([[prefix + ids + suffix for ids, _ in row] for row in rows], pad, False, first)
@@ -224,7 +218,7 @@ def clm_batches(
     consecutive windows of max_length (each a row with positions from the first, as a document
     alone): every token is in a row either way."""
     rows = rows_at(tokens(texts, tokenizer, start), max_length, start, pack)
-    first = first_position(cfg)
+    first = cfg.first_position
     pad = tokenizer.pad_token_id or 0
     return Batches(
         rows, batch_size, lambda chunk: packed_batch(chunk, pad, True, first, cfg.sliding_window), start
