@@ -105,11 +105,10 @@ def runner(m: Any):
 
 def seq2seq_generation(model: str, m: Any, max_new_tokens: int, num_beams: int) -> Any:
     """How predict and eval generate with an encoder-decoder: its generation_config.json, then the options."""
-    from graft.generation import GenerationConfig
-    from graft.io.hf import read_json, resolve
+    from graft.generation import GenerationConfig, folder_defaults
+    from graft.io.hf import resolve
 
-    path = resolve(model) / "generation_config.json"
-    defaults = read_json(path) if path.exists() else {}
+    defaults = folder_defaults(resolve(model))
     return GenerationConfig.for_model(m, defaults, max_new_tokens=max_new_tokens, num_beams=num_beams)
 
 

@@ -18,9 +18,8 @@ import numpy as np
 import torch
 
 from graft.errors import GraftError
-from graft.generation.config import GenerationConfig
+from graft.generation.config import GenerationConfig, folder_defaults
 from graft.generation.loop import generate
-from graft.io.hf import read_json
 from graft.models.whisper import WhisperPrompt
 from graft.speech import WhisperFeatures
 from graft.tasks.speech import check_window
@@ -51,7 +50,7 @@ class Transcriber:
                 f"{folder}: a {family} model cannot transcribe speech (transcribe needs Whisper)"
             )
         path = Path(folder) / "generation_config.json"
-        defaults = read_json(path) if path.exists() else {}
+        defaults = folder_defaults(folder)
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_folder(folder)
         self.features = WhisperFeatures.from_folder(folder)

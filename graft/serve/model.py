@@ -112,6 +112,7 @@ def load_served(
     adapter (or strategy checkpoint) folder on top of ``base``, or a graft export folder (``backend``
     None: a folder with a manifest.json is run by its export's runtime; torch: never)."""
     from graft.export.backend import is_exported
+    from graft.generation import folder_defaults
     from graft.io.hf import read_json, resolve
     from graft.loading import load_adapter_model, load_model, load_trained
     from graft.strategies.checkpoint import META
@@ -158,10 +159,7 @@ def load_served(
         task = "causal-lm" if _is_decoder(folder) else None
         m = load_model(folder, task=task, dtype=dtype, kernels=not reference)
         tokenizer = Tokenizer.from_folder(folder)
-    defaults = {}
-    if (folder / "generation_config.json").exists():
-        defaults = read_json(folder / "generation_config.json")
-    return Served(m.eval(), tokenizer, served_name(model), defaults, keep)
+    return Served(m.eval(), tokenizer, served_name(model), folder_defaults(folder), keep)
 
 
 def check_backend(backend: str | None) -> None:
