@@ -1,0 +1,123 @@
+"""The C loops compiled at first use (graft.kernels.native) compute torch's bytes, and a machine
+without them falls back with one log line; int8-dynamic's feed-forward in chunks of rows gives
+the whole-batch numbers."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+from conftest import hf_model, tiny_hf_config
+
+from graft.compress.quantize import quantize
+from graft.kernels import feedforward, native
+from graft.kernels.feedforward import FastFeedForward
+from graft.kernels.int8 import TINY, quantize_rows, torch_quantize_rows
+from graft.loading import load_model
+
+needs_compiler = pytest.mark.skipif(shutil.which(native.compiler()) is None, reason="no C compiler")
+
+
+def hard_rows() -> list[torch.Tensor]:
+    """Rows a quantizer gets wrong first: an outlier, all zeros, all negative, one value, ties."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 100)
+    x[3, 7] = 300.0  # an outlier token
+    x[5] = 0.0
+    x[6] = -x[6].abs()
+    x[7] = 0.0
+    x[7, 99] = 1e-30  # under the smallest scale
+    x[8] = torch.arange(100) - 49.5  # steps that land on .5 after scaling
+    return [x, x[:1], x[:, :37], torch.randn(3, 1536) * 50, torch.randn(200, 16)]
+
+
+@needs_compiler
+def test_the_c_loop_is_built_where_a_compiler_is():
+    assert native.library() is not None, "a C compiler is on PATH but the loops did not build (see the log)"
+    assert native.library_path().exists()
+
+
+@needs_compiler
+@pytest.mark.parametrize("case", range(5))
+def test_native_rows_are_torch_s_bytes(case):
+    x = hard_rows()[case]
+    got = native.quantize_rows(x.contiguous(), TINY)
+    assert got is not None
+    expected = torch_quantize_rows(x)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@needs_compiler
+def test_quantize_rows_takes_any_layout_and_dtype():
+    x = torch.randn(40, 96)
+    for variant in (x.t().contiguous().t(), x[:, ::2], x.bfloat16()):
+        q, scale = quantize_rows(variant)
+        expected = torch_quantize_rows(variant.float())
+        assert torch.equal(q, expected[0]) and torch.equal(scale, expected[1])
+
+
+def test_without_a_compiler_torch_s_ops_answer_with_one_log_line(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    native.library.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="graft"):
+            assert native.library() is None
+            x = torch.randn(4, 32)
+            assert native.quantize_rows(x, TINY) is None
+            q, scale = quantize_rows(x)
+        assert torch.equal(q, torch_quantize_rows(x)[0])
+        lines = [r.getMessage() for r in caplog.records if "C compiler" in r.getMessage()]
+        assert len(lines) == 1 and "no-such-cc" in lines[0]
+    finally:
+        native.library.cache_clear()
+
+
+def test_a_failed_build_is_one_log_line_and_leaves_no_library(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", shutil.which("false") or "/bin/false")
+    native.library.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="graft"):
+            assert native.library() is None
+        assert any("did not build" in r.getMessage() for r in caplog.records)
+        assert not list((tmp_path / "graft" / "kernels").glob("*.so"))
+    finally:
+        native.library.cache_clear()
+
+
+def test_graft_native_0_turns_the_loops_off(monkeypatch):
+    monkeypatch.setenv(native.ENV, "0")
+    native.library.cache_clear()
+    try:
+        assert native.library() is None
+    finally:
+        native.library.cache_clear()
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"], ids=["gelu", "gated"])
+def test_int8_feed_forward_in_chunks_of_rows_gives_the_whole_batch_numbers(family, tmp_path, monkeypatch):
+    """Products accumulate exactly in int32 and every other pass is per row or per element: the
+    chunks change nothing but where the rows are in memory."""
+    hf_model(family).save_pretrained(tmp_path)
+    model = quantize(load_model(tmp_path), "int8-dynamic")
+    layer = next(m for m in model.modules() if isinstance(m, FastFeedForward))
+    x = torch.randn(4, 50, tiny_hf_config(family).hidden_size)
+    with torch.inference_mode():
+        whole = layer(x)
+        assert layer.chunk_rows(x) is None  # 200 rows: one piece
+        monkeypatch.setattr(feedforward, "CHUNK_BYTES", 1)  # the smallest chunks: 64 rows
+        assert layer.chunk_rows(x) == 64
+        chunked = layer(x)
+    assert chunked.shape == whole.shape
+    assert (chunked - whole).abs().max() <= 1e-6 * whole.abs().max()
+
+
+def test_float_feed_forwards_are_not_chunked(tmp_path):
+    hf_model("bert").save_pretrained(tmp_path)
+    for method in ("int8-weight", "bf16", None):
+        model = load_model(tmp_path) if method is None else quantize(load_model(tmp_path), method)
+        layer = next(m for m in model.modules() if isinstance(m, FastFeedForward))
+        assert layer.chunk_rows(torch.randn(64, 512, 32)) is None, method
