@@ -47,6 +47,7 @@ from bench.common import emit, fail, minilm_folder, timed
 
 BATCH = 32
 SHORT, LONG = 24, 128  # tokens per text: short texts, articles
+STUDENTS = ("distilled-3", "labels-only-3", "pruned")  # smaller_models' folders
 GOALS = {"short": 2.0, "long": 1.4}  # int8-dynamic / fp32 examples/s (issue 15)
 
 
@@ -154,7 +155,7 @@ def classifier_rows(args) -> dict:
     from graft.tokenizer import Tokenizer
 
     train, test, labels = splits(args)
-    work = Path(tempfile.mkdtemp(prefix="graft-bench-compress-"))
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="graft-bench-compress-"))
     if args.model:
         folder = Path(args.model)
     else:
@@ -165,7 +166,12 @@ def classifier_rows(args) -> dict:
     folders = {"fp32": folder}
     for method in ("bf16", "int8-dynamic", "int8-weight"):
         folders[method] = quantize_folder(folder, work / method, method, overwrite=True)
-    if not args.no_students:
+    if args.students:  # a previous run's students (each trained as smaller_models does)
+        for name in STUDENTS:
+            if not (Path(args.students) / name / "config.json").is_file():
+                fail(f"--students {args.students}: no {name}/config.json (a run's --keep folder holds them)")
+            folders[name] = Path(args.students) / name
+    elif not args.no_students:
         folders.update(smaller_models(args, folder, train, labels, work))
     models = {name: load_model(f, task="classification") for name, f in folders.items()}
     reference = transformers.AutoModelForSequenceClassification.from_pretrained(
@@ -359,6 +365,10 @@ def main() -> None:
     parser.add_argument("--ppl-chars", type=int, default=20000, help="characters of Hamlet for perplexity")
     parser.add_argument("--no-smollm", action="store_true", help="skip the SmolLM2 rows")
     parser.add_argument("--no-students", action="store_true", help="skip the distilled and pruned rows")
+    parser.add_argument(
+        "--students", default="", help="reuse the distilled, labels-only and pruned models of a --keep folder"
+    )
+    parser.add_argument("--keep", default="", help="write the variants here (default: a temporary folder)")
     parser.add_argument("--student-epochs", type=float, default=3.0, help="epochs of both 3-layer students")
     parser.add_argument(
         "--recover-epochs", type=float, default=1.0, help="epochs of the pruned model's recovery"
