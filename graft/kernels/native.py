@@ -9,7 +9,7 @@ row still in cache for the second. Timed on an AMD EPYC, one thread, bitwise the
 17 -> 3 us. torch's version takes 75 / 232 us on 2 threads, so one thread here beats both.
 
 The source is compiled with the C compiler found as $CC or ``cc`` for this CPU (-march=native;
-the file's name holds the processor and a hash of the source and flags) into graft's kernels cache
+the file's name holds the processor and a hash of the source, flags and CPU features) into graft's kernels cache
 folder ($XDG_CACHE_HOME/graft/kernels, beside the routes' timings), written atomically, and loaded
 with ctypes, which releases the GIL while a loop runs. No compiler, a failed build or a cache that
 cannot be written: one line in the log, and torch's ops compute the same numbers. The flags keep
@@ -81,10 +81,24 @@ ENV = "GRAFT_NATIVE"  # "0": never build or load the C loops (torch's ops only)
 
 
 def library_path() -> Path:
-    """Where this CPU's build of SOURCE is kept."""
-    digest = hashlib.sha256((SOURCE + " ".join(FLAGS) + compiler()).encode()).hexdigest()[:12]
+    """Where this CPU's build of SOURCE is kept: the name holds the processor and a hash of the
+    source, flags, compiler and the CPU's instruction sets (one model name can stand for CPUs with
+    and without AVX-512, and a build for one would crash on the other)."""
+    key = "\n".join((SOURCE, " ".join(FLAGS), compiler(), cpu_flags()))
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     cpu = re.sub(r"[^A-Za-z0-9.]+", "-", processor()).strip("-")
     return cache_folder() / f"native-{cpu}-{digest}.so"
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags as /proc/cpuinfo lists them ("" where there is no such file)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def compiler() -> str:
