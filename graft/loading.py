@@ -20,6 +20,8 @@ import graft.kernels
 from graft.errors import GraftError, did_you_mean
 from graft.io.atomic import write_json
 from graft.io.hf import read_config, read_json, read_weights, resolve, weight_shapes, write_weights
+from graft.kernels.int4 import METHOD as INT4
+from graft.kernels.int4 import Int4Linear, int4_linears, pack_for_cpu, unpack_codes
 from graft.kernels.int8 import METHODS, Int8Embedding, Int8Linear, quantize_linears
 from graft.models.registry import FAMILIES, Family, describe, family_for, pruning_from_hf, pruning_to_hf
 from graft.models.weights import WeightMap
@@ -79,7 +81,8 @@ def load_config(folder: Path) -> tuple[Family, AnyConfig]:
     try:
         family = family_for(hf.get("model_type"), source=str(path))
         cfg = pruning_from_hf(hf, family.config_from_hf(hf))  # pruned heads and widths: one stack's
-        quantization(hf)  # checks quantization_config, with this message's path
+        # quantization_config, with this message's path
+        check_quantizable(quantization(hf), family, "config.json: quantization_config")
         task_from_architectures(hf, family)  # checks architectures, with this message's path
         return family, cfg
     except GraftError as e:
@@ -120,6 +123,9 @@ def task_from_architectures(hf: dict[str, Any], family: Family) -> str:
     return "causal-lm" if family.decoder else "base"
 
 
+QUANTIZATION = (*METHODS, INT4)  # graft quantize's methods
+
+
 def quantization(hf: dict[str, Any]) -> str | None:
     """The method a checkpoint was quantized with by ``graft quantize`` (config.json's
     "quantization_config"), or None for a float checkpoint."""
@@ -133,21 +139,40 @@ def quantization(hf: dict[str, Any]) -> str | None:
             f'(quant_method "graft"), found {describe(found)}'
         )
     method = qc.get("method")
-    if method not in METHODS:
+    if method not in QUANTIZATION:
         raise GraftError(
-            f"config.json: quantization_config: method must be one of {', '.join(METHODS)}, found "
-            f"{describe(method)}{did_you_mean(str(method), METHODS)}"
+            f"config.json: quantization_config: method must be one of {', '.join(QUANTIZATION)}, found "
+            f"{describe(method)}{did_you_mean(str(method), QUANTIZATION)}"
         )
     return method
 
 
-DYNAMIC_FLOAT_INPUTS = (".attn.o",)  # decoders' int8-dynamic layers that keep float inputs
+def check_quantizable(method: str | None, family: Family, where: str) -> None:
+    """int4-weight is for decoding (one stack of blocks and an LM head): other families refuse it,
+    the message starting with ``where`` (a file's key, a command-line option)."""
+    if method == INT4 and (not family.decoder or family.encoder_decoder or family.dual_encoder):
+        raise GraftError(
+            f"{where}: {INT4} quantizes decoder-only language models (4-bit weights for decoding), "
+            f"not {family.name}: use int8-weight or int8-dynamic"
+        )
+
+
+# decoders' int8-dynamic layers that keep float inputs (int8 weights): those whose input rows have
+# outlier channels that one scale per row flattens. Measured on SmolLM2, one kind of projection
+# at a time and together (perplexity over fp32 on the last 8,000 characters of Hamlet / Macbeth):
+# every input int8 +4.7% / +2.5% (with the attention output's input float, as graft did);
+# Q/K/V's input (the normed residual stream) alone +1.3%, the down projection's (the gated
+# product) alone +1.8%; the attention output's and gate/up's alone -0.1%; with Q/K/V and down
+# float +0.75% / -0.1% (int8-weight -0.1% / +0.0%).
+DYNAMIC_FLOAT_INPUTS = (".attn.q", ".attn.k", ".attn.v", ".ffn.down")
 
 
 def quantized(body: Body, method: str | None) -> Body:
     """``body`` with the linear layers of its blocks made int8 for ``method`` (in place): every stack's
     (an encoder-decoder's two, cross-attention included, and its context projection; CLIP's two
     towers), and the token embeddings unless an LM head shares them (the head stays float)."""
+    if method == INT4:
+        return int4_body(body)
     if method is None or METHODS[method] is None:
         return body
     activations = METHODS[method]
@@ -166,8 +191,6 @@ def quantized(body: Body, method: str | None) -> Body:
     for prefix, stack in stacks.items():
         names = quantize_linears(stack.layers, activations, prefix=f"{prefix}.layers".lstrip("."))
         if float_inputs and activations == "dynamic":
-            # the attention output's input (the heads side by side) has outlier channels that one
-            # scale per row flattens: SmolLM2's perplexity +8.7% with it int8, +0.9% with it float
             for name in names:
                 if name.endswith(DYNAMIC_FLOAT_INPUTS):
                     body.get_submodule(name).activations = "weight"
@@ -180,16 +203,40 @@ def quantized(body: Body, method: str | None) -> Body:
     return body
 
 
+def int4_body(body: Body) -> Body:
+    """``body``'s block linears as Int4Linear (in place): a decoder's, whose widths the kernel takes."""
+    assert isinstance(body, Transformer)  # check_quantizable refused the other bodies
+    try:
+        int4_linears(body.layers, prefix="layers")
+    except ValueError as e:  # a width the 4-bit groups or the kernel's blocks do not divide
+        raise GraftError(f"{INT4}: {e}: use int8-weight") from None
+    return body
+
+
+# the int8 weights' per-channel scales; the int4 weights' per-group scales and minimums
+QUANT_SUFFIXES = ("_scale", "_min")
+
+
 def with_scales(wmap: WeightMap, names: set[str] | dict[str, Any]) -> WeightMap:
-    """``wmap`` plus the per-channel scales of the int8 weights among graft's ``names``: HF name
-    "X.weight_scale" for "X.weight", concatenated as their weights are (GPT-2's c_attn)."""
+    """``wmap`` plus the scales (and minimums) of the quantized weights among graft's ``names``: HF
+    name "X.weight_scale" for "X.weight", concatenated as their weights are (GPT-2's c_attn)."""
     extra: dict[str, Any] = {}
     for hf_name, target in wmap.names.items():
         targets = target if isinstance(target, tuple) else (target,)
-        if hf_name.endswith(".weight") and all(t + "_scale" in names for t in targets):
-            scales = tuple(t + "_scale" for t in targets)
-            extra[hf_name + "_scale"] = scales if isinstance(target, tuple) else scales[0]
+        for suffix in QUANT_SUFFIXES:
+            if hf_name.endswith(".weight") and all(t + suffix in names for t in targets):
+                found = tuple(t + suffix for t in targets)
+                extra[hf_name + suffix] = found if isinstance(target, tuple) else found[0]
     return dataclasses.replace(wmap, names={**wmap.names, **extra}) if extra else wmap
+
+
+def int4_codes(body: Body, state: dict[str, torch.Tensor], saving: bool) -> None:
+    """Int4Linear weights in ``state`` (body names) between the CPU kernel's packed layout, which
+    depends on the CPU's vector width (memory), and the portable one (files), in place."""
+    for name, module in body.named_modules():
+        if isinstance(module, Int4Linear):
+            key = f"{name}.weight"
+            state[key] = module.codes() if saving else pack_for_cpu(unpack_codes(state[key]))
 
 
 def weight_map(family: Family, cfg: AnyConfig, task: str) -> WeightMap:
@@ -271,6 +318,7 @@ def load_model(
     expected = unique_shapes(body)
     wmap = with_scales(weight_map(family, cfg, saved_task), expected)
     body_state, rest = wmap.to_graft(state, expected, str(source))
+    int4_codes(body, body_state, saving=False)
     load_body(body, body_state)
 
     task = task or saved_task
@@ -350,6 +398,7 @@ def save_model(model: Model, folder: str | Path, tokenizer: Any = None) -> Path:
     # a head without a transformers class (embedding) is saved as the base model plus graft_* keys
     arch = family.architectures.get(task, family.architectures["base"])
     body_state = body.state_dict()
+    int4_codes(body, body_state, saving=True)
     wmap = with_scales(weight_map(family, cfg, task), body_state)
     state = wmap.to_hf(body_state, prefix=arch != family.architectures["base"])
     if isinstance(model, TaskModel):

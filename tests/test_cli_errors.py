@@ -197,6 +197,10 @@ CASES: dict[str, list[Case]] = {
             ["quantize", t / "nowhere", t / "q", "--method", "int4"],
             ["--method", "unknown method 'int4'"],
         ),
+        lambda t: (
+            ["quantize", t / "nowhere.gguf", t / "q", "--method", "int4-weight"],
+            ["nowhere.gguf: no such file"],
+        ),
     ],
     "compress": [
         lambda t: (

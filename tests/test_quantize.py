@@ -189,6 +189,28 @@ def test_every_family_quantizes_saves_and_loads_back_bitwise(family, method, tmp
         assert agree >= 0.9, agree
 
 
+@pytest.mark.parametrize("family", ONE_STACK)
+def test_int8_dynamic_keeps_float_inputs_exactly_where_decoders_have_outliers(family, tmp_path):
+    """A decoder's Q/K/V and feed-forward down projections multiply float inputs (their outlier
+    channels: see graft.loading.DYNAMIC_FLOAT_INPUTS), the quantized model and the one loaded back
+    alike; the attention output and gate/up quantize theirs, as an encoder's every layer does."""
+    task, folder = family_folder(family, tmp_path)
+    quantize_folder(folder, tmp_path / "q", "int8-dynamic")
+    for model in (quantize(load_model(folder), "int8-dynamic"), load_model(tmp_path / "q")):
+        body = model.body if task == "causal-lm" else model
+        layers = {n: m for n, m in body.named_modules() if isinstance(m, Int8Linear)}
+        weight_only = {n for n, m in layers.items() if m.activations == "weight"}
+        blocks = len(body.layers)
+        if FAMILIES[family].decoder:
+            kinds = ("attn.q", "attn.k", "attn.v", "ffn.down")
+            assert weight_only == {f"layers.{i}.{p}" for i in range(blocks) for p in kinds}
+            assert {"layers.0.attn.o", "layers.0.ffn.up"} <= set(layers) - weight_only
+        else:
+            assert not weight_only and layers
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert ("float_activations" in config) == FAMILIES[family].decoder
+
+
 @pytest.mark.parametrize("method", INT8)
 def test_int8_folder_is_smaller_and_its_config_says_what_stays_float(method, tmp_path, minilm, cli):
     line = cli("quantize", minilm, tmp_path / "q", "--method", method).ok().stdout
@@ -249,7 +271,7 @@ def test_quantized_decoder_generates(method, tmp_path, minilm, cli):
 def test_unknown_method_is_one_line_with_a_hint(tmp_path, minilm, cli):
     line = cli("quantize", minilm, tmp_path / "q", "--method", "int8-dynamc").error_line()
     assert line == (
-        "error: --method: unknown method 'int8-dynamc' (known: int8-dynamic, int8-weight, bf16); "
+        "error: --method: unknown method 'int8-dynamc' (known: int8-dynamic, int8-weight, bf16, int4-weight); "
         "did you mean 'int8-dynamic'?"
     )
     assert not (tmp_path / "q").exists()
@@ -278,7 +300,7 @@ def test_a_bad_quantization_config_names_the_file_and_key(tmp_path, minilm):
     with pytest.raises(GraftError) as e:
         load_model(tmp_path / "q")
     assert str(e.value) == (
-        f"{path}: quantization_config: method must be one of int8-dynamic, int8-weight, bf16, "
+        f"{path}: quantization_config: method must be one of int8-dynamic, int8-weight, bf16, int4-weight, "
         "found \"int8-dynamik\"; did you mean 'int8-dynamic'?"
     )
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
@@ -292,11 +314,12 @@ def test_a_bad_quantization_config_names_the_file_and_key(tmp_path, minilm):
 # ---- SmolLM2-135M from its GGUF file, decoding from int8 weights (slow) ----------------------
 
 HAMLET_CHARS = 8000  # the end of the play: some 2,700 tokens of held-out verse
-# perplexity over fp32's: int8 weights (the issue's bound, 2%); int8 activations too, per token, on
-# which SmolLM2's outlier features cost more: +4.7% on this text, +3.6% on the last 16,000 characters
-# (int8-weight +0.3%), and +1.1% on the last 4,000 but +5.7% on the last 1,500: short texts swing
-# by whole points, so the test reads a long one
-PERPLEXITY_BOUND = {"int8-weight": 1.02, "int8-dynamic": 1.07}
+# perplexity over fp32's, the issue's bound (2%) for both: int8 weights -0.1% on this text; int8
+# activations too, per token, +0.75% with the inputs whose outlier channels one scale per row
+# flattens kept float (graft.loading.DYNAMIC_FLOAT_INPUTS; +4.7% when only the attention output's
+# was). Short texts swing by whole points (+1.1% on the last 4,000 characters but +5.7% on the
+# last 1,500 with every input int8), so the test reads a long one
+PERPLEXITY_BOUND = {"int8-weight": 1.02, "int8-dynamic": 1.02}
 
 
 @pytest.mark.slow

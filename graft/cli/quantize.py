@@ -1,4 +1,4 @@
-"""``graft quantize``: a float checkpoint -> an int8 or bf16 one (graft.compress.quantize)."""
+"""``graft quantize``: a float checkpoint -> an int8, int4 or bf16 one (graft.compress.quantize)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-from graft.cli.app import ModelArg, app
+from graft.cli.app import app
+
+ModelArg = Annotated[str, typer.Argument(help="A Hugging Face-format folder, a Hub id, or a .gguf file.")]
 
 
 @app.command()
@@ -20,7 +22,8 @@ def quantize(
         str,
         typer.Option(
             help="int8-dynamic (int8 weights and per-token int8 activations), int8-weight (int8 weights, "
-            "float activations) or bf16."
+            "float activations), bf16, or int4-weight (decoders: 4-bit weights in groups of 32, bf16 "
+            "activations; a .gguf file's Q4_0/Q4_1 blocks are kept as they are)."
         ),
     ] = "int8-dynamic",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT when it is not empty.")] = False,
@@ -30,5 +33,6 @@ def quantize(
     from graft.io.hf import resolve
 
     folder = quantize_folder(model, out, method, overwrite=overwrite)
-    before, after = size_on_disk(resolve(model)), size_on_disk(folder)
+    before = Path(model).stat().st_size if model.endswith(".gguf") else size_on_disk(resolve(model))
+    after = size_on_disk(folder)
     typer.echo(f"wrote {folder} ({method}: weights {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB)")
