@@ -691,6 +691,9 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         batching = {"enabled": st.batching, "max_batch_tokens": st.max_batch_tokens,
                     "max_wait_ms": st.max_wait_ms, "max_concurrent": st.max_concurrent,
                     "forward_overhead_tokens": st.forward_overhead_tokens}  # fmt: skip
+        if state.queue is not None:  # what a batch may wait for (batching.start_at), as measured so far
+            costs = dict(state.queue.costs)
+            batching["forward_fixed_ms"] = {op: round(1000 * cost.fixed, 3) for op, cost in costs.items()}
         return {**s.info(), "batching": batching, "auth": st.api_key is not None, "explain": explainable(s)}
 
     @app.get("/metrics", tags=["server"])
