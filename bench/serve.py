@@ -5,6 +5,7 @@ bytes built once: it shares the cores with the servers) on loopback sends real t
 titles and first sentences, the book's questions) to /v1/embeddings from 1, 8, 32 and 64
 concurrent clients, each a fixed number of requests, against: graft serve (batching on), graft
 serve --forward-overhead-tokens 32 (a batch split into forwards of similar lengths), graft serve
+--max-wait-ms 0 (a batch never waits for company, as in text-embeddings-inference), graft serve
 --no-batching, and the server a user would write by hand (FastAPI + transformers, one forward per
 request; this script runs it as a subprocess with --hand-written PORT). The ceiling is graft's
 offline batched throughput of the same texts. For graft, requests also arrive open-loop
@@ -372,6 +373,7 @@ def main() -> None:
     systems = {
         "graft": graft,
         "graft_length_groups": [*graft, "--forward-overhead-tokens", "32"],
+        "graft_no_wait": [*graft, "--max-wait-ms", "0"],  # a batch never waits (text-embeddings-inference)
         "graft_no_batching": [*graft, "--no-batching"],
         "hand_written": [sys.executable, "-m", "bench.serve", "--hand-written"],
     }

@@ -56,7 +56,7 @@ Shortcut = Callable[[dict, bytes], Awaitable[Response | None]]
 class Settings:
     api_key: str | None = None
     max_batch_tokens: int = 16384
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 20.0  # an upper bound: batching.start_at decides
     forward_overhead_tokens: int = 0  # > 0: a batch runs as forwards of similar lengths (batching.split)
     max_concurrent: int = 256
     max_body_bytes: int = 4 * 1024 * 1024

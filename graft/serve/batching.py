@@ -156,7 +156,7 @@ class TokenBudgetQueue:
         run: Runner,
         metrics: Metrics,
         max_batch_tokens: int = 16384,
-        max_wait_ms: float = 5.0,
+        max_wait_ms: float = 20.0,
         batching: bool = True,
         overhead_tokens: int = 0,  # 0: each batch is one forward
     ) -> None:
