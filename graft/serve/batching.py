@@ -8,8 +8,8 @@ them (text-embeddings-inference's dynamic batching). Embeddings run packed, not 
 When the worker is free it starts at once, unless ``start_at`` says the batch should wait for
 company: while fewer requests are queued than the server knows of (those the last forward just
 answered: under load their clients come straight back) and the requests keep arriving, each
-sooner after the last than a forward's fixed cost, which the queue measures on its own forwards
-(``ForwardCost``). Waiting for a request that comes within that time idles the model less than
+sooner after the last (the first, after the forward's end) than a forward's fixed cost, which the
+queue measures on its own forwards (``ForwardCost``). Waiting for a request that comes within that time idles the model less than
 the extra forward it would otherwise need; once the arrivals pause, or ``max_wait_ms`` after the
 last forward ended, the batch runs. A lone client, the first request after a quiet spell and a
 full batch never wait. (text-embeddings-inference and vLLM's pooling models never wait: the next
@@ -140,14 +140,15 @@ def start_at(
     ``free_since``: when the last forward ended; ``fixed``: a forward's fixed cost in seconds.
 
     The batch waits while it is short of the requests expected and they keep coming, the last
-    one less than ``fixed`` ago: one that arrives that soon idles the model less than the
-    forward of its own it would otherwise need. Never more than ``max_wait`` after the last
-    forward ended; never for a full batch, for all the requests expected, or before the cost is
-    known.
+    one less than ``fixed`` ago (or the forward ended less than that ago: the clients it
+    answered cannot have come back before): one that arrives that soon idles the model less
+    than the forward of its own it would otherwise need. Never more than ``max_wait`` after the
+    last forward ended; never for a full batch, for all the requests expected, or before the
+    cost is known.
     """
     if full or len(arrived) >= expected or fixed <= 0:
         return NOW
-    return min(max(arrived) + fixed, free_since + max_wait)
+    return min(max(*arrived, free_since) + fixed, free_since + max_wait)
 
 
 class TokenBudgetQueue:
