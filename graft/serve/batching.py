@@ -107,14 +107,16 @@ class ForwardCost:
 
     def __init__(self, window: int = 64) -> None:
         self.samples: deque[tuple[int, float]] = deque(maxlen=window)  # (tokens, seconds)
+        self.fixed = 0.0  # seconds a forward costs whatever it holds (0: not known yet)
 
     def record(self, tokens: int, seconds: float) -> None:
+        """One more forward; the fit is redone here, once a forward, not at every decision."""
         self.samples.append((tokens, seconds))
+        self.fixed = self.fit()
 
-    @property
-    def fixed(self) -> float:
-        """Seconds a forward costs whatever it holds; 0 until 8 forwards of different sizes say."""
-        samples = tuple(self.samples)  # /info reads it while the worker records
+    def fit(self) -> float:
+        """The fixed part of the forwards recorded; 0 until 8 forwards of different sizes say."""
+        samples = self.samples
         if len(samples) < 8:
             return 0.0
         n = len(samples)
