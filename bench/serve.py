@@ -5,16 +5,17 @@ bytes built once: it shares the cores with the servers) on loopback sends real t
 titles and first sentences, the book's questions) to /v1/embeddings from 1, 8, 32 and 64
 concurrent clients, each a fixed number of requests, against: graft serve (batching on), graft
 serve --forward-overhead-tokens 32 (a batch split into forwards of similar lengths), graft serve
+--max-wait-ms 0 (a batch never waits for company, as in text-embeddings-inference), graft serve
 --no-batching, and the server a user would write by hand (FastAPI + transformers, one forward per
 request; this script runs it as a subprocess with --hand-written PORT). The ceiling is graft's
 offline batched throughput of the same texts. For graft, requests also arrive open-loop
 (Poisson) at half of the best closed-loop rate: p99 / p50 there is the tail at half of
 saturation. Each run also reads the CPU time per request of the client and of the server (its
 event loop thread and its model threads, from /proc): the client shares the cores, so the figure
-to set beside offline is also given per server CPU second. Then SmolLM2-135M (GGUF) under graft
-serve: 8 concurrent streaming chats against one, tokens/s and time to first token. Prints each
-figure and the ratios, ends with one JSON line; every server is stopped at the end (the run stops
-by itself).
+to set beside offline is also given per server CPU second, with graft's mean texts per forward
+(from its /metrics). Then SmolLM2-135M (GGUF) under graft serve: 8 concurrent streaming chats
+against one, tokens/s and time to first token. Prints each figure and the ratios, ends with one
+JSON line; every server is stopped at the end (the run stops by itself).
 
     python -m bench.serve [--requests N] [--clients 1,8,32,64] [--small]
 """
@@ -167,6 +168,21 @@ async def check(url: str, body: bytes) -> None:
     assert len(answer["data"]) == 1 and len(answer["data"][0]["embedding"]) == 384, answer
 
 
+async def forwards(url: str) -> tuple[float, float] | None:
+    """Embedding forwards so far and the texts they held (graft's /metrics); None for a server
+    without those metrics (the hand-written one)."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        response = await client.get(f"{url}/metrics")
+    found = {}
+    for line in response.text.splitlines() if response.status_code == 200 else []:
+        for part in ("count", "sum"):
+            if line.startswith(f'graft_batch_size_{part}{{kind="embed"}}'):
+                found[part] = float(line.split()[-1])
+    return (found["count"], found["sum"]) if len(found) == 2 else None
+
+
 async def load(url: str, requests: list[bytes], clients: int, per_client: int, server: int) -> dict:
     """``clients`` concurrent clients, each on its own keep-alive connection, sending ``per_client``
     requests of one text in turn (a closed loop: throughput at that concurrency), and the CPU time
@@ -186,11 +202,16 @@ async def load(url: str, requests: list[bytes], clients: int, per_client: int, s
     try:
         await one(0)  # warm-up outside the timed run
         latencies.clear()
+        batched = await forwards(url)
         server_before, client_before = cpu_of(server), time.process_time()
         start = time.perf_counter()
         await asyncio.gather(*(one(c) for c in range(clients)))
         seconds = time.perf_counter() - start
         client, (total, loop) = time.process_time() - client_before, cpu_of(server)
+        if batched is not None and (after := await forwards(url)) is not None and after[0] > batched[0]:
+            mean_batch = (after[1] - batched[1]) / (after[0] - batched[0])  # texts per forward
+        else:
+            mean_batch = None
     finally:
         for connection in connections:
             connection.close()
@@ -199,7 +220,7 @@ async def load(url: str, requests: list[bytes], clients: int, per_client: int, s
     cpu = {"client_cpu_ms": 1000 * client / n, "loop_cpu_ms": 1000 * loop / n,
            "model_cpu_ms": 1000 * (total - loop) / n, "server_cpu_ms": 1000 * total / n,
            "client_cpu_share": client / (client + total), "cores_busy": (client + total) / seconds}  # fmt: skip
-    return {"requests_per_s": n / seconds, **percentiles(latencies), **cpu}
+    return {"requests_per_s": n / seconds, **percentiles(latencies), **cpu, "mean_batch": mean_batch}
 
 
 async def open_loop(url: str, requests: list[bytes], rate: float, count: int, seed: int = 0) -> dict:
@@ -352,6 +373,7 @@ def main() -> None:
     systems = {
         "graft": graft,
         "graft_length_groups": [*graft, "--forward-overhead-tokens", "32"],
+        "graft_no_wait": [*graft, "--max-wait-ms", "0"],  # a batch never waits (text-embeddings-inference)
         "graft_no_batching": [*graft, "--no-batching"],
         "hand_written": [sys.executable, "-m", "bench.serve", "--hand-written"],
     }
@@ -375,6 +397,7 @@ def main() -> None:
                     f"p50 {result['p50_ms']:7.1f} ms  p95 {result['p95_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms"
                     f"  CPU ms/request: client {result['client_cpu_ms']:.2f}, server loop {result['loop_cpu_ms']:.2f} "
                     f"+ model {result['model_cpu_ms']:.2f}; {result['cores_busy']:.2f} cores busy"
+                    + (f"; {result['mean_batch']:.1f} texts per forward" if result["mean_batch"] else "")
                 )
             if name == "graft":  # latency at half of saturation: the best closed-loop rate, halved
                 saturation = max(figures[f"graft_{c}"]["requests_per_s"] for c in levels)

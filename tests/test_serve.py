@@ -229,7 +229,7 @@ def test_concurrent_embeddings_batch_together_and_equal_one_at_a_time(minilm_ser
     texts = [f"{t} (request {i})" for i in range(4) for t in TEXTS]
     alone = [c.post("/embed", json={"inputs": t}).json()[0] for t in texts]
     before = minilm_server.metric("graft_batch_size_count")
-    with ThreadPoolExecutor(16) as pool:  # within the 200 ms a batch waits for company
+    with ThreadPoolExecutor(16) as pool:  # those that arrive during a forward share the next one
         together = list(pool.map(lambda t: c.post("/embed", json={"inputs": t}).json()[0], texts))
     batches = minilm_server.metric("graft_batch_size_count") - before
     torch.testing.assert_close(torch.tensor(together), torch.tensor(alone), atol=1e-5, rtol=0)
@@ -244,8 +244,10 @@ def test_tokenize_health_info_models_docs(minilm_server, minilm):
         "tokens": [["[CLS]", "hello", "world", "[SEP]"]],
     }
     assert c.get("/health").json() == {"status": "ready"}
+    assert c.post("/embed", json={"inputs": "hello"}).status_code == 200
     info = c.get("/info").json()
     assert (info["family"], info["task"], info["max_length"], info["auth"]) == ("bert", "base", 512, True)
+    assert info["batching"]["forward_fixed_ms"]["embed"] >= 0  # measured on the forwards (batching.start_at)
     assert c.get("/v1/models").json()["data"][0]["id"] == Path(minilm).parent.name  # not its model/ folder
     assert c.get("/docs").status_code == 200
     assert "/v1/chat/completions" in c.get("/openapi.json").json()["paths"]

@@ -12,7 +12,7 @@ from conftest import hf_model
 from graft.generation import GenerationConfig, generate
 from graft.loading import load_model
 from graft.models import FAMILIES
-from graft.serve.batching import TokenBudgetQueue, split
+from graft.serve.batching import NOW, ForwardCost, TokenBudgetQueue, split, start_at
 from graft.serve.continuous import ContinuousBatcher, Sequence, held_back
 from graft.serve.metrics import Metrics
 
@@ -200,21 +200,97 @@ def test_a_batch_of_mixed_lengths_runs_as_forwards_of_similar_lengths():
     assert forwards == [["l2", "long"], ["s1", "s2", "s3"]]  # 2 forwards: 2 x 50 + 3 x 3 tokens
 
 
-def test_a_batch_waits_for_company_only_while_more_requests_are_known():
-    """A lone request runs at once; after a batch of 3, the next waits (up to max_wait) for 3."""
+class Fixed:
+    """A forward's fixed cost as the test sets it (the queue measures its own: ForwardCost)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.fixed = seconds
+
+    def record(self, tokens: int, seconds: float) -> None:
+        pass
+
+
+def test_a_batch_waits_for_company_only_while_more_requests_are_known_and_coming():
+    """A lone request runs at once; after a batch of 3, the next waits for 3 while they keep
+    coming, up to a forward's fixed cost after the last arrival and max_wait after the forward."""
     run = Held()
     run.gate.set()
-    queue = TokenBudgetQueue(run, Metrics(), max_wait_ms=10)
+    queue = TokenBudgetQueue(run, Metrics(), max_wait_ms=3_600_000)  # an hour
+    queue.costs["embed"] = Fixed(3600)
     assert queue.submit("embed", ["alone"], [3], {}).result(timeout=600) == ["<alone>"]
     run.hold(queue)
     three = [queue.submit("embed", [t], [3], {}) for t in ("a", "b", "c")]
-    run.gate.set()  # 4 requests known (the held one and these): 3 wait up to 10 ms for a 4th, then run
+    queue.max_wait = 0.01
+    run.gate.set()  # 4 requests known (the held one and these): 3 wait up to max_wait for a 4th, then run
     assert [f.result(timeout=600) for f in three] == [["<a>"], ["<b>"], ["<c>"]]
-    queue.max_wait = 3600  # an hour: only company ends the wait now
+    queue.max_wait = 3600  # only company ends the wait now
     futures = [queue.submit("embed", ["d"], [3], {})]  # the last batch held 3: "d" waits for 2 more
     futures += [queue.submit("embed", [t], [3], {}) for t in ("e", "f")]
     assert [f.result(timeout=600) for f in futures] == [["<d>"], ["<e>"], ["<f>"]]
-    queue.max_wait = 0.01  # and no longer than max_wait when they do not come
+    queue.costs["embed"] = Fixed(0.01)  # or arrivals that stop for longer than a forward's fixed cost
     assert queue.submit("embed", ["g"], [3], {}).result(timeout=600) == ["<g>"]
     queue.close()
     assert run.calls == [["alone"], ["a", "b", "c"], ["d", "e", "f"], ["g"]]
+
+
+# start_at(arrived, expected, full, free_since, fixed, max_wait): times in seconds; a forward ended at
+# t=10.0 and has a fixed cost of 3 ms; max_wait is 20 ms
+FREE, FIXED, MAX_WAIT = 10.0, 0.003, 0.020
+
+
+def when(arrived: list[float], expected: int, full: bool = False, fixed: float = FIXED) -> float:
+    return start_at(arrived, expected, full, FREE, fixed, MAX_WAIT)
+
+
+def test_a_lone_client_or_every_request_expected_starts_at_once():
+    assert when([10.001], expected=1) == NOW  # one client: its next request never waits
+    assert when([10.001, 10.002, 10.002], expected=3) == NOW  # everyone the server knows of is here
+    assert when([9.0, 10.0005], expected=2) == NOW  # company that had already arrived
+
+
+def test_a_full_batch_or_an_unknown_cost_starts_at_once():
+    assert when([10.001], expected=32, full=True) == NOW
+    assert when([10.001], expected=32, fixed=0.0) == NOW  # no forwards measured yet: no guessing
+
+
+def test_a_short_batch_waits_one_fixed_cost_after_the_last_arrival():
+    """32 clients known, 5 back: the 6th is worth waiting for if it comes within 3 ms of the 5th."""
+    arrived = [10.0002, 10.0005, 10.0009, 10.0010, 10.0014]
+    assert when(arrived, expected=32) == pytest.approx(10.0014 + FIXED)
+    assert when([10.0005, 10.0002], expected=32) == pytest.approx(10.0005 + FIXED)  # in any order
+
+
+def test_a_short_batch_waits_one_fixed_cost_after_the_forward_for_the_clients_it_answered():
+    """Those queued during the forward arrived long ago; the answered ones come back only after it."""
+    assert when([9.0, 9.5], expected=32) == pytest.approx(FREE + FIXED)
+
+
+def test_a_short_batch_waits_at_most_max_wait_after_the_forward():
+    arrived = [FREE + 0.0185, FREE + 0.019]  # still arriving, but the last forward ended 19 ms ago
+    assert when(arrived, expected=32) == pytest.approx(FREE + MAX_WAIT)
+
+
+@pytest.mark.parametrize("fixed", [0.0005, 0.003, 0.04])
+def test_forward_cost_finds_the_fixed_part_of_a_forward(fixed):
+    cost = ForwardCost()
+    for i in range(7):
+        cost.record(16 * (i + 1), fixed + 1e-5 * 16 * (i + 1))
+    assert cost.fixed == 0.0  # fewer than 8 forwards: unknown
+    cost.record(200, fixed + 1e-5 * 200)
+    assert cost.fixed == pytest.approx(fixed)
+    same = ForwardCost()
+    for _ in range(10):
+        same.record(32, 0.01)  # one size only: the fixed part cannot be told from the rest
+    assert same.fixed == 0.0
+
+
+def test_forward_cost_stays_within_what_a_forward_took():
+    """A noisy fit (a busy machine) answers between 0 and the quickest forward."""
+    falling = ForwardCost()
+    for i in range(8):
+        falling.record(10 * (i + 1), 0.05 - 0.001 * i)  # bigger forwards took less time
+    assert falling.fixed == pytest.approx(0.043)  # not the intercept 0.051: the quickest forward
+    rising = ForwardCost()
+    for i in range(8):
+        rising.record(10 * (i + 1), 0.001 * (i + 1) ** 2)
+    assert rising.fixed == 0.0

@@ -42,8 +42,13 @@ def serve(
         int, typer.Option(min=1, help="Encoders: most padded tokens in one batched forward.")
     ] = 16384,
     max_wait_ms: Annotated[
-        float, typer.Option(min=0.0, help="Encoders: how long a batch that is not full waits for more.")
-    ] = 5.0,
+        float,
+        typer.Option(
+            min=0.0,
+            help="Encoders: the longest a batch that is not full waits for more after a forward (it waits "
+            "only while the clients just answered keep coming back; 0: never waits).",
+        ),
+    ] = 20.0,
     forward_overhead_tokens: Annotated[
         int,
         typer.Option(

@@ -56,7 +56,7 @@ Shortcut = Callable[[dict, bytes], Awaitable[Response | None]]
 class Settings:
     api_key: str | None = None
     max_batch_tokens: int = 16384
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 20.0  # an upper bound: batching.start_at decides
     forward_overhead_tokens: int = 0  # > 0: a batch runs as forwards of similar lengths (batching.split)
     max_concurrent: int = 256
     max_body_bytes: int = 4 * 1024 * 1024
@@ -691,6 +691,9 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         batching = {"enabled": st.batching, "max_batch_tokens": st.max_batch_tokens,
                     "max_wait_ms": st.max_wait_ms, "max_concurrent": st.max_concurrent,
                     "forward_overhead_tokens": st.forward_overhead_tokens}  # fmt: skip
+        if state.queue is not None:  # what a batch may wait for (batching.start_at), as measured so far
+            costs = dict(state.queue.costs)
+            batching["forward_fixed_ms"] = {op: round(1000 * cost.fixed, 3) for op, cost in costs.items()}
         return {**s.info(), "batching": batching, "auth": st.api_key is not None, "explain": explainable(s)}
 
     @app.get("/metrics", tags=["server"])

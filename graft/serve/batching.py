@@ -2,11 +2,21 @@
 
 Requests wait in one queue; a worker thread takes the oldest and the waiting requests of the
 same kind closest to it in length, as many as fit ``max_batch_tokens`` padded tokens, and runs
-them (text-embeddings-inference's dynamic batching). A batch waits for company only when more
-requests are known than are queued (``worth_waiting``: the clients just answered are expected
-back), and then at most ``max_wait_ms`` after the last forward ended: a lone client never waits.
-Embeddings run packed, not padded (packing.py), so a batch of mixed lengths costs about what its
-real tokens do.
+them (text-embeddings-inference's dynamic batching). Embeddings run packed, not padded
+(packing.py), so a batch of mixed lengths costs about what its real tokens do.
+
+When the worker is free it starts at once, unless ``start_at`` says the batch should wait for
+company: while fewer requests are queued than the server knows of (those the last forward just
+answered: under load their clients come straight back) and the requests keep arriving, each
+sooner after the last (the first, after the forward's end) than a forward's fixed cost, which the
+queue measures on its own forwards (``ForwardCost``). Waiting for a request that comes within that time idles the model less than
+the extra forward it would otherwise need; once the arrivals pause, or ``max_wait_ms`` after the
+last forward ended, the batch runs. A lone client, the first request after a quiet spell and a
+full batch never wait. (text-embeddings-inference and vLLM's pooling models never wait: the next
+batch is cut whenever the model is free; Infinity holds a batch back while the previous one has
+not started; vLLM's ``--scheduler-delay-factor`` delays new prompts by a multiple of the last
+prompt step's time. Here the bound is the measured fixed cost, so it follows the model and the
+machine.)
 
 With ``overhead_tokens`` > 0 a batch runs as one or more forwards of texts of similar length
 (``split``): padding every row to the batch's longest wastes about half the work on short texts of
@@ -23,6 +33,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -89,13 +100,66 @@ def split(lengths: list[int], overhead_tokens: int) -> list[list[int]]:
     return sorted(groups)
 
 
+class ForwardCost:
+    """A forward's time as ``fixed`` seconds plus seconds per token, fitted (least squares) to the
+    queue's last ``window`` forwards: the fixed part is what a batch saves by holding one more
+    request rather than leaving it to a forward of its own."""
+
+    def __init__(self, window: int = 64) -> None:
+        self.samples: deque[tuple[int, float]] = deque(maxlen=window)  # (tokens, seconds)
+        self.fixed = 0.0  # seconds a forward costs whatever it holds (0: not known yet)
+
+    def record(self, tokens: int, seconds: float) -> None:
+        """One more forward; the fit is redone here, once a forward, not at every decision."""
+        self.samples.append((tokens, seconds))
+        self.fixed = self.fit()
+
+    def fit(self) -> float:
+        """The fixed part of the forwards recorded; 0 until 8 forwards of different sizes say."""
+        samples = self.samples
+        if len(samples) < 8:
+            return 0.0
+        n = len(samples)
+        mean_x, mean_y = sum(x for x, _ in samples) / n, sum(y for _, y in samples) / n
+        var = sum((x - mean_x) ** 2 for x, _ in samples)
+        if var == 0:  # every forward the same size: the fixed part cannot be told apart
+            return 0.0
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in samples) / var
+        # a noisy fit (a busy machine) can say less than nothing or more than a whole forward
+        return min(max(0.0, mean_y - slope * mean_x), min(y for _, y in samples))
+
+
+NOW = 0.0  # start_at's answer for "start the batch at once" (any time already past would do)
+
+
+def start_at(
+    arrived: list[float], expected: int, full: bool, free_since: float, fixed: float, max_wait: float
+) -> float:
+    """When a free worker should start the batch of the queued requests that ``arrived`` (their
+    arrival times, in seconds): ``NOW``, or a later time at which to look again (an arrival wakes
+    it sooner). ``expected``: the requests the server knows of (those the last forward answered
+    and those that were queued then); ``full``: the queued ones fill the token budget;
+    ``free_since``: when the last forward ended; ``fixed``: a forward's fixed cost in seconds.
+
+    The batch waits while it is short of the requests expected and they keep coming, the last
+    one less than ``fixed`` ago (or the forward ended less than that ago: the clients it
+    answered cannot have come back before): one that arrives that soon idles the model less
+    than the forward of its own it would otherwise need. Never more than ``max_wait`` after the
+    last forward ended; never for a full batch, for all the requests expected, or before the
+    cost is known.
+    """
+    if full or len(arrived) >= expected or fixed <= 0:
+        return NOW
+    return min(max(*arrived, free_since) + fixed, free_since + max_wait)
+
+
 class TokenBudgetQueue:
     def __init__(
         self,
         run: Runner,
         metrics: Metrics,
         max_batch_tokens: int = 16384,
-        max_wait_ms: float = 5.0,
+        max_wait_ms: float = 20.0,
         batching: bool = True,
         overhead_tokens: int = 0,  # 0: each batch is one forward
     ) -> None:
@@ -105,8 +169,9 @@ class TokenBudgetQueue:
         self.batching = batching
         self.jobs: list[Job] = []
         self.closed = False
-        # worth_waiting: the requests known when the last forward ended, and when that was
+        # start_at: the requests known when the last forward ended, and when that was
         self.expected, self.free_since = 1, time.monotonic()
+        self.costs: dict[str, ForwardCost] = {}  # each op's forwards
         self.cond = threading.Condition()
         self.worker = threading.Thread(target=self.serve, name="graft-encoder-queue", daemon=True)
         self.worker.start()
@@ -149,19 +214,19 @@ class TokenBudgetQueue:
         return batch
 
     def worth_waiting(self) -> float:
-        """Seconds the next batch should still wait for company (0: run it now).
-
-        After a forward the worker waits, at most ``max_wait``, while fewer requests of the batch's
-        kind are queued than the server knows of: those it just answered (under load, their
-        clients come straight back, and one forward holding all of them costs far less than
-        several holding a few) and those that were already waiting. A lone client, or the first
-        request after a quiet spell, runs at once; so does a full batch.
-        """
+        """Seconds the next batch should still wait for company (0: run it now): ``start_at``."""
         first = self.jobs[0]
         same = [j for j in self.jobs if j.key == first.key]
-        if len(same) >= self.expected or padded(same) >= self.max_batch_tokens:
-            return 0.0
-        return max(0.0, self.free_since + self.max_wait - time.monotonic())
+        cost = self.costs.get(first.op)
+        at = start_at(
+            [j.arrived for j in same],
+            self.expected,
+            padded(same) >= self.max_batch_tokens,
+            self.free_since,
+            cost.fixed if cost is not None else 0.0,
+            self.max_wait,
+        )
+        return max(0.0, at - time.monotonic())
 
     def serve(self) -> None:
         while True:
@@ -204,8 +269,12 @@ class TokenBudgetQueue:
             groups = (
                 split(lengths, self.overhead_tokens) if self.overhead_tokens else [list(range(len(items)))]
             )
+            cost = self.costs.setdefault(op, ForwardCost())
             for rows in groups:
-                for i, result in zip(rows, self.run(op, [items[i] for i in rows], options), strict=True):
+                began = time.perf_counter()
+                answers = self.run(op, [items[i] for i in rows], options)
+                cost.record(sum(lengths[i] for i in rows), time.perf_counter() - began)
+                for i, result in zip(rows, answers, strict=True):
                     results[i] = result
                 self.metrics.batch_size.labels(op).observe(len(rows))
                 self.metrics.batch_tokens.labels(op).observe(sum(lengths[i] for i in rows))
