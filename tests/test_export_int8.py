@@ -238,3 +238,22 @@ def test_min_agreement_for_a_model_judged_by_cosine_is_one_line(tmp_path, minilm
     assert cli("export", minilm, tmp_path / "out", *args).error_line() == (
         "error: --min-agreement: int8 embedding models are judged by cosine (--min-cosine), not argmax agreement"
     )
+
+
+def test_compress_checks_its_int8_export_on_the_test_records(tmp_path, classifier):
+    """graft compress --onnx exports int8 judged as --check-data judges it: by argmax agreement on the
+    records it evaluates every variant on, not by cosine on 4 random-token rows (which can refuse a
+    well-trained classifier whose decisions int8 keeps)."""
+    from graft.compress.compare import exported
+    from graft.tokenizer import Tokenizer
+
+    records = [{"text": t, "label": LABELS[i % 2]} for i, t in enumerate(book_texts(10))]
+    exported(classifier, tmp_path / "onnx-int8", Tokenizer.from_folder(classifier), True, records)
+    int8 = json.loads((tmp_path / "onnx-int8" / MANIFEST).read_text())["int8"]
+    assert int8["check_data"] == "the --data records" and int8["rows"] == len(records) == 20
+    assert int8["checked"].startswith("argmax agreement ")
+    assert int8["checked"].endswith(
+        f"on 20 rows of the --data records (min cosine {int8['min_cosine']:.4f}, "
+        f"max probability shift {int8['max_probability_shift']:.3f})"
+    )
+    assert int8["float32_nodes"] == 0  # judged by decisions: quantized whole, as export --check-data does
