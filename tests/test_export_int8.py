@@ -257,3 +257,26 @@ def test_compress_checks_its_int8_export_on_the_test_records(tmp_path, classifie
         f"max probability shift {int8['max_probability_shift']:.3f})"
     )
     assert int8["float32_nodes"] == 0  # judged by decisions: quantized whole, as export --check-data does
+
+
+def test_int8_drops_the_quantizers_pre_processing_note_and_nothing_else(tmp_path, caplog):
+    """ONNX Runtime's quantize_dynamic logs "Please consider to run pre-processing before quantization"
+    through the root logger on every call; graft drops that one record (graft/export/onnx.py says why)
+    while it quantizes, and leaves the root logger as it was."""
+    import logging
+
+    from test_export import tiny_model
+
+    from graft.export.graph import graph_for
+    from graft.export.onnx import DEFAULT_OPSET, export_onnx, not_the_preprocessing_hint, quantize_int8
+
+    graph = graph_for(tiny_model("bert", "classification", tmp_path))
+    export_onnx(graph, tmp_path / "plain.onnx", DEFAULT_OPSET)
+    with caplog.at_level(logging.WARNING):
+        quantize_int8(tmp_path / "plain.onnx", tmp_path / "int8.onnx")
+        logging.warning("Please consider to run pre-processing: said after quantize_int8, so kept")
+    assert (tmp_path / "int8.onnx").stat().st_size > 0
+    assert [r.getMessage() for r in caplog.records if "pre-processing" in r.getMessage()] == [
+        "Please consider to run pre-processing: said after quantize_int8, so kept"
+    ]
+    assert not_the_preprocessing_hint not in logging.getLogger().filters
