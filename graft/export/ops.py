@@ -3,7 +3,7 @@
 The dynamo exporter translates each aten op with onnxscript's torchlib; ``TRANSLATIONS`` replaces
 two of them (torch.onnx.export's custom_translation_table), each with the same numbers in fewer or
 fusable nodes. On all-MiniLM-L6-v2 (a classification head, 1 thread) the plain graph went from 302
-nodes to 230, and from 270 to 198 after ONNX Runtime's session optimizations (docs/export.md has
+nodes to 230, and from 270 to 168 after ONNX Runtime's session optimizations (docs/export.md has
 the times).
 
 Attention. torchlib's F.scaled_dot_product_attention writes, in every layer: K transposed through
@@ -16,7 +16,8 @@ sqrt(scale), and a Where(IsNaN) pass over the probabilities. graft's writes the 
 - K^T is one Transpose: the exporter's optimizer merges it with the head split's Transpose(k,
   [0, 2, 1, 3]) into one, as transformers' TorchScript export has.
 - Q is scaled once, on (B, nh, T, hd) (smaller than the (B, nh, T, S) scores when S > hd), and
-  not at all when the scale is 1.
+  not at all when the scale is 1. ONNX Runtime's session folds that Mul into the scores' MatMul
+  (FusedMatMul's alpha), so folding the scale into the Q projection's weights would save nothing.
 - A boolean mask becomes 0 / the dtype's lowest value with one Where; every layer reads the same
   mask, so the exporter's common-subexpression pass keeps one Where per graph.
 - No NaN guard: the lowest value is finite, so a row whose keys are all masked gets uniform
