@@ -99,8 +99,9 @@ def output_names(graph: Graph) -> list[str]:
     return graph.output_names() if hasattr(graph, "output_names") else [OUTPUTS[graph.task]]
 
 
-def export_onnx(graph: Graph, path: Path, opset: int) -> None:
-    """Write ``graph`` to ``path`` (weights inside the file, or next to it past 2 GB)."""
+def export_onnx(graph: Graph, path: Path, opset: int, own_ops: bool = True) -> None:
+    """Write ``graph`` to ``path`` (weights inside the file, or next to it past 2 GB). ``own_ops``: graft's
+    translations of attention and GELU (graft/export/ops.py), else torchlib's."""
     from graft.export.ops import translations
 
     args = trace_inputs(graph)
@@ -118,7 +119,7 @@ def export_onnx(graph: Graph, path: Path, opset: int) -> None:
                 opset_version=opset,
                 optimize=True,
                 verbose=False,
-                custom_translation_table=translations(),  # graft/export/ops.py says why
+                custom_translation_table=translations() if own_ops else None,  # ops.py says why
             )
         except Exception as e:  # the exporter's own errors are long: keep its first line
             cause = e.__cause__ or e  # torch.onnx wraps torch.export's error in three paragraphs
