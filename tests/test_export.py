@@ -137,6 +137,37 @@ def test_optimize_fuses_an_encoders_layer_norms_and_attention_with_parity(task, 
     assert np.abs(got - expected).max() <= TOL
 
 
+def test_the_plain_graph_writes_attention_and_gelu_as_graft_translates_them(tmp_path):
+    """graft/export/ops.py: per block one Softmax, no NaN guard, no per-layer shape maths (torchlib's
+    K transpose sliced the key's shape three times); one Where turns the mask into a bias for every
+    block; K^T is one Transpose; and ONNX Runtime's own session fuses every GELU."""
+    import onnx
+    import onnxruntime as ort
+
+    model = tiny_model("bert", "classification", tmp_path)
+    layers = model.body.config.num_layers
+    export_model(model, tmp_path / "out")
+    nodes = onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node
+    ops = [n.op_type for n in nodes]
+    assert ops.count("Softmax") == layers and ops.count("Where") == 1
+    assert "IsNaN" not in ops and "Slice" not in ops
+    made = {o: n for n in nodes for o in n.output}
+    perms = [
+        [list(a.ints) for a in made[m.input[1]].attribute]
+        for m in nodes
+        if m.op_type == "MatMul"
+        and made.get(m.input[1]) is not None
+        and made[m.input[1]].op_type == "Transpose"
+    ]
+    assert perms.count([[0, 2, 3, 1]]) == layers  # q @ K^T: one Transpose of k per block
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "session.onnx")  # what ONNX Runtime runs
+    ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    session_ops = [n.op_type for n in onnx.load(str(tmp_path / "session.onnx")).graph.node]
+    assert "Erf" not in session_ops
+    assert session_ops.count("BiasGelu") + session_ops.count("Gelu") == layers
+
+
 def test_unit_length_is_f_normalize():
     """The exported graph's normalization gives F.normalize's numbers, a zero row included."""
     from graft.tasks.embedding import unit_length

@@ -238,3 +238,45 @@ def test_min_agreement_for_a_model_judged_by_cosine_is_one_line(tmp_path, minilm
     assert cli("export", minilm, tmp_path / "out", *args).error_line() == (
         "error: --min-agreement: int8 embedding models are judged by cosine (--min-cosine), not argmax agreement"
     )
+
+
+def test_compress_checks_its_int8_export_on_the_test_records(tmp_path, classifier):
+    """graft compress --onnx exports int8 judged as --check-data judges it: by argmax agreement on the
+    records it evaluates every variant on, not by cosine on 4 random-token rows (which can refuse a
+    well-trained classifier whose decisions int8 keeps)."""
+    from graft.compress.compare import exported
+    from graft.tokenizer import Tokenizer
+
+    records = [{"text": t, "label": LABELS[i % 2]} for i, t in enumerate(book_texts(10))]
+    exported(classifier, tmp_path / "onnx-int8", Tokenizer.from_folder(classifier), True, records)
+    int8 = json.loads((tmp_path / "onnx-int8" / MANIFEST).read_text())["int8"]
+    assert int8["check_data"] == "the --data records" and int8["rows"] == len(records) == 20
+    assert int8["checked"].startswith("argmax agreement ")
+    assert int8["checked"].endswith(
+        f"on 20 rows of the --data records (min cosine {int8['min_cosine']:.4f}, "
+        f"max probability shift {int8['max_probability_shift']:.3f})"
+    )
+    assert int8["float32_nodes"] == 0  # judged by decisions: quantized whole, as export --check-data does
+
+
+def test_int8_drops_the_quantizers_pre_processing_note_and_nothing_else(tmp_path, caplog):
+    """ONNX Runtime's quantize_dynamic logs "Please consider to run pre-processing before quantization"
+    through the root logger on every call; graft drops that one record (graft/export/onnx.py says why)
+    while it quantizes, and leaves the root logger as it was."""
+    import logging
+
+    from test_export import tiny_model
+
+    from graft.export.graph import graph_for
+    from graft.export.onnx import DEFAULT_OPSET, export_onnx, not_the_preprocessing_hint, quantize_int8
+
+    graph = graph_for(tiny_model("bert", "classification", tmp_path))
+    export_onnx(graph, tmp_path / "plain.onnx", DEFAULT_OPSET)
+    with caplog.at_level(logging.WARNING):
+        quantize_int8(tmp_path / "plain.onnx", tmp_path / "int8.onnx")
+        logging.warning("Please consider to run pre-processing: said after quantize_int8, so kept")
+    assert (tmp_path / "int8.onnx").stat().st_size > 0
+    assert [r.getMessage() for r in caplog.records if "pre-processing" in r.getMessage()] == [
+        "Please consider to run pre-processing: said after quantize_int8, so kept"
+    ]
+    assert not_the_preprocessing_hint not in logging.getLogger().filters

@@ -181,12 +181,20 @@ def build(
     return Variant(step.text, dest, how)
 
 
-def exported(source: Path, dest: Path, tokenizer: Any, int8: bool) -> Variant:
-    """graft export's ONNX graph of the float model (int8: per-channel weights, checked at export)."""
+def exported(source: Path, dest: Path, tokenizer: Any, int8: bool, test: Sequence[dict]) -> Variant:
+    """graft export's ONNX graph of the float model (int8: per-channel weights, checked at export on
+    the ``test`` records, as ``graft export --check-data`` checks it: a label head by its argmax
+    agreement on real rows, not by its logits' cosine on random-token rows, which can refuse a
+    well-trained classifier whose decisions int8 keeps)."""
     from graft.export import export_model
+    from graft.export.check import Int8Check, record_cases
     from graft.loading import load_model
 
-    export_model(load_model(source), dest, tokenizer, fmt="onnx", int8=int8)
+    model = load_model(source)
+    check = None
+    if int8:
+        check = Int8Check(data="the --data records", cases=record_cases(model, tokenizer, test, "--data"))
+    export_model(model, dest, tokenizer, fmt="onnx", int8=int8, int8_check=check)
     name = "onnx-int8" if int8 else "onnx-fp32"
     return Variant(name, dest, f"graft export --format onnx{' --int8' if int8 else ''}")
 
@@ -267,7 +275,7 @@ def compress(
         variants = [build(s, source, tmp / "models" / s.slug, tokenizer, train, settings, log) for s in steps]
         if onnx:
             variants += [
-                exported(source, tmp / "models" / f"onnx-{k}", tokenizer, k == "int8")
+                exported(source, tmp / "models" / f"onnx-{k}", tokenizer, k == "int8", test)
                 for k in ("fp32", "int8")
             ]
         for v in variants:

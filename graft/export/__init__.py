@@ -334,6 +334,7 @@ def export_model(
     dtype: str = "float32",
     source: str | Path | None = None,
     int8_check: Int8Check | None = None,
+    own_ops: bool = True,
 ) -> dict[str, Any]:
     """Export ``model`` (a body or a task model) to the folder ``out``; its manifest.
 
@@ -348,6 +349,9 @@ def export_model(
     ``int8``: the quantized graph is judged against the float32 one by ``int8_check`` (default
     Int8Check(): a label head's argmax agreement on its ``cases``, real rows from record_cases, else
     every row's cosine on the parity check's random-token rows; graft/export/check.py says why).
+
+    ``own_ops`` (ONNX): graft's translations of attention and GELU (graft/export/ops.py), else
+    torchlib's (--format web's page: graft/export/web.py says why).
 
     The folder appears whole or not at all: a failed parity or int8 check raises a GraftError with
     the measured figures and leaves ``out`` as it was.
@@ -368,7 +372,15 @@ def export_model(
         for name, graph in graphs.items():  # one file each: model.onnx, or encoder.onnx + decoder.onnx
             file = MODEL_FILES[fmt] if name == "model" else name + Path(MODEL_FILES[fmt]).suffix
             written[name] = export_graph(
-                graph, Path(work) / file, fmt, opset, cases[name], tolerance, optimize, int8 and int8_check
+                graph,
+                Path(work) / file,
+                fmt,
+                opset,
+                cases[name],
+                tolerance,
+                optimize,
+                int8 and int8_check,
+                own_ops,
             )
         first = next(iter(graphs.values()))
         worst = max(info["max_abs_diff"] for _, info in written.values())
@@ -433,6 +445,7 @@ def export_graph(
     tolerance: float,
     optimize: bool,
     int8: Int8Check | bool,
+    own_ops: bool = True,
 ) -> tuple[Path, dict[str, Any]]:
     """Write one graph to ``path``, check it (then its optimized and int8 forms) on ``cases``; the
     final file and what the manifest says of it. ``int8``: the int8 check (int8_verdict), or False."""
@@ -440,7 +453,7 @@ def export_graph(
     from graft.export import pytorch
 
     if fmt == "onnx":
-        onnx_export.export_onnx(graph, path, opset)
+        onnx_export.export_onnx(graph, path, opset, own_ops)
     elif fmt == "torchscript":
         pytorch.export_torchscript(graph, path)
     else:

@@ -99,8 +99,11 @@ def output_names(graph: Graph) -> list[str]:
     return graph.output_names() if hasattr(graph, "output_names") else [OUTPUTS[graph.task]]
 
 
-def export_onnx(graph: Graph, path: Path, opset: int) -> None:
-    """Write ``graph`` to ``path`` (weights inside the file, or next to it past 2 GB)."""
+def export_onnx(graph: Graph, path: Path, opset: int, own_ops: bool = True) -> None:
+    """Write ``graph`` to ``path`` (weights inside the file, or next to it past 2 GB). ``own_ops``: graft's
+    translations of attention and GELU (graft/export/ops.py), else torchlib's."""
+    from graft.export.ops import translations
+
     args = trace_inputs(graph)
     outputs = output_names(graph)
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
@@ -116,6 +119,7 @@ def export_onnx(graph: Graph, path: Path, opset: int) -> None:
                 opset_version=opset,
                 optimize=True,
                 verbose=False,
+                custom_translation_table=translations() if own_ops else None,  # ops.py says why
             )
         except Exception as e:  # the exporter's own errors are long: keep its first line
             cause = e.__cause__ or e  # torch.onnx wraps torch.export's error in three paragraphs
@@ -216,10 +220,25 @@ def quantize_int8(source: Path, target: Path, keep_float: bool = True) -> list[s
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     kept = kept_in_float(source) if keep_float else []
-    quantize_dynamic(
-        str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=kept
-    )
+    root = logging.getLogger()  # the quantizer logs through the root logger (logging.warning)
+    root.addFilter(not_the_preprocessing_hint)
+    try:
+        quantize_dynamic(
+            str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=kept
+        )
+    finally:
+        root.removeFilter(not_the_preprocessing_hint)
     return kept
+
+
+def not_the_preprocessing_hint(record: logging.LogRecord) -> bool:
+    """False for quantize_dynamic's "Please consider to run pre-processing before quantization" (its
+    other notes pass). That pre-processing (symbolic shape inference, ONNX Runtime's basic graph
+    optimizations) is for graphs whose tensor types ONNX's own shape inference cannot follow, which
+    quantize_dynamic runs itself: on graft's graphs it follows them (a MiniLM classifier --optimize'd
+    had all 38 of its weight MatMuls and Gemms quantized), so the note, printed on every --int8,
+    asked a user of graft export for nothing."""
+    return not record.getMessage().startswith("Please consider to run pre-processing")
 
 
 def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
@@ -227,17 +246,19 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
     MultiHeadAttention; the number replaced.
 
     Why graft does it: ONNX Runtime's own attention fusion looks for the TorchScript exporter's
-    pattern and finds none in the dynamo exporter's (scores scaled on both Q and K, K transposed in
-    two steps through a 3-D reshape, a NaN guard after the softmax), so --optimize left the
-    attention unfused. The pattern matched here, per block, with (B, S, D) projections q, k, v:
+    pattern (constant reshape targets, its mask arithmetic) and finds none in the dynamo exporter's,
+    so --optimize would leave the attention unfused. The pattern matched here, per block, is what
+    graft's translation of attention writes (graft/export/ops.py), with (B, S, D) projections
+    q, k, v:
 
-        Softmax(MatMul(Mul(Transpose(Reshape(q)), c), Mul(Reshape(Transpose(Reshape(Transpose(
-            Reshape(k))))), c)) + Where(attention_mask[:, None, None, :], 0, min))
-        -> Where(IsNaN(p), 0, p) -> MatMul(., Transpose(Reshape(v))) -> Transpose -> Reshape (B, S, D)
+        Softmax(MatMul(Mul(Transpose(Reshape(q)), c), Transpose(Reshape(k))) + Where(
+            attention_mask[:, None, None, :], 0, min)) -> MatMul(., Transpose(Reshape(v)))
+        -> Transpose -> Reshape (B, S, D)
 
-    The mask must be the padding mask straight from the ``attention_mask`` input (key padding: no
-    causal or windowed mask is matched). A block that differs in any node is left as it was; the
-    export's parity check then runs on the result.
+    (no Mul when the scale c is 1; K's two Transposes, the head split's and attention's, merged
+    into one or not). The mask must be the padding mask straight from the ``attention_mask`` input
+    (key padding: no causal or windowed mask is matched). A block that differs in any node is left
+    as it was; the export's parity check then runs on the result.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -301,32 +322,19 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
         scores = node(add.input[0], "MatMul")
         if scores is None:
             continue
-        q_scale, k_scale = node(scores.input[0], "Mul"), node(scores.input[1], "Mul")
-        if q_scale is None or k_scale is None:
-            continue
-        c_q, c_k = scalar(q_scale.input[1]), scalar(k_scale.input[1])
-        q = projection(q_scale.input[0], [("Transpose", [0, 2, 1, 3]), ("Reshape", None)])
-        k = projection(
-            k_scale.input[0],
-            [
-                ("Reshape", None),
-                ("Transpose", [0, 2, 1]),
-                ("Reshape", None),
-                ("Transpose", [0, 2, 1, 3]),
-                ("Reshape", None),
-            ],
+        q_scale = node(scores.input[0], "Mul")  # absent when the scale is 1
+        c = scalar(q_scale.input[1]) if q_scale is not None else 1.0
+        heads_q = q_scale.input[0] if q_scale is not None else scores.input[0]
+        q = projection(heads_q, [("Transpose", [0, 2, 1, 3]), ("Reshape", None)])
+        # K^T: the head split's Transpose and attention's merged into one, or the two of them
+        k = projection(scores.input[1], [("Transpose", [0, 2, 3, 1]), ("Reshape", None)]) or projection(
+            scores.input[1], [("Transpose", [0, 1, 3, 2]), ("Transpose", [0, 2, 1, 3]), ("Reshape", None)]
         )
         readers = used.get(softmax.output[0], [])
-        guard = next((n for n in readers if n.op_type == "Where"), None)
-        isnan = next((n for n in readers if n.op_type == "IsNaN"), None)
-        if None in (c_q, c_k, q, k, guard, isnan) or len(readers) != 2:
+        if None in (c, q, k) or len(readers) != 1:
             continue
-        if list(guard.input) != [isnan.output[0], guard.input[1], softmax.output[0]]:
-            continue
-        if scalar(guard.input[1]) != 0.0 or len(used.get(guard.output[0], [])) != 1:
-            continue
-        mixed = used[guard.output[0]][0]
-        if mixed.op_type != "MatMul" or mixed.input[0] != guard.output[0]:
+        mixed = readers[0]
+        if mixed.op_type != "MatMul" or mixed.input[0] != softmax.output[0]:
             continue
         v = projection(mixed.input[1], [("Transpose", [0, 2, 1, 3]), ("Reshape", None)])
         heads = used.get(mixed.output[0], [])
@@ -343,7 +351,7 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
             name=f"MultiHeadAttention_{len(fused)}",
             domain="com.microsoft",
             num_heads=num_heads,
-            scale=c_q * c_k,
+            scale=c,
         )
         fused.append((out[0], mha))
     if not fused:

@@ -124,8 +124,20 @@ def export_web(
     runtime = onnxruntime_web()  # before the export's minutes: a missing npm fails first
     with tempfile.TemporaryDirectory(prefix="graft-web-") as work:
         onnx_out = Path(work) / "onnx"
+        # torchlib's translations (own_ops=False): on graft's own (graft/export/ops.py) this page stood
+        # 3.1e-3 off native onnxruntime on a tiny int8 BERT's probabilities, past RUNTIME_TOLERANCE
+        # (native ORT differs by as much with and without its SkipLayerNormFusion on that graph;
+        # onnxruntime-web 1.22 agreed with native 1.32 on torchlib's graph, not on graft's: not yet
+        # understood)
         manifest = export_model(
-            model, onnx_out, tokenizer, fmt="onnx", opset=opset, int8=True, int8_check=int8_check
+            model,
+            onnx_out,
+            tokenizer,
+            fmt="onnx",
+            opset=opset,
+            int8=True,
+            int8_check=int8_check,
+            own_ops=False,
         )
         with atomic_folder(out) as folder:
             for file in onnx_out.iterdir():
