@@ -364,6 +364,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="SmolLM2 tokens decoded per run")
     parser.add_argument("--ppl-chars", type=int, default=20000, help="characters of Hamlet for perplexity")
     parser.add_argument("--no-smollm", action="store_true", help="skip the SmolLM2 rows")
+    parser.add_argument("--no-classifier", action="store_true", help="only the SmolLM2 rows")
     parser.add_argument("--no-students", action="store_true", help="skip the distilled and pruned rows")
     parser.add_argument(
         "--students", default="", help="reuse the distilled, labels-only and pruned models of a --keep folder"
@@ -391,7 +392,7 @@ def main() -> None:
         import graft  # noqa: F401
     except ImportError as e:
         fail(f"missing package: {e.name} (pip install -e '.[test]')")
-    figures = classifier_rows(args)
+    figures = {} if args.no_classifier else classifier_rows(args)
     if not args.no_smollm:
         figures.update(smollm_rows(args))
     emit(figures)
