@@ -68,11 +68,9 @@ class Int4Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
-        if in_features % GROUP or out_features % ROWS:
-            raise ValueError(
-                f"in_features must be a multiple of {GROUP} and out_features of {ROWS}, "
-                f"not {in_features} and {out_features}"
-            )
+        problem = width_problem(in_features, out_features)
+        if problem:
+            raise ValueError(f"Int4Linear {problem}")
         self.in_features, self.out_features = in_features, out_features
         groups = in_features // GROUP
         self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
@@ -143,10 +141,6 @@ class Int4Linear(nn.Module):
         q = self.identity_product(unit.contiguous())  # (out, in) bf16, integers 0..15
         return pack_codes(q.to(torch.uint8))
 
-    def load_codes(self, packed: torch.Tensor) -> None:
-        """Take codes in the portable layout ((out, in / 2) uint8, as ``codes`` gives them)."""
-        self.weight = pack_for_cpu(unpack_codes(packed))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if x.requires_grad or x.dtype not in (torch.float32, torch.bfloat16):
@@ -168,6 +162,16 @@ def pack_for_cpu(q: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
 
 
+def width_problem(in_features: int, out_features: int) -> str:
+    """What keeps a layer of these widths off the kernel ("" if nothing): inputs in groups of 32,
+    outputs in blocks of 16."""
+    if in_features % GROUP:
+        return f"has {in_features} inputs, not a multiple of {GROUP} (the 4-bit groups)"
+    if out_features % ROWS:
+        return f"has {out_features} outputs, not a multiple of {ROWS} (the int4 kernel's blocks)"
+    return ""
+
+
 def int4_linears(module: nn.Module, prefix: str = "") -> list[str]:
     """Replace every nn.Linear inside ``module`` by an Int4Linear made from its weights (in place);
     the replaced names. Layers that already are Int4Linear (a GGUF file's blocks) stay as they are.
@@ -178,14 +182,9 @@ def int4_linears(module: nn.Module, prefix: str = "") -> list[str]:
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 full = f"{parent_name}.{name}" if parent_name else name
-                if child.in_features % GROUP:
-                    raise ValueError(
-                        f"{full} has {child.in_features} inputs, not a multiple of {GROUP} (the 4-bit groups)"
-                    )
-                if child.out_features % ROWS:
-                    raise ValueError(
-                        f"{full} has {child.out_features} outputs, not a multiple of {ROWS} (the int4 kernel's blocks)"
-                    )
+                problem = width_problem(child.in_features, child.out_features)
+                if problem:
+                    raise ValueError(f"{full} {problem}")
                 setattr(parent, name, Int4Linear.from_linear(child))
                 names.append(full)
     return names
