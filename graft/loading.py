@@ -22,7 +22,7 @@ from graft.io.atomic import write_json
 from graft.io.hf import read_config, read_json, read_weights, resolve, weight_shapes, write_weights
 from graft.kernels.int4 import METHOD as INT4
 from graft.kernels.int4 import Int4Linear, int4_linears, pack_for_cpu, unpack_codes
-from graft.kernels.int8 import METHODS, Int8Embedding, Int8Linear, quantize_linears
+from graft.kernels.int8 import LEVELS, METHODS, Int8Embedding, Int8Linear, quantize_linears, tied_output
 from graft.models.registry import FAMILIES, Family, describe, family_for, pruning_from_hf, pruning_to_hf
 from graft.models.weights import WeightMap
 from graft.nn import (
@@ -163,14 +163,20 @@ def check_quantizable(method: str | None, family: Family, where: str) -> None:
 # every input int8 +4.7% / +2.5% (with the attention output's input float, as graft did);
 # Q/K/V's input (the normed residual stream) alone +1.3%, the down projection's (the gated
 # product) alone +1.8%; the attention output's and gate/up's alone -0.1%; with Q/K/V and down
-# float +0.75% / -0.1% (int8-weight -0.1% / +0.0%).
-DYNAMIC_FLOAT_INPUTS = (".attn.q", ".attn.k", ".attn.v", ".ffn.down")
+# float +0.75% / -0.1% (int8-weight -0.1% / +0.0%). Where rows are 7-bit (graft.kernels.int8.LEVELS:
+# x86 without VNNI), gate/up's too: on an AMD EPYC 7003, Hamlet +3.5% with gate/up's rows 7-bit,
+# +0.2% with only the attention output's.
+DYNAMIC_FLOAT_INPUTS = (".attn.q", ".attn.k", ".attn.v", ".ffn.down") + (
+    (".ffn.gate", ".ffn.up") if LEVELS < 127 else ()
+)
 
 
-def quantized(body: Body, method: str | None) -> Body:
+def quantized(body: Body, method: str | None, head: nn.Module | None = None) -> Body:
     """``body`` with the linear layers of its blocks made int8 for ``method`` (in place): every stack's
     (an encoder-decoder's two, cross-attention included, and its context projection; CLIP's two
-    towers), and the token embeddings unless an LM head shares them (the head stays float)."""
+    towers), and the token tables (one scale per token). An output layer tied to a table (a LM
+    head) reads the int8 table (graft.kernels.int8.tied_output): ``head``'s, built on the float
+    body, is tied again here; a head built on the quantized body ties itself."""
     if method == INT4:
         return int4_body(body)
     if method is None or METHODS[method] is None:
@@ -178,16 +184,13 @@ def quantized(body: Body, method: str | None) -> Body:
     activations = METHODS[method]
     if isinstance(body, EncoderDecoder):
         stacks = {"encoder": body.encoder, "decoder": body.decoder}
-        tied = body.config.decoder.tie_word_embeddings  # the output layer is the decoder's table
     elif isinstance(body, DualEncoder):
         stacks = dict(body.towers)  # the projections into the shared space stay float, as a pooler
-        tied = False
     else:
         stacks = {"": body}
-        tied = FAMILIES[body.config.family].decoder and body.config.tie_word_embeddings
     # one-stack decoders: see DYNAMIC_FLOAT_INPUTS
     float_inputs = isinstance(body, Transformer) and FAMILIES[body.config.family].decoder
-    tables: dict[int, Int8Embedding] = {}  # a table two stacks share (T5, BART) stays one table
+    tables: dict[int, Int8Embedding] = {}  # the float table's weight -> its int8 table, one for two stacks
     for prefix, stack in stacks.items():
         names = quantize_linears(stack.layers, activations, prefix=f"{prefix}.layers".lstrip("."))
         if float_inputs and activations == "dynamic":
@@ -195,11 +198,15 @@ def quantized(body: Body, method: str | None) -> Body:
                 if name.endswith(DYNAMIC_FLOAT_INPUTS):
                     body.get_submodule(name).activations = "weight"
         tokens = getattr(stack.embed, "tokens", None)
-        if not tied and isinstance(tokens, nn.Embedding):
-            tables.setdefault(id(tokens), Int8Embedding.from_embedding(tokens))
-            stack.embed.tokens = tables[id(tokens)]
+        if isinstance(tokens, nn.Embedding):
+            tables.setdefault(id(tokens.weight), Int8Embedding.from_embedding(tokens))
+            stack.embed.tokens = tables[id(tokens.weight)]
     if isinstance(body, EncoderDecoder) and body.project is not None:  # the encoder -> decoder projection
         body.project = Int8Linear.from_linear(body.project, activations)
+    for parent in [] if head is None else list(head.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and id(child.weight) in tables:  # tied to a table
+                setattr(parent, name, tied_output(tables[id(child.weight)], child))
     return body
 
 

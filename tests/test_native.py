@@ -40,12 +40,13 @@ def test_the_c_loop_is_built_where_a_compiler_is():
 
 
 @needs_compiler
+@pytest.mark.parametrize("levels, zero", [(127, 128), (63, 64)], ids=["8-bit", "7-bit"])
 @pytest.mark.parametrize("case", range(5))
-def test_native_rows_are_torch_s_bytes(case):
+def test_native_rows_are_torch_s_bytes(case, levels, zero):
     x = hard_rows()[case]
-    got = native.quantize_rows(x.contiguous(), TINY)
+    got = native.quantize_rows(x.contiguous(), TINY, levels, zero)
     assert got is not None
-    expected = torch_quantize_rows(x)
+    expected = torch_quantize_rows(x, levels, zero)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
@@ -58,6 +59,50 @@ def test_quantize_rows_takes_any_layout_and_dtype():
         assert torch.equal(q, expected[0]) and torch.equal(scale, expected[1])
 
 
+def int8_weight_and_rows(rows: int, out: int = 300, cols: int = 96):
+    torch.manual_seed(0)
+    weight = torch.randint(-127, 128, (out, cols), dtype=torch.int8)
+    scale = torch.rand(out) / 100
+    x = torch.randn(rows, cols)
+    x[0, 5] = 200.0  # an outlier channel
+    return x, weight, scale
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_int8_weight_product_is_the_exact_one_within_fp32_sums(rows):
+    """y = x @ (weight * scale)^T from the int8 weight read as it is: each output within the fp32
+    rounding of its sum (K + 2 roundings of 2^-24 of the sum of |terms|) of the float64 product."""
+    x, weight, scale = int8_weight_and_rows(rows)
+    got = native.int8_weight_mm(x, weight, scale)
+    assert got is not None and got.shape == (rows, 300) and got.dtype == torch.float32
+    exact = (x.double() @ weight.double().t()) * scale.double()
+    terms = (x.abs().double() @ weight.abs().double().t()) * scale.double()
+    assert ((got.double() - exact).abs() <= (96 + 2) * 2.0**-24 * terms).all()
+
+
+@needs_compiler
+def test_int8_weight_product_is_the_same_on_any_number_of_threads():
+    x, weight, scale = int8_weight_and_rows(3, out=2048)  # enough outputs to split among threads
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.int8_weight_mm(x, weight, scale)
+        torch.set_num_threads(2)
+        two = native.int8_weight_mm(x, weight, scale)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_int8_weight_product_declines_what_it_does_not_compute():
+    x, weight, scale = int8_weight_and_rows(2)
+    assert native.int8_weight_mm(x[:, :37], weight[:, :37].contiguous(), scale) is None  # not 32k wide
+    assert native.int8_weight_mm(x.bfloat16(), weight, scale) is None
+    assert native.int8_weight_mm(x, weight.float(), scale) is None
+    assert native.int8_weight_mm(x, weight.t().contiguous().t(), scale) is None  # not row-major
+
+
 def test_without_a_compiler_torch_s_ops_answer_with_one_log_line(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
@@ -66,7 +111,8 @@ def test_without_a_compiler_torch_s_ops_answer_with_one_log_line(tmp_path, monke
         with caplog.at_level(logging.INFO, logger="graft"):
             assert native.library() is None
             x = torch.randn(4, 32)
-            assert native.quantize_rows(x, TINY) is None
+            assert native.quantize_rows(x, TINY, 127, 128) is None
+            assert native.int8_weight_mm(x, torch.zeros(3, 32, dtype=torch.int8), torch.ones(3)) is None
             q, scale = quantize_rows(x)
         assert torch.equal(q, torch_quantize_rows(x)[0])
         lines = [r.getMessage() for r in caplog.records if "C compiler" in r.getMessage()]
@@ -104,6 +150,9 @@ def test_int8_feed_forward_in_chunks_of_rows_gives_the_whole_batch_numbers(famil
     hf_model(family).save_pretrained(tmp_path)
     model = quantize(load_model(tmp_path), "int8-dynamic")
     layer = next(m for m in model.modules() if isinstance(m, FastFeedForward))
+    for linear in (layer.up, getattr(layer, "gate", None)):  # a decoder's on 7-bit rows stay float
+        if linear is not None:
+            linear.activations = "dynamic"
     x = torch.randn(4, 50, tiny_hf_config(family).hidden_size)
     with torch.inference_mode():
         whole = layer(x)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import platform
 
 import pytest
 import torch
@@ -19,7 +20,17 @@ from test_whisper import tiny_window_folder  # noqa: F401  (a fixture)
 
 from graft.compress.quantize import quantize, quantize_folder, size_on_disk
 from graft.errors import GraftError
-from graft.kernels.int8 import METHODS, Int8Embedding, Int8Linear, quantize_rows, reference_linear
+from graft.kernels import native
+from graft.kernels.int8 import (
+    LEVELS,
+    METHODS,
+    ZERO,
+    Int8Embedding,
+    Int8Linear,
+    pairs_saturate,
+    quantize_rows,
+    reference_linear,
+)
 from graft.loading import load_model, save_model
 from graft.models import FAMILIES
 
@@ -59,7 +70,7 @@ def error_bound(linear: torch.nn.Linear, layer: Int8Linear, x: torch.Tensor) -> 
     terms = rows.abs() @ w.abs().t()  # (N, O): sum_k |x||w|
     bound = ws / 2 * rows.abs().sum(-1, keepdim=True) + 1e-5 * terms
     if layer.activations == "dynamic":
-        s = rows.abs().amax(-1, keepdim=True) / 127  # (N, 1)
+        s = rows.abs().amax(-1, keepdim=True) / LEVELS  # (N, 1): 127, or 63 where pairs saturate
         bound = bound + s / 2 * w.abs().sum(-1)[None, :] + x.shape[-1] * s * ws / 4
     else:
         y = F.linear(rows, w, linear.bias)
@@ -88,8 +99,8 @@ def test_int8_linear_is_within_the_bound_its_scales_give(activations, bias, widt
 
 
 def test_dynamic_kernel_equals_its_written_out_reference():
-    """The oneDNN u8 x s8 product accumulates exactly in int32; the written-out float math rounds
-    its K = 96 products of at most 127 * 127 exactly too (< 2^24), so the two differ only by the
+    """The oneDNN u8 x s8 product accumulates exactly in int32 (7-bit rows where the CPU sums pairs
+    in int16); the written-out float math rounds its K = 96 products of at most 127 * 127 exactly too (< 2^24), so the two differ only by the
     scales' fp32 rounding: 1e-6 of the output's scale."""
     _, layer, x = layer_and_input("dynamic")
     with torch.inference_mode():
@@ -97,14 +108,26 @@ def test_dynamic_kernel_equals_its_written_out_reference():
     assert (got - expected).abs().max() <= 1e-6 * expected.abs().max()
 
 
-def test_rows_quantize_to_the_nearest_step_with_their_own_scale():
+@pytest.mark.parametrize("levels, zero", [(127, 128), (63, 64)], ids=["8-bit", "7-bit"])
+def test_rows_quantize_to_the_nearest_step_with_their_own_scale(levels, zero):
     x = torch.randn(5, 64) * torch.tensor([1.0, 10.0, 0.01, 100.0, 0.0])[:, None]
-    q, scale = quantize_rows(x)
+    q, scale = quantize_rows(x, levels, zero)
     assert q.dtype == torch.uint8 and scale.shape == (5, 1)
-    values = q.float() - 128
-    assert values.abs().max() <= 127 and values[:4].abs().amax(-1).eq(127).all()  # each row uses its range
+    values = q.float() - zero
+    assert values.abs().max() <= levels and values[:4].abs().amax(-1).eq(levels).all()  # each row its range
     assert ((values * scale - x).abs() <= scale / 2 * (1 + 1e-6)).all()
     assert values[4].eq(0).all()  # the zero row: zeros, no NaN
+
+
+def test_rows_are_7_bit_exactly_where_the_cpu_s_int8_pairs_saturate():
+    """x86 without VNNI sums pairs of u8 x s8 products in int16: rows there use 7 bits, whose pairs
+    cannot overflow (127 * 127 * 2 <= 32767), so the product stays exact (the test above it)."""
+    flags = set(native.cpu_flags().split())
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    saturate = x86 and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+    assert pairs_saturate() == saturate
+    assert (LEVELS, ZERO) == ((63, 64) if saturate else (127, 128))
+    assert (ZERO + LEVELS) * 127 * 2 <= 32767 or not saturate
 
 
 def test_a_copy_of_a_packed_layer_gives_the_same_numbers():
@@ -167,19 +190,24 @@ def test_every_family_quantizes_saves_and_loads_back_bitwise(family, method, tmp
         assert not int8 and all(v.dtype == torch.bfloat16 for v in saved.values())
     else:
         # every block's linear weight is int8 with a scale per output channel; the rest is float
-        layers = [m for m in again.modules() if isinstance(m, (Int8Linear, Int8Embedding))]
+        body = again.body if task == "causal-lm" else again
+        layers = [m for m in body.modules() if isinstance(m, (Int8Linear, Int8Embedding))]
         assert int8 and len(layers) == config["int8_layers"]
         assert {k + "_scale" for k in int8} <= set(saved)
         for name in int8:
             assert saved[name + "_scale"].dtype == torch.float32
-            assert saved[name + "_scale"].numel() == saved[name].shape[1 if family == "gpt2" else 0]
+            conv1d = family == "gpt2" and not name.endswith("wte.weight")  # GPT-2's (in, out) layers
+            assert saved[name + "_scale"].numel() == saved[name].shape[1 if conv1d else 0]
         assert not any("norm" in k.lower() or "position" in k or "wpe" in k for k in int8)
-        # the token embeddings are int8 unless they are the LM head too
-        tied = FAMILIES[family].decoder and again.body.config.tie_word_embeddings
-        assert FAMILIES[family].inputs != "tokens" or (
-            any(k.endswith(("word_embeddings.weight", "embed_tokens.weight", "wte.weight")) for k in int8)
-            != tied
+        # the token embeddings are int8, and a LM head tied to them reads the same int8 tensors
+        assert FAMILIES[family].inputs != "tokens" or any(
+            k.endswith(("word_embeddings.weight", "embed_tokens.weight", "wte.weight")) for k in int8
         )
+        if task == "causal-lm":
+            head, table = again.head.proj, again.body.embed.tokens
+            assert isinstance(head, Int8Linear) == again.head.tied and not any("lm_head" in k for k in int8)
+            if again.head.tied:
+                assert head.weight is table.weight and head.weight_scale is table.weight_scale
 
     # the quantized model agrees with the float one: each row's direction to 1e-3
     cos = F.cosine_similarity(outputs(float_model, task, family), outputs(again, task, family), dim=-1)
@@ -200,11 +228,16 @@ def test_int8_dynamic_keeps_float_inputs_exactly_where_decoders_have_outliers(fa
         body = model.body if task == "causal-lm" else model
         layers = {n: m for n, m in body.named_modules() if isinstance(m, Int8Linear)}
         weight_only = {n for n, m in layers.items() if m.activations == "weight"}
+        names = {n.split(".", 2)[2] for n in layers if n.startswith("layers.")}  # attn.q, ffn.up...
         blocks = len(body.layers)
         if FAMILIES[family].decoder:
-            kinds = ("attn.q", "attn.k", "attn.v", "ffn.down")
-            assert weight_only == {f"layers.{i}.{p}" for i in range(blocks) for p in kinds}
-            assert {"layers.0.attn.o", "layers.0.ffn.up"} <= set(layers) - weight_only
+            # gate/up's rows too where they are 7-bit (x86 without VNNI: graft.kernels.int8.LEVELS)
+            kinds = ("attn.q", "attn.k", "attn.v", "ffn.down") + (
+                ("ffn.gate", "ffn.up") if LEVELS < 127 else ()
+            )
+            assert weight_only == {f"layers.{i}.{p}" for i in range(blocks) for p in kinds if p in names}
+            assert "layers.0.attn.o" in set(layers) - weight_only
+            assert LEVELS < 127 or "layers.0.ffn.up" in set(layers) - weight_only
         else:
             assert not weight_only and layers
     config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
@@ -263,6 +296,35 @@ def test_quantized_decoder_generates(method, tmp_path, minilm, cli):
     expected = json.loads(cli("eval", folder, "--data", data).ok().stdout)["perplexity"]
     got = json.loads(cli("eval", tmp_path / "q", "--data", data).ok().stdout)["perplexity"]
     assert abs(got / expected - 1) <= 0.01, (got, expected)
+
+
+@pytest.mark.parametrize("method", INT8)
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_an_output_layer_tied_to_the_int8_table_reads_that_table(family, method, tmp_path):
+    """BERT's MLM decoder and GPT-2's LM head are the token table: quantized, they read its int8
+    rows and per-token scales (the same tensors: no float copy, which made SmolLM2's head a third
+    of a decoded token's time) on float inputs, and score as the float model does."""
+    import transformers as tr
+
+    task = "causal-lm" if family == "gpt2" else "masked-lm"
+    cls = tr.AutoModelForCausalLM if family == "gpt2" else tr.AutoModelForMaskedLM
+    torch.manual_seed(0)
+    cls.from_config(tiny_hf_config(family)).eval().save_pretrained(tmp_path / "f")
+    quantize_folder(tmp_path / "f", tmp_path / "q", method)
+    float_model, model = load_model(tmp_path / "f", task=task), load_model(tmp_path / "q", task=task)
+    output = model.head.proj if task == "causal-lm" else model.head.decoder
+    table = model.body.embed.tokens
+    assert isinstance(table, Int8Embedding) and isinstance(output, Int8Linear)
+    assert output.weight is table.weight and output.weight_scale is table.weight_scale
+    assert output.activations == "weight"
+    saved = load_file(tmp_path / "q" / "model.safetensors")
+    assert sum(v.dtype == torch.int8 and v.shape == table.weight.shape for v in saved.values()) == 1
+    ids, mask = padded_batch()
+    with torch.inference_mode():
+        expected = float_model(input_ids=ids, attention_mask=mask).logits[mask.bool()]  # (N, V)
+        got = model(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+    assert F.cosine_similarity(expected, got, dim=-1).min() >= 0.99
+    assert expected.argmax(-1).eq(got.argmax(-1)).float().mean() >= 0.9
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -399,19 +461,20 @@ def test_two_stack_families_quantize_save_and_load_back_bitwise(family, method, 
     saved = load_file(tmp_path / "q" / "model.safetensors")
     int8 = {k for k, v in saved.items() if v.dtype == torch.int8}
     config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    layers = [n for n, m in again.named_modules() if isinstance(m, (Int8Linear, Int8Embedding))]
-    assert len(layers) == config["int8_layers"] and {k + "_scale" for k in int8} <= set(saved)
     body = again.body if hasattr(again, "body") else again
+    layers = [n for n, m in body.named_modules() if isinstance(m, (Int8Linear, Int8Embedding))]
+    assert len(layers) == config["int8_layers"] and {k + "_scale" for k in int8} <= set(saved)
     stacks = [body.text, body.vision] if FAMILIES[family].dual_encoder else [body.encoder, body.decoder]
     for stack in stacks:
         linears = [m for m in stack.layers.modules() if isinstance(m, torch.nn.Linear)]
         assert not linears and any(isinstance(m, Int8Linear) for m in stack.layers.modules())
     if FAMILIES[family].encoder_decoder:
         assert any(".cross_attn." in n for n in layers)
-        # the token table is int8 unless it is the output layer too (which stays float)
-        tied = body.config.decoder.tie_word_embeddings
-        assert isinstance(body.decoder.embed.tokens, Int8Embedding) != tied
-        assert not isinstance(again.head.proj, Int8Linear)
+        # the token table is int8, and an output layer tied to it reads the same int8 tensors
+        assert isinstance(body.decoder.embed.tokens, Int8Embedding)
+        assert isinstance(again.head.proj, Int8Linear) == again.head.tied
+        if again.head.tied:
+            assert again.head.proj.weight is body.decoder.embed.tokens.weight
     else:
         assert isinstance(body.text.embed.tokens, Int8Embedding)
         assert not isinstance(body.text_projection, Int8Linear)  # as a pooler: float

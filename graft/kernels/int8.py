@@ -8,10 +8,17 @@ w ~= weight * weight_scale[:, None], |weight| <= 127) and runs in one of two way
   accumulation (``torch.ops.onednn.qlinear_pointwise``, VNNI/AMX where the CPU has them); the
   output is acc * weight_scale * s + bias. The per-row scale factors out of the dot product, so
   it is applied to the output in one pass.
-- ``"weight"`` (int8-weight): activations stay float. A few rows (decoding) run on
-  ``torch.ops.aten._weight_int8pack_mm`` in bf16, which reads the int8 weight directly (a quarter
-  of fp32's bytes, the cost of a memory-bound step); many rows dequantize the weight once per call
-  and take a float matmul (compute-bound: int8 weights would not make it faster).
+- ``"weight"`` (int8-weight): activations stay float. A few rows (decoding) are multiplied by the
+  int8 weight itself, a quarter of fp32's bytes, the cost of a memory-bound step: graft's C loop
+  (graft.kernels.native.int8_weight_mm: int8 -> float in registers, fp32 sums), else torch's
+  ``_weight_int8pack_mm`` in bf16. Many rows dequantize the weight once per call and take a float
+  matmul (compute-bound: int8 weights would not make it faster), in bf16 where oneDNN has bf16
+  products (AVX-512, AMX), else in fp32.
+
+The output layer over a vocabulary that is tied to an int8 token table (``tied_output``: SmolLM2's
+and GPT-2's LM heads, T5's and BART's, BERT's MLM decoder) is an int8-weight layer reading the
+table's own int8 rows and scales. On an AMD EPYC 7003 (AVX2, no AVX-512), one thread, one row of
+SmolLM2's (49152, 576) head: fp32 10.5 ms, torch's _weight_int8pack_mm 6.1 ms, the C loop 2.5 ms.
 
 Timed single-threaded on an AMD EPYC (AVX-512 VNNI) at MiniLM's shapes, (768 rows, 384 -> 1536):
 fp32 on oneDNN packed weights 3.8 ms, bf16 2.0 ms, the u8 x s8 matmul 0.9 ms (torch._int_mm
@@ -32,6 +39,7 @@ kept on the layer (``Packs``), not in the state dict.
 
 from __future__ import annotations
 
+import platform
 import threading
 
 import torch
@@ -39,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graft.kernels import native
-from graft.kernels.linear import linear
+from graft.kernels.linear import ONEDNN_BF16, linear
 
 ACTIVATIONS = ("dynamic", "weight")  # how the input is treated: quantized per row, or kept float
 # graft quantize's methods -> how their Int8Linear treats its input (None: no int8 layers, bf16 weights)
@@ -57,20 +65,41 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def as_uint8(q: torch.Tensor) -> torch.Tensor:
-    """int8 values v -> uint8 v + 128, in place: flipping the sign bit is the shift.
+def pairs_saturate() -> bool:
+    """Whether oneDNN's u8 x s8 product adds pairs of products in int16 on this CPU: x86 without
+    VNNI (AVX2; AVX-512 before Cascade Lake) multiplies with vpmaddubsw, whose pair sums saturate
+    at 32767 (255 * 127 * 2 is 64770). Measured on an AMD EPYC 7003 (AVX2): outputs off by 17 on
+    a layer whose float outputs err by 1 from the int8 ones' reference."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False  # arm64's dot products accumulate in int32
+    flags = set(native.cpu_flags().split())
+    return not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
+# How rows are coded (uint8 q + ZERO, |q| <= LEVELS): 8 bits where pairs of products are exact,
+# else 7 (|q| <= 63, zero point 64: a pair sums to at most 127 * 127 * 2, as fbgemm's reduce_range)
+LEVELS, ZERO = (63, 64) if pairs_saturate() else (127, 128)
+
+
+def to_uint8(q: torch.Tensor, zero: int) -> torch.Tensor:
+    """int8 values v -> uint8 v + ``zero`` (128 or 64), in place: for 128 flipping the sign bit
+    is the shift; v + 64 (|v| <= 63) stays within int8's range.
 
     oneDNN multiplies u8 x s8 (its s8 x s8 is a reference loop, thousands of times slower), and
-    torch converts float to int8 4-5x faster than to uint8: so the rows round into int8, then flip.
+    torch converts float to int8 4-5x faster than to uint8: so the rows round into int8, then shift.
     """
-    return q.view(torch.uint8).bitwise_xor_(128)
+    if zero == 128:
+        return q.view(torch.uint8).bitwise_xor_(128)
+    return q.add_(zero).view(torch.uint8)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, in) float -> (N, in) uint8 holding floor(x / s + 0.5) + 128 and (N, 1) fp32 scales
-    s = max|x| / 127 (|x / s| <= 127: no clamp needed).
+def quantize_rows(
+    x: torch.Tensor, levels: int = LEVELS, zero: int = ZERO
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, in) float -> (N, in) uint8 holding floor(x / s + 0.5) + ``zero`` and (N, 1) fp32 scales
+    s = max|x| / ``levels`` (|x / s| <= levels: no clamp needed); see LEVELS and ZERO.
 
-    Plain single-pass ops (amax, amin, mul, add, floor, to int8, a byte flip): at MiniLM's
+    Plain single-pass ops (amax, amin, mul, add, floor, to int8, a shift): at MiniLM's
     (768, 1536) 2.5x faster than adding 128.5 by addcmul (whose 0-dim input takes a slow
     broadcast) and truncating to uint8 (a conversion torch does not vectorize). Ties round up,
     as they did then: SmolLM2's perplexity on a short paragraph moved +0.9% -> +3.8% with
@@ -80,18 +109,20 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``torch_quantize_rows``.
     """
     x = x.float()
-    fast = native.quantize_rows(x, TINY)
-    return fast if fast is not None else torch_quantize_rows(x)
+    fast = native.quantize_rows(x, TINY, levels, zero)
+    return fast if fast is not None else torch_quantize_rows(x, levels, zero)
 
 
-def torch_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def torch_quantize_rows(
+    x: torch.Tensor, levels: int = LEVELS, zero: int = ZERO
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_rows`` written with torch's ops (nine passes over x)."""
     x = x.float()
     # amax and amin: no copy, 20x faster than linalg.vector_norm(x, inf), which does not vectorize
     scale = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
-    scale = scale.clamp_min_(TINY).div_(127)  # (N, 1)
-    q = x.mul(scale.reciprocal()).add_(0.5).floor_().to(torch.int8)  # (N, in) in [-127, 127]
-    return as_uint8(q), scale  # (N, in), (N, 1)
+    scale = scale.clamp_min_(TINY).div_(levels)  # (N, 1)
+    q = x.mul(scale.reciprocal()).add_(0.5).floor_().to(torch.int8)  # (N, in) in [-levels, levels]
+    return to_uint8(q, zero), scale  # (N, in), (N, 1)
 
 
 class Packs:
@@ -179,6 +210,17 @@ class Int8Linear(nn.Module):
             layer.bias = linear.bias.detach().clone()
         return layer.to(weight.device)
 
+    @classmethod
+    def tied_to(cls, table: Int8Embedding, bias: torch.Tensor | None = None) -> Int8Linear:
+        """The output layer over ``table``'s vocabulary that reads its int8 rows and per-token scales
+        (the same tensors: a token's scale is its output channel's), float inputs (int8-weight: the
+        logits decide the next token, and the last hidden state has outlier channels)."""
+        layer = cls(table.embedding_dim, table.num_embeddings, bias is not None, "weight")
+        layer.weight, layer.weight_scale = table.weight, table.weight_scale
+        if bias is not None:
+            layer.bias = bias.detach()
+        return layer
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -202,15 +244,23 @@ class Int8Linear(nn.Module):
         rows = x.numel() // self.in_features
         if not x.is_cpu or x.requires_grad:
             return reference_linear(x, self)
-        # memory-bound: read the int8 weight itself (the kernel crashes on widths not a multiple of 32)
-        if rows <= FEW_ROWS and self.in_features % 32 == 0:
-            y = torch.ops.aten._weight_int8pack_mm(
-                x.reshape(rows, self.in_features).bfloat16(), self.weight, self.bf16_scale()
-            )  # (rows, out)
+        # memory-bound: read the int8 weight itself (graft's C loop, else torch's kernel, which
+        # crashes on widths not a multiple of 32)
+        y = None
+        if rows <= FEW_ROWS:
+            y = native.int8_weight_mm(
+                x.reshape(rows, self.in_features).float(), self.weight, self.weight_scale
+            )
+            if y is None and self.in_features % 32 == 0:
+                y = torch.ops.aten._weight_int8pack_mm(
+                    x.reshape(rows, self.in_features).bfloat16(), self.weight, self.bf16_scale()
+                )  # (rows, out)
+        if y is not None:
             y = y.reshape(*x.shape[:-1], self.out_features)
-        else:  # compute-bound: the weight dequantized once per call, a bf16 product on oneDNN
-            w = (self.weight.float() * self.weight_scale.float()[:, None]).bfloat16()  # (out, in)
-            y = linear(x.bfloat16(), w)
+        else:  # compute-bound: the weight dequantized once per call, a bf16 product where oneDNN has one
+            dtype = torch.bfloat16 if ONEDNN_BF16 else torch.float32
+            w = (self.weight.float() * self.weight_scale.float()[:, None]).to(dtype)  # (out, in)
+            y = linear(x.to(dtype), w)
         return (
             y.to(x.dtype) if self.bias is None else y.to(x.dtype) + self.bias.to(x.dtype)
         )  # (bias unrounded)
@@ -240,8 +290,20 @@ class Int8Linear(nn.Module):
         packed, zeros = self.packed()
         q, scale = self.rows.quantize(x, self.in_features)  # (N, in) uint8, (N, 1)
         y = torch.ops.onednn.qlinear_pointwise(
-            q, 1.0, 128, packed, self.weight_scale.float(), zeros, None, 1.0, 0, torch.float32, "none", [], ""
-        )  # (N, out) = sum_k (q - 128) * weight * weight_scale
+            q,
+            1.0,
+            ZERO,
+            packed,
+            self.weight_scale.float(),
+            zeros,
+            None,
+            1.0,
+            0,
+            torch.float32,
+            "none",
+            [],
+            "",
+        )  # (N, out) = sum_k (q - ZERO) * weight * weight_scale
         y = y.mul_(scale) if self.bias is None else torch.addcmul(self.bias.float(), y, scale, out=y)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
@@ -275,12 +337,22 @@ class Int8Embedding(nn.Module):
         return rows * self.weight_scale.float()[ids].unsqueeze(-1)
 
 
+def tied_output(table: nn.Module, layer: nn.Linear) -> nn.Module:
+    """``layer``, an output layer over the vocabulary, tied to the token ``table``: the float layer
+    with the table's weight, or for an int8 table the Int8Linear reading it (``Int8Linear.tied_to``,
+    ``layer``'s bias kept): one tensor for the lookup and the logits either way."""
+    if isinstance(table, Int8Embedding):
+        return Int8Linear.tied_to(table, layer.bias)
+    layer.weight = table.weight
+    return layer
+
+
 def reference_linear(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
     """What ``layer`` computes, written out in float: the rows quantized as the kernel does (for
     "dynamic"), times the dequantized weight. Off CPU, with gradients, or without oneDNN's ops."""
     if layer.activations == "dynamic":
         q, scale = quantize_rows(x.reshape(-1, layer.in_features))
-        x = ((q.float() - 128) * scale).reshape(x.shape).to(x.dtype)
+        x = ((q.float() - ZERO) * scale).reshape(x.shape).to(x.dtype)
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     return F.linear(x, layer.dequantized().to(x.dtype), bias)
 

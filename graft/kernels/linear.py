@@ -27,6 +27,9 @@ from torch import nn
 from graft.nn.feedforward import ACTIVATIONS
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN's bf16 products need AVX-512 (or AMX); on an AVX2-only CPU (an AMD EPYC 7003) it refuses them
+# ("could not create a primitive descriptor"), and bf16 takes torch's matmul
+ONEDNN_BF16 = ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 # activations oneDNN applies to the tile in cache: name -> (its attribute, its algorithm)
 FUSED = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
 GELU = {"gelu": "none", "gelu_tanh": "tanh"}  # activation name -> F.gelu's approximate
@@ -58,7 +61,7 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         ONEDNN
         and x.is_cpu
         and x.dtype == weight.dtype
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and ONEDNN_BF16))
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()  # torch.compile brings its own kernels

@@ -40,12 +40,13 @@ log = logging.getLogger("graft")
 
 SOURCE = r"""
 #include <stdint.h>
+#include <string.h>
 #include <math.h>
 
-/* (rows, cols) fp32 -> (rows, cols) uint8 floor(x / s + 0.5) + 128 and (rows,) fp32 scales
-   s = max(max|x|, tiny) / 127, each row on its own: graft.kernels.int8.quantize_rows. */
+/* (rows, cols) fp32 -> (rows, cols) uint8 floor(x / s + 0.5) + zero and (rows,) fp32 scales
+   s = max(max|x|, tiny) / levels, each row on its own: graft.kernels.int8.quantize_rows. */
 void quantize_rows(const float *restrict x, int64_t rows, int64_t cols, uint8_t *restrict q,
-                   float *restrict scale, float tiny) {
+                   float *restrict scale, float tiny, float levels, int32_t zero) {
     for (int64_t i = 0; i < rows; ++i) {
         const float *restrict row = x + i * cols;
         float hi = 0.0f, lo = 0.0f;
@@ -54,15 +55,59 @@ void quantize_rows(const float *restrict x, int64_t rows, int64_t cols, uint8_t 
             lo = fminf(lo, row[j]);
         }
         float top = hi > -lo ? hi : -lo;
-        float s = (top > tiny ? top : tiny) / 127.0f;
+        float s = (top > tiny ? top : tiny) / levels;
         float inv = 1.0f / s;
         scale[i] = s;
         uint8_t *restrict out = q + i * cols;
         for (int64_t j = 0; j < cols; ++j) {
             int32_t v = (int32_t)floorf(row[j] * inv + 0.5f);
-            out[j] = (uint8_t)(v + 128);
+            out[j] = (uint8_t)(v + zero);
         }
     }
+}
+
+/* sum_k w[k] x[k] over n (a multiple of 32) int8 weights and fp32 inputs: 32 running sums */
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+static inline __m256 widen(const int8_t *p) {  /* 8 int8 -> 8 floats (vpmovsxbd, vcvtdq2ps) */
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline float dot(const int8_t *restrict w, const float *restrict x, int64_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < n; k += 32) {
+        a0 = _mm256_fmadd_ps(widen(w + k), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(widen(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+        a2 = _mm256_fmadd_ps(widen(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+        a3 = _mm256_fmadd_ps(widen(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+    }
+    __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+#else  /* the compiler vectorizes the lanes (int8 -> int32 -> float, multiply, add) */
+static inline float dot(const int8_t *restrict w, const float *restrict x, int64_t n) {
+    float acc[32] = {0};
+    for (int64_t k = 0; k < n; k += 32)
+        for (int j = 0; j < 32; ++j)
+            acc[j] += (float)w[k + j] * x[k + j];
+    for (int step = 16; step > 0; step /= 2)
+        for (int j = 0; j < step; ++j)
+            acc[j] += acc[j + step];
+    return acc[0];
+}
+#endif
+
+/* y (rows, out) = x (rows, cols) fp32 times the int8 weight (out, cols) with one fp32 scale per
+   output channel: y[r, o] = scale[o] * sum_k w[o, k] x[r, k], each weight row read once (the few
+   rows of x stay in cache); cols a multiple of 32. The output channels split among `threads`
+   OpenMP threads (torch's own pool: the same libgomp). */
+void int8_weight_mm(const float *restrict x, int64_t rows, int64_t cols, const int8_t *restrict w,
+                    const float *restrict scale, int64_t out, float *restrict y, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if(threads > 1 && out * cols >= 65536)
+    for (int64_t o = 0; o < out; ++o)
+        for (int64_t r = 0; r < rows; ++r)
+            y[r * out + o] = dot(w + o * cols, x + r * cols, cols) * scale[o];
 }
 """
 # IEEE arithmetic (no fused multiply-add), but max and floor vectorized (finite inputs)
@@ -77,6 +122,7 @@ FLAGS = (
     "-shared",
     "-fPIC",
 )
+OPENMP = ("-fopenmp",)  # the loops' threads; a compiler without OpenMP builds them serial
 ENV = "GRAFT_NATIVE"  # "0": never build or load the C loops (torch's ops only)
 
 
@@ -111,8 +157,11 @@ def build(path: Path) -> None:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         source, target = Path(tmp) / "native.c", Path(tmp) / path.name
         source.write_text(SOURCE)
-        subprocess.run([compiler(), *FLAGS, str(source), "-o", str(target), "-lm"], check=True,
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+        command = [compiler(), *FLAGS, str(source), "-o", str(target), "-lm"]
+        try:
+            subprocess.run([*command, *OPENMP], check=True, capture_output=True, text=True, timeout=120)
+        except subprocess.CalledProcessError:
+            subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
         os.replace(target, path)
 
 
@@ -134,8 +183,11 @@ def library() -> ctypes.CDLL | None:
         log.info("graft kernels: the C loops did not build (%s); torch's ops instead", detail.strip()[:200])
         return None
     lib.quantize_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                  ctypes.c_void_p, ctypes.c_float]  # fmt: skip
+                                  ctypes.c_void_p, ctypes.c_float, ctypes.c_float, ctypes.c_int32]  # fmt: skip
     lib.quantize_rows.restype = None
+    lib.int8_weight_mm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]  # fmt: skip
+    lib.int8_weight_mm.restype = None
     return lib
 
 
@@ -149,7 +201,9 @@ def platform_unsupported() -> bool:
     )
 
 
-def quantize_rows(x: torch.Tensor, tiny: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+def quantize_rows(
+    x: torch.Tensor, tiny: float, levels: int, zero: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(N, in) fp32 -> (N, in) uint8 and (N, 1) fp32 as graft.kernels.int8.quantize_rows computes
     them, or None where the C loop does not apply (no library, not a contiguous CPU fp32 tensor)."""
     if x.dtype != torch.float32 or not x.is_cpu or x.requires_grad or x.dim() != 2:
@@ -161,5 +215,31 @@ def quantize_rows(x: torch.Tensor, tiny: float) -> tuple[torch.Tensor, torch.Ten
     rows, cols = x.shape
     q = torch.empty(rows, cols, dtype=torch.uint8)
     scale = torch.empty(rows, 1)
-    lib.quantize_rows(x.data_ptr(), rows, cols, q.data_ptr(), scale.data_ptr(), tiny)
+    lib.quantize_rows(x.data_ptr(), rows, cols, q.data_ptr(), scale.data_ptr(), tiny, levels, zero)
     return q, scale
+
+
+def int8_weight_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """(N, in) fp32 times the (out, in) int8 ``weight`` with (out,) fp32 ``scale`` per output
+    channel -> (N, out) fp32, on torch's threads; or None where the C loop does not apply (no
+    library, not CPU fp32 / int8 tensors, ``in`` not a multiple of 32)."""
+    rows, cols = x.shape
+    if (
+        x.dtype != torch.float32
+        or not x.is_cpu
+        or x.requires_grad
+        or cols % 32
+        or weight.dtype != torch.int8
+        or not weight.is_contiguous()
+        or scale.dtype != torch.float32
+    ):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    x, scale = x.contiguous(), scale.contiguous()
+    out = weight.shape[0]
+    y = torch.empty(rows, out)
+    lib.int8_weight_mm(x.data_ptr(), rows, cols, weight.data_ptr(), scale.data_ptr(), out, y.data_ptr(),
+                       torch.get_num_threads())  # fmt: skip
+    return y

@@ -31,7 +31,7 @@ from graft.kernels.attention import FastAttention
 from graft.kernels.calibrate import ENV, ROWS, Calibration, processor
 from graft.kernels.dropout import Dropout
 from graft.kernels.feedforward import FastFeedForward
-from graft.kernels.linear import FUSED, ONEDNN, ROUTES, PackedLinear, plain, weights_signature
+from graft.kernels.linear import FUSED, ONEDNN, ONEDNN_BF16, ROUTES, PackedLinear, plain, weights_signature
 from graft.nn.attention import Attention
 from graft.nn.feedforward import FeedForward
 
@@ -224,7 +224,8 @@ def report(model: nn.Module) -> dict[str, str]:
         + (f"; {len(unfused)} have wrapped or hooked projections (LoRA, adapters)" if unfused else ""),
         "dropout": "graft's masks on CPU" if any(isinstance(m, Dropout) for m in model.modules()) else "none",
     }
-    if kernels is not None and ONEDNN and device == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
+    onednn = weight.dtype == torch.float32 and ONEDNN or weight.dtype == torch.bfloat16 and ONEDNN_BF16
+    if kernels is not None and device == "cpu" and onednn:
         states.update(routes(model, kernels.calibration, weight.dtype))
     if kernels is not None and device == "cpu":
         states["attention (float32, inference)"] = kernels.calibration.explain_attention(torch.float32)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graft.kernels.int8 import tied_output
 from graft.nn import Transformer, TransformerOutput
 from graft.tasks.base import Head
 from graft.tasks.collate import field, pad, window
@@ -27,7 +28,7 @@ class LMHead(Head):
         self.proj = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tied = cfg.tie_word_embeddings
         if self.tied:
-            self.proj.weight = body.embed.tokens.weight
+            self.proj = tied_output(body.embed.tokens, self.proj)  # int8 when the table is
 
     def forward(self, out: TransformerOutput, batch: dict[str, Any]) -> torch.Tensor:
         hidden = out.last_hidden_state  # (B, T, H)

@@ -16,6 +16,7 @@ from torch import nn
 
 from graft.data.masking import IGNORE, check_probability, mask_tokens, word_tensor
 from graft.errors import GraftError
+from graft.kernels.int8 import tied_output
 from graft.metrics import perplexity
 from graft.nn import Transformer, TransformerOutput
 from graft.nn.feedforward import ACTIVATIONS
@@ -52,7 +53,7 @@ class MaskedLMHead(Head):
         nn.init.zeros_(self.decoder.bias)
         self.tied = cfg.tie_word_embeddings
         if self.tied:
-            self.decoder.weight = body.embed.tokens.weight
+            self.decoder = tied_output(body.embed.tokens, self.decoder)  # int8 when the table is
         else:
             nn.init.normal_(self.decoder.weight, std=std)
         # how collate masks: dynamic masks drawn from this head's own generator (seeded)

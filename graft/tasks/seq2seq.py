@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graft.errors import GraftError
+from graft.kernels.int8 import tied_output
 from graft.nn import EncoderDecoder, Seq2SeqOutput
 from graft.tasks.base import Head
 from graft.tasks.collate import field, pad, window
@@ -57,7 +58,7 @@ class Seq2SeqHead(Head):
         self.proj = nn.Linear(dec.hidden_size, dec.vocab_size, bias=False)
         self.tied = dec.tie_word_embeddings
         if self.tied:
-            self.proj.weight = body.decoder.embed.tokens.weight
+            self.proj = tied_output(body.decoder.embed.tokens, self.proj)  # int8 when the table is
         self.scale = dec.hidden_size**-0.5 if scale_output else None  # T5 v1.0
         if self.layout.bias:
             self.register_buffer("bias", torch.zeros(1, dec.vocab_size))
