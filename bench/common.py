@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -79,6 +82,17 @@ def emit(figures: dict) -> None:
     import torch
 
     print(json.dumps({"processor": processor(), "threads": torch.get_num_threads(), **figures}))
+
+
+def scratch(prefix: str, keep: str | Path | None = None) -> Path:
+    """A folder for the run's models and data (GBs for some benchmarks), deleted when the process
+    exits, however it exits short of being killed; ``keep``: a folder of the caller's, kept."""
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        return Path(keep)
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def fail(message: str) -> None:

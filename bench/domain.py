@@ -29,13 +29,12 @@ import random
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import emit, fail, minilm_folder
+from bench.common import emit, fail, minilm_folder, scratch
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = Path(__file__).resolve().parent / "recipes"  # the bench's own
@@ -239,7 +238,7 @@ def main() -> None:
     vars(args).update(sizes)
     torch.manual_seed(0)
     corpus = plays()
-    work = Path(tempfile.mkdtemp(prefix="graft-bench-domain-"))
+    work = scratch("graft-bench-domain-")
     start = time.perf_counter()
     figures: dict = {"held_out": list(HELD_OUT), "small": args.small}
     if not args.no_minilm:

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import bbc_folder, emit, fail, minilm_folder
+from bench.common import bbc_folder, emit, fail, minilm_folder, scratch
 
 MAX_LENGTH = 128
 STEPS = 50
@@ -159,7 +158,7 @@ def main() -> None:
     data = articles()
     labels = sorted({label for _, label in data})
     train, held = data[: args.train], data[args.train : args.train + args.articles]
-    folder = Path(tempfile.mkdtemp(prefix="graft-bench-explain-"))
+    folder = scratch("graft-bench-explain-")
     start = time.perf_counter()
     accuracy = train_classifier(train, labels, folder, args.finetune_epochs)
     print(

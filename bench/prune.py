@@ -16,13 +16,12 @@ in the table. bench/compress.py is the full, wall-clock comparison; this is the 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import emit, fail
+from bench.common import emit, fail, scratch
 
 BATCH, SHORT, LONG = 32, 24, 128
 SCOPES = ("layer", "global")
@@ -75,6 +74,9 @@ def main() -> None:
         "--importance", type=int, default=512, help="training articles scoring heads and neurons"
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards; the least CPU time counts")
+    parser.add_argument(
+        "--keep", default="", help="a folder to keep the trained and pruned models in (default: deleted)"
+    )
     parser.add_argument("--small", action="store_true", help="a quick check that everything runs")
     args = parser.parse_args()
     if args.small:
@@ -93,7 +95,7 @@ def main() -> None:
     from graft.tokenizer import Tokenizer
 
     train, test, labels = splits(args)
-    work = Path(tempfile.mkdtemp(prefix="graft-bench-prune-"))
+    work = scratch("graft-bench-prune-", args.keep)
     folder = Path(args.model) if args.model else train_classifier(args, train, labels, work)
     tokenizer = Tokenizer.from_folder(folder)
     teacher = load_model(folder).eval()

@@ -30,12 +30,11 @@ import multiprocessing
 import os
 import random
 import resource
-import tempfile
 from typing import Any
 
 import torch
 
-from bench.common import bbc_folder, emit, fail, minilm_folder
+from bench.common import bbc_folder, emit, fail, minilm_folder, scratch
 
 # strategy -> (graft spec, learning rate); the reference uses the same lr for the same strategy
 RUNS = {
@@ -105,7 +104,7 @@ def run_graft(args, name: str, seed: int, memory_steps: int = 0) -> dict[str, An
     model = load_model(minilm_folder(), task="classification", id2label=labels, to_train=True)
     model = apply_strategy(model, spec)
     count = count_parameters(model)
-    out = tempfile.mkdtemp(prefix="graft-bench-")
+    out = str(scratch("graft-bench-"))
     recipe = load_recipe(
         base={
             "optim": {"lr": lr, "weight_decay": 0.01},
@@ -181,7 +180,7 @@ def run_reference(args, name: str, seed: int, memory_steps: int = 0) -> dict[str
         ]
 
     targs = transformers.TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="hf-bench-"), per_device_train_batch_size=args.batch_size,
+        output_dir=str(scratch("hf-bench-")), per_device_train_batch_size=args.batch_size,
         num_train_epochs=args.epochs, learning_rate=lr, weight_decay=0.01, lr_scheduler_type="linear",
         warmup_steps=warmup_steps(args, len(train)), max_grad_norm=1.0, seed=seed, report_to=[], save_strategy="no",
         max_steps=memory_steps or -1, eval_strategy="no", logging_strategy="no", use_cpu=device == "cpu", dataloader_num_workers=0, disable_tqdm=True,

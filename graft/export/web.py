@@ -41,10 +41,11 @@ ORT_WEB_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd
 WEB_TASKS = ("classification", "embedding")
 # How far the page may stand from graft's float32 model: the int8 graph moves each probability by
 # at most this much, and each embedding keeps a cosine >= graft.export.INT8_MIN_COSINE; against
-# onnxruntime on the same int8 graph, the page agrees to RUNTIME_TOLERANCE (WebAssembly's float
-# kernels differ from the native ones in the last digits).
+# onnxruntime on the same int8 graph, the page agrees to RUNTIME_TOLERANCE (WebAssembly's kernels
+# differ from the native ones: within 1e-3 on int8 weights exported on a VNNI CPU; 4.0e-3 on the
+# uint8 weights exported where the CPU's int8 pairs saturate, graft.export.onnx.quantize_int8).
 SCORE_TOLERANCE = 0.05
-RUNTIME_TOLERANCE = 1e-3
+RUNTIME_TOLERANCE = 5e-3
 PAGE = Path(__file__).with_name("web.html")
 
 
