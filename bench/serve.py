@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -376,7 +378,8 @@ def main() -> None:
     levels = [int(c) for c in args.clients.split(",")]
     corpus = texts(200 if args.small else 1000)
     requests = bodies(corpus)
-    tmp = Path(tempfile.mkdtemp(prefix="graft-bench-serve-"))
+    tmp = Path(tempfile.mkdtemp(prefix="graft-bench-serve-"))  # the servers' logs (a failure prints its tail)
+    atexit.register(shutil.rmtree, tmp, True)
     graft = [sys.executable, "-m", "graft", "serve", str(minilm_folder())]
     systems = {
         "graft": graft,

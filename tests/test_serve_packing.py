@@ -67,3 +67,17 @@ def test_rows_are_widened_only_where_fewer_rows_fill_better_and_never_beyond_the
     assert row_width(lengths, 16) == 16  # the limit holds
     assert row_width([600, 3], 256) == 600  # a text over the limit keeps its own width
     assert row_width([10, 10, 10, 11], 512) == 11  # wider rows would hold no fewer slots
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_row_width_is_the_cheapest_of_the_widths_tried(seed):
+    """row_width skips widths that cannot win; the choice is the exhaustive one's: the least cost
+    (rows x width x its attention), the narrower width on a tie."""
+    from graft.serve.packing import ATTENTION
+
+    rng = random.Random(seed)
+    lengths = [rng.randint(2, 60) for _ in range(rng.randint(1, 64))]
+    longest, limit = max(lengths), rng.choice([32, 64, 256])
+    widths = {min(max(longest, limit), longest + longest * j // 8) for j in range(9)}
+    best = min(widths, key=lambda w: (len(bins(lengths, w)) * w * (1 + w * ATTENTION), w))
+    assert row_width(lengths, limit) == best
