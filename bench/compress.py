@@ -163,7 +163,7 @@ def classifier_rows(args) -> dict:
         print(f"trained on {len(train)} articles in {time.perf_counter() - start:.0f}s: {folder}")
     tokenizer = Tokenizer.from_folder(folder)
     folders = {"fp32": folder}
-    for method in ("bf16", "int8-dynamic", "int8-weight"):
+    for method in args.methods.split(","):
         folders[method] = quantize_folder(folder, work / method, method, overwrite=True)
     if args.students:  # a previous run's students (each trained as smaller_models does)
         for name in STUDENTS:
@@ -362,6 +362,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds; each variant's best is kept")
     parser.add_argument("--new-tokens", type=int, default=64, help="SmolLM2 tokens decoded per run")
     parser.add_argument("--ppl-chars", type=int, default=20000, help="characters of Hamlet for perplexity")
+    parser.add_argument(
+        "--methods",
+        default="bf16,int8-dynamic,int8-weight",
+        help="quantized classifiers timed (bf16 takes minutes where the CPU has no bf16 products: AVX2)",
+    )
     parser.add_argument("--no-smollm", action="store_true", help="skip the SmolLM2 rows")
     parser.add_argument("--no-classifier", action="store_true", help="only the SmolLM2 rows")
     parser.add_argument("--no-students", action="store_true", help="skip the distilled and pruned rows")
@@ -381,6 +386,9 @@ def main() -> None:
     )
     parser.add_argument("--small", action="store_true", help="a quick check that everything runs")
     args = parser.parse_args()
+    unknown = [m for m in args.methods.split(",") if m not in ("bf16", "int8-dynamic", "int8-weight")]
+    if unknown:
+        fail(f"--methods: unknown method {unknown[0]!r} (known: bf16, int8-dynamic, int8-weight)")
     if args.small:
         args.train, args.test, args.epochs, args.texts, args.latency = 64, 64, 1.0, 64, 8
         args.repeats, args.new_tokens, args.ppl_chars = 1, 8, 2000

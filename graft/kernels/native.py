@@ -230,6 +230,7 @@ def int8_weight_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -
         or x.requires_grad
         or cols % 32
         or weight.dtype != torch.int8
+        or not weight.is_cpu
         or not weight.is_contiguous()
         or scale.dtype != torch.float32
     ):
