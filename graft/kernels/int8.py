@@ -248,18 +248,17 @@ class Int8Linear(nn.Module):
         # crashes on widths not a multiple of 32)
         y = None
         if rows <= FEW_ROWS:
-            y = native.int8_weight_mm(
-                x.reshape(rows, self.in_features).float(), self.weight, self.weight_scale
-            )
+            flat = x.reshape(rows, self.in_features)
+            y = native.int8_weight_mm(flat.float(), self.weight, self.weight_scale)
             if y is None and self.in_features % 32 == 0:
                 y = torch.ops.aten._weight_int8pack_mm(
-                    x.reshape(rows, self.in_features).bfloat16(), self.weight, self.bf16_scale()
+                    flat.bfloat16(), self.weight, self.bf16_scale()
                 )  # (rows, out)
         if y is not None:
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:  # compute-bound: the weight dequantized once per call, a bf16 product where oneDNN has one
             dtype = torch.bfloat16 if ONEDNN_BF16 else torch.float32
-            w = (self.weight.float() * self.weight_scale.float()[:, None]).to(dtype)  # (out, in)
+            w = self.dequantized().to(dtype)  # (out, in)
             y = linear(x.to(dtype), w)
         return (
             y.to(x.dtype) if self.bias is None else y.to(x.dtype) + self.bias.to(x.dtype)
