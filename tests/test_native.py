@@ -14,7 +14,7 @@ from conftest import hf_model, tiny_hf_config
 from graft.compress.quantize import quantize
 from graft.kernels import feedforward, native
 from graft.kernels.feedforward import FastFeedForward
-from graft.kernels.int8 import TINY, quantize_rows, torch_quantize_rows
+from graft.kernels.int8 import LEVELS, TINY, ZERO, activated_rows, quantize_rows, torch_quantize_rows
 from graft.loading import load_model
 
 needs_compiler = pytest.mark.skipif(shutil.which(native.compiler()) is None, reason="no C compiler")
@@ -57,6 +57,50 @@ def test_quantize_rows_takes_any_layout_and_dtype():
         q, scale = quantize_rows(variant)
         expected = torch_quantize_rows(variant.float())
         assert torch.equal(q, expected[0]) and torch.equal(scale, expected[1])
+
+
+@needs_compiler
+@pytest.mark.parametrize("activation", ["gelu", "relu", None])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_the_feed_forward_middle_is_torch_s_passes_in_one(activation, bias):
+    """activation(acc * s + b) written over acc within 2e-6 of torch's (GELU's erf by a rational
+    approximation), and its rows quantized exactly as quantize_rows quantizes them."""
+    torch.manual_seed(0)
+    acc, s = torch.randn(300, 1536) * 3, torch.rand(300, 1) + 0.5
+    acc[4, 9] = 80.0  # an outlier: GELU's identity tail
+    b = torch.randn(1536) if bias else None
+    h = acc * s if b is None else torch.addcmul(b, acc, s)
+    functions = {"gelu": torch.nn.functional.gelu, "relu": torch.relu, None: lambda h: h}
+    expected = functions[activation](h)
+    written = acc.clone()
+    got = native.activate_quantize_rows(written, s, b, activation, TINY, LEVELS, ZERO)
+    assert got is not None
+    assert (written - expected).abs().max() <= 2e-6 * max(1.0, float(expected.abs().max()) / 40)
+    q, scale = quantize_rows(written)
+    assert torch.equal(got[0], q) and torch.equal(got[1], scale)
+    threads = torch.get_num_threads()  # rows split among threads: the same bytes
+    try:
+        torch.set_num_threads(1)
+        one = native.activate_quantize_rows(acc.clone(), s, b, activation, TINY, LEVELS, ZERO)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], got[0]) and torch.equal(one[1], got[1])
+
+
+def test_the_feed_forward_middle_declines_what_it_does_not_compute():
+    acc, s = torch.randn(8, 64), torch.rand(8, 1)
+
+    def middle(acc, s, bias, activation):
+        return native.activate_quantize_rows(acc, s, bias, activation, TINY, LEVELS, ZERO)
+
+    assert middle(acc, s, None, "silu") is None  # not one of the C loop's activations
+    assert middle(acc.t(), s, None, "gelu") is None  # not row-major
+    assert middle(acc, s[:4], None, "gelu") is None  # a scale short
+    assert middle(acc, s, torch.zeros(63), "gelu") is None  # a bias short
+    # what the C loop declines, torch's passes compute
+    q, scale = activated_rows(acc.clone(), s, None, "silu")
+    expected = quantize_rows(torch.nn.functional.silu(acc * s))
+    assert torch.equal(q, expected[0]) and torch.equal(scale, expected[1])
 
 
 def int8_weight_and_rows(rows: int, out: int = 300, cols: int = 96):
@@ -162,6 +206,24 @@ def test_int8_feed_forward_in_chunks_of_rows_gives_the_whole_batch_numbers(famil
         chunked = layer(x)
     assert chunked.shape == whole.shape
     assert (chunked - whole).abs().max() <= 1e-6 * whole.abs().max()
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"], ids=["bert", "distilbert-odd-width"])
+def test_int8_feed_forward_middle_in_c_is_the_layer_by_layer_output(family, tmp_path, monkeypatch):
+    """The fused middle (graft's C loop) against the same layer run layer by layer (up, torch's
+    activation, down): within the int8 rows' rounding, a step of a few elements at most."""
+    hf_model(family).save_pretrained(tmp_path)
+    model = quantize(load_model(tmp_path), "int8-dynamic")
+    layer = next(m for m in model.modules() if isinstance(m, FastFeedForward))
+    x = torch.randn(4, 50, tiny_hf_config(family).hidden_size)
+    with torch.inference_mode():
+        assert layer.int8_rows(x)
+        fused = layer(x)
+        monkeypatch.setattr(FastFeedForward, "int8_rows", lambda self, x: False)
+        separate = layer(x)
+    assert fused.shape == separate.shape
+    assert (fused - separate).abs().max() <= 0.02 * separate.abs().max()
+    assert (fused - separate).abs().mean() <= 1e-3 * separate.abs().mean()
 
 
 def test_float_feed_forwards_are_not_chunked(tmp_path):

@@ -1,9 +1,10 @@
 """The feed-forward's CPU kernels: activations applied by oneDNN to the tile in cache, gate and up
-as one matrix multiply while the weights are frozen, and int8-dynamic rows taken in chunks."""
+as one matrix multiply while the weights are frozen, and int8-dynamic rows taken in chunks, the
+middle (bias, activation, quantizing the rows for down) in one C pass."""
 
 import torch
 
-from graft.kernels.int8 import Int8Linear
+from graft.kernels.int8 import INT8_ONEDNN, Int8Linear, activated_rows
 from graft.kernels.linear import call, fused, plain
 from graft.nn.feedforward import ACTIVATIONS, FeedForward
 
@@ -35,8 +36,31 @@ class FastFeedForward(FeedForward):
         rows = max(64, CHUNK_BYTES * torch.get_num_threads() // (self.up.out_features * 4))
         return rows if x.numel() // x.shape[-1] > rows else None
 
+    def int8_rows(self, x: torch.Tensor) -> bool:
+        """Up and down both plain int8-dynamic layers (no gate) over fp32 rows on oneDNN: the
+        activation's output is only ever read quantized, so it is never kept in float."""
+        return (
+            self.gate is None
+            and INT8_ONEDNN
+            and all(
+                type(m) is Int8Linear
+                and m.activations == "dynamic"
+                and not (m._forward_hooks or m._forward_pre_hooks)
+                for m in (self.up, self.down)
+            )
+            and x.is_cpu
+            and x.dtype == torch.float32
+            and not x.requires_grad
+        )
+
     def rows_forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., H) -> (..., H)
         packed, routes = self.kernels.packed(), self.kernels.calibration
+        if self.int8_rows(x):
+            q, scale = self.up.rows.quantize(x, self.up.in_features)  # (N, H) uint8, (N, 1)
+            h, h_scale = activated_rows(
+                self.up.product(q), scale, self.up.bias, self.activation
+            )  # (N, I) uint8
+            return self.down.rows_output(h, h_scale).view(*x.shape[:-1], -1)
         if self.gate is None:
             h = call(self.up, x, self.activation, packed, routes)  # (..., I)
         elif packed is not None and plain(self.gate) and plain(self.up):  # one matrix multiply for both

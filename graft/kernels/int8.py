@@ -48,6 +48,7 @@ from torch import nn
 
 from graft.kernels import native
 from graft.kernels.linear import ONEDNN_BF16, linear
+from graft.nn.feedforward import ACTIVATIONS as FUNCTIONS  # activation name -> function
 
 ACTIVATIONS = ("dynamic", "weight")  # how the input is treated: quantized per row, or kept float
 # graft quantize's methods -> how their Int8Linear treats its input (None: no int8 layers, bf16 weights)
@@ -286,9 +287,13 @@ class Int8Linear(nn.Module):
         return packs.packed, packs.zeros
 
     def onednn_dynamic(self, x: torch.Tensor) -> torch.Tensor:
-        packed, zeros = self.packed()
         q, scale = self.rows.quantize(x, self.in_features)  # (N, in) uint8, (N, 1)
-        y = torch.ops.onednn.qlinear_pointwise(
+        return self.rows_output(q, scale).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def product(self, q: torch.Tensor) -> torch.Tensor:  # (N, in) uint8 -> (N, out) fp32
+        """sum_k (q - ZERO) * weight * weight_scale: the output before the rows' scales and the bias."""
+        packed, zeros = self.packed()
+        return torch.ops.onednn.qlinear_pointwise(
             q,
             1.0,
             ZERO,
@@ -302,9 +307,29 @@ class Int8Linear(nn.Module):
             "none",
             [],
             "",
-        )  # (N, out) = sum_k (q - ZERO) * weight * weight_scale
-        y = y.mul_(scale) if self.bias is None else torch.addcmul(self.bias.float(), y, scale, out=y)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        )
+
+    def rows_output(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The layer's (N, out) fp32 output from (N, in) rows already quantized, with their (N, 1)
+        scales (``quantize_rows``)."""
+        y = self.product(q)
+        return y.mul_(scale) if self.bias is None else torch.addcmul(self.bias.float(), y, scale, out=y)
+
+
+def activated_rows(
+    acc: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, activation: str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows(activation(acc * scale + bias)) for an int8-dynamic layer's (N, out) ``product``
+    and its rows' (N, 1) scales: the feed-forward's middle, whose output only the next int8-dynamic
+    layer reads. graft's C loop does it in two passes over the (N, out) tensor, GELU by a rational
+    approximation of erf within 5e-7 (torch's pass chain is five: addcmul, activation, quantize);
+    ``acc`` is overwritten."""
+    b = None if bias is None else bias.float()
+    fast = native.activate_quantize_rows(acc, scale, b, activation, TINY, LEVELS, ZERO)
+    if fast is not None:
+        return fast
+    h = acc.mul_(scale) if b is None else torch.addcmul(b, acc, scale, out=acc)
+    return quantize_rows(h if activation is None else FUNCTIONS[activation](h))
 
 
 class Int8Embedding(nn.Module):
