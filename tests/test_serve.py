@@ -237,6 +237,25 @@ def test_concurrent_embeddings_batch_together_and_equal_one_at_a_time(minilm_ser
     assert 'graft_batch_size_bucket{kind="embed",le="1.0"}' in c.get("/metrics").text
 
 
+def test_two_workers_answer_concurrent_embeddings_as_graft_embed(minilm, tmp_path):
+    """graft serve --workers 2: two batches at once (one torch thread each), the same vectors."""
+    from graft.loading import load_model
+    from graft.tasks.embedding import embed
+
+    texts = [f"{t} (request {i})" for i in range(4) for t in TEXTS]
+    expected = embed(load_model(minilm, task="base"), Tokenizer.from_folder(minilm), texts, normalize=True)
+    server = Server(minilm, "--workers", "2", log=tmp_path / "serve.log")
+    try:
+        c = server.client
+        assert c.get("/info").json()["batching"]["workers"] == 2
+        with ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(lambda t: c.post("/v1/embeddings", json={"input": t}).json(), texts))
+    finally:
+        server.close()
+    vectors = torch.tensor([g["data"][0]["embedding"] for g in got])
+    torch.testing.assert_close(vectors, expected, atol=1e-5, rtol=0)
+
+
 def test_tokenize_health_info_models_docs(minilm_server, minilm):
     c = minilm_server.client
     assert c.post("/tokenize", json={"input": "hello world"}).json() == {

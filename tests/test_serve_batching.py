@@ -12,7 +12,7 @@ from conftest import hf_model
 from graft.generation import GenerationConfig, generate
 from graft.loading import load_model
 from graft.models import FAMILIES
-from graft.serve.batching import NOW, ForwardCost, TokenBudgetQueue, split, start_at
+from graft.serve.batching import NOW, ForwardCost, Job, TokenBudgetQueue, split, start_at
 from graft.serve.continuous import ContinuousBatcher, Sequence, held_back
 from graft.serve.metrics import Metrics
 
@@ -136,6 +136,34 @@ def test_token_budget_queue_batches_by_length_within_the_budget():
     queue.close()
     # after the blocker: the oldest (10 tokens) with its nearest lengths while 4 x 10 <= 40; predict apart
     assert calls[1] == ["a", "ccc", "dddd", "bb"] and calls[2] == ["e"]
+
+
+def test_token_budget_queue_with_two_workers_runs_two_batches_at_once():
+    """Both workers inside ``run`` at the same moment (the barrier needs two), each answering its own."""
+    both_in = threading.Barrier(2, timeout=30)
+
+    def run(op, items, options):
+        both_in.wait()  # raises BrokenBarrierError (the job's error) if the second batch never comes
+        return [f"{op}:{x}" for x in items]
+
+    queue = TokenBudgetQueue(run, Metrics(), max_wait_ms=0, workers=2)
+    embed, predict = queue.submit("embed", ["a"], [1], {}), queue.submit("predict", ["b"], [1], {})
+    assert embed.result(timeout=60) == ["embed:a"] and predict.result(timeout=60) == ["predict:b"]
+    queue.close()
+    assert not any(worker.is_alive() for worker in queue.workers)
+
+
+def test_with_two_workers_free_a_batch_takes_its_share_of_the_queue():
+    queue = TokenBudgetQueue(lambda op, items, options: items, Metrics(), max_wait_ms=0, workers=2)
+    try:
+        with queue.cond:  # the workers wait for a notify that does not come while the test looks
+            queue.jobs = [Job("embed", [i], [10], {}) for i in range(5)]
+            assert len(queue.pick()) == 3  # ceil(5 / 2): the other free worker takes the other 2
+            queue.free = 1
+            assert len(queue.pick()) == 5  # the other worker is busy: all of them
+            queue.jobs = []
+    finally:
+        queue.close()
 
 
 def cost(groups, lengths, overhead):

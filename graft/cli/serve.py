@@ -1,7 +1,8 @@
 """``graft serve``: one model behind an HTTP API (chapter 8).
 
     graft serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch-tokens N]
-                      [--max-wait-ms N] [--forward-overhead-tokens N] [--max-concurrent N] [--no-batching] [--base BASE]
+                      [--max-wait-ms N] [--forward-overhead-tokens N] [--max-concurrent N] [--no-batching] [--workers N]
+                      [--base BASE]
                       [--backend torch|onnx|torchscript]
 
 OpenAI-compatible /v1/embeddings, /v1/completions and /v1/chat/completions, graft's /predict,
@@ -63,6 +64,14 @@ def serve(
     batching: Annotated[
         bool, typer.Option("--batching/--no-batching", help="Batch concurrent requests (off: one at a time).")
     ] = True,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Encoders: batches that run at once, each on cores / N torch threads (1: one batch on "
+            "every core).",
+        ),
+    ] = 1,
     base: Annotated[
         str | None, typer.Option(help="The base model of an adapter or strategy-checkpoint folder.")
     ] = None,
@@ -100,7 +109,10 @@ def serve(
         max_concurrent=max_concurrent,
         max_body_bytes=max_body_bytes,
         batching=batching,
+        workers=workers,
     )
+    if workers > 1:  # this process serves: each batch's forward on its share of the cores
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
 
     def loader():
         return load_served(model, base, getattr(torch, dtype.value), reference, backend)

@@ -61,6 +61,7 @@ class Settings:
     max_concurrent: int = 256
     max_body_bytes: int = 4 * 1024 * 1024
     batching: bool = True
+    workers: int = 1  # encoders: batches at once (graft serve gives each cores / workers torch threads)
 
 
 @dataclass
@@ -112,6 +113,7 @@ class State:
                 s.max_wait_ms,
                 s.batching,
                 s.forward_overhead_tokens,
+                s.workers,
             )
         self.served = served
 
@@ -707,7 +709,7 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         st = state.settings
         batching = {"enabled": st.batching, "max_batch_tokens": st.max_batch_tokens,
                     "max_wait_ms": st.max_wait_ms, "max_concurrent": st.max_concurrent,
-                    "forward_overhead_tokens": st.forward_overhead_tokens}  # fmt: skip
+                    "forward_overhead_tokens": st.forward_overhead_tokens, "workers": st.workers}  # fmt: skip
         if state.queue is not None:  # what a batch may wait for (batching.start_at), as measured so far
             costs = dict(state.queue.costs)
             batching["forward_fixed_ms"] = {op: round(1000 * cost.fixed, 3) for op, cost in costs.items()}

@@ -162,6 +162,7 @@ class TokenBudgetQueue:
         max_wait_ms: float = 20.0,
         batching: bool = True,
         overhead_tokens: int = 0,  # 0: each batch is one forward
+        workers: int = 1,  # batches that run at once, each on a thread of its own
     ) -> None:
         self.run, self.metrics = run, metrics
         self.overhead_tokens = overhead_tokens
@@ -172,9 +173,14 @@ class TokenBudgetQueue:
         # start_at: the requests known when the last forward ended, and when that was
         self.expected, self.free_since = 1, time.monotonic()
         self.costs: dict[str, ForwardCost] = {}  # each op's forwards
+        self.free = workers  # workers not running a batch
         self.cond = threading.Condition()
-        self.worker = threading.Thread(target=self.serve, name="graft-encoder-queue", daemon=True)
-        self.worker.start()
+        self.workers = [
+            threading.Thread(target=self.serve, name=f"graft-encoder-queue-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for worker in self.workers:
+            worker.start()
 
     def submit(
         self,
@@ -195,16 +201,19 @@ class TokenBudgetQueue:
     def close(self) -> None:
         with self.cond:
             self.closed = True
-            self.cond.notify()
-        self.worker.join()
+            self.cond.notify_all()
+        for worker in self.workers:
+            worker.join()
 
     def pick(self) -> list[Job]:
-        """The oldest job, then those of its kind nearest to it in length while they fit the budget."""
+        """The oldest job, then those of its kind nearest to it in length while they fit the budget;
+        with several workers free, this one's share of the jobs of its kind (the others take the rest)."""
         first = self.jobs[0]
         if not self.batching:
             return [first]
         others = [j for j in self.jobs[1:] if j.key == first.key]
         others.sort(key=lambda j: abs(j.longest - first.longest))
+        others = others[: -(-(len(others) + 1) // self.free) - 1]  # ceil((others + first) / free) in all
         batch, rows, width = [first], len(first.items), first.longest  # padded(batch) = rows * width
         for job in others:
             more, wider = rows + len(job.items), max(width, job.longest)
@@ -241,6 +250,9 @@ class TokenBudgetQueue:
                 taken = {id(j) for j in batch}
                 self.jobs = [j for j in self.jobs if id(j) not in taken]
                 self.metrics.queue.set(len(self.jobs))
+                self.free -= 1
+                if self.jobs:
+                    self.cond.notify()  # another free worker takes what is left
             self.forward(batch)
 
     def forward(self, batch: list[Job]) -> None:
@@ -249,6 +261,7 @@ class TokenBudgetQueue:
         outcomes = self.outcomes(batch)
         with self.cond:  # before any answer, so that a client that comes straight back is counted
             self.expected, self.free_since = len(batch) + len(self.jobs), time.monotonic()
+            self.free += 1
         answers: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
         for outcome in outcomes:
             job = outcome[0]
