@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import os
@@ -17,8 +18,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # graft's kernel timings (graft.kernels.calibrate) go to a folder of this test session, not the
-# user's ~/.cache; processes the tests start inherit it, so a resumed run reads the same timings
+# user's ~/.cache; processes the tests start inherit it, so a resumed run reads the same timings.
+# Deleted when the session ends (it holds the timings and the C loops' build).
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="graft-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 MINILM = None
 try:
