@@ -4,7 +4,7 @@ middle (bias, activation, quantizing the rows for down) in one C pass."""
 
 import torch
 
-from graft.kernels.int8 import INT8_ONEDNN, Int8Linear, activated_rows
+from graft.kernels.int8 import Int8Linear, activated_rows
 from graft.kernels.linear import call, fused, plain
 from graft.nn.feedforward import ACTIVATIONS, FeedForward
 
@@ -41,16 +41,11 @@ class FastFeedForward(FeedForward):
         activation's output is only ever read quantized, so it is never kept in float."""
         return (
             self.gate is None
-            and INT8_ONEDNN
+            and x.dtype == torch.float32
             and all(
-                type(m) is Int8Linear
-                and m.activations == "dynamic"
-                and not (m._forward_hooks or m._forward_pre_hooks)
+                type(m) is Int8Linear and not (m._forward_hooks or m._forward_pre_hooks) and m.onednn_rows(x)
                 for m in (self.up, self.down)
             )
-            and x.is_cpu
-            and x.dtype == torch.float32
-            and not x.requires_grad
         )
 
     def rows_forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., H) -> (..., H)

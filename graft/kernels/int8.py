@@ -232,16 +232,19 @@ class Int8Linear(nn.Module):
         """The float weight this layer stands for: (out, in) fp32."""
         return self.weight.float() * self.weight_scale.float()[:, None]
 
+    def onednn_rows(self, x: torch.Tensor) -> bool:
+        """int8-dynamic on oneDNN's u8 x s8 product: float CPU rows that need no gradient."""
+        return (
+            self.activations == "dynamic"
+            and INT8_ONEDNN
+            and x.is_cpu
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and not x.requires_grad
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         if self.activations == "dynamic":
-            if (
-                INT8_ONEDNN
-                and x.is_cpu
-                and x.dtype in (torch.float32, torch.bfloat16)
-                and not x.requires_grad
-            ):
-                return self.onednn_dynamic(x)
-            return reference_linear(x, self)
+            return self.onednn_dynamic(x) if self.onednn_rows(x) else reference_linear(x, self)
         rows = x.numel() // self.in_features
         if not x.is_cpu or x.requires_grad:
             return reference_linear(x, self)
