@@ -4,6 +4,7 @@ alone (greedy, every decoder family), and the token-budget queue batches within 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -164,6 +165,42 @@ def test_with_two_workers_free_a_batch_takes_its_share_of_the_queue():
             queue.jobs = []
     finally:
         queue.close()
+
+
+def test_an_arrival_wakes_a_worker_only_when_one_is_idle_or_the_held_batch_is_complete():
+    """A worker holding a batch back for company wakes by itself when its wait ends: an arrival
+    wakes it only when the batch now has every request expected or fills the token budget."""
+    queue = TokenBudgetQueue(lambda op, items, options: items, Metrics(), max_batch_tokens=100)
+    try:
+        with queue.cond:  # the worker waits for a notify that does not come while the test looks
+            assert queue.wakes()  # free and idle: any arrival wakes it
+            queue.holding, queue.expected = 1, 3
+            queue.jobs = [Job("embed", [i], [10], {}) for i in range(2)]
+            queue.rows, queue.widest = 2, 10
+            assert not queue.wakes()  # 2 of the 3 expected: the worker's own timer will do
+            queue.jobs.append(Job("embed", [2], [10], {}))
+            queue.rows = 3
+            assert queue.wakes()  # the third completes it
+            queue.expected, queue.widest = 10, 40
+            assert queue.wakes()  # 3 rows x 40 tokens > 100: the budget is full
+            queue.jobs, queue.rows, queue.widest, queue.holding, queue.expected = [], 0, 0, 0, 1
+    finally:
+        queue.close()
+
+
+def test_two_workers_holding_the_same_request_both_survive_the_one_that_finds_it_gone():
+    """Both workers free, both hold the lone request for company; the one whose wait ends second
+    finds the queue empty and goes back to waiting for work (it used to fail on the empty queue)."""
+    calls = []
+    queue = TokenBudgetQueue(lambda op, items, options: calls.append(items) or items, Metrics(), workers=2)
+    queue.costs["embed"] = Fixed(0.05)  # hold a request 50 ms for company...
+    queue.expected = 10  # ...as 10 are expected
+    assert queue.submit("embed", ["a"], [3], {}).result(timeout=60) == ["a"]
+    time.sleep(0.2)  # both workers' waits have ended by now
+    assert all(worker.is_alive() for worker in queue.workers)
+    assert queue.submit("embed", ["b"], [3], {}).result(timeout=60) == ["b"]
+    queue.close()
+    assert calls == [["a"], ["b"]]
 
 
 def cost(groups, lengths, overhead):

@@ -67,7 +67,7 @@ class Job:
         """Jobs batch together only when they ask for the same thing."""
         return self.op, tuple(sorted(self.options.items()))
 
-    @property
+    @cached_property
     def longest(self) -> int:
         return max(self.lengths, default=1)
 
@@ -174,6 +174,8 @@ class TokenBudgetQueue:
         self.expected, self.free_since = 1, time.monotonic()
         self.costs: dict[str, ForwardCost] = {}  # each op's forwards
         self.free = workers  # workers not running a batch
+        self.holding = 0  # free workers holding a batch back for company (start_at), not idle
+        self.rows, self.widest = 0, 0  # the queued jobs' items, and their longest (an upper bound)
         self.cond = threading.Condition()
         self.workers = [
             threading.Thread(target=self.serve, name=f"graft-encoder-queue-{i}", daemon=True)
@@ -194,9 +196,22 @@ class TokenBudgetQueue:
         job = Job(op, items, lengths, options, loop)
         with self.cond:
             self.jobs.append(job)
+            self.rows, self.widest = self.rows + len(items), max(self.widest, job.longest)
             self.metrics.queue.set(len(self.jobs))
-            self.cond.notify()
+            if self.wakes():
+                self.cond.notify_all()  # (with several workers, the idle one may not be the first woken)
         return job.future
+
+    def wakes(self) -> bool:
+        """Whether the job just queued must wake a worker: one is free and idle, or the batch held
+        back for company has it now (every request expected, or the token budget full). A worker
+        that holds a batch wakes by itself when its wait ends and then sees every arrival, so an
+        arrival that only moves that end on (most of them, under load) costs no thread switch."""
+        if self.free > self.holding:
+            return True
+        return self.holding > 0 and (
+            len(self.jobs) >= self.expected or self.rows * self.widest >= self.max_batch_tokens
+        )  # (rows x widest >= padded(same kind): at worst a wake for nothing)
 
     def close(self) -> None:
         with self.cond:
@@ -238,22 +253,33 @@ class TokenBudgetQueue:
         return max(0.0, at - time.monotonic())
 
     def serve(self) -> None:
-        while True:
-            with self.cond:
+        while (batch := self.take()) is not None:
+            self.forward(batch)
+
+    def take(self) -> list[Job] | None:
+        """The next batch, once ``start_at`` says it should run; None when the queue is closed."""
+        with self.cond:
+            while True:
                 while not self.jobs and not self.closed:
                     self.cond.wait()
                 if not self.jobs:
-                    return
-                while self.batching and not self.closed and (left := self.worth_waiting()) > 0:
-                    self.cond.wait(left)  # an arrival wakes it
-                batch = self.pick()
-                taken = {id(j) for j in batch}
-                self.jobs = [j for j in self.jobs if id(j) not in taken]
-                self.metrics.queue.set(len(self.jobs))
-                self.free -= 1
-                if self.jobs:
-                    self.cond.notify()  # another free worker takes what is left
-            self.forward(batch)
+                    return None
+                self.holding += 1
+                while self.jobs and self.batching and not self.closed and (left := self.worth_waiting()) > 0:
+                    self.cond.wait(left)  # the arrival that completes the batch wakes it (wakes)
+                self.holding -= 1
+                if self.jobs:  # (another worker may have taken them meanwhile)
+                    break
+            batch = self.pick()
+            taken = {id(j) for j in batch}
+            self.jobs = [j for j in self.jobs if id(j) not in taken]
+            self.rows = sum(len(j.items) for j in self.jobs)
+            self.widest = max((j.longest for j in self.jobs), default=0)
+            self.metrics.queue.set(len(self.jobs))
+            self.free -= 1
+            if self.jobs:
+                self.cond.notify()  # another free worker takes what is left
+            return batch
 
     def forward(self, batch: list[Job]) -> None:
         """Run the batch and answer its jobs: those of an event loop with one call into that loop
