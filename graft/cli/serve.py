@@ -110,6 +110,7 @@ def serve(
         max_body_bytes=max_body_bytes,
         batching=batching,
         workers=workers,
+        freeze_gc=True,  # this process is the server's own
     )
     if workers > 1:  # this process serves: each batch's forward on its share of the cores
         torch.set_num_threads(max(1, torch.get_num_threads() // workers))
