@@ -243,7 +243,8 @@ def test_a_loaded_server_takes_its_objects_out_of_the_collectors_way_only_when_t
         assert (frozen > 100_000) if freeze else frozen == 0
     finally:
         gc.unfreeze()
-        state.queue.close()
+        if state.queue is not None:
+            state.queue.close()
 
 
 def test_concurrent_embeddings_batch_together_and_equal_one_at_a_time(minilm_server):

@@ -176,14 +176,14 @@ def test_an_arrival_wakes_a_worker_only_when_one_is_idle_or_the_held_batch_is_co
             assert queue.wakes()  # free and idle: any arrival wakes it
             queue.holding, queue.expected = 1, 3
             queue.jobs = [Job("embed", [i], [10], {}) for i in range(2)]
-            queue.rows, queue.widest = 2, 10
             assert not queue.wakes()  # 2 of the 3 expected: the worker's own timer will do
             queue.jobs.append(Job("embed", [2], [10], {}))
-            queue.rows = 3
             assert queue.wakes()  # the third completes it
-            queue.expected, queue.widest = 10, 40
-            assert queue.wakes()  # 3 rows x 40 tokens > 100: the budget is full
-            queue.jobs, queue.rows, queue.widest, queue.holding, queue.expected = [], 0, 0, 0, 1
+            queue.expected = 10
+            assert not queue.wakes()  # 3 of 10, 3 x 10 tokens: neither
+            queue.jobs.append(Job("embed", [3], [40], {}))
+            assert queue.wakes()  # 4 rows x 40 tokens > 100: the budget is full
+            queue.jobs, queue.holding, queue.expected = [], 0, 1
     finally:
         queue.close()
 

@@ -175,7 +175,6 @@ class TokenBudgetQueue:
         self.costs: dict[str, ForwardCost] = {}  # each op's forwards
         self.free = workers  # workers not running a batch
         self.holding = 0  # free workers holding a batch back for company (start_at), not idle
-        self.rows, self.widest = 0, 0  # the queued jobs' items, and their longest (an upper bound)
         self.cond = threading.Condition()
         self.workers = [
             threading.Thread(target=self.serve, name=f"graft-encoder-queue-{i}", daemon=True)
@@ -196,7 +195,6 @@ class TokenBudgetQueue:
         job = Job(op, items, lengths, options, loop)
         with self.cond:
             self.jobs.append(job)
-            self.rows, self.widest = self.rows + len(items), max(self.widest, job.longest)
             self.metrics.queue.set(len(self.jobs))
             if self.wakes():
                 self.cond.notify_all()  # (with several workers, the idle one may not be the first woken)
@@ -210,8 +208,8 @@ class TokenBudgetQueue:
         if self.free > self.holding:
             return True
         return self.holding > 0 and (
-            len(self.jobs) >= self.expected or self.rows * self.widest >= self.max_batch_tokens
-        )  # (rows x widest >= padded(same kind): at worst a wake for nothing)
+            len(self.jobs) >= self.expected or padded(self.jobs) >= self.max_batch_tokens
+        )  # (every kind counted: at worst a wake for nothing)
 
     def close(self) -> None:
         with self.cond:
@@ -273,8 +271,6 @@ class TokenBudgetQueue:
             batch = self.pick()
             taken = {id(j) for j in batch}
             self.jobs = [j for j in self.jobs if id(j) not in taken]
-            self.rows = sum(len(j.items) for j in self.jobs)
-            self.widest = max((j.longest for j in self.jobs), default=0)
             self.metrics.queue.set(len(self.jobs))
             self.free -= 1
             if self.jobs:
