@@ -247,6 +247,55 @@ def test_a_loaded_server_takes_its_objects_out_of_the_collectors_way_only_when_t
             state.queue.close()
 
 
+def test_a_server_runs_a_first_requests_forwards_before_it_says_ready(minilm, tmp_path, monkeypatch, caplog):
+    """The first forward packs the weights (and may time the kernels' routes): State.load runs it,
+    on one text and on eight, before /health can say ready; a causal LM prefills and decodes one
+    row and two. A warm-up that fails is logged and the model is served all the same."""
+    import graft.serve.app as app
+    from graft.serve.model import load_served
+
+    def loaded(path: Path) -> app.State:
+        state = app.State(app.Settings())
+        state.load(lambda: load_served(str(path)))
+        for worker in (state.queue, state.engine):
+            if worker is not None:
+                worker.close()
+        return state
+
+    forwards = []
+    run_encoder = app.run_encoder
+
+    def spy(served, op, items, options, store=None):
+        forwards.append((op, len(items), state.served is None))
+        return run_encoder(served, op, items, options, store)
+
+    monkeypatch.setattr(app, "run_encoder", spy)
+    state = app.State(app.Settings())  # the spy reads this one's readiness
+    state.load(lambda: load_served(str(minilm)))
+    state.queue.close()
+    assert forwards == [("embed", 1, True), ("embed", 8, True)]
+    assert state.served is not None
+
+    steps = []
+    step = app.RunningBatch.step
+
+    def spy_step(batch, tokens):
+        steps.append(len(tokens))
+        return step(batch, tokens)
+
+    monkeypatch.setattr(app.RunningBatch, "step", spy_step)
+    assert loaded(chat_folder(tmp_path / "chat")).served is not None
+    assert steps == [1, 2]
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("no forward today")
+
+    monkeypatch.setattr(app, "run_encoder", failing)
+    with caplog.at_level("WARNING", logger="graft"):
+        assert loaded(minilm).served is not None
+    assert "the warm-up failed (RuntimeError: no forward today)" in caplog.text
+
+
 def test_concurrent_embeddings_batch_together_and_equal_one_at_a_time(minilm_server):
     c = minilm_server.client
     texts = [f"{t} (request {i})" for i in range(4) for t in TEXTS]

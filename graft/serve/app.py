@@ -19,11 +19,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import resources
 from typing import Any, Literal
 
 import numpy as np
 import orjson
+import torch
 import torch.nn.functional as F
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,7 +35,7 @@ from pydantic import BaseModel, Field, ValidationError
 from graft.data.packing import packable
 from graft.errors import GraftError
 from graft.serve.batching import TokenBudgetQueue
-from graft.serve.continuous import ContinuousBatcher, Sequence
+from graft.serve.continuous import ContinuousBatcher, RunningBatch, Sequence
 from graft.serve.explain import explainable
 from graft.serve.explain import register as register_explain
 from graft.serve.http import HTTPError, error, error_body
@@ -106,12 +108,13 @@ class State:
             self.failure = f"{type(e).__name__}: {e}"
             return
         s = self.settings
+        run = None
         if served.generates:
             self.engine = ContinuousBatcher(served.model, self.metrics, 64 if s.batching else 1)
         else:
-            store = packed_store(served)
+            run = partial(run_encoder, served, store=packed_store(served))  # run(op, items, options)
             self.queue = TokenBudgetQueue(
-                lambda op, items, options: run_encoder(served, op, items, options, store),
+                run,
                 self.metrics,
                 s.max_batch_tokens,
                 s.max_wait_ms,
@@ -119,6 +122,7 @@ class State:
                 s.forward_overhead_tokens,
                 s.workers,
             )
+        warm_up(served, run)
         if s.freeze_gc:
             # A full collection walks every object the process holds: after loading, torch's and the
             # model's (318,000 with all-MiniLM-L6-v2: torch imports sympy and torch._dynamo), about
@@ -147,6 +151,55 @@ class State:
             return await self.queue.submit(op, items, lengths, options, asyncio.get_running_loop())
         finally:
             self.release()
+
+
+# what the warm-up feeds the model: short, then long enough for more than 32 token rows when repeated
+WARM_UP = (
+    "graft serve warms up",
+    "Its first forward packs the weights into the kernels' layout before any request waits for it.",
+)
+
+
+def warm_up(served: Served, run: Callable[[str, list[Any], dict[str, Any]], list[Any]] | None) -> None:
+    """A first request's work, done before /health says ready: the first forward packs the weights
+    into oneDNN's layout and creates its primitives (and, on a machine graft has not measured yet,
+    times the kernels' routes: graft/kernels/calibrate.py), which the first request used to wait
+    for (SmolLM2's first chat 1.8-2.7 s against 0.4 s for the next; all-MiniLM-L6-v2's first
+    embedding 50 ms against 7-11, 210 ms where the routes were not measured yet). An encoder runs
+    ``run`` (the queue's forward) on one input and on eight, the kernels' two classes of row
+    counts at these lengths; a causal LM prefills a long prompt and a short one and decodes them
+    alone and together. Models whose inputs it cannot make up (images, sound, sequence to
+    sequence) start cold; a warm-up that fails is logged, and requests are served all the same."""
+    task, tokenizer = served.task, served.tokenizer
+    try:
+        if served.generates:
+            long = tokenizer.encode(
+                " ".join(WARM_UP * 2), truncation=False, padding=False, return_tensors=None
+            )
+            prompt = long.input_ids[0][: served.max_length // 2] or [0]
+            with torch.inference_mode():
+                batch = RunningBatch(served.model)
+                token = int(batch.prefill(prompt).argmax())  # a prompt alone (more than 32 rows)
+                batch.step([token])  # one row
+                batch.prefill(prompt[:8])  # a short one joins
+                batch.step([token, token])  # two rows
+            return
+        if run is None:
+            return
+        for texts in ([WARM_UP[0]], list(WARM_UP) * 4):
+            if task in ("base", "embedding"):
+                rows = tokenizer.backend.encode_batch_fast(texts)
+                run("embed", [(t, e.ids, e.type_ids) for t, e in zip(texts, rows, strict=True)], {})
+            elif task in ("classification", "token-classification"):
+                run("predict", [{"text": t} for t in texts], {})
+            elif task == "question-answering":
+                run("predict", [{"question": WARM_UP[0], "context": t} for t in texts], {})
+    except Exception as e:
+        log.warning(
+            "graft serve: the warm-up failed (%s: %s); the first requests will pay for it",
+            type(e).__name__,
+            e,
+        )
 
 
 def packed_store(served: Served) -> dict | None:
