@@ -227,7 +227,7 @@ def test_the_gate_answers_by_its_shortcut_or_leaves_the_same_body_to_the_app():
 @pytest.mark.parametrize("freeze", [False, True])
 def test_a_loaded_server_takes_its_objects_out_of_the_collectors_way_only_when_told(minilm, freeze):
     """graft serve (freeze_gc) freezes what loading left alive, so that a full collection, which
-    walked torch's and the model's objects for about 180 ms with the GIL held, no longer stalls
+    walked torch's and the model's objects for 110-180 ms with the GIL held, no longer stalls
     the first bursts of requests; an app built in another process (a test's) leaves gc alone."""
     import gc
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graft.nn.config import TransformerConfig
+from graft.nn.init import lookup_table, normal
 from graft.nn.norm import make_norm
 from graft.nn.positions import timing_signal
 
@@ -62,9 +63,9 @@ class PatchEmbeddings(InputEmbeddings):
         self.grid = cfg.image_size // p  # patches a side of the images the positions were learned on
         self.prefix = cfg.prefix_tokens  # [CLS] (+ distillation) before the patches
         self.patches = nn.Conv2d(cfg.num_channels, h, kernel_size=p, stride=p, bias=cfg.patch_bias)
-        self.cls = nn.Parameter(torch.randn(h) * 0.02)
-        self.distillation = nn.Parameter(torch.randn(h) * 0.02) if cfg.distillation_token else None
-        self.positions = nn.Embedding(cfg.max_positions, h)  # prefix tokens + num_patches
+        self.cls = nn.Parameter(normal(h, std=0.02))
+        self.distillation = nn.Parameter(normal(h, std=0.02)) if cfg.distillation_token else None
+        self.positions = lookup_table(cfg.max_positions, h)  # prefix tokens + num_patches
         self.norm = make_norm(cfg) if cfg.embedding_norm else None
         self.drop = nn.Dropout(cfg.dropout)
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from graft.errors import GraftError
 from graft.nn.config import TransformerConfig
+from graft.nn.init import lookup_table
 
 
 def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
@@ -102,7 +103,7 @@ class RelativePositionBias(nn.Module):
     ):
         super().__init__()
         self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
-        self.bias = nn.Embedding(num_buckets, num_heads)
+        self.bias = lookup_table(num_buckets, num_heads)
 
     def bucket(self, relative: torch.Tensor) -> torch.Tensor:
         """Exact buckets for small distances, logarithmic ones up to max_distance."""

@@ -12,6 +12,7 @@ from graft.nn.attention import KVCache, build_mask
 from graft.nn.block import Block
 from graft.nn.config import TransformerConfig
 from graft.nn.embeddings import AudioFrameEmbeddings, InputEmbeddings, PatchEmbeddings
+from graft.nn.init import lookup_table
 from graft.nn.norm import make_norm
 from graft.nn.positions import RelativePositionBias, Rotary, SinusoidalPositions
 
@@ -28,14 +29,14 @@ class Embeddings(InputEmbeddings):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         dim = cfg.embedding_size or cfg.hidden_size
-        self.tokens = nn.Embedding(cfg.vocab_size, dim, padding_idx=None)
+        self.tokens = lookup_table(cfg.vocab_size, dim)
         self.scale = math.sqrt(cfg.hidden_size) if cfg.scale_embeddings else None
         self.positions: nn.Module | None = None
         if cfg.position == "learned":
-            self.positions = nn.Embedding(cfg.max_positions, dim)
+            self.positions = lookup_table(cfg.max_positions, dim)
         elif cfg.position == "sinusoidal":
             self.positions = SinusoidalPositions(cfg.max_positions, dim)
-        self.token_types = nn.Embedding(cfg.type_vocab_size, dim) if cfg.type_vocab_size else None
+        self.token_types = lookup_table(cfg.type_vocab_size, dim) if cfg.type_vocab_size else None
         self.norm = make_norm(cfg, dim) if cfg.embedding_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         # ALBERT: small embeddings, projected up to the hidden size.

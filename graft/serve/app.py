@@ -125,8 +125,8 @@ class State:
         warm_up(served, run)
         if s.freeze_gc:
             # A full collection walks every object the process holds: after loading, torch's and the
-            # model's (318,000 with all-MiniLM-L6-v2: torch imports sympy and torch._dynamo), about
-            # 180 ms with the GIL held,
+            # model's (201,000 with all-MiniLM-L6-v2, 113 ms with the GIL held on an AMD EPYC; 318,000
+            # and 195 ms before loading stopped importing torch._dynamo and sympy, graft.nn.init),
             # during which no request moves, once the first bursts of requests have allocated enough
             # to start one. Frozen, the objects alive now are never walked again (nor freed by the
             # collector: they live as long as the server); later collections see only what the
