@@ -456,9 +456,81 @@ def test_predict_equals_graft_predict(tmp_path, minilm, cli, task, cls, config, 
     try:
         got = server.client.post("/predict", json={"inputs": records}).json()["predictions"]
         assert server.client.get("/info").json()["task"] == task
+        ranked = server.client.post("/rerank", json={"query": "x", "texts": ["y"]})  # not a cross-encoder
+        assert ranked.status_code == 400 and (
+            task != "classification" or "(single_label, 2 labels)" in ranked.text
+        )
     finally:
         server.close()
     assert close(got, expected, 1e-6) if task == "classification" else got == expected
+
+
+QUERY = "Which film is dull?"
+
+
+def test_rerank_with_a_cross_encoder_gives_the_sigmoid_of_its_pair_logits(tmp_path, minilm):
+    """/rerank (text-embeddings-inference's shape) and /v1/rerank (Cohere's and Jina's, as vLLM
+    serves it) rank texts by a cross-encoder's sigmoid of its logit for (query, text), the same
+    numbers as transformers gives for the pairs, best first; 413 for a pair over the window."""
+    torch.manual_seed(0)
+    cfg = tiny_hf_config("bert")
+    cfg.vocab_size, cfg.num_labels = 30522, 1
+    folder = tmp_path / "cross-encoder"
+    reference = transformers.AutoModelForSequenceClassification.from_config(cfg).eval()
+    reference.save_pretrained(folder)
+    Tokenizer.from_folder(minilm).save(folder)
+    pairs = transformers.AutoTokenizer.from_pretrained(folder)(
+        [QUERY] * len(TEXTS), TEXTS, padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        logits = reference(**pairs).logits.squeeze(-1)  # (N,)
+    best = logits.argsort(descending=True).tolist()
+    server = Server(folder, log=tmp_path / "serve.log")
+    try:
+        c = server.client
+        got = c.post("/rerank", json={"query": QUERY, "texts": TEXTS, "return_text": True}).json()
+        assert [r["index"] for r in got] == best and [r["text"] for r in got] == [TEXTS[i] for i in best]
+        torch.testing.assert_close(
+            torch.tensor([r["score"] for r in got]), logits.sigmoid()[best], atol=1e-5, rtol=0
+        )
+        raw = c.post("/rerank", json={"query": QUERY, "texts": TEXTS, "raw_scores": True}).json()
+        torch.testing.assert_close(torch.tensor([r["score"] for r in raw]), logits[best], atol=1e-5, rtol=0)
+        assert "text" not in raw[0]
+        v1 = c.post("/v1/rerank", json={"query": QUERY, "documents": TEXTS, "top_n": 2}).json()
+        assert [r["index"] for r in v1["results"]] == best[:2]
+        assert [r["document"]["text"] for r in v1["results"]] == [TEXTS[i] for i in best[:2]]
+        assert v1["results"][0]["relevance_score"] == got[0]["score"] and v1["id"].startswith("rerank-")
+        assert v1["usage"]["total_tokens"] == int(pairs["attention_mask"].sum())
+        bare = c.post(
+            "/v1/rerank", json={"query": QUERY, "documents": TEXTS, "return_documents": False}
+        ).json()
+        assert "document" not in bare["results"][0] and len(bare["results"]) == len(TEXTS)
+        long = ["short", "word " * 600]
+        too_long = c.post("/rerank", json={"query": QUERY, "texts": long})
+        assert too_long.status_code == 413 and too_long.json()["error"]["param"] == "texts"
+        assert "texts[1] with the query has" in too_long.json()["error"]["message"]
+        cut = c.post("/rerank", json={"query": QUERY, "texts": long, "truncate": True})
+        assert cut.status_code == 200 and sorted(r["index"] for r in cut.json()) == [0, 1]
+        empty = c.post("/v1/rerank", json={"query": QUERY, "documents": []})
+        assert empty.status_code == 422 and empty.json()["error"]["param"] == "documents"
+        assert server.metric('graft_requests_total{endpoint="/rerank",status="200"}') == 3
+        assert server.metric('graft_requests_total{endpoint="/v1/rerank",status="422"}') == 1
+    finally:
+        server.close()
+
+
+def test_rerank_with_an_embedding_model_gives_the_cosine_of_the_embeddings(minilm_server):
+    """An embedding model ranks by the cosine of the query's and each text's unit embeddings (what
+    /embed gives); a query over the window is a 413 naming the query."""
+    c = minilm_server.client
+    unit = torch.tensor(c.post("/embed", json={"inputs": [QUERY, *TEXTS]}).json())  # (1 + N, H)
+    cosines = unit[1:] @ unit[0]
+    best = cosines.argsort(descending=True).tolist()
+    got = c.post("/rerank", json={"query": QUERY, "texts": TEXTS}).json()
+    assert [r["index"] for r in got] == best
+    torch.testing.assert_close(torch.tensor([r["score"] for r in got]), cosines[best], atol=1e-5, rtol=0)
+    too_long = c.post("/v1/rerank", json={"query": "word " * 600, "documents": TEXTS})
+    assert too_long.status_code == 413 and too_long.json()["error"]["param"] == "query"
 
 
 def close(got: object, expected: object, tolerance: float) -> bool:
@@ -575,6 +647,10 @@ def test_generation_limits(chat_server):
         r = c.post("/v1/chat/completions", json=body)
         assert (r.status_code, r.json()["error"]["message"]) == (422, message)
     assert c.post("/embed", json={"inputs": "x"}).status_code == 400
+    r = c.post("/rerank", json={"query": "x", "texts": ["y"]})
+    assert r.status_code == 400 and r.json()["error"]["message"].endswith(
+        "is a causal-lm model: ranking needs a cross-encoder (a classifier with one output) or an embedding model"
+    )
 
 
 def test_queue_full_disconnect_frees_the_slot_and_sigterm_drains(tmp_path):

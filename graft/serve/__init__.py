@@ -4,7 +4,7 @@
 - batching.py: the token-budget queue that batches encoder requests;
 - continuous.py: continuous batching of causal-LM requests over one running KV cache;
 - metrics.py: Prometheus metrics;
-- app.py: the FastAPI app (OpenAI-compatible endpoints, /predict, /embed, limits, the playground).
+- app.py: the FastAPI app (OpenAI-compatible endpoints, /predict, /embed, /rerank, limits, the playground).
 
 The command is ``graft serve MODEL`` (graft/cli/serve.py).
 """

@@ -46,8 +46,8 @@ from graft.serve.packing import embed_packed
 log = logging.getLogger("graft")
 
 ENDPOINTS = (
-    "/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/models", "/predict", "/embed", "/explain",
-    "/tokenize", "/health", "/info", "/metrics", "/docs", "/openapi.json", "/",
+    "/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/rerank", "/predict", "/embed",
+    "/rerank", "/explain", "/tokenize", "/health", "/info", "/metrics", "/docs", "/openapi.json", "/",
 )  # fmt: skip
 OPEN = ("/health", "/", "/docs", "/openapi.json")  # no API key needed (the page asks for one)
 # a path answered by the Gate from (the ASGI scope, the whole request body): a Response, or None for
@@ -287,6 +287,27 @@ class PredictRequest(BaseModel):
     null_threshold: float | None = None
 
 
+class RerankRequest(BaseModel):
+    """text-embeddings-inference's /rerank."""
+
+    query: str
+    texts: list[str] = Field(min_length=1, description="The texts to rank against the query.")
+    raw_scores: bool = Field(False, description="A cross-encoder's logits instead of their sigmoid.")
+    return_text: bool = False
+    truncate: bool = False
+
+
+class DocumentsRerankRequest(BaseModel):
+    """/v1/rerank: Cohere's and Jina's shape, as vLLM and Infinity serve it."""
+
+    query: str
+    documents: list[str] = Field(min_length=1, description="The documents to rank against the query.")
+    model: str | None = None
+    top_n: int | None = Field(None, ge=1, description="Only the best n (default: all).")
+    return_documents: bool = True
+    truncate: bool = False
+
+
 class TokenizeRequest(BaseModel):
     input: str | list[str]
     add_special_tokens: bool = True
@@ -462,11 +483,12 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         return state.model()
 
     def encoded(
-        texts: list[str], truncate: bool, field_name: str, limit: int
+        texts: list[str], truncate: bool, field_name: str | list[str], limit: int
     ) -> list[tuple[list[int], list[int]]]:
         """Each text's token ids and segment ids (tokenized once, here: the queue batches by their
         lengths and the forward reads them); 413 for a text over ``limit`` tokens, unless it is
-        to be cut (then as the model's window cuts it, special tokens kept)."""
+        to be cut (then as the model's window cuts it, special tokens kept). The error names the
+        text ``field_name[i]``, or ``field_name[i]`` itself when a list names each text."""
         tokenizer = served().tokenizer
         # the backend's own fast batch call: what tokenizer.encode gives without truncation, minus
         # the offsets and word ids, which took most of this function's time (a quarter of the event
@@ -480,11 +502,12 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
             if len(ids) <= limit:
                 continue
             if not truncate:
+                where = field_name[i] if isinstance(field_name, list) else f"{field_name}[{i}]"
                 raise HTTPError(
                     413,
-                    f"{field_name}[{i}] has {len(ids)} tokens; the model takes at most {limit} "
+                    f"{where} has {len(ids)} tokens; the model takes at most {limit} "
                     '(send "truncate": true to cut it)',
-                    field_name,
+                    where.split("[")[0],
                 )
             cut = tokenizer.encode(texts[i], max_length=limit, padding=False, return_tensors=None)
             rows[i] = (cut.input_ids[0], cut.token_type_ids[0])
@@ -494,9 +517,10 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         return [len(ids) for ids, _ in encoded(texts, truncate, field_name, limit)]
 
     async def embeddings(
-        texts: list[str], truncate: bool, name: str, normalize: bool
+        texts: list[str], truncate: bool, name: str | list[str], normalize: bool
     ) -> tuple[np.ndarray, int]:
-        """(N, H) float32 embeddings of the texts (unit length if ``normalize``), and their tokens."""
+        """(N, H) float32 embeddings of the texts (unit length if ``normalize``), and their tokens.
+        ``name``: the texts' field (``encoded``)."""
         from graft.tasks.collate import window
 
         s = served()
@@ -547,6 +571,74 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         vectors, _ = await embeddings(texts, body.truncate, "inputs", body.normalize)
         return json_response(vectors.astype("float64"))
+
+    async def relevance(
+        query: str, texts: list[str], truncate: bool, raw_scores: bool, name: str
+    ) -> tuple[list[float], int]:
+        """Each text's relevance to the query, and the tokens read: a cross-encoder's (a classifier
+        with one output, as cross-encoder/ms-marco-MiniLM-L-6-v2) sigmoid of its logit for the pair
+        (or the logit itself with ``raw_scores``); an embedding model's cosine of the two texts'
+        mean-pooled embeddings."""
+        from graft.tasks.collate import window
+
+        s = served()
+        if s.task in ("base", "embedding"):
+            names = ["query", *(f"{name}[{i}]" for i in range(len(texts)))]
+            unit, tokens = await embeddings([query, *texts], truncate, names, normalize=True)  # (1 + N, H)
+            return (unit[1:] @ unit[0]).tolist(), tokens
+        problem = getattr(getattr(s.model, "head", None), "problem_type", None)
+        if s.task != "classification" or problem != "regression" or len(s.labels or []) != 1:
+            what = f" ({problem}, {len(s.labels or [])} labels)" if s.task == "classification" else ""
+            raise HTTPError(
+                400,
+                f"{s.name} is a {s.task} model{what}: ranking needs a cross-encoder (a classifier "
+                "with one output) or an embedding model",
+            )
+        records = [{"text": query, "text_pair": text} for text in texts]
+        limit = window(s.config, s.tokenizer)
+        pairs = s.tokenizer.encode(
+            [query] * len(texts), texts, truncation=False, padding=False, return_tensors=None
+        ).input_ids  # the pairs as the tokenizer joins them ([CLS] query [SEP] text [SEP] for BERT)
+        lengths = [len(ids) for ids in pairs]
+        for i, n in enumerate(lengths):
+            if n > limit and not truncate:
+                raise HTTPError(
+                    413,
+                    f"{name}[{i}] with the query has {n} tokens; the model takes at most {limit} "
+                    '(send "truncate": true to cut the longer of the two)',
+                    name,
+                )
+        lengths = [min(n, limit) for n in lengths]
+        predictions = await state.on_queue("predict", records, lengths, {})
+        logits = [p["value"] for p in predictions]
+        return logits if raw_scores else torch.tensor(logits).sigmoid().tolist(), sum(lengths)
+
+    @app.post("/rerank", tags=["graft"])
+    async def rerank(body: RerankRequest) -> list[dict[str, Any]]:
+        """The texts ranked by relevance to the query, best first (text-embeddings-inference's shape)."""
+        scores, _ = await relevance(body.query, body.texts, body.truncate, body.raw_scores, "texts")
+        ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
+        return [
+            {"index": i, "score": scores[i]} | ({"text": body.texts[i]} if body.return_text else {})
+            for i in ranked
+        ]
+
+    @app.post("/v1/rerank", tags=["OpenAI"])
+    async def documents_rerank(body: DocumentsRerankRequest) -> dict[str, Any]:
+        """The documents ranked by relevance to the query, best first (Cohere's and Jina's shape)."""
+        scores, tokens = await relevance(body.query, body.documents, body.truncate, False, "documents")
+        ranked = sorted(range(len(scores)), key=lambda i: -scores[i])[: body.top_n]
+        results = [
+            {"index": i, "relevance_score": scores[i]}
+            | ({"document": {"text": body.documents[i]}} if body.return_documents else {})
+            for i in ranked
+        ]
+        return {
+            "id": f"rerank-{uuid.uuid4().hex}",
+            "model": served().name,
+            "usage": {"total_tokens": tokens},
+            "results": results,
+        }
 
     @app.post("/predict", tags=["graft"])
     async def predict(body: PredictRequest) -> dict[str, Any]:
