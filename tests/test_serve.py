@@ -600,6 +600,93 @@ def test_chat_and_completions_equal_graft_generate(chat_server):
     assert streamed == completion["choices"][0]["text"] and completion["object"] == "text_completion"
 
 
+def reference_logprobs(folder: Path, ids: list[int]) -> torch.Tensor:
+    """transformers' log-probabilities after each of ``ids``, (T, V)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def test_completion_logprobs_and_echo_score_tokens_as_transformers_does(chat_server):
+    """``logprobs: n`` gives each token's log-probability and the n likeliest tokens at its place;
+    with ``echo`` the prompt comes first, its tokens scored too (the first has none): what
+    lm-evaluation-harness reads to score a continuation. Equal to transformers' to 1e-4."""
+    c = chat_server.client
+    body = {"prompt": "w10 w20 w30 w40", "max_tokens": 4, "temperature": 0, "logprobs": 2, "echo": True}
+    got = c.post("/v1/completions", json=body).json()["choices"][0]
+    lp = got["logprobs"]
+    assert got["text"].startswith("w10 w20 w30 w40") and lp["tokens"][:4] == ["w10", "w20", "w30", "w40"]
+    ids = [int(t.removeprefix("w")) if t.startswith("w") else {"</s>": 2}[t] for t in lp["tokens"]]
+    reference = reference_logprobs(chat_server.folder, ids)  # (T, V)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    expected = reference[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:]), expected, atol=1e-4, rtol=0)
+    for place, top in enumerate(lp["top_logprobs"][1:]):
+        best = reference[place].topk(2)
+        assert list(top) == [
+            f"w{i}" if i >= 7 else ["<pad>", "<s>", "</s>"][i] for i in best.indices.tolist()
+        ]
+        torch.testing.assert_close(torch.tensor(list(top.values())), best.values, atol=1e-4, rtol=0)
+    generated = lp["tokens"][4:]
+    assert all(
+        max(top, key=top.get) == token for token, top in zip(generated, lp["top_logprobs"][4:], strict=True)
+    )
+    assert lp["text_offset"][:5] == [0, 3, 6, 9, 12]
+
+    # lm-evaluation-harness's request: token ids, one token more, its log-probability included
+    scored = c.post("/v1/completions", json={"prompt": ids[:4], "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True}).json()  # fmt: skip
+    assert scored["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        lp["token_logprobs"][1:5], abs=1e-5
+    )
+    # the prompt alone scored (max_tokens 0): nothing generated
+    only = c.post("/v1/completions", json={**body, "max_tokens": 0}).json()
+    assert only["choices"][0]["text"] == "w10 w20 w30 w40" and only["usage"]["completion_tokens"] == 0
+    assert only["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        lp["token_logprobs"][1:4], abs=1e-5
+    )
+    # several prompts: one choice each, as each alone
+    plain = c.post("/v1/completions", json={**body, "echo": False}).json()["choices"][0]
+    assert plain["logprobs"]["tokens"] == generated and plain["text"] == got["text"][len("w10 w20 w30 w40") :]
+    both = c.post("/v1/completions", json={**body, "echo": False, "prompt": [ids[:4], [50, 60]]}).json()
+    assert [ch["index"] for ch in both["choices"]] == [0, 1]
+    assert both["choices"][0]["logprobs"]["tokens"] == generated
+    alone = c.post("/v1/completions", json={**body, "echo": False, "prompt": "w50 w60"}).json()
+    assert both["choices"][1]["text"] == alone["choices"][0]["text"]
+    assert both["usage"]["prompt_tokens"] == 6
+    # streamed: the prompt first, then each piece with its tokens' log-probabilities
+    with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        chunks = [ch["choices"][0] for ch in sse(r)]
+    assert chunks[0]["text"] == "w10 w20 w30 w40" and chunks[0]["logprobs"]["tokens"] == lp["tokens"][:4]
+    assert "".join(ch["text"] for ch in chunks) == got["text"]
+    assert [t for ch in chunks for t in ch["logprobs"]["tokens"]] == lp["tokens"]
+    assert [o for ch in chunks for o in ch["logprobs"]["text_offset"]] == lp["text_offset"]
+    for bad, message in (
+        ({"prompt": [5, 99]}, "prompt: token id 99 is not in the vocabulary (0..98)"),
+        ({"prompt": [[10], [5, -1]]}, "prompt[1]: token id -1 is not in the vocabulary (0..98)"),
+        ({"prompt": []}, "prompt: at least one prompt"),
+        ({"prompt": "w10", "max_tokens": 0, "echo": True}, "max_tokens: 0 generates nothing; with echo and logprobs it scores the prompt"),
+        ({"prompt": "w10", "logprobs": 21}, "logprobs: Input should be less than or equal to 20"),
+        ({"prompt": "w10", "echo": True, "truncate": True}, "echo: a prompt that is cut cannot be echoed; send truncate: false"),
+    ):  # fmt: skip
+        r = c.post("/v1/completions", json=bad)
+        assert (r.status_code, r.json()["error"]["message"]) == (422, message)
+
+
+def test_chat_logprobs_list_each_generated_token(chat_server):
+    c = chat_server.client
+    body = chat_body(2, logprobs=True, top_logprobs=3)
+    got = c.post("/v1/chat/completions", json=body).json()
+    content = got["choices"][0]["logprobs"]["content"]
+    assert len(content) == got["usage"]["completion_tokens"]
+    for entry in content:  # greedy: each token is the likeliest at its place
+        assert len(entry["top_logprobs"]) == 3 and entry["top_logprobs"][0]["token"] == entry["token"]
+        assert entry["logprob"] == entry["top_logprobs"][0]["logprob"] <= 0
+        assert entry["bytes"] == list(entry["token"].encode())
+    assert c.post("/v1/chat/completions", json=chat_body(2)).json()["choices"][0]["logprobs"] is None
+    r = c.post("/v1/chat/completions", json=chat_body(2, top_logprobs=2))
+    assert (r.status_code, r.json()["error"]["message"]) == (422, "top_logprobs: only with logprobs: true")
+
+
 def test_stop_strings_and_per_request_sampling(chat_server):
     c = chat_server.client
     body = chat_body(2, max_tokens=10)

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import gc
 import hmac
+import itertools
 import json
 import logging
 import threading
@@ -35,7 +36,7 @@ from pydantic import BaseModel, Field, ValidationError
 from graft.data.packing import packable
 from graft.errors import GraftError
 from graft.serve.batching import TokenBudgetQueue
-from graft.serve.continuous import ContinuousBatcher, RunningBatch, Sequence
+from graft.serve.continuous import ContinuousBatcher, RunningBatch, Scored, Sequence
 from graft.serve.explain import explainable
 from graft.serve.explain import register as register_explain
 from graft.serve.http import HTTPError, error, error_body
@@ -84,17 +85,23 @@ class State:
     admitted: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def admit(self) -> None:
-        """Count one more request on the model, or refuse it (429) when max_concurrent are already in."""
+    def admit(self, count: int = 1) -> None:
+        """Count ``count`` more requests on the model (a completion's prompts), or refuse them (429)
+        when that would take more than max_concurrent in; 413 for more than it ever takes at once."""
+        limit = self.settings.max_concurrent
+        if count > limit:
+            raise HTTPError(
+                413, f"prompt: {count} prompts; the server takes at most {limit} at once", "prompt"
+            )
         with self.lock:
-            if self.admitted >= self.settings.max_concurrent:
+            if self.admitted + count > limit:
                 raise HTTPError(429, f"the server is busy ({self.admitted} requests in flight); retry later")
-            self.admitted += 1
+            self.admitted += count
             self.metrics.in_flight.set(self.admitted)
 
-    def release(self) -> None:
+    def release(self, count: int = 1) -> None:
         with self.lock:
-            self.admitted -= 1
+            self.admitted -= count
             self.metrics.in_flight.set(self.admitted)
 
     def load(self, loader: Callable[[], Served]) -> None:
@@ -336,7 +343,18 @@ class Sampling(BaseModel):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str]
+    max_tokens: int | None = Field(
+        None, ge=0, description="0, with echo and logprobs: score the prompt only."
+    )
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A text, token ids, or a list of either: one choice each."
+    )
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="Each token's log-probability and the n likeliest tokens at its place."
+    )
+    echo: bool = Field(
+        False, description="Repeat the prompt before the completion (scored too, with logprobs)."
+    )
 
 
 class Message(BaseModel):
@@ -347,6 +365,8 @@ class Message(BaseModel):
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = Field(False, description="Each generated token's log-probability.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="The n likeliest tokens at each place.")
 
 
 # ---- the ASGI gate: metrics, errors, API key, draining, body size ---------------------------------
@@ -720,77 +740,171 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
             prompt = prompt[-max(1, window - config.max_new_tokens) :]
         return prompt, config.replace(max_new_tokens=min(config.max_new_tokens, window - len(prompt)))
 
-    def start(prompt: list[int], config: Any) -> tuple[asyncio.Queue, Sequence]:
+    def start(
+        prompts: list[tuple[list[int], Any]], logprobs: int | None, echo: bool, generate: bool = True
+    ) -> tuple[asyncio.Queue, list[Sequence]]:
+        """One sequence per (prompt, generation config), submitted to the engine; their events arrive
+        as (index, event). ``echo`` with ``logprobs``: the prompt's tokens are scored too."""
         s = served()
         if state.engine is None:
             raise HTTPError(400, f"{s.name} is a {s.task} model: it does not generate text")
-        if not prompt:
-            raise HTTPError(422, "the prompt is empty", "prompt")
+        for i, (prompt, _) in enumerate(prompts):
+            if not prompt:
+                raise HTTPError(
+                    422, "the prompt is empty" if len(prompts) == 1 else f"prompt[{i}] is empty", "prompt"
+                )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
-        def emit(event: tuple) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: the server is stopping
-                loop.call_soon_threadsafe(events.put_nowait, event)
+        def emitter(index: int) -> Callable[[tuple], None]:
+            def emit(event: tuple) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: the server is stopping
+                    loop.call_soon_threadsafe(events.put_nowait, (index, event))
 
-        state.admit()
-        seq = Sequence(prompt, config, s.tokenizer, emit)
-        state.engine.submit(seq)
-        return events, seq
+            return emit
 
-    async def pieces(events: asyncio.Queue, seq: Sequence) -> AsyncIterator[tuple]:
-        """The sequence's events until it is done; a client gone cancels it (its row leaves at the
-        next step). The request counts as in flight until its last byte is sent."""
+        state.admit(len(prompts))
+        seqs = [
+            Sequence(
+                prompt,
+                config,
+                s.tokenizer,
+                emitter(i),
+                logprobs=logprobs,
+                echo=echo and logprobs is not None,
+                generate=generate,
+            )
+            for i, (prompt, config) in enumerate(prompts)
+        ]
+        for seq in seqs:
+            state.engine.submit(seq)
+        return events, seqs
+
+    async def pieces(events: asyncio.Queue, seqs: list[Sequence]) -> AsyncIterator[tuple[int, tuple]]:
+        """The sequences' (index, event) until each is done; a client gone cancels them (their rows
+        leave at the next step). The request counts as in flight until its last byte is sent."""
         try:
-            while True:
-                event = await events.get()
-                yield event
-                if event[0] != "text":
-                    return
-                await asyncio.sleep(0)  # a fast stream must not keep the loop from other requests
+            running = len(seqs)
+            while running:
+                index, event = await events.get()
+                yield index, event
+                if event[0] in ("done", "error"):
+                    running -= 1
+                else:
+                    await asyncio.sleep(0)  # a fast stream must not keep the loop from other requests
         finally:
-            seq.cancelled = True
-            state.release()
+            for seq in seqs:
+                seq.cancelled = True
+            state.release(len(seqs))
 
-    def usage(event: tuple) -> dict[str, int]:
-        _, _, prompt_tokens, completion_tokens = event
+    def usage(done: list[tuple]) -> dict[str, int]:
+        """Token counts of the sequences' ("done", reason, prompt_tokens, completion_tokens) events."""
+        prompt_tokens, completion_tokens = sum(e[2] for e in done), sum(e[3] for e in done)
         return {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
 
-    async def respond(body: Sampling, prompt: list[int], max_tokens: int | None, chat: bool) -> Any:
-        config = generation(body, max_tokens)
-        prompt, config = fit(prompt, config, body.truncate)
-        events, seq = start(prompt, config)
+    def token_text(token: int) -> str:
+        return served().tokenizer.decode([token], skip_special_tokens=False)
+
+    def completion_logprobs(entries: list[Scored], offset: int) -> dict[str, Any]:
+        """OpenAI's (legacy) completions logprobs of ``entries``, their text offsets from ``offset``."""
+        tokens = [token_text(token) for token, _, _ in entries]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [logprob for _, logprob, _ in entries],
+            "top_logprobs": [
+                None if logprob is None else {token_text(t): v for t, v in top} for _, logprob, top in entries
+            ],
+            "text_offset": list(itertools.accumulate((len(t) for t in tokens), initial=offset))[:-1],
+        }
+
+    def chat_logprobs(entries: list[Scored]) -> dict[str, Any]:
+        """OpenAI's chat logprobs of ``entries``: each token's text, log-probability and UTF-8 bytes."""
+
+        def one(token: int, logprob: float | None) -> dict[str, Any]:
+            text = token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "surrogatepass"))}
+
+        return {
+            "content": [one(t, lp) | {"top_logprobs": [one(i, v) for i, v in top]} for t, lp, top in entries]
+        }
+
+    async def respond(
+        body: Sampling,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        chat: bool,
+        logprobs: int | None = None,
+        echo: list[str] | None = None,
+    ) -> Any:
+        """The answer to a completion (one choice per prompt) or a chat: JSON, or server-sent events.
+        ``logprobs``: how many likeliest tokens to list beside each token's log-probability (None:
+        no log-probabilities); ``echo``: the prompts' texts, to repeat before each completion (with
+        ``logprobs``, the prompt's tokens are scored too)."""
+        config = generation(body, max_tokens or None)  # (0: the prompt only scored)
+        fitted = [fit(prompt, config, body.truncate) for prompt in prompts]
+        events, seqs = start(fitted, logprobs, echo is not None, generate=max_tokens != 0)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created, name = int(time.time()), served().name
         kind = "chat.completion" if chat else "text_completion"
+        texts: list[list[str]] = [[] for _ in seqs]  # each choice's text so far
+        scored_: list[list[Scored]] = [[] for _ in seqs]  # each choice's tokens not yet sent
+        offsets = [0] * len(seqs)  # the text offset of each choice's next token
 
-        def choice(text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
+        def take_logprobs(index: int) -> dict[str, Any] | None:
+            """The log-probabilities gathered for choice ``index`` since the last ones sent."""
+            if logprobs is None:
+                return None
+            entries, scored_[index] = scored_[index], []
+            if chat:
+                return chat_logprobs(entries)
+            out = completion_logprobs(entries, offsets[index])
+            if entries:
+                offsets[index] = out["text_offset"][-1] + len(out["tokens"][-1])
+            return out
+
+        def choice(index: int, text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
             if not chat:
-                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+                return {
+                    "index": index,
+                    "text": text or "",
+                    "logprobs": take_logprobs(index),
+                    "finish_reason": reason,
+                }
             delta = {} if text is None else {"content": text}
             if first:
                 delta["role"] = "assistant"
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            return {"index": index, "delta": delta, "logprobs": take_logprobs(index), "finish_reason": reason}
 
         if not body.stream:
-            text = []
-            async for event in pieces(events, seq):
+            done: list[tuple] = [()] * len(seqs)
+            async for index, event in pieces(events, seqs):
                 if event[0] == "error":
                     raise HTTPError(500, event[1])
-                if event[0] == "text":
-                    text.append(event[1])
-            reply = "".join(text)
-            if chat:
-                first = {"index": 0, "message": {"role": "assistant", "content": reply}, "logprobs": None}
-            else:
-                first = {"index": 0, "text": reply, "logprobs": None}
-            first["finish_reason"] = event[1]
-            return {"id": ident, "object": kind, "created": created, "model": name, "choices": [first],
-                    "usage": usage(event)}  # fmt: skip
+                if event[0] == "logprobs":
+                    scored_[index].extend(event[1])
+                elif event[0] == "text":
+                    texts[index].append(event[1])
+                else:
+                    done[index] = event
+            choices = []
+            for index, event in enumerate(done):
+                reply = (echo[index] if echo is not None else "") + "".join(texts[index])
+                if chat:
+                    first = {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": reply},
+                        "logprobs": take_logprobs(0),
+                    }
+                else:
+                    first = {"index": index, "text": reply, "logprobs": take_logprobs(index)}
+                first["finish_reason"] = event[1]
+                choices.append(first)
+            return {"id": ident, "object": kind, "created": created, "model": name, "choices": choices,
+                    "usage": usage(done)}  # fmt: skip
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         chunk_kind = "chat.completion.chunk" if chat else "text_completion"
@@ -801,16 +915,25 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
 
         async def stream() -> AsyncIterator[str]:
             if chat:
-                yield sse([choice("", None, first=True)])
-            async for event in pieces(events, seq):
-                if event[0] == "text":
-                    yield sse([choice(event[1], None)])
+                yield sse([choice(0, "", None, first=True)])
+            if echo is not None and logprobs is None:  # (with logprobs, once the prompt is scored)
+                for index, text in enumerate(echo):
+                    yield sse([choice(index, text, None)])
+            done: list[tuple] = []
+            async for index, event in pieces(events, seqs):
+                if event[0] == "logprobs":
+                    scored_[index].extend(event[1])
+                    if echo is not None and event[1][0][1] is None:  # the prompt, scored: echoed first
+                        yield sse([choice(index, echo[index], None)])
+                elif event[0] == "text":
+                    yield sse([choice(index, event[1], None)])
                 elif event[0] == "error":
                     yield f"data: {json.dumps(error_body(event[1], 500))}\n\n"
                 else:
-                    yield sse([choice(None, event[1])])
-                    if include_usage:
-                        yield sse([], usage=usage(event))
+                    done.append(event)
+                    yield sse([choice(index, None, event[1])])
+            if include_usage and done:
+                yield sse([], usage=usage(done))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(
@@ -819,17 +942,48 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
 
     @app.post("/v1/completions", tags=["OpenAI"])
     async def completions(body: CompletionRequest) -> Any:
-        """OpenAI's text completions; ``stream: true`` sends server-sent events ending with [DONE]."""
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            raise HTTPError(
-                422, "prompt: one prompt per request (send several requests: they batch)", "prompt"
-            )
+        """OpenAI's text completions, one choice per prompt (a text or token ids); ``stream: true``
+        sends server-sent events ending with [DONE]; ``logprobs`` and ``echo`` score the tokens."""
         s = served()
-        ids = s.tokenizer.encode(prompts[0], truncation=False, padding=False, return_tensors=None).input_ids[
-            0
-        ]
-        return await respond(body, list(ids), body.max_tokens, chat=False)
+        prompt = body.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]  # one prompt: a text or a list of token ids
+        if not prompt:
+            raise HTTPError(422, "prompt: at least one prompt", "prompt")
+        vocab = s.config.vocab_size
+        ids = []
+        for i, one in enumerate(prompt):
+            if isinstance(one, str):
+                ids.append(
+                    list(
+                        s.tokenizer.encode(
+                            one, truncation=False, padding=False, return_tensors=None
+                        ).input_ids[0]
+                    )
+                )
+                continue
+            bad = next((t for t in one if not 0 <= t < vocab), None)
+            if bad is not None:
+                where = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
+                raise HTTPError(
+                    422, f"{where}: token id {bad} is not in the vocabulary (0..{vocab - 1})", "prompt"
+                )
+            ids.append(list(one))
+        if body.max_tokens == 0 and not (body.echo and body.logprobs is not None):
+            raise HTTPError(
+                422,
+                "max_tokens: 0 generates nothing; with echo and logprobs it scores the prompt",
+                "max_tokens",
+            )
+        if body.echo and body.truncate:
+            raise HTTPError(422, "echo: a prompt that is cut cannot be echoed; send truncate: false", "echo")
+        echo = None
+        if body.echo:
+            echo = [
+                one if isinstance(one, str) else s.tokenizer.decode(one, skip_special_tokens=False)
+                for one in prompt
+            ]
+        return await respond(body, ids, body.max_tokens, chat=False, logprobs=body.logprobs, echo=echo)
 
     @app.post("/v1/chat/completions", tags=["OpenAI"])
     async def chat_completions(body: ChatRequest) -> Any:
@@ -839,9 +993,14 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
             raise HTTPError(400, f"{s.name} is a {s.task} model: it does not generate text")
         if not getattr(s.tokenizer, "chat_template", None):
             raise HTTPError(400, f"{s.name}: the tokenizer has no chat template; use /v1/completions")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise HTTPError(422, "top_logprobs: only with logprobs: true", "top_logprobs")
         messages = [m.model_dump() for m in body.messages]
         ids = s.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return await respond(body, list(ids), body.max_completion_tokens or body.max_tokens, chat=True)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        return await respond(
+            body, [list(ids)], body.max_completion_tokens or body.max_tokens, chat=True, logprobs=top
+        )
 
     # ---- about the server ----
 

@@ -30,10 +30,35 @@ log = logging.getLogger("graft")
 HEADROOM = 64  # cache columns allocated ahead, so most steps write in place
 
 
+# a token's log-probability: (its id, its log-probability, or None for a prompt's first token, and
+# the likeliest tokens at its place as (id, log-probability), likeliest first)
+Scored = tuple[int, float | None, list[tuple[int, float]]]
+
+
+def scored(logits: torch.Tensor, tokens: list[int], top: int) -> list[Scored]:
+    """Each of ``tokens``' log-probability under the (T, V) ``logits`` of its place (the raw model's
+    distribution, before any sampling setting, as vLLM's default), with the ``top`` likeliest
+    tokens there; computed 256 places at a time in float32."""
+    out: list[Scored] = []
+    for start in range(0, len(tokens), 256):
+        chunk = logits[start : start + 256].float().log_softmax(-1)  # (t, V)
+        ids = torch.tensor(tokens[start : start + 256])
+        chosen = chunk.gather(-1, ids[:, None])[:, 0].tolist()
+        best = chunk.topk(top, -1) if top else None
+        for i, token in enumerate(ids.tolist()):
+            alternatives = (
+                list(zip(best.indices[i].tolist(), best.values[i].tolist(), strict=True)) if best else []
+            )
+            out.append((token, chosen[i], alternatives))
+    return out
+
+
 @dataclass
 class Sequence:
     """One request being generated. ``emit`` is called from the model's thread with
-    ("text", piece), then ("done", finish_reason, prompt_tokens, completion_tokens) or ("error", message)."""
+    ("text", piece), then ("done", finish_reason, prompt_tokens, completion_tokens) or ("error", message);
+    with ``logprobs`` set, ("logprobs", [Scored, ...]) comes before the text its tokens make: the
+    prompt's first (with ``echo``), then each generated token's, the end-of-text token included."""
 
     prompt: list[int]
     config: GenerationConfig
@@ -46,6 +71,14 @@ class Sequence:
     seen: torch.Tensor | None = None  # (1, V) bool, for the repetition penalty
     on_leave: Callable[[], None] | None = None  # called once, when the row leaves the batch (or never joins)
     left: bool = False
+    logprobs: int | None = None  # how many likeliest tokens to list beside each token's (None: no logprobs)
+    echo: bool = False  # the prompt's tokens' log-probabilities too (scoring a text)
+    generate: bool = True  # False: the prompt is only scored (echo), nothing generated (max_tokens 0)
+
+    def score(self, logits: torch.Tensor) -> None:
+        """Send the log-probability of each prompt token after the first, given (T, V) ``logits``."""
+        first: Scored = (self.prompt[0], None, [])
+        self.emit(("logprobs", [first, *scored(logits[:-1], self.prompt[1:], self.logprobs or 0)]))
 
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this row's (V,) float32 logits, with this row's settings."""
@@ -125,12 +158,13 @@ class RunningBatch:
         cache.lengths = [length] * self.layers
         self.cache = cache
 
-    def prefill(self, prompt: list[int]) -> torch.Tensor:
-        """Run one prompt alone and add its row to the batch; its next-token logits, (V,) float32."""
+    def prefill(self, prompt: list[int], every: bool = False) -> torch.Tensor:
+        """Run one prompt alone and add its row to the batch; its next-token logits, (V,) float32
+        (with ``every``: the logits after each prompt token, (T, V) in the model's dtype)."""
         device = self.mask.device
         ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
         decoder = Decoder(self.model, ids, None, steps=1)
-        logits = decoder.prefill()[0]
+        logits = decoder.prefill(every)[0]
         T = len(prompt)
         new_k = [decoder.cache.keys[i][:, :, :T] for i in range(self.layers)]  # (1, nkv, T, hd)
         new_v = [decoder.cache.values[i][:, :, :T] for i in range(self.layers)]
@@ -249,7 +283,17 @@ class ContinuousBatcher:
             if seq.cancelled:
                 seq.leave()
                 continue
-            rows_logits.append(batch.prefill(seq.prompt))
+            if not seq.generate:  # the prompt scored alone; no row joins the batch
+                ids = torch.tensor([seq.prompt], dtype=torch.long)  # (1, T)
+                seq.score(Decoder(self.model, ids, None, steps=0).prefill(every=True)[0])
+                seq.finish("length")
+                self.metrics.prompt_tokens.inc(len(seq.prompt))
+                continue
+            logits = batch.prefill(seq.prompt, every=seq.echo)
+            if seq.echo:  # (T, V): the prompt's tokens scored, then the next token's logits
+                seq.score(logits)
+                logits = logits[-1].float()
+            rows_logits.append(logits)
             rows.append(seq)
             self.metrics.prompt_tokens.inc(len(seq.prompt))
             self.metrics.batch_size.labels("prefill").observe(1)
@@ -260,6 +304,8 @@ class ContinuousBatcher:
                 seq.leave()
                 continue
             token = seq.choose(row_logits)
+            if seq.logprobs is not None:
+                seq.emit(("logprobs", scored(row_logits[None], [token], seq.logprobs)))
             self.metrics.generated.inc()
             if seq.accept(token) is None:
                 kept.append(i)
