@@ -850,15 +850,15 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created, name = int(time.time()), served().name
         kind = "chat.completion" if chat else "text_completion"
-        texts: list[list[str]] = [[] for _ in seqs]  # each choice's text so far
-        scored_: list[list[Scored]] = [[] for _ in seqs]  # each choice's tokens not yet sent
+        texts: list[list[str]] = [[] for _ in seqs]  # each choice's text so far (answered whole)
+        pending: list[list[Scored]] = [[] for _ in seqs]  # each choice's scored tokens not yet sent
         offsets = [0] * len(seqs)  # the text offset of each choice's next token
 
         def take_logprobs(index: int) -> dict[str, Any] | None:
             """The log-probabilities gathered for choice ``index`` since the last ones sent."""
             if logprobs is None:
                 return None
-            entries, scored_[index] = scored_[index], []
+            entries, pending[index] = pending[index], []
             if chat:
                 return chat_logprobs(entries)
             out = completion_logprobs(entries, offsets[index])
@@ -885,24 +885,18 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
                 if event[0] == "error":
                     raise HTTPError(500, event[1])
                 if event[0] == "logprobs":
-                    scored_[index].extend(event[1])
+                    pending[index].extend(event[1])
                 elif event[0] == "text":
                     texts[index].append(event[1])
                 else:
                     done[index] = event
             choices = []
             for index, event in enumerate(done):
-                reply = (echo[index] if echo is not None else "") + "".join(texts[index])
-                if chat:
-                    first = {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": reply},
-                        "logprobs": take_logprobs(0),
-                    }
-                else:
-                    first = {"index": index, "text": reply, "logprobs": take_logprobs(index)}
-                first["finish_reason"] = event[1]
-                choices.append(first)
+                text = (echo[index] if echo is not None else "") + "".join(texts[index])
+                content = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+                choices.append(
+                    {"index": index, **content, "logprobs": take_logprobs(index), "finish_reason": event[1]}
+                )
             return {"id": ident, "object": kind, "created": created, "model": name, "choices": choices,
                     "usage": usage(done)}  # fmt: skip
 
@@ -922,7 +916,7 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
             done: list[tuple] = []
             async for index, event in pieces(events, seqs):
                 if event[0] == "logprobs":
-                    scored_[index].extend(event[1])
+                    pending[index].extend(event[1])
                     if echo is not None and event[1][0][1] is None:  # the prompt, scored: echoed first
                         yield sse([choice(index, echo[index], None)])
                 elif event[0] == "text":
