@@ -13,6 +13,7 @@ from conftest import hf_model, padded_batch
 from graft.errors import GraftError
 from graft.generation import (
     GenerationConfig,
+    bias,
     generate,
     min_p_filter,
     penalize_repetition,
@@ -82,6 +83,26 @@ def test_repetition_penalty_matches_transformers():
     assert torch.equal(penalize_repetition(scores, seen, 1.3), expected)
 
 
+def test_logit_bias_matches_transformers_sequence_bias():
+    scores = torch.randn(2, 30, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[1, 5], [0, 2]])
+    expected = hf_processors.SequenceBiasLogitsProcessor([[[5], 2.5], [[7], -100.0]])(ids, scores.clone())
+    assert torch.equal(bias(scores, {5: 2.5, 7: -100.0}), expected)
+
+
+def test_presence_and_frequency_penalties_count_only_the_generated_tokens():
+    """OpenAI's rule: minus presence for a token that appeared, minus frequency times its count,
+    over the tokens generated so far (the prompt's are not counted)."""
+    scores = torch.zeros(1, 10)
+    sequence = torch.tensor([[5, 6, 6, 6, 8]])  # a prompt (5, 6) and three new tokens (6, 6, 8)
+    config = GenerationConfig(presence_penalty=0.5, frequency_penalty=0.25)
+    got = process(scores, None, config, sequence, step=3)[0]
+    expected = torch.zeros(10)
+    expected[6], expected[8] = -(0.5 + 2 * 0.25), -(0.5 + 0.25)
+    assert torch.equal(got, expected)
+    assert torch.equal(process(scores, None, config, sequence[:, :2], step=0), scores)
+
+
 def test_process_applies_samplers_only_when_sampling():
     scores = torch.randn(1, 20)
     greedy = GenerationConfig(temperature=0.5, top_k=3)
@@ -102,6 +123,42 @@ def test_greedy_matches_transformers_with_eos_and_left_padding(pair):
     expected = ref.generate(ids, attention_mask=mask, do_sample=False, **kw)
     got = generate(model, ids, mask, **kw)
     assert torch.equal(got, expected)
+
+
+def test_greedy_with_logit_bias_matches_transformers(pair):
+    ref, model = pair
+    ids = torch.randint(3, 99, (2, 7), generator=torch.Generator().manual_seed(4))
+    plain = generate(model, ids, max_new_tokens=12, pad_token_id=0)[:, 7:]
+    favoured, banned = 42, int(plain[0, 0])  # a token pushed up, and the first one greedy chose
+    logit_bias = {favoured: 4.0, banned: -100.0}
+    expected = ref.generate(
+        ids,
+        do_sample=False,
+        max_new_tokens=12,
+        pad_token_id=0,
+        sequence_bias={(favoured,): 4.0, (banned,): -100.0},
+    )
+    got = generate(model, ids, max_new_tokens=12, pad_token_id=0, logit_bias=logit_bias)
+    assert torch.equal(got, expected) and banned not in got[:, 7:].tolist()[0]
+
+
+def test_greedy_with_presence_and_frequency_penalties_follows_openais_rule(pair):
+    """Each step: transformers' logits, minus presence for every token generated so far, minus
+    frequency times its count, then the best token."""
+    ref, model = pair
+    ids = torch.randint(3, 99, (1, 6), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=12, pad_token_id=0, eos_token_id=[])  # no end: twelve tokens
+    got = generate(model, ids, presence_penalty=1.0, frequency_penalty=0.5, **kw)
+    sequence, new = ids[0].tolist(), []
+    with torch.no_grad():
+        for _ in range(12):
+            logits = ref(torch.tensor([sequence])).logits[0, -1]
+            counts = torch.bincount(torch.tensor(new, dtype=torch.long), minlength=logits.shape[0]).float()
+            token = int((logits - 1.0 * (counts > 0) - 0.5 * counts).argmax())
+            new.append(token)
+            sequence.append(token)
+    assert got[0, 6:].tolist() == new
+    assert new != generate(model, ids, **kw)[0, 6:].tolist()
 
 
 def test_greedy_with_repetition_penalty_matches_transformers(pair):
@@ -285,6 +342,8 @@ def test_prompt_longer_than_the_context_can_be_refused(pair):
         (dict(top_p=1.5), "top_p"),
         (dict(num_beams=2, do_sample=True), "beam search does not sample"),
         (dict(truncation="right"), "truncation"),
+        (dict(presence_penalty=2.5), "presence_penalty=2.5 must be in \\[-2, 2\\]"),
+        (dict(logit_bias={5: 101.0}), "logit_bias"),
         (dict(max_new_token=3), "did you mean 'max_new_tokens'"),
     ],
 )

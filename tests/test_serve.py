@@ -687,6 +687,86 @@ def test_chat_logprobs_list_each_generated_token(chat_server):
     assert (r.status_code, r.json()["error"]["message"]) == (422, "top_logprobs: only with logprobs: true")
 
 
+def test_n_choices_penalties_and_logit_bias_as_openai_defines_them(chat_server):
+    """``n`` choices per prompt (choice j of a seeded request samples with seed + j), OpenAI's
+    presence and frequency penalties and ``logit_bias`` give what graft's generation library gives."""
+    from graft.generation import encode_prompts, generate
+    from graft.loading import load_model
+
+    c = chat_server.client
+    body = chat_body(1, n=3, temperature=0.9, seed=5, max_tokens=6)
+    got = c.post("/v1/chat/completions", json=body).json()
+    texts = [ch["message"]["content"] for ch in got["choices"]]
+    assert [ch["index"] for ch in got["choices"]] == [0, 1, 2] and len(set(texts)) > 1
+    assert c.post("/v1/chat/completions", json=body).json()["choices"] == got["choices"]  # seeded
+    for j in range(3):
+        alone = c.post("/v1/chat/completions", json={**body, "n": 1, "seed": 5 + j}).json()
+        assert alone["choices"][0]["message"]["content"] == texts[j]
+    assert got["usage"]["completion_tokens"] == sum(
+        c.post("/v1/chat/completions", json={**body, "n": 1, "seed": 5 + j}).json()["usage"][
+            "completion_tokens"
+        ]
+        for j in range(3)
+    )
+    with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        chunks = [ch["choices"][0] for ch in sse(r)]
+    streamed = [
+        "".join(ch["delta"].get("content", "") for ch in chunks if ch["index"] == j) for j in range(3)
+    ]
+    assert streamed == texts
+
+    model, tokenizer = (
+        load_model(chat_server.folder, task="causal-lm"),
+        Tokenizer.from_folder(chat_server.folder),
+    )
+    prompt = "w10 w20 w30 w10 w20"
+    ids, mask = encode_prompts(tokenizer, [prompt])
+    for options in (
+        {"presence_penalty": 1.5, "frequency_penalty": 0.75},
+        {"logit_bias": {"50": 3.0, "2": -100.0}},
+    ):
+        got = c.post(
+            "/v1/completions", json={"prompt": prompt, "max_tokens": 10, "temperature": 0, **options}
+        ).json()
+        library = (
+            {**options, "logit_bias": {int(k): v for k, v in options["logit_bias"].items()}}
+            if "logit_bias" in options
+            else options
+        )
+        out = generate(model, ids, mask, max_new_tokens=10, eos_token_id=2, **library)[
+            0, ids.shape[1] :
+        ].tolist()
+        expected = tokenizer.decode(out[: out.index(2)] if 2 in out else out)
+        plain = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 10, "temperature": 0}).json()
+        assert got["choices"][0]["text"] == expected != plain["choices"][0]["text"], options
+    for bad, message in (
+        ({"logit_bias": {"w5": 1.0}}, "logit_bias: 'w5' is not a token id (0..98)"),
+        ({"logit_bias": {"5": 101}}, "logit_bias.5: Input should be less than or equal to 100"),
+        ({"presence_penalty": 3}, "presence_penalty: Input should be less than or equal to 2"),
+        ({"n": 0}, "n: Input should be greater than or equal to 1"),
+    ):  # fmt: skip
+        r = c.post("/v1/completions", json={"prompt": prompt, **bad})
+        assert (r.status_code, r.json()["error"]["message"]) == (422, message)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/v1/chat/completions", {"tools": [{"type": "function"}]}, "tools: Extra inputs are not permitted"),
+        ("/v1/chat/completions", {"temprature": 0.5}, "temprature: Extra inputs are not permitted"),
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format.type: Input should be 'text'"),
+        ("/v1/completions", {"suffix": "w9"}, "suffix: Extra inputs are not permitted"),
+        ("/v1/completions", {"best_of": 2}, "best_of: Extra inputs are not permitted"),
+    ],
+)  # fmt: skip
+def test_an_option_the_server_does_not_implement_is_refused_not_ignored(chat_server, path, body, message):
+    base = {"messages": [{"role": "user", "content": "w10"}]} if "chat" in path else {"prompt": "w10"}
+    r = chat_server.client.post(path, json={**base, "max_tokens": 2, **body})
+    assert (r.status_code, r.json()["error"]["message"]) == (422, message)
+    accepted = {**base, "max_tokens": 2, "user": "someone", "response_format": {"type": "text"}}
+    assert chat_server.client.post(path, json=accepted).status_code == 200
+
+
 def test_stop_strings_and_per_request_sampling(chat_server):
     c = chat_server.client
     body = chat_body(2, max_tokens=10)
@@ -728,7 +808,7 @@ def test_generation_limits(chat_server):
     for body, message in (
         ({"messages": []}, "messages: List should have at least 1 item after validation, not 0"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role: Input should be 'system', 'user' or 'assistant'"),
-        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n: Input should be less than or equal to 1"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n: Input should be greater than or equal to 1"),
         ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p: Input should be greater than 0"),
     ):  # fmt: skip
         r = c.post("/v1/chat/completions", json=body)

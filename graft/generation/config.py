@@ -26,6 +26,11 @@ class GenerationConfig:
     top_p: float = 1.0  # 1 = off
     min_p: float = 0.0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in the text (CTRL)
+    # OpenAI's, over the tokens generated so far: minus presence_penalty for each token that has
+    # appeared, minus frequency_penalty times its count (0 = off; -2..2)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (-100..100)
     num_beams: int = 1
     no_repeat_ngram_size: int = 0  # 0 = off; n: no n-gram appears twice in a row's sequence
     min_new_tokens: int = 0  # eos is not allowed before this many new tokens
@@ -54,6 +59,9 @@ class GenerationConfig:
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
+            ("logit_bias", all(-100 <= v <= 100 for v in (self.logit_bias or {}).values()), "in [-100, 100]"),
             ("num_beams", self.num_beams >= 1, ">= 1"),
             ("no_repeat_ngram_size", self.no_repeat_ngram_size >= 0, ">= 0"),
             ("min_new_tokens", self.min_new_tokens >= 0, ">= 0"),

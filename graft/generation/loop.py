@@ -72,7 +72,7 @@ def run(
     seen = seen_tokens(prompt, mask, model.config.vocab_size) if config.repetition_penalty != 1.0 else None
     stops = StopStrings(tokenizer, config.stop_strings, prompt.shape[0]) if config.stop_strings else None
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=device)
-    sequence = prompt  # (B, T + step): what n-gram blocking and forced tokens look at
+    sequence = prompt  # (B, T + step): what n-gram blocking, OpenAI's penalties and forced tokens look at
 
     logits = decoder.prefill()
     for step in range(config.max_new_tokens):
@@ -91,7 +91,7 @@ def run(
             return
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
-        if config.no_repeat_ngram_size:
+        if config.no_repeat_ngram_size or config.presence_penalty or config.frequency_penalty:
             sequence = torch.cat([sequence, tokens[:, None]], dim=1)
         logits = decoder.step(tokens)
 

@@ -16,6 +16,22 @@ def penalize_repetition(scores: torch.Tensor, seen: torch.Tensor, penalty: float
     return torch.where(seen, penalized, scores)
 
 
+def penalize_presence_and_frequency(
+    scores: torch.Tensor, new: torch.Tensor, presence: float, frequency: float
+) -> torch.Tensor:
+    """OpenAI's penalties over the ``new`` (N, S) tokens generated so far: ``presence`` off each
+    token that appeared, ``frequency`` times its count."""
+    counts = torch.zeros_like(scores).scatter_add_(1, new, torch.ones_like(new, dtype=scores.dtype))  # (N, V)
+    return scores - presence * (counts > 0) - frequency * counts
+
+
+def bias(scores: torch.Tensor, logit_bias: dict[int, float]) -> torch.Tensor:
+    """Add each token's bias to its score (-100 all but bans it, 100 all but forces it)."""
+    ids = torch.tensor(list(logit_bias), device=scores.device)
+    values = torch.tensor(list(logit_bias.values()), dtype=scores.dtype, device=scores.device)
+    return scores.index_add(1, ids, values[None].expand(scores.shape[0], -1))
+
+
 def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k best tokens."""
     kth = torch.topk(scores, min(k, scores.shape[-1])).values[:, -1:]  # (N, 1)
@@ -62,13 +78,21 @@ def process(
     scores: torch.Tensor,
     seen: torch.Tensor | None,
     config: GenerationConfig,
-    tokens: torch.Tensor | None = None,  # (N, L) each row's sequence so far (prompt + new), for n-grams
+    tokens: torch.Tensor
+    | None = None,  # (N, L) each row's sequence so far (prompt + new): n-grams, penalties
     step: int = 0,  # new tokens so far
 ) -> torch.Tensor:
     """Every processor the config asks for, in transformers' order (penalty, n-grams, length, forced
-    tokens, then the samplers')."""
+    tokens, then the samplers'), OpenAI's penalties and logit bias after the repetition penalty."""
     if config.repetition_penalty != 1.0:
         scores = penalize_repetition(scores, seen, config.repetition_penalty)
+    if (config.presence_penalty or config.frequency_penalty) and step:
+        new = tokens[:, tokens.shape[1] - step :]  # (N, step) the tokens generated so far
+        scores = penalize_presence_and_frequency(
+            scores, new, config.presence_penalty, config.frequency_penalty
+        )
+    if config.logit_bias:
+        scores = bias(scores, config.logit_bias)
     if config.no_repeat_ngram_size:
         scores = no_repeat_ngram(scores, tokens, config.no_repeat_ngram_size)
     if step < config.min_new_tokens and config.eos_ids:

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import orjson
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from graft.data.packing import packable
 from graft.errors import GraftError
@@ -39,7 +39,7 @@ from graft.serve.batching import TokenBudgetQueue
 from graft.serve.continuous import ContinuousBatcher, RunningBatch, Scored, Sequence
 from graft.serve.explain import explainable
 from graft.serve.explain import register as register_explain
-from graft.serve.http import HTTPError, error, error_body
+from graft.serve.http import Body, HTTPError, error, error_body
 from graft.serve.metrics import Metrics
 from graft.serve.model import Served
 from graft.serve.packing import embed_packed
@@ -270,20 +270,21 @@ def json_response(content: Any) -> Response:
 # ---- request bodies (pydantic: /docs shows them, a bad field is a 422 that names it) ---------------
 
 
-class EmbeddingsRequest(BaseModel):
+class EmbeddingsRequest(Body):
     input: str | list[str] = Field(description="A text or a list of texts.")
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = Field(None, description="OpenAI's end-user id: accepted, not used.")
     truncate: bool = Field(False, description="Cut texts longer than the model's window instead of a 413.")
 
 
-class EmbedRequest(BaseModel):
+class EmbedRequest(Body):
     inputs: str | list[str]
     normalize: bool = True
     truncate: bool = False
 
 
-class PredictRequest(BaseModel):
+class PredictRequest(Body):
     inputs: str | dict[str, Any] | list[str | dict[str, Any]] = Field(
         description="A text, a record ({'text': ...}, {'question': ..., 'context': ...}) or a list of them."
     )
@@ -294,7 +295,7 @@ class PredictRequest(BaseModel):
     null_threshold: float | None = None
 
 
-class RerankRequest(BaseModel):
+class RerankRequest(Body):
     """text-embeddings-inference's /rerank."""
 
     query: str
@@ -304,7 +305,7 @@ class RerankRequest(BaseModel):
     truncate: bool = False
 
 
-class DocumentsRerankRequest(BaseModel):
+class DocumentsRerankRequest(Body):
     """/v1/rerank: Cohere's and Jina's shape, as vLLM and Infinity serve it."""
 
     query: str
@@ -315,28 +316,39 @@ class DocumentsRerankRequest(BaseModel):
     truncate: bool = False
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(Body):
     input: str | list[str]
     add_special_tokens: bool = True
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-class Sampling(BaseModel):
+class ResponseFormat(Body):
+    type: Literal["text"] = Field(description="Plain text only: graft does not constrain decoding to JSON.")
+
+
+class Sampling(Body):
     model: str | None = None
+    user: str | None = Field(None, description="OpenAI's end-user id: accepted, not used.")
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
-    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="Token id -> a bias added to its logit before sampling."
+    )
+    seed: int | None = Field(None, description="With n > 1, choice j samples with seed + j.")
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="One choice per request.")
+    n: int = Field(1, ge=1, description="Choices per prompt.")
+    response_format: ResponseFormat | None = None
     truncate: bool = Field(
         False, description="Keep the prompt's last tokens when it does not fit the window."
     )
@@ -357,7 +369,7 @@ class CompletionRequest(Sampling):
     )
 
 
-class Message(BaseModel):
+class Message(Body):
     role: Literal["system", "user", "assistant"]
     content: str
 
@@ -719,9 +731,24 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
                 changes["temperature"] = body.temperature
         elif any(v is not None for v in (body.top_k, body.top_p, body.min_p)):
             changes["do_sample"] = True
-        for name in ("top_k", "top_p", "min_p", "repetition_penalty", "seed"):
+        for name in (
+            "top_k",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+            "seed",
+        ):
             if getattr(body, name) is not None:
                 changes[name] = getattr(body, name)
+        if body.logit_bias:
+            vocab = s.config.vocab_size
+            ids = {key: int(key) if key.strip().isdigit() else -1 for key in body.logit_bias}
+            bad = next((key for key, i in ids.items() if not 0 <= i < vocab), None)
+            if bad is not None:
+                raise HTTPError(422, f"logit_bias: {bad!r} is not a token id (0..{vocab - 1})", "logit_bias")
+            changes["logit_bias"] = {ids[key]: value for key, value in body.logit_bias.items()}
         if body.stop:
             changes["stop_strings"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
         return config.replace(**changes)
@@ -846,6 +873,13 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         ``logprobs``, the prompt's tokens are scored too)."""
         config = generation(body, max_tokens or None)  # (0: the prompt only scored)
         fitted = [fit(prompt, config, body.truncate) for prompt in prompts]
+        # n choices per prompt (choice i * n + j); with a seed, choice j samples with seed + j
+        fitted = [
+            (p, c.replace(seed=c.seed + j) if j and c.seed is not None else c)
+            for p, c in fitted
+            for j in range(body.n)
+        ]
+        echo = [text for text in echo for _ in range(body.n)] if echo is not None else None
         events, seqs = start(fitted, logprobs, echo is not None, generate=max_tokens != 0)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created, name = int(time.time()), served().name
@@ -909,7 +943,8 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
 
         async def stream() -> AsyncIterator[str]:
             if chat:
-                yield sse([choice(0, "", None, first=True)])
+                for index in range(len(seqs)):
+                    yield sse([choice(index, "", None, first=True)])
             if echo is not None and logprobs is None:  # (with logprobs, once the prompt is scored)
                 for index, text in enumerate(echo):
                     yield sse([choice(index, text, None)])

@@ -82,7 +82,10 @@ class Sequence:
 
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this row's (V,) float32 logits, with this row's settings."""
-        scores = process(logits[None], self.seen, self.config)  # (1, V)
+        step = len(self.generated)
+        penalized = step and (self.config.presence_penalty or self.config.frequency_penalty)
+        new = torch.tensor([self.generated]) if penalized else None  # (1, step): what the penalties count
+        scores = process(logits[None], self.seen, self.config, new, step)  # (1, V)
         if self.config.do_sample:
             return int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
         return int(scores.argmax(-1))

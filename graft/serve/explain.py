@@ -13,16 +13,16 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import FastAPI
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from graft.errors import GraftError
-from graft.serve.http import HTTPError
+from graft.serve.http import Body, HTTPError
 from graft.serve.model import Served
 
 TASKS = ("classification", "token-classification", "question-answering")  # served by the encoder queue
 
 
-class ExplainRequest(BaseModel):
+class ExplainRequest(Body):
     text: str = Field(description="The text to explain (for QA: the question).")
     context: str | None = Field(None, description="Question answering: the passage.")
     method: Literal["grad-x-input", "ig", "occlusion", "attention", "rollout"] = "grad-x-input"

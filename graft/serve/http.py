@@ -1,10 +1,12 @@
-"""HTTP errors as every endpoint answers them: OpenAI's error shape, with the status and the field."""
+"""HTTP errors as every endpoint answers them: OpenAI's error shape, with the status and the field;
+and the base of every request body."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 
 
 class HTTPError(Exception):
@@ -20,3 +22,10 @@ def error_body(message: str, status: int, param: str | None = None) -> dict[str,
 
 def error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, status, param), status_code=status, headers=headers)
+
+
+class Body(BaseModel):
+    """A request body: a field the server does not know (a typo, an option it does not implement)
+    is refused with a 422 that names it, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
