@@ -519,6 +519,40 @@ def test_rerank_with_a_cross_encoder_gives_the_sigmoid_of_its_pair_logits(tmp_pa
         server.close()
 
 
+def test_embeddings_are_shortened_only_for_a_model_trained_for_it(minilm_server, minilm, tmp_path):
+    """OpenAI's ``dimensions``: the first d values made unit length again, where config.json says
+    the model was trained for d (``matryoshka_dimensions``, as vLLM reads it); else a 422."""
+    c = minilm_server.client
+    full = c.post("/v1/embeddings", json={"input": TEXTS}).json()["data"]
+    assert c.post("/v1/embeddings", json={"input": TEXTS, "dimensions": 384}).json()["data"] == full
+    r = c.post("/v1/embeddings", json={"input": TEXTS, "dimensions": 128})
+    assert (r.status_code, r.json()["error"]["param"]) == (422, "dimensions")
+    assert (
+        "embeddings have 384 values; it was not trained to be shortened (Matryoshka)"
+        in r.json()["error"]["message"]
+    )
+    folder = tmp_path / "matryoshka"
+    shutil.copytree(minilm, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "matryoshka_dimensions": [384, 128]}))
+    server = Server(folder, log=tmp_path / "serve.log")
+    try:
+        got = server.client.post("/v1/embeddings", json={"input": TEXTS, "dimensions": 128}).json()["data"]
+        cut = torch.tensor([d["embedding"] for d in full])[:, :128]
+        torch.testing.assert_close(
+            torch.tensor([d["embedding"] for d in got]),
+            torch.nn.functional.normalize(cut, dim=-1),
+            atol=1e-6,
+            rtol=0,
+        )
+        r = server.client.post("/v1/embeddings", json={"input": TEXTS, "dimensions": 64})
+        assert r.status_code == 422 and r.json()["error"]["message"].endswith(
+            "have 384 values; it was trained for 384, 128"
+        )
+    finally:
+        server.close()
+
+
 def test_rerank_with_an_embedding_model_gives_the_cosine_of_the_embeddings(minilm_server):
     """An embedding model ranks by the cosine of the query's and each text's unit embeddings (what
     /embed gives); a query over the window is a 413 naming the query."""

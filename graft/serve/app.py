@@ -274,6 +274,9 @@ class EmbeddingsRequest(Body):
     input: str | list[str] = Field(description="A text or a list of texts.")
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(
+        None, ge=1, description="Shortened embeddings, for a model trained for them (Matryoshka)."
+    )
     user: str | None = Field(None, description="OpenAI's end-user id: accepted, not used.")
     truncate: bool = Field(False, description="Cut texts longer than the model's window instead of a 413.")
 
@@ -566,11 +569,34 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         vectors = await state.on_queue("embed", items, lengths, {"normalize": normalize})
         return np.stack(vectors), sum(lengths)
 
+    def check_dimensions(dimensions: int) -> None:
+        """422 unless the model's embeddings may be cut to ``dimensions`` (their own width, or one
+        its config.json lists as trained for: ``matryoshka_dimensions``, or any with ``is_matryoshka``,
+        as vLLM reads them)."""
+        cfg = served().config
+        width, hf = cfg.hidden_size, cfg.hf_config
+        allowed = hf.get("matryoshka_dimensions") or []
+        if dimensions == width or dimensions in allowed or (hf.get("is_matryoshka") and dimensions < width):
+            return
+        trained = (
+            f"it was trained for {', '.join(map(str, allowed))}"
+            if allowed
+            else "it was not trained to be shortened (Matryoshka)"
+        )
+        raise HTTPError(
+            422, f"dimensions: {served().name}'s embeddings have {width} values; {trained}", "dimensions"
+        )
+
     @app.post("/v1/embeddings", tags=["OpenAI"], response_model=None)
     async def openai_embeddings(body: EmbeddingsRequest) -> Response:
         """OpenAI's embeddings: unit-length vectors, as floats or base64 float32."""
         texts = [body.input] if isinstance(body.input, str) else body.input
+        if body.dimensions is not None:
+            check_dimensions(body.dimensions)
         unit, tokens = await embeddings(texts, body.truncate, "input", normalize=True)  # (N, H) float32
+        if body.dimensions is not None and body.dimensions < unit.shape[1]:  # (N, d), unit length again
+            unit = unit[:, : body.dimensions]
+            unit = unit / np.linalg.norm(unit, axis=1, keepdims=True).clip(min=1e-12)
         if body.encoding_format == "base64":
             values: list[Any] = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in unit]
         else:  # float32 values written as the float64 numbers they are (what .tolist() gives)
