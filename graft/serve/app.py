@@ -66,6 +66,7 @@ class Settings:
     max_body_bytes: int = 4 * 1024 * 1024
     batching: bool = True
     workers: int = 1  # encoders: batches at once (graft serve gives each cores / workers torch threads)
+    prefix_cache_mb: int = 256  # causal LMs: recent prompts' keys and values kept (0: none)
     # once the model is in, its objects leave the garbage collector's view (gc.freeze): graft serve's
     # process only, since the freeze is the whole process's
     freeze_gc: bool = False
@@ -117,7 +118,9 @@ class State:
         s = self.settings
         run = None
         if served.generates:
-            self.engine = ContinuousBatcher(served.model, self.metrics, 64 if s.batching else 1)
+            self.engine = ContinuousBatcher(
+                served.model, self.metrics, 64 if s.batching else 1, s.prefix_cache_mb << 20
+            )
         else:
             run = partial(run_encoder, served, store=packed_store(served))  # run(op, items, options)
             self.queue = TokenBudgetQueue(

@@ -5,17 +5,21 @@ One thread runs the model. At every decoding step, waiting requests join the run
 or abandoned ones leave it; each row keeps its own positions, sampling settings, random
 generator and stop strings. The rows' caches are aligned on the right: a row that joins with
 a shorter history is padded on the left (masked out), and columns no row needs any more are
-dropped when rows leave.
+dropped when rows leave. A prompt that begins as a recent one did (a chat's next turn resends
+the conversation; requests share a system prompt) runs only from where the two part, on the
+kept keys and values of the beginning (``PrefixCache``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -135,17 +139,68 @@ def held_back(text: str, stops: list[str]) -> int:
     return 0
 
 
+class PrefixCache:
+    """The keys and values of recent prompts, kept so that a prompt beginning as one of them did is
+    computed only from where the two part: vLLM's automatic prefix caching, over whole prompts
+    rather than blocks of tokens. A prompt that extends a kept one replaces it (a conversation's
+    turns keep one entry); beyond ``capacity`` bytes the least recently used go first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        # prompt tokens -> (its tokens as an array, (1, nkv, T, hd) keys and values per layer, bytes)
+        self.entries: OrderedDict[
+            tuple[int, ...], tuple[np.ndarray, list[torch.Tensor], list[torch.Tensor], int]
+        ]
+        self.entries = OrderedDict()
+        self.size = 0  # bytes kept
+
+    def longest(self, prompt: list[int]) -> tuple[int, list[torch.Tensor], list[torch.Tensor]]:
+        """The most leading positions of ``prompt`` a kept prompt shares (never its last token,
+        whose logits are wanted), and their (1, nkv, n, hd) keys and values per layer."""
+        tokens = np.asarray(prompt)
+        best, found = 0, None
+        for key, (kept, _, _, _) in self.entries.items():
+            m = min(len(kept), len(tokens) - 1)
+            same = kept[:m] == tokens[:m]
+            n = m if same.all() else int(same.argmin())
+            if n > best:
+                best, found = n, key
+        if found is None:
+            return 0, [], []
+        self.entries.move_to_end(found)
+        _, keys, values, _ = self.entries[found]
+        return best, [k[:, :, :best] for k in keys], [v[:, :, :best] for v in values]
+
+    def add(self, prompt: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Keep ``prompt``'s (1, nkv, T, hd) keys and values per layer."""
+        size = sum(t.numel() * t.element_size() for t in (*keys, *values))
+        if size > self.capacity:
+            return
+        tokens = np.asarray(prompt)
+        for key, (kept, _, _, kept_size) in list(self.entries.items()):  # kept prompts this one extends
+            if len(kept) <= len(tokens) and (kept == tokens[: len(kept)]).all():
+                del self.entries[key]
+                self.size -= kept_size
+        self.entries[tuple(prompt)] = (tokens, keys, values, size)
+        self.size += size
+        while self.size > self.capacity:
+            _, (_, _, _, dropped) = self.entries.popitem(last=False)
+            self.size -= dropped
+
+
 class RunningBatch:
     """The cache, mask and next positions of the rows being decoded together."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, prefixes: PrefixCache | None = None) -> None:
         self.model = model
+        self.prefixes = prefixes
         self.layers = model.config.num_blocks
         self.cache: KVCache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long)  # (B, L): 1 = a real position of that row
         self.positions = torch.zeros(0, dtype=torch.long)  # (B,): each row's next position
         k = kernels.kernels_of(model)
         self.store = k.store(model) if k is not None else None
+        self.cached = 0  # the last prompt's leading positions taken from the prefix cache
 
     @property
     def size(self) -> int:
@@ -165,12 +220,26 @@ class RunningBatch:
         """Run one prompt alone and add its row to the batch; its next-token logits, (V,) float32
         (with ``every``: the logits after each prompt token, (T, V) in the model's dtype)."""
         device = self.mask.device
-        ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
-        decoder = Decoder(self.model, ids, None, steps=1)
-        logits = decoder.prefill(every)[0]
         T = len(prompt)
-        new_k = [decoder.cache.keys[i][:, :, :T] for i in range(self.layers)]  # (1, nkv, T, hd)
-        new_v = [decoder.cache.values[i][:, :, :T] for i in range(self.layers)]
+        # a kept beginning (not when every position's logits are wanted): its keys and values
+        n, past_k, past_v = (0, [], []) if every or self.prefixes is None else self.prefixes.longest(prompt)
+        self.cached = n
+        cache = KVCache(self.layers, capacity=T)
+        for i in range(self.layers if n else 0):
+            cache.update(i, past_k[i], past_v[i])
+        ids = torch.tensor([prompt[n:]], dtype=torch.long, device=device)  # (1, T - n)
+        with kernels.frozen(self.model, self.store):
+            out = self.model(
+                input_ids=ids,
+                position_ids=torch.arange(n, T, device=device)[None],
+                cache=cache,
+                logits_to_keep=0 if every else 1,
+            )
+        logits = out.logits[0] if every else out.logits[0, -1].float()
+        new_k = [cache.keys[i][:, :, :T] for i in range(self.layers)]  # (1, nkv, T, hd)
+        new_v = [cache.values[i][:, :, :T] for i in range(self.layers)]
+        if self.prefixes is not None:
+            self.prefixes.add(prompt, new_k, new_v)
         if self.cache is None or self.size == 0:
             self.rebuild(new_k, new_v)
             self.mask = torch.ones(1, T, dtype=torch.long, device=device)
@@ -229,8 +298,13 @@ class RunningBatch:
 class ContinuousBatcher:
     """The model's thread: admits waiting sequences, decodes the running batch one step at a time."""
 
-    def __init__(self, model: torch.nn.Module, metrics: Metrics, max_running: int = 64) -> None:
+    def __init__(
+        self, model: torch.nn.Module, metrics: Metrics, max_running: int = 64, prefix_cache_bytes: int = 0
+    ) -> None:
         self.model, self.metrics, self.max_running = model, metrics, max_running
+        # (not for a prompt-tuned model: its learned positions open every sequence, not a prompt's tokens)
+        virtual = getattr(getattr(model, "body", None), "virtual_tokens", 0)
+        self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes and not virtual else None
         self.waiting: list[Sequence] = []
         self.closed = False
         self.cond = threading.Condition()
@@ -254,7 +328,7 @@ class ContinuousBatcher:
         self.worker.join()
 
     def serve(self) -> None:
-        batch = RunningBatch(self.model)
+        batch = RunningBatch(self.model, self.prefixes)
         rows: list[Sequence] = []
         logits = torch.zeros(0)
         while True:
@@ -274,7 +348,7 @@ class ContinuousBatcher:
                 for seq in rows + joining:
                     seq.emit(("error", f"generation failed: {e}"))
                     seq.leave()
-                batch, rows, logits = RunningBatch(self.model), [], torch.zeros(0)
+                batch, rows, logits = RunningBatch(self.model, self.prefixes), [], torch.zeros(0)
             self.metrics.running.set(len(rows))
 
     def advance(
@@ -299,8 +373,9 @@ class ContinuousBatcher:
             rows_logits.append(logits)
             rows.append(seq)
             self.metrics.prompt_tokens.inc(len(seq.prompt))
+            self.metrics.prompt_tokens_cached.inc(batch.cached)
             self.metrics.batch_size.labels("prefill").observe(1)
-            self.metrics.batch_tokens.labels("prefill").observe(len(seq.prompt))
+            self.metrics.batch_tokens.labels("prefill").observe(len(seq.prompt) - batch.cached)
         kept, tokens = [], []
         for i, (seq, row_logits) in enumerate(zip(rows, rows_logits, strict=True)):
             if seq.cancelled:

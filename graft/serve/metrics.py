@@ -40,6 +40,11 @@ class Metrics:
         )
         self.generated = Counter("graft_generated_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("graft_prompt_tokens", "Prompt tokens read", registry=r)
+        self.prompt_tokens_cached = Counter(
+            "graft_prompt_tokens_cached",
+            "Prompt tokens whose keys and values the prefix cache held",
+            registry=r,
+        )
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
