@@ -16,11 +16,13 @@ from torch import nn
 
 from graft.errors import GraftError
 from graft.nn.config import TransformerConfig
-from graft.nn.init import lookup_table
+from graft.nn.init import lookup_table, on_meta
 
 
 def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
     """The fixed table of "Attention Is All You Need": sin on even, cos on odd dimensions."""
+    if on_meta():  # a model built for its shapes
+        return torch.empty(num_positions, dim)
     # float64 then rounded once, so the table equals the reference tables to the last bit.
     position = torch.arange(num_positions, dtype=torch.float64)[:, None]  # (P, 1)
     freq = torch.pow(10000.0, -torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (D/2,)
@@ -33,6 +35,8 @@ def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
 def timing_signal(num_positions: int, dim: int) -> torch.Tensor:
     """tensor2tensor's sinusoids, as Whisper's encoder adds them: sines in the first half, cosines
     in the second, timescales from 1 to 10000 (computed in float32 as the references do)."""
+    if on_meta():  # a model built for its shapes
+        return torch.empty(num_positions, dim)
     step = math.log(10000) / (dim // 2 - 1)
     inv_timescales = torch.exp(-step * torch.arange(dim // 2))  # (D/2,)
     angles = torch.arange(num_positions)[:, None] * inv_timescales[None, :]  # (P, D/2)
@@ -53,9 +57,11 @@ class SinusoidalPositions(nn.Module):
 def rope_inverse_frequencies(cfg: TransformerConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies of the rotary dimensions and the cos/sin scale, per rope_scaling."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))  # (hd/2,)
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if on_meta() and kind in ("default", "linear", "llama3"):  # a model built for its shapes
+        return torch.empty(dim // 2), 1.0
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))  # (hd/2,)
     if kind == "default":
         return inv_freq, 1.0
     if kind == "linear":
