@@ -808,6 +808,8 @@ def test_a_chats_next_turn_runs_only_its_new_tokens(chat_server):
     first = chat_body(3)
     reply = c.post("/v1/chat/completions", json=first).json()["choices"][0]["message"]["content"]
     before = chat_server.metric("graft_prompt_tokens_cached_total")
+    first_tokens = chat_server.metric("graft_time_to_first_token_seconds_count")
+    steps = chat_server.metric("graft_time_per_output_token_seconds_count")
     messages = [
         *first["messages"],
         {"role": "assistant", "content": reply},
@@ -820,6 +822,10 @@ def test_a_chats_next_turn_runs_only_its_new_tokens(chat_server):
     tokenizer = Tokenizer.from_folder(chat_server.folder)
     turn = len(tokenizer.apply_chat_template(first["messages"], add_generation_prompt=True, tokenize=True))
     assert chat_server.metric("graft_prompt_tokens_cached_total") - before >= turn
+    # one first token, and a decoding step for each token after it (and one more for an end token)
+    assert chat_server.metric("graft_time_to_first_token_seconds_count") == first_tokens + 1
+    decoded = chat_server.metric("graft_time_per_output_token_seconds_count") - steps
+    assert decoded in (got["usage"]["completion_tokens"] - 1, got["usage"]["completion_tokens"])
 
 
 def test_stop_strings_and_per_request_sampling(chat_server):

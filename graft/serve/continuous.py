@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ class Sequence:
     logprobs: int | None = None  # how many likeliest tokens to list beside each token's (None: no logprobs)
     echo: bool = False  # the prompt's tokens' log-probabilities too (scoring a text)
     generate: bool = True  # False: the prompt is only scored (echo), nothing generated (max_tokens 0)
+    arrived: float = field(default_factory=time.monotonic)
 
     def score(self, logits: torch.Tensor) -> None:
         """Send the log-probability of each prompt token after the first, given (T, V) ``logits``."""
@@ -382,6 +384,8 @@ class ContinuousBatcher:
                 seq.leave()
                 continue
             token = seq.choose(row_logits)
+            if not seq.generated:
+                self.metrics.time_to_first_token.observe(time.monotonic() - seq.arrived)
             if seq.logprobs is not None:
                 seq.emit(("logprobs", scored(row_logits[None], [token], seq.logprobs)))
             self.metrics.generated.inc()
@@ -395,4 +399,7 @@ class ContinuousBatcher:
             return [], torch.zeros(0)
         self.metrics.batch_size.labels("decode").observe(len(rows))
         self.metrics.batch_tokens.labels("decode").observe(len(rows))
-        return rows, batch.step(tokens)
+        start = time.perf_counter()
+        logits = batch.step(tokens)
+        self.metrics.time_per_output_token.observe(time.perf_counter() - start)
+        return rows, logits

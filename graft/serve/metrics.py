@@ -17,6 +17,7 @@ disable_created_metrics()  # no *_created series: one line per count, as scraper
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 65536)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+STEP_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1)
 
 
 class Metrics:
@@ -37,6 +38,18 @@ class Metrics:
         )
         self.batch_tokens = Histogram(
             "graft_batch_tokens", "Real tokens per forward", ["kind"], buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.time_to_first_token = Histogram(
+            "graft_time_to_first_token_seconds",
+            "From a sequence's arrival to its first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_per_output_token = Histogram(
+            "graft_time_per_output_token_seconds",
+            "A decoding step: the next token of every running sequence",
+            buckets=STEP_BUCKETS,
+            registry=r,
         )
         self.generated = Counter("graft_generated_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("graft_prompt_tokens", "Prompt tokens read", registry=r)
