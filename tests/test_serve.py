@@ -801,6 +801,23 @@ def test_an_option_the_server_does_not_implement_is_refused_not_ignored(chat_ser
     assert chat_server.client.post(path, json=accepted).status_code == 200
 
 
+def test_chat_messages_as_openai_sends_them(chat_server):
+    """Content as a list of text parts is the parts joined; a name is accepted; an image part is
+    refused with a 422 that names it."""
+    c = chat_server.client
+    body = chat_body(1)
+    parts = [{"type": "text", "text": t} for t in body["messages"][0]["content"].partition(" ")[::2]]
+    parts[1]["text"] = " " + parts[1]["text"]
+    as_parts = {**body, "messages": [{"role": "user", "content": parts, "name": "someone"}]}
+    assert (
+        c.post("/v1/chat/completions", json=as_parts).json()["choices"]
+        == c.post("/v1/chat/completions", json=body).json()["choices"]
+    )
+    image = {"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}
+    r = c.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": [image]}]})
+    assert r.status_code == 422 and r.json()["error"]["message"].startswith("messages.0.content")
+
+
 def test_a_chats_next_turn_runs_only_its_new_tokens(chat_server):
     """The second turn resends the first; the prefix cache holds its keys and values, so only
     the tokens after it run (graft_prompt_tokens_cached), and the reply is graft generate's."""

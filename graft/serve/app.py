@@ -375,9 +375,20 @@ class CompletionRequest(Sampling):
     )
 
 
+class TextPart(Body):
+    type: Literal["text"]
+    text: str
+
+
 class Message(Body):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[TextPart] = Field(description="A text, or OpenAI's list of text parts (joined).")
+    name: str | None = Field(None, description="The speaker's name, passed to the chat template.")
+
+    def for_template(self) -> dict[str, str]:
+        """The message as a chat template reads it: its role, its text (and name, when given)."""
+        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": self.role, "content": text} | ({"name": self.name} if self.name is not None else {})
 
 
 class ChatRequest(Sampling):
@@ -1053,7 +1064,7 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
             raise HTTPError(400, f"{s.name}: the tokenizer has no chat template; use /v1/completions")
         if body.top_logprobs is not None and not body.logprobs:
             raise HTTPError(422, "top_logprobs: only with logprobs: true", "top_logprobs")
-        messages = [m.model_dump() for m in body.messages]
+        messages = [m.for_template() for m in body.messages]
         ids = s.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         top = (body.top_logprobs or 0) if body.logprobs else None
         return await respond(
