@@ -2,9 +2,11 @@
 
 - model.py: ``load_served``, whatever graft loads (folders, run folders, adapters + base, GGUF);
 - batching.py: the token-budget queue that batches encoder requests;
-- continuous.py: continuous batching of causal-LM requests over one running KV cache;
+- continuous.py: continuous batching of causal-LM requests over one running KV cache, and the
+  prefix cache;
+- completions.py: OpenAI's completions and chat completions on it (log-probabilities, n, streaming);
 - metrics.py: Prometheus metrics;
-- app.py: the FastAPI app (OpenAI-compatible endpoints, /predict, /embed, /rerank, limits, the playground).
+- app.py: the FastAPI app (/v1/embeddings, /predict, /embed, /rerank, limits, the playground).
 
 The command is ``graft serve MODEL`` (graft/cli/serve.py).
 """

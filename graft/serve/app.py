@@ -12,8 +12,6 @@ import base64
 import contextlib
 import gc
 import hmac
-import itertools
-import json
 import logging
 import threading
 import time
@@ -22,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -30,16 +28,17 @@ import torch
 import torch.nn.functional as F
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import Field, ValidationError
 
 from graft.data.packing import packable
 from graft.errors import GraftError
 from graft.serve.batching import TokenBudgetQueue
-from graft.serve.continuous import ContinuousBatcher, RunningBatch, Scored, Sequence
+from graft.serve.completions import register as register_completions
+from graft.serve.continuous import ContinuousBatcher, RunningBatch
 from graft.serve.explain import explainable
 from graft.serve.explain import register as register_explain
-from graft.serve.http import Body, HTTPError, error, error_body
+from graft.serve.http import Body, HTTPError, error
 from graft.serve.metrics import Metrics
 from graft.serve.model import Served
 from graft.serve.packing import embed_packed
@@ -325,77 +324,6 @@ class DocumentsRerankRequest(Body):
 class TokenizeRequest(Body):
     input: str | list[str]
     add_special_tokens: bool = True
-
-
-class StreamOptions(Body):
-    include_usage: bool = False
-
-
-class ResponseFormat(Body):
-    type: Literal["text"] = Field(description="Plain text only: graft does not constrain decoding to JSON.")
-
-
-class Sampling(Body):
-    model: str | None = None
-    user: str | None = Field(None, description="OpenAI's end-user id: accepted, not used.")
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
-        None, description="Token id -> a bias added to its logit before sampling."
-    )
-    seed: int | None = Field(None, description="With n > 1, choice j samples with seed + j.")
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, description="Choices per prompt.")
-    response_format: ResponseFormat | None = None
-    truncate: bool = Field(
-        False, description="Keep the prompt's last tokens when it does not fit the window."
-    )
-
-
-class CompletionRequest(Sampling):
-    max_tokens: int | None = Field(
-        None, ge=0, description="0, with echo and logprobs: score the prompt only."
-    )
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="A text, token ids, or a list of either: one choice each."
-    )
-    logprobs: int | None = Field(
-        None, ge=0, le=20, description="Each token's log-probability and the n likeliest tokens at its place."
-    )
-    echo: bool = Field(
-        False, description="Repeat the prompt before the completion (scored too, with logprobs)."
-    )
-
-
-class TextPart(Body):
-    type: Literal["text"]
-    text: str
-
-
-class Message(Body):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart] = Field(description="A text, or OpenAI's list of text parts (joined).")
-    name: str | None = Field(None, description="The speaker's name, passed to the chat template.")
-
-    def for_template(self) -> dict[str, str]:
-        """The message as a chat template reads it: its role, its text (and name, when given)."""
-        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-        return {"role": self.role, "content": text} | ({"name": self.name} if self.name is not None else {})
-
-
-class ChatRequest(Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = Field(False, description="Each generated token's log-probability.")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="The n likeliest tokens at each place.")
 
 
 # ---- the ASGI gate: metrics, errors, API key, draining, body size ---------------------------------
@@ -755,322 +683,6 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         ids = [list(row) for row in enc.input_ids]
         return {"ids": ids, "tokens": [s.tokenizer.convert_ids_to_tokens(row) for row in ids]}
 
-    # ---- generation ----
-
-    def generation(body: Sampling, max_tokens: int | None) -> Any:
-        from graft.generation import GenerationConfig
-
-        s = served()
-        config = GenerationConfig.for_model(s.model, s.generation_defaults)
-        if config.eos_token_id is None and s.tokenizer.eos_token_id is not None:
-            config = config.replace(eos_token_id=s.tokenizer.eos_token_id)
-        changes: dict[str, Any] = {"max_new_tokens": max_tokens or 16}
-        if body.temperature is not None:  # 0 = greedy
-            changes["do_sample"] = body.temperature > 0
-            if body.temperature > 0:
-                changes["temperature"] = body.temperature
-        elif any(v is not None for v in (body.top_k, body.top_p, body.min_p)):
-            changes["do_sample"] = True
-        for name in (
-            "top_k",
-            "top_p",
-            "min_p",
-            "repetition_penalty",
-            "presence_penalty",
-            "frequency_penalty",
-            "seed",
-        ):
-            if getattr(body, name) is not None:
-                changes[name] = getattr(body, name)
-        if body.logit_bias:
-            vocab = s.config.vocab_size
-            ids = {key: int(key) if key.strip().isdigit() else -1 for key in body.logit_bias}
-            bad = next((key for key, i in ids.items() if not 0 <= i < vocab), None)
-            if bad is not None:
-                raise HTTPError(422, f"logit_bias: {bad!r} is not a token id (0..{vocab - 1})", "logit_bias")
-            changes["logit_bias"] = {ids[key]: value for key, value in body.logit_bias.items()}
-        if body.stop:
-            changes["stop_strings"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
-        return config.replace(**changes)
-
-    def fit(prompt: list[int], config: Any, truncate: bool) -> tuple[list[int], Any]:
-        """The prompt and max_new_tokens within the window: 413, or the prompt's last tokens."""
-        window = served().max_length
-        if len(prompt) >= window:
-            if not truncate:
-                raise HTTPError(
-                    413,
-                    f"the prompt has {len(prompt)} tokens; the model's context holds {window} "
-                    '(send "truncate": true to keep its last tokens)',
-                    "prompt",
-                )
-            prompt = prompt[-max(1, window - config.max_new_tokens) :]
-        return prompt, config.replace(max_new_tokens=min(config.max_new_tokens, window - len(prompt)))
-
-    def start(
-        prompts: list[tuple[list[int], Any]], logprobs: int | None, echo: bool, generate: bool = True
-    ) -> tuple[asyncio.Queue, list[Sequence]]:
-        """One sequence per (prompt, generation config), submitted to the engine; their events arrive
-        as (index, event). ``echo`` with ``logprobs``: the prompt's tokens are scored too."""
-        s = served()
-        if state.engine is None:
-            raise HTTPError(400, f"{s.name} is a {s.task} model: it does not generate text")
-        for i, (prompt, _) in enumerate(prompts):
-            if not prompt:
-                raise HTTPError(
-                    422, "the prompt is empty" if len(prompts) == 1 else f"prompt[{i}] is empty", "prompt"
-                )
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def emitter(index: int) -> Callable[[tuple], None]:
-            def emit(event: tuple) -> None:
-                with contextlib.suppress(RuntimeError):  # the loop is gone: the server is stopping
-                    loop.call_soon_threadsafe(events.put_nowait, (index, event))
-
-            return emit
-
-        state.admit(len(prompts))
-        seqs = [
-            Sequence(
-                prompt,
-                config,
-                s.tokenizer,
-                emitter(i),
-                logprobs=logprobs,
-                echo=echo and logprobs is not None,
-                generate=generate,
-            )
-            for i, (prompt, config) in enumerate(prompts)
-        ]
-        for seq in seqs:
-            state.engine.submit(seq)
-        return events, seqs
-
-    async def pieces(events: asyncio.Queue, seqs: list[Sequence]) -> AsyncIterator[tuple[int, tuple]]:
-        """The sequences' (index, event) until each is done; a client gone cancels them (their rows
-        leave at the next step). The request counts as in flight until its last byte is sent."""
-        try:
-            running = len(seqs)
-            while running:
-                index, event = await events.get()
-                yield index, event
-                if event[0] in ("done", "error"):
-                    running -= 1
-                else:
-                    await asyncio.sleep(0)  # a fast stream must not keep the loop from other requests
-        finally:
-            for seq in seqs:
-                seq.cancelled = True
-            state.release(len(seqs))
-
-    def usage(done: list[tuple]) -> dict[str, int]:
-        """Token counts of the sequences' ("done", reason, prompt_tokens, completion_tokens) events."""
-        prompt_tokens, completion_tokens = sum(e[2] for e in done), sum(e[3] for e in done)
-        return {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
-
-    def token_text(token: int) -> str:
-        return served().tokenizer.decode([token], skip_special_tokens=False)
-
-    def completion_logprobs(entries: list[Scored], offset: int) -> dict[str, Any]:
-        """OpenAI's (legacy) completions logprobs of ``entries``, their text offsets from ``offset``."""
-        tokens = [token_text(token) for token, _, _ in entries]
-        return {
-            "tokens": tokens,
-            "token_logprobs": [logprob for _, logprob, _ in entries],
-            "top_logprobs": [
-                None if logprob is None else {token_text(t): v for t, v in top} for _, logprob, top in entries
-            ],
-            "text_offset": list(itertools.accumulate((len(t) for t in tokens), initial=offset))[:-1],
-        }
-
-    def chat_logprobs(entries: list[Scored]) -> dict[str, Any]:
-        """OpenAI's chat logprobs of ``entries``: each token's text, log-probability and UTF-8 bytes."""
-
-        def one(token: int, logprob: float | None) -> dict[str, Any]:
-            text = token_text(token)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "surrogatepass"))}
-
-        return {
-            "content": [one(t, lp) | {"top_logprobs": [one(i, v) for i, v in top]} for t, lp, top in entries]
-        }
-
-    async def respond(
-        body: Sampling,
-        prompts: list[list[int]],
-        max_tokens: int | None,
-        chat: bool,
-        logprobs: int | None = None,
-        echo: list[str] | None = None,
-    ) -> Any:
-        """The answer to a completion (one choice per prompt) or a chat: JSON, or server-sent events.
-        ``logprobs``: how many likeliest tokens to list beside each token's log-probability (None:
-        no log-probabilities); ``echo``: the prompts' texts, to repeat before each completion (with
-        ``logprobs``, the prompt's tokens are scored too)."""
-        config = generation(body, max_tokens or None)  # (0: the prompt only scored)
-        fitted = [fit(prompt, config, body.truncate) for prompt in prompts]
-        # n choices per prompt (choice i * n + j); with a seed, choice j samples with seed + j
-        fitted = [
-            (p, c.replace(seed=c.seed + j) if j and c.seed is not None else c)
-            for p, c in fitted
-            for j in range(body.n)
-        ]
-        echo = [text for text in echo for _ in range(body.n)] if echo is not None else None
-        events, seqs = start(fitted, logprobs, echo is not None, generate=max_tokens != 0)
-        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        created, name = int(time.time()), served().name
-        kind = "chat.completion" if chat else "text_completion"
-        texts: list[list[str]] = [[] for _ in seqs]  # each choice's text so far (answered whole)
-        pending: list[list[Scored]] = [[] for _ in seqs]  # each choice's scored tokens not yet sent
-        offsets = [0] * len(seqs)  # the text offset of each choice's next token
-
-        def take_logprobs(index: int) -> dict[str, Any] | None:
-            """The log-probabilities gathered for choice ``index`` since the last ones sent."""
-            if logprobs is None:
-                return None
-            entries, pending[index] = pending[index], []
-            if chat:
-                return chat_logprobs(entries)
-            out = completion_logprobs(entries, offsets[index])
-            if entries:
-                offsets[index] = out["text_offset"][-1] + len(out["tokens"][-1])
-            return out
-
-        def choice(index: int, text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
-            if not chat:
-                return {
-                    "index": index,
-                    "text": text or "",
-                    "logprobs": take_logprobs(index),
-                    "finish_reason": reason,
-                }
-            delta = {} if text is None else {"content": text}
-            if first:
-                delta["role"] = "assistant"
-            return {"index": index, "delta": delta, "logprobs": take_logprobs(index), "finish_reason": reason}
-
-        if not body.stream:
-            done: list[tuple] = [()] * len(seqs)
-            async for index, event in pieces(events, seqs):
-                if event[0] == "error":
-                    raise HTTPError(500, event[1])
-                if event[0] == "logprobs":
-                    pending[index].extend(event[1])
-                elif event[0] == "text":
-                    texts[index].append(event[1])
-                else:
-                    done[index] = event
-            choices = []
-            for index, event in enumerate(done):
-                text = (echo[index] if echo is not None else "") + "".join(texts[index])
-                content = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-                choices.append(
-                    {"index": index, **content, "logprobs": take_logprobs(index), "finish_reason": event[1]}
-                )
-            return {"id": ident, "object": kind, "created": created, "model": name, "choices": choices,
-                    "usage": usage(done)}  # fmt: skip
-
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
-
-        def sse(choices: list, **extra: Any) -> str:
-            chunk = {"id": ident, "object": chunk_kind, "created": created, "model": name, "choices": choices}
-            return f"data: {json.dumps({**chunk, **extra}, ensure_ascii=False)}\n\n"
-
-        async def stream() -> AsyncIterator[str]:
-            if chat:
-                for index in range(len(seqs)):
-                    yield sse([choice(index, "", None, first=True)])
-            if echo is not None and logprobs is None:  # (with logprobs, once the prompt is scored)
-                for index, text in enumerate(echo):
-                    yield sse([choice(index, text, None)])
-            done: list[tuple] = []
-            async for index, event in pieces(events, seqs):
-                if event[0] == "logprobs":
-                    pending[index].extend(event[1])
-                    if echo is not None and event[1][0][1] is None:  # the prompt, scored: echoed first
-                        yield sse([choice(index, echo[index], None)])
-                elif event[0] == "text":
-                    yield sse([choice(index, event[1], None)])
-                elif event[0] == "error":
-                    yield f"data: {json.dumps(error_body(event[1], 500))}\n\n"
-                else:
-                    done.append(event)
-                    yield sse([choice(index, None, event[1])])
-            if include_usage and done:
-                yield sse([], usage=usage(done))
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(
-            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
-
-    @app.post("/v1/completions", tags=["OpenAI"])
-    async def completions(body: CompletionRequest) -> Any:
-        """OpenAI's text completions, one choice per prompt (a text or token ids); ``stream: true``
-        sends server-sent events ending with [DONE]; ``logprobs`` and ``echo`` score the tokens."""
-        s = served()
-        prompt = body.prompt
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-            prompt = [prompt]  # one prompt: a text or a list of token ids
-        if not prompt:
-            raise HTTPError(422, "prompt: at least one prompt", "prompt")
-        vocab = s.config.vocab_size
-        ids = []
-        for i, one in enumerate(prompt):
-            if isinstance(one, str):
-                ids.append(
-                    list(
-                        s.tokenizer.encode(
-                            one, truncation=False, padding=False, return_tensors=None
-                        ).input_ids[0]
-                    )
-                )
-                continue
-            bad = next((t for t in one if not 0 <= t < vocab), None)
-            if bad is not None:
-                where = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
-                raise HTTPError(
-                    422, f"{where}: token id {bad} is not in the vocabulary (0..{vocab - 1})", "prompt"
-                )
-            ids.append(list(one))
-        if body.max_tokens == 0 and not (body.echo and body.logprobs is not None):
-            raise HTTPError(
-                422,
-                "max_tokens: 0 generates nothing; with echo and logprobs it scores the prompt",
-                "max_tokens",
-            )
-        if body.echo and body.truncate:
-            raise HTTPError(422, "echo: a prompt that is cut cannot be echoed; send truncate: false", "echo")
-        echo = None
-        if body.echo:
-            echo = [
-                one if isinstance(one, str) else s.tokenizer.decode(one, skip_special_tokens=False)
-                for one in prompt
-            ]
-        return await respond(body, ids, body.max_tokens, chat=False, logprobs=body.logprobs, echo=echo)
-
-    @app.post("/v1/chat/completions", tags=["OpenAI"])
-    async def chat_completions(body: ChatRequest) -> Any:
-        """OpenAI's chat completions, through the checkpoint's chat template."""
-        s = served()
-        if not s.generates:  # before the template: an encoder's tokenizer has none either
-            raise HTTPError(400, f"{s.name} is a {s.task} model: it does not generate text")
-        if not getattr(s.tokenizer, "chat_template", None):
-            raise HTTPError(400, f"{s.name}: the tokenizer has no chat template; use /v1/completions")
-        if body.top_logprobs is not None and not body.logprobs:
-            raise HTTPError(422, "top_logprobs: only with logprobs: true", "top_logprobs")
-        messages = [m.for_template() for m in body.messages]
-        ids = s.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        top = (body.top_logprobs or 0) if body.logprobs else None
-        return await respond(
-            body, [list(ids)], body.max_completion_tokens or body.max_tokens, chat=True, logprobs=top
-        )
-
     # ---- about the server ----
 
     @app.get("/v1/models", tags=["OpenAI"])
@@ -1107,6 +719,7 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         return Response(state.metrics.text(), media_type="text/plain; version=0.0.4")
 
     register_explain(app, state)  # POST /explain (graft/serve/explain.py)
+    register_completions(app, state)  # POST /v1/completions, /v1/chat/completions (completions.py)
 
     @app.get("/", include_in_schema=False)
     async def playground() -> HTMLResponse:
