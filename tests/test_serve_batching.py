@@ -101,6 +101,22 @@ def test_a_prompt_that_begins_as_a_kept_one_runs_from_where_they_part(tmp_path, 
     assert metrics.prompt_tokens_cached._value.get() == 9 + 5 + 1
 
 
+def test_a_prompt_tuned_model_decodes_in_the_batch_as_alone(tmp_path):
+    """Its virtual tokens open every row of the running batch (rows of different lengths, padded on
+    the left): each sequence gets the tokens graft generate gives it alone."""
+    from graft.strategies import apply_strategy
+
+    hf_model("llama", "causal-lm").save_pretrained(tmp_path)
+    model = apply_strategy(load_model(tmp_path, task="causal-lm"), "prompt:4").eval()
+    g = torch.Generator().manual_seed(5)
+    config = GenerationConfig(max_new_tokens=7, eos_token_id=[])
+    jobs = [(torch.randint(3, 99, (n,), generator=g).tolist(), config) for n in (5, 2, 9)]
+    for (prompt, _), (text, _) in zip(jobs, run_all(model, jobs), strict=True):
+        with torch.no_grad():
+            alone = generate(model, torch.tensor([prompt]), None, config)[0, len(prompt) :].tolist()
+        assert text == Ids().decode(alone)
+
+
 def test_the_prefix_cache_keeps_the_longest_and_the_most_recent():
     kv = lambda n: ([torch.zeros(1, 1, n, 2)], [torch.zeros(1, 1, n, 2)])  # noqa: E731 16 bytes a position
     cache = PrefixCache(capacity=16 * 20)

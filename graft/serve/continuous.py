@@ -203,6 +203,7 @@ class RunningBatch:
         k = kernels.kernels_of(model)
         self.store = k.store(model) if k is not None else None
         self.cached = 0  # the last prompt's leading positions taken from the prefix cache
+        self.virtual = getattr(getattr(model, "body", None), "virtual_tokens", 0)  # prompt tuning's
 
     @property
     def size(self) -> int:
@@ -238,28 +239,30 @@ class RunningBatch:
                 logits_to_keep=0 if every else 1,
             )
         logits = out.logits[0] if every else out.logits[0, -1].float()
-        new_k = [cache.keys[i][:, :, :T] for i in range(self.layers)]  # (1, nkv, T, hd)
-        new_v = [cache.values[i][:, :, :T] for i in range(self.layers)]
+        # the row's positions: its prompt's, after a prompt-tuned model's virtual tokens
+        S = cache.length
+        new_k = [cache.keys[i][:, :, :S] for i in range(self.layers)]  # (1, nkv, S, hd)
+        new_v = [cache.values[i][:, :, :S] for i in range(self.layers)]
         if self.prefixes is not None:
             self.prefixes.add(prompt, new_k, new_v)
         if self.cache is None or self.size == 0:
             self.rebuild(new_k, new_v)
-            self.mask = torch.ones(1, T, dtype=torch.long, device=device)
-            self.positions = torch.tensor([T], device=device)
+            self.mask = torch.ones(1, S, dtype=torch.long, device=device)
+            self.positions = torch.tensor([T], device=device)  # (the model counts virtual tokens itself)
             return logits
         L = self.cache.length
-        width = max(L, T)
+        width = max(L, S)
         keys, values = [], []
         for i in range(self.layers):  # pad on the left to the same width, then one batch
             old_k, old_v = self.cache.keys[i][:, :, :L], self.cache.values[i][:, :, :L]
             keys.append(
-                torch.cat([F.pad(old_k, (0, 0, width - L, 0)), F.pad(new_k[i], (0, 0, width - T, 0))])
+                torch.cat([F.pad(old_k, (0, 0, width - L, 0)), F.pad(new_k[i], (0, 0, width - S, 0))])
             )
             values.append(
-                torch.cat([F.pad(old_v, (0, 0, width - L, 0)), F.pad(new_v[i], (0, 0, width - T, 0))])
+                torch.cat([F.pad(old_v, (0, 0, width - L, 0)), F.pad(new_v[i], (0, 0, width - S, 0))])
             )
         self.rebuild(keys, values)
-        row = F.pad(torch.ones(1, T, dtype=torch.long, device=device), (width - T, 0))
+        row = F.pad(torch.ones(1, S, dtype=torch.long, device=device), (width - S, 0))
         self.mask = torch.cat([F.pad(self.mask, (width - L, 0)), row])  # (B + 1, width)
         self.positions = torch.cat([self.positions, torch.tensor([T], device=device)])
         return logits
@@ -284,11 +287,13 @@ class RunningBatch:
         device = self.mask.device
         ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]  # (B, 1)
         self.mask = F.pad(self.mask, (0, 1), value=1)  # (B, L + 1)
-        padded = not bool(self.mask.all())
+        mask = self.mask if not bool(self.mask.all()) else None
+        if mask is not None and self.virtual:  # (B, 1, 1, L + 1), used as given: the columns hold
+            mask = mask[:, None, None, :].bool()  # the virtual tokens already (a 2-D mask would add them)
         with kernels.frozen(self.model, self.store):
             out = self.model(
                 input_ids=ids,
-                attention_mask=self.mask if padded else None,
+                attention_mask=mask,
                 position_ids=self.positions[:, None],
                 cache=self.cache,
                 logits_to_keep=1,
