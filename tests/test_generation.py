@@ -424,6 +424,23 @@ def test_cli_generate_chat_batch_and_sampling(tiny_chat_model, cli):
     assert [g["prompt"] for g in got] == prompts
 
 
+def test_cli_generate_with_presence_and_frequency_penalties(tiny_chat_model, cli):
+    """Negative penalties pull the generated tokens back (the greedy text changes), as the library does."""
+    import json
+
+    args = ["generate", tiny_chat_model, "--json", "-n", "8", "--temperature", "0", "--prompt", "w20 w21 w20"]
+    penalized = cli(*args, "--presence-penalty", "-2", "--frequency-penalty", "-1").ok()
+    expected = expected_reply(
+        tiny_chat_model, ["w20 w21 w20"], max_new_tokens=8, presence_penalty=-2.0, frequency_penalty=-1.0
+    )
+    assert [json.loads(line)["completion"] for line in penalized.stdout.splitlines()] == expected
+    assert expected != expected_reply(tiny_chat_model, ["w20 w21 w20"], max_new_tokens=8)
+    assert cli(*args, "--presence-penalty", "3").error_line() == (
+        "error: graft generate: Invalid value for '--presence-penalty': Input should be less than or equal "
+        "to 2 (see graft generate --help)"
+    )
+
+
 @pytest.mark.slow
 def test_cli_generate_compiled_in_bfloat16(tiny_chat_model, cli):
     result = cli(

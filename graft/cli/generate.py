@@ -127,6 +127,14 @@ TopP = Annotated[
 ]
 MinP = Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Drop tokens below min-p x the best one.")]
 Penalty = Annotated[float | None, typer.Option(min=0.0, help="> 1 discourages repeating tokens.")]
+Presence = Annotated[
+    float | None,
+    typer.Option(min=-2.0, max=2.0, help="OpenAI's: off each token already generated (> 0: new topics)."),
+]
+Frequency = Annotated[
+    float | None,
+    typer.Option(min=-2.0, max=2.0, help="OpenAI's: off each token times its count in the new text."),
+]
 Seed = Annotated[int | None, typer.Option(help="Seed for sampling (reproducible output).")]
 Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop after this text (repeatable).")]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Weights in float32 or bfloat16.")]
@@ -175,6 +183,8 @@ def generate(
     top_p: TopP = None,
     min_p: MinP = None,
     repetition_penalty: Penalty = None,
+    presence_penalty: Presence = None,
+    frequency_penalty: Frequency = None,
     num_beams: Annotated[int, typer.Option(min=1, help="Beam search with this many beams.")] = 1,
     length_penalty: Annotated[float, typer.Option(help="Beam scores are divided by length ** this.")] = 1.0,
     seed: Seed = None,
@@ -214,7 +224,8 @@ def generate(
         max_new_tokens = defaults.get("max_new_tokens") or MAX_NEW_TOKENS
     config = generation_config(
         lm, tokenizer, defaults, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        min_p=min_p, repetition_penalty=repetition_penalty, num_beams=num_beams, length_penalty=length_penalty,
+        min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty, num_beams=num_beams, length_penalty=length_penalty,
         seed=seed, stop_strings=stop, truncation=truncation.value, compile=compile,
     )  # fmt: skip
     if chat:
@@ -247,6 +258,8 @@ def chat(
     top_p: TopP = None,
     min_p: MinP = None,
     repetition_penalty: Penalty = None,
+    presence_penalty: Presence = None,
+    frequency_penalty: Frequency = None,
     seed: Seed = None,
     dtype: DTypeOpt = DType.float32,
     compile: Compile = False,
@@ -260,7 +273,8 @@ def chat(
         raise GraftError(f"{model}: the tokenizer has no chat template, so it cannot chat")
     config = generation_config(
         lm, tokenizer, defaults, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, truncation="left", compile=compile,
+        min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty, seed=seed, truncation="left", compile=compile,
     )  # fmt: skip
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)

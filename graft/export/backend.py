@@ -211,6 +211,11 @@ def check_greedy(config: Any, task: str) -> None:
             ("--temperature/--top-k/--top-p/--min-p (sampling)", config.do_sample),
             ("--num-beams", config.num_beams > 1),
             ("--repetition-penalty", config.repetition_penalty not in (None, 1.0)),
+            (
+                "--presence-penalty/--frequency-penalty",
+                bool(config.presence_penalty or config.frequency_penalty),
+            ),
+            ("logit_bias", bool(config.logit_bias)),
             ("--stop", bool(config.stop_strings)),
             ("no_repeat_ngram_size", bool(config.no_repeat_ngram_size)),
             ("min_new_tokens", bool(config.min_new_tokens)),
