@@ -107,9 +107,7 @@ class Decoder:
         self.kernels = kernels if kernels is not None and not compile else None
         self.packed = self.kernels.store(model) if self.kernels is not None else None
 
-    def forward(self, tokens: torch.Tensor, every: bool = False) -> torch.Tensor:
-        """The next-token logits, (B, V) float32; with ``every``, the logits after each of the
-        tokens, (B, T, V) in the model's dtype."""
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         mask = self.mask[:, : self.length] if self.padded else None
         frozen = self.kernels.frozen(self.packed) if self.packed is not None else contextlib.nullcontext()
         with frozen:
@@ -118,14 +116,13 @@ class Decoder:
                 attention_mask=mask,
                 position_ids=self.positions,
                 cache=self.cache,
-                logits_to_keep=0 if every else 1,
+                logits_to_keep=1,
             )
-        return out.logits if every else out.logits[:, -1].float()  # (B, T, V) | (B, V)
+        return out.logits[:, -1].float()  # (B, V)
 
-    def prefill(self, every: bool = False) -> torch.Tensor:
-        """Run the prompt; the next-token logits of every row, (B, V) float32 (with ``every``, the
-        logits after each prompt token, (B, T, V) in the model's dtype: scoring a prompt)."""
-        logits = self.forward(self.input_ids, every)
+    def prefill(self) -> torch.Tensor:
+        """Run the prompt; the next-token logits of every row, (B, V) float32."""
+        logits = self.forward(self.input_ids)
         self.positions = self.positions[:, -1:]
         if self.compiled is not None:  # from now on, the cache keeps its size
             self.compiled.start(self.mask, self.length)

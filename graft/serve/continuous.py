@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from graft import kernels
-from graft.generation import Decoder, GenerationConfig, process
+from graft.generation import GenerationConfig, process
 from graft.generation.decoder import sampler, seen_tokens
 from graft.nn import KVCache
 from graft.serve.metrics import Metrics
@@ -219,9 +219,11 @@ class RunningBatch:
         cache.lengths = [length] * self.layers
         self.cache = cache
 
-    def prefill(self, prompt: list[int], every: bool = False) -> torch.Tensor:
-        """Run one prompt alone and add its row to the batch; its next-token logits, (V,) float32
-        (with ``every``: the logits after each prompt token, (T, V) in the model's dtype)."""
+    def run(self, prompt: list[int], every: bool = False) -> tuple[torch.Tensor, list, list]:
+        """Run one prompt alone (from a kept beginning, unless ``every``): its next-token logits,
+        (V,) float32 (with ``every``: the logits after each prompt token, (T, V) in the model's
+        dtype), and its (1, nkv, S, hd) keys and values per layer (S: its prompt's positions,
+        after a prompt-tuned model's virtual tokens)."""
         device = self.mask.device
         T = len(prompt)
         # a kept beginning (not when every position's logits are wanted): its keys and values
@@ -239,10 +241,18 @@ class RunningBatch:
                 logits_to_keep=0 if every else 1,
             )
         logits = out.logits[0] if every else out.logits[0, -1].float()
-        # the row's positions: its prompt's, after a prompt-tuned model's virtual tokens
         S = cache.length
-        new_k = [cache.keys[i][:, :, :S] for i in range(self.layers)]  # (1, nkv, S, hd)
-        new_v = [cache.values[i][:, :, :S] for i in range(self.layers)]
+        keys = [cache.keys[i][:, :, :S] for i in range(self.layers)]  # (1, nkv, S, hd)
+        values = [cache.values[i][:, :, :S] for i in range(self.layers)]
+        return logits, keys, values
+
+    def prefill(self, prompt: list[int], every: bool = False) -> torch.Tensor:
+        """Run one prompt alone and add its row to the batch; its logits, as ``run`` gives them."""
+        device = self.mask.device
+        T = len(prompt)
+        logits, new_k, new_v = self.run(prompt, every)
+        # the row's positions: its prompt's, after a prompt-tuned model's virtual tokens
+        S = new_k[0].shape[2]
         if self.prefixes is not None:
             self.prefixes.add(prompt, new_k, new_v)
         if self.cache is None or self.size == 0:
@@ -368,8 +378,7 @@ class ContinuousBatcher:
                 seq.leave()
                 continue
             if not seq.generate:  # the prompt scored alone; no row joins the batch
-                ids = torch.tensor([seq.prompt], dtype=torch.long)  # (1, T)
-                seq.score(Decoder(self.model, ids, None, steps=0).prefill(every=True)[0])
+                seq.score(batch.run(seq.prompt, every=True)[0])
                 seq.finish("length")
                 self.metrics.prompt_tokens.inc(len(seq.prompt))
                 continue
