@@ -3,15 +3,16 @@
 A load generator (raw asyncio HTTP/1.1, one keep-alive connection per client, each request's
 bytes built once: it shares the cores with the servers) on loopback sends real texts (BBC News
 titles and first sentences, the book's questions) to /v1/embeddings from 1, 8, 32 and 64
-concurrent clients, each a fixed number of requests, against: graft serve (batching on), graft
-serve --forward-overhead-tokens 32 (a batch split into forwards of similar lengths), graft serve
---max-wait-ms 0 (a batch never waits for company, as in text-embeddings-inference), graft serve
---no-batching, and the server a user would write by hand (FastAPI + transformers, one forward per
+concurrent clients, each a fixed number of requests, against: graft serve (batching on, two
+workers), graft serve --forward-overhead-tokens 32 (a batch split into forwards of similar
+lengths), graft serve --max-wait-ms 0 (a batch never waits for company, as in
+text-embeddings-inference), graft serve --no-batching, graft serve --workers 1 (one batch at a
+time on every thread), and the server a user would write by hand (FastAPI + transformers, one forward per
 request; this script runs it as a subprocess with --hand-written PORT). The ceiling is graft's
 offline batched throughput of the same texts, timed first and again just before and after each of
 graft's runs (the machine's speed drifts between minutes: a server is set against the ceiling of
-its own minutes, the first ceiling printed beside it). For graft, requests also arrive open-loop
-(Poisson) at half of the best closed-loop rate: p99 / p50 there is the tail at half of
+its own minutes, the first ceiling printed beside it). For graft (and --workers 1), requests also
+arrive open-loop (Poisson) at half of its best closed-loop rate: p99 / p50 there is the tail at half of
 saturation. Each run also reads the CPU time per request of the client and of the server (its
 event loop thread and its model threads, from /proc): the client shares the cores, so the figure
 to set beside offline is also given per server CPU second, with graft's mean texts per forward
@@ -356,7 +357,7 @@ class Offline:
     """The ceiling: graft's own batched embedding of the whole corpus, the best of ``graft embed``'s
     padded batches, the server's own forwards over texts packed in rows (graft.serve.packing, 64
     texts a forward), which need no padding, and those packed forwards two at once on half the
-    threads each (what ``graft serve --workers 2`` runs): texts/s, and CPU ms per text (every
+    threads each (what ``graft serve`` runs under load, two workers): texts/s, and CPU ms per text (every
     thread of this process: torch's own included).
 
     This machine's speed drifts by several percent from one minute to the next (a virtual
@@ -397,7 +398,7 @@ class Offline:
             j = min(i + 64, hi)
             embed_packed(self.model, self.ids[i:j], self.types[i:j], self.pad, self.store)
 
-    def two_at_once(self) -> None:  # graft serve --workers 2: two forwards at once, one torch thread each
+    def two_at_once(self) -> None:  # graft serve under load: two forwards at once, one torch thread each
         import torch
 
         threads, half = torch.get_num_threads(), len(self.corpus) // 2
@@ -438,7 +439,7 @@ class Offline:
         return self.measure(self.best)[0]
 
 
-BESIDE = ("graft", "graft_2_workers")  # the servers whose throughput is set against offline's
+BESIDE = ("graft", "graft_1_worker")  # the servers whose throughput is set against offline's
 
 
 def hand_written(port: int) -> None:
@@ -507,7 +508,7 @@ def main() -> None:
         "graft_length_groups": [*graft, "--forward-overhead-tokens", "32"],
         "graft_no_wait": [*graft, "--max-wait-ms", "0"],  # a batch never waits (text-embeddings-inference)
         "graft_no_batching": [*graft, "--no-batching"],
-        "graft_2_workers": [*graft, "--workers", "2"],  # two batches at once, one torch thread each
+        "graft_1_worker": [*graft, "--workers", "1"],  # one batch at a time on every thread
         "hand_written": [sys.executable, "-m", "bench.serve", "--hand-written"],
     }
     if args.systems:
@@ -549,10 +550,10 @@ def main() -> None:
                     f"+ model {result['model_cpu_ms']:.2f}; {result['cores_busy']:.2f} cores busy"
                     + (f"; {result['mean_batch']:.1f} texts per forward" if result["mean_batch"] else "")
                 )
-            if name == "graft":  # latency at half of saturation: the best closed-loop rate, halved
-                saturation = max(figures[f"graft_{c}"]["requests_per_s"] for c in levels)
+            if name in BESIDE:  # latency at half of saturation: the best closed-loop rate, halved
+                saturation = max(figures[f"{name}_{c}"]["requests_per_s"] for c in levels)
                 half = run(open_loop(url, requests, saturation / 2, args.requests))
-                figures["graft_half_saturation"] = half
+                figures[f"{name}_half_saturation"] = half
                 print(
                     f"{name:>18} at half of saturation ({half['offered_per_s']:.1f} req/s offered, Poisson): "
                     f"p50 {half['p50_ms']:.1f} ms  p99 {half['p99_ms']:.1f} ms  p99/p50 "
@@ -575,11 +576,11 @@ def main() -> None:
               f"against the first ceiling {g['requests_per_s'] / ceiling:.0%}), per server CPU second {per_cpu:.0%}; the client "
               f"took {g['client_cpu_share']:.0%} of the CPU (beside it, a server at offline's CPU per text "
               f"reaches {reachable:.0%} of offline); graft p99 / p50 {g['p99_ms'] / g['p50_ms']:.1f}")  # fmt: skip
-    for clients in levels if "graft_2_workers" in systems else []:
-        w, h = figures[f"graft_2_workers_{clients}"], figures.get(f"hand_written_{clients}")
-        share = figures[f"workers_vs_offline_{clients}"] = w["requests_per_s"] / w["offline_beside"]
+    for clients in levels if "graft_1_worker" in systems else []:
+        w, h = figures[f"graft_1_worker_{clients}"], figures.get(f"hand_written_{clients}")
+        share = figures[f"one_worker_vs_offline_{clients}"] = w["requests_per_s"] / w["offline_beside"]
         ratio = w["requests_per_s"] / h["requests_per_s"] if h else float("nan")
-        print(f"{clients:>3} clients: graft --workers 2 / offline {share:.0%} (goal 85%), / hand-written "
+        print(f"{clients:>3} clients: graft --workers 1 / offline {share:.0%} (goal 85%), / hand-written "
               f"{ratio:.2f}x, per server CPU second {offline_cpu / w['server_cpu_ms']:.0%}")  # fmt: skip
 
     if args.no_chat:

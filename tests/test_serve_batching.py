@@ -213,10 +213,66 @@ def test_token_budget_queue_with_two_workers_runs_two_batches_at_once():
         return [f"{op}:{x}" for x in items]
 
     queue = TokenBudgetQueue(run, Metrics(), max_wait_ms=0, workers=2)
-    embed, predict = queue.submit("embed", ["a"], [1], {}), queue.submit("predict", ["b"], [1], {})
+    with queue.cond:  # both queued before a worker looks (one alone would run on every thread)
+        embed, predict = queue.submit("embed", ["a"], [1], {}), queue.submit("predict", ["b"], [1], {})
     assert embed.result(timeout=60) == ["embed:a"] and predict.result(timeout=60) == ["predict:b"]
     queue.close()
     assert not any(worker.is_alive() for worker in queue.workers)
+
+
+@pytest.fixture
+def torch_threads():
+    """torch's thread count as it was: a worker's set_num_threads is its own thread's (OpenMP's),
+    but also what threads started later begin with."""
+    threads = torch.get_num_threads()
+    yield threads
+    torch.set_num_threads(threads)
+
+
+def test_with_two_workers_a_lone_batch_runs_on_every_thread_and_two_at_once_on_half_each(torch_threads):
+    seen = []  # (worker thread, item, torch threads in that thread)
+    both_in = threading.Barrier(2, timeout=30)
+
+    def run(op, items, options):
+        seen.append((threading.current_thread().name, items[0], torch.get_num_threads()))
+        if op == "pair":
+            both_in.wait()  # both of the pair inside run at once
+        return items
+
+    queue = TokenBudgetQueue(run, Metrics(), max_wait_ms=0, workers=2, threads=2)
+    try:
+        assert queue.submit("lone", ["a"], [3], {}).result(timeout=60) == ["a"]
+        with queue.cond:  # both queued before a worker looks: each free worker takes its share
+            pair = [queue.submit("pair", [x], [3], {}) for x in "bc"]
+        assert [f.result(timeout=60) for f in pair] == [["b"], ["c"]]
+    finally:
+        queue.close()
+    assert seen[0] == ("graft-encoder-queue-0", "a", 2)  # only worker 0 ever runs on every thread
+    assert sorted(seen[1:]) == [("graft-encoder-queue-0", "b", 1), ("graft-encoder-queue-1", "c", 1)]
+
+
+def test_while_a_batch_runs_on_every_thread_no_other_starts(torch_threads):
+    started, gate = [], threading.Event()
+
+    def run(op, items, options):
+        started.append(items[0])
+        if items[0] == "a":
+            gate.wait(30)
+        return items
+
+    queue = TokenBudgetQueue(run, Metrics(), max_wait_ms=0, workers=2, threads=2)
+    try:
+        first = queue.submit("embed", ["a"], [3], {})
+        while not started:
+            time.sleep(0.01)
+        second = queue.submit("embed", ["b"], [3], {})  # worker 1 is free, but "a" has both threads
+        time.sleep(0.3)
+        assert started == ["a"]
+        gate.set()
+        assert first.result(timeout=60) == ["a"] and second.result(timeout=60) == ["b"]
+    finally:
+        gate.set()
+        queue.close()
 
 
 def test_with_two_workers_free_a_batch_takes_its_share_of_the_queue():
@@ -224,7 +280,10 @@ def test_with_two_workers_free_a_batch_takes_its_share_of_the_queue():
     try:
         with queue.cond:  # the workers wait for a notify that does not come while the test looks
             queue.jobs = [Job("embed", [i], [10], {}) for i in range(5)]
-            assert len(queue.pick()) == 3  # ceil(5 / 2): the other free worker takes the other 2
+            assert len(queue.pick()) == 3  # half of the 50 tokens, rounded up: the other free worker takes 2
+            queue.jobs = [Job("embed", [0], [30], {}), *(Job("embed", [i], [10], {}) for i in range(3))]
+            assert len(queue.pick()) == 1  # 30 of 60 tokens: the other takes the three of 10
+            queue.jobs = [Job("embed", [i], [10], {}) for i in range(5)]
             queue.free = 1
             assert len(queue.pick()) == 5  # the other worker is busy: all of them
             queue.jobs = []

@@ -66,13 +66,14 @@ def serve(
         bool, typer.Option("--batching/--no-batching", help="Batch concurrent requests (off: one at a time).")
     ] = True,
     workers: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=1,
-            help="Encoders: batches that run at once, each on cores / N torch threads (1: one batch on "
-            "every core).",
+            help="Encoders: batches that run at once, each on cores / N torch threads; a batch that "
+            "starts alone with nothing queued runs on every core (1: one batch at a time on every core; "
+            "default 2 where the model runs on torch with two threads or more).",
         ),
-    ] = 1,
+    ] = None,
     prefix_cache_mb: Annotated[
         int,
         typer.Option(
@@ -118,12 +119,10 @@ def serve(
         max_concurrent=max_concurrent,
         max_body_bytes=max_body_bytes,
         batching=batching,
-        workers=workers,
+        workers=workers or 0,
         prefix_cache_mb=prefix_cache_mb,
         freeze_gc=True,  # this process is the server's own
     )
-    if workers > 1:  # this process serves: each batch's forward on its share of the cores
-        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
 
     def loader():
         return load_served(model, base, getattr(torch, dtype.value), reference, backend)

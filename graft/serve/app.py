@@ -64,7 +64,9 @@ class Settings:
     max_concurrent: int = 256
     max_body_bytes: int = 4 * 1024 * 1024
     batching: bool = True
-    workers: int = 1  # encoders: batches at once (graft serve gives each cores / workers torch threads)
+    # encoders: batches at once, each on cores / workers torch threads (batching.TokenBudgetQueue.take);
+    # 0: two where the model runs on torch with two threads or more, else one
+    workers: int = 0
     prefix_cache_mb: int = 256  # causal LMs: recent prompts' keys and values kept (0: none)
     # once the model is in, its objects leave the garbage collector's view (gc.freeze): graft serve's
     # process only, since the freeze is the whole process's
@@ -129,7 +131,7 @@ class State:
                 s.max_wait_ms,
                 s.batching,
                 s.forward_overhead_tokens,
-                s.workers,
+                s.workers or (1 if served.exported else min(2, torch.get_num_threads())),
             )
         warm_up(served, run)
         if s.freeze_gc:
@@ -708,7 +710,8 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         st = state.settings
         batching = {"enabled": st.batching, "max_batch_tokens": st.max_batch_tokens,
                     "max_wait_ms": st.max_wait_ms, "max_concurrent": st.max_concurrent,
-                    "forward_overhead_tokens": st.forward_overhead_tokens, "workers": st.workers}  # fmt: skip
+                    "forward_overhead_tokens": st.forward_overhead_tokens,
+                    "workers": len(state.queue.workers) if state.queue is not None else 1}  # fmt: skip
         if state.queue is not None:  # what a batch may wait for (batching.start_at), as measured so far
             costs = dict(state.queue.costs)
             batching["forward_fixed_ms"] = {op: round(1000 * cost.fixed, 3) for op, cost in costs.items()}
