@@ -54,6 +54,22 @@ CASES: dict[str, list[Case]] = {
     "generate": [
         lambda t: (["generate", t / "nowhere", "--prompt", "hi"], ["nowhere"]),
         lambda t: (["generate", t / "nowhere", "-p", "hi", "--compile"], ["--compile", "--dtype bfloat16"]),
+        lambda t: (
+            ["generate", t / "nowhere", "-p", "hi", "--json-schema", t / "no.json"],
+            ["no.json", "no such file"],
+        ),
+        lambda t: (
+            ["generate", t / "nowhere", "-p", "hi", "--json-schema", "{bad"],
+            ["--json-schema: not JSON"],
+        ),
+        lambda t: (
+            ["generate", t / "nowhere", "-p", "hi", "--json-schema", file(t / "list.json", "[1]")],
+            ["list.json: a JSON schema is an object, not list"],
+        ),
+        lambda t: (
+            ["generate", t / "nowhere", "-p", "hi", "--grammar", t / "g.lark"],
+            ["g.lark: no such file"],
+        ),
     ],
     "chat": [
         lambda t: (["chat", t / "nowhere"], ["nowhere"]),

@@ -91,6 +91,9 @@ def test_generate_from_an_exported_decoder_equals_the_torch_path(fmt, tmp_path, 
     assert cli("generate", out, *args, "--num-beams", "2").error_line() == (
         "error: --num-beams: an exported model generates greedily; run the model folder for that"
     )
+    assert cli("generate", out, *args, "--regex", "[0-9]+").error_line() == (
+        "error: --json-schema/--regex/--grammar: an exported model generates greedily; run the model folder for that"
+    )
 
 
 def test_backend_on_a_model_folder_is_one_line(tmp_path, minilm, cli):

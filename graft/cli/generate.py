@@ -151,6 +151,50 @@ Compile = Annotated[
     ),
 ]
 
+JsonSchema = Annotated[
+    str | None,
+    typer.Option(
+        "--json-schema",
+        help="The reply is JSON matching this schema: a .json file or the schema itself ('{}': any JSON; "
+        "needs llguidance).",
+    ),
+]
+Regex = Annotated[
+    str | None, typer.Option(help="The reply matches this regular expression (needs llguidance).")
+]
+Grammar = Annotated[
+    Path | None,
+    typer.Option(help="The reply matches this Lark grammar file (llguidance's Lark; needs llguidance)."),
+]
+
+
+def constraint_options(json_schema: str | None, regex: str | None, grammar: Path | None) -> dict[str, Any]:
+    """GenerationConfig's json_schema, regex and grammar from the command line's (a file read, JSON parsed)."""
+    options: dict[str, Any] = {"regex": regex}
+    if json_schema is not None:
+        text, where = json_schema, "--json-schema"
+        if not json_schema.lstrip().startswith("{"):
+            where = json_schema
+            if not Path(json_schema).is_file():
+                raise GraftError(
+                    f"--json-schema {json_schema}: no such file (or give the schema itself, '{{...}}')"
+                )
+            text = Path(json_schema).read_text()
+        try:
+            options["json_schema"] = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GraftError(f"{where}: not JSON: {e}") from None
+        if not isinstance(options["json_schema"], dict):
+            raise GraftError(
+                f"{where}: a JSON schema is an object, not {type(options['json_schema']).__name__}"
+            )
+    if grammar is not None:
+        if not grammar.is_file():
+            raise GraftError(f"--grammar {grammar}: no such file")
+        options["grammar"] = grammar.read_text()
+    return options
+
+
 GGUFQ4 = Annotated[
     bool,
     typer.Option(
@@ -189,6 +233,9 @@ def generate(
     length_penalty: Annotated[float, typer.Option(help="Beam scores are divided by length ** this.")] = 1.0,
     seed: Seed = None,
     stop: Stop = None,
+    json_schema: JsonSchema = None,
+    regex: Regex = None,
+    grammar: Grammar = None,
     truncation: TruncOpt = Truncation.left,
     dtype: DTypeOpt = DType.float32,
     compile: Compile = False,
@@ -202,6 +249,7 @@ def generate(
     from graft.generation import encode_prompts, folder_defaults
     from graft.generation import generate as run
 
+    constraints = constraint_options(json_schema, regex, grammar)  # a bad file fails before the model loads
     exported = backend is not None or is_exported(model)
     if exported and gguf_q4:
         raise GraftError(
@@ -227,6 +275,7 @@ def generate(
         min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, num_beams=num_beams, length_penalty=length_penalty,
         seed=seed, stop_strings=stop, truncation=truncation.value, compile=compile,
+        **constraints,
     )  # fmt: skip
     if chat:
         head = [{"role": "system", "content": system}] if system else []

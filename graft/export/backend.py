@@ -216,6 +216,7 @@ def check_greedy(config: Any, task: str) -> None:
                 bool(config.presence_penalty or config.frequency_penalty),
             ),
             ("logit_bias", bool(config.logit_bias)),
+            ("--json-schema/--regex/--grammar", config.constrained),
             ("--stop", bool(config.stop_strings)),
             ("no_repeat_ngram_size", bool(config.no_repeat_ngram_size)),
             ("min_new_tokens", bool(config.min_new_tokens)),

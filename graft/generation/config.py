@@ -50,6 +50,12 @@ class GenerationConfig:
     seed: int | None = None
     truncation: str = "left"  # a prompt too long for the context window: "left" (warn) or "error"
     compile: bool = False  # decode with a compiled step (bf16/fp16 weights on CPU): see compiled_step
+    # constrained decoding (graft/generation/constrain.py: llguidance, and the tokenizer): the new
+    # text matches a JSON schema ({"type": "object"}: any JSON object), a regular expression, or a
+    # Lark grammar; at most one of the three
+    json_schema: dict[str, Any] | None = None
+    regex: str | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         checks = (
@@ -73,8 +79,21 @@ class GenerationConfig:
                 raise GraftError(f"generation: {name}={getattr(self, name)!r} must be {rule}")
         if self.num_beams > 1 and self.do_sample:
             raise GraftError("generation: beam search does not sample; use num_beams=1 with do_sample")
+        constraints = [
+            name for name in ("json_schema", "regex", "grammar") if getattr(self, name) is not None
+        ]
+        if len(constraints) > 1:
+            raise GraftError(f"generation: {' and '.join(constraints)}: give at most one constraint")
+        if constraints and self.num_beams > 1:
+            raise GraftError(
+                f"generation: {constraints[0]} constrains greedy decoding or sampling, not beam search"
+            )
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
+
+    @property
+    def constrained(self) -> bool:
+        return self.json_schema is not None or self.regex is not None or self.grammar is not None
 
     @property
     def eos_ids(self) -> list[int]:

@@ -17,6 +17,7 @@ import torch
 from graft.errors import GraftError
 from graft.generation.beam import beam_search
 from graft.generation.config import GenerationConfig
+from graft.generation.constrain import Constraint, Vocabulary
 from graft.generation.decoder import (
     Decoder,
     EncoderDecoderState,
@@ -73,16 +74,25 @@ def run(
     stops = StopStrings(tokenizer, config.stop_strings, prompt.shape[0]) if config.stop_strings else None
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=device)
     sequence = prompt  # (B, T + step): what n-gram blocking, OpenAI's penalties and forced tokens look at
+    constraint = None
+    if config.constrained:
+        if tokenizer is None:
+            raise GraftError("generation: json_schema, regex and grammar need the tokenizer")
+        vocabulary = Vocabulary(tokenizer, model.config.vocab_size, config.eos_ids)
+        constraint = Constraint(vocabulary, config, prompt.shape[0])
 
     logits = decoder.prefill()
     for step in range(config.max_new_tokens):
-        scores = process(logits, seen, config, sequence, step)
+        allowed = constraint.allowed() if constraint is not None else None
+        scores = process(logits, seen, config, sequence, step, allowed)
         if config.do_sample:
             tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]  # (B,)
         else:
             tokens = scores.argmax(-1)  # (B,)
         tokens = torch.where(done, pad, tokens)
         yield tokens
+        if constraint is not None:
+            constraint.advance(tokens.tolist(), (~done).nonzero()[:, 0].tolist())
         if len(eos):
             done |= torch.isin(tokens, eos)
         if stops is not None:

@@ -81,9 +81,12 @@ def process(
     tokens: torch.Tensor
     | None = None,  # (N, L) each row's sequence so far (prompt + new): n-grams, penalties
     step: int = 0,  # new tokens so far
+    allowed: torch.Tensor | None = None,  # (N, V) the tokens a constraint allows (graft.generation.constrain)
 ) -> torch.Tensor:
     """Every processor the config asks for, in transformers' order (penalty, n-grams, length, forced
-    tokens, then the samplers'), OpenAI's penalties and logit bias after the repetition penalty."""
+    tokens, then the samplers'), OpenAI's penalties and logit bias after the repetition penalty; a
+    constraint's mask before the samplers' filters (vLLM's order), which then choose among the
+    tokens it allows."""
     if config.repetition_penalty != 1.0:
         scores = penalize_repetition(scores, seen, config.repetition_penalty)
     if (config.presence_penalty or config.frequency_penalty) and step:
@@ -109,6 +112,8 @@ def process(
         scores = scores.index_fill(
             1, torch.tensor(config.begin_suppress_tokens, device=scores.device), -float("inf")
         )
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed.to(scores.device), -float("inf"))
     if config.do_sample:
         if config.temperature != 1.0:
             scores = scores / config.temperature

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -27,8 +28,22 @@ class StreamOptions(Body):
     include_usage: bool = False
 
 
+class JsonSchema(Body):
+    name: str | None = Field(None, description="The schema's name (OpenAI's; not used).")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(
+        default_factory=dict,
+        alias="schema",
+        description="The JSON schema the reply must match ({}: any JSON).",
+    )
+    strict: bool | None = Field(None, description="Accepted: the reply always matches the schema.")
+
+
 class ResponseFormat(Body):
-    type: Literal["text"] = Field(description="Plain text only: graft does not constrain decoding to JSON.")
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="json_object: the reply is a JSON object; json_schema: it matches json_schema.schema."
+    )
+    json_schema: JsonSchema | None = None
 
 
 class Sampling(Body):
@@ -51,6 +66,14 @@ class Sampling(Body):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, description="Choices per prompt.")
     response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = Field(
+        None, description="vLLM's: a JSON schema the reply matches."
+    )
+    guided_regex: str | None = Field(None, description="vLLM's: a regular expression the reply matches.")
+    guided_choice: list[str] | None = Field(
+        None, min_length=1, description="vLLM's: the reply is one of these."
+    )
+    guided_grammar: str | None = Field(None, description="A Lark grammar the reply matches (llguidance's).")
     truncate: bool = Field(
         False, description="Keep the prompt's last tokens when it does not fit the window."
     )
@@ -135,7 +158,64 @@ def register(app: FastAPI, state: Any) -> None:
             changes["logit_bias"] = {ids[key]: value for key, value in body.logit_bias.items()}
         if body.stop:
             changes["stop_strings"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
+        constraint = constrained(body)
+        if constraint is not None:
+            changes.update(constraint[1])
         return config.replace(**changes)
+
+    def constrained(body: Sampling) -> tuple[str, dict[str, Any]] | None:
+        """The request field that constrains the reply, and the GenerationConfig options it sets."""
+        given = []
+        form = body.response_format
+        if form is not None and form.type == "json_object":
+            given.append(("response_format", {"json_schema": {"type": "object"}}))
+        elif form is not None and form.type == "json_schema":
+            if form.json_schema is None:
+                raise HTTPError(422, "response_format: type json_schema needs json_schema", "response_format")
+            given.append(("response_format.json_schema.schema", {"json_schema": form.json_schema.schema_}))
+        if body.guided_json is not None:
+            schema = body.guided_json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except json.JSONDecodeError as e:
+                    raise HTTPError(422, f"guided_json: not JSON ({e})", "guided_json") from None
+            given.append(("guided_json", {"json_schema": schema}))
+        if body.guided_regex is not None:
+            given.append(("guided_regex", {"regex": body.guided_regex}))
+        if body.guided_choice is not None:  # a Lark grammar of the choices, each a JSON-escaped literal
+            grammar = "start: " + " | ".join(json.dumps(choice) for choice in body.guided_choice)
+            given.append(("guided_choice", {"grammar": grammar}))
+        if body.guided_grammar is not None:
+            given.append(("guided_grammar", {"grammar": body.guided_grammar}))
+        if len(given) > 1:
+            names = " and ".join(name.split(".")[0] for name, _ in given)
+            raise HTTPError(422, f"{names}: give one constraint on the reply", given[1][0])
+        return given[0] if given else None
+
+    vocabularies: list[
+        Any
+    ] = []  # the model's vocabulary for llguidance, built by the first constrained request
+    building = threading.Lock()
+
+    def constraints(body: Sampling, configs: list[Any]) -> list[Any]:
+        """Each sequence's constraint (None where the reply is free); a grammar that does not
+        compile is a 422 naming the field. Runs in a thread: the vocabulary takes 0.3 s to build
+        once, a large schema up to a second to compile."""
+        from graft.errors import GraftError
+        from graft.generation.constrain import Constraint, Vocabulary
+
+        if not configs or not configs[0].constrained:
+            return [None] * len(configs)
+        field = constrained(body)[0]
+        s = served()
+        try:
+            with building:
+                if not vocabularies:
+                    vocabularies.append(Vocabulary(s.tokenizer, s.config.vocab_size, configs[0].eos_ids))
+            return [Constraint(vocabularies[0], config, 1) for config in configs]
+        except GraftError as e:
+            raise HTTPError(422, f"{field}: {str(e).removeprefix('generation: ')}", field) from None
 
     def fit(prompt: list[int], config: Any, truncate: bool) -> tuple[list[int], Any]:
         """The prompt and max_new_tokens within the window: 413, or the prompt's last tokens."""
@@ -152,10 +232,15 @@ def register(app: FastAPI, state: Any) -> None:
         return prompt, config.replace(max_new_tokens=min(config.max_new_tokens, window - len(prompt)))
 
     def start(
-        prompts: list[tuple[list[int], Any]], logprobs: int | None, echo: bool, generate: bool = True
+        prompts: list[tuple[list[int], Any]],
+        logprobs: int | None,
+        echo: bool,
+        generate: bool = True,
+        constraints: list[Any] | None = None,
     ) -> tuple[asyncio.Queue, list[Sequence]]:
         """One sequence per (prompt, generation config), submitted to the engine; their events arrive
-        as (index, event). ``echo`` with ``logprobs``: the prompt's tokens are scored too."""
+        as (index, event). ``echo`` with ``logprobs``: the prompt's tokens are scored too;
+        ``constraints``: each sequence's (graft.generation.constrain), or None."""
         s = served()
         if state.engine is None:
             raise HTTPError(400, f"{s.name} is a {s.task} model: it does not generate text")
@@ -184,6 +269,7 @@ def register(app: FastAPI, state: Any) -> None:
                 logprobs=logprobs,
                 echo=echo and logprobs is not None,
                 generate=generate,
+                constraint=constraints[i] if constraints else None,
             )
             for i, (prompt, config) in enumerate(prompts)
         ]
@@ -264,7 +350,8 @@ def register(app: FastAPI, state: Any) -> None:
             for j in range(body.n)
         ]
         echo = [text for text in echo for _ in range(body.n)] if echo is not None else None
-        events, seqs = start(fitted, logprobs, echo is not None, generate=max_tokens != 0)
+        rules = await asyncio.to_thread(constraints, body, [c for _, c in fitted])
+        events, seqs = start(fitted, logprobs, echo is not None, max_tokens != 0, rules)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created, name = int(time.time()), served().name
         kind = "chat.completion" if chat else "text_completion"

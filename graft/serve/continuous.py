@@ -79,6 +79,7 @@ class Sequence:
     logprobs: int | None = None  # how many likeliest tokens to list beside each token's (None: no logprobs)
     echo: bool = False  # the prompt's tokens' log-probabilities too (scoring a text)
     generate: bool = True  # False: the prompt is only scored (echo), nothing generated (max_tokens 0)
+    constraint: Any = None  # graft.generation.constrain.Constraint (one row): the tokens it may take
     arrived: float = field(default_factory=time.monotonic)
 
     def score(self, logits: torch.Tensor) -> None:
@@ -91,7 +92,8 @@ class Sequence:
         step = len(self.generated)
         penalized = step and (self.config.presence_penalty or self.config.frequency_penalty)
         new = torch.tensor([self.generated]) if penalized else None  # (1, step): what the penalties count
-        scores = process(logits[None], self.seen, self.config, new, step)  # (1, V)
+        allowed = self.constraint.allowed() if self.constraint is not None else None  # (1, V)
+        scores = process(logits[None], self.seen, self.config, new, step, allowed)  # (1, V)
         if self.config.do_sample:
             return int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
         return int(scores.argmax(-1))
@@ -100,6 +102,8 @@ class Sequence:
         """Take ``token``, send the text it completes; the finish reason when the row is done."""
         if token in self.config.eos_ids:
             return self.finish("stop")
+        if self.constraint is not None:
+            self.constraint.advance([token], [0])
         self.generated.append(token)
         if self.seen is not None:
             self.seen[0, token] = True
