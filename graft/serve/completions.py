@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import re
 import threading
 import time
 import uuid
@@ -22,6 +23,7 @@ from pydantic import Field
 from graft.serve.continuous import Scored, Sequence
 from graft.serve.http import Body, HTTPError, error_body
 from graft.serve.model import Served
+from graft.serve.tools import Call, Calling, Tool, ToolChoice, call_for_template, calling, for_template
 
 
 class StreamOptions(Body):
@@ -100,14 +102,34 @@ class TextPart(Body):
 
 
 class Message(Body):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart] = Field(description="A text, or OpenAI's list of text parts (joined).")
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = Field(
+        None, description="A text, or OpenAI's list of text parts (joined); none for an assistant's calls."
+    )
     name: str | None = Field(None, description="The speaker's name, passed to the chat template.")
+    tool_calls: list[Call] | None = Field(None, description="An assistant's tool calls.")
+    tool_call_id: str | None = Field(None, description="A tool message: the call it answers.")
 
-    def for_template(self) -> dict[str, str]:
-        """The message as a chat template reads it: its role, its text (and name, when given)."""
-        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-        return {"role": self.role, "content": text} | ({"name": self.name} if self.name is not None else {})
+    def for_template(self) -> dict[str, Any]:
+        """The message as a chat template reads it: its role, its text (and name, calls, call id,
+        when given)."""
+        content = self.content
+        # (an assistant's calls without content: "", which every template can read)
+        text = (
+            ""
+            if content is None
+            else content
+            if isinstance(content, str)
+            else "".join(p.text for p in content)
+        )
+        out: dict[str, Any] = {"role": self.role, "content": text}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [call_for_template(call) for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class ChatRequest(Sampling):
@@ -115,6 +137,11 @@ class ChatRequest(Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = Field(False, description="Each generated token's log-probability.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="The n likeliest tokens at each place.")
+    tools: list[Tool] | None = Field(None, description="Functions the model may call (graft/serve/tools.py).")
+    tool_choice: ToolChoice | None = Field(
+        None, description='"required" or a named function (the reply constrained to the call), or "none".'
+    )
+    parallel_tool_calls: bool | None = Field(None, description='False: "required" makes one call.')
 
 
 def register(app: FastAPI, state: Any) -> None:
@@ -198,16 +225,15 @@ def register(app: FastAPI, state: Any) -> None:
     ] = []  # the model's vocabulary for llguidance, built by the first constrained request
     building = threading.Lock()
 
-    def constraints(body: Sampling, configs: list[Any]) -> list[Any]:
+    def constraints(field: str | None, configs: list[Any]) -> list[Any]:
         """Each sequence's constraint (None where the reply is free); a grammar that does not
-        compile is a 422 naming the field. Runs in a thread: the vocabulary takes 0.3 s to build
-        once, a large schema up to a second to compile."""
+        compile is a 422 naming ``field``, the request's. Runs in a thread: the vocabulary takes
+        0.3 s to build once, a large schema up to a second to compile."""
         from graft.errors import GraftError
         from graft.generation.constrain import Constraint, Vocabulary
 
         if not configs or not configs[0].constrained:
             return [None] * len(configs)
-        field = constrained(body)[0]
         s = served()
         try:
             with building:
@@ -215,7 +241,8 @@ def register(app: FastAPI, state: Any) -> None:
                     vocabularies.append(Vocabulary(s.tokenizer, s.config.vocab_size, configs[0].eos_ids))
             return [Constraint(vocabularies[0], config, 1) for config in configs]
         except GraftError as e:
-            raise HTTPError(422, f"{field}: {str(e).removeprefix('generation: ')}", field) from None
+            reason = re.sub(r"^generation: ((json_schema|regex|grammar): )?", "", str(e))
+            raise HTTPError(422, f"{field}: {reason}", field) from None
 
     def fit(prompt: list[int], config: Any, truncate: bool) -> tuple[list[int], Any]:
         """The prompt and max_new_tokens within the window: 413, or the prompt's last tokens."""
@@ -336,12 +363,18 @@ def register(app: FastAPI, state: Any) -> None:
         chat: bool,
         logprobs: int | None = None,
         echo: list[str] | None = None,
+        tools: Calling | None = None,
     ) -> Any:
         """The answer to a completion (one choice per prompt) or a chat: JSON, or server-sent events.
         ``logprobs``: how many likeliest tokens to list beside each token's log-probability (None:
         no log-probabilities); ``echo``: the prompts' texts, to repeat before each completion (with
-        ``logprobs``, the prompt's tokens are scored too)."""
+        ``logprobs``, the prompt's tokens are scored too); ``tools``: a chat's reply is tool calls."""
         config = generation(body, max_tokens or None)  # (0: the prompt only scored)
+        field = constrained(body)[0] if config.constrained else None
+        if tools is not None:
+            if field is not None:
+                raise HTTPError(422, f"{field}: with tool_choice the reply is the call; drop one", field)
+            config, field = config.replace(json_schema=tools.schema()), "tools"
         fitted = [fit(prompt, config, body.truncate) for prompt in prompts]
         # n choices per prompt (choice i * n + j); with a seed, choice j samples with seed + j
         fitted = [
@@ -350,7 +383,7 @@ def register(app: FastAPI, state: Any) -> None:
             for j in range(body.n)
         ]
         echo = [text for text in echo for _ in range(body.n)] if echo is not None else None
-        rules = await asyncio.to_thread(constraints, body, [c for _, c in fitted])
+        rules = await asyncio.to_thread(constraints, field, [c for _, c in fitted])
         events, seqs = start(fitted, logprobs, echo is not None, max_tokens != 0, rules)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created, name = int(time.time()), served().name
@@ -399,8 +432,14 @@ def register(app: FastAPI, state: Any) -> None:
             for index, event in enumerate(done):
                 text = (echo[index] if echo is not None else "") + "".join(texts[index])
                 content = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+                reason = event[1]
+                if tools is not None and (reason == "stop" or tools.named is not None):
+                    # the call (a named function's arguments as far as they came, at "length")
+                    calls = tools.calls(text) if reason == "stop" else tools.partial(text)
+                    content = {"message": {"role": "assistant", "content": None, "tool_calls": calls}}
+                    reason = "tool_calls" if reason == "stop" else reason
                 choices.append(
-                    {"index": index, **content, "logprobs": take_logprobs(index), "finish_reason": event[1]}
+                    {"index": index, **content, "logprobs": take_logprobs(index), "finish_reason": reason}
                 )
             return {"id": ident, "object": kind, "created": created, "model": name, "choices": choices,
                     "usage": usage(done)}  # fmt: skip
@@ -412,10 +451,18 @@ def register(app: FastAPI, state: Any) -> None:
             chunk = {"id": ident, "object": chunk_kind, "created": created, "model": name, "choices": choices}
             return f"data: {json.dumps({**chunk, **extra}, ensure_ascii=False)}\n\n"
 
+        def tool_delta(index: int, calls: list[dict[str, Any]], reason: str | None = None) -> dict[str, Any]:
+            """A chunk's choice that carries tool calls (each with its index among the choice's calls)."""
+            calls = [{"index": i, **c} for i, c in enumerate(calls)]
+            return {"index": index, "delta": {"tool_calls": calls}, "logprobs": take_logprobs(index),
+                    "finish_reason": reason}  # fmt: skip
+
         async def stream() -> AsyncIterator[str]:
             if chat:
                 for index in range(len(seqs)):
                     yield sse([choice(index, "", None, first=True)])
+                    if tools is not None and tools.named is not None:  # the call, its arguments to come
+                        yield sse([tool_delta(index, tools.partial(""))])
             if echo is not None and logprobs is None:  # (with logprobs, once the prompt is scored)
                 for index, text in enumerate(echo):
                     yield sse([choice(index, text, None)])
@@ -425,11 +472,22 @@ def register(app: FastAPI, state: Any) -> None:
                     pending[index].extend(event[1])
                     if echo is not None and event[1][0][1] is None:  # the prompt, scored: echoed first
                         yield sse([choice(index, echo[index], None)])
+                elif event[0] == "text" and tools is not None:
+                    texts[index].append(event[1])
+                    if tools.named is not None:  # the arguments as they come
+                        yield sse([tool_delta(index, [{"function": {"arguments": event[1]}}])])
                 elif event[0] == "text":
                     yield sse([choice(index, event[1], None)])
                 elif event[0] == "error":
                     yield f"data: {json.dumps(error_body(event[1], 500))}\n\n"
+                elif tools is not None and event[1] == "stop":
+                    done.append(event)
+                    if tools.named is None:  # the list of calls, once it is complete
+                        yield sse([tool_delta(index, tools.calls("".join(texts[index])))])
+                    yield sse([choice(index, None, "tool_calls")])
                 else:
+                    if tools is not None and tools.named is None:  # cut short: the text as it came
+                        yield sse([choice(index, "".join(texts[index]), None)])
                     done.append(event)
                     yield sse([choice(index, None, event[1])])
             if include_usage and done:
@@ -495,9 +553,25 @@ def register(app: FastAPI, state: Any) -> None:
             raise HTTPError(400, f"{s.name}: the tokenizer has no chat template; use /v1/completions")
         if body.top_logprobs is not None and not body.logprobs:
             raise HTTPError(422, "top_logprobs: only with logprobs: true", "top_logprobs")
+        for i, m in enumerate(body.messages):
+            if m.content is None and not (m.role == "assistant" and m.tool_calls):
+                raise HTTPError(
+                    422,
+                    f"messages[{i}].content: only an assistant's calls come without it",
+                    f"messages[{i}].content",
+                )
+        tools = calling(body.tools, body.tool_choice, body.parallel_tool_calls)
         messages = [m.for_template() for m in body.messages]
-        ids = s.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        variables = {"tools": for_template(body.tools)} if body.tools else {}
+        ids = s.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, **variables
+        )
         top = (body.top_logprobs or 0) if body.logprobs else None
         return await respond(
-            body, [list(ids)], body.max_completion_tokens or body.max_tokens, chat=True, logprobs=top
+            body,
+            [list(ids)],
+            body.max_completion_tokens or body.max_tokens,
+            chat=True,
+            logprobs=top,
+            tools=tools,
         )
