@@ -166,6 +166,32 @@ def test_embeddings_equal_graft_embed(minilm_server, minilm):
     )
 
 
+def test_embeddings_of_token_ids_equal_those_of_the_texts_they_encode(minilm_server, minilm):
+    """OpenAI's token-id input (one list, or a list of lists), taken as it is: the tokenizer's ids
+    of a text (its [CLS] and [SEP] included) give that text's embedding."""
+    tokenizer = Tokenizer.from_folder(minilm)
+    ids = tokenizer.encode(TEXTS, padding=False, return_tensors=None).input_ids
+    c = minilm_server.client
+    texts = torch.tensor(
+        [d["embedding"] for d in c.post("/v1/embeddings", json={"input": TEXTS}).json()["data"]]
+    )
+    got = c.post("/v1/embeddings", json={"input": ids}).json()
+    torch.testing.assert_close(torch.tensor([d["embedding"] for d in got["data"]]), texts, atol=1e-6, rtol=0)
+    assert got["usage"]["prompt_tokens"] == sum(map(len, ids))
+    one = c.post("/v1/embeddings", json={"input": ids[1]}).json()["data"]
+    torch.testing.assert_close(torch.tensor(one[0]["embedding"]), texts[1], atol=1e-6, rtol=0)
+    bad = c.post("/v1/embeddings", json={"input": [ids[0], [101, 10**6]]})
+    assert bad.status_code == 422
+    assert bad.json()["error"]["message"] == "input[1]: token id 1000000 is not in the vocabulary (0..30521)"
+    long = [101] + [2773] * 600
+    assert c.post("/v1/embeddings", json={"input": long}).json()["error"]["message"] == (
+        'input has 601 tokens; the model takes at most 512 (send "truncate": true to keep the first)'
+    )
+    cut = c.post("/v1/embeddings", json={"input": long, "truncate": True}).json()["data"][0]["embedding"]
+    first = c.post("/v1/embeddings", json={"input": long[:512]}).json()["data"][0]["embedding"]
+    assert cut == first
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -175,6 +201,7 @@ def test_embeddings_equal_graft_embed(minilm_server, minilm):
         {"input": "word " * 600, "truncate": True},
         {"input": []},  # 422 from the handler
         {"input": 5},  # 422 from validation
+        {"input": [[101, 2023, 102], [101, 102]]},  # token ids
     ],
 )
 def test_the_embeddings_shortcut_answers_what_the_app_answers(minilm_server, body):
@@ -1049,6 +1076,9 @@ def test_a_reply_constrained_to_a_json_schema_a_choice_or_a_regex(tmp_path):
         assert re.fullmatch(
             r"[0-9]{3}", ask(guided_regex="[0-9]{3}").json()["choices"][0]["message"]["content"]
         )
+        body = {"prompt": "The year the war ended:", "max_tokens": 10, "guided_regex": "1[89][0-9]{2}"}
+        completion = server.client.post("/v1/completions", json=body).json()["choices"][0]
+        assert re.fullmatch("1[89][0-9]{2}", completion["text"]) and completion["finish_reason"] == "stop"
         with server.client.stream("POST", "/v1/chat/completions", json={
             "messages": [{"role": "user", "content": question}], "max_tokens": 60, "temperature": 0,
             "stream": True, "response_format": form,
@@ -1110,7 +1140,7 @@ def test_tool_calls_named_or_required_are_constrained_to_the_tools_schemas(tmp_p
         required = ask(tool_choice="required").json()["choices"][0]
         assert required["finish_reason"] == "tool_calls" and required["message"]["tool_calls"]
         assert all(matches(c) for c in required["message"]["tool_calls"])
-        one = ask(tool_choice="required", parallel_tool_calls=False, temperature=1.0, seed=5).json()
+        one = ask(tool_choice="required", parallel_tool_calls=False).json()
         assert len(one["choices"][0]["message"]["tool_calls"]) == 1
         body = {
             "messages": question,
@@ -1140,3 +1170,24 @@ def test_tool_calls_named_or_required_are_constrained_to_the_tools_schemas(tmp_p
         assert empty["param"] == "messages[0].content"
     finally:
         server.close()
+
+
+def test_required_tool_calls_are_a_list_of_calls_to_the_tools():
+    """The schema "required" constrains a reply to (vLLM's form), and the calls read back from it."""
+    from graft.serve.tools import Calling, Function, NamedChoice, Tool
+
+    params = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}
+    tools = [Tool(type="function", function=Function(name=n, parameters=params)) for n in ("search", "fetch")]
+    schema = Calling(tools, "required", parallel=None).schema()
+    assert schema["type"] == "array" and schema["minItems"] == 1 and "maxItems" not in schema
+    assert [call["properties"]["name"] for call in schema["items"]["anyOf"]] == [
+        {"const": "search"},
+        {"const": "fetch"},
+    ]
+    assert Calling(tools, "required", parallel=False).schema()["maxItems"] == 1
+    calls = Calling(tools, "required", None).calls('[{"name": "fetch", "parameters": {"q": "x"}}]')
+    assert [(c["type"], c["function"]) for c in calls] == [
+        ("function", {"name": "fetch", "arguments": '{"q": "x"}'})
+    ]
+    named = Calling(tools, NamedChoice(type="function", function={"name": "search"}), None)
+    assert named.schema() == params and named.calls('{"q": "y"}')[0]["function"]["arguments"] == '{"q": "y"}'

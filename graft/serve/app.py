@@ -275,7 +275,9 @@ def json_response(content: Any) -> Response:
 
 
 class EmbeddingsRequest(Body):
-    input: str | list[str] = Field(description="A text or a list of texts.")
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A text, a list of texts, or token ids (one list, or a list of lists), taken as they are."
+    )
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(
@@ -513,6 +515,39 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         vectors = await state.on_queue("embed", items, lengths, {"normalize": normalize})
         return np.stack(vectors), sum(lengths)
 
+    async def id_embeddings(rows: list[list[int]], truncate: bool) -> tuple[np.ndarray, int]:
+        """(N, H) unit embeddings of token-id lists, read as they are (no special tokens added, as
+        OpenAI and text-embeddings-inference take them): the packed forward, which reads ids."""
+        from graft.tasks.collate import window
+
+        s = served()
+        if s.generates:
+            raise HTTPError(400, f"{s.name} is a causal LM: embeddings are for encoder models")
+        if s.exported or not packable(s.body):
+            raise HTTPError(
+                400, f"{s.name}: token-id input needs a torch encoder whose texts pack; send text", "input"
+            )
+        limit, vocab = window(s.config, s.tokenizer), s.config.vocab_size
+        for i, row in enumerate(rows):
+            where = "input" if len(rows) == 1 else f"input[{i}]"
+            if not row:
+                raise HTTPError(422, f"{where}: no token ids", "input")
+            bad = next((t for t in row if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise HTTPError(
+                    422, f"{where}: token id {bad} is not in the vocabulary (0..{vocab - 1})", "input"
+                )
+            if len(row) > limit and not truncate:
+                raise HTTPError(
+                    413, f"{where} has {len(row)} tokens; the model takes at most {limit} "
+                    '(send "truncate": true to keep the first)', "input",
+                )  # fmt: skip
+        rows = [row[:limit] for row in rows]
+        items = [(None, row, [0] * len(row)) for row in rows]
+        lengths = [len(row) for row in rows]
+        vectors = await state.on_queue("embed", items, lengths, {"normalize": True})
+        return np.stack(vectors), sum(lengths)
+
     def check_dimensions(dimensions: int) -> None:
         """422 unless the model's embeddings may be cut to ``dimensions`` (their own width, or one
         its config.json lists as trained for: ``matryoshka_dimensions``, or any with ``is_matryoshka``,
@@ -534,10 +569,17 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
     @app.post("/v1/embeddings", tags=["OpenAI"], response_model=None)
     async def openai_embeddings(body: EmbeddingsRequest) -> Response:
         """OpenAI's embeddings: unit-length vectors, as floats or base64 float32."""
-        texts = [body.input] if isinstance(body.input, str) else body.input
+        given = (
+            [body.input]
+            if isinstance(body.input, str) or (body.input and isinstance(body.input[0], int))
+            else body.input
+        )
         if body.dimensions is not None:
             check_dimensions(body.dimensions)
-        unit, tokens = await embeddings(texts, body.truncate, "input", normalize=True)  # (N, H) float32
+        if given and isinstance(given[0], list):  # token ids  (N, H) float32
+            unit, tokens = await id_embeddings(given, body.truncate)
+        else:
+            unit, tokens = await embeddings(given, body.truncate, "input", normalize=True)  # (N, H) float32
         if body.dimensions is not None and body.dimensions < unit.shape[1]:  # (N, d), unit length again
             unit = unit[:, : body.dimensions]
             unit = unit / np.linalg.norm(unit, axis=1, keepdims=True).clip(min=1e-12)
