@@ -814,9 +814,14 @@ def test_n_choices_penalties_and_logit_bias_as_openai_defines_them(chat_server):
 @pytest.mark.parametrize(
     ("path", "body", "message"),
     [
-        ("/v1/chat/completions", {"tools": [{"type": "function"}]}, "tools: Extra inputs are not permitted"),
+        ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions: Extra inputs are not permitted"),
         ("/v1/chat/completions", {"temprature": 0.5}, "temprature: Extra inputs are not permitted"),
-        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format.type: Input should be 'text'"),
+        ("/v1/chat/completions", {"tools": [{"type": "function"}]}, "tools.0.function: Field required"),
+        ("/v1/chat/completions", {"response_format": {"type": "xml"}},
+         "response_format.type: Input should be 'text', 'json_object' or 'json_schema'"),
+        # the tiny model's word-level tokenizer: llguidance reads byte-level and SentencePiece ones
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}},
+         "response_format: llguidance cannot read this tokenizer (can't determine decoder type: None)"),
         ("/v1/completions", {"suffix": "w9"}, "suffix: Extra inputs are not permitted"),
         ("/v1/completions", {"best_of": 2}, "best_of: Extra inputs are not permitted"),
     ],
@@ -913,7 +918,7 @@ def test_generation_limits(chat_server):
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 4093
     for body, message in (
         ({"messages": []}, "messages: List should have at least 1 item after validation, not 0"),
-        ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role: Input should be 'system', 'user' or 'assistant'"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role: Input should be 'system', 'user', 'assistant' or 'tool'"),
         ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n: Input should be greater than or equal to 1"),
         ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p: Input should be greater than 0"),
     ):  # fmt: skip

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import transformers
 from test_export_backend import same_json
 from test_predict_cli import LABELS, TAGS, task_folder
@@ -71,6 +72,9 @@ def test_embeddings_from_an_onnx_export_equal_the_torch_backend(minilm, minilm_e
         onnx_side["chat"].json()["error"]["message"]
         == "minilm-onnx is a base model: it does not generate text"
     )
+    # an export's runtime has threads of its own: one worker; torch's share its threads (two workers)
+    workers = [side["info"]["batching"].pop("workers") for side in (onnx_side, torch_side)]
+    assert workers == [1, min(2, torch.get_num_threads())]
     info = {k: v for k, v in onnx_side["info"].items() if k not in ("backend", "parameters", "model")}
     assert info == {k: v for k, v in torch_side["info"].items() if k in info}
     assert (onnx_side["info"]["backend"], torch_side["info"]["backend"]) == ("onnx", "torch")

@@ -312,6 +312,26 @@ def test_an_arrival_wakes_a_worker_only_when_one_is_idle_or_the_held_batch_is_co
         queue.close()
 
 
+def test_with_two_workers_free_an_arrival_wakes_none_while_worker_0_holds_a_batch(torch_threads):
+    """Only worker 0 starts a batch while both are free: the other's idleness does not make every
+    arrival wake them both (as one worker's queue, above); once a batch runs, it does."""
+    queue = TokenBudgetQueue(lambda op, items, options: items, Metrics(), max_batch_tokens=100, workers=2)
+    try:
+        with queue.cond:
+            queue.holding, queue.expected = 1, 3  # worker 0 holds; worker 1 idle, but may not start
+            queue.jobs = [Job("embed", [i], [10], {}) for i in range(2)]
+            assert not queue.wakes()
+            queue.jobs.append(Job("embed", [2], [10], {}))
+            assert queue.wakes()  # the third completes the batch
+            queue.holding, queue.free = 0, 1  # a batch runs: the idle worker may start the next
+            assert queue.wakes()
+            queue.wide = True  # ...unless that batch has every thread
+            assert not queue.wakes()
+            queue.jobs, queue.expected, queue.free, queue.wide = [], 1, 2, False
+    finally:
+        queue.close()
+
+
 def test_two_workers_holding_the_same_request_both_survive_the_one_that_finds_it_gone():
     """Both workers free, both hold the lone request for company; the one whose wait ends second
     finds the queue empty and goes back to waiting for work (it used to fail on the empty queue)."""

@@ -213,9 +213,14 @@ class TokenBudgetQueue:
         """Whether the job just queued must wake a worker: one is free and idle, or the batch held
         back for company has it now (every request expected, or the token budget full). A worker
         that holds a batch wakes by itself when its wait ends and then sees every arrival, so an
-        arrival that only moves that end on (most of them, under load) costs no thread switch."""
-        if self.free > self.holding:
-            return not self.wide
+        arrival that only moves that end on (most of them, under load) costs no thread switch.
+        While every worker is free only worker 0 may start (``take``): the others' idleness counts
+        only while some batch runs."""
+        if self.wide:  # no other batch starts until it ends
+            return False
+        everyone_free = self.free == len(self.workers)
+        if self.free > self.holding and not (everyone_free and self.holding):
+            return True
         return self.holding > 0 and (
             len(self.jobs) >= self.expected or padded(self.jobs) >= self.max_batch_tokens
         )  # (every kind counted: at worst a wake for nothing)
