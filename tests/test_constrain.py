@@ -152,3 +152,16 @@ def test_bad_constraints_are_refused_naming_the_option(byte_model):
     ids = torch.tensor([[1, 2, 3]])
     with pytest.raises(GraftError, match="need the tokenizer"):
         generate(model, ids, None, GenerationConfig(eos_token_id=EOS, regex="a"))
+
+
+def test_a_row_whose_parser_failed_may_only_end(byte_model):
+    """A token the constraint did not allow (a caller's own choice) leaves its row with end-of-text
+    only, never a row of -inf scores that greedy or sampling would turn into garbage or NaN."""
+    tokenizer = byte_model[1]
+    constraint = Constraint(Vocabulary(tokenizer, EOS + 1, [EOS]), GenerationConfig(regex="[0-9]+"), 2)
+    letter = tokenizer.encode("a", return_tensors=None).input_ids[0][0]
+    constraint.advance([letter, letter], [0])  # row 0 takes a letter the regex does not allow
+    allowed = constraint.allowed()
+    assert allowed[0].nonzero()[:, 0].tolist() == [EOS]
+    digits = {tokenizer.encode(str(d), return_tensors=None).input_ids[0][0] for d in range(10)}
+    assert set(allowed[1].nonzero()[:, 0].tolist()) == digits  # row 1 untouched: a digit first

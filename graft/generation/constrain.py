@@ -90,9 +90,10 @@ class Constraint:
         llg = llguidance()
         grammar, option = grammar_of(config)
         error = llg.LLMatcher.validate_grammar(grammar, vocabulary.tokenizer)
-        if error and not error.startswith("WARNING"):
-            raise GraftError(f"generation: {option}: {error.splitlines()[0]}")
-        self.option, self.vocabulary = option, vocabulary
+        if error and not error.startswith("WARNING"):  # (several lines for a regex: its caret too)
+            reason = " ".join(line.strip() for line in error.splitlines() if line.strip())
+            raise GraftError(f"generation: {option}: {reason}")
+        self.vocabulary = vocabulary
         self.matchers = [llg.LLMatcher(vocabulary.tokenizer, grammar, log_level=0) for _ in range(rows)]
         self.bits = np.zeros((rows, (vocabulary.size + 31) // 32), dtype=np.int32)  # one bit a token
 
@@ -102,12 +103,8 @@ class Constraint:
             matcher.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
         bits = np.unpackbits(self.bits.view(np.uint8), axis=1, bitorder="little")[:, : self.vocabulary.size]
         allowed = torch.from_numpy(bits.astype(bool))
-        stuck = ~allowed.any(-1)  # (N,)
-        if bool(stuck.any()):
-            allowed[
-                stuck[:, None]
-                & torch.isin(torch.arange(allowed.shape[1]), torch.tensor(self.vocabulary.eos_ids))
-            ] = True
+        stuck = (~allowed.any(-1)).nonzero()  # (k, 1) rows with nothing allowed
+        allowed[stuck, torch.tensor(self.vocabulary.eos_ids)] = True  # (k, eos) broadcast
         return allowed
 
     def advance(self, tokens: list[int], rows: list[int]) -> None:
@@ -115,7 +112,3 @@ class Constraint:
         for i in rows:
             if tokens[i] not in self.vocabulary.eos_ids:
                 self.matchers[i].consume_token(tokens[i])
-
-    def complete(self, row: int = 0) -> bool:
-        """Whether the row's text so far is a whole match (it may end here)."""
-        return self.matchers[row].is_accepting()
