@@ -37,7 +37,15 @@ def byte_model(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("byte-gpt2")
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=EOS + 1, n_positions=512, n_embd=32, n_layer=2, n_head=2)
+    config = transformers.GPT2Config(
+        vocab_size=EOS + 1,
+        n_positions=512,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
+    )
     transformers.GPT2LMHeadModel(config).eval().save_pretrained(folder)
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     backend = Tokenizer(
