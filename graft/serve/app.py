@@ -38,7 +38,7 @@ from graft.serve.completions import register as register_completions
 from graft.serve.continuous import ContinuousBatcher, RunningBatch
 from graft.serve.explain import explainable
 from graft.serve.explain import register as register_explain
-from graft.serve.http import Body, HTTPError, error
+from graft.serve.http import Body, HTTPError, check_token_ids, error
 from graft.serve.metrics import Metrics
 from graft.serve.model import Served
 from graft.serve.packing import embed_packed
@@ -504,14 +504,24 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         ``name``: the texts' field (``encoded``)."""
         from graft.tasks.collate import window
 
-        s = served()
-        if s.generates:
-            raise HTTPError(400, f"{s.name} is a causal LM: embeddings are for encoder models")
+        s = encoder()
         if not texts:
             raise HTTPError(422, f"{name}: at least one text", name)
         rows = encoded(texts, truncate, name, window(s.config, s.tokenizer))
-        items = [(text, ids, types) for text, (ids, types) in zip(texts, rows, strict=True)]
-        lengths = [len(ids) for ids, _ in rows]
+        return await embedded(
+            [(text, ids, types) for text, (ids, types) in zip(texts, rows, strict=True)], normalize
+        )
+
+    def encoder() -> Served:
+        """The served model, unless it is a causal LM (a 400: embeddings are an encoder's)."""
+        s = served()
+        if s.generates:
+            raise HTTPError(400, f"{s.name} is a causal LM: embeddings are for encoder models")
+        return s
+
+    async def embedded(items: list[tuple], normalize: bool) -> tuple[np.ndarray, int]:
+        """(N, H) float32 embeddings of the queue's (text, token ids, segment ids) items, and their tokens."""
+        lengths = [len(ids) for _, ids, _ in items]
         vectors = await state.on_queue("embed", items, lengths, {"normalize": normalize})
         return np.stack(vectors), sum(lengths)
 
@@ -520,9 +530,7 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         OpenAI and text-embeddings-inference take them): the packed forward, which reads ids."""
         from graft.tasks.collate import window
 
-        s = served()
-        if s.generates:
-            raise HTTPError(400, f"{s.name} is a causal LM: embeddings are for encoder models")
+        s = encoder()
         if s.exported or not packable(s.body):
             raise HTTPError(
                 400, f"{s.name}: token-id input needs a torch encoder whose texts pack; send text", "input"
@@ -532,21 +540,13 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
             where = "input" if len(rows) == 1 else f"input[{i}]"
             if not row:
                 raise HTTPError(422, f"{where}: no token ids", "input")
-            bad = next((t for t in row if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise HTTPError(
-                    422, f"{where}: token id {bad} is not in the vocabulary (0..{vocab - 1})", "input"
-                )
+            check_token_ids(row, vocab, where, "input")
             if len(row) > limit and not truncate:
                 raise HTTPError(
                     413, f"{where} has {len(row)} tokens; the model takes at most {limit} "
                     '(send "truncate": true to keep the first)', "input",
                 )  # fmt: skip
-        rows = [row[:limit] for row in rows]
-        items = [(None, row, [0] * len(row)) for row in rows]
-        lengths = [len(row) for row in rows]
-        vectors = await state.on_queue("embed", items, lengths, {"normalize": True})
-        return np.stack(vectors), sum(lengths)
+        return await embedded([(None, row[:limit], [0] * len(row[:limit])) for row in rows], normalize=True)
 
     def check_dimensions(dimensions: int) -> None:
         """422 unless the model's embeddings may be cut to ``dimensions`` (their own width, or one

@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import Field
 
 from graft.serve.continuous import Scored, Sequence
-from graft.serve.http import Body, HTTPError, error_body
+from graft.serve.http import Body, HTTPError, check_token_ids, error_body
 from graft.serve.model import Served
 from graft.serve.tools import Call, Calling, Tool, ToolChoice, call_for_template, calling, for_template
 
@@ -185,9 +185,6 @@ def register(app: FastAPI, state: Any) -> None:
             changes["logit_bias"] = {ids[key]: value for key, value in body.logit_bias.items()}
         if body.stop:
             changes["stop_strings"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
-        constraint = constrained(body)
-        if constraint is not None:
-            changes.update(constraint[1])
         return config.replace(**changes)
 
     def constrained(body: Sampling) -> tuple[str, dict[str, Any]] | None:
@@ -370,7 +367,11 @@ def register(app: FastAPI, state: Any) -> None:
         no log-probabilities); ``echo``: the prompts' texts, to repeat before each completion (with
         ``logprobs``, the prompt's tokens are scored too); ``tools``: a chat's reply is tool calls."""
         config = generation(body, max_tokens or None)  # (0: the prompt only scored)
-        field = constrained(body)[0] if config.constrained else None
+        rule = constrained(body)  # the field that constrains the reply, and the options it sets
+        field = None
+        if rule is not None:
+            field, options = rule
+            config = config.replace(**options)
         if tools is not None:
             if field is not None:
                 raise HTTPError(422, f"{field}: with tool_choice the reply is the call; drop one", field)
@@ -520,12 +521,7 @@ def register(app: FastAPI, state: Any) -> None:
                     )
                 )
                 continue
-            bad = next((t for t in one if not 0 <= t < vocab), None)
-            if bad is not None:
-                where = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
-                raise HTTPError(
-                    422, f"{where}: token id {bad} is not in the vocabulary (0..{vocab - 1})", "prompt"
-                )
+            check_token_ids(one, vocab, "prompt" if len(prompt) == 1 else f"prompt[{i}]", "prompt")
             ids.append(list(one))
         if body.max_tokens == 0 and not (body.echo and body.logprobs is not None):
             raise HTTPError(

@@ -15,6 +15,13 @@ class HTTPError(Exception):
         self.status, self.message, self.param = status, message, param
 
 
+def check_token_ids(ids: list[int], vocab: int, where: str, param: str) -> None:
+    """A 422 naming ``where`` (the request's ``param``) for a token id outside the vocabulary."""
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise HTTPError(422, f"{where}: token id {bad} is not in the vocabulary (0..{vocab - 1})", param)
+
+
 def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
