@@ -402,7 +402,9 @@ class Offline:
     def two_at_once(self) -> None:  # graft serve under load: two forwards at once, one torch thread each
         import torch
 
-        threads, half = torch.get_num_threads(), len(self.corpus) // 2
+        threads, total, half = torch.get_num_threads(), sum(map(len, self.ids)), 0
+        while sum(map(len, self.ids[:half])) < total / 2:  # halves of equal tokens: they end together
+            half += 1
         torch.set_num_threads(max(1, threads // 2))
         try:
             halves = [threading.Thread(target=self.packed, args=a) for a in ((0, half), (half, None))]

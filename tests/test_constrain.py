@@ -173,3 +173,20 @@ def test_a_row_whose_parser_failed_may_only_end(byte_model):
     assert allowed[0].nonzero()[:, 0].tolist() == [EOS]
     digits = {tokenizer.encode(str(d), return_tensors=None).input_ids[0][0] for d in range(10)}
     assert set(allowed[1].nonzero()[:, 0].tolist()) == digits  # row 1 untouched: a digit first
+
+
+def test_a_tokenizer_keeps_its_vocabulary_for_every_later_generate_call(byte_model, monkeypatch):
+    """llguidance's reading of the vocabulary (0.3-0.6 s for a real one) is built by the first
+    constrained call and kept by the tokenizer; another size or end-of-text builds another."""
+    model, tokenizer = byte_model
+    built = []
+    init = Vocabulary.__init__
+    monkeypatch.setattr(Vocabulary, "__init__", lambda self, *a: built.append(a) or init(self, *a))
+    tokenizer._derived.clear()  # (other tests here have used it)
+    decode_new(byte_model, "Is it? ", regex="[0-9]+")
+    decode_new(byte_model, "Is it? ", json_schema=SCHEMA)
+    assert len(built) == 1
+    assert Vocabulary.of(tokenizer, EOS + 1, [EOS]) is Vocabulary.of(tokenizer, EOS + 1, [EOS])
+    assert len(built) == 1
+    assert Vocabulary.of(tokenizer, EOS + 1, [EOS, 10]) is not Vocabulary.of(tokenizer, EOS + 1, [EOS])
+    assert len(built) == 2

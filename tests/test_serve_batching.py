@@ -298,16 +298,17 @@ def test_an_arrival_wakes_a_worker_only_when_one_is_idle_or_the_held_batch_is_co
     try:
         with queue.cond:  # the worker waits for a notify that does not come while the test looks
             assert queue.wakes()  # free and idle: any arrival wakes it
-            queue.holding, queue.expected = 1, 3
+            queue.holding, queue.owed = 1, 1
             queue.jobs = [Job("embed", [i], [10], {}) for i in range(2)]
-            assert not queue.wakes()  # 2 of the 3 expected: the worker's own timer will do
+            assert not queue.wakes()  # one client not back yet: the worker's own timer will do
             queue.jobs.append(Job("embed", [2], [10], {}))
-            assert queue.wakes()  # the third completes it
-            queue.expected = 10
+            queue.owed = 0
+            assert queue.wakes()  # the last one back completes it
+            queue.owed = 7
             assert not queue.wakes()  # 3 of 10, 3 x 10 tokens: neither
             queue.jobs.append(Job("embed", [3], [40], {}))
             assert queue.wakes()  # 4 rows x 40 tokens > 100: the budget is full
-            queue.jobs, queue.holding, queue.expected = [], 0, 1
+            queue.jobs, queue.holding, queue.owed = [], 0, 0
     finally:
         queue.close()
 
@@ -318,16 +319,43 @@ def test_with_two_workers_free_an_arrival_wakes_none_while_worker_0_holds_a_batc
     queue = TokenBudgetQueue(lambda op, items, options: items, Metrics(), max_batch_tokens=100, workers=2)
     try:
         with queue.cond:
-            queue.holding, queue.expected = 1, 3  # worker 0 holds; worker 1 idle, but may not start
+            queue.holding, queue.owed = 1, 1  # worker 0 holds; worker 1 idle, but may not start
             queue.jobs = [Job("embed", [i], [10], {}) for i in range(2)]
             assert not queue.wakes()
             queue.jobs.append(Job("embed", [2], [10], {}))
-            assert queue.wakes()  # the third completes the batch
+            queue.owed = 0
+            assert queue.wakes()  # the last one back completes the batch
             queue.holding, queue.free = 0, 1  # a batch runs: the idle worker may start the next
             assert queue.wakes()
             queue.wide = True  # ...unless that batch has every thread
             assert not queue.wakes()
-            queue.jobs, queue.expected, queue.free, queue.wide = [], 1, 2, False
+            queue.jobs, queue.owed, queue.free, queue.wide = [], 0, 2, False
+    finally:
+        queue.close()
+
+
+def test_clients_of_every_batch_that_ended_are_owed_until_they_come_back(torch_threads):
+    """Two batches end one after the other: the server waits for the clients of both, not only for
+    the last batch's (which left the first's clients out of the next batch: 11 texts a forward at
+    32 clients instead of 16); each arrival pays one back."""
+    queue = TokenBudgetQueue(lambda op, items, options: items, Metrics(), workers=2)
+    try:
+        first = [Job("embed", [i], [10], {}) for i in range(16)]
+        second = [Job("embed", [i], [10], {}) for i in range(16, 32)]
+        with queue.cond:
+            queue.free = 0  # both workers run a batch
+        queue.forward(first)
+        assert queue.owed == 16
+        for i in range(5):  # five of the first batch's clients come back
+            queue.submit("embed", [i], [10], {})
+        assert queue.owed == 11
+        queue.forward(second)
+        assert queue.owed == 27
+        queue.costs["embed"] = Fixed(0.05)
+        with queue.cond:
+            assert queue.worth_waiting() > 0  # 5 queued of the 32 the server knows of
+            queue.owed = 0
+            assert queue.worth_waiting() == 0  # every one back: start
     finally:
         queue.close()
 
@@ -338,7 +366,7 @@ def test_two_workers_holding_the_same_request_both_survive_the_one_that_finds_it
     calls = []
     queue = TokenBudgetQueue(lambda op, items, options: calls.append(items) or items, Metrics(), workers=2)
     queue.costs["embed"] = Fixed(0.05)  # hold a request 50 ms for company...
-    queue.expected = 10  # ...as 10 are expected
+    queue.owed = 10  # ...as 10 clients are expected back
     assert queue.submit("embed", ["a"], [3], {}).result(timeout=60) == ["a"]
     time.sleep(0.2)  # both workers' waits have ended by now
     assert all(worker.is_alive() for worker in queue.workers)

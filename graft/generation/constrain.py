@@ -33,8 +33,8 @@ def llguidance() -> Any:
 
 
 class Vocabulary:
-    """A tokenizer's vocabulary as llguidance reads it, built once (0.3 s for SmolLM2's 49,152
-    tokens) and shared by every constraint on that model: ``size`` ids (the model's, which may
+    """A tokenizer's vocabulary as llguidance reads it, built once (``of``: 0.3 s for SmolLM2's
+    49,152 tokens) and shared by every constraint on that model: ``size`` ids (the model's, which may
     pass the tokenizer's), ``eos_ids`` the only ones allowed after a complete text."""
 
     def __init__(self, tokenizer: Any, size: int, eos_ids: list[int]) -> None:
@@ -56,6 +56,14 @@ class Vocabulary:
             ValueError
         ) as e:  # e.g. a WordPiece decoder: llguidance reads byte-level and SentencePiece ones
             raise GraftError(f"generation: llguidance cannot read this tokenizer ({e})") from None
+
+    @classmethod
+    def of(cls, tokenizer: Any, size: int, eos_ids: list[int]) -> Vocabulary:
+        """The tokenizer's Vocabulary, built by the first call and kept by a graft Tokenizer
+        (``Tokenizer.derived``) for the next ones; any other tokenizer gets a new one each time."""
+        if not hasattr(tokenizer, "derived"):
+            return cls(tokenizer, size, eos_ids)
+        return tokenizer.derived(("llguidance", size, tuple(eos_ids)), lambda: cls(tokenizer, size, eos_ids))
 
 
 # Between JSON tokens, at most one line break and some indentation: any run of whitespace (JSON's

@@ -78,7 +78,7 @@ def run(
     if config.constrained:
         if tokenizer is None:
             raise GraftError("generation: json_schema, regex and grammar need the tokenizer")
-        vocabulary = Vocabulary(tokenizer, model.config.vocab_size, config.eos_ids)
+        vocabulary = Vocabulary.of(tokenizer, model.config.vocab_size, config.eos_ids)
         constraint = Constraint(vocabulary, config, prompt.shape[0])
 
     logits = decoder.prefill()

@@ -6,7 +6,7 @@ them (text-embeddings-inference's dynamic batching). Embeddings run packed, not 
 (packing.py), so a batch of mixed lengths costs about what its real tokens do.
 
 When the worker is free it starts at once, unless ``start_at`` says the batch should wait for
-company: while fewer requests are queued than the server knows of (those the last forward just
+company: while fewer requests are queued than the server knows of (those forwards just
 answered: under load their clients come straight back) and the requests keep arriving, each
 sooner after the last (the first, after the forward's end) than a forward's fixed cost, which the
 queue measures on its own forwards (``ForwardCost``). Waiting for a request that comes within that time idles the model less than
@@ -141,8 +141,8 @@ def start_at(
 ) -> float:
     """When a free worker should start the batch of the queued requests that ``arrived`` (their
     arrival times, in seconds): ``NOW``, or a later time at which to look again (an arrival wakes
-    it sooner). ``expected``: the requests the server knows of (those the last forward answered
-    and those that were queued then); ``full``: the queued ones fill the token budget;
+    it sooner). ``expected``: the requests the server knows of (those queued, and those forwards
+    answered whose clients have not come back yet); ``full``: the queued ones fill the token budget;
     ``free_since``: when the last forward ended; ``fixed``: a forward's fixed cost in seconds.
 
     The batch waits while it is short of the requests expected and they keep coming, the last
@@ -178,8 +178,9 @@ class TokenBudgetQueue:
         self.batching = batching
         self.jobs: list[Job] = []
         self.closed = False
-        # start_at: the requests known when the last forward ended, and when that was
-        self.expected, self.free_since = 1, time.monotonic()
+        # start_at: answered requests whose clients have not come back yet (an arrival pays one
+        # off), and when the last forward ended
+        self.owed, self.free_since = 0, time.monotonic()
         self.costs: dict[str, ForwardCost] = {}  # each op's forwards
         self.free = workers  # workers not running a batch
         self.holding = 0  # free workers holding a batch back for company (start_at), not idle
@@ -204,6 +205,7 @@ class TokenBudgetQueue:
         job = Job(op, items, lengths, options, loop)
         with self.cond:
             self.jobs.append(job)
+            self.owed = max(0, self.owed - 1)
             self.metrics.queue.set(len(self.jobs))
             if self.wakes():
                 self.cond.notify_all()  # (with several workers, the idle one may not be the first woken)
@@ -222,7 +224,7 @@ class TokenBudgetQueue:
         if self.free > self.holding and not (everyone_free and self.holding):
             return True
         return self.holding > 0 and (
-            len(self.jobs) >= self.expected or padded(self.jobs) >= self.max_batch_tokens
+            self.owed == 0 or padded(self.jobs) >= self.max_batch_tokens
         )  # (every kind counted: at worst a wake for nothing)
 
     def close(self) -> None:
@@ -264,7 +266,7 @@ class TokenBudgetQueue:
         cost = self.costs.get(first.op)
         at = start_at(
             [j.arrived for j in same],
-            self.expected,
+            len(same) + self.owed,
             padded(same) >= self.max_batch_tokens,
             self.free_since,
             cost.fixed if cost is not None else 0.0,
@@ -309,6 +311,9 @@ class TokenBudgetQueue:
                 if self.may_start(worker):  # (another worker may have taken them meanwhile)
                     break
             batch = self.pick()
+            # what is still owed then is forgotten: clients that did not come back by the time a
+            # batch started have gone (at 64 clients, then 10, 54 would be owed for ever)
+            self.owed = 0
             taken = {id(j) for j in batch}
             self.jobs = [j for j in self.jobs if id(j) not in taken]
             self.metrics.queue.set(len(self.jobs))
@@ -329,7 +334,12 @@ class TokenBudgetQueue:
         per batch (a call per request took 4% of the worker's time at 32 clients)."""
         outcomes = self.outcomes(batch)
         with self.cond:  # before any answer, so that a client that comes straight back is counted
-            self.expected, self.free_since = len(batch) + len(self.jobs), time.monotonic()
+            # added, not set: with several workers, the clients of a batch that ended a moment
+            # ago may still be coming back too (set, the second batch's end forgot them, and the
+            # next batch started, and was shared out, without them: 11 texts a forward at 32
+            # clients instead of 16)
+            self.owed += len(batch)
+            self.free_since = time.monotonic()
             self.free += 1
             if self.wide:
                 self.wide = False

@@ -10,7 +10,6 @@ import contextlib
 import itertools
 import json
 import re
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -217,11 +216,6 @@ def register(app: FastAPI, state: Any) -> None:
             raise HTTPError(422, f"{names}: give one constraint on the reply", given[1][0])
         return given[0] if given else None
 
-    vocabularies: list[
-        Any
-    ] = []  # the model's vocabulary for llguidance, built by the first constrained request
-    building = threading.Lock()
-
     def constraints(field: str | None, configs: list[Any]) -> list[Any]:
         """Each sequence's constraint (None where the reply is free); a grammar that does not
         compile is a 422 naming ``field``, the request's. Runs in a thread: the vocabulary takes
@@ -233,10 +227,8 @@ def register(app: FastAPI, state: Any) -> None:
             return [None] * len(configs)
         s = served()
         try:
-            with building:
-                if not vocabularies:
-                    vocabularies.append(Vocabulary(s.tokenizer, s.config.vocab_size, configs[0].eos_ids))
-            return [Constraint(vocabularies[0], config, 1) for config in configs]
+            vocabulary = Vocabulary.of(s.tokenizer, s.config.vocab_size, configs[0].eos_ids)
+            return [Constraint(vocabulary, config, 1) for config in configs]
         except GraftError as e:
             reason = re.sub(r"^generation: ((json_schema|regex|grammar): )?", "", str(e))
             raise HTTPError(422, f"{field}: {reason}", field) from None
