@@ -430,6 +430,18 @@ def test_f_linear_is_taken_unless_another_route_is_clearly_faster():
     )
 
 
+def test_cpus_of_one_model_name_and_other_instruction_sets_keep_their_timings_apart(tmp_path, monkeypatch):
+    """An "AMD EPYC" under KVM may be a Zen 3 (AVX2) or a Zen 4 (AVX-512): one file each."""
+    from graft.kernels import calibrate
+
+    monkeypatch.setattr(calibrate, "processor", lambda: "AMD EPYC")
+    monkeypatch.setattr(calibrate, "cpu_flags", lambda: "fpu sse avx avx2 fma")
+    avx2 = calibrate.Calibration(figures_where("packed"), cache=tmp_path).path()
+    monkeypatch.setattr(calibrate, "cpu_flags", lambda: "fpu sse avx avx2 fma avx512f avx512bw")
+    avx512 = calibrate.Calibration(figures_where("packed"), cache=tmp_path).path()
+    assert avx2 != avx512 and "AMD-EPYC" in avx2.name and "AMD-EPYC" in avx512.name
+
+
 def test_timings_are_kept_per_processor_in_a_file_and_read_back(tmp_path, monkeypatch):
     from graft.kernels import calibrate
 

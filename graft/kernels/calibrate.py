@@ -39,6 +39,7 @@ The figures go into the same file, under "attention".
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -166,6 +167,17 @@ def processor() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags as /proc/cpuinfo lists them ("" where there is no such file)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def busy() -> str:
@@ -396,7 +408,10 @@ class Calibration:
         if self.folder is None:
             return None
         name = re.sub(r"[^A-Za-z0-9.]+", "-", self.identity()).strip("-")
-        return self.folder / f"{name}.json"
+        # one model name can stand for CPUs with and without AVX-512 (an "AMD EPYC" under KVM is a
+        # Zen 3 or a Zen 4), whose routes differ: their instruction sets tell their files apart
+        flags = hashlib.sha256(cpu_flags().encode()).hexdigest()[:8]
+        return self.folder / f"{name}-{flags}.json"
 
     def table(self) -> dict[str, dict[str, float]]:
         """The timings for this processor, torch and thread count: read from the file once."""

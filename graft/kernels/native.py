@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from graft.kernels.calibrate import cache_folder, processor
+from graft.kernels.calibrate import cache_folder, cpu_flags, processor
 
 log = logging.getLogger("graft")
 
@@ -194,17 +194,6 @@ def library_path() -> Path:
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     cpu = re.sub(r"[^A-Za-z0-9.]+", "-", processor()).strip("-")
     return cache_folder() / f"native-{cpu}-{digest}.so"
-
-
-def cpu_flags() -> str:
-    """The CPU's feature flags as /proc/cpuinfo lists them ("" where there is no such file)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith(("flags", "Features")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def compiler() -> str:
