@@ -336,8 +336,8 @@ def test_with_two_workers_free_an_arrival_wakes_none_while_worker_0_holds_a_batc
 
 def test_clients_of_every_batch_that_ended_are_owed_until_they_come_back(torch_threads):
     """Two batches end one after the other: the server waits for the clients of both, not only for
-    the last batch's (which left the first's clients out of the next batch: 11 texts a forward at
-    32 clients instead of 16); each arrival pays one back."""
+    the last batch's (which could leave the first's clients out of the next batch); each arrival
+    pays one back."""
     queue = TokenBudgetQueue(lambda op, items, options: items, Metrics(), workers=2)
     try:
         first = [Job("embed", [i], [10], {}) for i in range(16)]

@@ -336,8 +336,8 @@ class TokenBudgetQueue:
         with self.cond:  # before any answer, so that a client that comes straight back is counted
             # added, not set: with several workers, the clients of a batch that ended a moment
             # ago may still be coming back too (set, the second batch's end forgot them, and the
-            # next batch started, and was shared out, without them: 11 texts a forward at 32
-            # clients instead of 16)
+            # next batch could start, and be shared out, without them); with one worker the same
+            # rule as before (wait for as many arrivals since the end as the batch held)
             self.owed += len(batch)
             self.free_since = time.monotonic()
             self.free += 1
