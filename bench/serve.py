@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import bisect
 import gc
 import json
 import os
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -379,6 +381,10 @@ class Offline:
         kernels = kernels_of(self.model)
         self.store = kernels.store(self.model) if kernels is not None else None
         self.pad = self.tokenizer.pad_token_id or 0
+        # two_at_once's halves: of equal tokens, so that they end together (of equal texts, the half
+        # with the longer ones ran on alone at the end)
+        running = list(accumulate(map(len, self.ids)))
+        self.half = bisect.bisect_left(running, running[-1] / 2) + 1
         self.candidates = {
             "padded batches (graft embed)": self.padded,
             "packed rows (the server's)": self.packed,
@@ -402,9 +408,7 @@ class Offline:
     def two_at_once(self) -> None:  # graft serve under load: two forwards at once, one torch thread each
         import torch
 
-        threads, total, half = torch.get_num_threads(), sum(map(len, self.ids)), 0
-        while sum(map(len, self.ids[:half])) < total / 2:  # halves of equal tokens: they end together
-            half += 1
+        threads, half = torch.get_num_threads(), self.half
         torch.set_num_threads(max(1, threads // 2))
         try:
             halves = [threading.Thread(target=self.packed, args=a) for a in ((0, half), (half, None))]
