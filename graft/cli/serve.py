@@ -2,7 +2,7 @@
 
     graft serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch-tokens N]
                       [--max-wait-ms N] [--forward-overhead-tokens N] [--max-concurrent N] [--no-batching] [--workers N]
-                      [--prefix-cache-mb N]
+                      [--prefix-cache-mb N] [--chat-template FILE] [--tool-format hermes|llama3_json|mistral]
                       [--base BASE]
                       [--backend torch|onnx|torchscript]
 
@@ -22,7 +22,7 @@ import typer
 
 from graft.cli.app import ReferenceOpt, app
 from graft.cli.generate import DType
-from graft.errors import GraftError
+from graft.errors import GraftError, did_you_mean
 
 ModelArg = Annotated[
     str,
@@ -82,6 +82,22 @@ def serve(
             "the same way (a chat's next turn) runs only from where it differs (0: none).",
         ),
     ] = 256,
+    chat_template: Annotated[
+        Path | None,
+        typer.Option(
+            "--chat-template",
+            help="Causal LMs: a Jinja chat template file used instead of the tokenizer's (as transformers "
+            "renders it).",
+        ),
+    ] = None,
+    tool_format: Annotated[
+        str | None,
+        typer.Option(
+            "--tool-format",
+            help="Causal LMs: how the model writes tool calls, for tool_choice auto: hermes, llama3_json or "
+            "mistral (default: the one its chat template names).",
+        ),
+    ] = None,
     base: Annotated[
         str | None, typer.Option(help="The base model of an adapter or strategy-checkpoint folder.")
     ] = None,
@@ -103,6 +119,7 @@ def serve(
     from graft.serve import Settings, load_served
     from graft.serve.model import check_backend
     from graft.serve.server import serve as run
+    from graft.serve.tools import FORMATS
 
     if model.endswith(".gguf") and not Path(model).is_file():
         raise GraftError(f"{model}: no such file")
@@ -110,6 +127,11 @@ def serve(
     if model.endswith(".gguf") and backend not in (None, "torch"):
         raise GraftError(
             f"--backend {backend}: {model} is a GGUF file (torch only); graft export a folder first"
+        )
+    template = read_chat_template(chat_template) if chat_template is not None else None
+    if tool_format is not None and tool_format not in FORMATS:
+        raise GraftError(
+            f"--tool-format {tool_format}: not one of {', '.join(FORMATS)}{did_you_mean(tool_format, FORMATS)}"
         )
     settings = Settings(
         api_key=api_key,
@@ -121,11 +143,17 @@ def serve(
         batching=batching,
         workers=workers or 0,
         prefix_cache_mb=prefix_cache_mb,
+        tool_format=tool_format,
         freeze_gc=True,  # this process is the server's own
     )
 
     def loader():
-        return load_served(model, base, getattr(torch, dtype.value), reference, backend)
+        served = load_served(model, base, getattr(torch, dtype.value), reference, backend)
+        if template is not None:
+            if not served.generates:
+                raise GraftError(f"--chat-template: {served.name} is a {served.task} model; it does not chat")
+            served.tokenizer.chat_template = template
+        return served
 
     if ray:
         from graft.serve.ray import serve_on_ray
@@ -135,3 +163,19 @@ def serve(
     if replicas != 1:
         raise GraftError("--replicas: only with --ray (one process serves one copy of the model)")
     run(loader, settings, host, port)
+
+
+def read_chat_template(path: Path) -> str:
+    """A chat template file's text, compiled once here so that a mistake stops the server before
+    the model loads (the line it is on)."""
+    from graft.tokenizer import _compile_chat_template
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GraftError(f"--chat-template {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        _compile_chat_template(text)
+    except GraftError as e:
+        raise GraftError(f"--chat-template {path}: {str(e).removeprefix('chat template: ')}") from None
+    return text

@@ -42,6 +42,7 @@ from graft.serve.http import Body, HTTPError, check_token_ids, error
 from graft.serve.metrics import Metrics
 from graft.serve.model import Served
 from graft.serve.packing import embed_packed
+from graft.serve.tools import detect
 
 log = logging.getLogger("graft")
 
@@ -68,6 +69,9 @@ class Settings:
     # 0: two where the model runs on torch with two threads or more, else one
     workers: int = 0
     prefix_cache_mb: int = 256  # causal LMs: recent prompts' keys and values kept (0: none)
+    # tool_choice "auto": the model's format for calls (graft.serve.tools.FORMATS; None: the one its
+    # chat template names)
+    tool_format: str | None = None
     # once the model is in, its objects leave the garbage collector's view (gc.freeze): graft serve's
     # process only, since the freeze is the whole process's
     freeze_gc: bool = False
@@ -757,7 +761,10 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         if state.queue is not None:  # what a batch may wait for (batching.start_at), as measured so far
             costs = dict(state.queue.costs)
             batching["forward_fixed_ms"] = {op: round(1000 * cost.fixed, 3) for op, cost in costs.items()}
-        return {**s.info(), "batching": batching, "auth": st.api_key is not None, "explain": explainable(s)}
+        # tool_choice "auto": the format for calls the model is read in (None: "auto" is refused)
+        calls = (st.tool_format or detect(s.tokenizer.chat_template)) if s.generates else None
+        return {**s.info(), "batching": batching, "auth": st.api_key is not None, "explain": explainable(s),
+                "tool_format": calls}  # fmt: skip
 
     @app.get("/metrics", tags=["server"])
     async def metrics() -> Response:

@@ -22,7 +22,17 @@ from pydantic import Field
 from graft.serve.continuous import Scored, Sequence
 from graft.serve.http import Body, HTTPError, check_token_ids, error_body
 from graft.serve.model import Served
-from graft.serve.tools import Call, Calling, Tool, ToolChoice, call_for_template, calling, for_template
+from graft.serve.tools import (
+    Call,
+    Calling,
+    Tool,
+    ToolChoice,
+    call_for_template,
+    calling,
+    detect,
+    for_template,
+    token_of,
+)
 
 
 class StreamOptions(Body):
@@ -138,9 +148,11 @@ class ChatRequest(Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20, description="The n likeliest tokens at each place.")
     tools: list[Tool] | None = Field(None, description="Functions the model may call (graft/serve/tools.py).")
     tool_choice: ToolChoice | None = Field(
-        None, description='"required" or a named function (the reply constrained to the call), or "none".'
+        None,
+        description='"auto" (the default with tools: text or calls, in the model\'s own format), '
+        '"required" or a named function (the reply constrained to the call), or "none".',
     )
-    parallel_tool_calls: bool | None = Field(None, description='False: "required" makes one call.')
+    parallel_tool_calls: bool | None = Field(None, description="False: at most one call.")
 
 
 def register(app: FastAPI, state: Any) -> None:
@@ -253,10 +265,12 @@ def register(app: FastAPI, state: Any) -> None:
         echo: bool,
         generate: bool = True,
         constraints: list[Any] | None = None,
+        special: bool = False,
     ) -> tuple[asyncio.Queue, list[Sequence]]:
         """One sequence per (prompt, generation config), submitted to the engine; their events arrive
         as (index, event). ``echo`` with ``logprobs``: the prompt's tokens are scored too;
-        ``constraints``: each sequence's (graft.generation.constrain), or None."""
+        ``constraints``: each sequence's (graft.generation.constrain), or None; ``special``: the
+        texts keep special tokens."""
         s = served()
         if state.engine is None:
             raise HTTPError(400, f"{s.name} is a {s.task} model: it does not generate text")
@@ -286,6 +300,7 @@ def register(app: FastAPI, state: Any) -> None:
                 echo=echo and logprobs is not None,
                 generate=generate,
                 constraint=constraints[i] if constraints else None,
+                special=special,
             )
             for i, (prompt, config) in enumerate(prompts)
         ]
@@ -367,7 +382,7 @@ def register(app: FastAPI, state: Any) -> None:
         if tools is not None:
             if field is not None:
                 raise HTTPError(422, f"{field}: with tool_choice the reply is the call; drop one", field)
-            config, field = config.replace(json_schema=tools.schema()), "tools"
+            config, field = config.replace(**tools.options(token_of(served().tokenizer))), "tools"
         fitted = [fit(prompt, config, body.truncate) for prompt in prompts]
         # n choices per prompt (choice i * n + j); with a seed, choice j samples with seed + j
         fitted = [
@@ -377,7 +392,8 @@ def register(app: FastAPI, state: Any) -> None:
         ]
         echo = [text for text in echo for _ in range(body.n)] if echo is not None else None
         rules = await asyncio.to_thread(constraints, field, [c for _, c in fitted])
-        events, seqs = start(fitted, logprobs, echo is not None, max_tokens != 0, rules)
+        special = tools is not None and tools.auto  # a format's markers may be special tokens
+        events, seqs = start(fitted, logprobs, echo is not None, max_tokens != 0, rules, special)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created, name = int(time.time()), served().name
         kind = "chat.completion" if chat else "text_completion"
@@ -427,10 +443,12 @@ def register(app: FastAPI, state: Any) -> None:
                 content = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
                 reason = event[1]
                 if tools is not None and (reason == "stop" or tools.named is not None):
-                    # the call (a named function's arguments as far as they came, at "length")
-                    calls = tools.calls(text) if reason == "stop" else tools.partial(text)
-                    content = {"message": {"role": "assistant", "content": None, "tool_calls": calls}}
-                    reason = "tool_calls" if reason == "stop" else reason
+                    # the calls (a named function's arguments as far as they came, at "length"); with
+                    # "auto", text and no calls, or the text before them and the calls
+                    said, calls = tools.reply(text) if reason == "stop" else (None, tools.partial(text))
+                    if calls is not None:
+                        content = {"message": {"role": "assistant", "content": said, "tool_calls": calls}}
+                        reason = "tool_calls" if reason == "stop" else reason
                 choices.append(
                     {"index": index, **content, "logprobs": take_logprobs(index), "finish_reason": reason}
                 )
@@ -449,6 +467,16 @@ def register(app: FastAPI, state: Any) -> None:
             calls = [{"index": i, **c} for i, c in enumerate(calls)]
             return {"index": index, "delta": {"tool_calls": calls}, "logprobs": take_logprobs(index),
                     "finish_reason": reason}  # fmt: skip
+
+        sent = [0] * len(seqs)  # with tools: how much of each choice's text went out as content
+        calling = [False] * len(seqs)  # with "auto": the choice's calls have begun (held to the end)
+
+        def new_content(index: int) -> str:
+            """With "auto": the choice's new text that is surely content (not a marker's beginning)."""
+            text = "".join(texts[index])
+            end, calling[index] = tools.format.sure(text)
+            new, sent[index] = text[sent[index] : end], max(sent[index], end)
+            return new
 
         async def stream() -> AsyncIterator[str]:
             if chat:
@@ -469,20 +497,26 @@ def register(app: FastAPI, state: Any) -> None:
                     texts[index].append(event[1])
                     if tools.named is not None:  # the arguments as they come
                         yield sse([tool_delta(index, [{"function": {"arguments": event[1]}}])])
+                    elif tools.auto and not calling[index] and (said := new_content(index)):
+                        yield sse([choice(index, said, None)])  # text before any call, as it comes
                 elif event[0] == "text":
                     yield sse([choice(index, event[1], None)])
                 elif event[0] == "error":
                     yield f"data: {json.dumps(error_body(event[1], 500))}\n\n"
-                elif tools is not None and event[1] == "stop":
-                    done.append(event)
-                    if tools.named is None:  # the list of calls, once it is complete
-                        yield sse([tool_delta(index, tools.calls("".join(texts[index])))])
-                    yield sse([choice(index, None, "tool_calls")])
                 else:
-                    if tools is not None and tools.named is None:  # cut short: the text as it came
-                        yield sse([choice(index, "".join(texts[index]), None)])
                     done.append(event)
-                    yield sse([choice(index, None, event[1])])
+                    reason = event[1]
+                    if tools is not None and tools.named is None:  # the calls, once they are complete
+                        text = "".join(texts[index])
+                        calls = tools.reply(text)[1] if reason == "stop" else None
+                        if calls is not None:
+                            yield sse([tool_delta(index, calls)])
+                            reason = "tool_calls"
+                        elif len(text) > sent[index]:  # no calls after all: the text not yet sent
+                            yield sse([choice(index, text[sent[index] :], None)])
+                    elif tools is not None and reason == "stop":  # a named function's call
+                        reason = "tool_calls"
+                    yield sse([choice(index, None, reason)])
             if include_usage and done:
                 yield sse([], usage=usage(done))
             yield "data: [DONE]\n\n"
@@ -548,7 +582,8 @@ def register(app: FastAPI, state: Any) -> None:
                     f"messages[{i}].content: only an assistant's calls come without it",
                     f"messages[{i}].content",
                 )
-        tools = calling(body.tools, body.tool_choice, body.parallel_tool_calls)
+        form = state.settings.tool_format or detect(s.tokenizer.chat_template)
+        tools = calling(body.tools, body.tool_choice, body.parallel_tool_calls, form)
         messages = [m.for_template() for m in body.messages]
         variables = {"tools": for_template(body.tools)} if body.tools else {}
         ids = s.tokenizer.apply_chat_template(

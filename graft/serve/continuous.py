@@ -80,6 +80,7 @@ class Sequence:
     echo: bool = False  # the prompt's tokens' log-probabilities too (scoring a text)
     generate: bool = True  # False: the prompt is only scored (echo), nothing generated (max_tokens 0)
     constraint: Any = None  # graft.generation.constrain.Constraint (one row): the tokens it may take
+    special: bool = False  # the text keeps special tokens (a tool-call format's markers)
     arrived: float = field(default_factory=time.monotonic)
 
     def score(self, logits: torch.Tensor) -> None:
@@ -107,7 +108,7 @@ class Sequence:
         self.generated.append(token)
         if self.seen is not None:
             self.seen[0, token] = True
-        text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
+        text = self.tokenizer.decode(self.generated, skip_special_tokens=not self.special)
         stops = self.config.stop_strings or []
         hits = [i for i in (text.find(s, max(0, len(self.shown) - len(s))) for s in stops) if i >= 0]
         if hits:  # the reply ends before the stop string (as OpenAI's servers do)

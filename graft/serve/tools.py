@@ -1,19 +1,27 @@
 """Tool calls in /v1/chat/completions: OpenAI's ``tools`` and ``tool_choice``, answered by
-constrained decoding (graft/generation/constrain.py), as vLLM answers a named or required choice.
+constrained decoding (graft/generation/constrain.py).
 
 The tools go to the chat template (its ``tools`` variable, as transformers renders it). With
 ``tool_choice`` naming a function, the reply is constrained to that function's parameters (a
 JSON schema) and becomes one call; with ``"required"``, to a JSON list of calls, each
 ``{"name": one of the tools, "parameters": its arguments}`` (vLLM's form; one call when
-``parallel_tool_calls`` is false); with ``"none"``, the model answers in text. ``"auto"`` (OpenAI's
-default when tools are given) would need this model family's own format for calls, parsed out of
-free text: refused with a 422 that says which choices work.
+``parallel_tool_calls`` is false); with ``"none"``, the model answers in text.
+
+With ``"auto"`` (OpenAI's default when tools are given) the model decides, in its family's own
+format for calls (``FORMATS``: Hermes/Qwen's ``<tool_call>`` blocks, Llama 3's bare JSON,
+Mistral's ``[TOOL_CALLS]`` list), which graft knows from the chat template (or ``graft serve
+--tool-format``). The reply is free text until the model writes the format's marker; from there
+on a grammar holds it to calls of the given tools (llguidance's lazy lexemes, the "lazy grammar"
+llama.cpp uses), so a call the model starts always parses, names a tool and matches its schema;
+a call ends the reply. Text before the marker is the message's content.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import Field
@@ -80,11 +88,195 @@ def call_for_template(call: Call) -> dict[str, Any]:
     }
 
 
-class Calling:
-    """How this request's reply becomes tool calls: the schema it is constrained to, and the calls
-    read back from its text."""
+# Between a call's JSON tokens, as graft.generation.constrain.WHITESPACE: at most one line break
+# and some indentation (a random model wrote line breaks until max_tokens otherwise).
+WHITESPACE = {"whitespace_pattern": r"(\r?\n)?[ \t]{0,24}"}
+# Lark: any text (special tokens are not text: only a rule that names one takes it), and the
+# whitespace between a format's pieces (as WHITESPACE: a random model wrote "\r" until max_tokens)
+RULES = "TEXT: /(.|\\n)*/\nWS: /[ \\t]{1,24}|[ \\t]{0,24}\\r?\\n[ \\t]{0,24}/\n"
 
-    def __init__(self, tools: list[Tool], choice: Any, parallel: bool | None) -> None:
+Token = Callable[[str], str | None]  # a marker's text -> the Lark of its own token (<[id]>), or None
+
+
+class CallFormat:
+    """How one model family writes tool calls in its replies: ``marker`` begins them (its chat
+    template names it, and so does ``detects``); ``grammar`` is the Lark of a whole reply (text, or
+    text then calls), ``split`` cuts a reply at its calls, ``parse`` reads them, ``held`` is how much
+    of a streamed reply's end may still become a marker."""
+
+    name: str
+    marker: str
+    key = "arguments"  # a call's arguments, in the model's JSON
+
+    def detects(self, template: str) -> bool:
+        return self.marker in template
+
+    def call_schema(self, tools: dict[str, Function]) -> dict[str, Any]:
+        """A JSON schema of one call: ``{"name": a tool, key: its arguments}``."""
+        calls = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": name}, self.key: function.parameters},
+                "required": ["name", self.key],
+                "additionalProperties": False,
+            }
+            for name, function in tools.items()
+        ]
+        return {"anyOf": calls, "x-guidance": WHITESPACE}
+
+    def grammar(self, tools: dict[str, Function], parallel: bool, token: Token) -> str:
+        raise NotImplementedError
+
+    def split(self, text: str) -> tuple[str, str | None]:
+        """The reply's text before its calls, and the calls' text from the marker (None: no calls)."""
+        at = text.find(self.marker)
+        return (text, None) if at < 0 else (text[:at], text[at:])
+
+    def parse(self, calls: str) -> list[tuple[str, Any]]:
+        """The (name, arguments) of each call in ``calls`` (from ``split``); ValueError where it does
+        not read as this format's calls."""
+        raise NotImplementedError
+
+    def sure(self, text: str) -> tuple[int, bool]:
+        """How much of a reply streamed so far is surely content (what may still become a marker is
+        held back), and whether its calls have begun."""
+        said, calls = self.split(text)
+        return (len(said), True) if calls is not None else (len(text) - self.held(text), False)
+
+    def held(self, text: str) -> int:
+        """How many characters at the end of ``text`` (no marker in it yet) may begin the marker."""
+        return next((n for n in range(min(len(text), len(self.marker) - 1), 0, -1)
+                     if self.marker.startswith(text[-n:])), 0)  # fmt: skip
+
+
+def either(text: str, token: Token) -> str:
+    """Lark for a marker: its text, or its own token where the vocabulary has one (a special
+    token: text cannot spell it)."""
+    ref = token(text)
+    return json.dumps(text) if ref is None else f"({json.dumps(text)} | {ref})"
+
+
+def text_then(text: str, token: Token) -> tuple[str, str]:
+    """Lark for any text and then the marker ``text``: the expression, and the rule it needs (the
+    text ends where the marker is first written, a lazy lexeme, or at the marker's own token)."""
+    ref = token(text)
+    return ("head" if ref is None else f"(head | TEXT {ref})"), f"head[lazy]: TEXT {json.dumps(text)}\n"
+
+
+def read_call(value: Any, key: str) -> tuple[str, Any]:
+    if not (
+        isinstance(value, dict) and isinstance(value.get("name"), str) and isinstance(value.get(key), dict)
+    ):
+        raise ValueError(f'a call is {{"name": ..., "{key}": {{...}}}}')
+    return value["name"], value[key]
+
+
+class Hermes(CallFormat):
+    """``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``, one block a call, after
+    any text: Hermes 2 Pro and 3, Qwen 2.5 and 3, SmolLM3 (the format vLLM calls hermes)."""
+
+    name, marker = "hermes", "<tool_call>"
+
+    def grammar(self, tools: dict[str, Function], parallel: bool, token: Token) -> str:
+        call = f"WS? %json {json.dumps(self.call_schema(tools))} WS? {either('</tool_call>', token)}"
+        more = f"(WS? {either(self.marker, token)} {call})*" if parallel else ""
+        head, rule = text_then(self.marker, token)
+        return f"%llguidance {{}}\nstart: TEXT | {head} {call} {more}\n{rule}{RULES}"
+
+    def parse(self, calls: str) -> list[tuple[str, Any]]:
+        blocks = re.findall(r"<tool_call>(.*?)</tool_call>", calls, re.S)
+        if not blocks or re.sub(r"<tool_call>.*?</tool_call>", "", calls, flags=re.S).strip():
+            raise ValueError("text outside <tool_call> blocks")
+        return [read_call(json.loads(block), self.key) for block in blocks]
+
+
+class Llama3(CallFormat):
+    """Llama 3.1-3.3's JSON tools: the whole reply is ``{"name": ..., "parameters": {...}}`` (after
+    ``<|python_tag|>`` or not; calls joined by ``;``), so a reply that begins with ``{`` is a call
+    (as vLLM's llama3_json parser reads it)."""
+
+    name, marker, key = "llama3_json", "<|python_tag|>", "parameters"
+
+    def detects(self, template: str) -> bool:
+        return self.marker in template or '"parameters": dictionary of argument name' in template
+
+    def grammar(self, tools: dict[str, Function], parallel: bool, token: Token) -> str:
+        call = f"%json {json.dumps(self.call_schema(tools))}"
+        more = f'(WS? ";" WS? {call})*' if parallel else ""
+        plain = "PLAIN: /\\s*([^\\s{](.|\\n)*)?/\n"  # a reply that does not begin with {
+        return f"%llguidance {{}}\nstart: PLAIN | WS? {either(self.marker, token)}? WS? {call} {more}\n{plain}{RULES}"
+
+    def split(self, text: str) -> tuple[str, str | None]:
+        start = text.lstrip()
+        return ("", text) if start.startswith(("{", self.marker)) else (text, None)
+
+    def parse(self, calls: str) -> list[tuple[str, Any]]:
+        text, decoder, out = calls.strip().removeprefix(self.marker), json.JSONDecoder(), []
+        at = 0
+        while True:
+            at = len(text) - len(text[at:].lstrip())
+            value, at = decoder.raw_decode(text, at)
+            out.append(read_call(value, self.key))
+            rest = text[at:].lstrip()
+            if not rest:
+                return out
+            if not rest.startswith(";"):
+                raise ValueError("calls are joined by ;")
+            at = len(text) - len(rest) + 1
+
+    def held(self, text: str) -> int:
+        start = text.lstrip()  # the reply's start may still be a call's "{" or the marker
+        return len(text) if not start or self.marker.startswith(start) else 0
+
+
+class Mistral(CallFormat):
+    """``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``: Mistral 7B v0.3, Nemo, Small 2409-
+    2501 (not the newer ``[TOOL_CALLS]name[ARGS]{...}``, whose templates say ``[ARGS]``)."""
+
+    name, marker = "mistral", "[TOOL_CALLS]"
+
+    def detects(self, template: str) -> bool:
+        return self.marker in template and "[ARGS]" not in template
+
+    def grammar(self, tools: dict[str, Function], parallel: bool, token: Token) -> str:
+        schema = {"type": "array", "items": self.call_schema(tools), "minItems": 1,
+                  **({} if parallel else {"maxItems": 1}), "x-guidance": WHITESPACE}  # fmt: skip
+        head, rule = text_then(self.marker, token)
+        return f"%llguidance {{}}\nstart: TEXT | {head} WS? %json {json.dumps(schema)}\n{rule}{RULES}"
+
+    def parse(self, calls: str) -> list[tuple[str, Any]]:
+        value = json.loads(calls.removeprefix(self.marker))
+        if not isinstance(value, list) or not value:
+            raise ValueError("the calls are a JSON list")
+        return [read_call(one, self.key) for one in value]
+
+
+FORMATS: dict[str, CallFormat] = {f.name: f for f in (Hermes(), Llama3(), Mistral())}
+
+
+def token_of(tokenizer: Any) -> Token:
+    """How a grammar names a marker's own token in ``tokenizer``'s vocabulary (``<[id]>``), where it
+    has one (llguidance reads every added token as special: only ``<[id]>`` matches it)."""
+
+    def token(text: str) -> str | None:
+        i = tokenizer.backend.token_to_id(text)
+        return None if i is None else f"<[{i}]>"
+
+    return token
+
+
+def detect(template: str | None) -> str | None:
+    """The name of the call format a chat template teaches its model (None: none graft knows)."""
+    return next((name for name, f in FORMATS.items() if template and f.detects(template)), None)
+
+
+class Calling:
+    """How this request's reply becomes tool calls: the constraint it is generated under, and the
+    calls read back from its text. ``format``: the model's own format for calls, for "auto"."""
+
+    def __init__(
+        self, tools: list[Tool], choice: Any, parallel: bool | None, format: str | None = None
+    ) -> None:
         self.tools = {tool.function.name: tool.function for tool in tools}
         if len(self.tools) < len(tools):
             raise HTTPError(422, "tools: two tools have the same name", "tools")
@@ -97,9 +289,22 @@ class Calling:
                     422, f"tool_choice: no tool is named {self.named!r} (tools: {known})", "tool_choice"
                 )
         self.parallel = parallel is not False
+        self.format = FORMATS[format] if choice in (None, "auto") and format is not None else None
+
+    @property
+    def auto(self) -> bool:
+        """The model decides between text and calls, in its own format (and the text keeps the
+        special tokens that are a format's markers)."""
+        return self.format is not None
+
+    def options(self, token: Token) -> dict[str, Any]:
+        """The GenerationConfig options that constrain the reply; ``token`` names a marker's token."""
+        if self.format is not None:
+            return {"grammar": self.format.grammar(self.tools, self.parallel, token)}
+        return {"json_schema": self.schema()}
 
     def schema(self) -> dict[str, Any]:
-        """The JSON schema the reply is constrained to."""
+        """The JSON schema a named or required reply is constrained to."""
         if self.named is not None:
             return self.tools[self.named].parameters
         calls = [
@@ -118,8 +323,24 @@ class Calling:
             "items": {"anyOf": calls},
         }
 
+    def reply(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
+        """A reply that ended as its constraint allows: its content and its calls (None: a text only)."""
+        if self.format is None:
+            return None, self.calls(text)
+        content, calls = self.format.split(text)
+        if calls is None:
+            return text, None
+        try:
+            found = self.format.parse(calls)
+        except ValueError:  # (json's errors are ValueErrors) not calls after all: the text as it came
+            return text, None
+        if any(name not in self.tools for name, _ in found):
+            return text, None
+        return content.strip() or None, [call(n, json.dumps(a, ensure_ascii=False)) for n, a in found]
+
     def calls(self, text: str) -> list[dict[str, Any]]:
-        """OpenAI's ``tool_calls`` from the reply's text (complete: it ended as the schema allows)."""
+        """OpenAI's ``tool_calls`` from a named or required reply's text (complete: it ended as the
+        schema allows)."""
         if self.named is not None:
             return self.partial(text)  # the arguments as the model wrote them
         return [call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in json.loads(text)]
@@ -138,18 +359,22 @@ def call(name: str, arguments: str) -> dict[str, Any]:
     }
 
 
-def calling(tools: list[Tool] | None, choice: Any, parallel: bool | None) -> Calling | None:
-    """The request's tool calling (None: the reply is text), or a 422 for a choice graft cannot keep."""
+def calling(
+    tools: list[Tool] | None, choice: Any, parallel: bool | None, format: str | None = None
+) -> Calling | None:
+    """The request's tool calling (None: the reply is text), or a 422 for a choice graft cannot keep;
+    ``format``: the model's own format for calls (needed by "auto", the default with tools)."""
     if choice is not None and not tools and choice != "none":
         raise HTTPError(422, "tool_choice: only with tools", "tool_choice")
     if not tools or choice == "none":
         return None
-    if choice is None or choice == "auto":
+    if choice in (None, "auto") and format is None:
         raise HTTPError(
             422,
-            'tool_choice: "auto" (the default with tools) needs this model\'s own format for calls, '
-            'which graft does not read; send "required" or {"type": "function", "function": {"name": ...}} '
+            'tool_choice: "auto" (the default with tools) needs the model\'s own format for calls, and '
+            f"its chat template names none graft reads ({', '.join(FORMATS)}: graft serve --tool-format "
+            'NAME says which); send "required" or {"type": "function", "function": {"name": ...}} '
             '(the reply is then constrained to the call), or "none"',
             "tool_choice",
         )
-    return Calling(tools, choice, parallel)
+    return Calling(tools, choice, parallel, format)
