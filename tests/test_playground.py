@@ -130,3 +130,25 @@ def test_tagging_highlights_entities_and_qa_marks_the_answer(tmp_path, minilm, c
                 assert got == [(e["type"], e["text"]) for e in expected["entities"]]
         finally:
             server.close()
+
+
+def test_seq2seq_shows_what_graft_predict_generates(tmp_path, cli, page):
+    from test_serve_seq2seq import seq2seq_folder
+
+    folder = seq2seq_folder(tmp_path / "t5", "t5")
+    text = "w5 w6 w7"
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"text": text}) + "\n")
+    expected = json.loads(cli("predict", folder, "--input", data, "--max-new-tokens", "128").ok().stdout)
+    server = Server(folder, log=tmp_path / "serve.log")
+    try:
+        page.goto(server.url + "/")
+        page.wait_for_selector("body[data-task=seq2seq]")
+        page.fill("#text", text)
+        page.click("#submit")
+        page.wait_for_selector("#output[data-ready=true]")
+        page.screenshot(path=str(tmp_path / "seq2seq.png"))
+        shown = page.inner_text("#generated")
+    finally:
+        server.close()
+    assert shown == expected["generated"] and shown

@@ -133,6 +133,7 @@ class ExportedModel(Exported):
     ) -> torch.Tensor:
         """(N, H) embeddings as graft embed computes them: the mean of the last hidden states over real
         tokens (a bare body's export), or the graph's own sentence embedding (an embedding export)."""
+        from graft.tasks.collate import window
         from graft.tasks.pooling import mean_pool
 
         if "text" in self.sessions:  # a dual encoder (CLIP): its text graph, tokenized as graft does
@@ -141,7 +142,7 @@ class ExportedModel(Exported):
             raise GraftError(
                 f"{self.folder}: an exported {self.task} model gives no embeddings (export the base model)"
             )
-        limit = min(max_length or self.config.max_positions, self.config.max_positions)
+        limit = window(self.config, tokenizer, max_length)
         out = []
         for start in range(0, len(texts), batch_size):
             enc = tokenizer.encode(texts[start : start + batch_size], max_length=limit)

@@ -87,6 +87,31 @@ class Transcriber:
         prompt = torch.tensor([start] * features.shape[0])  # (B, P)
         return [_until_eos(row, config.eos_ids) for row in self.decode(prompt, features, config)]
 
+    def detect(self, features: torch.Tensor) -> list[str]:
+        """(B, M, frames) windows' features -> each window's spoken language: the likeliest of the
+        model's language tokens after <|startoftranscript|>, as Whisper detects it ("en" for an
+        English-only model)."""
+        if not self.prompt.languages:
+            return ["en"] * features.shape[0]
+        codes = list(self.prompt.languages)
+        ids = torch.tensor([self.prompt.languages[code] for code in codes])  # (L,)
+        start = torch.full((features.shape[0], 1), self.prompt.start)  # (B, 1)
+        with torch.inference_mode():
+            logits = self.model(input_features=features, decoder_input_ids=start).logits[:, -1]  # (B, V)
+        return [codes[i] for i in logits[:, ids].argmax(-1).tolist()]
+
+    def windows_tokens(
+        self, features: torch.Tensor, language: str | None = "en", task: str = "transcribe"
+    ) -> list[list[int]]:
+        """``from_features``, with each window's language detected first where ``language`` is None."""
+        languages = self.detect(features) if language is None else [language] * features.shape[0]
+        rows: list[list[int]] = [[] for _ in languages]
+        for code in dict.fromkeys(languages):  # the windows of each language together, in order
+            picked = [i for i, c in enumerate(languages) if c == code]
+            for i, row in zip(picked, self.from_features(features[picked], code, task), strict=True):
+                rows[i] = row
+        return rows
+
     def decode(
         self, prompt: torch.Tensor, features: torch.Tensor, config: GenerationConfig
     ) -> list[list[int]]:

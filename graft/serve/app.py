@@ -33,6 +33,7 @@ from pydantic import Field, ValidationError
 
 from graft.data.packing import packable
 from graft.errors import GraftError
+from graft.serve.audio import register as register_audio
 from graft.serve.batching import TokenBudgetQueue
 from graft.serve.completions import register as register_completions
 from graft.serve.continuous import ContinuousBatcher, RunningBatch
@@ -48,6 +49,7 @@ log = logging.getLogger("graft")
 
 ENDPOINTS = (
     "/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/rerank", "/predict", "/embed",
+    "/v1/audio/transcriptions", "/v1/audio/translations",
     "/rerank", "/explain", "/tokenize", "/health", "/info", "/metrics", "/docs", "/openapi.json", "/",
 )  # fmt: skip
 OPEN = ("/health", "/", "/docs", "/openapi.json")  # no API key needed (the page asks for one)
@@ -240,6 +242,11 @@ def run_encoder(
         from graft.serve.explain import explain_items
 
         return explain_items(served, items, options)
+    if op == "generate":  # an encoder-decoder's new tokens for each prompt (items: its token ids)
+        return seq2seq_generate(served, items, options)
+    if op == "transcribe":  # Whisper: each 30-second window's new tokens (items: its samples)
+        t = served.transcriber
+        return t.windows_tokens(t.features(items), options["language"], options["task"])
     if op == "embed":  # items: (text, token ids, segment ids), tokenized by the handler
         texts = [text for text, _, _ in items]
         limit = window(served.config, served.tokenizer)
@@ -257,6 +264,18 @@ def run_encoder(
         return list(vectors.float().numpy())
     pairs = predictor(served.model)(served.tokenizer, items, len(items), **options)
     return [prediction for _, prediction in pairs]
+
+
+def seq2seq_generate(served: Served, prompts: list[list[int]], options: dict[str, Any]) -> list[list[int]]:
+    """Each prompt's new tokens (up to, not including, end-of-text) from one generate() call over
+    the batch: the server's generation settings (generation_config.json), then ``options``."""
+    from graft.generation import GenerationConfig, generate
+    from graft.tasks.collate import pad
+
+    config = GenerationConfig.for_model(served.model, served.generation_defaults, **options)
+    ids, mask = pad(prompts, served.tokenizer.pad_token_id or 0, side="right")  # (N, T)
+    new = generate(served.model, ids, mask, config)[:, 1:].tolist()  # (N, new): after the start token
+    return [row[: next((i for i, t in enumerate(row) if t in config.eos_ids), len(row))] for row in new]
 
 
 def failure(e: Exception, path: str) -> JSONResponse:
@@ -306,6 +325,8 @@ class PredictRequest(Body):
     n_best: int | None = Field(None, ge=1)
     max_answer_length: int | None = Field(None, ge=1)
     null_threshold: float | None = None
+    max_new_tokens: int | None = Field(None, ge=1, description="A seq2seq model: tokens to generate at most.")
+    num_beams: int | None = Field(None, ge=1, le=16, description="A seq2seq model: beam search's width.")
 
 
 class RerankRequest(Body):
@@ -519,9 +540,31 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
     def encoder() -> Served:
         """The served model, unless it is a causal LM (a 400: embeddings are an encoder's)."""
         s = served()
-        if s.generates:
-            raise HTTPError(400, f"{s.name} is a causal LM: embeddings are for encoder models")
+        if not s.reads_text:
+            raise HTTPError(400, f"{s.name} is {s.kind}: embeddings are for encoder models")
         return s
+
+    async def generated(
+        prompts: list[str] | list[list[int]], truncate: bool, name: str, options: dict[str, Any]
+    ) -> tuple[list[list[int]], list[int]]:
+        """A seq2seq model's new tokens for each prompt (a text, or token ids read as they are), and
+        each prompt's length: 413 for one over the encoder's window, unless it is cut. Generated in
+        batches by the queue (requests with the same options together)."""
+        from graft.tasks.collate import window
+
+        s = served()
+        limit = window(s.config.encoder, s.tokenizer)
+        if prompts and isinstance(prompts[0], str):
+            rows = [ids for ids, _ in encoded(prompts, truncate, name, limit)]
+        else:
+            rows = [list(ids[:limit]) if truncate else list(ids) for ids in prompts]
+            for i, ids in enumerate(rows):
+                if len(ids) > limit:
+                    where = f"{name}[{i}]" if len(rows) > 1 else name
+                    raise HTTPError(413, f"{where} has {len(ids)} tokens; the model takes at most {limit} "
+                                    '(send "truncate": true to cut it)', name)  # fmt: skip
+        lengths = [len(ids) for ids in rows]
+        return await state.on_queue("generate", rows, lengths, options), lengths
 
     async def embedded(items: list[tuple], normalize: bool) -> tuple[np.ndarray, int]:
         """(N, H) float32 embeddings of the queue's (text, token ids, segment ids) items, and their tokens."""
@@ -695,6 +738,8 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         from graft.tasks.predict import prediction_row
 
         s = served()
+        if s.transcriber is not None:
+            raise HTTPError(400, f"{s.name} is a speech model: send audio to /v1/audio/transcriptions")
         if s.task in ("base", "embedding", "causal-lm"):
             use = "/v1/chat/completions" if s.generates else "/embed"
             raise HTTPError(400, f"{s.name} has no prediction head ({s.task}); use {use}")
@@ -702,6 +747,25 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         records = [{"text": r} if isinstance(r, str) else r for r in inputs]
         if not records:
             raise HTTPError(422, "inputs: at least one record", "inputs")
+        generation = {"max_new_tokens": body.max_new_tokens, "num_beams": body.num_beams}
+        given = next((k for k, v in generation.items() if v is not None), None)
+        if s.seq2seq:  # graft predict's {"generated": text} for each record's text
+            for name in ("threshold", "n_best", "max_answer_length", "null_threshold"):
+                if getattr(body, name) is not None:
+                    raise HTTPError(
+                        422, f"{name}: not for a seq2seq model (max_new_tokens, num_beams are)", name
+                    )
+            texts = []
+            for i, r in enumerate(records):
+                if not isinstance(r.get("text"), str):
+                    raise HTTPError(422, f"inputs[{i}]: a record needs 'text' as text", "inputs")
+                texts.append(r["text"])
+            options = {k: v for k, v in generation.items() if v is not None}
+            new, _ = await generated(texts, body.truncate, "inputs", options)
+            decode = s.tokenizer.decode
+            return {"predictions": [prediction_row(r, {"generated": decode(ids)}) for r, ids in zip(records, new, strict=True)]}  # fmt: skip
+        if given is not None:
+            raise HTTPError(422, f"{given}: only for a seq2seq model; {s.name} is {s.kind}", given)
         texts = []
         for i, r in enumerate(records):
             parts = [v for k, v in r.items() if k in ("text", "text_pair", "question", "context")]
@@ -712,7 +776,8 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         # classification reads one window; tagging and QA slide windows over long texts
         limit = window(s.config, s.tokenizer) if s.task == "classification" else 10**9
         lengths = lengths_of(texts, body.truncate, "inputs", limit)
-        options = {k: v for k, v in body.model_dump(exclude={"inputs", "truncate"}).items() if v is not None}
+        exclude = {"inputs", "truncate", *generation}
+        options = {k: v for k, v in body.model_dump(exclude=exclude).items() if v is not None}
         predictions = await state.on_queue("predict", records, lengths, options)
         return {"predictions": [prediction_row(r, p) for r, p in zip(records, predictions, strict=True)]}
 
@@ -771,7 +836,9 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         return Response(state.metrics.text(), media_type="text/plain; version=0.0.4")
 
     register_explain(app, state)  # POST /explain (graft/serve/explain.py)
-    register_completions(app, state)  # POST /v1/completions, /v1/chat/completions (completions.py)
+    register_audio(app, state)  # POST /v1/audio/transcriptions, /v1/audio/translations (audio.py)
+    # POST /v1/completions, /v1/chat/completions (completions.py; a seq2seq model's through ``generated``)
+    register_completions(app, state, generated)
 
     @app.get("/", include_in_schema=False)
     async def playground() -> HTMLResponse:

@@ -155,9 +155,10 @@ class ChatRequest(Sampling):
     parallel_tool_calls: bool | None = Field(None, description="False: at most one call.")
 
 
-def register(app: FastAPI, state: Any) -> None:
+def register(app: FastAPI, state: Any, generated: Callable[..., Any]) -> None:
     """Add POST /v1/completions and /v1/chat/completions to ``app``; ``state`` is the app's
-    graft.serve.app.State (its model, its engine, its admission count)."""
+    graft.serve.app.State (its model, its engine, its admission count); ``generated`` runs a
+    seq2seq model's prompts on its queue (graft.serve.app)."""
 
     def served() -> Served:
         return state.model()
@@ -169,6 +170,11 @@ def register(app: FastAPI, state: Any) -> None:
         config = GenerationConfig.for_model(s.model, s.generation_defaults)
         if config.eos_token_id is None and s.tokenizer.eos_token_id is not None:
             config = config.replace(eos_token_id=s.tokenizer.eos_token_id)
+        return config.replace(**sampling(body, max_tokens))
+
+    def sampling(body: Sampling, max_tokens: int | None) -> dict[str, Any]:
+        """The GenerationConfig options a request's fields set."""
+        s = served()
         changes: dict[str, Any] = {"max_new_tokens": max_tokens or 16}
         if body.temperature is not None:  # 0 = greedy
             changes["do_sample"] = body.temperature > 0
@@ -196,7 +202,7 @@ def register(app: FastAPI, state: Any) -> None:
             changes["logit_bias"] = {ids[key]: value for key, value in body.logit_bias.items()}
         if body.stop:
             changes["stop_strings"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
-        return config.replace(**changes)
+        return changes
 
     def constrained(body: Sampling) -> tuple[str, dict[str, Any]] | None:
         """The request field that constrains the reply, and the GenerationConfig options it sets."""
@@ -525,10 +531,53 @@ def register(app: FastAPI, state: Any) -> None:
             stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
+    async def seq2seq_completions(body: CompletionRequest, prompts: list[Any]) -> Any:
+        """/v1/completions on an encoder-decoder (T5, BART): each prompt is the encoder's input and
+        its completion the decoder's text, generated whole in batches by the queue (``stream: true``:
+        each completion in one event). n, logprobs, echo, logit_bias and constraints are a causal
+        LM's: a 422 naming the field."""
+        rule = constrained(body)  # (the field that constrains the reply)
+        for name, given in (("n", body.n != 1), ("logprobs", body.logprobs is not None), ("echo", body.echo),
+                            ("logit_bias", bool(body.logit_bias)), (rule and rule[0].split(".")[0], rule)):  # fmt: skip
+            if given:
+                raise HTTPError(422, f"{name}: for a causal LM; {served().name} is a seq2seq model", name)
+        if any(isinstance(p, str) for p in prompts) and not all(isinstance(p, str) for p in prompts):
+            raise HTTPError(422, "prompt: texts or token id lists, not both", "prompt")
+        changes = sampling(body, body.max_tokens)
+        stops = changes.pop("stop_strings", [])
+        rows, lengths = await generated(prompts, body.truncate, "prompt", changes)
+        choices, decode = [], served().tokenizer.decode
+        for index, new in enumerate(rows):
+            text = decode(new, skip_special_tokens=True)
+            reason = "length" if len(new) >= changes["max_new_tokens"] else "stop"
+            cut = min((at for at in (text.find(stop) for stop in stops) if at >= 0), default=-1)
+            if cut >= 0:  # the text ends before the stop string (as OpenAI's servers do)
+                text, reason = text[:cut], "stop"
+            choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": reason})
+        ident, created, name = "cmpl-" + uuid.uuid4().hex, int(time.time()), served().name
+        new_tokens = sum(len(new) for new in rows)
+        counts = {"prompt_tokens": sum(lengths), "completion_tokens": new_tokens,
+                  "total_tokens": sum(lengths) + new_tokens}  # fmt: skip
+        answer = {"id": ident, "object": "text_completion", "created": created, "model": name}
+        if not body.stream:
+            return {**answer, "choices": choices, "usage": counts}
+
+        async def stream() -> AsyncIterator[str]:
+            for one in choices:
+                yield f"data: {json.dumps({**answer, 'choices': [one]}, ensure_ascii=False)}\n\n"
+            if body.stream_options is not None and body.stream_options.include_usage:
+                yield f"data: {json.dumps({**answer, 'choices': [], 'usage': counts})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
     @app.post("/v1/completions", tags=["OpenAI"])
     async def completions(body: CompletionRequest) -> Any:
         """OpenAI's text completions, one choice per prompt (a text or token ids); ``stream: true``
-        sends server-sent events ending with [DONE]; ``logprobs`` and ``echo`` score the tokens."""
+        sends server-sent events ending with [DONE]; ``logprobs`` and ``echo`` score the tokens. A
+        seq2seq model (T5, BART) completes each prompt with its decoder's text."""
         s = served()
         prompt = body.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
@@ -536,6 +585,11 @@ def register(app: FastAPI, state: Any) -> None:
         if not prompt:
             raise HTTPError(422, "prompt: at least one prompt", "prompt")
         vocab = s.config.vocab_size
+        if s.seq2seq:
+            for i, one in enumerate(prompt):
+                if not isinstance(one, str):
+                    check_token_ids(one, vocab, "prompt" if len(prompt) == 1 else f"prompt[{i}]", "prompt")
+            return await seq2seq_completions(body, prompt)
         ids = []
         for i, one in enumerate(prompt):
             if isinstance(one, str):
@@ -569,6 +623,10 @@ def register(app: FastAPI, state: Any) -> None:
     async def chat_completions(body: ChatRequest) -> Any:
         """OpenAI's chat completions, through the checkpoint's chat template."""
         s = served()
+        if s.seq2seq:
+            raise HTTPError(
+                400, f"{s.name} is a seq2seq model: send its input to /v1/completions or /predict"
+            )
         if not s.generates:  # before the template: an encoder's tokenizer has none either
             raise HTTPError(400, f"{s.name} is a {s.task} model: it does not generate text")
         if not getattr(s.tokenizer, "chat_template", None):

@@ -31,6 +31,7 @@ class Served:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     keep: Any = None  # a temporary folder (a converted GGUF file) that lives as long as the model
     backend: str = "torch"  # or the export's format: onnx, torchscript, exported-program
+    transcriber: Any = None  # a Whisper model's graft.generation.speech.Transcriber (speech to text)
 
     @property
     def exported(self) -> bool:
@@ -38,6 +39,8 @@ class Served:
 
     @property
     def task(self) -> str:
+        if self.transcriber is not None:
+            return "automatic-speech-recognition"  # (transformers' pipeline's name)
         return self.model.task if isinstance(self.model, TaskModel) or self.exported else "base"
 
     @property
@@ -56,9 +59,27 @@ class Served:
         return self.task == "causal-lm"
 
     @property
+    def seq2seq(self) -> bool:
+        """An encoder-decoder over text (T5, BART): its generations batched by the token-budget queue."""
+        return self.task == "seq2seq"
+
+    @property
+    def kind(self) -> str:
+        """What the model is, in a message: 'a causal LM', 'a seq2seq model', 'a classification model'."""
+        kinds = {"causal-lm": "a causal LM", "seq2seq": "a seq2seq model", "automatic-speech-recognition": "a speech model"}  # fmt: skip
+        return kinds.get(self.task, f"a {self.task} model")
+
+    @property
+    def reads_text(self) -> bool:
+        """An encoder over text (embeddings, /predict's tasks), served by the token-budget queue."""
+        return not (self.generates or self.seq2seq or self.transcriber is not None)
+
+    @property
     def max_length(self) -> int:
-        """Tokens one input may hold: the model's window."""
-        return self.config.max_positions - (0 if self.exported else getattr(self.body, "virtual_tokens", 0))
+        """Tokens one input may hold: the model's window (an encoder-decoder's: its encoder's)."""
+        cfg = getattr(self.config, "encoder", self.config)  # (an encoder-decoder's)
+        prompt = 0 if self.exported else getattr(self.body, "virtual_tokens", 0)  # prefix/prompt tuning's
+        return cfg.max_positions - cfg.first_position - prompt
 
     @property
     def labels(self) -> list[str] | None:
@@ -84,7 +105,7 @@ class Served:
             "backend": self.backend,
             "labels": self.labels,
             "max_length": self.max_length,
-            "hidden_size": cfg.hidden_size,
+            "hidden_size": getattr(cfg, "decoder", cfg).hidden_size,
             "parameters": parameters,
             "dtype": dtype,
             "chat": bool(getattr(self.tokenizer, "chat_template", None)),
@@ -128,6 +149,10 @@ def load_served(
             "to run it with its runtime, or serve the model folder it was exported from"
         )
     keep = None
+    transcriber = speech_model(model, dtype, reference)
+    if transcriber is not None:
+        t, keep = transcriber
+        return Served(t.model.eval(), t.tokenizer, served_name(model), keep=keep, transcriber=t)
     if model.endswith(".gguf"):
         from graft.io.gguf import convert_gguf
 
@@ -135,6 +160,7 @@ def load_served(
         folder = convert_gguf(model, Path(keep.name) / "model")
     else:
         folder = model_folder(resolve(model))
+    check_servable(folder)
     if (folder / ADAPTER_CONFIG).exists() or (folder / META).exists():
         if base is None:
             base = read_json(folder / ADAPTER_CONFIG, missing_ok=True).get("base_model_name_or_path")
@@ -206,4 +232,54 @@ def _is_decoder(folder: Path) -> bool:
     from graft.loading import load_config
 
     _, cfg = load_config(folder)
-    return bool(cfg.causal)
+    return bool(getattr(cfg, "causal", False))  # (an encoder-decoder's config has two stacks)
+
+
+# what runs a model over images: the graft commands that take them
+NOT_TEXT = {"patches": "images: graft predict and graft zeroshot run it"}
+
+
+def speech_model(model: str, dtype: torch.dtype | None, reference: bool) -> tuple[Any, Any] | None:
+    """A Whisper model's Transcriber (a HF folder or Hub id, or a CTranslate2 model.bin or
+    faster-whisper folder, converted into a temporary folder kept as long as the model), and that
+    folder; None for any other model."""
+    from graft.generation.speech import Transcriber
+    from graft.io.hf import read_json, resolve
+    from graft.loading import load_model
+
+    path, keep = Path(model), None
+    if path.is_dir() and (path / "model.bin").is_file() and not (path / "config.json").is_file():
+        path = path / "model.bin"  # a faster-whisper folder
+    if path.suffix == ".bin" and path.is_file():
+        from graft.io.ctranslate2 import convert_ctranslate2
+
+        keep = tempfile.TemporaryDirectory(prefix="graft-serve-ct2-")
+        folder = convert_ctranslate2(path, Path(keep.name) / "model")
+    else:
+        if model.endswith(".gguf"):
+            return None
+        folder = model_folder(resolve(model))
+        if read_json(folder / "config.json", missing_ok=True).get("model_type") != "whisper":
+            return None
+    whisper = load_model(folder, task="seq2seq", dtype=dtype, kernels=not reference)
+    return Transcriber(whisper, folder), keep
+
+
+def check_servable(folder: Path) -> None:
+    """graft serve takes text (and Whisper's speech): a model over images (ViT, DeiT, CLIP) is a one-line
+    error before its weights load. An adapter folder is checked through its base, later."""
+    from graft.loading import load_config
+    from graft.nn.config import EncoderDecoderConfig
+    from graft.nn.dual_encoder import DualEncoderConfig
+
+    if not (folder / "config.json").exists():
+        return
+    family, cfg = load_config(folder)
+    if isinstance(cfg, DualEncoderConfig):
+        inputs = "patches"
+    else:
+        inputs = (cfg.encoder if isinstance(cfg, EncoderDecoderConfig) else cfg).inputs
+    if inputs in NOT_TEXT:
+        raise GraftError(
+            f"{folder}: a {family.name} model over {NOT_TEXT[inputs]}; graft serve takes text and speech models"
+        )

@@ -48,9 +48,8 @@ def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, An
 
 def window(cfg: TransformerConfig, tokenizer: Any, max_length: int | None = None) -> int:
     """How many tokens a row may hold: the smallest of max_length, the tokenizer's and the model's limits."""
-    positions = cfg.max_positions
-    if cfg.positions_from_padding:  # RoBERTa numbers positions from pad_token_id + 1
-        positions -= cfg.pad_token_id + 1
+    # RoBERTa numbers positions from pad_token_id + 1, BART's table from row 2: rows the text cannot use
+    positions = cfg.max_positions - cfg.first_position
     limits = [positions, max_length, getattr(tokenizer, "model_max_length", None)]
     return min(n for n in limits if n)
 

@@ -1,0 +1,124 @@
+"""``graft serve`` on an encoder-decoder over text (T5, mT5, BART, mBART: every such family of the
+registry): /predict gives graft predict's {"generated": ...}, /v1/completions the same text in
+OpenAI's shape, generated in batches by the token-budget queue; what only a causal LM has is a 422
+naming the field; a model over images is a one-line error before the server starts (Whisper:
+tests/test_serve_audio.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import hf_model, tiny_hf_config
+from test_serve import Server, sse
+
+from graft.models import FAMILIES
+
+
+def inputs_of(family: str) -> str:
+    """What a family's model reads: tokens, patches (images), audio_frames, or image-text (CLIP)."""
+    cfg = FAMILIES[family].config_from_hf(tiny_hf_config(family).to_dict())
+    return getattr(getattr(cfg, "encoder", cfg), "inputs", FAMILIES[family].inputs)
+
+
+TEXT_SEQ2SEQ = [name for name, f in FAMILIES.items() if f.encoder_decoder and inputs_of(name) == "tokens"]
+IMAGES = sorted(name for name in FAMILIES if inputs_of(name) in ("patches", "image-text"))
+TEXTS = ["w5 w6 w7", "w8", "w9 w10 w11 w12 w13"]
+
+
+def seq2seq_folder(folder, family: str):
+    """A tiny random encoder-decoder of ``family`` with a word-level tokenizer (token i is 'w<i>',
+    the config's special tokens at their ids, end-of-text appended)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers, processors
+
+    model = hf_model(family, "seq2seq")
+    model.save_pretrained(folder)
+    cfg = model.config
+    special = {cfg.pad_token_id: "<pad>", cfg.eos_token_id: "</s>", 3: "<unk>"}
+    if getattr(cfg, "bos_token_id", None) is not None:
+        special[cfg.bos_token_id] = "<s>"
+    vocab = {special.get(i, f"w{i}"): i for i in range(cfg.vocab_size)}
+    backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    eos = ("</s>", cfg.eos_token_id)
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[eos])
+    backend.save(str(folder / "tokenizer.json"))
+    config = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_every_text_encoder_decoder_is_served():
+    assert {"bart", "mbart", "t5", "mt5"} <= set(TEXT_SEQ2SEQ)
+
+
+@pytest.mark.parametrize("family", TEXT_SEQ2SEQ)
+def test_predict_and_completions_give_what_the_library_generates(family, tmp_path, cli):
+    folder = seq2seq_folder(tmp_path / family, family)
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "id": str(i)}) + "\n" for i, t in enumerate(TEXTS)))
+    expected = [json.loads(line) for line in cli("predict", folder, "--input", data, "--max-new-tokens", "8").ok().stdout.splitlines()]  # fmt: skip
+    server = Server(folder, log=tmp_path / "serve.log")
+    try:
+        c = server.client
+        assert c.get("/info").json()["task"] == "seq2seq"
+        records = [{"text": t, "id": str(i)} for i, t in enumerate(TEXTS)]
+        got = c.post("/predict", json={"inputs": records, "max_new_tokens": 8}).json()["predictions"]
+        assert got == expected  # graft predict's JSON lines
+
+        ids = [c.post("/tokenize", json={"input": t}).json()["ids"][0] for t in TEXTS]
+        answer = c.post("/v1/completions", json={"prompt": TEXTS, "max_tokens": 8, "temperature": 0}).json()
+        assert [ch["text"] for ch in answer["choices"]] == [e["generated"] for e in expected]
+        assert [ch["index"] for ch in answer["choices"]] == [0, 1, 2]
+        assert answer["object"] == "text_completion" and answer["usage"]["prompt_tokens"] == sum(
+            map(len, ids)
+        )
+        by_ids = c.post("/v1/completions", json={"prompt": ids, "max_tokens": 8, "temperature": 0}).json()
+        assert [ch["text"] for ch in by_ids["choices"]] == [ch["text"] for ch in answer["choices"]]
+        new = answer["usage"]["completion_tokens"]
+        assert 0 <= new <= 24 and answer["usage"]["total_tokens"] == answer["usage"]["prompt_tokens"] + new
+        assert all(ch["finish_reason"] in ("stop", "length") for ch in answer["choices"])
+
+        body = {
+            "prompt": TEXTS[0],
+            "max_tokens": 8,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            events = sse(r)
+        assert (
+            events[0]["choices"][0]["text"] == expected[0]["generated"]
+            and events[-1]["usage"]["prompt_tokens"]
+        )
+
+        for field, value in (("logprobs", 1), ("echo", True), ("n", 2), ("logit_bias", {"5": 1}),
+                             ("guided_regex", "w5")):  # fmt: skip
+            error = c.post("/v1/completions", json={"prompt": "w5", field: value}).json()["error"]
+            assert error["param"] == field and "for a causal LM" in error["message"]
+        error = c.post("/predict", json={"inputs": "w5", "threshold": 0.5}).json()["error"]
+        assert error["param"] == "threshold"
+        window = c.get("/info").json()["max_length"]  # the encoder's
+        long = c.post("/v1/completions", json={"prompt": [5] * (window + 1)})
+        assert long.status_code == 413 and f"at most {window}" in long.json()["error"]["message"]
+        cut = c.post(
+            "/v1/completions", json={"prompt": [5] * (window + 1), "truncate": True, "max_tokens": 2}
+        )
+        assert cut.status_code == 200 and cut.json()["usage"]["prompt_tokens"] == window
+        chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "w5"}]})
+        assert chat.status_code == 400 and "/v1/completions" in chat.json()["error"]["message"]
+        assert c.post("/embed", json={"inputs": "w5"}).status_code == 400
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("family", IMAGES)
+def test_a_model_over_images_is_a_one_line_error(family, tmp_path, cli):
+    folder = tmp_path / family
+    hf_model(family, "seq2seq" if FAMILIES[family].encoder_decoder else "base").save_pretrained(folder)
+    line = cli("serve", folder).error_line()
+    assert line.startswith(f"error: {folder}: a {family} model over ") and line.endswith(
+        "graft serve takes text and speech models"
+    )
