@@ -93,7 +93,7 @@ def test_the_playground_transcribes_a_chosen_file(
     expected = cli("transcribe", whisper_base_ct2, clips[1]).ok().stdout.strip()
     page.goto(whisper_server.url + "/")
     page.wait_for_selector("body[data-task=automatic-speech-recognition]")
-    page.set_input_files("#audio", str(clips[1]))
+    page.set_input_files("#file", str(clips[1]))
     page.click("#submit")
     page.wait_for_selector("#output[data-ready=true]")
     page.screenshot(path=str(tmp_path / "speech.png"))

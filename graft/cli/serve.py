@@ -117,15 +117,13 @@ def serve(
     import torch
 
     from graft.serve import Settings, load_served
-    from graft.serve.model import check_backend, check_servable, model_folder
+    from graft.serve.model import check_backend
     from graft.serve.server import serve as run
     from graft.serve.tools import FORMATS
 
     if model.endswith(".gguf") and not Path(model).is_file():
         raise GraftError(f"{model}: no such file")
     check_backend(backend)
-    if Path(model).is_dir():  # a model over images: one line now, not once the server is up
-        check_servable(model_folder(Path(model)))
     if model.endswith(".gguf") and backend not in (None, "torch"):
         raise GraftError(
             f"--backend {backend}: {model} is a GGUF file (torch only); graft export a folder first"

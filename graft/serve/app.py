@@ -244,6 +244,8 @@ def run_encoder(
         return explain_items(served, items, options)
     if op == "generate":  # an encoder-decoder's new tokens for each prompt (items: its token ids)
         return seq2seq_generate(served, items, options)
+    if op in ("embed-texts", "embed-images", "zero-shot"):  # CLIP (items: texts, or PIL images)
+        return clip_run(served, op, items, options)
     if op == "transcribe":  # Whisper: each 30-second window's new tokens (items: its samples)
         t = served.transcriber
         return t.windows_tokens(t.features(items), options["language"], options["task"])
@@ -262,8 +264,24 @@ def run_encoder(
         # (N, H) float32, unit length if asked: one call for the batch rather than one per request
         vectors = F.normalize(vectors, dim=-1) if options.get("normalize") else vectors
         return list(vectors.float().numpy())
-    pairs = predictor(served.model)(served.tokenizer, items, len(items), **options)
+    pairs = predictor(served.model)(served.processor or served.tokenizer, items, len(items), **options)
     return [prediction for _, prediction in pairs]
+
+
+def clip_run(served: Served, op: str, items: list[Any], options: dict[str, Any]) -> list[Any]:
+    """A CLIP model's batch: texts' or images' embeddings in the shared space, or zero-shot
+    predictions of images against ``options``' labels and templates (graft zeroshot's)."""
+    from graft.tasks.image_text import encode_images, encode_texts
+    from graft.tasks.zeroshot import predictions, zero_shot_images
+
+    clip, processor = served.model, served.processor
+    if op == "embed-texts":
+        return list(encode_texts(clip, processor.tokenizer, items, len(items), options["normalize"]).numpy())
+    if op == "embed-images":
+        return list(encode_images(clip, processor.images, items, len(items), options["normalize"]).numpy())
+    labels = list(options["labels"])
+    logits = zero_shot_images(clip, processor, items, labels, list(options["templates"]), len(items))
+    return predictions(logits, labels)
 
 
 def seq2seq_generate(served: Served, prompts: list[list[int]], options: dict[str, Any]) -> list[list[int]]:
@@ -308,12 +326,18 @@ class EmbeddingsRequest(Body):
     )
     user: str | None = Field(None, description="OpenAI's end-user id: accepted, not used.")
     truncate: bool = Field(False, description="Cut texts longer than the model's window instead of a 413.")
+    modality: Literal["text", "image"] = Field(
+        "text", description="Infinity's: 'image' for a CLIP model's images (data URIs or base64)."
+    )
 
 
 class EmbedRequest(Body):
     inputs: str | list[str]
     normalize: bool = True
     truncate: bool = False
+    modality: Literal["text", "image"] = Field(
+        "text", description="'image': a CLIP model's images (data URIs)."
+    )
 
 
 class PredictRequest(Body):
@@ -325,6 +349,14 @@ class PredictRequest(Body):
     n_best: int | None = Field(None, ge=1)
     max_answer_length: int | None = Field(None, ge=1)
     null_threshold: float | None = None
+    labels: list[str] | None = Field(
+        None, min_length=1, description="A CLIP model: the labels to choose among."
+    )
+    templates: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="A CLIP model: prompts with {} for the label (default: graft zeroshot's).",
+    )
     max_new_tokens: int | None = Field(None, ge=1, description="A seq2seq model: tokens to generate at most.")
     num_beams: int | None = Field(None, ge=1, le=16, description="A seq2seq model: beam search's width.")
 
@@ -523,24 +555,48 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         return [len(ids) for ids, _ in encoded(texts, truncate, field_name, limit)]
 
     async def embeddings(
-        texts: list[str], truncate: bool, name: str | list[str], normalize: bool
+        texts: list[str], truncate: bool, name: str | list[str], normalize: bool, modality: str = "text"
     ) -> tuple[np.ndarray, int]:
         """(N, H) float32 embeddings of the texts (unit length if ``normalize``), and their tokens.
-        ``name``: the texts' field (``encoded``)."""
+        ``name``: the texts' field (``encoded``). A CLIP model's ``modality`` "image": the inputs are
+        images (data URIs)."""
         from graft.tasks.collate import window
 
         s = encoder()
         if not texts:
             raise HTTPError(422, f"{name}: at least one text", name)
+        if modality == "image" and not s.clip:
+            raise HTTPError(422, f"modality: images need a CLIP model; {s.name} is {s.kind}", "modality")
+        if s.clip:
+            return await clip_embeddings(texts, truncate, str(name), normalize, modality)
         rows = encoded(texts, truncate, name, window(s.config, s.tokenizer))
         return await embedded(
             [(text, ids, types) for text, (ids, types) in zip(texts, rows, strict=True)], normalize
         )
 
+    async def clip_embeddings(
+        inputs: list[str], truncate: bool, name: str, normalize: bool, modality: str
+    ) -> tuple[np.ndarray, int]:
+        """(N, P) a CLIP model's embeddings of texts or images (data URIs) in the shared space, and
+        the tokens read (an image: its patches and [CLS])."""
+        from graft.serve.images import decode_image
+        from graft.tasks.collate import window
+
+        s = served()
+        options = {"normalize": normalize}
+        if modality == "image":
+            images = [decode_image(v, f"{name}[{i}]", name) for i, v in enumerate(inputs)]
+            per = s.config.vision.max_positions
+            vectors = await state.on_queue("embed-images", images, [per] * len(images), options)
+            return np.stack(vectors), per * len(images)
+        lengths = [len(ids) for ids, _ in encoded(inputs, truncate, name, window(s.config.text, s.tokenizer))]
+        vectors = await state.on_queue("embed-texts", inputs, lengths, options)
+        return np.stack(vectors), sum(lengths)
+
     def encoder() -> Served:
         """The served model, unless it is a causal LM (a 400: embeddings are an encoder's)."""
         s = served()
-        if not s.reads_text:
+        if not (s.reads_text or s.clip):
             raise HTTPError(400, f"{s.name} is {s.kind}: embeddings are for encoder models")
         return s
 
@@ -578,7 +634,7 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         from graft.tasks.collate import window
 
         s = encoder()
-        if s.exported or not packable(s.body):
+        if s.exported or s.clip or not packable(s.body):
             raise HTTPError(
                 400, f"{s.name}: token-id input needs a torch encoder whose texts pack; send text", "input"
             )
@@ -600,7 +656,7 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         its config.json lists as trained for: ``matryoshka_dimensions``, or any with ``is_matryoshka``,
         as vLLM reads them)."""
         cfg = served().config
-        width, hf = cfg.hidden_size, cfg.hf_config
+        width, hf = (cfg.projection_dim if served().clip else cfg.hidden_size), cfg.hf_config
         allowed = hf.get("matryoshka_dimensions") or []
         if dimensions == width or dimensions in allowed or (hf.get("is_matryoshka") and dimensions < width):
             return
@@ -625,8 +681,8 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
             check_dimensions(body.dimensions)
         if given and isinstance(given[0], list):  # token ids  (N, H) float32
             unit, tokens = await id_embeddings(given, body.truncate)
-        else:
-            unit, tokens = await embeddings(given, body.truncate, "input", normalize=True)  # (N, H) float32
+        else:  # (N, H) float32
+            unit, tokens = await embeddings(given, body.truncate, "input", True, body.modality)
         if body.dimensions is not None and body.dimensions < unit.shape[1]:  # (N, d), unit length again
             unit = unit[:, : body.dimensions]
             unit = unit / np.linalg.norm(unit, axis=1, keepdims=True).clip(min=1e-12)
@@ -660,7 +716,7 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
     async def embed(body: EmbedRequest) -> Response:
         """Sentence embeddings (mean pooling), one list per text (text-embeddings-inference's shape)."""
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-        vectors, _ = await embeddings(texts, body.truncate, "inputs", body.normalize)
+        vectors, _ = await embeddings(texts, body.truncate, "inputs", body.normalize, body.modality)
         return json_response(vectors.astype("float64"))
 
     async def relevance(
@@ -749,6 +805,11 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
             raise HTTPError(422, "inputs: at least one record", "inputs")
         generation = {"max_new_tokens": body.max_new_tokens, "num_beams": body.num_beams}
         given = next((k for k, v in generation.items() if v is not None), None)
+        if s.processor is not None:  # images: graft predict's (ViT, DeiT) or graft zeroshot's (CLIP)
+            return await image_predictions(body, inputs, given)
+        for name in ("labels", "templates"):
+            if getattr(body, name) is not None:
+                raise HTTPError(422, f"{name}: for a CLIP model's zero-shot classification", name)
         if s.seq2seq:  # graft predict's {"generated": text} for each record's text
             for name in ("threshold", "n_best", "max_answer_length", "null_threshold"):
                 if getattr(body, name) is not None:
@@ -781,10 +842,47 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         predictions = await state.on_queue("predict", records, lengths, options)
         return {"predictions": [prediction_row(r, p) for r, p in zip(records, predictions, strict=True)]}
 
+    async def image_predictions(body: PredictRequest, inputs: list[Any], given: str | None) -> dict[str, Any]:
+        """/predict on an image model: each input (a data URI, or a record with one as ``image``)
+        classified as graft predict does, or, for CLIP, against the request's ``labels`` (each in
+        each of ``templates``) as graft zeroshot does."""
+        from graft.errors import GraftError
+        from graft.serve.images import image_records
+        from graft.tasks.predict import prediction_row
+        from graft.tasks.zeroshot import DEFAULT_TEMPLATES, check_prompts
+
+        s = served()
+        if given is not None:
+            raise HTTPError(422, f"{given}: only for a seq2seq model; {s.name} is {s.kind}", given)
+        records = image_records(inputs, "inputs")
+        if not records:
+            raise HTTPError(422, "inputs: at least one image", "inputs")
+        vision = s.config.vision if s.clip else s.config
+        lengths = [vision.max_positions] * len(records)  # what an image costs: its patches and [CLS]
+        if s.clip:
+            if not body.labels:
+                raise HTTPError(422, "labels: a CLIP model classifies against the labels you send", "labels")
+            templates = body.templates or list(DEFAULT_TEMPLATES)
+            try:
+                check_prompts(body.labels, templates)
+            except GraftError as e:
+                raise HTTPError(422, str(e).replace("zero-shot: ", ""), "labels") from None
+            options = {"labels": tuple(body.labels), "templates": tuple(templates)}
+            predictions = await state.on_queue("zero-shot", [r["image"] for r in records], lengths, options)
+        else:
+            for name in ("labels", "templates", "n_best", "max_answer_length", "null_threshold"):
+                if getattr(body, name) is not None:
+                    raise HTTPError(422, f"{name}: not for an image classifier", name)
+            options = {"threshold": body.threshold} if body.threshold is not None else {}
+            predictions = await state.on_queue("predict", records, lengths, options)
+        return {"predictions": [prediction_row(r, p) for r, p in zip(records, predictions, strict=True)]}
+
     @app.post("/tokenize", tags=["graft"])
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         """Token ids and token strings of each text."""
         s = served()
+        if s.tokenizer is None:
+            raise HTTPError(400, f"{s.name} is {s.kind}: it reads images, not tokens")
         texts = [body.input] if isinstance(body.input, str) else body.input
         enc = s.tokenizer.encode(
             texts,

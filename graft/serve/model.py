@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from graft.errors import GraftError, did_you_mean
+from graft.nn.dual_encoder import DualEncoderConfig
 from graft.tasks import TaskModel
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -32,6 +33,7 @@ class Served:
     keep: Any = None  # a temporary folder (a converted GGUF file) that lives as long as the model
     backend: str = "torch"  # or the export's format: onnx, torchscript, exported-program
     transcriber: Any = None  # a Whisper model's graft.generation.speech.Transcriber (speech to text)
+    processor: Any = None  # an image model's ImageProcessor; CLIP's ImageTextProcessor (and tokenizer)
 
     @property
     def exported(self) -> bool:
@@ -40,7 +42,9 @@ class Served:
     @property
     def task(self) -> str:
         if self.transcriber is not None:
-            return "automatic-speech-recognition"  # (transformers' pipeline's name)
+            return "automatic-speech-recognition"  # (transformers' pipelines' names)
+        if self.clip:
+            return "zero-shot-image-classification"
         return self.model.task if isinstance(self.model, TaskModel) or self.exported else "base"
 
     @property
@@ -72,12 +76,19 @@ class Served:
     @property
     def reads_text(self) -> bool:
         """An encoder over text (embeddings, /predict's tasks), served by the token-budget queue."""
-        return not (self.generates or self.seq2seq or self.transcriber is not None)
+        return not (
+            self.generates or self.seq2seq or self.transcriber is not None or self.processor is not None
+        )
+
+    @property
+    def clip(self) -> bool:
+        """A dual encoder (CLIP): texts' and images' embeddings, zero-shot image classification."""
+        return isinstance(self.config, DualEncoderConfig)
 
     @property
     def max_length(self) -> int:
         """Tokens one input may hold: the model's window (an encoder-decoder's: its encoder's)."""
-        cfg = getattr(self.config, "encoder", self.config)  # (an encoder-decoder's)
+        cfg = self.config.text if self.clip else getattr(self.config, "encoder", self.config)
         prompt = 0 if self.exported else getattr(self.body, "virtual_tokens", 0)  # prefix/prompt tuning's
         return cfg.max_positions - cfg.first_position - prompt
 
@@ -105,7 +116,7 @@ class Served:
             "backend": self.backend,
             "labels": self.labels,
             "max_length": self.max_length,
-            "hidden_size": getattr(cfg, "decoder", cfg).hidden_size,
+            "hidden_size": cfg.projection_dim if self.clip else getattr(cfg, "decoder", cfg).hidden_size,
             "parameters": parameters,
             "dtype": dtype,
             "chat": bool(getattr(self.tokenizer, "chat_template", None)),
@@ -135,7 +146,7 @@ def load_served(
     from graft.export.backend import is_exported
     from graft.generation import folder_defaults
     from graft.io.hf import read_json, resolve
-    from graft.loading import load_adapter_model, load_model, load_trained
+    from graft.loading import load_adapter_model, load_model, load_processor, load_trained
     from graft.strategies.checkpoint import META
     from graft.tokenizer import Tokenizer
 
@@ -160,7 +171,6 @@ def load_served(
         folder = convert_gguf(model, Path(keep.name) / "model")
     else:
         folder = model_folder(resolve(model))
-    check_servable(folder)
     if (folder / ADAPTER_CONFIG).exists() or (folder / META).exists():
         if base is None:
             base = read_json(folder / ADAPTER_CONFIG, missing_ok=True).get("base_model_name_or_path")
@@ -184,7 +194,11 @@ def load_served(
     else:
         task = "causal-lm" if _is_decoder(folder) else None
         m = load_model(folder, task=task, dtype=dtype, kernels=not reference)
-        tokenizer = Tokenizer.from_folder(folder)
+        processor = load_processor(folder)  # a Tokenizer, or an image model's processor
+        if not isinstance(processor, Tokenizer):  # ViT's ImageProcessor, CLIP's (a tokenizer and one)
+            text = getattr(processor, "tokenizer", None)
+            return Served(m.eval(), text, served_name(model), keep=keep, processor=processor)
+        tokenizer = processor
     return Served(m.eval(), tokenizer, served_name(model), folder_defaults(folder), keep)
 
 
@@ -235,10 +249,6 @@ def _is_decoder(folder: Path) -> bool:
     return bool(getattr(cfg, "causal", False))  # (an encoder-decoder's config has two stacks)
 
 
-# what runs a model over images: the graft commands that take them
-NOT_TEXT = {"patches": "images: graft predict and graft zeroshot run it"}
-
-
 def speech_model(model: str, dtype: torch.dtype | None, reference: bool) -> tuple[Any, Any] | None:
     """A Whisper model's Transcriber (a HF folder or Hub id, or a CTranslate2 model.bin or
     faster-whisper folder, converted into a temporary folder kept as long as the model), and that
@@ -263,23 +273,3 @@ def speech_model(model: str, dtype: torch.dtype | None, reference: bool) -> tupl
             return None
     whisper = load_model(folder, task="seq2seq", dtype=dtype, kernels=not reference)
     return Transcriber(whisper, folder), keep
-
-
-def check_servable(folder: Path) -> None:
-    """graft serve takes text (and Whisper's speech): a model over images (ViT, DeiT, CLIP) is a one-line
-    error before its weights load. An adapter folder is checked through its base, later."""
-    from graft.loading import load_config
-    from graft.nn.config import EncoderDecoderConfig
-    from graft.nn.dual_encoder import DualEncoderConfig
-
-    if not (folder / "config.json").exists():
-        return
-    family, cfg = load_config(folder)
-    if isinstance(cfg, DualEncoderConfig):
-        inputs = "patches"
-    else:
-        inputs = (cfg.encoder if isinstance(cfg, EncoderDecoderConfig) else cfg).inputs
-    if inputs in NOT_TEXT:
-        raise GraftError(
-            f"{folder}: a {family.name} model over {NOT_TEXT[inputs]}; graft serve takes text and speech models"
-        )
