@@ -107,8 +107,11 @@ def test_predict_from_an_onnx_export_equals_the_torch_backend(tmp_path, minilm, 
 
 
 def test_what_an_export_cannot_serve_is_one_line(tmp_path, minilm, minilm_export, cli):
+    from test_serve_seq2seq import seq2seq_folder
+
     decoder = task_folder(tmp_path, minilm, transformers.AutoModelForCausalLM, family="llama")
     cli("export", decoder, tmp_path / "lm", "--format", "onnx").ok()
+    cli("export", seq2seq_folder(tmp_path / "t5", "t5"), tmp_path / "t5-onnx", "--format", "onnx").ok()
     port = ["--port", free_port()]
     cases = [
         ((minilm, "--backend", "onnx"),
@@ -124,6 +127,9 @@ def test_what_an_export_cannot_serve_is_one_line(tmp_path, minilm, minilm_export
         ((tmp_path / "lm",),
          f"error: {tmp_path / 'lm'} (a graft export folder): an exported causal LM generates greedily, one batch "
          "at a time, and cannot join graft serve's continuous batching; serve the model folder it was exported from"),
+        ((tmp_path / "t5-onnx",),
+         f"error: {tmp_path / 't5-onnx'} (a graft export folder): graft serve runs an exported encoder over text; "
+         "this is an exported seq2seq model: serve the model folder it was exported from"),
     ]  # fmt: skip
     for args, line in cases:
         assert cli("serve", *args, *port).error_line() == line

@@ -1,8 +1,7 @@
 """``graft serve`` on an encoder-decoder over text (T5, mT5, BART, mBART: every such family of the
 registry): /predict gives graft predict's {"generated": ...}, /v1/completions the same text in
 OpenAI's shape, generated in batches by the token-budget queue; what only a causal LM has is a 422
-naming the field; a model over images is a one-line error before the server starts (Whisper:
-tests/test_serve_audio.py).
+naming the field (Whisper: tests/test_serve_audio.py; images: tests/test_serve_images.py).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ def inputs_of(family: str) -> str:
 
 
 TEXT_SEQ2SEQ = [name for name, f in FAMILIES.items() if f.encoder_decoder and inputs_of(name) == "tokens"]
-IMAGES = sorted(name for name in FAMILIES if inputs_of(name) in ("patches", "image-text"))
 TEXTS = ["w5 w6 w7", "w8", "w9 w10 w11 w12 w13"]
 
 
@@ -112,13 +110,3 @@ def test_predict_and_completions_give_what_the_library_generates(family, tmp_pat
         assert c.post("/embed", json={"inputs": "w5"}).status_code == 400
     finally:
         server.close()
-
-
-@pytest.mark.parametrize("family", IMAGES)
-def test_a_model_over_images_is_a_one_line_error(family, tmp_path, cli):
-    folder = tmp_path / family
-    hf_model(family, "seq2seq" if FAMILIES[family].encoder_decoder else "base").save_pretrained(folder)
-    line = cli("serve", folder).error_line()
-    assert line.startswith(f"error: {folder}: a {family} model over ") and line.endswith(
-        "graft serve takes text and speech models"
-    )

@@ -230,6 +230,13 @@ def load_export(
             f"{flag}: an exported causal LM generates greedily, one batch at a time, and cannot join "
             "graft serve's continuous batching; serve the model folder it was exported from"
         )
+    inputs = getattr(exported.config, "inputs", "tokens")
+    if exported.task == "seq2seq" or inputs != "tokens":  # (T5, Whisper, ViT, CLIP)
+        what = "seq2seq model" if exported.task == "seq2seq" else f"model over {inputs}"
+        raise GraftError(
+            f"{flag}: graft serve runs an exported encoder over text; this is an exported {what}: "
+            "serve the model folder it was exported from"
+        )
     return Served(exported, Tokenizer.from_folder(model), served_name(model), backend=exported.format)
 
 
