@@ -234,6 +234,29 @@ def test_whisper_base_transcribes_as_transformers(whisper_base: Path, fox_clip: 
     assert lines == [{"audio": str(fox_clip), "text": expected}] * 2
 
 
+@pytest.mark.slow
+def test_whisper_base_detects_the_language_as_transformers(whisper_base: Path, fox_clip: Path, cli) -> None:
+    """The likeliest language token after <|startoftranscript|> (transformers' detect_language);
+    graft transcribe --language auto then says what --language en says."""
+    import transformers as tr
+
+    from graft.generation.speech import Transcriber
+    from graft.loading import load_model
+
+    ref = tr.WhisperForConditionalGeneration.from_pretrained(whisper_base).eval()
+    processor = tr.WhisperProcessor.from_pretrained(whisper_base)
+    features = processor.feature_extractor(
+        read_audio(fox_clip), sampling_rate=16000, return_tensors="pt"
+    ).input_features
+    with torch.no_grad():
+        token = int(ref.detect_language(features)[0])
+    transcriber = Transcriber(load_model(whisper_base, task="seq2seq"), whisper_base)
+    assert transcriber.detect(transcriber.features([read_audio(fox_clip)])) == ["en"]
+    assert transcriber.prompt.languages["en"] == token
+    auto = cli("transcribe", whisper_base, fox_clip, "--language", "auto").ok().stdout
+    assert auto == cli("transcribe", whisper_base, fox_clip).ok().stdout
+
+
 def test_transcribe_errors(tmp_path: Path, tiny_folder: Path, cli) -> None:
     import numpy as np
     import soundfile

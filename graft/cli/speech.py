@@ -69,7 +69,12 @@ def transcribe(
     audio: Annotated[
         list[Path], typer.Argument(help="Audio files (WAV, FLAC, OGG...); long ones go in 30 s windows.")
     ],
-    language: Annotated[str, typer.Option(help="The spoken language's code (en, de, fr...).")] = "en",
+    language: Annotated[
+        str,
+        typer.Option(
+            help="The spoken language's code (en, de, fr...); auto: each 30 s window's is detected."
+        ),
+    ] = "en",
     task: Annotated[Task, typer.Option(help="transcribe, or translate into English.")] = Task.transcribe,
     num_beams: Annotated[int, typer.Option(min=1, help="Beam search with this many beams (1: greedy).")] = 1,
     batch_size: Annotated[int, typer.Option(min=1, help="30-second windows decoded at once.")] = 8,
@@ -89,7 +94,8 @@ def transcribe(
 
     transcriber = load_transcriber(model, reference, backend, num_beams)
     clips = [read_audio(path) for path in audio]
-    texts = transcriber(clips, language=language, task=task.value, batch_size=batch_size)
+    spoken = None if language == "auto" else language
+    texts = transcriber(clips, language=spoken, task=task.value, batch_size=batch_size)
     for path, text in zip(audio, texts, strict=True):
         typer.echo(
             json.dumps({"audio": str(path), "text": text}, ensure_ascii=False)

@@ -245,6 +245,14 @@ class ExportedTranscriber(Transcriber):
     def decode(self, prompt: torch.Tensor, features: torch.Tensor, config: Any) -> list[list[int]]:
         return self.model.generate_greedy(prompt, None, config, input_features=features)
 
+    def detect(self, features: torch.Tensor) -> list[str]:
+        if not self.prompt.languages:
+            return ["en"] * features.shape[0]
+        raise GraftError(
+            "--language auto: an exported Whisper folder decodes in the language it is given; name it "
+            "(--language en), or run the model folder it was exported from"
+        )
+
 
 def load_exported(folder: str | Path, backend: str | None = None) -> ExportedModel:
     """The exported folder ``folder``; ``backend`` (onnx, torchscript) must match its format."""

@@ -68,12 +68,13 @@ class Transcriber:
         task: str = "transcribe",
         batch_size: int = 8,
     ) -> list[list[list[int]]]:
-        """Each clip's windows' new tokens, up to (not including) the end of the text."""
+        """Each clip's windows' new tokens, up to (not including) the end of the text (``language``
+        None: each window's detected)."""
         pieces = [(i, w) for i, clip in enumerate(clips) for w in windows(clip, self.features.n_samples)]
         out: list[list[list[int]]] = [[] for _ in clips]
         for batch in _chunks(pieces, batch_size):
             features = self.features([w for _, w in batch])  # (B, M, frames)
-            for (i, _), row in zip(batch, self.from_features(features, language, task), strict=True):
+            for (i, _), row in zip(batch, self.windows_tokens(features, language, task), strict=True):
                 out[i].append(row)
         return out
 
