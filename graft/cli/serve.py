@@ -6,8 +6,10 @@
                       [--base BASE]
                       [--backend torch|onnx|torchscript]
 
-OpenAI-compatible /v1/embeddings, /v1/completions and /v1/chat/completions, graft's /predict,
-/embed and /tokenize, /health, /info, /metrics (Prometheus), /docs, and a playground at /.
+OpenAI-compatible /v1/embeddings, /v1/completions, /v1/chat/completions and (Whisper)
+/v1/audio/transcriptions, graft's /predict, /embed and /tokenize, /health, /info, /metrics
+(Prometheus), /docs, and a playground at /. Encoders, causal LMs, encoder-decoders (T5, BART),
+Whisper, image classifiers and CLIP.
 SIGTERM (or Ctrl-C) stops taking requests (503), finishes those in flight, then exits.
 A graft export folder (graft export MODEL OUT/ --format onnx) is served by ONNX Runtime with the
 same endpoints and JSON, as graft predict and embed run it.

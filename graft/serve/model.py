@@ -258,8 +258,8 @@ def _is_decoder(folder: Path) -> bool:
 
 def speech_model(model: str, dtype: torch.dtype | None, reference: bool) -> tuple[Any, Any] | None:
     """A Whisper model's Transcriber (a HF folder or Hub id, or a CTranslate2 model.bin or
-    faster-whisper folder, converted into a temporary folder kept as long as the model), and that
-    folder; None for any other model."""
+    faster-whisper folder, converted into a temporary folder), and the temporary folder to keep as
+    long as the model (None for a HF folder); None for any other model."""
     from graft.generation.speech import Transcriber
     from graft.io.hf import read_json, resolve
     from graft.loading import load_model
