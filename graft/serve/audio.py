@@ -24,6 +24,30 @@ from graft.errors import GraftError
 from graft.serve.http import HTTPError
 
 FORMATS = ("json", "text")
+# what /docs shows of the form (the handler reads it itself, to name a field it does not know)
+FORM = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "WAV, FLAC, OGG..."},
+                        "model": {"type": "string", "description": "Accepted, not used."},
+                        "language": {
+                            "type": "string",
+                            "description": "The spoken language (default: detected).",
+                        },
+                        "response_format": {"type": "string", "enum": list(FORMATS)},
+                        "temperature": {"type": "number", "enum": [0]},
+                    },
+                }
+            }
+        },
+    }
+}
 FIELDS = ("file", "model", "language", "response_format", "temperature")
 REFUSED = {  # OpenAI's fields graft does not honour, and why
     "prompt": "a previous text to continue is not supported; send the audio alone",
@@ -106,12 +130,12 @@ def register(app: FastAPI, state: Any) -> None:
         )
         return " ".join(p for p in t.texts(rows) if p)
 
-    @app.post("/v1/audio/transcriptions", tags=["OpenAI"])
+    @app.post("/v1/audio/transcriptions", tags=["OpenAI"], openapi_extra=FORM)
     async def transcriptions(request: Request) -> Any:
         """OpenAI's speech to text (a multipart form: file, language, response_format json or text)."""
         return await speech(request, "transcribe")
 
-    @app.post("/v1/audio/translations", tags=["OpenAI"])
+    @app.post("/v1/audio/translations", tags=["OpenAI"], openapi_extra=FORM)
     async def translations(request: Request) -> Any:
         """OpenAI's speech to English text (a multipart form: file, response_format json or text)."""
         return await speech(request, "translate")
