@@ -60,6 +60,12 @@ def test_read_audio_errors(tmp_path) -> None:
     soundfile.write(tmp_path / "empty.wav", np.zeros((0, 1), np.float32), 16000)
     with pytest.raises(GraftError, match="empty.wav: holds no audio samples$"):
         read_audio(tmp_path / "empty.wav")
+    # a header's rate of 1 Hz would make 10 samples 10 s of 16 kHz audio (a few KB: gigabytes)
+    soundfile.write(tmp_path / "slow.wav", np.zeros((10, 1), np.float32), 1)
+    with pytest.raises(
+        GraftError, match="slow.wav: its sampling rate is 1 Hz; graft reads audio of 4000 Hz or more$"
+    ):
+        read_audio(tmp_path / "slow.wav")
 
 
 # ---- log-mel features ------------------------------------------------------------------------

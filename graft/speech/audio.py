@@ -25,6 +25,9 @@ ROLLOFF = 0.99  # the cut-off, as a fraction of the lower rate's Nyquist frequen
 # libsndfile reads a WAV cut short without complaint, and logs "data : 32000 (should be 15978)"
 _TRUNCATED = re.compile(r"^data\s*:\s*(\d+) \(should be (\d+)\)", re.MULTILINE)
 STREAMING = 0x7FFF0000  # a data size this large is a placeholder written by a stream, not a promise
+# the lowest sampling rate read: its samples are upsampled to 16 kHz, and a header that says 1 Hz
+# would make a few kilobytes of samples hours of audio (16,000 times the memory)
+MIN_RATE = 4000
 
 
 def read_audio(path: str | Path, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
@@ -42,6 +45,10 @@ def read_audio(path: str | Path, sampling_rate: int = SAMPLING_RATE) -> np.ndarr
         raise GraftError(f"{path}: not an audio file soundfile can read (WAV, FLAC, OGG...): {e}") from None
     if data.shape[0] == 0:
         raise GraftError(f"{path}: holds no audio samples")
+    if rate < MIN_RATE:
+        raise GraftError(
+            f"{path}: its sampling rate is {rate} Hz; graft reads audio of {MIN_RATE} Hz or more"
+        )
     truncated = _TRUNCATED.search(soundfile.info(str(path)).extra_info)
     if truncated and int(truncated[2]) < int(truncated[1]) < STREAMING:
         raise GraftError(
