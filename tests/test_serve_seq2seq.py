@@ -12,6 +12,7 @@ import pytest
 from conftest import hf_model, tiny_hf_config
 from test_serve import Server, sse
 
+from graft.loading import load_config
 from graft.models import FAMILIES
 
 
@@ -105,6 +106,12 @@ def test_predict_and_completions_give_what_the_library_generates(family, tmp_pat
             "/v1/completions", json={"prompt": [5] * (window + 1), "truncate": True, "max_tokens": 2}
         )
         assert cut.status_code == 200 and cut.json()["usage"]["prompt_tokens"] == window
+        # max_tokens past the decoder's positions: as many as they hold (a causal LM's window rule)
+        room = (
+            load_config(folder)[1].decoder.max_positions - load_config(folder)[1].decoder.first_position - 1
+        )
+        big = c.post("/v1/completions", json={"prompt": "w5", "max_tokens": 100000, "temperature": 0})
+        assert big.status_code == 200 and big.json()["usage"]["completion_tokens"] <= room
         chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "w5"}]})
         assert chat.status_code == 400 and "/v1/completions" in chat.json()["error"]["message"]
         assert c.post("/embed", json={"inputs": "w5"}).status_code == 400

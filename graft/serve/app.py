@@ -284,16 +284,26 @@ def clip_run(served: Served, op: str, items: list[Any], options: dict[str, Any])
     return predictions(logits, labels)
 
 
-def seq2seq_generate(served: Served, prompts: list[list[int]], options: dict[str, Any]) -> list[list[int]]:
+def seq2seq_generate(
+    served: Served, prompts: list[list[int]], options: dict[str, Any]
+) -> list[tuple[list[int], bool]]:
     """Each prompt's new tokens (up to, not including, end-of-text) from one generate() call over
-    the batch: the server's generation settings (generation_config.json), then ``options``."""
+    the batch, and whether it ended (end-of-text) rather than ran out of new tokens: the server's
+    generation settings (generation_config.json), then ``options``; at most what the decoder's
+    positions hold after its start token (as a causal LM's max_tokens stops at its window)."""
     from graft.generation import GenerationConfig, generate
     from graft.tasks.collate import pad
 
     config = GenerationConfig.for_model(served.model, served.generation_defaults, **options)
+    decoder = served.config.decoder
+    room = decoder.max_positions - decoder.first_position - 1  # (the start token takes one)
+    config = config.replace(max_new_tokens=min(config.max_new_tokens, room))
     ids, mask = pad(prompts, served.tokenizer.pad_token_id or 0, side="right")  # (N, T)
     new = generate(served.model, ids, mask, config)[:, 1:].tolist()  # (N, new): after the start token
-    return [row[: next((i for i, t in enumerate(row) if t in config.eos_ids), len(row))] for row in new]
+    ends = [next((i for i, t in enumerate(row) if t in config.eos_ids), None) for row in new]
+    return [
+        (row[:end], True) if end is not None else (row, False) for row, end in zip(new, ends, strict=True)
+    ]
 
 
 def failure(e: Exception, path: str) -> JSONResponse:
@@ -602,9 +612,9 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
 
     async def generated(
         prompts: list[str] | list[list[int]], truncate: bool, name: str, options: dict[str, Any]
-    ) -> tuple[list[list[int]], list[int]]:
-        """A seq2seq model's new tokens for each prompt (a text, or token ids read as they are), and
-        each prompt's length: 413 for one over the encoder's window, unless it is cut. Generated in
+    ) -> tuple[list[tuple[list[int], bool]], list[int]]:
+        """A seq2seq model's new tokens for each prompt (a text, or token ids read as they are) and
+        whether they ended (``seq2seq_generate``), and each prompt's length: 413 for one over the encoder's window, unless it is cut. Generated in
         batches by the queue (requests with the same options together)."""
         from graft.tasks.collate import window
 
@@ -822,7 +832,8 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
                     raise HTTPError(422, f"inputs[{i}]: a record needs 'text' as text", "inputs")
                 texts.append(r["text"])
             options = {k: v for k, v in generation.items() if v is not None}
-            new, _ = await generated(texts, body.truncate, "inputs", options)
+            rows, _ = await generated(texts, body.truncate, "inputs", options)
+            new = [tokens for tokens, _ in rows]
             decode = s.tokenizer.decode
             return {"predictions": [prediction_row(r, {"generated": decode(ids)}) for r, ids in zip(records, new, strict=True)]}  # fmt: skip
         if given is not None:

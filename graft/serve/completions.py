@@ -547,15 +547,15 @@ def register(app: FastAPI, state: Any, generated: Callable[..., Any]) -> None:
         stops = changes.pop("stop_strings", [])
         rows, lengths = await generated(prompts, body.truncate, "prompt", changes)
         choices, decode = [], served().tokenizer.decode
-        for index, new in enumerate(rows):
+        for index, (new, ended) in enumerate(rows):
             text = decode(new, skip_special_tokens=True)
-            reason = "length" if len(new) >= changes["max_new_tokens"] else "stop"
+            reason = "stop" if ended else "length"
             cut = min((at for at in (text.find(stop) for stop in stops) if at >= 0), default=-1)
             if cut >= 0:  # the text ends before the stop string (as OpenAI's servers do)
                 text, reason = text[:cut], "stop"
             choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": reason})
         ident, created, name = "cmpl-" + uuid.uuid4().hex, int(time.time()), served().name
-        new_tokens = sum(len(new) for new in rows)
+        new_tokens = sum(len(new) for new, _ in rows)
         counts = {"prompt_tokens": sum(lengths), "completion_tokens": new_tokens,
                   "total_tokens": sum(lengths) + new_tokens}  # fmt: skip
         answer = {"id": ident, "object": "text_completion", "created": created, "model": name}
