@@ -140,3 +140,25 @@ def test_the_playground_classifies_a_chosen_image(tmp_path, cli, page):
     finally:
         server.close()
     assert shown == {label: f"{100 * p:.2f}%" for label, p in expected["scores"].items()}
+
+
+def test_the_playground_classifies_an_image_against_typed_labels_with_clip(tmp_path, cli, page):
+    folder = tmp_path / "clip"
+    clip_folder(folder)
+    files = write_images(tmp_path / "images", 1)
+    line = cli("zeroshot", folder, "--labels", ",".join(LABELS), files[0]).ok().stdout
+    expected = json.loads(line)  # graft zeroshot's default templates, as the page sends none
+    server = Server(folder, log=tmp_path / "serve.log")
+    try:
+        page.goto(server.url + "/")
+        page.wait_for_selector("body[data-task=zero-shot-image-classification]")
+        page.set_input_files("#file", str(files[0]))
+        page.fill("#text", "cat, dog\nshoe")
+        page.click("#submit")
+        page.wait_for_selector("#output[data-ready=true]")
+        page.screenshot(path=str(tmp_path / "clip.png"))
+        rows = page.query_selector_all(".bar-row")
+        shown = {r.get_attribute("data-label"): r.query_selector(".bar-value").inner_text() for r in rows}
+    finally:
+        server.close()
+    assert shown == {label: f"{100 * p:.2f}%" for label, p in expected["scores"].items()}
