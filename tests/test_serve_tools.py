@@ -205,6 +205,11 @@ def test_each_format_grammar_takes_text_or_calls_of_the_tools_and_then_only_the_
             assert allowed[EOS] and allowed.sum() < 20
         if calls is not None and len(calls) > 1:
             assert constraint(text, parallel=False) is None  # one call at most
+    for text, content, calls in REPLIES[name]:  # "required": calls alone
+        grammar = form.grammar(TOOLS, True, token_of(byte_tokenizer), text=False)
+        rule = Constraint(vocabulary, GenerationConfig(grammar=grammar), 1)
+        took = all(rule.allowed()[0, t] and rule.advance([t], [0]) is None for t in byte_tokenizer.backend.encode(text, add_special_tokens=False).ids)  # fmt: skip
+        assert took == (calls is not None and content is None), text  # (no text before them)
     key = form.key
     for call in (  # a call of no tool, arguments outside the schema, the wrong key
         {"name": "get_date", key: {"zone": "UTC"}},
@@ -265,6 +270,12 @@ def test_graft_serve_answers_auto_with_the_models_calls_or_its_text(name, tmp_pa
         assert not any(c["delta"].get("content") for c in chunks)  # the marker and the call are no content
         (streamed,) = [c["delta"]["tool_calls"] for c in chunks if "tool_calls" in c["delta"]]
         assert streamed[0]["index"] == 0 and streamed[0]["function"] == call["function"]  # greedy: the same
+
+        # "required": the grammar writes the marker (no steering to it), then a call
+        required = ask(server, tool_choice="required", logit_bias=SPACES, parallel_tool_calls=False).json()
+        assert required["choices"][0]["finish_reason"] == "tool_calls", required
+        (forced,) = required["choices"][0]["message"]["tool_calls"]
+        assert_call_of_the_tools(forced)
 
         text = ask(server, logit_bias={str(marker): -100}, max_tokens=20).json()["choices"][0]
         assert text["finish_reason"] in ("stop", "length") and "tool_calls" not in text["message"]

@@ -398,7 +398,7 @@ def register(app: FastAPI, state: Any, generated: Callable[..., Any]) -> None:
         ]
         echo = [text for text in echo for _ in range(body.n)] if echo is not None else None
         rules = await asyncio.to_thread(constraints, field, [c for _, c in fitted])
-        special = tools is not None and tools.auto  # a format's markers may be special tokens
+        special = tools is not None and tools.format is not None  # its markers may be special tokens
         events, seqs = start(fitted, logprobs, echo is not None, max_tokens != 0, rules, special)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created, name = int(time.time()), served().name

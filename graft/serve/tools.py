@@ -3,9 +3,8 @@ constrained decoding (graft/generation/constrain.py).
 
 The tools go to the chat template (its ``tools`` variable, as transformers renders it). With
 ``tool_choice`` naming a function, the reply is constrained to that function's parameters (a
-JSON schema) and becomes one call; with ``"required"``, to a JSON list of calls, each
-``{"name": one of the tools, "parameters": its arguments}`` (vLLM's form; one call when
-``parallel_tool_calls`` is false); with ``"none"``, the model answers in text.
+JSON schema) and becomes one call (its arguments streamed as they come); with ``"none"``, the
+model answers in text.
 
 With ``"auto"`` (OpenAI's default when tools are given) the model decides, in its family's own
 format for calls (``FORMATS``: Hermes/Qwen's ``<tool_call>`` blocks, Llama 3's bare JSON,
@@ -13,7 +12,10 @@ Mistral's ``[TOOL_CALLS]`` list), which graft knows from the chat template (or `
 --tool-format``). The reply is free text until the model writes the format's marker; from there
 on a grammar holds it to calls of the given tools (llguidance's lazy lexemes, the "lazy grammar"
 llama.cpp uses), so a call the model starts always parses, names a tool and matches its schema;
-a call ends the reply. Text before the marker is the message's content.
+a call ends the reply. Text before the marker is the message's content. ``"required"`` is the
+same grammar without the text: calls alone, in the format the model was trained to write; where
+graft knows no format, a JSON list of ``{"name": one of the tools, "parameters": its arguments}``
+(vLLM's form). ``parallel_tool_calls: false``: one call at most.
 """
 
 from __future__ import annotations
@@ -124,7 +126,9 @@ class CallFormat:
         ]
         return {"anyOf": calls, "x-guidance": WHITESPACE}
 
-    def grammar(self, tools: dict[str, Function], parallel: bool, token: Token) -> str:
+    def grammar(self, tools: dict[str, Function], parallel: bool, token: Token, text: bool = True) -> str:
+        """The Lark of a reply: text, or (text then) calls of ``tools`` (one if not ``parallel``);
+        without ``text``, calls alone (tool_choice "required")."""
         raise NotImplementedError
 
     def split(self, text: str) -> tuple[str, str | None]:
@@ -177,11 +181,13 @@ class Hermes(CallFormat):
 
     name, marker = "hermes", "<tool_call>"
 
-    def grammar(self, tools: dict[str, Function], parallel: bool, token: Token) -> str:
+    def grammar(self, tools: dict[str, Function], parallel: bool, token: Token, text: bool = True) -> str:
         call = f"WS? %json {json.dumps(self.call_schema(tools))} WS? {either('</tool_call>', token)}"
         more = f"(WS? {either(self.marker, token)} {call})*" if parallel else ""
         head, rule = text_then(self.marker, token)
-        return f"%llguidance {{}}\nstart: TEXT | {head} {call} {more}\n{rule}{RULES}"
+        if not text:
+            head, rule = f"WS? {either(self.marker, token)}", ""
+        return f"%llguidance {{}}\nstart: {'TEXT | ' if text else ''}{head} {call} {more}\n{rule}{RULES}"
 
     def parse(self, calls: str) -> list[tuple[str, Any]]:
         blocks = re.findall(r"<tool_call>(.*?)</tool_call>", calls, re.S)
@@ -200,11 +206,12 @@ class Llama3(CallFormat):
     def detects(self, template: str) -> bool:
         return self.marker in template or '"parameters": dictionary of argument name' in template
 
-    def grammar(self, tools: dict[str, Function], parallel: bool, token: Token) -> str:
+    def grammar(self, tools: dict[str, Function], parallel: bool, token: Token, text: bool = True) -> str:
         call = f"%json {json.dumps(self.call_schema(tools))}"
         more = f'(WS? ";" WS? {call})*' if parallel else ""
         plain = "PLAIN: /\\s*([^\\s{](.|\\n)*)?/\n"  # a reply that does not begin with {
-        return f"%llguidance {{}}\nstart: PLAIN | WS? {either(self.marker, token)}? WS? {call} {more}\n{plain}{RULES}"
+        calls = f"WS? {either(self.marker, token)}? WS? {call} {more}"
+        return f"%llguidance {{}}\nstart: {'PLAIN | ' if text else ''}{calls}\n{plain}{RULES}"
 
     def split(self, text: str) -> tuple[str, str | None]:
         start = text.lstrip()
@@ -238,11 +245,13 @@ class Mistral(CallFormat):
     def detects(self, template: str) -> bool:
         return self.marker in template and "[ARGS]" not in template
 
-    def grammar(self, tools: dict[str, Function], parallel: bool, token: Token) -> str:
+    def grammar(self, tools: dict[str, Function], parallel: bool, token: Token, text: bool = True) -> str:
         schema = {"type": "array", "items": self.call_schema(tools), "minItems": 1,
                   **({} if parallel else {"maxItems": 1}), "x-guidance": WHITESPACE}  # fmt: skip
         head, rule = text_then(self.marker, token)
-        return f"%llguidance {{}}\nstart: TEXT | {head} WS? %json {json.dumps(schema)}\n{rule}{RULES}"
+        if not text:
+            head, rule = f"WS? {either(self.marker, token)}", ""
+        return f"%llguidance {{}}\nstart: {'TEXT | ' if text else ''}{head} WS? %json {json.dumps(schema)}\n{rule}{RULES}"
 
     def parse(self, calls: str) -> list[tuple[str, Any]]:
         value = json.loads(calls.removeprefix(self.marker))
@@ -289,18 +298,21 @@ class Calling:
                     422, f"tool_choice: no tool is named {self.named!r} (tools: {known})", "tool_choice"
                 )
         self.parallel = parallel is not False
-        self.format = FORMATS[format] if choice in (None, "auto") and format is not None else None
+        # "auto" and "required" in the model's own format where graft knows it (its calls then are
+        # what it was trained to write); a named function's reply is its arguments (streamed)
+        known = choice in (None, "auto", "required") and format is not None
+        self.format = FORMATS[format] if known else None
+        self.free = choice in (None, "auto")  # text may come instead of calls, or before them
 
     @property
     def auto(self) -> bool:
-        """The model decides between text and calls, in its own format (and the text keeps the
-        special tokens that are a format's markers)."""
-        return self.format is not None
+        """The model decides between text and calls, in its own format."""
+        return self.format is not None and self.free
 
     def options(self, token: Token) -> dict[str, Any]:
         """The GenerationConfig options that constrain the reply; ``token`` names a marker's token."""
         if self.format is not None:
-            return {"grammar": self.format.grammar(self.tools, self.parallel, token)}
+            return {"grammar": self.format.grammar(self.tools, self.parallel, token, text=self.free)}
         return {"json_schema": self.schema()}
 
     def schema(self) -> dict[str, Any]:
