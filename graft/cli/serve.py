@@ -96,7 +96,7 @@ def serve(
         str | None,
         typer.Option(
             "--tool-format",
-            help="Causal LMs: how the model writes tool calls, for tool_choice auto: hermes, llama3_json or "
+            help="Causal LMs: how the model writes tool calls, for tool_choice auto and required: hermes, llama3_json or "
             "mistral (default: the one its chat template names).",
         ),
     ] = None,
