@@ -27,19 +27,17 @@ SCHEMA = {
 }
 
 
-@pytest.fixture(scope="module")
-def byte_model(tmp_path_factory):
-    """A tiny random GPT-2 over a byte-level vocabulary (one token per byte, no merges) and its tokenizer."""
+def byte_gpt2(folder, vocab_size: int = EOS + 1, n_positions: int = 512):
+    """A tiny random GPT-2 saved in ``folder`` over a byte-level vocabulary (token i is byte i, no
+    merges, end-of-text at 256, ids past it left for the caller's tokens), and that vocabulary's
+    tokenizers.Tokenizer, not saved yet."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from graft.tokenizer import Tokenizer as GraftTokenizer
-
-    folder = tmp_path_factory.mktemp("byte-gpt2")
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        vocab_size=EOS + 1,
-        n_positions=512,
+        vocab_size=vocab_size,
+        n_positions=n_positions,
         n_embd=32,
         n_layer=2,
         n_head=2,
@@ -54,7 +52,16 @@ def byte_model(tmp_path_factory):
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(["<|endoftext|>"])
-    backend.save(str(folder / "tokenizer.json"))
+    return backend
+
+
+@pytest.fixture(scope="module")
+def byte_model(tmp_path_factory):
+    """A tiny random GPT-2 over a byte-level vocabulary (one token per byte, no merges) and its tokenizer."""
+    from graft.tokenizer import Tokenizer as GraftTokenizer
+
+    folder = tmp_path_factory.mktemp("byte-gpt2")
+    byte_gpt2(folder).save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
     return load_model(folder, task="causal-lm"), GraftTokenizer.from_folder(folder)
 

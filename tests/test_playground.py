@@ -15,6 +15,12 @@ from test_serve import LABELS, Server, chat_folder
 from graft.tokenizer import Tokenizer
 
 
+def bars(page) -> dict[str, str]:
+    """The page's bars, in the order shown: label -> the percentage written beside it."""
+    rows = page.query_selector_all(".bar-row")
+    return {r.get_attribute("data-label"): r.query_selector(".bar-value").inner_text() for r in rows}
+
+
 def test_classification_shows_one_bar_per_label_with_graft_predicts_scores(tmp_path, minilm, cli, page):
     torch.manual_seed(0)
     cfg = tiny_hf_config("bert")
@@ -35,12 +41,11 @@ def test_classification_shows_one_bar_per_label_with_graft_predicts_scores(tmp_p
         page.click("#submit")
         page.wait_for_selector("#output[data-ready=true]")
         page.screenshot(path=str(tmp_path / "classification.png"))
-        rows = page.query_selector_all(".bar-row")
-        shown = {r.get_attribute("data-label"): r.query_selector(".bar-value").inner_text() for r in rows}
+        shown = bars(page)
     finally:
         server.close()
     assert shown == {label: f"{100 * p:.2f}%" for label, p in expected["scores"].items()}
-    assert rows[0].get_attribute("data-label") == expected["label"]  # the best bar first
+    assert next(iter(shown)) == expected["label"]  # the best bar first
 
 
 def test_embeddings_show_the_similarity_matrix(tmp_path, minilm, page):

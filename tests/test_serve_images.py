@@ -15,6 +15,7 @@ import torch
 import transformers
 from conftest import tiny_hf_config
 from test_clip import clip_folder, write_images
+from test_playground import bars
 from test_serve import Server
 
 from graft.models import FAMILIES
@@ -70,9 +71,9 @@ def test_an_image_classifier_predicts_as_graft_predict(family, tmp_path, cli):
         Image.new("1", (6000, 5000)).save(huge)  # 30 million pixels in a few kilobytes
         for image, message in (
             ("https://example.com/cat.png", "inputs[0].image: graft serve fetches no URL"),
-            ("data:image/png;base64,bm90IGFuIGltYWdl", "inputs[0].image: not an image Pillow can read"),
+            ("data:image/png;base64,bm90IGFuIGltYWdl", "inputs[0].image: cannot read the image"),
             ("%%%", "inputs[0].image: not a data URI or base64 text"),
-            (data_uri(huge), "inputs[0].image: 6000 x 5000 pixels; the server reads at most 25,000,000"),
+            (data_uri(huge), "inputs[0].image: 6000 x 5000 pixels; graft reads at most 25,000,000"),
         ):
             error = c.post("/predict", json={"inputs": [image]}).json()["error"]
             assert error["message"].startswith(message) and error["param"] == "inputs"
@@ -135,8 +136,7 @@ def test_the_playground_classifies_a_chosen_image(tmp_path, cli, page):
         page.click("#submit")
         page.wait_for_selector("#output[data-ready=true]")
         page.screenshot(path=str(tmp_path / "image.png"))
-        rows = page.query_selector_all(".bar-row")
-        shown = {r.get_attribute("data-label"): r.query_selector(".bar-value").inner_text() for r in rows}
+        shown = bars(page)
     finally:
         server.close()
     assert shown == {label: f"{100 * p:.2f}%" for label, p in expected["scores"].items()}
@@ -157,8 +157,7 @@ def test_the_playground_classifies_an_image_against_typed_labels_with_clip(tmp_p
         page.click("#submit")
         page.wait_for_selector("#output[data-ready=true]")
         page.screenshot(path=str(tmp_path / "clip.png"))
-        rows = page.query_selector_all(".bar-row")
-        shown = {r.get_attribute("data-label"): r.query_selector(".bar-value").inner_text() for r in rows}
+        shown = bars(page)
     finally:
         server.close()
     assert shown == {label: f"{100 * p:.2f}%" for label, p in expected["scores"].items()}

@@ -14,7 +14,7 @@ import json
 
 import httpx
 import pytest
-import torch
+from test_constrain import byte_gpt2
 from test_serve import Server, sse
 
 from graft.serve.tools import FORMATS, Function, detect, token_of
@@ -103,21 +103,7 @@ def byte_folder(folder, template: str):
     """A tiny random GPT-2 over bytes (token i is byte i) plus end-of-text, <tool_call> and
     </tool_call> (added, not special: Qwen's) and [TOOL_CALLS] and <|python_tag|> (special tokens),
     with ``template`` as its chat template."""
-    import transformers
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers
-
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=261, n_positions=1024, n_embd=32, n_layer=2, n_head=2,
-                                     bos_token_id=EOS, eos_token_id=EOS)  # fmt: skip
-    transformers.GPT2LMHeadModel(config).eval().save_pretrained(folder)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Backend(
-        models.BPE(vocab={c: i for i, c in enumerate(alphabet)} | {"<|endoftext|>": EOS}, merges=[])
-    )
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(["<|endoftext|>"])
+    backend = byte_gpt2(folder, vocab_size=261, n_positions=1024)
     backend.add_tokens(["<tool_call>", "</tool_call>"])
     backend.add_special_tokens(["[TOOL_CALLS]", "<|python_tag|>"])
     backend.save(str(folder / "tokenizer.json"))

@@ -29,12 +29,10 @@ class Format(StrEnum):
 def whisper_folder(model: str) -> Iterator[Path]:
     """The model as a HF folder; a CTranslate2 model.bin (or a faster-whisper folder) is converted
     into a temporary one first."""
-    path = Path(model)
-    if path.is_dir() and (path / "model.bin").is_file() and not (path / "config.json").is_file():
-        path = path / "model.bin"  # a faster-whisper folder: model.bin, config.json of hints, tokenizer.json
-    if path.suffix == ".bin" and path.is_file():
-        from graft.io.ctranslate2 import convert_ctranslate2
+    from graft.io.ctranslate2 import convert_ctranslate2, ctranslate2_file
 
+    path = ctranslate2_file(model)
+    if path is not None:
         with tempfile.TemporaryDirectory(prefix="graft-ct2-") as tmp:
             yield convert_ctranslate2(path, Path(tmp) / "model")
         return
@@ -106,12 +104,12 @@ def transcribe(
 
 def is_whisper(model: str) -> bool:
     """Whether MODEL names a Whisper model (a folder whose config.json says so, or a CTranslate2 one)."""
+    from graft.io.ctranslate2 import ctranslate2_file
+
     path = Path(model)
-    if path.suffix == ".bin" and path.is_file():
+    if ctranslate2_file(model) is not None:
         return True
     if path.is_dir():
-        if (path / "model.bin").is_file() and not (path / "config.json").is_file():
-            return True
         try:
             return (
                 json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type") == "whisper"

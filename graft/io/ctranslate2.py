@@ -78,6 +78,16 @@ class _Cursor(Cursor):
             raise GraftError(f"{self.path}: {what} is not UTF-8 text") from None
 
 
+def ctranslate2_file(model: str | os.PathLike) -> Path | None:
+    """The CTranslate2 model.bin that ``model`` names: the file itself, or a folder holding one and
+    no config.json (a faster-whisper folder; with a config.json it is read as a Hugging Face
+    folder); None for anything else."""
+    path = Path(model)
+    if path.is_dir() and (path / "model.bin").is_file() and not (path / "config.json").is_file():
+        path = path / "model.bin"
+    return path if path.suffix == ".bin" and path.is_file() else None
+
+
 def read_ctranslate2(path: str | os.PathLike) -> CT2Model:
     """Parse a CTranslate2 model.bin (format versions 4 to 6)."""
     path = Path(path)

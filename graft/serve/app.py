@@ -152,6 +152,11 @@ class State:
             gc.freeze()
         self.served = served
 
+    def call_format(self) -> str | None:
+        """How the model writes tool calls (graft.serve.tools.FORMATS): --tool-format, else the one
+        its chat template names; None where graft knows none."""
+        return self.settings.tool_format or detect(getattr(self.model().tokenizer, "chat_template", None))
+
     def model(self) -> Served:
         if self.served is None:
             raise HTTPError(503, "the model is still loading" if self.failure is None else self.failure)
@@ -292,11 +297,10 @@ def seq2seq_generate(
     generation settings (generation_config.json), then ``options``; at most what the decoder's
     positions hold after its start token (as a causal LM's max_tokens stops at its window)."""
     from graft.generation import GenerationConfig, generate
-    from graft.tasks.collate import pad
+    from graft.tasks.collate import pad, window
 
     config = GenerationConfig.for_model(served.model, served.generation_defaults, **options)
-    decoder = served.config.decoder
-    room = decoder.max_positions - decoder.first_position - 1  # (the start token takes one)
+    room = window(served.config.decoder, None) - 1  # the decoder's positions; the start token takes one
     config = config.replace(max_new_tokens=min(config.max_new_tokens, room))
     ids, mask = pad(prompts, served.tokenizer.pad_token_id or 0, side="right")  # (N, T)
     new = generate(served.model, ids, mask, config)[:, 1:].tolist()  # (N, new): after the start token
@@ -614,8 +618,9 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         prompts: list[str] | list[list[int]], truncate: bool, name: str, options: dict[str, Any]
     ) -> tuple[list[tuple[list[int], bool]], list[int]]:
         """A seq2seq model's new tokens for each prompt (a text, or token ids read as they are) and
-        whether they ended (``seq2seq_generate``), and each prompt's length: 413 for one over the encoder's window, unless it is cut. Generated in
-        batches by the queue (requests with the same options together)."""
+        whether they ended (``seq2seq_generate``), and each prompt's length: 413 for one over the
+        encoder's window, unless it is cut. Generated in batches by the queue (requests with the
+        same options together)."""
         from graft.tasks.collate import window
 
         s = served()
@@ -820,22 +825,10 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         for name in ("labels", "templates"):
             if getattr(body, name) is not None:
                 raise HTTPError(422, f"{name}: for a CLIP model's zero-shot classification", name)
-        if s.seq2seq:  # graft predict's {"generated": text} for each record's text
-            for name in ("threshold", "n_best", "max_answer_length", "null_threshold"):
-                if getattr(body, name) is not None:
-                    raise HTTPError(
-                        422, f"{name}: not for a seq2seq model (max_new_tokens, num_beams are)", name
-                    )
-            texts = []
-            for i, r in enumerate(records):
-                if not isinstance(r.get("text"), str):
-                    raise HTTPError(422, f"inputs[{i}]: a record needs 'text' as text", "inputs")
-                texts.append(r["text"])
-            options = {k: v for k, v in generation.items() if v is not None}
-            rows, _ = await generated(texts, body.truncate, "inputs", options)
-            new = [tokens for tokens, _ in rows]
-            decode = s.tokenizer.decode
-            return {"predictions": [prediction_row(r, {"generated": decode(ids)}) for r, ids in zip(records, new, strict=True)]}  # fmt: skip
+        if s.seq2seq:
+            return await seq2seq_predictions(
+                body, records, {k: v for k, v in generation.items() if v is not None}
+            )
         if given is not None:
             raise HTTPError(422, f"{given}: only for a seq2seq model; {s.name} is {s.kind}", given)
         texts = []
@@ -852,6 +845,25 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         options = {k: v for k, v in body.model_dump(exclude=exclude).items() if v is not None}
         predictions = await state.on_queue("predict", records, lengths, options)
         return {"predictions": [prediction_row(r, p) for r, p in zip(records, predictions, strict=True)]}
+
+    async def seq2seq_predictions(
+        body: PredictRequest, records: list[dict[str, Any]], options: dict[str, Any]
+    ) -> dict[str, Any]:
+        """/predict on a seq2seq model: graft predict's {"generated": text} for each record's text,
+        with ``options`` (max_new_tokens, num_beams)."""
+        from graft.tasks.predict import prediction_row
+
+        for name in ("threshold", "n_best", "max_answer_length", "null_threshold"):
+            if getattr(body, name) is not None:
+                raise HTTPError(422, f"{name}: not for a seq2seq model (max_new_tokens, num_beams are)", name)
+        texts = []
+        for i, r in enumerate(records):
+            if not isinstance(r.get("text"), str):
+                raise HTTPError(422, f"inputs[{i}]: a record needs 'text' as text", "inputs")
+            texts.append(r["text"])
+        rows, _ = await generated(texts, body.truncate, "inputs", options)
+        decode = served().tokenizer.decode
+        return {"predictions": [prediction_row(r, {"generated": decode(new)}) for r, (new, _) in zip(records, rows, strict=True)]}  # fmt: skip
 
     async def image_predictions(body: PredictRequest, inputs: list[Any], given: str | None) -> dict[str, Any]:
         """/predict on an image model: each input (a data URI, or a record with one as ``image``)
@@ -936,7 +948,7 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
             costs = dict(state.queue.costs)
             batching["forward_fixed_ms"] = {op: round(1000 * cost.fixed, 3) for op, cost in costs.items()}
         # tool_choice "auto": the format for calls the model is read in (None: "auto" is refused)
-        calls = (st.tool_format or detect(s.tokenizer.chat_template)) if s.generates else None
+        calls = state.call_format() if s.generates else None
         return {**s.info(), "batching": batching, "auth": st.api_key is not None, "explain": explainable(s),
                 "tool_format": calls}  # fmt: skip
 

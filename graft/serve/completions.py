@@ -29,7 +29,6 @@ from graft.serve.tools import (
     ToolChoice,
     call_for_template,
     calling,
-    detect,
     for_template,
     token_of,
 )
@@ -640,8 +639,7 @@ def register(app: FastAPI, state: Any, generated: Callable[..., Any]) -> None:
                     f"messages[{i}].content: only an assistant's calls come without it",
                     f"messages[{i}].content",
                 )
-        form = state.settings.tool_format or detect(s.tokenizer.chat_template)
-        tools = calling(body.tools, body.tool_choice, body.parallel_tool_calls, form)
+        tools = calling(body.tools, body.tool_choice, body.parallel_tool_calls, state.call_format())
         messages = [m.for_template() for m in body.messages]
         variables = {"tools": for_template(body.tools)} if body.tools else {}
         ids = s.tokenizer.apply_chat_template(

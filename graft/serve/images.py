@@ -3,18 +3,19 @@ CLIP: graft zeroshot's, against the request's labels) and a CLIP model's image e
 
 An image is sent as its bytes, in a data URI (``data:image/png;base64,...``, what a browser's
 FileReader gives) or as bare base64: the server fetches no URL (a request must not make it reach
-other machines). Pillow reads the header first; an image over ``MAX_PIXELS`` is refused before
-its pixels are decoded, so a small compressed file cannot make the server allocate gigabytes.
+other machines). graft.vision's ``open_image`` reads it as graft predict reads a file, with the
+header first: an image over ``MAX_PIXELS`` is refused before its pixels are decoded, so a small
+compressed file cannot make the server allocate gigabytes.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import re
 from typing import Any
 
+from graft.errors import GraftError
 from graft.serve.http import HTTPError
 
 MAX_PIXELS = 25_000_000  # 5000 x 5000: far above what any image model reads (224 x 224, 384 x 384)
@@ -23,7 +24,7 @@ DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,")
 
 def decode_image(value: Any, where: str, param: str) -> Any:
     """A PIL image from a data URI or base64 text; a 422 naming ``where`` otherwise."""
-    from graft.vision.images import pillow
+    from graft.vision.images import open_image
 
     if not isinstance(value, str):
         raise HTTPError(
@@ -38,18 +39,10 @@ def decode_image(value: Any, where: str, param: str) -> Any:
         data = base64.b64decode(value[match.end() :] if match else value, validate=True)
     except (binascii.Error, ValueError):
         raise HTTPError(422, f"{where}: not a data URI or base64 text", param) from None
-    Image = pillow()
     try:
-        image = Image.open(io.BytesIO(data))  # the header only, so far
-        width, height = image.size
-        if width * height > MAX_PIXELS:
-            raise HTTPError(
-                422, f"{where}: {width} x {height} pixels; the server reads at most {MAX_PIXELS:,}", param
-            )
-        image.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as e:  # (UnidentifiedImageError is an OSError)
-        raise HTTPError(422, f"{where}: not an image Pillow can read ({e})", param) from None
-    return image if image.mode not in ("P", "PA") else image.convert("RGBA")
+        return open_image(data, where, MAX_PIXELS)
+    except GraftError as e:
+        raise HTTPError(422, str(e), param) from None
 
 
 def image_records(inputs: list[Any], param: str) -> list[dict[str, Any]]:

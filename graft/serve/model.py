@@ -88,9 +88,11 @@ class Served:
     @property
     def max_length(self) -> int:
         """Tokens one input may hold: the model's window (an encoder-decoder's: its encoder's)."""
+        from graft.tasks.collate import window
+
         cfg = self.config.text if self.clip else getattr(self.config, "encoder", self.config)
         prompt = 0 if self.exported else getattr(self.body, "virtual_tokens", 0)  # prefix/prompt tuning's
-        return cfg.max_positions - cfg.first_position - prompt
+        return window(cfg, None) - prompt  # (the positions alone: not the tokenizer's limit)
 
     @property
     def labels(self) -> list[str] | None:
@@ -261,15 +263,12 @@ def speech_model(model: str, dtype: torch.dtype | None, reference: bool) -> tupl
     faster-whisper folder, converted into a temporary folder), and the temporary folder to keep as
     long as the model (None for a HF folder); None for any other model."""
     from graft.generation.speech import Transcriber
+    from graft.io.ctranslate2 import convert_ctranslate2, ctranslate2_file
     from graft.io.hf import read_json, resolve
     from graft.loading import load_model
 
-    path, keep = Path(model), None
-    if path.is_dir() and (path / "model.bin").is_file() and not (path / "config.json").is_file():
-        path = path / "model.bin"  # a faster-whisper folder
-    if path.suffix == ".bin" and path.is_file():
-        from graft.io.ctranslate2 import convert_ctranslate2
-
+    path, keep = ctranslate2_file(model), None
+    if path is not None:
         keep = tempfile.TemporaryDirectory(prefix="graft-serve-ct2-")
         folder = convert_ctranslate2(path, Path(keep.name) / "model")
     else:

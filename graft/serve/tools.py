@@ -115,16 +115,7 @@ class CallFormat:
 
     def call_schema(self, tools: dict[str, Function]) -> dict[str, Any]:
         """A JSON schema of one call: ``{"name": a tool, key: its arguments}``."""
-        calls = [
-            {
-                "type": "object",
-                "properties": {"name": {"const": name}, self.key: function.parameters},
-                "required": ["name", self.key],
-                "additionalProperties": False,
-            }
-            for name, function in tools.items()
-        ]
-        return {"anyOf": calls, "x-guidance": WHITESPACE}
+        return {"anyOf": call_schemas(tools, self.key), "x-guidance": WHITESPACE}
 
     def grammar(self, tools: dict[str, Function], parallel: bool, token: Token, text: bool = True) -> str:
         """The Lark of a reply: text, or (text then) calls of ``tools`` (one if not ``parallel``);
@@ -151,6 +142,19 @@ class CallFormat:
         """How many characters at the end of ``text`` (no marker in it yet) may begin the marker."""
         return next((n for n in range(min(len(text), len(self.marker) - 1), 0, -1)
                      if self.marker.startswith(text[-n:])), 0)  # fmt: skip
+
+
+def call_schemas(tools: dict[str, Function], key: str) -> list[dict[str, Any]]:
+    """Each tool's call as a JSON schema: ``{"name": the tool's, key: its arguments}``, nothing else."""
+    return [
+        {
+            "type": "object",
+            "properties": {"name": {"const": name}, key: function.parameters},
+            "required": ["name", key],
+            "additionalProperties": False,
+        }
+        for name, function in tools.items()
+    ]
 
 
 def either(text: str, token: Token) -> str:
@@ -319,20 +323,11 @@ class Calling:
         """The JSON schema a named or required reply is constrained to."""
         if self.named is not None:
             return self.tools[self.named].parameters
-        calls = [
-            {
-                "type": "object",
-                "properties": {"name": {"const": name}, "parameters": function.parameters},
-                "required": ["name", "parameters"],
-                "additionalProperties": False,
-            }
-            for name, function in self.tools.items()
-        ]
         return {
             "type": "array",
             "minItems": 1,
             **({} if self.parallel else {"maxItems": 1}),
-            "items": {"anyOf": calls},
+            "items": {"anyOf": call_schemas(self.tools, "parameters")},
         }
 
     def reply(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,19 @@ def pillow() -> Any:
     return Image
 
 
-def open_image(value: Any, where: str = "image") -> Any:
-    """A loaded PIL image from a path (str or Path) or a uint8 array (H, W) / (H, W, 3|4).
+def open_image(value: Any, where: str = "image", max_pixels: int | None = None) -> Any:
+    """A loaded PIL image from a path (str or Path), a file's bytes, or a uint8 array (H, W) /
+    (H, W, 3|4).
 
-    A missing, unreadable or truncated file is a GraftError naming the file; Pillow's lazy
-    reading is forced here, so a broken file fails now, not in the middle of a batch.
+    A missing, unreadable or truncated file is a GraftError naming the file (``where`` for bytes);
+    Pillow's lazy reading is forced here, so a broken file fails now, not in the middle of a batch.
+    ``max_pixels``: a larger image is refused from its header, before its pixels are decoded.
     """
     Image = pillow()
     if isinstance(value, Image.Image):
         return value
+    if isinstance(value, bytes):
+        return _decoded(io.BytesIO(value), where, max_pixels)
     if isinstance(value, np.ndarray):
         if (
             value.dtype != np.uint8
@@ -47,8 +52,16 @@ def open_image(value: Any, where: str = "image") -> Any:
             if not path.exists()
             else GraftError(f"{path}: is a folder; expected an image file")
         )
+    return _decoded(path, str(path), max_pixels)
+
+
+def _decoded(source: Any, name: str, max_pixels: int | None) -> Any:
+    Image = pillow()
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:  # the header only, so far
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise GraftError(f"{name}: {width} x {height} pixels; graft reads at most {max_pixels:,}")
             image.load()  # decode now: a truncated file raises here
             return image.copy() if image.mode not in ("P", "PA") else image.convert("RGBA")
     except (
@@ -56,7 +69,7 @@ def open_image(value: Any, where: str = "image") -> Any:
         ValueError,
         Image.DecompressionBombError,
     ) as error:  # UnidentifiedImageError is an OSError
-        raise GraftError(f"{path}: cannot read the image ({error})") from None
+        raise GraftError(f"{name}: cannot read the image ({error})") from None
 
 
 def to_mode(image: Any, channels: int) -> Any:
