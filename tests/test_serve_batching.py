@@ -13,7 +13,7 @@ from conftest import hf_model
 from graft.generation import GenerationConfig, generate
 from graft.loading import load_model
 from graft.models import FAMILIES
-from graft.serve.batching import NOW, ForwardCost, Job, TokenBudgetQueue, split, start_at
+from graft.serve.batching import NOW, ForwardCost, Job, TokenBudgetQueue, divide, split, start_at
 from graft.serve.continuous import ContinuousBatcher, PrefixCache, Sequence, held_back
 from graft.serve.metrics import Metrics
 
@@ -275,20 +275,67 @@ def test_while_a_batch_runs_on_every_thread_no_other_starts(torch_threads):
         queue.close()
 
 
-def test_with_two_workers_free_a_batch_takes_its_share_of_the_queue():
-    queue = TokenBudgetQueue(lambda op, items, options: items, Metrics(), max_wait_ms=0, workers=2)
+def test_divide_splits_a_batch_into_parts_of_about_equal_tokens():
+    def tokens(parts):
+        return [sum(j.tokens for j in part) for part in parts]
+
+    five = [Job("embed", [i], [10], {}) for i in range(5)]
+    assert tokens(divide(five, 2)) == [30, 20]
+    long_first = [Job("embed", [0], [30], {}), *(Job("embed", [i], [10], {}) for i in range(3))]
+    assert tokens(divide(long_first, 2)) == [30, 30]  # the long one alone, the three short together
+    assert tokens(divide(five[:1], 2)) == [10]  # never an empty part
+    for n in (1, 2, 3, 7):
+        parts = divide(five + long_first, n)
+        assert sorted(id(j) for part in parts for j in part) == sorted(id(j) for j in five + long_first)
+        assert len(parts) == min(n, 9) and all(parts)
+
+
+def test_with_two_workers_a_round_splits_the_batch_and_the_next_starts_when_both_parts_end(torch_threads):
+    seen, gate = [], threading.Event()
+
+    def run(op, items, options):
+        seen.append((threading.current_thread().name, list(items)))
+        if threading.current_thread().name.endswith("-1"):
+            gate.wait(30)  # worker 1's part of the round lasts until the test opens the gate
+        return items
+
+    queue = TokenBudgetQueue(run, Metrics(), max_wait_ms=0, workers=2, threads=2)
     try:
-        with queue.cond:  # the workers wait for a notify that does not come while the test looks
-            queue.jobs = [Job("embed", [i], [10], {}) for i in range(5)]
-            assert len(queue.pick()) == 3  # half of the 50 tokens, rounded up: the other free worker takes 2
-            queue.jobs = [Job("embed", [0], [30], {}), *(Job("embed", [i], [10], {}) for i in range(3))]
-            assert len(queue.pick()) == 1  # 30 of 60 tokens: the other takes the three of 10
-            queue.jobs = [Job("embed", [i], [10], {}) for i in range(5)]
-            queue.free = 1
-            assert len(queue.pick()) == 5  # the other worker is busy: all of them
-            queue.jobs = []
+        with queue.cond:  # all queued before worker 0 looks
+            first = [queue.submit("embed", [i], [n], {}) for i, n in enumerate((40, 30, 20, 10, 10))]
+        assert [first[i].result(timeout=60) for i in (0, 3, 4)] == [[0], [3], [4]]  # worker 0's part ended...
+        later = queue.submit("embed", [5], [10], {})
+        time.sleep(0.3)
+        assert not later.done() and len(seen) == 2  # ...but the round has not: nothing else starts
+        gate.set()
+        assert [first[i].result(timeout=60) for i in (1, 2)] == [[1], [2]] and later.result(timeout=60) == [5]
     finally:
+        gate.set()
         queue.close()
+    # parts of 60 and 50 tokens: the longest first, each into the part with fewer tokens
+    assert sorted(seen[:2]) == [("graft-encoder-queue-0", [0, 3, 4]), ("graft-encoder-queue-1", [1, 2])]
+    assert seen[2] == ("graft-encoder-queue-0", [5])  # a lone request, after the round
+
+
+def test_closing_while_a_round_runs_answers_every_queued_request(torch_threads):
+    gate = threading.Event()
+
+    def run(op, items, options):
+        gate.wait(30)
+        return items
+
+    queue = TokenBudgetQueue(run, Metrics(), max_wait_ms=0, workers=2, threads=2)
+    with queue.cond:
+        first = [queue.submit("embed", [i], [10], {}) for i in range(4)]
+    while queue.free == 2:  # the round has started
+        time.sleep(0.01)
+    rest = [queue.submit("embed", [i], [10], {}) for i in range(4, 9)]
+    closing = threading.Thread(target=queue.close)
+    closing.start()
+    gate.set()
+    closing.join(60)
+    assert not closing.is_alive() and not any(worker.is_alive() for worker in queue.workers)
+    assert [f.result(timeout=0) for f in first + rest] == [[i] for i in range(9)]
 
 
 def test_an_arrival_wakes_a_worker_only_when_one_is_idle_or_the_held_batch_is_complete():
@@ -313,23 +360,22 @@ def test_an_arrival_wakes_a_worker_only_when_one_is_idle_or_the_held_batch_is_co
         queue.close()
 
 
-def test_with_two_workers_free_an_arrival_wakes_none_while_worker_0_holds_a_batch(torch_threads):
-    """Only worker 0 starts a batch while both are free: the other's idleness does not make every
-    arrival wake them both (as one worker's queue, above); once a batch runs, it does."""
+def test_with_two_workers_an_arrival_wakes_worker_0_only_between_rounds(torch_threads):
+    """Worker 0 starts every round: an arrival wakes it when it is idle or its held batch is now
+    complete, and never while a round runs (the round's end does)."""
     queue = TokenBudgetQueue(lambda op, items, options: items, Metrics(), max_batch_tokens=100, workers=2)
     try:
         with queue.cond:
-            queue.holding, queue.owed = 1, 1  # worker 0 holds; worker 1 idle, but may not start
+            assert queue.wakes()  # both free, worker 0 idle
+            queue.holding, queue.owed = 1, 1  # worker 0 holds a batch for one more client
             queue.jobs = [Job("embed", [i], [10], {}) for i in range(2)]
             assert not queue.wakes()
             queue.jobs.append(Job("embed", [2], [10], {}))
             queue.owed = 0
             assert queue.wakes()  # the last one back completes the batch
-            queue.holding, queue.free = 0, 1  # a batch runs: the idle worker may start the next
-            assert queue.wakes()
-            queue.wide = True  # ...unless that batch has every thread
+            queue.holding, queue.free = 0, 1  # a round runs (one part has ended, the other not)
             assert not queue.wakes()
-            queue.jobs, queue.owed, queue.free, queue.wide = [], 0, 2, False
+            queue.jobs, queue.free = [], 2
     finally:
         queue.close()
 
@@ -360,9 +406,9 @@ def test_clients_of_every_batch_that_ended_are_owed_until_they_come_back(torch_t
         queue.close()
 
 
-def test_two_workers_holding_the_same_request_both_survive_the_one_that_finds_it_gone():
-    """Both workers free, both hold the lone request for company; the one whose wait ends second
-    finds the queue empty and goes back to waiting for work (it used to fail on the empty queue)."""
+def test_a_request_held_for_company_runs_once_and_both_workers_go_on():
+    """A lone request held for company runs once, and both workers go on serving (when both
+    workers held batches, the one whose wait ended second used to fail on the empty queue)."""
     calls = []
     queue = TokenBudgetQueue(lambda op, items, options: calls.append(items) or items, Metrics(), workers=2)
     queue.costs["embed"] = Fixed(0.05)  # hold a request 50 ms for company...

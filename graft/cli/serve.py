@@ -71,9 +71,10 @@ def serve(
         int | None,
         typer.Option(
             min=1,
-            help="Encoders: batches that run at once, each on cores / N torch threads; a batch that "
-            "starts alone with nothing queued runs on every core (1: one batch at a time on every core; "
-            "default 2 where the model runs on torch with two threads or more).",
+            help="Encoders: each batch runs split into N parts of about equal tokens, each on cores / N "
+            "torch threads, the next batch starting when all have ended; one request alone runs on "
+            "every core (1: whole batches on every core; default 2 where the model runs on torch with "
+            "two threads or more).",
         ),
     ] = None,
     prefix_cache_mb: Annotated[

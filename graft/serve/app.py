@@ -67,7 +67,7 @@ class Settings:
     max_concurrent: int = 256
     max_body_bytes: int = 4 * 1024 * 1024
     batching: bool = True
-    # encoders: batches at once, each on cores / workers torch threads (batching.TokenBudgetQueue.take);
+    # encoders: each batch in this many parts at once, each on cores / workers torch threads (batching.TokenBudgetQueue.take);
     # 0: two where the model runs on torch with two threads or more, else one
     workers: int = 0
     prefix_cache_mb: int = 256  # causal LMs: recent prompts' keys and values kept (0: none)
