@@ -39,7 +39,7 @@ from graft.serve.completions import register as register_completions
 from graft.serve.continuous import ContinuousBatcher, RunningBatch
 from graft.serve.explain import explainable
 from graft.serve.explain import register as register_explain
-from graft.serve.http import Body, HTTPError, check_token_ids, error
+from graft.serve.http import Body, HTTPError, check_token_ids, error, too_long
 from graft.serve.metrics import Metrics
 from graft.serve.model import Served
 from graft.serve.packing import embed_packed
@@ -555,12 +555,7 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
                 continue
             if not truncate:
                 where = field_name[i] if isinstance(field_name, list) else f"{field_name}[{i}]"
-                raise HTTPError(
-                    413,
-                    f"{where} has {len(ids)} tokens; the model takes at most {limit} "
-                    '(send "truncate": true to cut it)',
-                    where.split("[")[0],
-                )
+                raise too_long(where, len(ids), limit, where.split("[")[0])
             cut = tokenizer.encode(texts[i], max_length=limit, padding=False, return_tensors=None)
             rows[i] = (cut.input_ids[0], cut.token_type_ids[0])
         return rows
@@ -632,8 +627,7 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
             for i, ids in enumerate(rows):
                 if len(ids) > limit:
                     where = f"{name}[{i}]" if len(rows) > 1 else name
-                    raise HTTPError(413, f"{where} has {len(ids)} tokens; the model takes at most {limit} "
-                                    '(send "truncate": true to cut it)', name)  # fmt: skip
+                    raise too_long(where, len(ids), limit, name)
         lengths = [len(ids) for ids in rows]
         return await state.on_queue("generate", rows, lengths, options), lengths
 
@@ -660,10 +654,7 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
                 raise HTTPError(422, f"{where}: no token ids", "input")
             check_token_ids(row, vocab, where, "input")
             if len(row) > limit and not truncate:
-                raise HTTPError(
-                    413, f"{where} has {len(row)} tokens; the model takes at most {limit} "
-                    '(send "truncate": true to keep the first)', "input",
-                )  # fmt: skip
+                raise too_long(where, len(row), limit, "input", cut="keep the first")
         return await embedded([(None, row[:limit], [0] * len(row[:limit])) for row in rows], normalize=True)
 
     def check_dimensions(dimensions: int) -> None:
@@ -764,12 +755,7 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         lengths = [len(ids) for ids in pairs]
         for i, n in enumerate(lengths):
             if n > limit and not truncate:
-                raise HTTPError(
-                    413,
-                    f"{name}[{i}] with the query has {n} tokens; the model takes at most {limit} "
-                    '(send "truncate": true to cut the longer of the two)',
-                    name,
-                )
+                raise too_long(f"{name}[{i}] with the query", n, limit, name, cut="cut the longer of the two")
         lengths = [min(n, limit) for n in lengths]
         predictions = await state.on_queue("predict", records, lengths, {})
         logits = [p["value"] for p in predictions]

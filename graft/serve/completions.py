@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import Field
 
 from graft.serve.continuous import Scored, Sequence
-from graft.serve.http import Body, HTTPError, check_token_ids, error_body
+from graft.serve.http import Body, HTTPError, check_token_ids, error_body, too_long
 from graft.serve.model import Served
 from graft.serve.tools import (
     Call,
@@ -255,11 +255,13 @@ def register(app: FastAPI, state: Any, generated: Callable[..., Any]) -> None:
         window = served().max_length
         if len(prompt) >= window:
             if not truncate:
-                raise HTTPError(
-                    413,
-                    f"the prompt has {len(prompt)} tokens; the model's context holds {window} "
-                    '(send "truncate": true to keep its last tokens)',
+                raise too_long(
+                    "the prompt",
+                    len(prompt),
+                    window,
                     "prompt",
+                    "keep its last tokens",
+                    "the model's context holds",
                 )
             prompt = prompt[-max(1, window - config.max_new_tokens) :]
         return prompt, config.replace(max_new_tokens=min(config.max_new_tokens, window - len(prompt)))

@@ -22,6 +22,21 @@ def check_token_ids(ids: list[int], vocab: int, where: str, param: str) -> None:
         raise HTTPError(422, f"{where}: token id {bad} is not in the vocabulary (0..{vocab - 1})", param)
 
 
+def too_long(
+    where: str,
+    tokens: int,
+    limit: int,
+    param: str,
+    cut: str = "cut it",
+    holds: str = "the model takes at most",
+) -> HTTPError:
+    """The 413 for ``where``, an input of ``tokens`` over the model's ``limit``, saying what
+    "truncate" would do (``cut``)."""
+    return HTTPError(
+        413, f'{where} has {tokens} tokens; {holds} {limit} (send "truncate": true to {cut})', param
+    )
+
+
 def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
