@@ -195,7 +195,7 @@ class TokenBudgetQueue:
         self.owed, self.free_since = 0, time.monotonic()
         self.costs: dict[str, ForwardCost] = {}  # each op's forwards
         self.free = workers  # workers not running a batch
-        self.holding = 0  # worker 0 holds the next batch back for company (start_at): not idle
+        self.holding = False  # worker 0 holds the next batch back for company (start_at): not idle
         self.shares: list[list[Job]] = [[] for _ in range(workers)]  # a round's part for each worker
         self.cond = threading.Condition()
         self.workers = [
@@ -289,36 +289,36 @@ class TokenBudgetQueue:
         one part each of about equal tokens (``divide``), every part on its share of the threads,
         so that they end together; the next round starts when every part has ended. A batch too
         small to divide leaves the other workers the next batch of another kind, and a round of one
-        part runs on every thread (a lone request is answered as fast as one worker answers it). Two one-thread forwards at once compute up to 20% more
-        tokens a second than one two-thread forward of the same texts (AMD EPYC, 4 to 64 texts), and a
-        core taken by the event loop or a client slows one of them, not both (a forward on two
-        threads waits for the slower at every operation). Workers that took batches of their own
-        as they came free (before session 19) drifted apart into groups of clients of unequal
-        sizes, one forward waiting for its group to come back while the other ran: with rounds,
-        32 clients on 2 cores got 5-7% more requests a second (AMD EPYC, AVX2).
+        part runs on every thread (a lone request is answered as fast as one worker answers it).
+        Two one-thread forwards at once compute up to 20% more tokens a second than one two-thread
+        forward of the same texts (AMD EPYC, 4 to 64 texts), and a core taken by the event loop or
+        a client slows one of them, not both (a forward on two threads waits for the slower at
+        every operation). Workers that took batches of their own as they came free (before session
+        19) drifted apart into groups of clients of unequal sizes, one forward waiting for its group
+        to come back while the other ran: with rounds, p99 / p50 at half of saturation fell from
+        2.91 to 2.34 (six runs each, 32 clients' throughput the same; AMD EPYC, AVX2).
 
         Only worker 0 ever runs on more than one thread: each thread that does keeps a team of
         OpenMP threads, and once those outnumber the cores, GNU OpenMP's threads stop spinning
         between parallel regions (its "throttled" spin) and every operation then waits for them
         to wake: a lone request's forward took 14 ms instead of 9 when both workers had run
         two-thread forwards."""
+        share = max(1, self.threads // len(self.workers))  # a part's threads
         with self.cond:
             if worker > 0:  # its part of a round that worker 0 started
                 while not self.shares[worker] and not self.closed:
                     self.cond.wait()
                 batch, self.shares[worker] = self.shares[worker], []
-                return (batch, max(1, self.threads // len(self.workers))) if batch else None
-            while True:
-                while not self.may_start() and not (self.closed and not self.jobs):
-                    self.cond.wait()
-                if not self.may_start():  # closed, and nothing left to take
-                    return None
-                self.holding = 1
-                while self.jobs and self.batching and not self.closed and (left := self.worth_waiting()) > 0:
-                    self.cond.wait(left)  # the arrival that completes the batch wakes it (wakes)
-                self.holding = 0
-                if self.may_start():
-                    break
+                return (batch, share) if batch else None
+            while not self.may_start() and not (self.closed and not self.jobs):
+                self.cond.wait()
+            if not self.may_start():  # closed, and nothing left to take
+                return None
+            # only this worker takes jobs and starts rounds: what it waits for stays queued
+            self.holding = True
+            while self.batching and not self.closed and (left := self.worth_waiting()) > 0:
+                self.cond.wait(left)  # the arrival that completes the batch wakes it (wakes)
+            self.holding = False
             # what is still owed then is forgotten: clients that did not come back by the time a
             # batch started have gone (at 64 clients, then 10, 54 would be owed for ever)
             self.owed = 0
@@ -337,7 +337,7 @@ class TokenBudgetQueue:
             for w, part in enumerate(parts[1:], 1):
                 self.shares[w] = part
             self.cond.notify_all()
-            return parts[0], max(1, self.threads // len(self.workers))
+            return parts[0], share
 
     def may_start(self) -> bool:
         """Whether worker 0 may start a round now: requests wait and the last round has ended."""
