@@ -11,7 +11,8 @@ time on every thread), and the server a user would write by hand (FastAPI + tran
 request; this script runs it as a subprocess with --hand-written PORT). The ceiling is graft's
 offline batched throughput of the same texts, timed first and again just before and after each of
 graft's runs (the machine's speed drifts between minutes: a server is set against the ceiling of
-its own minutes, the first ceiling printed beside it). For graft (and --workers 1), requests also
+its own minutes, the first ceiling printed beside it, and a line when the two differ by more than
+5%: that run's share is uncertain by about as much). For graft (and --workers 1), requests also
 arrive open-loop (Poisson) at half of its best closed-loop rate: p99 / p50 there is the tail at half of
 saturation. Each run also reads the CPU time per request of the client and of the server (its
 event loop thread and its model threads, from /proc): the client shares the cores, so the figure
@@ -583,11 +584,16 @@ def main() -> None:
         reachable = offline_cpu / (offline_cpu + g["client_cpu_ms"])
         figures[f"per_cpu_vs_offline_{clients}"], figures[f"reachable_{clients}"] = per_cpu, reachable
         share = figures[f"vs_offline_{clients}"] = g["requests_per_s"] / g["offline_beside"]
+        # the ceiling's change from just before the run to just after: the share's uncertainty
+        drift = figures[f"offline_drift_{clients}"] = abs(g["offline_after"] / g["offline_before"] - 1)
         print(f"{clients:>3} clients: graft / hand-written {ratio:.2f}x, graft / offline {share:.0%} (goal 85%; "
               f"offline timed just before and after: {g['offline_before']:,.0f} / {g['offline_after']:,.0f} texts/s; "
               f"against the first ceiling {g['requests_per_s'] / ceiling:.0%}), per server CPU second {per_cpu:.0%}; the client "
               f"took {g['client_cpu_share']:.0%} of the CPU (beside it, a server at offline's CPU per text "
               f"reaches {reachable:.0%} of offline); graft p99 / p50 {g['p99_ms'] / g['p50_ms']:.1f}")  # fmt: skip
+        if drift > 0.05:
+            print(f"{clients:>3} clients: the ceiling changed {drift:.0%} from just before this run to just after it "
+                  f"(the machine's speed, not the server's): its share of offline is uncertain by about as much")  # fmt: skip
     for clients in levels if "graft_1_worker" in systems else []:
         w, h = figures[f"graft_1_worker_{clients}"], figures.get(f"hand_written_{clients}")
         share = figures[f"one_worker_vs_offline_{clients}"] = w["requests_per_s"] / w["offline_beside"]
