@@ -88,10 +88,26 @@ def test_predict_and_completions_give_what_the_library_generates(family, tmp_pat
         }
         with c.stream("POST", "/v1/completions", json=body) as r:
             events = sse(r)
-        assert (
-            events[0]["choices"][0]["text"] == expected[0]["generated"]
-            and events[-1]["usage"]["prompt_tokens"]
-        )
+        texts = [e["choices"][0]["text"] for e in events if e["choices"]]
+        reasons = [e["choices"][0]["finish_reason"] for e in events if e["choices"]]
+        assert "".join(texts) == expected[0]["generated"] and events[-1]["usage"]["prompt_tokens"]
+        assert reasons[-1] in ("stop", "length") and not any(reasons[:-1])
+        # streamed as it is decoded: a word (a token) an event
+        assert len([t for t in texts if t]) == len(expected[0]["generated"].split())
+
+        # several prompts, each choice by its index; a stop string ends a choice as unstreamed
+        words = [e["generated"].split() for e in expected]
+        stop = next((w[1] for w in words if len(w) > 1), "w5")
+        both = {"prompt": TEXTS, "max_tokens": 8, "temperature": 0, "stop": [stop]}
+        whole = c.post("/v1/completions", json=both).json()["choices"]
+        with c.stream("POST", "/v1/completions", json={**both, "stream": True}) as r:
+            events = sse(r)
+        for ch in whole:
+            mine = [
+                e["choices"][0] for e in events if e["choices"] and e["choices"][0]["index"] == ch["index"]
+            ]
+            assert "".join(m["text"] for m in mine) == ch["text"]
+            assert [m["finish_reason"] for m in mine][-1] == ch["finish_reason"]
 
         for field, value in (("logprobs", 1), ("echo", True), ("n", 2), ("logit_bias", {"5": 1}),
                              ("guided_regex", "w5")):  # fmt: skip
@@ -117,3 +133,27 @@ def test_predict_and_completions_give_what_the_library_generates(family, tmp_pat
         assert c.post("/embed", json={"inputs": "w5"}).status_code == 400
     finally:
         server.close()
+
+
+def test_streamed_rows_get_each_token_as_it_comes_and_stop_when_no_one_reads(tmp_path):
+    """seq2seq_generate with sinks: every streamed row's sink sees its tokens in order (the same
+    tokens the whole generation gives, end-of-text last), and once every reader has gone, the batch
+    stops at the next step instead of decoding to max_new_tokens."""
+    from graft.serve.app import Streamed, seq2seq_generate
+    from graft.serve.model import load_served
+
+    served = load_served(str(seq2seq_folder(tmp_path / "t5", "t5")))
+    prompts = [served.tokenizer.encode(t, return_tensors=None).input_ids[0] for t in TEXTS]
+    options = {"max_new_tokens": 8, "do_sample": False, "min_new_tokens": 8}  # no early end-of-text
+    whole = seq2seq_generate(served, prompts, options)
+    seen: list[list[int]] = [[] for _ in prompts]
+    streamed = seq2seq_generate(
+        served,
+        [Streamed(p, lambda t, i=i: seen[i].append(t) is None) for i, p in enumerate(prompts)],
+        options,
+    )
+    assert streamed == whole and [s[: len(new)] for s, (new, _) in zip(seen, whole, strict=True)] == [
+        new for new, _ in whole
+    ]
+    gone = seq2seq_generate(served, [Streamed(p, lambda t: False) for p in prompts], options)
+    assert all(len(new) == 1 for new, _ in gone)  # each reader left after the first token: one step

@@ -289,21 +289,52 @@ def clip_run(served: Served, op: str, items: list[Any], options: dict[str, Any])
     return predictions(logits, labels)
 
 
+Sink = Callable[[int], bool]  # a streamed prompt's next token -> whether its reader is still there
+
+
+@dataclass
+class Streamed:
+    """A seq2seq prompt whose new tokens go to ``sink`` as they come (``stream: true``)."""
+
+    ids: list[int]
+    sink: Sink
+
+
 def seq2seq_generate(
-    served: Served, prompts: list[list[int]], options: dict[str, Any]
+    served: Served, prompts: list[list[int] | Streamed], options: dict[str, Any]
 ) -> list[tuple[list[int], bool]]:
-    """Each prompt's new tokens (up to, not including, end-of-text) from one generate() call over
-    the batch, and whether it ended (end-of-text) rather than ran out of new tokens: the server's
+    """Each prompt's new tokens (up to, not including, end-of-text) from one generation over the
+    batch, and whether it ended (end-of-text) rather than ran out of new tokens: the server's
     generation settings (generation_config.json), then ``options``; at most what the decoder's
-    positions hold after its start token (as a causal LM's max_tokens stops at its window)."""
-    from graft.generation import GenerationConfig, generate
+    positions hold after its start token (as a causal LM's max_tokens stops at its window).
+
+    With a ``Streamed`` prompt in the batch, the batch decodes step by step (graft.generation's
+    ``stream``, the same tokens as ``generate``) and each streamed row's sink gets its tokens as
+    they come, until its end-of-text; once no row's reader is left, the batch stops. Beam search
+    has no step-by-step tokens: its rows come whole."""
+    from graft.generation import GenerationConfig, generate, stream
     from graft.tasks.collate import pad, window
 
     config = GenerationConfig.for_model(served.model, served.generation_defaults, **options)
     room = window(served.config.decoder, None) - 1  # the decoder's positions; the start token takes one
     config = config.replace(max_new_tokens=min(config.max_new_tokens, room))
-    ids, mask = pad(prompts, served.tokenizer.pad_token_id or 0, side="right")  # (N, T)
-    new = generate(served.model, ids, mask, config)[:, 1:].tolist()  # (N, new): after the start token
+    sinks = [p.sink if isinstance(p, Streamed) else None for p in prompts]
+    rows = [p.ids if isinstance(p, Streamed) else p for p in prompts]
+    ids, mask = pad(rows, served.tokenizer.pad_token_id or 0, side="right")  # (N, T)
+    if config.num_beams > 1 or not any(sinks):
+        new = generate(served.model, ids, mask, config)[:, 1:].tolist()  # (N, new): after the start token
+    else:
+        new = [[] for _ in rows]
+        reading = [sink is not None for sink in sinks]  # a streamed row whose reader is still there
+        ended = [False] * len(rows)
+        for tokens in stream(served.model, ids, mask, config):  # (N,) each row's next token
+            for i, token in enumerate(tokens.tolist()):
+                new[i].append(token)
+                if reading[i] and not ended[i]:
+                    reading[i] = sinks[i](token)
+                ended[i] = ended[i] or token in config.eos_ids
+            if not any(reading) and all(sinks):  # every row streamed, and every reader gone
+                break
     ends = [next((i for i, t in enumerate(row) if t in config.eos_ids), None) for row in new]
     return [
         (row[:end], True) if end is not None else (row, False) for row, end in zip(new, ends, strict=True)
@@ -610,12 +641,16 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         return s
 
     async def generated(
-        prompts: list[str] | list[list[int]], truncate: bool, name: str, options: dict[str, Any]
+        prompts: list[str] | list[list[int]],
+        truncate: bool,
+        name: str,
+        options: dict[str, Any],
+        sinks: list[Sink] | None = None,
     ) -> tuple[list[tuple[list[int], bool]], list[int]]:
         """A seq2seq model's new tokens for each prompt (a text, or token ids read as they are) and
         whether they ended (``seq2seq_generate``), and each prompt's length: 413 for one over the
         encoder's window, unless it is cut. Generated in batches by the queue (requests with the
-        same options together)."""
+        same options together); ``sinks``: one per prompt, given each new token as it comes."""
         from graft.tasks.collate import window
 
         s = served()
@@ -629,7 +664,10 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
                     where = f"{name}[{i}]" if len(rows) > 1 else name
                     raise too_long(where, len(ids), limit, name)
         lengths = [len(ids) for ids in rows]
-        return await state.on_queue("generate", rows, lengths, options), lengths
+        items = (
+            rows if sinks is None else [Streamed(ids, sink) for ids, sink in zip(rows, sinks, strict=True)]
+        )
+        return await state.on_queue("generate", items, lengths, options), lengths
 
     async def embedded(items: list[tuple], normalize: bool) -> tuple[np.ndarray, int]:
         """(N, H) float32 embeddings of the queue's (text, token ids, segment ids) items, and their tokens."""

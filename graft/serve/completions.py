@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
-from graft.serve.continuous import Scored, Sequence
+from graft.serve.continuous import Scored, Sequence, held_back
 from graft.serve.http import Body, HTTPError, check_token_ids, error_body, too_long
 from graft.serve.model import Served
 from graft.serve.tools import (
@@ -534,9 +534,9 @@ def register(app: FastAPI, state: Any, generated: Callable[..., Any]) -> None:
 
     async def seq2seq_completions(body: CompletionRequest, prompts: list[Any]) -> Any:
         """/v1/completions on an encoder-decoder (T5, BART): each prompt is the encoder's input and
-        its completion the decoder's text, generated whole in batches by the queue (``stream: true``:
-        each completion in one event). n, logprobs, echo, logit_bias and constraints are a causal
-        LM's: a 422 naming the field."""
+        its completion the decoder's text, generated in batches by the queue (``stream: true``:
+        the text as its tokens come, ``seq2seq_stream``). n, logprobs, echo, logit_bias and
+        constraints are a causal LM's: a 422 naming the field."""
         rule = constrained(body)  # (the field that constrains the reply)
         for name, given in (("n", body.n != 1), ("logprobs", body.logprobs is not None), ("echo", body.echo),
                             ("logit_bias", bool(body.logit_bias)), (rule and rule[0].split(".")[0], rule)):  # fmt: skip
@@ -546,32 +546,118 @@ def register(app: FastAPI, state: Any, generated: Callable[..., Any]) -> None:
             raise HTTPError(422, "prompt: texts or token id lists, not both", "prompt")
         changes = sampling(body, body.max_tokens)
         stops = changes.pop("stop_strings", [])
+        answer = {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
+                  "model": served().name}  # fmt: skip
+        if body.stream:
+            return await seq2seq_stream(body, prompts, changes, stops, answer)
         rows, lengths = await generated(prompts, body.truncate, "prompt", changes)
-        choices, decode = [], served().tokenizer.decode
-        for index, (new, ended) in enumerate(rows):
-            text = decode(new, skip_special_tokens=True)
-            reason = "stop" if ended else "length"
-            cut = min((at for at in (text.find(stop) for stop in stops) if at >= 0), default=-1)
-            if cut >= 0:  # the text ends before the stop string (as OpenAI's servers do)
-                text, reason = text[:cut], "stop"
-            choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": reason})
-        ident, created, name = "cmpl-" + uuid.uuid4().hex, int(time.time()), served().name
-        new_tokens = sum(len(new) for new, _ in rows)
-        counts = {"prompt_tokens": sum(lengths), "completion_tokens": new_tokens,
-                  "total_tokens": sum(lengths) + new_tokens}  # fmt: skip
-        answer = {"id": ident, "object": "text_completion", "created": created, "model": name}
-        if not body.stream:
-            return {**answer, "choices": choices, "usage": counts}
+        choices = [seq2seq_choice(index, new, ended, stops) for index, (new, ended) in enumerate(rows)]
+        return {**answer, "choices": choices, "usage": seq2seq_usage(rows, lengths)}
 
-        async def stream() -> AsyncIterator[str]:
-            for one in choices:
-                yield f"data: {json.dumps({**answer, 'choices': [one]}, ensure_ascii=False)}\n\n"
-            if body.stream_options is not None and body.stream_options.include_usage:
-                yield f"data: {json.dumps({**answer, 'choices': [], 'usage': counts})}\n\n"
-            yield "data: [DONE]\n\n"
+    def seq2seq_choice(index: int, new: list[int], ended: bool, stops: list[str]) -> dict[str, Any]:
+        """A completion's choice: the text of its ``new`` tokens, ending before the first stop string."""
+        text, reason = served().tokenizer.decode(new, skip_special_tokens=True), "stop" if ended else "length"
+        cut = min((at for at in (text.find(stop) for stop in stops) if at >= 0), default=-1)
+        if cut >= 0:  # the text ends before the stop string (as OpenAI's servers do)
+            text, reason = text[:cut], "stop"
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+
+    def seq2seq_usage(rows: list[tuple[list[int], bool]], lengths: list[int]) -> dict[str, int]:
+        new_tokens = sum(len(new) for new, _ in rows)
+        return {"prompt_tokens": sum(lengths), "completion_tokens": new_tokens,
+                "total_tokens": sum(lengths) + new_tokens}  # fmt: skip
+
+    async def seq2seq_stream(
+        body: CompletionRequest, prompts: list[Any], changes: dict[str, Any], stops: list[str], answer: dict
+    ) -> StreamingResponse:
+        """Server-sent events of each prompt's text as the batch decodes it (each new token's text,
+        held back while it could begin a stop string or ends in an incomplete character), then each
+        choice's end (its rest, its finish_reason) once the batch is done. A request refused before
+        its first token (413, 429) is answered as such, not as a stream; a client that leaves stops
+        its rows (the batch stops once no row is read)."""
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue[tuple[int, int]] = asyncio.Queue()  # (choice, its next token)
+        reader = {"open": True}
+
+        def sink_of(index: int) -> Callable[[int], bool]:
+            def sink(token: int) -> bool:  # on the queue's thread
+                if reader["open"]:
+                    loop.call_soon_threadsafe(tokens.put_nowait, (index, token))
+                return reader["open"]
+
+            return sink
+
+        sinks = [sink_of(i) for i in range(len(prompts))]
+        task = asyncio.ensure_future(generated(prompts, body.truncate, "prompt", changes, sinks))
+        getter = asyncio.ensure_future(tokens.get())
+        await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done() and task.exception() is not None:  # refused, or failed, before any token
+            getter.cancel()
+            raise task.exception()
+        decode = served().tokenizer.decode
+        new: list[list[int]] = [[] for _ in prompts]
+        shown, stopped = [""] * len(prompts), [False] * len(prompts)
+
+        def chunk(index: int, text: str, reason: str | None = None) -> str:
+            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+            return f"data: {json.dumps({**answer, 'choices': [choice]}, ensure_ascii=False)}\n\n"
+
+        def advance(index: int, token: int) -> str | None:
+            """The text ``token`` adds to choice ``index`` that may go out now (None: none)."""
+            if stopped[index]:
+                return None
+            new[index].append(token)
+            text = decode(new[index], skip_special_tokens=True)
+            hits = [at for at in (text.find(stop) for stop in stops) if at >= 0]
+            if hits:  # the choice ends before the stop string; its end comes with the batch's
+                text, stopped[index] = text[: min(hits)], True
+            elif text.endswith("\ufffd"):  # an incomplete character waits for its next bytes
+                return None
+            else:
+                text = text[: len(text) - held_back(text, stops)]
+            if len(text) <= len(shown[index]) or not text.startswith(shown[index]):
+                return None
+            piece, shown[index] = text[len(shown[index]) :], text
+            return piece
+
+        async def events() -> AsyncIterator[str]:
+            nonlocal getter
+            try:
+                while True:
+                    if getter.done():
+                        index, token = getter.result()
+                        if (piece := advance(index, token)) is not None:
+                            yield chunk(index, piece)
+                        getter = asyncio.ensure_future(tokens.get())
+                    elif task.done():  # every token came before the batch's end: all are queued
+                        getter.cancel()
+                        while not tokens.empty():
+                            index, token = tokens.get_nowait()
+                            if (piece := advance(index, token)) is not None:
+                                yield chunk(index, piece)
+                        break
+                    else:
+                        await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if task.exception() is not None:
+                    yield f"data: {json.dumps(error_body(str(task.exception()), 500))}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                rows, lengths = task.result()
+                for index, (ids, ended) in enumerate(rows):  # each choice's rest and its end
+                    final = seq2seq_choice(index, ids, ended, stops)
+                    if final["text"].startswith(shown[index]) and len(final["text"]) > len(shown[index]):
+                        yield chunk(index, final["text"][len(shown[index]) :])
+                    yield chunk(index, "", final["finish_reason"])
+                if body.stream_options is not None and body.stream_options.include_usage:
+                    yield f"data: {json.dumps({**answer, 'choices': [], 'usage': seq2seq_usage(rows, lengths)})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:  # (the client gone: its rows stop at the next step)
+                reader["open"] = False
+                getter.cancel()
+                task.cancel()
 
         return StreamingResponse(
-            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
     @app.post("/v1/completions", tags=["OpenAI"])
