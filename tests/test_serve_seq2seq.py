@@ -118,6 +118,8 @@ def test_predict_and_completions_give_what_the_library_generates(family, tmp_pat
         window = c.get("/info").json()["max_length"]  # the encoder's
         long = c.post("/v1/completions", json={"prompt": [5] * (window + 1)})
         assert long.status_code == 413 and f"at most {window}" in long.json()["error"]["message"]
+        streamed = c.post("/v1/completions", json={"prompt": [5] * (window + 1), "stream": True})
+        assert streamed.status_code == 413  # refused before its first token: not a stream
         cut = c.post(
             "/v1/completions", json={"prompt": [5] * (window + 1), "truncate": True, "max_tokens": 2}
         )

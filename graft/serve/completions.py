@@ -582,7 +582,10 @@ def register(app: FastAPI, state: Any, generated: Callable[..., Any]) -> None:
         def sink_of(index: int) -> Callable[[int], bool]:
             def sink(token: int) -> bool:  # on the queue's thread
                 if reader["open"]:
-                    loop.call_soon_threadsafe(tokens.put_nowait, (index, token))
+                    try:
+                        loop.call_soon_threadsafe(tokens.put_nowait, (index, token))
+                    except RuntimeError:  # the loop is closed: the server is stopping
+                        reader["open"] = False
                 return reader["open"]
 
             return sink
