@@ -151,11 +151,11 @@ def test_streamed_rows_get_each_token_as_it_comes_and_stop_when_no_one_reads(tmp
     seen: list[list[int]] = [[] for _ in prompts]
     streamed = seq2seq_generate(
         served,
-        [Streamed(p, lambda t, i=i: seen[i].append(t) is None) for i, p in enumerate(prompts)],
+        [Streamed(p, lambda t, ends, i=i: seen[i].append(t) is None) for i, p in enumerate(prompts)],
         options,
     )
     assert streamed == whole and [s[: len(new)] for s, (new, _) in zip(seen, whole, strict=True)] == [
         new for new, _ in whole
     ]
-    gone = seq2seq_generate(served, [Streamed(p, lambda t: False) for p in prompts], options)
+    gone = seq2seq_generate(served, [Streamed(p, lambda t, ends: False) for p in prompts], options)
     assert all(len(new) == 1 for new, _ in gone)  # each reader left after the first token: one step

@@ -289,7 +289,8 @@ def clip_run(served: Served, op: str, items: list[Any], options: dict[str, Any])
     return predictions(logits, labels)
 
 
-Sink = Callable[[int], bool]  # a streamed prompt's next token -> whether its reader is still there
+# a streamed prompt's next token and whether it ends the row (end-of-text) -> whether its reader is still there
+Sink = Callable[[int, bool], bool]
 
 
 @dataclass
@@ -331,7 +332,7 @@ def seq2seq_generate(
             for i, token in enumerate(tokens.tolist()):
                 new[i].append(token)
                 if reading[i] and not ended[i]:
-                    reading[i] = sinks[i](token)
+                    reading[i] = sinks[i](token, token in config.eos_ids)
                 ended[i] = ended[i] or token in config.eos_ids
             if not any(reading) and all(sinks):  # every row streamed, and every reader gone
                 break

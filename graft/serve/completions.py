@@ -12,7 +12,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI
@@ -571,19 +571,20 @@ def register(app: FastAPI, state: Any, generated: Callable[..., Any]) -> None:
         body: CompletionRequest, prompts: list[Any], changes: dict[str, Any], stops: list[str], answer: dict
     ) -> StreamingResponse:
         """Server-sent events of each prompt's text as the batch decodes it (each new token's text,
-        held back while it could begin a stop string or ends in an incomplete character), then each
-        choice's end (its rest, its finish_reason) once the batch is done. A request refused before
-        its first token (413, 429) is answered as such, not as a stream; a client that leaves stops
-        its rows (the batch stops once no row is read)."""
+        held back while it could begin a stop string or ends in an incomplete character), and each
+        choice's end (finish_reason) as it comes: at its end-of-text or stop string, else (its
+        length) once the batch is done. A request refused before its first token (413, 429) is
+        answered as such, not as a stream; a client that leaves stops its rows (the batch stops
+        once no row is read)."""
         loop = asyncio.get_running_loop()
-        tokens: asyncio.Queue[tuple[int, int]] = asyncio.Queue()  # (choice, its next token)
+        tokens: asyncio.Queue[tuple[int, int, bool]] = asyncio.Queue()  # (choice, its next token, it ends it)
         reader = {"open": True}
 
-        def sink_of(index: int) -> Callable[[int], bool]:
-            def sink(token: int) -> bool:  # on the queue's thread
+        def sink_of(index: int) -> Callable[[int, bool], bool]:
+            def sink(token: int, ends: bool) -> bool:  # on the queue's thread
                 if reader["open"]:
                     try:
-                        loop.call_soon_threadsafe(tokens.put_nowait, (index, token))
+                        loop.call_soon_threadsafe(tokens.put_nowait, (index, token, ends))
                     except RuntimeError:  # the loop is closed: the server is stopping
                         reader["open"] = False
                 return reader["open"]
@@ -599,45 +600,47 @@ def register(app: FastAPI, state: Any, generated: Callable[..., Any]) -> None:
             raise task.exception()
         decode = served().tokenizer.decode
         new: list[list[int]] = [[] for _ in prompts]
-        shown, stopped = [""] * len(prompts), [False] * len(prompts)
+        shown, ended = [""] * len(prompts), [False] * len(prompts)
 
         def chunk(index: int, text: str, reason: str | None = None) -> str:
             choice = {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
             return f"data: {json.dumps({**answer, 'choices': [choice]}, ensure_ascii=False)}\n\n"
 
-        def advance(index: int, token: int) -> str | None:
-            """The text ``token`` adds to choice ``index`` that may go out now (None: none)."""
-            if stopped[index]:
-                return None
-            new[index].append(token)
+        def rest(index: int, text: str) -> Iterator[str]:
+            """The part of choice ``index``'s ``text`` not sent yet (a chunk, if any)."""
+            if len(text) > len(shown[index]) and text.startswith(shown[index]):
+                yield chunk(index, text[len(shown[index]) :])
+                shown[index] = text
+
+        def advance(index: int, token: int, ends: bool) -> Iterator[str]:
+            """The chunks ``token`` makes for choice ``index``: its text as far as it may go out, and
+            its end when it ends the choice (end-of-text, or a stop string)."""
+            if ended[index]:
+                return
+            if not ends:
+                new[index].append(token)
             text = decode(new[index], skip_special_tokens=True)
             hits = [at for at in (text.find(stop) for stop in stops) if at >= 0]
-            if hits:  # the choice ends before the stop string; its end comes with the batch's
-                text, stopped[index] = text[: min(hits)], True
-            elif text.endswith("\ufffd"):  # an incomplete character waits for its next bytes
-                return None
-            else:
-                text = text[: len(text) - held_back(text, stops)]
-            if len(text) <= len(shown[index]) or not text.startswith(shown[index]):
-                return None
-            piece, shown[index] = text[len(shown[index]) :], text
-            return piece
+            if ends or hits:  # the choice ends (before the stop string: as OpenAI's servers do)
+                ended[index] = True
+                yield from rest(index, text[: min(hits)] if hits else text)
+                yield chunk(index, "", "stop")
+            elif not text.endswith("\ufffd"):  # an incomplete character waits for its next bytes
+                yield from rest(index, text[: len(text) - held_back(text, stops)])
 
         async def events() -> AsyncIterator[str]:
             nonlocal getter
             try:
                 while True:
                     if getter.done():
-                        index, token = getter.result()
-                        if (piece := advance(index, token)) is not None:
-                            yield chunk(index, piece)
+                        for piece in advance(*getter.result()):
+                            yield piece
                         getter = asyncio.ensure_future(tokens.get())
                     elif task.done():  # every token came before the batch's end: all are queued
                         getter.cancel()
                         while not tokens.empty():
-                            index, token = tokens.get_nowait()
-                            if (piece := advance(index, token)) is not None:
-                                yield chunk(index, piece)
+                            for piece in advance(*tokens.get_nowait()):
+                                yield piece
                         break
                     else:
                         await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
@@ -646,11 +649,12 @@ def register(app: FastAPI, state: Any, generated: Callable[..., Any]) -> None:
                     yield "data: [DONE]\n\n"
                     return
                 rows, lengths = task.result()
-                for index, (ids, ended) in enumerate(rows):  # each choice's rest and its end
-                    final = seq2seq_choice(index, ids, ended, stops)
-                    if final["text"].startswith(shown[index]) and len(final["text"]) > len(shown[index]):
-                        yield chunk(index, final["text"][len(shown[index]) :])
-                    yield chunk(index, "", final["finish_reason"])
+                for index, (ids, stopped) in enumerate(rows):  # the choices still open: their rest and end
+                    if not ended[index]:
+                        final = seq2seq_choice(index, ids, stopped, stops)
+                        for piece in rest(index, final["text"]):
+                            yield piece
+                        yield chunk(index, "", final["finish_reason"])
                 if body.stream_options is not None and body.stream_options.include_usage:
                     yield f"data: {json.dumps({**answer, 'choices': [], 'usage': seq2seq_usage(rows, lengths)})}\n\n"
                 yield "data: [DONE]\n\n"
