@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
-from graft.serve.continuous import Scored, Sequence, held_back
+from graft.serve.continuous import Scored, Sequence, first_stop, held_back
 from graft.serve.http import Body, HTTPError, check_token_ids, error_body, too_long
 from graft.serve.model import Served
 from graft.serve.tools import (
@@ -557,8 +557,8 @@ def register(app: FastAPI, state: Any, generated: Callable[..., Any]) -> None:
     def seq2seq_choice(index: int, new: list[int], ended: bool, stops: list[str]) -> dict[str, Any]:
         """A completion's choice: the text of its ``new`` tokens, ending before the first stop string."""
         text, reason = served().tokenizer.decode(new, skip_special_tokens=True), "stop" if ended else "length"
-        cut = min((at for at in (text.find(stop) for stop in stops) if at >= 0), default=-1)
-        if cut >= 0:  # the text ends before the stop string (as OpenAI's servers do)
+        cut = first_stop(text, stops)
+        if cut is not None:  # the text ends before the stop string (as OpenAI's servers do)
             text, reason = text[:cut], "stop"
         return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
 
@@ -620,10 +620,10 @@ def register(app: FastAPI, state: Any, generated: Callable[..., Any]) -> None:
             if not ends:
                 new[index].append(token)
             text = decode(new[index], skip_special_tokens=True)
-            hits = [at for at in (text.find(stop) for stop in stops) if at >= 0]
-            if ends or hits:  # the choice ends (before the stop string: as OpenAI's servers do)
+            cut = first_stop(text, stops)
+            if ends or cut is not None:  # the choice ends (before the stop string: as OpenAI's servers do)
                 ended[index] = True
-                yield from rest(index, text[: min(hits)] if hits else text)
+                yield from rest(index, text[:cut])
                 yield chunk(index, "", "stop")
             elif not text.endswith("\ufffd"):  # an incomplete character waits for its next bytes
                 yield from rest(index, text[: len(text) - held_back(text, stops)])

@@ -110,9 +110,9 @@ class Sequence:
             self.seen[0, token] = True
         text = self.tokenizer.decode(self.generated, skip_special_tokens=not self.special)
         stops = self.config.stop_strings or []
-        hits = [i for i in (text.find(s, max(0, len(self.shown) - len(s))) for s in stops) if i >= 0]
-        if hits:  # the reply ends before the stop string (as OpenAI's servers do)
-            self.send(text[: min(hits)])
+        cut = first_stop(text, stops, since=len(self.shown))
+        if cut is not None:  # the reply ends before the stop string (as OpenAI's servers do)
+            self.send(text[:cut])
             return self.finish("stop")
         if len(self.generated) >= self.config.max_new_tokens:
             self.send(text)
@@ -136,6 +136,13 @@ class Sequence:
             self.left = True
             if self.on_leave is not None:
                 self.on_leave()
+
+
+def first_stop(text: str, stops: list[str], since: int = 0) -> int | None:
+    """Where the first of ``stops`` begins in ``text`` (None: none does), looking only at what could
+    be new since the first ``since`` characters were checked."""
+    hits = [at for at in (text.find(s, max(0, since - len(s))) for s in stops) if at >= 0]
+    return min(hits, default=None)
 
 
 def held_back(text: str, stops: list[str]) -> int:
