@@ -10,9 +10,11 @@ import torch
 from conftest import hf_model
 
 from graft.data.packing import packable
+from graft.kernels import optimize
 from graft.loading import load_model
 from graft.models import FAMILIES
-from graft.serve.packing import bins, embed_packed, row_width
+from graft.nn import Transformer, TransformerConfig
+from graft.serve.packing import bins, embed_packed, row_width, segments_of
 from graft.tasks.collate import pad
 from graft.tasks.pooling import mean_pool
 
@@ -81,3 +83,51 @@ def test_the_row_width_is_the_cheapest_of_the_widths_tried(seed):
     widths = {min(max(longest, limit), longest + longest * j // 8) for j in range(9)}
     best = min(widths, key=lambda w: (len(bins(lengths, w)) * w * (1 + w * ATTENTION), w))
     assert row_width(lengths, limit) == best
+
+
+def stacks() -> dict[str, Transformer]:
+    """Tiny encoders for the attention paths a family's test does not reach: rotary positions, and
+    a prefix-tuned body (the prefix's keys open every row of texts)."""
+    from graft.strategies.prompt import add_prefixes
+
+    torch.manual_seed(0)
+    config = dict(
+        family="tiny", vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64
+    )
+    rotary = Transformer(TransformerConfig(**config, position="rotary")).eval()
+    prefixed = Transformer(TransformerConfig(**config)).eval()
+    add_prefixes(prefixed, 3, 0)  # (random keys and values)
+    return {"rotary": rotary, "prefixed": prefixed}
+
+
+@pytest.mark.parametrize("name", ["rotary", "prefixed"])
+@pytest.mark.parametrize("kernels", [True, False])
+def test_texts_end_to_end_attend_each_to_itself_on_every_path(name, kernels):
+    """Segments: the texts' tokens end to end, attending as rows, give each text's hidden states
+    alone, with the reference's attention, the kernels' and the written-out math that has the
+    probabilities (each row's, its texts' blocks only)."""
+    body = stacks()[name]
+    if kernels:
+        body = optimize(body)
+    g = torch.Generator().manual_seed(1)
+    lengths = [5, 2, 7, 3, 1]
+    ids = [torch.randint(1, 99, (n,), generator=g) for n in lengths]
+    with torch.inference_mode():
+        alone = [body(t[None]).last_hidden_state[0] for t in ids]  # (n, H) each
+        packed = embed_packed(body, [t.tolist() for t in ids], [[0] * n for n in lengths], 0)
+        # the probabilities: each text's queries see only its own keys (and a prefix's)
+        rows = bins(lengths, 7)  # [[2], [0, 1], [3, 4]] in rows of 7
+        segments, order, within = segments_of(lengths, rows, 7)
+        tokens = torch.cat([ids[i] for i in order])[None]
+        out = body(tokens, segments, position_ids=within[None], output_attentions=True)
+    expected = torch.stack([h.mean(0) for h in alone])
+    torch.testing.assert_close(packed, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        out.last_hidden_state[0], torch.cat([alone[i] for i in order]), atol=1e-5, rtol=0
+    )
+    probs = out.attentions[0]  # (R, nh, W, P + W)
+    prefix = probs.shape[-1] - 7
+    assert probs.shape == (3, 4, 7, prefix + 7) and prefix == (3 if name == "prefixed" else 0)
+    first, second = lengths[0], lengths[1]  # row 1 holds text 0 then text 1
+    assert probs[1, :, :first, prefix + first :].abs().max() == 0  # text 0 sees nothing of text 1
+    assert probs[1, :, first : first + second, prefix : prefix + first].abs().max() == 0

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from graft.kernels.dropout import Redraw, dropout, keep_mask
 from graft.kernels.linear import call, fused, plain
-from graft.nn.attention import Attention, KVCache, take_rows
+from graft.nn.attention import Attention, KVCache, Segments, take_rows
 from graft.nn.positions import apply_rotary
 
 
@@ -93,7 +93,9 @@ class FastAttention(Attention):
     def forward(
         self,
         x: torch.Tensor,  # (B, T, H)
-        mask: torch.Tensor | None = None,  # bool (B|1, 1, T, S), or float bias (B|1, nh, T, S)
+        mask: torch.Tensor
+        | Segments
+        | None = None,  # bool (B|1, 1, T, S), float bias (B|1, nh, T, S), Segments
         is_causal: bool = False,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
@@ -112,6 +114,10 @@ class FastAttention(Attention):
         same_positions = rows is None and context is None  # queries and keys
         if rotary is not None and same_positions:
             q, k = self.rotate(q, k, rotary)  # one rotation for both
+        segments = mask if isinstance(mask, Segments) else None
+        if segments is not None:  # texts end to end: projected as the tokens they are, attending as rows
+            q, k, v = (segments.to_rows(t) for t in (q, k, v))  # (R, W, C) each
+            B, T, S, mask = q.shape[0], q.shape[1], q.shape[1], segments.mask
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
         v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
@@ -128,6 +134,8 @@ class FastAttention(Attention):
             y = attend(q, k, v, mask, is_causal, p, self.scale)
         y = y.reshape(B, self.num_heads, T, self.head_dim)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, nh * hd)
+        if segments is not None:
+            y = segments.to_tokens(y)  # (1, T, nh * hd): the tokens again, for the output projection
         return call(self.o, y, None, packed, self.kernels.calibration), None
 
     def by_matmuls(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,48 @@ class KVCache:
         self.lengths = [min(n, length) for n in self.lengths]
 
 
+@dataclass(frozen=True)
+class Segments:
+    """The mask of texts laid end to end in one sequence without padding (B = 1, T tokens in all),
+    each attending only to its own tokens: an encoder reading several texts at once
+    (graft.serve.packing). Everything in a block but attention goes token by token, so it runs on
+    the T tokens alone; attention lays them out as R rows of W places, several texts to a row, and
+    masks each text off from the others in its row."""
+
+    index: torch.Tensor  # (R * W,) long: the token at each place of the rows (an empty place: any, masked)
+    place: torch.Tensor  # (T,) long: each token's place in the rows
+    mask: torch.Tensor  # (R, 1, W, W) bool: True where a query may attend a key (its own text's)
+
+    def to_rows(self, x: torch.Tensor) -> torch.Tensor:  # (1, T, C) -> (R, W, C)
+        R, W = self.mask.shape[0], self.mask.shape[-1]
+        return x[0].index_select(0, self.index).view(R, W, x.shape[-1])
+
+    def to_tokens(self, y: torch.Tensor) -> torch.Tensor:  # (R, W, C) -> (1, T, C)
+        return y.reshape(-1, y.shape[-1]).index_select(0, self.place)[None]
+
+    def rotary_rows(
+        self, rotary: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:  # cos, sin: (1, 1, T, hd) -> (R, 1, W, hd)
+        return None if rotary is None else tuple(self.to_rows(t[:, 0])[:, None] for t in rotary)
+
+
+def by_rows(
+    attention: nn.Module,
+    x: torch.Tensor,  # (1, T, H)
+    segments: Segments,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None,
+    output_attentions: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # (1, T, H); probabilities (R, nh, W, W)
+    """An attention layer over texts end to end (``Segments``), run as the rows it lays them in."""
+    y, probs = attention(
+        segments.to_rows(x),
+        segments.mask,
+        rotary=segments.rotary_rows(rotary),
+        output_attentions=output_attentions,
+    )
+    return segments.to_tokens(y), probs
+
+
 def build_mask(
     key_padding: torch.Tensor | None,
     q_len: int,
@@ -132,7 +175,8 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # (B, T, H)
-        mask: torch.Tensor | None = None,  # bool (B|1, 1, T, S), True = may attend; or bias (B|1, nh, T, S)
+        mask: torch.Tensor | Segments | None = None,  # bool (B|1, 1, T, S), True = may attend; or bias
+        # (B|1, nh, T, S); or the texts x holds end to end (Segments)
         is_causal: bool = False,  # mask is None and attention is causal over T == S
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,  # cos, sin: (B|1, 1, T, hd) each
         cache: KVCache | None = None,
@@ -145,6 +189,8 @@ class Attention(nn.Module):
         Cross-attention with a cache projects the encoder output's keys and values at the
         first step only and reads them from the cache after that.
         """
+        if isinstance(mask, Segments):
+            return by_rows(self, x, mask, rotary, output_attentions)
         src = x if context is None else context  # keys and values come from here
         B, S = x.shape[0], src.shape[1]
         q = self.q(x if rows is None else take_rows(x, rows))  # (B, T, nh * hd); T = K with rows

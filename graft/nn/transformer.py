@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from graft.nn.attention import KVCache, build_mask
+from graft.nn.attention import KVCache, Segments, build_mask
 from graft.nn.block import Block
 from graft.nn.config import TransformerConfig
 from graft.nn.embeddings import AudioFrameEmbeddings, InputEmbeddings, PatchEmbeddings
@@ -133,7 +133,9 @@ class Transformer(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor | None = None,  # (B, T)
-        attention_mask: torch.Tensor | None = None,  # (B, past + T), 1 = real token; or (B, 1, T, S) bool
+        attention_mask: torch.Tensor
+        | Segments
+        | None = None,  # (B, past + T), 1 = real token; or (B, 1, T, S) bool; or Segments (B = 1)
         token_type_ids: torch.Tensor | None = None,  # (B, T)
         position_ids: torch.Tensor | None = None,  # (B, T)
         inputs_embeds: torch.Tensor | None = None,  # (B, T, E)
@@ -185,8 +187,8 @@ class Transformer(nn.Module):
         x = self.embed(inputs, position_ids, token_type_ids, inputs_embeds)  # (B, P + T, H) when new
 
         T = x.shape[1]
-        if attention_mask is not None and attention_mask.dim() == 4:  # (B, 1, T, S) bool: used as given
-            mask, is_causal = attention_mask, False
+        if isinstance(attention_mask, Segments) or (attention_mask is not None and attention_mask.dim() == 4):
+            mask, is_causal = attention_mask, False  # (B, 1, T, S) bool or texts end to end: used as given
         else:
             padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
             if cfg.causal and padding is None and cfg.sliding_window is None and (past == 0 or T == 1):

@@ -4,10 +4,13 @@ The requests a server batches come in every length. Padded to the longest, a for
 computes mostly padding: BBC News titles and first sentences in arrival order are 48% real tokens
 in batches of 32, and the linear layers, most of an encoder's work, cost the same for a pad as
 for a word; one thread's CPU time per text was 5.9 ms padded against 3.0 ms in batches sorted by
-length (graft embed's offline order), which a server cannot wait for. Packed, several texts share
-a row of the batch's longest length (first fit, longest first), each with its own positions and
-attending only to itself (a block-diagonal mask), so nearly every position is a real token; the
-rows' attention is a little wider than each text's own, a small part of the work at these lengths.
+length (graft embed's offline order), which a server cannot wait for. Packed, the texts go end to
+end in one sequence of their real tokens (``graft.nn.attention.Segments``), each with its own
+positions: every layer but attention runs on those tokens alone, and attention lays them out in
+rows of about the batch's longest length (first fit, longest first), each text masked off from
+the others in its row (a block-diagonal mask). Before session 21 the whole forward ran on those
+rows, whose places were 92-93% real tokens at 8-16 texts and 95.5% at 64; on the tokens alone,
+one thread's CPU a text fell 3-6% at 8-64 texts, with bitwise the same embeddings.
 
 Only where that gives each text exactly what it gets alone: an encoder reading token ids with
 absolute or rotary positions (graft.data.packing's ``packable``); other models get the padded forward.
@@ -19,6 +22,7 @@ import torch
 
 from graft import kernels
 from graft.nn import Transformer
+from graft.nn.attention import Segments
 
 
 def bins(lengths: list[int], width: int) -> list[list[int]]:
@@ -37,18 +41,20 @@ def bins(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
-# a row's attention against its linear layers, per position per key: a row of W positions costs
-# about W * (1 + W * ATTENTION) (all-MiniLM-L6-v2, one thread: attention is about a tenth of a forward)
-ATTENTION = 1 / 128
+# a row's attention, and the copies of its queries, keys, values and outputs into the rows and
+# out again, per place per key: a row of W places costs about W * (1 + W * ATTENTION). (Every other
+# layer runs on the real tokens alone, whatever the rows.)
+ATTENTION = 1 / 8
 
 
 def row_width(lengths: list[int], limit: int) -> int:
-    """The width of the rows the texts pack into: the longest text's, or up to twice it (at most
-    ``limit``) where fewer rows fill better. Rows as wide as the longest text are 86-90% real
-    tokens for BBC titles, first sentences and the book's questions in batches of 8-32, 97-98% at
-    the best width; with attention's share of a wider row counted, one thread's CPU per text on
-    batches of 8, 12, 16 and 32 went 4.40, 4.06, 3.76, 3.58 -> 4.21, 3.66, 3.76, 3.46 ms (a busy
-    core: best of 6)."""
+    """The width of the rows the texts pack into for attention: the longest text's, or up to
+    twice it (at most ``limit``) where so many fewer rows fill that their attention costs less.
+    All-MiniLM-L6-v2 on BBC titles, first sentences and the book's questions in random order,
+    one thread, four interleaved passes over 512 texts, CPU a text against ATTENTION = 1/128
+    (the weight from when the linear layers ran on the rows too, padding and all): 1/8 -4.8% at
+    16 texts a forward, -0.4% at 64; 1/20 -2.4%, +0.8%; the longest text's width always -3.6%,
+    -1.2% (AMD EPYC, Zen 4)."""
     longest, total = max(lengths), sum(lengths)
     best, chosen = None, longest  # the least cost so far, and its width
     for w in sorted({min(max(longest, limit), longest + longest * j // 8) for j in range(9)}):
@@ -62,6 +68,36 @@ def row_width(lengths: list[int], limit: int) -> int:
     return chosen
 
 
+def segments_of(
+    lengths: list[int], rows: list[list[int]], width: int
+) -> tuple[Segments, list[int], torch.Tensor]:
+    """The texts of ``lengths`` end to end in the order of their ``rows`` (``bins``): the Segments
+    attention lays them out by (rows of ``width`` places), that order, and (T,) each token's place
+    within its own text."""
+    n = len(lengths)
+    order = [i for row in rows for i in row]  # the texts as they lie in the rows, row after row
+    count = torch.tensor([lengths[i] for i in order])  # (N,)
+    text = torch.tensor(order).repeat_interleave(count)  # (T,) each token's text
+    starts = count.cumsum(0) - count  # (N,) where each text of ``order`` begins among the tokens
+    within = torch.arange(len(text)) - starts.repeat_interleave(count)  # (T,)
+    at = []  # where each text of ``order`` begins in the flattened (R * W) rows
+    for r, row in enumerate(rows):
+        column = r * width
+        for i in row:
+            at.append(column)
+            column += lengths[i]
+    place = torch.tensor(at).repeat_interleave(count) + within  # (T,) each token's place in the rows
+    index = torch.zeros(len(rows) * width, dtype=torch.long)  # (R * W,) the token at each place
+    index[place] = torch.arange(len(text))
+    # each place's text; an empty one gets an id of its own (n, n + 1, ...) so that it sees only
+    # itself (a query that sees nothing would be NaN)
+    segment = torch.arange(n, n + len(rows) * width)
+    segment[place] = text
+    segment = segment.view(len(rows), width)
+    mask = (segment[:, :, None] == segment[:, None, :])[:, None]  # (R, 1, W, W)
+    return Segments(index, place, mask), order, within
+
+
 @torch.inference_mode()
 def embed_packed(
     body: Transformer,
@@ -71,41 +107,17 @@ def embed_packed(
     store: dict | None = None,
 ) -> torch.Tensor:
     """(N, H) mean-pooled hidden states of the N token-id lists, as ``graft.tasks.embedding.embed``
-    gives them (to float rounding), in one forward over the packed rows."""
+    gives them (to float rounding), in one forward over the texts end to end (``Segments``): every
+    layer but attention runs on their real tokens alone, attention on the rows they pack into.
+    (``pad_id``: no token is padding any more; kept for the callers.)"""
     lengths = [len(row) for row in ids]
     width = row_width(lengths, body.config.max_positions // 2)
-    rows = bins(lengths, width)
-    R, n = len(rows), len(ids)
-    order = [i for row in rows for i in row]  # the texts as they lie in the rows, row after row
-    starts = []  # where each text of ``order`` begins in the flattened (R * W) batch
-    for r, row in enumerate(rows):
-        at = r * width
-        for i in row:
-            starts.append(at)
-            at += lengths[i]
-    count = torch.tensor([lengths[i] for i in order])  # (N,)
-    text = torch.tensor(order).repeat_interleave(count)  # (T,) each real token's text
-    within = torch.arange(len(text)) - (count.cumsum(0) - count).repeat_interleave(
-        count
-    )  # (T,) its place in it
-    place = torch.tensor(starts).repeat_interleave(count) + within  # (T,) its place in the flat batch
-    positions = body.position_ids(None, 0, (1, width))[0]  # (W,) a whole sequence's positions
-    tokens = torch.full((R * width,), pad_id, dtype=torch.long)
-    tokens[place] = torch.tensor([t for i in order for t in ids[i]])
-    types = torch.zeros(R * width, dtype=torch.long)
-    types[place] = torch.tensor([t for i in order for t in type_ids[i]])
-    where = torch.zeros(R * width, dtype=torch.long)  # each position's position within its text
-    where[place] = within
-    # each position's text; padding gets ids of its own (n, n + 1, ...) so that it sees only itself
-    # (a query that sees nothing would be NaN)
-    segment = torch.arange(n, n + R * width)
-    segment[place] = text
-    tokens, types, where, segment = (t.view(R, width) for t in (tokens, types, where, segment))
-    mask = None  # (R, 1, W, W) True where a query may attend a key: its own text's tokens
-    if R < n or len(place) < R * width:
-        mask = (segment[:, :, None] == segment[:, None, :])[:, None]
+    segments, order, within = segments_of(lengths, bins(lengths, width), width)
+    tokens = torch.tensor([t for i in order for t in ids[i]])[None]  # (1, T)
+    types = torch.tensor([t for i in order for t in type_ids[i]])[None]  # (1, T)
+    positions = body.position_ids(None, 0, (1, max(lengths)))[0][within][None]  # (1, T) as each text's alone
     with kernels.frozen(body, store):  # the weights stay as they are (and packed) for the call
-        hidden = body(tokens, mask, token_type_ids=types, position_ids=positions[where]).last_hidden_state
-    flat = hidden.reshape(R * width, -1)[place].float()  # (T, H) the real tokens, in the batch's order
-    sums = torch.zeros(n, flat.shape[1]).index_add_(0, text, flat)  # (N, H)
+        hidden = body(tokens, segments, token_type_ids=types, position_ids=positions).last_hidden_state
+    text = torch.tensor(order).repeat_interleave(torch.tensor([lengths[i] for i in order]))  # (T,)
+    sums = torch.zeros(len(ids), hidden.shape[-1]).index_add_(0, text, hidden[0].float())  # (N, H)
     return sums / torch.tensor(lengths, dtype=torch.float32)[:, None]

@@ -22,7 +22,7 @@ from torch import nn
 
 from graft.errors import GraftError
 from graft.nn import KVCache, Transformer
-from graft.nn.attention import build_mask
+from graft.nn.attention import Segments, build_mask, by_rows
 from graft.nn.embeddings import InputEmbeddings
 from graft.strategies.base import Strategy, check_positive, register
 from graft.tasks.base import body_of
@@ -203,6 +203,8 @@ class PrefixAttention(nn.Module):
         rows: torch.Tensor | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # as Attention.forward; probabilities (B, nh, T, P + S)
+        if isinstance(mask, Segments):  # texts end to end: each row of them gets the prefix
+            return by_rows(self, x, mask, rotary, output_attentions)
         base = self.base
         B = x.shape[0]
 
