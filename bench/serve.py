@@ -10,9 +10,11 @@ text-embeddings-inference), graft serve --no-batching, graft serve --workers 1 (
 time on every thread), and the server a user would write by hand (FastAPI + transformers, one forward per
 request; this script runs it as a subprocess with --hand-written PORT). The ceiling is graft's
 offline batched throughput of the same texts, timed first and again just before and after each of
-graft's runs (the machine's speed drifts between minutes: a server is set against the ceiling of
-its own minutes, the first ceiling printed beside it, and a line when the two differ by more than
-5%: that run's share is uncertain by about as much). For graft (and --workers 1), requests also
+graft's runs (the machine's speed drifts between minutes, and on a shared machine by a third
+within one: a server is set against the ceiling of its own seconds, the first ceiling printed
+beside it). graft runs ``--repeats`` times (3) at each client count, each run between two timings
+of the ceiling, and the median share stands, with a line when its ceiling changed by more than
+5% from before the run to after it (that share is uncertain by about as much). For graft (and --workers 1), requests also
 arrive open-loop (Poisson) at half of its best closed-loop rate: p99 / p50 there is the tail at half of
 saturation. Each run also reads the CPU time per request of the client and of the server (its
 event loop thread and its model threads, from /proc): the client shares the cores, so the figure
@@ -492,6 +494,10 @@ def main() -> None:
         help="set in the servers' environment only (e.g. OMP_WAIT_POLICY=PASSIVE); offline runs without it",
     )  # fmt: skip
     parser.add_argument("--no-chat", action="store_true", help="skip the SmolLM2 chat streams")
+    parser.add_argument(
+        "--repeats", type=int, default=3,
+        help="runs of graft at each client count, each between two timings of the ceiling (the median share stands)",
+    )  # fmt: skip
     parser.add_argument("--hand-written", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hand_written is not None:
@@ -548,21 +554,32 @@ def main() -> None:
             before = offline.beside() if beside else None
             for clients in levels:
                 per_client = max(1, args.requests // clients)
-                result = run(load(url, requests, clients, per_client, proc.pid))
-                if beside:
-                    after = offline.beside()
-                    result.update(
-                        offline_before=before, offline_after=after, offline_beside=(before + after) / 2
+                runs = []
+                for _ in range(args.repeats if beside else 1):
+                    result = run(load(url, requests, clients, per_client, proc.pid))
+                    if beside:
+                        after = offline.beside()
+                        middle = (before + after) / 2
+                        result.update(
+                            offline_before=before,
+                            offline_after=after,
+                            offline_beside=middle,
+                            share=result["requests_per_s"] / middle,
+                        )
+                        before = after
+                    runs.append(result)
+                    print(
+                        f"{name:>18} {clients:>3} clients: {result['requests_per_s']:8.1f} req/s  "
+                        f"p50 {result['p50_ms']:7.1f} ms  p95 {result['p95_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms"
+                        f"  CPU ms/request: client {result['client_cpu_ms']:.2f}, server loop {result['loop_cpu_ms']:.2f} "
+                        f"+ model {result['model_cpu_ms']:.2f}; {result['cores_busy']:.2f} cores busy"
+                        + (f"; {result['mean_batch']:.1f} texts per forward" if result["mean_batch"] else "")
+                        + (f"; {result['share']:.0%} of offline beside" if beside else "")
                     )
-                    before = after
+                if beside:  # the run of the median share stands for the level; every share is kept
+                    runs.sort(key=lambda r: r["share"])
+                    result = {**runs[len(runs) // 2], "shares": [r["share"] for r in runs]}
                 figures[f"{name}_{clients}"] = result
-                print(
-                    f"{name:>18} {clients:>3} clients: {result['requests_per_s']:8.1f} req/s  "
-                    f"p50 {result['p50_ms']:7.1f} ms  p95 {result['p95_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms"
-                    f"  CPU ms/request: client {result['client_cpu_ms']:.2f}, server loop {result['loop_cpu_ms']:.2f} "
-                    f"+ model {result['model_cpu_ms']:.2f}; {result['cores_busy']:.2f} cores busy"
-                    + (f"; {result['mean_batch']:.1f} texts per forward" if result["mean_batch"] else "")
-                )
             if name in BESIDE:  # latency at half of saturation: the best closed-loop rate, halved
                 saturation = max(figures[f"{name}_{c}"]["requests_per_s"] for c in levels)
                 half = run(open_loop(url, requests, saturation / 2, args.requests))
@@ -583,11 +600,13 @@ def main() -> None:
         per_cpu = offline_cpu / g["server_cpu_ms"]
         reachable = offline_cpu / (offline_cpu + g["client_cpu_ms"])
         figures[f"per_cpu_vs_offline_{clients}"], figures[f"reachable_{clients}"] = per_cpu, reachable
-        share = figures[f"vs_offline_{clients}"] = g["requests_per_s"] / g["offline_beside"]
+        share = figures[f"vs_offline_{clients}"] = g["share"]  # the median of the repeats
         # the ceiling's change from just before the run to just after: the share's uncertainty
         drift = figures[f"offline_drift_{clients}"] = abs(g["offline_after"] / g["offline_before"] - 1)
-        print(f"{clients:>3} clients: graft / hand-written {ratio:.2f}x, graft / offline {share:.0%} (goal 85%; "
-              f"offline timed just before and after: {g['offline_before']:,.0f} / {g['offline_after']:,.0f} texts/s; "
+        shares = ", ".join(f"{x:.0%}" for x in g["shares"])
+        print(f"{clients:>3} clients: graft / hand-written {ratio:.2f}x, graft / offline {share:.0%} (goal 85%; the "
+              f"median of {len(g['shares'])} runs, each against the ceiling timed just before and after it: {shares}; "
+              f"the median's ceiling before and after: {g['offline_before']:,.0f} / {g['offline_after']:,.0f} texts/s; "
               f"against the first ceiling {g['requests_per_s'] / ceiling:.0%}), per server CPU second {per_cpu:.0%}; the client "
               f"took {g['client_cpu_share']:.0%} of the CPU (beside it, a server at offline's CPU per text "
               f"reaches {reachable:.0%} of offline); graft p99 / p50 {g['p99_ms'] / g['p50_ms']:.1f}")  # fmt: skip
@@ -596,7 +615,7 @@ def main() -> None:
                   f"(the machine's speed, not the server's): its share of offline is uncertain by about as much")  # fmt: skip
     for clients in levels if "graft_1_worker" in systems else []:
         w, h = figures[f"graft_1_worker_{clients}"], figures.get(f"hand_written_{clients}")
-        share = figures[f"one_worker_vs_offline_{clients}"] = w["requests_per_s"] / w["offline_beside"]
+        share = figures[f"one_worker_vs_offline_{clients}"] = w["share"]
         ratio = w["requests_per_s"] / h["requests_per_s"] if h else float("nan")
         print(f"{clients:>3} clients: graft --workers 1 / offline {share:.0%} (goal 85%), / hand-written "
               f"{ratio:.2f}x, per server CPU second {offline_cpu / w['server_cpu_ms']:.0%}")  # fmt: skip

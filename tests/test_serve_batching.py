@@ -346,16 +346,17 @@ def test_an_arrival_wakes_a_worker_only_when_one_is_idle_or_the_held_batch_is_co
         with queue.cond:  # the worker waits for a notify that does not come while the test looks
             assert queue.wakes()  # free and idle: any arrival wakes it
             queue.holding, queue.owed = True, 1
-            queue.jobs = [Job("embed", [i], [10], {}) for i in range(2)]
+            for i in range(2):
+                queue.add(Job("embed", [i], [10], {}))
             assert not queue.wakes()  # one client not back yet: the worker's own timer will do
-            queue.jobs.append(Job("embed", [2], [10], {}))
+            queue.add(Job("embed", [2], [10], {}))
             queue.owed = 0
             assert queue.wakes()  # the last one back completes it
             queue.owed = 7
             assert not queue.wakes()  # 3 of 10, 3 x 10 tokens: neither
-            queue.jobs.append(Job("embed", [3], [40], {}))
+            queue.add(Job("embed", [3], [40], {}))
             assert queue.wakes()  # 4 rows x 40 tokens > 100: the budget is full
-            queue.jobs, queue.holding, queue.owed = [], False, 0
+            queue.jobs, queue.rows, queue.widest, queue.holding, queue.owed = [], 0, 0, False, 0
     finally:
         queue.close()
 
@@ -368,9 +369,10 @@ def test_with_two_workers_an_arrival_wakes_worker_0_only_between_rounds(torch_th
         with queue.cond:
             assert queue.wakes()  # both free, worker 0 idle
             queue.holding, queue.owed = True, 1  # worker 0 holds a batch for one more client
-            queue.jobs = [Job("embed", [i], [10], {}) for i in range(2)]
+            for i in range(2):
+                queue.add(Job("embed", [i], [10], {}))
             assert not queue.wakes()
-            queue.jobs.append(Job("embed", [2], [10], {}))
+            queue.add(Job("embed", [2], [10], {}))
             queue.owed = 0
             assert queue.wakes()  # the last one back completes the batch
             queue.holding, queue.free = False, 1  # a round runs (one part has ended, the other not)

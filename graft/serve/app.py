@@ -93,6 +93,9 @@ class State:
     admitted: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def __post_init__(self) -> None:
+        self.metrics.in_flight.set_function(lambda: self.admitted)  # read when scraped, not set per request
+
     def admit(self, count: int = 1) -> None:
         """Count ``count`` more requests on the model (a completion's prompts), or refuse them (429)
         when that would take more than max_concurrent in; 413 for more than it ever takes at once."""
@@ -105,12 +108,10 @@ class State:
             if self.admitted + count > limit:
                 raise HTTPError(429, f"the server is busy ({self.admitted} requests in flight); retry later")
             self.admitted += count
-            self.metrics.in_flight.set(self.admitted)
 
     def release(self, count: int = 1) -> None:
         with self.lock:
             self.admitted -= count
-            self.metrics.in_flight.set(self.admitted)
 
     def load(self, loader: Callable[[], Served]) -> None:
         try:
@@ -472,9 +473,7 @@ class Gate:
                     answer = await shortcut(scope, body)
             await (answer or self.app)(scope, receive, sending)
         finally:
-            m = self.state.metrics
-            m.requests.labels(endpoint, str(status["code"])).inc()
-            m.latency.labels(endpoint).observe(time.perf_counter() - started)
+            self.state.metrics.request(endpoint, str(status["code"]), time.perf_counter() - started)
 
     def too_large(self) -> Response:
         limit = self.state.settings.max_body_bytes
@@ -482,7 +481,9 @@ class Gate:
 
     def refuse(self, scope: dict, path: str) -> Response | None:
         s = self.state.settings
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        wanted = (b"content-length", b"authorization", b"x-api-key")  # the headers read here, alone
+        lowered = ((k.lower(), v) for k, v in scope["headers"])
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in lowered if k in wanted}
         if self.state.draining and path not in ("/health", "/metrics"):
             return error(503, "the server is shutting down", headers={"Connection": "close"})
         if s.api_key is not None and path not in OPEN:

@@ -189,6 +189,8 @@ class TokenBudgetQueue:
         self.max_batch_tokens, self.max_wait = max_batch_tokens, max_wait_ms / 1000
         self.batching = batching
         self.jobs: list[Job] = []
+        self.rows, self.widest = 0, 0  # the queued jobs' texts, and the longest: padded(self.jobs), kept
+        metrics.queue.set_function(lambda: len(self.jobs))  # read when scraped
         self.closed = False
         # start_at: answered requests whose clients have not come back yet (an arrival pays one
         # off), and when the last forward ended
@@ -216,12 +218,16 @@ class TokenBudgetQueue:
         """The job's future: an asyncio one of ``loop`` (called from that loop), else a thread's."""
         job = Job(op, items, lengths, options, loop)
         with self.cond:
-            self.jobs.append(job)
+            self.add(job)
             self.owed = max(0, self.owed - 1)
-            self.metrics.queue.set(len(self.jobs))
             if self.wakes():
                 self.cond.notify_all()  # (with several workers, the idle one may not be the first woken)
         return job.future
+
+    def add(self, job: Job) -> None:
+        """``job`` queued (the lock held)."""
+        self.jobs.append(job)
+        self.rows, self.widest = self.rows + len(job.items), max(self.widest, job.longest)
 
     def wakes(self) -> bool:
         """Whether the job just queued must wake worker 0, which starts every round (``take``): the
@@ -232,7 +238,7 @@ class TokenBudgetQueue:
         if self.free < len(self.workers):
             return False
         return not self.holding or (
-            self.owed == 0 or padded(self.jobs) >= self.max_batch_tokens
+            self.owed == 0 or self.rows * self.widest >= self.max_batch_tokens
         )  # (every kind counted: at worst a wake for nothing)
 
     def close(self) -> None:
@@ -330,7 +336,8 @@ class TokenBudgetQueue:
                 taken = {id(j) for j in batch}
                 self.jobs = [j for j in self.jobs if id(j) not in taken]
                 parts += divide(batch, n - len(parts))
-            self.metrics.queue.set(len(self.jobs))
+            self.rows = sum(len(j.items) for j in self.jobs)
+            self.widest = max((j.longest for j in self.jobs), default=0)
             self.free -= len(parts)
             if len(parts) == 1:
                 return parts[0], self.threads

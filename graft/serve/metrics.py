@@ -59,5 +59,19 @@ class Metrics:
             registry=r,
         )
 
+        self.answered: dict[tuple[str, str], tuple] = {}  # (endpoint, status) -> its two series
+
+    def request(self, endpoint: str, status: str, seconds: float) -> None:
+        """One request answered: its count and its latency. Each label's series is looked up once
+        (prometheus_client's ``labels`` takes a lock and builds a key at every call)."""
+        series = self.answered.get((endpoint, status))
+        if series is None:
+            series = self.answered[endpoint, status] = (
+                self.requests.labels(endpoint, status),
+                self.latency.labels(endpoint),
+            )
+        series[0].inc()
+        series[1].observe(seconds)
+
     def text(self) -> bytes:
         return generate_latest(self.registry)

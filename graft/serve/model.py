@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 @dataclass
 class Served:
-    """One loaded model shared by every request: the model, its tokenizer, what it does."""
+    """One loaded model shared by every request: the model, its tokenizer, what it does (each
+    worked out once, at its first request: the event loop asks on every request)."""
 
     model: Any  # a bare Transformer (task "base"), a TaskModel, or an ExportedModel (an export folder)
     tokenizer: Any
@@ -39,7 +41,7 @@ class Served:
     def exported(self) -> bool:
         return self.backend != "torch"
 
-    @property
+    @cached_property
     def task(self) -> str:
         if self.transcriber is not None:
             return "automatic-speech-recognition"  # (transformers' pipelines' names)
@@ -53,16 +55,16 @@ class Served:
             raise GraftError(f"{self.name}: an exported model has no torch body")
         return self.model.body if isinstance(self.model, TaskModel) else self.model
 
-    @property
+    @cached_property
     def config(self):
         return self.model.config if self.exported else self.body.config
 
-    @property
+    @cached_property
     def generates(self) -> bool:
         """A causal LM: served by continuous batching; every other model by the token-budget queue."""
         return self.task == "causal-lm"
 
-    @property
+    @cached_property
     def seq2seq(self) -> bool:
         """An encoder-decoder over text (T5, BART): its generations batched by the token-budget queue."""
         return self.task == "seq2seq"
@@ -73,14 +75,14 @@ class Served:
         kinds = {"causal-lm": "a causal LM", "seq2seq": "a seq2seq model", "automatic-speech-recognition": "a speech model"}  # fmt: skip
         return kinds.get(self.task, f"a {self.task} model")
 
-    @property
+    @cached_property
     def reads_text(self) -> bool:
         """An encoder over text (embeddings, /predict's tasks), served by the token-budget queue."""
         return not (
             self.generates or self.seq2seq or self.transcriber is not None or self.processor is not None
         )
 
-    @property
+    @cached_property
     def clip(self) -> bool:
         """A dual encoder (CLIP): texts' and images' embeddings, zero-shot image classification."""
         return isinstance(self.config, DualEncoderConfig)
