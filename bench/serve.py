@@ -45,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
@@ -363,8 +364,9 @@ class Offline:
     """The ceiling: graft's own batched embedding of the whole corpus, the best of ``graft embed``'s
     padded batches, the server's own forwards over texts packed in rows (graft.serve.packing, 64
     texts a forward), which need no padding, and those packed forwards two at once on half the
-    threads each (what ``graft serve`` runs under load, two workers): texts/s, and CPU ms per text (every
-    thread of this process: torch's own included).
+    threads each (what ``graft serve`` runs under load, two workers), in the corpus's order and
+    with the texts sorted by length (an offline job may sort them): texts/s, and CPU ms per text
+    (every thread of this process: torch's own included).
 
     This machine's speed drifts by several percent from one minute to the next (a virtual
     machine's neighbours), so the best of them is timed again just before and just after each
@@ -384,14 +386,15 @@ class Offline:
         kernels = kernels_of(self.model)
         self.store = kernels.store(self.model) if kernels is not None else None
         self.pad = self.tokenizer.pad_token_id or 0
-        # two_at_once's halves: of equal tokens, so that they end together (of equal texts, the half
-        # with the longer ones ran on alone at the end)
-        running = list(accumulate(map(len, self.ids)))
-        self.half = bisect.bisect_left(running, running[-1] / 2) + 1
+        # the same texts shortest first: an offline job may reorder its texts (graft embed does),
+        # and packed forwards of texts of about one length lay out narrower rows for attention
+        by_length = sorted(range(len(corpus)), key=lambda i: len(self.ids[i]))
+        self.sorted = [self.ids[i] for i in by_length], [self.types[i] for i in by_length]
         self.candidates = {
             "padded batches (graft embed)": self.padded,
             "packed rows (the server's)": self.packed,
             "packed rows, two forwards at once on half the threads each": self.two_at_once,
+            "packed rows of texts sorted by length, two forwards at once": partial(self.two_at_once, True),
         }
         self.best = ""  # the candidate with the most texts/s, once ``ceiling`` has run
 
@@ -400,21 +403,29 @@ class Offline:
 
         embed(self.model, self.tokenizer, self.corpus, normalize=True)
 
-    def packed(self, lo: int = 0, hi: int | None = None) -> None:
+    def packed(self, lo: int = 0, hi: int | None = None, by_length: bool = False) -> None:
         from graft.serve.packing import embed_packed
 
+        ids, types = self.sorted if by_length else (self.ids, self.types)
         hi = len(self.corpus) if hi is None else hi
         for i in range(lo, hi, 64):
             j = min(i + 64, hi)
-            embed_packed(self.model, self.ids[i:j], self.types[i:j], self.pad, self.store)
+            embed_packed(self.model, ids[i:j], types[i:j], self.pad, self.store)
 
-    def two_at_once(self) -> None:  # graft serve under load: two forwards at once, one torch thread each
+    def two_at_once(self, by_length: bool = False) -> None:  # graft serve under load: two forwards at once
         import torch
 
-        threads, half = torch.get_num_threads(), self.half
-        torch.set_num_threads(max(1, threads // 2))
+        # halves of equal tokens, so that they end together (of equal texts, the half with the
+        # longer ones ran on alone at the end)
+        running = list(accumulate(map(len, self.sorted[0] if by_length else self.ids)))
+        half = bisect.bisect_left(running, running[-1] / 2) + 1
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // 2))  # one torch thread each
         try:
-            halves = [threading.Thread(target=self.packed, args=a) for a in ((0, half), (half, None))]
+            halves = [
+                threading.Thread(target=self.packed, args=(lo, hi, by_length))
+                for lo, hi in ((0, half), (half, None))
+            ]
             for t in halves:
                 t.start()
             for t in halves:
