@@ -4,17 +4,26 @@ encoder family; the rows hold every text once, within the width."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 import torch
-from conftest import hf_model
+from conftest import hf_model, padded_batch, tiny_hf_config
 
 from graft.data.packing import packable
 from graft.kernels import optimize
 from graft.loading import load_model
 from graft.models import FAMILIES
 from graft.nn import Transformer, TransformerConfig
-from graft.serve.packing import bins, embed_packed, row_width, segments_of
+from graft.serve.packing import (
+    bins,
+    embed_packed,
+    output_packed,
+    predict_packed,
+    right_padded,
+    row_width,
+    segments_of,
+)
 from graft.tasks.collate import pad
 from graft.tasks.pooling import mean_pool
 
@@ -131,3 +140,114 @@ def test_texts_end_to_end_attend_each_to_itself_on_every_path(name, kernels):
     first, second = lengths[0], lengths[1]  # row 1 holds text 0 then text 1
     assert probs[1, :, :first, prefix + first :].abs().max() == 0  # text 0 sees nothing of text 1
     assert probs[1, :, first : first + second, prefix : prefix + first].abs().max() == 0
+
+
+@pytest.mark.parametrize("family", TOKEN_FAMILIES)
+@pytest.mark.parametrize("kernels", [True, False])
+def test_a_right_padded_batch_packed_gives_the_padded_forward_at_its_real_tokens(tmp_path, family, kernels):
+    """output_packed: the body's hidden states at the real tokens and the pooler's output, as the
+    padded forward gives them; zeros at the padding."""
+    hf_model(family).save_pretrained(tmp_path)
+    body = load_model(tmp_path, task="base", kernels=kernels)
+    if not packable(body):
+        return
+    ids, mask = padded_batch()  # rows of 9, 6 and 2 real tokens
+    types = (torch.arange(9) >= 4).long().expand(3, -1) * mask
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    assert right_padded(batch)
+    with torch.inference_mode():
+        expected = body(**batch)
+    got = output_packed(body, batch)
+    real = mask.bool()
+    torch.testing.assert_close(
+        got.last_hidden_state[real], expected.last_hidden_state[real], atol=1e-5, rtol=0
+    )
+    assert got.last_hidden_state[~real].abs().max() == 0
+    if expected.pooled is not None:
+        torch.testing.assert_close(got.pooled, expected.pooled, atol=1e-5, rtol=0)
+
+
+def test_only_right_padded_token_batches_pack():
+    ids, mask = padded_batch()
+    assert right_padded({"input_ids": ids, "attention_mask": mask})
+    left, left_mask = padded_batch("left")
+    assert not right_padded({"input_ids": left, "attention_mask": left_mask})  # padding first
+    assert not right_padded({"input_ids": ids})  # no mask: nothing says which tokens are real
+    assert not right_padded(
+        {"input_ids": ids, "attention_mask": mask, "position_ids": mask}
+    )  # positions of its own
+    empty = mask.clone()
+    empty[2] = 0
+    assert not right_padded({"input_ids": ids, "attention_mask": empty})  # a row without a token
+
+
+def close(a: Any, b: Any) -> bool:
+    """Predictions alike: the same keys, labels and spans, numbers within 1e-5."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return isinstance(b, list | tuple) and len(a) == len(b) and all(map(close, a, b))
+    if isinstance(a, float):
+        return isinstance(b, float) and abs(a - b) <= 1e-5
+    return a == b
+
+
+CONTEXT = (
+    "Graft is a toolkit for transfer learning. It loads pretrained transformers from folders. The author "
+    "of the book lives in Reykjavik, near the harbour. It trains them on small budgets with adapters."
+)
+RECORDS = {  # each task's records, of mixed lengths
+    "classification": [
+        {"text": "A short one.", "text_pair": "Yes."},  # pairs: segment ids reach the body too
+        {"text": "The central bank raised its rates again on Thursday, the third time.", "text_pair": "Rates."},
+        {"text": "Shares fell.", "text_pair": "Markets were calm in the morning and turned later."},
+    ],
+    "token-classification": [
+        {"tokens": ["Shahin", "Siadati", "joined", "HuggingFace", "Inc.", "in", "Reykjavik", "."]},
+        {"tokens": ["Hello", "."]},
+    ],
+    "question-answering": [
+        {"id": "a", "question": "Where does the author live?", "context": CONTEXT},
+        {"id": "b", "question": "What is graft?", "context": "Graft is a toolkit."},
+    ],
+}
+HEAD_OPTIONS = {  # each task's heads: (task, head options)
+    "single label": ("classification", {"id2label": ["negative", "neutral", "positive"]}),
+    "multi-label, mean pooling": (
+        "classification",
+        {"id2label": ["a", "b", "c"], "problem_type": "multi_label", "pooling": "mean"},
+    ),
+    "regression, first token": (
+        "classification",
+        {"num_labels": 1, "problem_type": "regression", "pooling": "cls"},
+    ),
+    "tags": ("token-classification", {"id2label": ["O", "B-PER", "I-PER", "B-ORG", "I-ORG"]}),
+    "answers in windows": ("question-answering", {"stride": 8}),
+}
+
+
+@pytest.mark.parametrize("head", sorted(HEAD_OPTIONS))
+def test_packed_predictions_are_graft_predicts(minilm, head):
+    """predict_packed (graft serve's /predict on a packable encoder) gives what graft predict gives,
+    for each task's head: classification's poolings and problems, tags mapped to words, answers
+    found across windows."""
+    from graft.tasks import HEADS, TaskModel
+    from graft.tasks.predict import predict
+    from graft.tokenizer import Tokenizer
+
+    task, options = HEAD_OPTIONS[head]
+    tokenizer = Tokenizer.from_folder(minilm)
+    config = FAMILIES["bert"].config_from_hf(
+        tiny_hf_config("bert").to_dict() | {"vocab_size": tokenizer.vocab_size}
+    )
+    torch.manual_seed(0)
+    body = Transformer(config).eval()
+    model = TaskModel(body, HEADS[task](body, **options)).eval()
+    for p in model.head.parameters():  # a head that tells its inputs apart
+        torch.nn.init.normal_(p, std=0.5)
+    records = RECORDS[task]
+    expected = [prediction for _, prediction in predict(model, tokenizer, records, len(records))]
+    alone = [prediction for record in records for _, prediction in predict(model, tokenizer, [record], 1)]
+    assert close(expected, alone)  # (what a record gets does not depend on what it is batched with)
+    got = predict_packed(model, tokenizer, records)
+    assert got is not None and close(got, expected), (got, expected)

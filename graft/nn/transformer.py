@@ -119,6 +119,11 @@ class Transformer(nn.Module):
         """Learned positions the embeddings put before every input (prompt tuning), else 0."""
         return getattr(self.embed, "virtual_tokens", 0)
 
+    def pool(self, x: torch.Tensor) -> torch.Tensor | None:
+        """(B, H) the pooler's output from each sequence's first position of (B, T, H) x (BERT's
+        pooler), or None for a body without one."""
+        return torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
+
     def position_ids(self, input_ids: torch.Tensor | None, past: int, shape: tuple[int, int]) -> torch.Tensor:
         """(B, T) positions of T new tokens after ``past`` cached ones (left-padded rows: generation passes its own)."""
         cfg = self.config
@@ -227,7 +232,7 @@ class Transformer(nn.Module):
             x = self.norm(x)
             if hidden is not None:
                 hidden[-1] = x
-        pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None  # (B, H)
+        pooled = self.pool(x)  # (B, H)
         if new:  # the output has the caller's positions only (the pooler read the first virtual one)
             x = x[:, new:]
             hidden = [h[:, new:] for h in hidden] if hidden is not None else None

@@ -42,8 +42,9 @@ from graft.serve.explain import register as register_explain
 from graft.serve.http import Body, HTTPError, check_token_ids, error, too_long
 from graft.serve.metrics import Metrics
 from graft.serve.model import Served
-from graft.serve.packing import embed_packed
+from graft.serve.packing import embed_packed, predict_packed
 from graft.serve.tools import detect
+from graft.tasks.base import TaskModel
 
 log = logging.getLogger("graft")
 
@@ -270,6 +271,11 @@ def run_encoder(
         # (N, H) float32, unit length if asked: one call for the batch rather than one per request
         vectors = F.normalize(vectors, dim=-1) if options.get("normalize") else vectors
         return list(vectors.float().numpy())
+    if not served.exported and isinstance(served.model, TaskModel) and packable(served.body):
+        # the body on the records' real tokens alone (packing.py), when the head's batch packs
+        predictions = predict_packed(served.model, served.tokenizer, items, store, **options)
+        if predictions is not None:
+            return predictions
     pairs = predictor(served.model)(served.processor or served.tokenizer, items, len(items), **options)
     return [prediction for _, prediction in pairs]
 

@@ -18,11 +18,15 @@ absolute or rotary positions (graft.data.packing's ``packable``); other models g
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from graft import kernels
 from graft.nn import Transformer
 from graft.nn.attention import Segments
+from graft.nn.transformer import TransformerOutput
+from graft.tasks.base import TaskModel
 
 
 def bins(lengths: list[int], width: int) -> list[list[int]]:
@@ -98,6 +102,23 @@ def segments_of(
     return Segments(index, place, mask), order, within
 
 
+def forward_packed(
+    body: Transformer, ids: list[list[int]], type_ids: list[list[int]], store: dict | None = None
+) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """The body's (1, T, H) last hidden states of the N texts' tokens end to end, in the order the
+    rows hold the texts (the second value: the texts' indices in that order), and (T,) each
+    token's place within its own text."""
+    lengths = [len(row) for row in ids]
+    width = row_width(lengths, body.config.max_positions // 2)
+    segments, order, within = segments_of(lengths, bins(lengths, width), width)
+    tokens = torch.tensor([t for i in order for t in ids[i]])[None]  # (1, T)
+    types = torch.tensor([t for i in order for t in type_ids[i]])[None]  # (1, T)
+    positions = body.position_ids(None, 0, (1, max(lengths)))[0][within][None]  # (1, T) as each text's alone
+    with kernels.frozen(body, store):  # the weights stay as they are (and packed) for the call
+        hidden = body(tokens, segments, token_type_ids=types, position_ids=positions).last_hidden_state
+    return hidden, order, within
+
+
 @torch.inference_mode()
 def embed_packed(
     body: Transformer,
@@ -111,13 +132,56 @@ def embed_packed(
     layer but attention runs on their real tokens alone, attention on the rows they pack into.
     (``pad_id``: no token is padding any more; kept for the callers.)"""
     lengths = [len(row) for row in ids]
-    width = row_width(lengths, body.config.max_positions // 2)
-    segments, order, within = segments_of(lengths, bins(lengths, width), width)
-    tokens = torch.tensor([t for i in order for t in ids[i]])[None]  # (1, T)
-    types = torch.tensor([t for i in order for t in type_ids[i]])[None]  # (1, T)
-    positions = body.position_ids(None, 0, (1, max(lengths)))[0][within][None]  # (1, T) as each text's alone
-    with kernels.frozen(body, store):  # the weights stay as they are (and packed) for the call
-        hidden = body(tokens, segments, token_type_ids=types, position_ids=positions).last_hidden_state
+    hidden, order, _ = forward_packed(body, ids, type_ids, store)
     text = torch.tensor(order).repeat_interleave(torch.tensor([lengths[i] for i in order]))  # (T,)
     sums = torch.zeros(len(ids), hidden.shape[-1]).index_add_(0, text, hidden[0].float())  # (N, H)
     return sums / torch.tensor(lengths, dtype=torch.float32)[:, None]
+
+
+def right_padded(batch: dict[str, Any]) -> bool:
+    """Whether a collated batch is token ids, segment ids and a mask of real tokens first, padding
+    after, and nothing else the body reads: what ``output_packed`` takes."""
+    from graft.tasks.base import BODY_INPUTS
+
+    mask = batch.get("attention_mask")
+    if "input_ids" not in batch or mask is None or mask.dim() != 2:
+        return False
+    if any(k in batch for k in BODY_INPUTS if k not in ("input_ids", "attention_mask", "token_type_ids")):
+        return False
+    real = mask.bool()
+    first = real.long().cumsum(1) == torch.arange(1, mask.shape[1] + 1)  # (B, L) within the leading run
+    return bool(first.eq(real).all() and real[:, 0].all())
+
+
+@torch.inference_mode()
+def output_packed(body: Transformer, batch: dict[str, Any], store: dict | None = None) -> TransformerOutput:
+    """What ``body(**batch)`` gives a right-padded batch (``right_padded``) at its real tokens (to
+    float rounding), computed on those tokens end to end: last_hidden_state (B, L, H), zeros at the
+    padding, and the pooler's output from each sequence's first token."""
+    B, L = batch["input_ids"].shape
+    lengths = batch["attention_mask"].sum(1).tolist()
+    ids = [row[:n] for row, n in zip(batch["input_ids"].tolist(), lengths, strict=True)]
+    types = batch.get("token_type_ids")
+    types = (
+        [row[:n] for row, n in zip(types.tolist(), lengths, strict=True)]
+        if types is not None
+        else [[0] * n for n in lengths]
+    )
+    hidden, order, within = forward_packed(body, ids, types, store)
+    text = torch.tensor(order).repeat_interleave(torch.tensor([lengths[i] for i in order]))  # (T,)
+    padded = hidden.new_zeros(B * L, hidden.shape[-1]).index_copy_(0, text * L + within, hidden[0])
+    padded = padded.view(B, L, -1)  # (B, L, H)
+    return TransformerOutput(padded, body.pool(padded))
+
+
+@torch.inference_mode()
+def predict_packed(
+    model: TaskModel, tokenizer: Any, records: list[dict[str, Any]], store: dict | None = None, **options: Any
+) -> list[dict[str, Any]] | None:
+    """graft predict's predictions of ``records`` in one batch, its body's forward on the real tokens
+    alone (``output_packed``); None when the head's batch is not one that packs (``right_padded``)."""
+    batch = model.head.collate(records, tokenizer, None)
+    if not right_padded(batch):
+        return None
+    logits = model.head(output_packed(model.body, batch, store), batch)
+    return model.head.postprocess(logits, batch, **options)

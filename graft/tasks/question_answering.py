@@ -163,8 +163,20 @@ class QuestionAnsweringHead(Head):
                 null = batch["null_index"][row]
                 score = float(start_logits[null] + end_logits[null])
                 null_score = score if null_score is None else min(null_score, score)
-                starts = start_logits.argsort(descending=True)[:n_best].tolist()
-                ends = end_logits.argsort(descending=True)[:n_best].tolist()
+                # the best among the context's tokens alone: padding and the question are never a
+                # span's end, and must not crowd the context out of the n best (or a window's
+                # answer would depend on what it was batched with)
+                outside = torch.tensor(
+                    [o is None for o in offsets] + [True] * (len(start_logits) - len(offsets))
+                )
+                starts = (
+                    start_logits.masked_fill(outside, float("-inf"))
+                    .argsort(descending=True)[:n_best]
+                    .tolist()
+                )
+                ends = (
+                    end_logits.masked_fill(outside, float("-inf")).argsort(descending=True)[:n_best].tolist()
+                )
                 for s in starts:
                     for e in ends:
                         if offsets[s] is None or offsets[e] is None or e < s or e - s + 1 > max_len:
