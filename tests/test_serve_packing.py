@@ -199,7 +199,10 @@ CONTEXT = (
 RECORDS = {  # each task's records, of mixed lengths
     "classification": [
         {"text": "A short one.", "text_pair": "Yes."},  # pairs: segment ids reach the body too
-        {"text": "The central bank raised its rates again on Thursday, the third time.", "text_pair": "Rates."},
+        {
+            "text": "The central bank raised its rates again on Thursday, the third time.",
+            "text_pair": "Rates.",
+        },
         {"text": "Shares fell.", "text_pair": "Markets were calm in the morning and turned later."},
     ],
     "token-classification": [
