@@ -1,4 +1,5 @@
-"""Sentence embeddings of a batch of texts of mixed lengths, packed instead of padded.
+"""Sentence embeddings and task predictions of a batch of texts of mixed lengths, packed instead
+of padded.
 
 The requests a server batches come in every length. Padded to the longest, a forward over them
 computes mostly padding: BBC News titles and first sentences in arrival order are 48% real tokens
@@ -11,6 +12,10 @@ rows of about the batch's longest length (first fit, longest first), each text m
 the others in its row (a block-diagonal mask). Before session 21 the whole forward ran on those
 rows, whose places were 92-93% real tokens at 8-16 texts and 95.5% at 64; on the tokens alone,
 one thread's CPU a text fell 3-6% at 8-64 texts, with bitwise the same embeddings.
+
+A task model's records (``predict_packed``: /predict) go the same way: the head's batch is
+collated as graft predict collates it, the body runs on its real tokens (``output_packed``), and
+the head reads their hidden states put back in the padded layout.
 
 Only where that gives each text exactly what it gets alone: an encoder reading token ids with
 absolute or rotary positions (graft.data.packing's ``packable``); other models get the padded forward.
