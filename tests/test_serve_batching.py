@@ -579,3 +579,35 @@ def test_forward_cost_stays_within_what_a_forward_took():
     for i in range(8):
         rising.record(10 * (i + 1), 0.001 * (i + 1) ** 2)
     assert rising.fixed == 0.0
+
+
+def test_metrics_read_the_queued_and_admitted_requests_when_scraped():
+    """graft_queue_size and graft_in_flight are read at each scrape (not set at every request), and
+    each answered request counts once under its endpoint and status, with its latency."""
+    from graft.serve.app import Settings, State
+
+    def sample(metrics: Metrics, name: str) -> float:
+        line = next(x for x in metrics.text().decode().splitlines() if x.startswith(name + " "))
+        return float(line.rsplit(" ", 1)[1])
+
+    state = State(Settings())
+    queue = TokenBudgetQueue(lambda op, items, options: items, state.metrics)
+    try:
+        with queue.cond:  # the worker cannot take them while the test looks
+            for i in range(3):
+                queue.add(Job("embed", [i], [5], {}))
+            assert sample(state.metrics, "graft_queue_size") == 3
+            queue.jobs, queue.rows, queue.widest = [], 0, 0
+        state.admit(2)
+        assert sample(state.metrics, "graft_in_flight") == 2
+        state.release(2)
+        assert sample(state.metrics, "graft_in_flight") == 0
+    finally:
+        queue.close()
+    for seconds in (0.01, 0.2):
+        state.metrics.request("/v1/embeddings", "200", seconds)
+    state.metrics.request("/v1/embeddings", "422", 0.001)
+    text = state.metrics.text().decode()
+    assert 'graft_requests_total{endpoint="/v1/embeddings",status="200"} 2.0' in text
+    assert 'graft_requests_total{endpoint="/v1/embeddings",status="422"} 1.0' in text
+    assert 'graft_request_seconds_count{endpoint="/v1/embeddings"} 3.0' in text
