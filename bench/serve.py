@@ -496,7 +496,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="requests per system and client count")
     parser.add_argument("--clients", default="1,8,32,64", help="concurrent clients, comma-separated")
     parser.add_argument("--chat-tokens", type=int, default=128, help="tokens per streamed chat")
-    parser.add_argument("--small", action="store_true", help="a quick check: few requests, 1 and 8 clients")
+    parser.add_argument(
+        "--small", action="store_true", help="a quick check: few requests, 1 and 8 clients, one run each"
+    )
     parser.add_argument(
         "--systems", default="", help="only these servers, comma-separated (graft, hand_written...)"
     )
@@ -521,7 +523,7 @@ def main() -> None:
     except ImportError as e:
         fail(f"missing package: {e.name} (pip install -e '.[test]')")
     if args.small:
-        args.requests, args.clients, args.chat_tokens = 16, "1,8", 8
+        args.requests, args.clients, args.chat_tokens, args.repeats = 16, "1,8", 8, 1
     levels = [int(c) for c in args.clients.split(",")]
     corpus = texts(200 if args.small else 1000)
     requests = bodies(corpus)
