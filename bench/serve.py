@@ -385,7 +385,6 @@ class Offline:
         self.ids, self.types = [e.ids for e in encodings], [e.type_ids for e in encodings]
         kernels = kernels_of(self.model)
         self.store = kernels.store(self.model) if kernels is not None else None
-        self.pad = self.tokenizer.pad_token_id or 0
         # the same texts shortest first: an offline job may reorder its texts (graft embed does),
         # and packed forwards of texts of about one length lay out narrower rows for attention
         by_length = sorted(range(len(corpus)), key=lambda i: len(self.ids[i]))
@@ -410,7 +409,7 @@ class Offline:
         hi = len(self.corpus) if hi is None else hi
         for i in range(lo, hi, 64):
             j = min(i + 64, hi)
-            embed_packed(self.model, ids[i:j], types[i:j], self.pad, self.store)
+            embed_packed(self.model, ids[i:j], types[i:j], self.store)
 
     def two_at_once(self, by_length: bool = False) -> None:  # graft serve under load: two forwards at once
         import torch
@@ -439,7 +438,7 @@ class Offline:
         from graft.tasks.embedding import embed
 
         embed(self.model, self.tokenizer, self.corpus[:64])  # warm-up: the kernels' routes
-        embed_packed(self.model, self.ids[:64], self.types[:64], self.pad, self.store)
+        embed_packed(self.model, self.ids[:64], self.types[:64], self.store)
         start, cpu = time.perf_counter(), time.process_time()
         self.candidates[name]()
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu

@@ -49,15 +49,15 @@ def test_packed_embeddings_equal_padded_ones(tmp_path, family, kernels):
     with torch.inference_mode():
         hidden = body(padded_ids, mask, token_type_ids=padded_types).last_hidden_state  # (B, T, H)
         expected = mean_pool(hidden, mask)
-    torch.testing.assert_close(embed_packed(body, ids, types, 0), expected, atol=1e-5, rtol=0)
-    one = embed_packed(body, ids[1:2], types[1:2], 0)  # a lone text: one row, no mask
+    torch.testing.assert_close(embed_packed(body, ids, types), expected, atol=1e-5, rtol=0)
+    one = embed_packed(body, ids[1:2], types[1:2])  # a lone text: one row of its own
     torch.testing.assert_close(one, expected[1:2], atol=1e-5, rtol=0)
     wide = [16] + [9] * 6  # rows wider than the longest text (row_width): [16], then [9, 9] in rows of 18
     ids = [torch.randint(3, 99, (n,), generator=g).tolist() for n in wide]
     padded_ids, mask = pad(ids, 0)
     with torch.inference_mode():
         expected = mean_pool(body(padded_ids, mask).last_hidden_state, mask)
-    got = embed_packed(body, ids, [[0] * n for n in wide], 0)
+    got = embed_packed(body, ids, [[0] * n for n in wide])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
@@ -123,10 +123,10 @@ def test_texts_end_to_end_attend_each_to_itself_on_every_path(name, kernels):
     ids = [torch.randint(1, 99, (n,), generator=g) for n in lengths]
     with torch.inference_mode():
         alone = [body(t[None]).last_hidden_state[0] for t in ids]  # (n, H) each
-        packed = embed_packed(body, [t.tolist() for t in ids], [[0] * n for n in lengths], 0)
+        packed = embed_packed(body, [t.tolist() for t in ids], [[0] * n for n in lengths])
         # the probabilities: each text's queries see only its own keys (and a prefix's)
         rows = bins(lengths, 7)  # [[2], [0, 1], [3, 4]] in rows of 7
-        segments, order, within = segments_of(lengths, rows, 7)
+        segments, order, _, within = segments_of(lengths, rows, 7)
         tokens = torch.cat([ids[i] for i in order])[None]
         out = body(tokens, segments, position_ids=within[None], output_attentions=True)
     expected = torch.stack([h.mean(0) for h in alone])

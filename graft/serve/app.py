@@ -263,7 +263,7 @@ def run_encoder(
             vectors = served.model.embed(served.tokenizer, texts, len(texts), limit)
         elif packable(served.body):  # one forward over texts packed in rows, no padding (packing.py)
             ids, types = [row for _, row, _ in items], [row for _, _, row in items]
-            vectors = embed_packed(served.body, ids, types, served.tokenizer.pad_token_id or 0, store)
+            vectors = embed_packed(served.body, ids, types, store)
         else:
             vectors = embed(
                 served.body, served.tokenizer, texts, len(texts), limit, max_tokens=None, store=store

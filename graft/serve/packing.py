@@ -79,10 +79,10 @@ def row_width(lengths: list[int], limit: int) -> int:
 
 def segments_of(
     lengths: list[int], rows: list[list[int]], width: int
-) -> tuple[Segments, list[int], torch.Tensor]:
+) -> tuple[Segments, list[int], torch.Tensor, torch.Tensor]:
     """The texts of ``lengths`` end to end in the order of their ``rows`` (``bins``): the Segments
-    attention lays them out by (rows of ``width`` places), that order, and (T,) each token's place
-    within its own text."""
+    attention lays them out by (rows of ``width`` places), that order, (T,) each token's text and
+    (T,) each token's place within its own text."""
     n = len(lengths)
     order = [i for row in rows for i in row]  # the texts as they lie in the rows, row after row
     count = torch.tensor([lengths[i] for i in order])  # (N,)
@@ -104,24 +104,24 @@ def segments_of(
     segment[place] = text
     segment = segment.view(len(rows), width)
     mask = (segment[:, :, None] == segment[:, None, :])[:, None]  # (R, 1, W, W)
-    return Segments(index, place, mask), order, within
+    return Segments(index, place, mask), order, text, within
 
 
 def forward_packed(
     body: Transformer, ids: list[list[int]], type_ids: list[list[int]], store: dict | None = None
-) -> tuple[torch.Tensor, list[int], torch.Tensor]:
-    """The body's (1, T, H) last hidden states of the N texts' tokens end to end, in the order the
-    rows hold the texts (the second value: the texts' indices in that order), and (T,) each
-    token's place within its own text."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The body's (1, T, H) last hidden states of the N texts' tokens end to end (in the order the
+    rows hold the texts), (T,) each token's text (an index into ``ids``) and (T,) its place within
+    that text."""
     lengths = [len(row) for row in ids]
     width = row_width(lengths, body.config.max_positions // 2)
-    segments, order, within = segments_of(lengths, bins(lengths, width), width)
+    segments, order, text, within = segments_of(lengths, bins(lengths, width), width)
     tokens = torch.tensor([t for i in order for t in ids[i]])[None]  # (1, T)
     types = torch.tensor([t for i in order for t in type_ids[i]])[None]  # (1, T)
     positions = body.position_ids(None, 0, (1, max(lengths)))[0][within][None]  # (1, T) as each text's alone
     with kernels.frozen(body, store):  # the weights stay as they are (and packed) for the call
         hidden = body(tokens, segments, token_type_ids=types, position_ids=positions).last_hidden_state
-    return hidden, order, within
+    return hidden, text, within
 
 
 @torch.inference_mode()
@@ -129,16 +129,13 @@ def embed_packed(
     body: Transformer,
     ids: list[list[int]],
     type_ids: list[list[int]],
-    pad_id: int,
     store: dict | None = None,
 ) -> torch.Tensor:
     """(N, H) mean-pooled hidden states of the N token-id lists, as ``graft.tasks.embedding.embed``
     gives them (to float rounding), in one forward over the texts end to end (``Segments``): every
-    layer but attention runs on their real tokens alone, attention on the rows they pack into.
-    (``pad_id``: no token is padding any more; kept for the callers.)"""
+    layer but attention runs on their real tokens alone, attention on the rows they pack into."""
     lengths = [len(row) for row in ids]
-    hidden, order, _ = forward_packed(body, ids, type_ids, store)
-    text = torch.tensor(order).repeat_interleave(torch.tensor([lengths[i] for i in order]))  # (T,)
+    hidden, text, _ = forward_packed(body, ids, type_ids, store)
     sums = torch.zeros(len(ids), hidden.shape[-1]).index_add_(0, text, hidden[0].float())  # (N, H)
     return sums / torch.tensor(lengths, dtype=torch.float32)[:, None]
 
@@ -172,8 +169,7 @@ def output_packed(body: Transformer, batch: dict[str, Any], store: dict | None =
         if types is not None
         else [[0] * n for n in lengths]
     )
-    hidden, order, within = forward_packed(body, ids, types, store)
-    text = torch.tensor(order).repeat_interleave(torch.tensor([lengths[i] for i in order]))  # (T,)
+    hidden, text, within = forward_packed(body, ids, types, store)
     padded = hidden.new_zeros(B * L, hidden.shape[-1]).index_copy_(0, text * L + within, hidden[0])
     padded = padded.view(B, L, -1)  # (B, L, H)
     return TransformerOutput(padded, body.pool(padded))
