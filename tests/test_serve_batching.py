@@ -290,7 +290,7 @@ def test_divide_splits_a_batch_into_parts_of_about_equal_tokens():
         assert len(parts) == min(n, 9) and all(parts)
 
 
-def test_with_two_workers_a_round_splits_the_batch_and_the_next_starts_when_both_parts_end(torch_threads):
+def test_with_two_workers_a_round_splits_the_batch_and_answers_and_goes_on_when_both_parts_end(torch_threads):
     seen, gate = [], threading.Event()
 
     def run(op, items, options):
@@ -303,12 +303,14 @@ def test_with_two_workers_a_round_splits_the_batch_and_the_next_starts_when_both
     try:
         with queue.cond:  # all queued before worker 0 looks
             first = [queue.submit("embed", [i], [n], {}) for i, n in enumerate((40, 30, 20, 10, 10))]
-        assert [first[i].result(timeout=60) for i in (0, 3, 4)] == [[0], [3], [4]]  # worker 0's part ended...
+        while len(seen) < 2 or queue.free < 1:  # both parts started, and worker 0's has ended...
+            time.sleep(0.01)
         later = queue.submit("embed", [5], [10], {})
         time.sleep(0.3)
-        assert not later.done() and len(seen) == 2  # ...but the round has not: nothing else starts
+        # ...but the round has not: worker 0's answers wait for it, and nothing else starts
+        assert not any(f.done() for f in [*first, later]) and len(seen) == 2
         gate.set()
-        assert [first[i].result(timeout=60) for i in (1, 2)] == [[1], [2]] and later.result(timeout=60) == [5]
+        assert [f.result(timeout=60) for f in first] == [[i] for i in range(5)] and later.result(timeout=60) == [5]
     finally:
         gate.set()
         queue.close()
