@@ -310,7 +310,8 @@ def test_with_two_workers_a_round_splits_the_batch_and_answers_and_goes_on_when_
         # ...but the round has not: worker 0's answers wait for it, and nothing else starts
         assert not any(f.done() for f in [*first, later]) and len(seen) == 2
         gate.set()
-        assert [f.result(timeout=60) for f in first] == [[i] for i in range(5)] and later.result(timeout=60) == [5]
+        assert [f.result(timeout=60) for f in first] == [[i] for i in range(5)]
+        assert later.result(timeout=60) == [5]
     finally:
         gate.set()
         queue.close()
