@@ -17,6 +17,7 @@ from graft.models import FAMILIES
 from graft.nn import Transformer, TransformerConfig
 from graft.serve.packing import (
     bins,
+    bucket,
     embed_packed,
     output_packed,
     predict_packed,
@@ -92,6 +93,48 @@ def test_the_row_width_is_the_cheapest_of_the_widths_tried(seed):
     widths = {min(max(longest, limit), longest + longest * j // 8) for j in range(9)}
     best = min(widths, key=lambda w: (len(bins(lengths, w)) * w * (1 + w * ATTENTION), w))
     assert row_width(lengths, limit) == best
+
+
+def test_token_counts_round_up_to_a_few_dozen_buckets_an_octave():
+    assert [bucket(t) for t in (1, 8, 9, 300, 511, 512, 513, 1000, 5000)] == [
+        8,
+        8,
+        16,
+        304,
+        512,
+        512,
+        528,
+        1008,
+        5120,
+    ]
+    for t in range(1, 5000):
+        assert t <= bucket(t) == bucket(bucket(t))  # a bucket is its own
+        assert bucket(t) - t < max(8, t / 32)  # at most a 32nd of the tokens over 256
+    assert len({bucket(t) for t in range(150, 700)}) == 58  # the token counts of BBC texts 16 at a time
+
+
+@pytest.mark.parametrize("lengths", [[5, 2, 7], [3] * 300, [40, 1, 1]])
+def test_a_packed_forward_runs_on_a_bucket_of_tokens_padded_by_texts_no_longer_than_the_longest(lengths):
+    """The padding goes after the texts and is cut off; no padding text is longer than the longest
+    text (300 texts of 3 tokens, 900 -> 912: four of 3), so it never widens the rows."""
+    from graft.serve.packing import forward_packed
+
+    body = stacks()["rotary"]
+    seen = []
+    hook = body.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0].shape[1], int(kwargs["position_ids"].max()))),
+        with_kwargs=True,
+    )
+    ids = [[(7 * i + j) % 98 + 1 for j in range(n)] for i, n in enumerate(lengths)]
+    with torch.inference_mode():
+        hidden, text, within = forward_packed(body, ids, [[0] * n for n in lengths])
+    hook.remove()
+    T = sum(lengths)
+    assert seen == [(bucket(T), max(lengths) - 1)]
+    assert hidden.shape[1] == len(text) == len(within) == T
+    assert sorted(zip(text.tolist(), within.tolist(), strict=True)) == [
+        (i, j) for i, n in enumerate(lengths) for j in range(n)
+    ]
 
 
 def stacks() -> dict[str, Transformer]:
