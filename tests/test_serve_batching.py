@@ -3,6 +3,7 @@ alone (greedy, every decoder family), and the token-budget queue batches within 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -382,6 +383,39 @@ def test_with_two_workers_an_arrival_wakes_worker_0_only_between_rounds(torch_th
             assert not queue.wakes()
             queue.jobs, queue.free = [], 2
     finally:
+        queue.close()
+
+
+def test_the_next_batch_waits_until_the_event_loop_has_written_the_last_ones_answers():
+    """The answered clients cannot come back before their answers are out: a request queued
+    meanwhile waits for them (it used to start as soon as the forward ended, and the clients of
+    every round came back to find the next one started without them)."""
+    calls, gate = [], threading.Event()
+
+    def run(op, items, options):
+        calls.append(list(items))
+        gate.wait(30)
+        return items
+
+    queue = TokenBudgetQueue(run, Metrics(), max_wait_ms=5000)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        first = [queue.submit("embed", [x], [3], {}, loop) for x in "ab"]
+        while not calls:  # the forward of a and b has started
+            await asyncio.sleep(0.01)
+        straggler = queue.submit("embed", ["c"], [3], {})  # a thread's future: not the loop's
+        gate.set()
+        time.sleep(0.5)  # the loop is busy: the forward ends, but its answers cannot be written
+        assert calls == [["a", "b"]] and not straggler.done()
+        assert await asyncio.gather(*first) == [["a"], ["b"]]
+        assert await asyncio.wrap_future(straggler) == ["c"]  # once they are out
+        assert calls == [["a", "b"], ["c"]]
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 30))
+    finally:
+        gate.set()
         queue.close()
 
 
