@@ -386,10 +386,11 @@ def test_with_two_workers_an_arrival_wakes_worker_0_only_between_rounds(torch_th
         queue.close()
 
 
-def test_the_next_batch_waits_until_the_event_loop_has_written_the_last_ones_answers():
+@pytest.mark.parametrize("full", [False, True])
+def test_the_next_batch_waits_until_the_event_loop_has_written_the_last_ones_answers(full):
     """The answered clients cannot come back before their answers are out: a request queued
     meanwhile waits for them (it used to start as soon as the forward ended, and the clients of
-    every round came back to find the next one started without them)."""
+    every round came back to find the next one started without them); a full batch does not."""
     calls, gate = [], threading.Event()
 
     def run(op, items, options):
@@ -397,19 +398,19 @@ def test_the_next_batch_waits_until_the_event_loop_has_written_the_last_ones_ans
         gate.wait(30)
         return items
 
-    queue = TokenBudgetQueue(run, Metrics(), max_wait_ms=5000)
+    queue = TokenBudgetQueue(run, Metrics(), max_batch_tokens=6, max_wait_ms=5000)
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         first = [queue.submit("embed", [x], [3], {}, loop) for x in "ab"]
         while not calls:  # the forward of a and b has started
             await asyncio.sleep(0.01)
-        straggler = queue.submit("embed", ["c"], [3], {})  # a thread's future: not the loop's
+        straggler = queue.submit("embed", ["c"], [6 if full else 3], {})  # a thread's future
         gate.set()
         time.sleep(0.5)  # the loop is busy: the forward ends, but its answers cannot be written
-        assert calls == [["a", "b"]] and not straggler.done()
+        assert calls == ([["a", "b"], ["c"]] if full else [["a", "b"]])
         assert await asyncio.gather(*first) == [["a"], ["b"]]
-        assert await asyncio.wrap_future(straggler) == ["c"]  # once they are out
+        assert await asyncio.wrap_future(straggler) == ["c"]  # (once they are out)
         assert calls == [["a", "b"], ["c"]]
 
     try:

@@ -49,8 +49,8 @@ def serve(
         float,
         typer.Option(
             min=0.0,
-            help="Encoders: the longest a batch that is not full waits for more after a forward (it waits "
-            "only while the clients just answered keep coming back; 0: never waits).",
+            help="Encoders: the longest a batch that is not full waits for more after the last answers went "
+            "out (it waits only while the clients just answered keep coming back; 0: never waits).",
         ),
     ] = 20.0,
     forward_overhead_tokens: Annotated[

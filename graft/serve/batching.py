@@ -267,16 +267,18 @@ class TokenBudgetQueue:
 
     def worth_waiting(self) -> float:
         """Seconds the next batch should still wait for company (0: run it now): ``start_at``;
-        ``max_wait`` (then look again) while the last round's answers are still being written."""
-        if self.sending:
-            return self.max_wait
+        ``max_wait`` (then look again) while the last round's answers are still being written,
+        unless the batch is full."""
         first = self.jobs[0]
         same = [j for j in self.jobs if j.key == first.key]
+        full = padded(same) >= self.max_batch_tokens
+        if self.sending and not full:
+            return self.max_wait
         cost = self.costs.get(first.op)
         at = start_at(
             [j.arrived for j in same],
             len(same) + self.owed,
-            padded(same) >= self.max_batch_tokens,
+            full,
             self.free_since,
             cost.fixed if cost is not None else 0.0,
             self.max_wait,
