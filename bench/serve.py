@@ -14,7 +14,10 @@ graft's runs (the machine's speed drifts between minutes, and on a shared machin
 within one: a server is set against the ceiling of its own seconds, the first ceiling printed
 beside it). graft runs ``--repeats`` times (3) at each client count, each run between two timings
 of the ceiling, and the median share stands, with a line when its ceiling changed by more than
-5% from before the run to after it (that share is uncertain by about as much). For graft (and --workers 1), requests also
+5% from before the run to after it (that share is uncertain by about as much); after graft's runs at
+each client count, the corpus is also timed offline in rounds of that many texts as graft serve runs
+them (two one-thread forwards of half a round at once, the next round when both have ended): what
+forwards of that size allow any server, set beside graft's rate. For graft (and --workers 1), requests also
 arrive open-loop (Poisson) at half of its best closed-loop rate: p99 / p50 there is the tail at half of
 saturation. Each run also reads the CPU time per request of the client and of the server (its
 event loop thread and its model threads, from /proc): the client shares the cores, so the figure
@@ -37,6 +40,7 @@ import bisect
 import gc
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -396,6 +400,7 @@ class Offline:
             "packed rows of texts sorted by length, two forwards at once": partial(self.two_at_once, True),
         }
         self.best = ""  # the candidate with the most texts/s, once ``ceiling`` has run
+        self.rounds_seen: set[int] = set()  # round sizes ``rounds`` has run
 
     def padded(self) -> None:
         from graft.tasks.embedding import embed
@@ -429,6 +434,53 @@ class Offline:
                 t.start()
             for t in halves:
                 t.join()
+        finally:
+            torch.set_num_threads(threads)
+
+    def rounds(self, size: int) -> float:
+        """Texts/s of the corpus in rounds as graft serve runs them when ``size`` clients wait: two
+        one-thread forwards at once, each of half a round's texts (``divide``: equal tokens), the
+        next round once both have ended; no HTTP at all. What forwards of that size allow a
+        server, beside the ceiling's larger ones."""
+        import torch
+
+        from graft.serve.batching import Job, divide
+        from graft.serve.packing import embed_packed
+
+        arrivals = random.Random(0).sample(
+            range(len(self.corpus)), len(self.corpus)
+        )  # mixed, as clients send
+        parts: list[list[list[int]]] = [[], []]  # each worker's texts, round by round
+        for i in range(0, len(arrivals), size):
+            jobs = [Job("embed", [j], [len(self.ids[j])], {}) for j in arrivals[i : i + size]]
+            halves = divide(jobs, 2)
+            for w in range(2):
+                parts[w].append([j.items[0] for j in halves[w]] if w < len(halves) else [])
+        barrier, threads = threading.Barrier(2), torch.get_num_threads()
+
+        def work(w: int) -> None:
+            torch.set_num_threads(1)
+            for texts in parts[w]:
+                barrier.wait()  # a round starts when both parts of the last have ended
+                if texts:
+                    embed_packed(
+                        self.model, [self.ids[j] for j in texts], [self.types[j] for j in texts], self.store
+                    )
+
+        def once() -> float:
+            workers = [threading.Thread(target=work, args=(w,)) for w in range(2)]
+            start = time.perf_counter()
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join()
+            return time.perf_counter() - start
+
+        try:
+            if size not in self.rounds_seen:  # a first pass makes its forwards' shapes (oneDNN)
+                once()
+                self.rounds_seen.add(size)
+            return len(self.corpus) / once()
         finally:
             torch.set_num_threads(threads)
 
@@ -591,6 +643,12 @@ def main() -> None:
                 if beside:  # the run of the median share stands for the level; every share is kept
                     runs.sort(key=lambda r: r["share"])
                     result = {**runs[len(runs) // 2], "shares": [r["share"] for r in runs]}
+                if name == "graft" and clients > 1:  # offline in rounds of the size it runs
+                    result["offline_rounds"] = offline.rounds(clients)
+                    print(
+                        f"offline in rounds of {clients} texts (two forwards of about {clients // 2} at once, "
+                        f"as graft serve runs {clients} clients' requests): {result['offline_rounds']:,.0f} texts/s"
+                    )
                 figures[f"{name}_{clients}"] = result
             if name in BESIDE:  # latency at half of saturation: the best closed-loop rate, halved
                 saturation = max(figures[f"{name}_{c}"]["requests_per_s"] for c in levels)
@@ -622,6 +680,10 @@ def main() -> None:
               f"against the first ceiling {g['requests_per_s'] / ceiling:.0%}), per server CPU second {per_cpu:.0%}; the client "
               f"took {g['client_cpu_share']:.0%} of the CPU (beside it, a server at offline's CPU per text "
               f"reaches {reachable:.0%} of offline); graft p99 / p50 {g['p99_ms'] / g['p50_ms']:.1f}")  # fmt: skip
+        if "offline_rounds" in g:  # what the size of its forwards allows it
+            rounds = figures[f"vs_offline_rounds_{clients}"] = g["requests_per_s"] / g["offline_rounds"]
+            print(f"{clients:>3} clients: graft / offline in rounds of {clients} texts {rounds:.0%} (the ceiling's "
+                  f"forwards are larger; rounds of {clients} reach {g['offline_rounds'] / ceiling:.0%} of it)")  # fmt: skip
         if drift > 0.05:
             print(f"{clients:>3} clients: the ceiling changed {drift:.0%} from just before this run to just after it "
                   f"(the machine's speed, not the server's): its share of offline is uncertain by about as much")  # fmt: skip

@@ -120,7 +120,7 @@ def bucket(tokens: int) -> int:
     were made again and again (and a new server made them all). Rounded, the lengths are a few
     dozen, made once; the padding computes about 1.2% more tokens. graft serve at 32 clients, 12
     interleaved pairs of fresh servers: +6% requests a second on average, +13 to 36% in the first
-    five runs, -16 to +6% once both had made their primitives."""
+    five pairs; once both had made their primitives (16 pairs after six runs each), the same."""
     step = max(8, 1 << max(0, tokens.bit_length() - 6))
     return -(-tokens // step) * step
 
@@ -137,17 +137,16 @@ def forward_packed(
     the texts, and are cut off the output."""
     n, lengths = len(ids), [len(row) for row in ids]
     T, longest = sum(lengths), max(lengths)
-    extra = bucket(T) - T
-    pads = [longest] * (extra // longest) + [extra % longest] * (extra % longest > 0)
-    lengths += pads
-    ids, type_ids = ids + [[0] * k for k in pads], type_ids + [[0] * k for k in pads]
+    if extra := bucket(T) - T:
+        pads = [longest] * (extra // longest) + [extra % longest] * (extra % longest > 0)
+        lengths += pads
+        ids, type_ids = [*ids, *([0] * k for k in pads)], [*type_ids, *([0] * k for k in pads)]
     width = row_width(lengths, body.config.max_positions // 2)
     segments, order, text, within = segments_of(lengths, bins(lengths, width), width, n)
     tokens = torch.tensor([t for i in order for t in ids[i]])[None]  # (1, T + extra)
     types = torch.tensor([t for i in order for t in type_ids[i]])[None]  # (1, T + extra)
-    positions = body.position_ids(None, 0, (1, max(lengths)))[0][within][
-        None
-    ]  # (1, T + extra) as each text's alone
+    # (1, T + extra): each token's position as in its text alone
+    positions = body.position_ids(None, 0, (1, max(lengths)))[0][within][None]
     with kernels.frozen(body, store):  # the weights stay as they are (and packed) for the call
         hidden = body(tokens, segments, token_type_ids=types, position_ids=positions).last_hidden_state
     return hidden[:, :T], text[:T], within[:T]
