@@ -16,8 +16,8 @@ beside it). graft runs ``--repeats`` times (3) at each client count, each run be
 of the ceiling, and the median share stands, with a line when its ceiling changed by more than
 5% from before the run to after it (that share is uncertain by about as much); after graft's runs at
 each client count, the corpus is also timed offline in rounds of that many texts as graft serve runs
-them (two one-thread forwards of half a round at once, the next round when both have ended): what
-forwards of that size allow any server, set beside graft's rate. For graft (and --workers 1), requests also
+them (two one-thread forwards of half a round at once, the next round when both have ended), as a
+share of the ceiling timed just before and after it: what forwards of that size allow any server. For graft (and --workers 1), requests also
 arrive open-loop (Poisson) at half of its best closed-loop rate: p99 / p50 there is the tail at half of
 saturation. Each run also reads the CPU time per request of the client and of the server (its
 event loop thread and its model threads, from /proc): the client shares the cores, so the figure
@@ -643,11 +643,16 @@ def main() -> None:
                 if beside:  # the run of the median share stands for the level; every share is kept
                     runs.sort(key=lambda r: r["share"])
                     result = {**runs[len(runs) // 2], "shares": [r["share"] for r in runs]}
-                if name == "graft" and clients > 1:  # offline in rounds of the size it runs
-                    result["offline_rounds"] = offline.rounds(clients)
+                if (
+                    name == "graft" and clients > 1
+                ):  # offline in rounds of the size it runs, beside the ceiling
+                    rounds, after = offline.rounds(clients), offline.beside()
+                    bound = result["rounds_vs_offline"] = rounds / ((before + after) / 2)
+                    before = after
                     print(
                         f"offline in rounds of {clients} texts (two forwards of about {clients // 2} at once, "
-                        f"as graft serve runs {clients} clients' requests): {result['offline_rounds']:,.0f} texts/s"
+                        f"as graft serve runs {clients} clients' requests): {rounds:,.0f} texts/s, {bound:.0%} of "
+                        "the ceiling timed just before and after"
                     )
                 figures[f"{name}_{clients}"] = result
             if name in BESIDE:  # latency at half of saturation: the best closed-loop rate, halved
@@ -680,10 +685,10 @@ def main() -> None:
               f"against the first ceiling {g['requests_per_s'] / ceiling:.0%}), per server CPU second {per_cpu:.0%}; the client "
               f"took {g['client_cpu_share']:.0%} of the CPU (beside it, a server at offline's CPU per text "
               f"reaches {reachable:.0%} of offline); graft p99 / p50 {g['p99_ms'] / g['p50_ms']:.1f}")  # fmt: skip
-        if "offline_rounds" in g:  # what the size of its forwards allows it
-            rounds = figures[f"vs_offline_rounds_{clients}"] = g["requests_per_s"] / g["offline_rounds"]
-            print(f"{clients:>3} clients: graft / offline in rounds of {clients} texts {rounds:.0%} (the ceiling's "
-                  f"forwards are larger; rounds of {clients} reach {g['offline_rounds'] / ceiling:.0%} of it)")  # fmt: skip
+        if "rounds_vs_offline" in g:  # what the size of its forwards allows it
+            print(f"{clients:>3} clients: offline in graft's rounds of {clients} texts reaches "
+                  f"{g['rounds_vs_offline']:.0%} of the ceiling (its forwards are larger): graft's {share:.0%} is "
+                  f"{share / g['rounds_vs_offline']:.0%} of what rounds of that size allow")  # fmt: skip
         if drift > 0.05:
             print(f"{clients:>3} clients: the ceiling changed {drift:.0%} from just before this run to just after it "
                   f"(the machine's speed, not the server's): its share of offline is uncertain by about as much")  # fmt: skip

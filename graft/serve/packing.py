@@ -114,8 +114,8 @@ def bucket(tokens: int) -> int:
     1,024, 32 below 2,048...): the token counts a packed forward runs at.
 
     oneDNN makes a primitive for each shape of a linear layer's input, and a new one costs a
-    forward of 16 texts about 3.4 ms more than one it has made (all-MiniLM-L6-v2, one thread; AMD
-    EPYC, Zen 4). A server's batches come in every total length: at 32 clients, several hundred
+    forward of 16 texts 4.0-5.5 ms more than one it has made (of about 85 ms; all-MiniLM-L6-v2,
+    one thread, the weights kept packed; AMD EPYC, Zen 4). A server's batches come in every total length: at 32 clients, several hundred
     of them, more than its cache keeps (1,024 primitives, four linear shapes a length), so they
     were made again and again (and a new server made them all). Rounded, the lengths are a few
     dozen, made once; the padding computes about 1.2% more tokens. graft serve at 32 clients, 12
