@@ -17,9 +17,9 @@ of the ceiling, and the median share stands, with a line when its ceiling change
 5% from before the run to after it (that share is uncertain by about as much); after graft's runs at
 each client count, the corpus is also timed offline in rounds of that many texts as graft serve runs
 them (two one-thread forwards of half a round at once, the next round when both have ended), as a
-share of the ceiling timed just before and after it: what forwards of that size allow any server. For graft (and --workers 1), requests also
-arrive open-loop (Poisson) at half of its best closed-loop rate: p99 / p50 there is the tail at half of
-saturation. Each run also reads the CPU time per request of the client and of the server (its
+share of the ceiling timed just before and after it: what forwards of that size allow any server.
+For graft (and --workers 1), requests also arrive open-loop (Poisson) at half of its best
+closed-loop rate: p99 / p50 there is the tail at half of saturation. Each run also reads the CPU time per request of the client and of the server (its
 event loop thread and its model threads, from /proc): the client shares the cores, so the figure
 to set beside offline is also given per server CPU second, with graft's mean texts per forward
 (from its /metrics). Then SmolLM2-135M (GGUF) under graft serve: 8 concurrent streaming chats
@@ -447,9 +447,8 @@ class Offline:
         from graft.serve.batching import Job, divide
         from graft.serve.packing import embed_packed
 
-        arrivals = random.Random(0).sample(
-            range(len(self.corpus)), len(self.corpus)
-        )  # mixed, as clients send
+        # the texts in a mixed order, as clients send them
+        arrivals = random.Random(0).sample(range(len(self.corpus)), len(self.corpus))
         parts: list[list[list[int]]] = [[], []]  # each worker's texts, round by round
         for i in range(0, len(arrivals), size):
             jobs = [Job("embed", [j], [len(self.ids[j])], {}) for j in arrivals[i : i + size]]
@@ -643,9 +642,8 @@ def main() -> None:
                 if beside:  # the run of the median share stands for the level; every share is kept
                     runs.sort(key=lambda r: r["share"])
                     result = {**runs[len(runs) // 2], "shares": [r["share"] for r in runs]}
-                if (
-                    name == "graft" and clients > 1
-                ):  # offline in rounds of the size it runs, beside the ceiling
+                # offline in rounds of the size graft runs, beside the ceiling
+                if name == "graft" and clients > 1:
                     rounds, after = offline.rounds(clients), offline.beside()
                     bound = result["rounds_vs_offline"] = rounds / ((before + after) / 2)
                     before = after
