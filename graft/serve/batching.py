@@ -404,8 +404,10 @@ class TokenBudgetQueue:
         next. At 64 clients the loop took about 10 ms to write a round's answers, and rounds
         started with the few requests that had missed the last one, again and again (23 texts a
         forward instead of 32)."""
-        settle(outcomes)
-        loop.call_soon(self.answered)
+        try:
+            settle(outcomes)
+        finally:  # whatever happens, the queue must not wait for these answers for ever
+            loop.call_soon(self.answered)
 
     def answered(self) -> None:
         """A round's answers are out: start_at's clock starts now."""
