@@ -401,9 +401,9 @@ class TokenBudgetQueue:
         have written their responses) ``answered``.
 
         Until then no client can come back: a round that started before would leave them to the
-        next. At 64 clients the loop took about 10 ms to write a round's answers, and rounds
-        started with the few requests that had missed the last one, again and again (23 texts a
-        forward instead of 32)."""
+        next. The loop took 3.7 ms to write 32 answers (a trace); at 64 clients, rounds started
+        before all their requests were back, the rest waited a whole round, and rounds settled at
+        about 46 of the 64 (23 texts a forward instead of 32; with this, 31)."""
         try:
             settle(outcomes)
         finally:  # whatever happens, the queue must not wait for these answers for ever
