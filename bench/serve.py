@@ -19,9 +19,10 @@ each client count, the corpus is also timed offline in rounds of that many texts
 them (two one-thread forwards of half a round at once, the next round when both have ended), as a
 share of the ceiling timed just before and after it: what forwards of that size allow any server.
 For graft (and --workers 1), requests also arrive open-loop (Poisson) at half of its best
-closed-loop rate: p99 / p50 there is the tail at half of saturation. Each run also reads the CPU time per request of the client and of the server (its
-event loop thread and its model threads, from /proc): the client shares the cores, so the figure
-to set beside offline is also given per server CPU second, with graft's mean texts per forward
+closed-loop rate: p99 / p50 there is the tail at half of saturation. Each run also reads the CPU
+time per request of the client and of the server (its event loop thread and its model threads,
+from /proc): the client shares the cores, so the figure to set beside offline is also given per
+server CPU second, with graft's mean texts per forward
 (from its /metrics). Then SmolLM2-135M (GGUF) under graft serve: 8 concurrent streaming chats
 against one, tokens/s and time to first token; and two-turn chats about BBC News articles (the
 article in the first message), the second turn's time to first token with graft's prefix cache
@@ -400,7 +401,6 @@ class Offline:
             "packed rows of texts sorted by length, two forwards at once": partial(self.two_at_once, True),
         }
         self.best = ""  # the candidate with the most texts/s, once ``ceiling`` has run
-        self.rounds_seen: set[int] = set()  # round sizes ``rounds`` has run
 
     def padded(self) -> None:
         from graft.tasks.embedding import embed
@@ -476,9 +476,7 @@ class Offline:
             return time.perf_counter() - start
 
         try:
-            if size not in self.rounds_seen:  # a first pass makes its forwards' shapes (oneDNN)
-                once()
-                self.rounds_seen.add(size)
+            once()  # a first pass, untimed, makes its forwards' shapes (oneDNN)
             return len(self.corpus) / once()
         finally:
             torch.set_num_threads(threads)

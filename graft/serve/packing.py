@@ -115,9 +115,10 @@ def bucket(tokens: int) -> int:
 
     oneDNN makes a primitive for each shape of a linear layer's input, and a new one costs a
     forward of 16 texts 4.0-5.5 ms more than one it has made (of about 85 ms; all-MiniLM-L6-v2,
-    one thread, the weights kept packed; AMD EPYC, Zen 4). A server's batches come in every total length: at 32 clients, several hundred
-    of them, more than its cache keeps (1,024 primitives, four linear shapes a length), so they
-    were made again and again (and a new server made them all). Rounded, the lengths are a few
+    one thread, the weights kept packed; AMD EPYC, Zen 4). A server's batches come in every total
+    length: at 32 clients, several hundred of them, more than its cache keeps (1,024 primitives,
+    four linear shapes a length), so they were made again and again (and a new server made them
+    all). Rounded, the lengths are a few
     dozen, made once; the padding computes about 1.2% more tokens. graft serve at 32 clients, 12
     interleaved pairs of fresh servers: +6% requests a second on average, +13 to 36% in the first
     five pairs; once both had made their primitives (16 pairs after six runs each), the same."""
@@ -146,7 +147,7 @@ def forward_packed(
     tokens = torch.tensor([t for i in order for t in ids[i]])[None]  # (1, T + extra)
     types = torch.tensor([t for i in order for t in type_ids[i]])[None]  # (1, T + extra)
     # (1, T + extra): each token's position as in its text alone
-    positions = body.position_ids(None, 0, (1, max(lengths)))[0][within][None]
+    positions = body.position_ids(None, 0, (1, longest))[0][within][None]
     with kernels.frozen(body, store):  # the weights stay as they are (and packed) for the call
         hidden = body(tokens, segments, token_type_ids=types, position_ids=positions).last_hidden_state
     return hidden[:, :T], text[:T], within[:T]

@@ -169,13 +169,9 @@ class QuestionAnsweringHead(Head):
                 outside = torch.tensor(
                     [o is None for o in offsets] + [True] * (len(start_logits) - len(offsets))
                 )
-                starts = (
-                    start_logits.masked_fill(outside, float("-inf"))
-                    .argsort(descending=True)[:n_best]
-                    .tolist()
-                )
-                ends = (
-                    end_logits.masked_fill(outside, float("-inf")).argsort(descending=True)[:n_best].tolist()
+                starts, ends = (
+                    logits.masked_fill(outside, float("-inf")).argsort(descending=True)[:n_best].tolist()
+                    for logits in (start_logits, end_logits)
                 )
                 for s in starts:
                     for e in ends:
