@@ -205,6 +205,85 @@ def test_token_budget_queue_batches_by_length_within_the_budget():
     assert calls[1] == ["a", "ccc", "dddd", "bb"] and calls[2] == ["e"]
 
 
+def words(op, jobs):
+    """A ``prepare`` whose tokens are a text's words: a text with "!" in it is refused."""
+    made = []
+    for items in jobs:
+        if any("!" in text for text in items):
+            made.append(ValueError(f"refused: {items}"))
+        else:
+            made.append(([text.split() for text in items], [len(text.split()) for text in items]))
+    return made
+
+
+def test_raw_requests_are_prepared_on_the_worker_then_batched_by_their_real_lengths():
+    """Raw jobs (texts not tokenized yet, their lengths a guess) are prepared in one call for all
+    of them on the worker before the batch is picked, by the real lengths. A job prepare refuses
+    gets the error, the others run; each raw future answers its results and its real lengths."""
+    prepared, calls = [], []
+    gate = threading.Event()
+
+    def prepare(op, jobs):
+        prepared.append((op, [list(items) for items in jobs]))
+        return words(op, jobs)
+
+    def run(op, items, options):
+        gate.wait(30)
+        calls.append(list(items))
+        return [len(words) for words in items]
+
+    queue = TokenBudgetQueue(run, Metrics(), max_batch_tokens=10, max_wait_ms=0, prepare=prepare)
+    first = queue.submit("hold", ["blocker"], [1], {})  # the worker holds this one until the gate opens
+    texts = ("x", "a b c d e", "y!", "p q r s t")
+    futures = [queue.submit("embed", [t], [1], {}, raw=True) for t in texts]  # every guess: 1 token
+    gate.set()
+    assert first.result(timeout=30) == [7]
+    assert futures[0].result(timeout=30) == ([1], [1])
+    assert futures[1].result(timeout=30) == ([5], [5])
+    with pytest.raises(ValueError, match="refused"):
+        futures[2].result(timeout=30)
+    assert futures[3].result(timeout=30) == ([5], [5])
+    queue.close()
+    assert prepared == [("embed", [["x"], ["a b c d e"], ["y!"], ["p q r s t"]])]
+    # by their real lengths: "x" and the nearest fit the budget (2 rows x 5 <= 10), the third 5-word
+    # text does not (3 x 5); by the guesses (1 token each) all three would have run at once
+    assert calls[1:] == [[["a", "b", "c", "d", "e"], ["x"]], [["p", "q", "r", "s", "t"]]]
+
+
+def test_raw_requests_arriving_while_the_worker_prepares_wait_for_the_next_round():
+    """The lock is let go while ``prepare`` runs (requests keep arriving); one that arrives then is
+    not run raw in the batch being picked but prepared for the next."""
+    calls = []
+    inside, go_on = threading.Event(), threading.Event()
+
+    def prepare(op, jobs):
+        if not inside.is_set():
+            inside.set()
+            go_on.wait(30)
+        return words(op, jobs)
+
+    queue = TokenBudgetQueue(
+        lambda op, items, options: calls.append(list(items)) or items,
+        Metrics(),
+        max_wait_ms=0,
+        prepare=prepare,
+    )
+    first = queue.submit("embed", ["a b"], [1], {}, raw=True)
+    assert inside.wait(30)
+    late = queue.submit("embed", ["c"], [1], {}, raw=True)  # while the first is being prepared
+    go_on.set()
+    assert first.result(timeout=30) == ([["a", "b"]], [2]) and late.result(timeout=30) == ([["c"]], [1])
+    queue.close()
+    assert calls == [[["a", "b"]], [["c"]]]
+
+
+def test_a_raw_request_needs_a_queue_that_prepares():
+    queue = TokenBudgetQueue(lambda op, items, options: items, Metrics())
+    with pytest.raises(ValueError, match="raw jobs need a queue with a prepare function"):
+        queue.submit("embed", ["a"], [1], {}, raw=True)
+    queue.close()
+
+
 def test_token_budget_queue_with_two_workers_runs_two_batches_at_once():
     """Both workers inside ``run`` at the same moment (the barrier needs two), each answering its own."""
     both_in = threading.Barrier(2, timeout=30)

@@ -140,6 +140,7 @@ class State:
                 s.batching,
                 s.forward_overhead_tokens,
                 s.workers or (1 if served.exported else min(2, torch.get_num_threads())),
+                prepare=lambda op, jobs: tokenize_texts(served, jobs),  # ("embed": the only raw op)
             )
         warm_up(served, run)
         if s.freeze_gc:
@@ -165,14 +166,16 @@ class State:
         return self.served
 
     async def on_queue(
-        self, op: str, items: list[Any], lengths: list[int], options: dict[str, Any]
-    ) -> list[Any]:
-        """``op`` run on ``items`` by the encoder queue's thread (admitted first: 429 when full)."""
+        self, op: str, items: list[Any], lengths: list[int], options: dict[str, Any], raw: bool = False
+    ) -> Any:
+        """``op`` run on ``items`` by the encoder queue's thread (admitted first: 429 when full):
+        the results; with ``raw``, items the queue prepares first and ``lengths`` a guess at theirs
+        (``TokenBudgetQueue.submit``): the results and the real lengths."""
         if self.queue is None:
             raise HTTPError(400, f"/{op} needs an encoder; this server's model generates text")
         self.admit()
         try:
-            return await self.queue.submit(op, items, lengths, options, asyncio.get_running_loop())
+            return await self.queue.submit(op, items, lengths, options, asyncio.get_running_loop(), raw)
         finally:
             self.release()
 
@@ -278,6 +281,70 @@ def run_encoder(
             return predictions
     pairs = predictor(served.model)(served.processor or served.tokenizer, items, len(items), **options)
     return [prediction for _, prediction in pairs]
+
+
+def token_rows(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+    """Each text's token ids and segment ids, uncut: the backend's own batch call (what
+    tokenizer.encode gives without truncation, minus the offsets and word ids, which took most of
+    its time), which lets go of the GIL. A text it cannot take (a lone surrogate) raises
+    tokenizer.encode's GraftError, which says why."""
+    try:
+        return [(e.ids, e.type_ids) for e in tokenizer.backend.encode_batch_fast(texts)]
+    except Exception:
+        tokenizer.encode(texts, truncation=False, padding=False, return_tensors=None)
+        raise
+
+
+def cut_to_window(
+    tokenizer: Any,
+    texts: list[str],
+    rows: list[tuple[list[int], list[int]]],
+    truncate: bool,
+    names: list[str],
+    limit: int,
+) -> list[tuple[list[int], list[int]]]:
+    """The texts' ``rows`` (``token_rows``) with any over ``limit`` tokens cut as the model's
+    window cuts them (special tokens kept) when ``truncate``; else 413 for the first such text,
+    named by ``names``."""
+    for i, (ids, _) in enumerate(rows):
+        if len(ids) <= limit:
+            continue
+        if not truncate:
+            raise too_long(names[i], len(ids), limit, names[i].split("[")[0])
+        cut = tokenizer.encode(texts[i], max_length=limit, padding=False, return_tensors=None)
+        rows[i] = (cut.input_ids[0], cut.token_type_ids[0])
+    return rows
+
+
+def tokenize_texts(
+    served: Served, jobs: list[list[Any]]
+) -> list[tuple[list[Any], list[int]] | BaseException]:
+    """The encoder queue's ``prepare`` of raw "embed" jobs, on its worker thread: each job's (text,
+    truncate, name) items tokenized, every job's texts in one call (``token_rows``), as the (text,
+    token ids, segment ids) items ``run_encoder`` takes and their lengths; a job with a text the
+    model cannot take gets its error instead (the tokenizer's, or 413 over the window unless cut),
+    and the others go on."""
+    from graft.tasks.collate import window
+
+    tokenizer, limit = served.tokenizer, window(served.config, served.tokenizer)
+    try:
+        rows = token_rows(tokenizer, [text for items in jobs for text, _, _ in items])
+    except Exception as e:
+        if len(jobs) == 1:
+            return [e]
+        return [made for items in jobs for made in tokenize_texts(served, [items])]
+    made: list[tuple[list[Any], list[int]] | BaseException] = []
+    start = 0
+    for items in jobs:
+        texts, names = [text for text, _, _ in items], [name for _, _, name in items]
+        mine, start = rows[start : start + len(items)], start + len(items)
+        try:
+            mine = cut_to_window(tokenizer, texts, mine, items[0][1], names, limit)
+        except HTTPError as e:
+            made.append(e)
+            continue
+        made.append(([(t, *row) for t, row in zip(texts, mine, strict=True)], [len(ids) for ids, _ in mine]))
+    return made
 
 
 def clip_run(served: Served, op: str, items: list[Any], options: dict[str, Any]) -> list[Any]:
@@ -576,28 +643,19 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
     def encoded(
         texts: list[str], truncate: bool, field_name: str | list[str], limit: int
     ) -> list[tuple[list[int], list[int]]]:
-        """Each text's token ids and segment ids (tokenized once, here: the queue batches by their
-        lengths and the forward reads them); 413 for a text over ``limit`` tokens, unless it is
-        to be cut (then as the model's window cuts it, special tokens kept). The error names the
-        text ``field_name[i]``, or ``field_name[i]`` itself when a list names each text."""
+        """Each text's token ids and segment ids, tokenized here on the event loop (the texts of
+        embeddings are tokenized on the queue's worker instead: ``tokenize_texts``); 413 for a text
+        over ``limit`` tokens, unless it is to be cut (then as the model's window cuts it, special
+        tokens kept). The error names the text ``field_name[i]``, or ``field_name[i]`` itself when
+        a list names each text."""
         tokenizer = served().tokenizer
-        # the backend's own fast batch call: what tokenizer.encode gives without truncation, minus
-        # the offsets and word ids, which took most of this function's time (a quarter of the event
-        # loop's at 32 clients)
-        try:
-            rows = [(e.ids, e.type_ids) for e in tokenizer.backend.encode_batch_fast(texts)]
-        except Exception:  # a text it cannot take (a lone surrogate): tokenizer.encode's GraftError says why
-            tokenizer.encode(texts, truncation=False, padding=False, return_tensors=None)
-            raise
-        for i, (ids, _) in enumerate(rows):
-            if len(ids) <= limit:
-                continue
-            if not truncate:
-                where = field_name[i] if isinstance(field_name, list) else f"{field_name}[{i}]"
-                raise too_long(where, len(ids), limit, where.split("[")[0])
-            cut = tokenizer.encode(texts[i], max_length=limit, padding=False, return_tensors=None)
-            rows[i] = (cut.input_ids[0], cut.token_type_ids[0])
-        return rows
+        return cut_to_window(
+            tokenizer, texts, token_rows(tokenizer, texts), truncate, names_of(field_name, len(texts)), limit
+        )
+
+    def names_of(field_name: str | list[str], count: int) -> list[str]:
+        """Each text's name in errors: ``field_name[i]``, or the list's own names."""
+        return field_name if isinstance(field_name, list) else [f"{field_name}[{i}]" for i in range(count)]
 
     def lengths_of(texts: list[str], truncate: bool, field_name: str, limit: int) -> list[int]:
         return [len(ids) for ids, _ in encoded(texts, truncate, field_name, limit)]
@@ -606,10 +664,8 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
         texts: list[str], truncate: bool, name: str | list[str], normalize: bool, modality: str = "text"
     ) -> tuple[np.ndarray, int]:
         """(N, H) float32 embeddings of the texts (unit length if ``normalize``), and their tokens.
-        ``name``: the texts' field (``encoded``). A CLIP model's ``modality`` "image": the inputs are
-        images (data URIs)."""
-        from graft.tasks.collate import window
-
+        ``name``: the texts' field, or each text's name (``names_of``). A CLIP model's ``modality``
+        "image": the inputs are images (data URIs)."""
         s = encoder()
         if not texts:
             raise HTTPError(422, f"{name}: at least one text", name)
@@ -617,10 +673,12 @@ def create_app(loader: Callable[[], Served], settings: Settings | None = None) -
             raise HTTPError(422, f"modality: images need a CLIP model; {s.name} is {s.kind}", "modality")
         if s.clip:
             return await clip_embeddings(texts, truncate, str(name), normalize, modality)
-        rows = encoded(texts, truncate, name, window(s.config, s.tokenizer))
-        return await embedded(
-            [(text, ids, types) for text, (ids, types) in zip(texts, rows, strict=True)], normalize
-        )
+        # tokenized on the queue's worker (tokenize_texts), not here on the event loop; the
+        # lengths until then, for the queue's waiting, are a guess (about 4 characters a token)
+        items = [(text, truncate, n) for text, n in zip(texts, names_of(name, len(texts)), strict=True)]
+        guess = [len(text) // 4 + 2 for text in texts]
+        vectors, lengths = await state.on_queue("embed", items, guess, {"normalize": normalize}, raw=True)
+        return np.stack(vectors), sum(lengths)
 
     async def clip_embeddings(
         inputs: list[str], truncate: bool, name: str, normalize: bool, modality: str

@@ -43,6 +43,9 @@ from graft.serve.metrics import Metrics
 
 # run(op, items, options) -> one result per item
 Runner = Callable[[str, list[Any], dict[str, Any]], list[Any]]
+# prepare(op, each raw job's items) -> for each job, its items as ``run`` takes them and their
+# lengths, or the error that refuses it
+Preparer = Callable[[str, list[list[Any]]], list["tuple[list[Any], list[int]] | BaseException"]]
 Outcome = tuple["Job", Any, BaseException | None]  # a job, and its results or its error
 
 
@@ -55,11 +58,21 @@ class Job:
     lengths: list[int]
     options: dict[str, Any]
     loop: asyncio.AbstractEventLoop | None = None  # the future is this loop's (else a thread's Future)
+    # raw: the items wait for the queue's ``prepare`` (texts to tokenize) and ``lengths`` are
+    # estimates until then; the future's result is then (results, lengths)
+    raw: bool = False
     future: Future | asyncio.Future = field(init=False)
     arrived: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.future = Future() if self.loop is None else self.loop.create_future()
+        self.ready = not self.raw
+
+    def prepared(self, items: list[Any], lengths: list[int]) -> None:
+        """A raw job's items as ``run`` takes them, and their real lengths."""
+        self.items, self.lengths, self.ready = items, lengths, True
+        for estimated in ("longest", "tokens"):
+            self.__dict__.pop(estimated, None)  # (cached_property's values)
 
     @cached_property
     def key(self) -> Hashable:
@@ -180,10 +193,11 @@ class TokenBudgetQueue:
         overhead_tokens: int = 0,  # 0: each batch is one forward
         workers: int = 1,  # batches that run at once, each on a thread of its own
         threads: int = 0,  # torch threads in all (0: torch's count now); with workers > 1, see ``take``
+        prepare: Preparer | None = None,  # what makes raw jobs ready, on worker 0 (``ready_raw``)
     ) -> None:
         import torch
 
-        self.run, self.metrics = run, metrics
+        self.run, self.metrics, self.prepare = run, metrics, prepare
         self.threads = threads or torch.get_num_threads()
         self.overhead_tokens = overhead_tokens
         self.max_batch_tokens, self.max_wait = max_batch_tokens, max_wait_ms / 1000
@@ -216,9 +230,14 @@ class TokenBudgetQueue:
         lengths: list[int],
         options: dict[str, Any],
         loop: asyncio.AbstractEventLoop | None = None,
+        raw: bool = False,
     ) -> Future | asyncio.Future:
-        """The job's future: an asyncio one of ``loop`` (called from that loop), else a thread's."""
-        job = Job(op, items, lengths, options, loop)
+        """The job's future: an asyncio one of ``loop`` (called from that loop), else a thread's.
+        ``raw``: the items are for the queue's ``prepare``, ``lengths`` an estimate of theirs; the
+        future's result is then the results and the real lengths."""
+        if raw and self.prepare is None:
+            raise ValueError("raw jobs need a queue with a prepare function")
+        job = Job(op, items, lengths, options, loop, raw)
         with self.cond:
             self.add(job)
             self.owed = max(0, self.owed - 1)
@@ -251,11 +270,13 @@ class TokenBudgetQueue:
             worker.join()
 
     def pick(self) -> list[Job]:
-        """The oldest job, then those of its kind nearest to it in length while they fit the budget."""
-        first = self.jobs[0]
+        """The oldest job ready to run, then those of its kind nearest to it in length while they fit
+        the budget."""
+        ready = [j for j in self.jobs if j.ready]
+        first = ready[0]
         if not self.batching:
             return [first]
-        others = [j for j in self.jobs[1:] if j.key == first.key]
+        others = [j for j in ready[1:] if j.key == first.key]
         others.sort(key=lambda j: abs(j.longest - first.longest))
         batch, rows, width = [first], len(first.items), first.longest  # padded(batch) = rows * width
         for job in others:
@@ -323,22 +344,26 @@ class TokenBudgetQueue:
                     self.cond.wait()
                 batch, self.shares[worker] = self.shares[worker], []
                 return (batch, share) if batch else None
-            while not self.may_start() and not (self.closed and not self.jobs):
-                self.cond.wait()
-            if not self.may_start():  # closed, and nothing left to take
-                return None
-            # only this worker takes jobs and starts rounds: what it waits for stays queued
-            self.holding = True
-            while self.batching and not self.closed and (left := self.worth_waiting()) > 0:
-                self.cond.wait(left)  # the arrival that completes the batch wakes it (wakes)
-            self.holding = False
-            # what is still owed then is forgotten: clients that did not come back by the time a
-            # batch started have gone (at 64 clients, then 10, 54 would be owed for ever)
-            self.owed = 0
+            while True:
+                while not self.may_start() and not (self.closed and not self.jobs):
+                    self.cond.wait()
+                if not self.may_start():  # closed, and nothing left to take
+                    return None
+                # only this worker takes jobs and starts rounds: what it waits for stays queued
+                self.holding = True
+                while self.batching and not self.closed and (left := self.worth_waiting()) > 0:
+                    self.cond.wait(left)  # the arrival that completes the batch wakes it (wakes)
+                self.holding = False
+                # what is still owed then is forgotten: clients that did not come back by the time
+                # a batch started have gone (at 64 clients, then 10, 54 would be owed for ever)
+                self.owed = 0
+                if self.ready_raw():  # (else every job there was refused: wait again)
+                    break
             # (closing, the other workers may have gone: worker 0 runs what is left alone)
             n = 1 if self.closed else len(self.workers)
             parts: list[list[Job]] = []
-            while len(parts) < n and self.jobs:  # a batch too small to divide leaves room for another kind's
+            # a batch too small to divide leaves room for another kind's
+            while len(parts) < n and any(j.ready for j in self.jobs):
                 batch = self.pick()
                 taken = {id(j) for j in batch}
                 self.jobs = [j for j in self.jobs if id(j) not in taken]
@@ -356,6 +381,42 @@ class TokenBudgetQueue:
     def may_start(self) -> bool:
         """Whether worker 0 may start a round now: requests wait and the last round has ended."""
         return bool(self.jobs) and self.free == len(self.workers)
+
+    def ready_raw(self) -> bool:
+        """The raw jobs queued now made ready by ``prepare`` (the lock held, and let go meanwhile),
+        those it refuses answered with its error; whether any job is ready to run.
+
+        The requests' tokenizing, done here rather than on the event loop: under load the loop's
+        work between two rounds (answers out, requests in) is the time the model waits, and
+        tokenizing was a fifth of it, while here one call of the tokenizer's batch encode takes
+        every text of a round without the GIL (docs/serving.md). Requests arriving meanwhile stay
+        queued, raw, for the next round."""
+        raw = [j for j in self.jobs if not j.ready]
+        if not raw:
+            return True
+        prepared: list[tuple[Job, tuple[list[Any], list[int]] | BaseException]] = []
+        self.cond.release()
+        try:
+            for op in dict.fromkeys(j.op for j in raw):
+                jobs = [j for j in raw if j.op == op]
+                try:
+                    made = self.prepare(op, [j.items for j in jobs])
+                except Exception as e:  # a prepare that fails as a whole refuses them all
+                    made = [e] * len(jobs)
+                prepared += zip(jobs, made, strict=True)
+        finally:
+            self.cond.acquire()
+        refused: list[Outcome] = []
+        for job, result in prepared:
+            if isinstance(result, BaseException):
+                refused.append((job, None, result))
+            else:
+                job.prepared(*result)
+        if refused:
+            gone = {id(job) for job, _, _ in refused}
+            self.jobs = [j for j in self.jobs if id(j) not in gone]
+            answer_now(refused)
+        return any(j.ready for j in self.jobs)
 
     def forward(self, batch: list[Job]) -> None:
         """Run the batch and answer its jobs once the round has ended: those of an event loop with
@@ -441,9 +502,22 @@ class TokenBudgetQueue:
             return [(batch[0], None, e)]
         outcomes, start = [], 0
         for job in batch:
-            outcomes.append((job, results[start : start + len(job.items)], None))
+            answer = results[start : start + len(job.items)]
+            outcomes.append((job, (answer, job.lengths) if job.raw else answer, None))
             start += len(job.items)
         return outcomes
+
+
+def answer_now(outcomes: list[Outcome]) -> None:
+    """Each job's result or error on its future, from any thread: through its event loop's queue
+    for an asyncio future."""
+    settle([outcome for outcome in outcomes if outcome[0].loop is None])
+    for outcome in outcomes:
+        if outcome[0].loop is not None:
+            try:
+                outcome[0].loop.call_soon_threadsafe(settle, [outcome])
+            except RuntimeError:  # the loop is closed: nobody waits for it
+                pass
 
 
 def settle(outcomes: list[Outcome]) -> None:
