@@ -572,7 +572,14 @@ def main() -> None:
         fail(f"missing package: {e.name} (pip install -e '.[test]')")
     if args.small:
         args.requests, args.clients, args.chat_tokens, args.repeats = 16, "1,8", 8, 1
-    levels = [int(c) for c in args.clients.split(",")]
+    try:
+        levels = [int(c) for c in args.clients.split(",")]
+    except ValueError:
+        fail(f"--clients: comma-separated whole numbers, not {args.clients!r}")
+    if len(set(levels)) != len(levels) or min(levels) < 1:
+        fail(
+            f"--clients: each count once and at least 1, not {args.clients!r} (a repeated count's runs: --repeats)"
+        )
     corpus = texts(200 if args.small else 1000)
     requests = bodies(corpus)
     tmp = Path(tempfile.mkdtemp(prefix="graft-bench-serve-"))  # the servers' logs (a failure prints its tail)
