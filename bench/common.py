@@ -98,3 +98,16 @@ def scratch(prefix: str, keep: str | Path | None = None) -> Path:
 def fail(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr)
     raise SystemExit(1)
+
+
+def counts(flag: str, text: str, hint: str = "") -> list[int]:
+    """A flag's comma-separated counts ("1,8,32"): whole numbers of at least 1, each given once
+    (a repeated count would overwrite the first's figures), else a one-line error naming ``flag``
+    (and ``hint``, where the script has another way to repeat a count)."""
+    try:
+        values = [int(c) for c in text.split(",")]
+    except ValueError:
+        fail(f"{flag}: comma-separated whole numbers, not {text!r}")
+    if len(set(values)) != len(values) or min(values) < 1:
+        fail(f"{flag}: each count once and at least 1, not {text!r}" + (f" ({hint})" if hint else ""))
+    return values

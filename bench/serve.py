@@ -55,7 +55,7 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-from bench.common import bbc_articles, book_questions_and_answers, emit, fail, minilm_folder
+from bench.common import bbc_articles, book_questions_and_answers, counts, emit, fail, minilm_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -572,14 +572,7 @@ def main() -> None:
         fail(f"missing package: {e.name} (pip install -e '.[test]')")
     if args.small:
         args.requests, args.clients, args.chat_tokens, args.repeats = 16, "1,8", 8, 1
-    try:
-        levels = [int(c) for c in args.clients.split(",")]
-    except ValueError:
-        fail(f"--clients: comma-separated whole numbers, not {args.clients!r}")
-    if len(set(levels)) != len(levels) or min(levels) < 1:
-        fail(
-            f"--clients: each count once and at least 1, not {args.clients!r} (a repeated count's runs: --repeats)"
-        )
+    levels = counts("--clients", args.clients, "a repeated count's runs: --repeats")
     corpus = texts(200 if args.small else 1000)
     requests = bodies(corpus)
     tmp = Path(tempfile.mkdtemp(prefix="graft-bench-serve-"))  # the servers' logs (a failure prints its tail)

@@ -29,7 +29,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from fastapi import File, Form, UploadFile  # noqa: E402  (module level: the handler's annotations)
 
-from bench.common import emit, fail  # noqa: E402
+from bench.common import counts, emit, fail  # noqa: E402
 from bench.seq2seq_speech import SENTENCES, whisper_base  # noqa: E402
 from bench.serve import free_port, start, stop  # noqa: E402
 
@@ -103,7 +103,7 @@ def main() -> None:
 
     if not shutil.which("espeak-ng"):
         fail("apt-get install -y espeak-ng")
-    counts = [1, 2] if args.small else [int(c) for c in args.clients.split(",")]
+    levels = [1, 2] if args.small else counts("--clients", args.clients)
     n = 4 if args.small else args.uploads
     with tempfile.TemporaryDirectory(prefix="bench-serve-speech-") as tmp_name:
         tmp = Path(tmp_name)
@@ -133,7 +133,7 @@ def main() -> None:
             try:
                 url = f"http://127.0.0.1:{port}"
                 uploads(url, clips[:1], 1)  # a first request: whatever warms up
-                for clients in counts:
+                for clients in levels:
                     rate, p50, said = uploads(url, files, clients)
                     figures[f"{name}_{clients}_uploads_per_s"] = rate
                     figures[f"{name}_{clients}_p50_s"] = p50
@@ -141,7 +141,7 @@ def main() -> None:
                     print(f"{name:>12} {clients:>2} clients: {rate:.2f} uploads/s, p50 {p50:.2f} s")
             finally:
                 stop(proc)
-        for clients in counts:
+        for clients in levels:
             ratio = (
                 figures[f"graft_{clients}_uploads_per_s"] / figures[f"hand_written_{clients}_uploads_per_s"]
             )

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import FASHION, FASHION_CLASSES, emit, fail, require_fashion_mnist
+from bench.common import FASHION, FASHION_CLASSES, counts, emit, fail, require_fashion_mnist
 
 CLASSES = FASHION_CLASSES
 SOURCE, TARGET = CLASSES[:5], CLASSES[5:]
@@ -265,7 +265,7 @@ def main() -> None:
     except ImportError as e:
         fail(f"missing package: {e.name} (pip install -e '.[test]')")
     require_fashion_mnist()
-    sizes = [int(n) for n in args.labels.split(",")]
+    sizes = counts("--labels", args.labels)
     methods = args.methods.split(",")
     if unknown := [m for m in methods if m not in METHODS]:
         fail(f"--methods: unknown {unknown[0]!r} (known: {', '.join(METHODS)})")
